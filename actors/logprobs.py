@@ -1,0 +1,91 @@
+"""Per-token log-probabilities of a batch under a causal LM, as every role must compute them.
+
+The rollout worker (old log-probs), the reference policy and the learner all call these functions,
+so the three agree to the last bit when their weights agree. Prompts are LEFT-padded, hence the
+explicit position ids: without them a padded row would see shifted positions and other numbers.
+
+Convention: position t holds log p(input_ids[t] | input_ids[<t]). A position whose predecessor
+is padding (position 0, and the first real token of a left-padded row) holds 0, so padding a
+row never changes its values.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from actors.losses import entropy_from_logits
+
+
+def position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Positions counted over real tokens only (left padding gets 0), as HF `generate` does."""
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+def scored_positions(attention_mask: torch.Tensor) -> torch.Tensor:
+    """[B, T] bool: positions that are real tokens and follow a real token."""
+    real = attention_mask.bool()
+    scored = torch.zeros_like(real)
+    scored[:, 1:] = real[:, 1:] & real[:, :-1]
+    return scored
+
+
+@dataclass
+class PolicyOutput:
+    """What the learner needs from one forward pass; all [B, T], aligned with input_ids."""
+
+    logprobs: torch.Tensor
+    entropy: torch.Tensor | None = None
+    """Entropy of the (temperature-scaled) distribution that predicted token t; 0 where unscored."""
+    hidden: torch.Tensor | None = None
+    """[B, T, H] last hidden state at position t (it predicts token t+1); for a value head."""
+
+
+def policy_forward(
+    model: nn.Module,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    temperature: float,
+    *,
+    with_entropy: bool = False,
+    with_hidden: bool = False,
+) -> PolicyOutput:
+    """One forward pass; gradients flow if the caller has them enabled."""
+    out = model(
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        position_ids=position_ids(attention_mask),
+        output_hidden_states=with_hidden,
+        use_cache=False,
+    )
+    # logits[t] predicts token t+1: shift so that position t scores input_ids[t].
+    logits = out.logits[:, :-1].float() / temperature
+    targets = input_ids[:, 1:].unsqueeze(-1)
+    token_logp = logits.gather(-1, targets).squeeze(-1) - torch.logsumexp(logits, dim=-1)
+    scored = scored_positions(attention_mask)
+    zero_col = token_logp.new_zeros(token_logp.shape[0], 1)
+    logprobs = torch.where(scored, torch.cat([zero_col, token_logp], dim=1), 0.0)
+    entropy = None
+    if with_entropy:
+        entropy = torch.where(scored, torch.cat([zero_col, entropy_from_logits(logits)], dim=1), 0.0)
+    hidden = out.hidden_states[-1] if with_hidden else None
+    return PolicyOutput(logprobs=logprobs, entropy=entropy, hidden=hidden)
+
+
+@torch.no_grad()
+def token_logprobs(
+    model: nn.Module,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    temperature: float,
+    chunk_size: int = 8,
+) -> torch.Tensor:
+    """[B, T] float32 log-probs without gradients, `chunk_size` rows at a time to bound the
+    [rows, T, vocab] logits tensor (49k vocab x 300 tokens x 8 rows is ~470 MB in fp32)."""
+    parts = [
+        policy_forward(model, input_ids[i : i + chunk_size], attention_mask[i : i + chunk_size], temperature).logprobs
+        for i in range(0, input_ids.shape[0], chunk_size)
+    ]
+    return torch.cat(parts, dim=0)

@@ -1,0 +1,32 @@
+"""The `rayrlhf` command: one sub-command per user verb, each a thin wrapper over its job."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from jobs import train
+from jobs.config import ConfigError
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="rayrlhf", description="Distributed RLHF on Ray.")
+    verbs = parser.add_subparsers(dest="verb", required=True)
+    train_parser = verbs.add_parser("train", help="RL-train a policy (GRPO, PPO, REINFORCE)")
+    train.add_arguments(train_parser)
+    train_parser.set_defaults(run=train.run_from_args)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        args.run(args)
+    except ConfigError as e:
+        print(f"rayrlhf {args.verb}: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

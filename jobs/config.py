@@ -1,0 +1,252 @@
+"""The run-config schema: the one home of every default.
+
+YAML files in ray_configs/ are validated against `RunConfig`; a bad field fails here, with its
+dotted name, before any Ray resource is claimed. Actors never import this module: the driver
+hands them plain keyword arguments (`cfg.reward.model_dump()`), so the dependency stays
+jobs -> actors.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "ray_configs"
+
+
+class ConfigError(ValueError):
+    """A run config that cannot be used; the message names the file and field."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class PolicyConfig(_Strict):
+    model: str = "smollm2-135m-instruct"
+    """A built-in name (smollm2-135m-instruct, tiny-gpt2), a local HF directory or a hub id."""
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    max_prompt_tokens: int = Field(256, ge=8)
+    cache_dir: str | None = None
+    """Where converted built-in models are kept; default ~/.cache/rayrlhf."""
+
+
+class DataConfig(_Strict):
+    train: str = "builtin"
+    """"builtin" or a JSONL/Parquet file with `prompt` and optional `reference` fields."""
+    eval: str | None = None
+    """Held-out file; with train="builtin" the built-in held-out split is used."""
+    num_train: int = Field(512, ge=1)
+    num_eval: int = Field(100, ge=1)
+    use_chat_template: bool = True
+    system_prompt: str | None = None
+
+
+class RolloutConfig(_Strict):
+    num_workers: int = Field(1, ge=1)
+    samples_per_prompt: int = Field(4, ge=1)
+    max_new_tokens: int = Field(48, ge=1)
+    temperature: float = Field(1.0, gt=0)
+    top_p: float = Field(1.0, gt=0, le=1)
+    num_cpus: float = Field(0.5, gt=0)
+    num_gpus: float = Field(0.0, ge=0)
+    torch_threads: int = Field(2, ge=1)
+
+
+class RewardConfig(_Strict):
+    alpha: float = 1.0
+    """Weight of r_freq, the word-frequency fluency reward."""
+    beta: float = 1.0
+    """Weight of r_sim, embedding cosine similarity to the reference answer."""
+    bleu: float = 0.0
+    rouge_l: float = 0.0
+    freq_mode: Literal["mean", "sum"] = "mean"
+    """mean: average log10 frequency per word; sum: the seed's literal sum (favours short answers)."""
+    empty_reward: float = -1.0
+    """Total reward of an empty or whitespace-only answer; guards the degenerate optimum."""
+    embedding_model: str = "all-minilm-l6-v2"
+    normalize: Literal["none", "total", "components"] = "components"
+    """Running mean/std z-score of the total, or of each component before weighting."""
+    num_scorers: int = Field(1, ge=1)
+    num_cpus: float = Field(0.25, gt=0)
+    torch_threads: int = Field(1, ge=1)
+
+
+class KLConfig(_Strict):
+    coef: float = Field(0.05, ge=0)
+    estimator: Literal["k1", "k3"] = "k3"
+    adaptive: bool = False
+    target: float = Field(0.1, gt=0)
+    """Target KL per token for the adaptive controller."""
+    horizon: int = Field(1000, ge=1)
+    num_cpus: float = Field(0.25, gt=0)
+    """Launch options of the reference-policy actor, which exists only when the KL term is on."""
+    torch_threads: int = Field(2, ge=1)
+
+
+class AlgorithmConfig(_Strict):
+    name: Literal["grpo", "ppo", "reinforce"] = "grpo"
+    clip_eps: float = Field(0.2, gt=0)
+    epochs: int = Field(1, ge=1)
+    """Passes over each rollout batch."""
+    gamma: float = Field(1.0, ge=0, le=1)
+    lam: float = Field(0.95, ge=0, le=1)
+    value_clip: float = Field(0.2, gt=0)
+    vf_coef: float = Field(0.5, ge=0)
+    entropy_coef: float = Field(0.0, ge=0)
+    normalize_std: bool = True
+    """GRPO: divide group-centred rewards by the group std."""
+
+
+class LearnerConfig(_Strict):
+    num_ranks: int = Field(1, ge=1)
+    zero_stage: int = Field(2, ge=0, le=3)
+    offload: bool = False
+    """ZeRO CPU offload of optimizer states (and parameters at stage 3)."""
+    backend: Literal["auto", "gloo", "nccl"] = "auto"
+    lr: float = Field(1e-5, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    grad_clip: float = Field(1.0, gt=0)
+    micro_batch_size: int = Field(8, ge=1)
+    bf16: bool = False
+    num_cpus: float = Field(0.5, gt=0)
+    num_gpus: float = Field(0.0, ge=0)
+    torch_threads: int = Field(2, ge=1)
+    gradient_checkpointing: bool = False
+
+
+class ClusterConfig(_Strict):
+    address: str | None = None
+    """None: start Ray in-process on loopback (or attach to $RAY_ADDRESS)."""
+    num_cpus: int | None = Field(None, ge=1)
+    object_store_mb: int = Field(1024, ge=64)
+    placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"
+
+
+class LoggingConfig(_Strict):
+    wandb: Literal["offline", "online", "disabled"] = "offline"
+    wandb_project: str = "rayrlhf"
+    tensorboard: bool = True
+    progress_bar: bool = True
+
+
+class RunConfig(_Strict):
+    name: str = "rayrlhf"
+    seed: int = 0
+    steps: int = Field(12, ge=0)
+    prompts_per_step: int = Field(8, ge=1)
+    eval_every: int = Field(0, ge=0)
+    """Evaluate on held-out prompts every N steps (0: only before and after training)."""
+    eval_max_new_tokens: int | None = None
+    save_every: int = Field(0, ge=0)
+    output_dir: str = "outputs/rayrlhf"
+    policy: PolicyConfig = PolicyConfig()
+    data: DataConfig = DataConfig()
+    rollout: RolloutConfig = RolloutConfig()
+    reward: RewardConfig = RewardConfig()
+    kl: KLConfig = KLConfig()
+    algorithm: AlgorithmConfig = AlgorithmConfig()
+    learner: LearnerConfig = LearnerConfig()
+    cluster: ClusterConfig = ClusterConfig()
+    logging: LoggingConfig = LoggingConfig()
+
+    @model_validator(mode="after")
+    def _consistent(self) -> RunConfig:
+        if self.prompts_per_step % self.rollout.num_workers:
+            raise ValueError(
+                f"prompts_per_step ({self.prompts_per_step}) must be a multiple of "
+                f"rollout.num_workers ({self.rollout.num_workers})"
+            )
+        if self.rollout.num_workers % self.learner.num_ranks and self.learner.num_ranks % self.rollout.num_workers:
+            raise ValueError(
+                f"rollout.num_workers ({self.rollout.num_workers}) and learner.num_ranks "
+                f"({self.learner.num_ranks}) must divide one another"
+            )
+        if self.prompts_per_step % self.learner.num_ranks:
+            raise ValueError(
+                f"prompts_per_step ({self.prompts_per_step}) must be a multiple of "
+                f"learner.num_ranks ({self.learner.num_ranks})"
+            )
+        if self.algorithm.name == "grpo" and self.rollout.samples_per_prompt < 2:
+            raise ValueError("algorithm.name=grpo needs rollout.samples_per_prompt >= 2")
+        if self.learner.backend == "nccl" and self.learner.num_gpus <= 0:
+            raise ValueError("learner.backend=nccl needs learner.num_gpus > 0")
+        return self
+
+
+def _format_errors(err: ValidationError) -> str:
+    lines = []
+    for e in err.errors():
+        field = ".".join(str(p) for p in e["loc"]) or "(top level)"
+        lines.append(f"  {field}: {e['msg']}")
+    return "\n".join(lines)
+
+
+def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
+    node = tree
+    *parents, leaf = dotted.split(".")
+    for key in parents:
+        node = node.setdefault(key, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"override {dotted}: {key} is not a section")
+    node[leaf] = value
+
+
+def parse_overrides(pairs: list[str]) -> dict[str, Any]:
+    """`key.sub=value` strings (values parsed as YAML) into a nested dict."""
+    tree: dict[str, Any] = {}
+    for pair in pairs:
+        if "=" not in pair:
+            raise ConfigError(f"override '{pair}' must look like section.field=value")
+        key, raw = pair.split("=", 1)
+        _set_dotted(tree, key.strip(), yaml.safe_load(raw))
+    return tree
+
+
+def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in extra.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def resolve_config_path(path: str | Path | None, default: str = "default.yaml") -> Path:
+    """A config path as given, or a bare name looked up in ray_configs/."""
+    if path is None:
+        return CONFIG_DIR / default
+    p = Path(path)
+    if p.exists():
+        return p
+    named = CONFIG_DIR / (p.name if p.suffix else f"{p.name}.yaml")
+    if named.exists():
+        return named
+    raise ConfigError(f"config file not found: {path}")
+
+
+def load_yaml(path: Path) -> dict[str, Any]:
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML: {e}") from e
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping at the top level")
+    return data
+
+
+def validate(model: type[BaseModel], data: dict[str, Any], source: str) -> Any:
+    try:
+        return model.model_validate(data)
+    except ValidationError as e:
+        raise ConfigError(f"invalid config {source}:\n{_format_errors(e)}") from None
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> RunConfig:
+    cfg_path = resolve_config_path(path)
+    data = _merge(load_yaml(cfg_path), parse_overrides(overrides or []))
+    return validate(RunConfig, data, str(cfg_path))

@@ -1,0 +1,217 @@
+"""The learner's RL math (actors/advantages.py, actors/losses.py) against hand-computed values."""
+
+import math
+
+import pytest
+import torch
+
+from actors.advantages import (
+    expand_to_tokens,
+    final_token_rewards,
+    gae,
+    grpo_advantages,
+    masked_mean,
+    masked_whiten,
+    reinforce_advantages,
+)
+from actors.losses import (
+    AdaptiveKLController,
+    FixedKLController,
+    clipped_policy_loss,
+    clipped_value_loss,
+    entropy_from_logits,
+    kl_penalty,
+    make_kl_controller,
+)
+from jobs.config import KLConfig
+
+
+def close(actual, expected, tol=1e-5):
+    # torch.allclose, not torch.testing.assert_close: the latter's lazy imports cost seconds.
+    a = torch.as_tensor(actual, dtype=torch.float32).detach()
+    e = torch.as_tensor(expected, dtype=torch.float32)
+    assert a.shape == e.shape and torch.allclose(a, e, atol=tol, rtol=0), f"{a} != {e}"
+
+
+# Three groups, interleaved and out of order: group 7 = rows 0, 2, 4 (rewards 1, 3, 5),
+# group 2 = rows 1, 3 (rewards 10, 20), group 5 = row 5 alone (reward 4).
+REWARDS = torch.tensor([1.0, 10.0, 3.0, 20.0, 5.0, 4.0])
+GROUPS = torch.tensor([7, 2, 7, 2, 7, 5])
+
+
+def test_masked_mean_and_empty_mask():
+    x = torch.tensor([[1.0, 2.0, 3.0], [4.0, float("inf"), 6.0]])
+    mask = torch.tensor([[0.0, 1.0, 1.0], [1.0, 0.0, 0.0]])
+    close(masked_mean(x, mask), (2 + 3 + 4) / 3)          # 3.0; the inf under mask 0 is ignored
+    close(masked_mean(x, mask, dim=1), [2.5, 4.0])         # (2+3)/2, 4/1
+    empty = torch.zeros_like(mask)
+    close(masked_mean(x, empty), 0.0)
+    close(masked_mean(x, torch.tensor([[1.0, 1, 1], [0, 0, 0]]), dim=1), [2.0, 0.0])
+    # An empty mask must not poison gradients with 0/0.
+    y = torch.ones(2, 3, requires_grad=True)
+    masked_mean(y, empty).backward()
+    assert torch.equal(y.grad, torch.zeros(2, 3))
+
+
+def test_masked_whiten():
+    x = torch.tensor([[1.0, 2.0, 3.0, 4.0, 100.0]])
+    mask = torch.tensor([[1.0, 1.0, 1.0, 1.0, 0.0]])
+    # mean 2.5; population var (2.25 + 0.25 + 0.25 + 2.25) / 4 = 1.25; std 1.1180340
+    # (-1.5, -0.5, 0.5, 1.5) / 1.1180340 = -1.3416408, -0.4472136, 0.4472136, 1.3416408
+    close(masked_whiten(x, mask), [[-1.3416408, -0.4472136, 0.4472136, 1.3416408, 0.0]])
+    # shift_mean=False adds the mean 2.5 back: 1.1583592, 2.0527864, 2.9472136, 3.8416408
+    close(masked_whiten(x, mask, shift_mean=False), [[1.1583592, 2.0527864, 2.9472136, 3.8416408, 0.0]])
+
+
+def test_grpo_interleaved_groups_with_std():
+    adv = grpo_advantages(REWARDS, GROUPS, normalize_std=True)
+    # group 7: mean 3, unbiased var ((-2)^2 + 0 + 2^2) / 2 = 4, std 2 -> -1, 0, 1
+    # group 2: mean 15, unbiased var (25 + 25) / 1 = 50, std 7.0710678 -> -/+ 5 / 7.0710678 = -/+0.7071068
+    # group 5: singleton -> 0
+    close(adv, [-1.0, -0.7071068, 0.0, 0.7071068, 1.0, 0.0])
+
+
+def test_grpo_interleaved_groups_without_std():
+    adv = grpo_advantages(REWARDS, GROUPS, normalize_std=False)
+    # r - group mean: 1-3, 10-15, 3-3, 20-15, 5-3, singleton 0
+    close(adv, [-2.0, -5.0, 0.0, 5.0, 2.0, 0.0])
+
+
+def test_grpo_constant_group_and_all_singletons():
+    # A group with equal rewards has std 0: (r - mean) = 0, so 0 / (0 + eps) = 0, no NaN.
+    close(grpo_advantages(torch.tensor([2.0, 2.0]), torch.tensor([0, 0]), normalize_std=True), [0.0, 0.0])
+    close(grpo_advantages(torch.tensor([1.0, 9.0]), torch.tensor([0, 1]), normalize_std=True), [0.0, 0.0])
+
+
+def test_rloo():
+    adv = reinforce_advantages(REWARDS, GROUPS)
+    # group 7: 1 - (3+5)/2 = -3; 3 - (1+5)/2 = 0; 5 - (1+3)/2 = 3
+    # group 2: 10 - 20 = -10; 20 - 10 = 10
+    # singleton (reward 4): batch sum 1+10+3+20+5+4 = 43; leave-one-out mean (43-4)/5 = 7.8 -> 4 - 7.8 = -3.8
+    close(adv, [-3.0, -10.0, 0.0, 10.0, 3.0, -3.8])
+    close(reinforce_advantages(torch.tensor([5.0]), torch.tensor([0])), [0.0])
+
+
+def test_expand_and_final_token_rewards():
+    mask = torch.tensor([[0.0, 1.0, 1.0, 0.0], [1.0, 1.0, 1.0, 1.0], [0.0, 0.0, 0.0, 0.0]])
+    scores = torch.tensor([2.0, -1.0, 7.0])
+    close(expand_to_tokens(scores, mask), [[0, 2, 2, 0], [-1, -1, -1, -1], [0, 0, 0, 0]])
+    # last response token: row 0 at t=2, row 1 at t=3, row 2 has none
+    close(final_token_rewards(scores, mask), [[0, 0, 2, 0], [0, 0, 0, -1], [0, 0, 0, 0]])
+
+
+def test_gae_left_padded_response():
+    # Prompt at t=0,1 (left padding), response t=2,3,4, right padding t=5; junk outside the mask.
+    mask = torch.tensor([[0.0, 0.0, 1.0, 1.0, 1.0, 0.0]])
+    rewards = torch.tensor([[5.0, 5.0, 0.0, -0.1, 1.0, 5.0]])
+    values = torch.tensor([[9.0, 9.0, 0.5, 0.6, 0.7, 9.0]])
+    adv, ret = gae(rewards, values, mask, gamma=0.9, lam=0.5)
+    # delta4 = 1.0 + 0.9*0 - 0.7 = 0.3              (value after the last token is 0)
+    # delta3 = -0.1 + 0.9*0.7 - 0.6 = -0.07
+    # delta2 = 0 + 0.9*0.6 - 0.5 = 0.04
+    # gamma*lam = 0.45: A4 = 0.3; A3 = -0.07 + 0.45*0.3 = 0.065; A2 = 0.04 + 0.45*0.065 = 0.06925
+    close(adv, [[0, 0, 0.06925, 0.065, 0.3, 0]])
+    # returns = A + V: 0.06925+0.5 = 0.56925, 0.065+0.6 = 0.665, 0.3+0.7 = 1.0
+    close(ret, [[0, 0, 0.56925, 0.665, 1.0, 0]])
+    # gamma = lam = 1: A_t = sum of rewards from t on - V_t: 0.9-0.5 = 0.4, 0.9-0.6 = 0.3, 1-0.7 = 0.3
+    adv1, _ = gae(rewards, values, mask, gamma=1.0, lam=1.0)
+    close(adv1, [[0, 0, 0.4, 0.3, 0.3, 0]])
+
+
+def _policy_batch():
+    """Row 0: prompt token, then a, b, c; row 1: d, e, f, then padding (mask 0, junk values)."""
+    ratios = torch.tensor([[math.exp(5.0), 1.1, 1.5, 0.5], [0.5, 1.5, 0.9, math.exp(5.0)]])
+    advantages = torch.tensor([[3.0, 1.0, 1.0, 1.0], [-1.0, -1.0, -2.0, 3.0]])
+    mask = torch.tensor([[0.0, 1.0, 1.0, 1.0], [1.0, 1.0, 1.0, 0.0]])
+    old_logp = torch.tensor([[-1.0, -2.0, -0.5, -3.0], [-1.5, -0.2, -2.5, -1.0]])
+    logp = (old_logp + ratios.log()).requires_grad_(True)
+    return logp, old_logp, advantages, mask
+
+
+def test_clipped_policy_loss_values():
+    logp, old_logp, advantages, mask = _policy_batch()
+    loss, clip_frac = clipped_policy_loss(logp, old_logp, advantages, mask, clip_eps=0.2)
+    # min(ratio*A, clip(ratio, 0.8, 1.2)*A) per token:
+    #   a: r=1.1, A=+1 -> min(1.1, 1.1)  = 1.1   inside the range
+    #   b: r=1.5, A=+1 -> min(1.5, 1.2)  = 1.2   clipped (gradient 0)
+    #   c: r=0.5, A=+1 -> min(0.5, 0.8)  = 0.5   unclipped branch, gradient kept
+    #   d: r=0.5, A=-1 -> min(-0.5,-0.8) = -0.8  clipped (gradient 0)
+    #   e: r=1.5, A=-1 -> min(-1.5,-1.2) = -1.5  unclipped branch, gradient kept
+    #   f: r=0.9, A=-2 -> min(-1.8,-1.8) = -1.8  inside the range
+    # loss = -(1.1 + 1.2 + 0.5 - 0.8 - 1.5 - 1.8) / 6 = 1.3 / 6 = 0.2166667
+    close(loss, 1.3 / 6)
+    close(clip_frac, 2 / 6)  # b and d
+    assert not clip_frac.requires_grad
+
+
+def test_clipped_policy_loss_gradient_is_zero_on_clipped_tokens():
+    logp, old_logp, advantages, mask = _policy_batch()
+    loss, _ = clipped_policy_loss(logp, old_logp, advantages, mask, clip_eps=0.2)
+    loss.backward()
+    # d/dlogp of -ratio*A/6 is -ratio*A/6 on unclipped tokens:
+    #   a: -1.1/6, c: -0.5/6, e: +1.5/6, f: -(0.9*-2)/6 = 1.8/6; clipped b, d and masked tokens: 0
+    close(logp.grad, [[0.0, -1.1 / 6, 0.0, -0.5 / 6], [0.0, 1.5 / 6, 1.8 / 6, 0.0]])
+    assert logp.grad[0, 2] == 0 and logp.grad[1, 0] == 0
+
+
+def test_clipped_value_loss():
+    values = torch.tensor([[1.0, 0.6, 0.0, 2.0, 50.0]])
+    old = torch.tensor([[0.5, 0.5, 0.5, 0.5, 0.0]])
+    returns = torch.tensor([[1.0, 1.0, 0.0, 0.0, 0.0]])
+    mask = torch.tensor([[1.0, 1.0, 1.0, 1.0, 0.0]])
+    # clip 0.2: v_clipped = old + clamp(v - old, -0.2, 0.2) = 0.7, 0.6, 0.3, 0.7
+    # max((v-R)^2, (vc-R)^2): max(0, 0.09) = 0.09; max(0.16, 0.16) = 0.16; max(0, 0.09) = 0.09; max(4, 0.49) = 4
+    # 0.5 * (0.09 + 0.16 + 0.09 + 4) / 4 = 0.5 * 1.085 = 0.5425
+    close(clipped_value_loss(values, old, returns, mask, clip=0.2), 0.5425)
+
+
+def test_kl_estimators():
+    logp = torch.tensor([[-1.0, -2.0, -0.5]])
+    ref = torch.tensor([[-1.5, -2.0, -0.3]])
+    close(kl_penalty(logp, ref, "k1"), [[0.5, 0.0, -0.2]])  # logp - ref
+    # k3 with x = ref - logp = -0.5, 0, 0.2: e^x - x - 1
+    #   e^-0.5 + 0.5 - 1 = 0.6065307 - 0.5 = 0.1065307; 0; e^0.2 - 1.2 = 1.2214028 - 1.2 = 0.0214028
+    close(kl_penalty(logp, ref, "k3"), [[0.1065307, 0.0, 0.0214028]])
+    a, b = torch.randn(4, 16) * 3, torch.randn(4, 16) * 3
+    assert (kl_penalty(a, b, "k3") >= 0).all()
+    assert torch.equal(kl_penalty(a, a, "k3"), torch.zeros(4, 16))
+    # far-off tokens (padding) stay finite
+    assert torch.isfinite(kl_penalty(torch.tensor([-200.0]), torch.tensor([0.0]), "k3")).all()
+    with pytest.raises(ValueError, match="kl.estimator"):
+        kl_penalty(logp, ref, "k2")
+
+
+def test_entropy_from_logits():
+    close(entropy_from_logits(torch.zeros(2, 3, 7)), torch.full((2, 3), math.log(7)))  # uniform: log V
+    # p = (1/4, 3/4): H = 0.25*ln 4 + 0.75*ln(4/3) = 0.3465736 + 0.2157616 = 0.5623351
+    two = torch.tensor([[[0.0, math.log(3.0)]]])
+    close(entropy_from_logits(two), [[0.5623351]])
+    close(entropy_from_logits(two + 1000.0), [[0.5623351]])  # shift-invariant, no overflow
+    # A -inf (masked) vocabulary entry contributes 0, with finite gradients.
+    masked = torch.tensor([[[0.0, math.log(3.0), float("-inf")]]], requires_grad=True)
+    h = entropy_from_logits(masked)
+    close(h, [[0.5623351]])
+    h.sum().backward()
+    assert torch.isfinite(masked.grad).all()
+
+
+def test_adaptive_kl_controller_above_and_below_target():
+    above = AdaptiveKLController(init_coef=0.1, target=0.1, horizon=1000)
+    above.update(current_kl=0.2, n_steps=100)
+    close(above.value, 0.102)  # err = clip(0.2/0.1 - 1 = 1, +-0.2) = 0.2; 0.1 * (1 + 0.2*100/1000)
+    below = AdaptiveKLController(init_coef=0.1, target=0.1, horizon=1000)
+    below.update(current_kl=0.09, n_steps=100)
+    close(below.value, 0.099)  # err = 0.9 - 1 = -0.1; 0.1 * (1 - 0.1*100/1000) = 0.1 * 0.99
+    below.update(current_kl=0.0, n_steps=100)
+    close(below.value, 0.09702)  # err = clip(-1) = -0.2; 0.099 * (1 - 0.02) = 0.09702
+
+
+def test_make_kl_controller_from_config():
+    fixed = make_kl_controller(**KLConfig(coef=0.3).model_dump())
+    assert isinstance(fixed, FixedKLController)
+    fixed.update(current_kl=10.0, n_steps=100)
+    assert fixed.value == 0.3
+    adaptive = make_kl_controller(**KLConfig(coef=0.3, adaptive=True, target=0.5, horizon=10).model_dump())
+    assert isinstance(adaptive, AdaptiveKLController)
+    adaptive.update(current_kl=1.0, n_steps=1)
+    close(adaptive.value, 0.306)  # err = clip(1.0/0.5 - 1) = 0.2; 0.3 * (1 + 0.2*1/10) = 0.306

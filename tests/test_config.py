@@ -1,0 +1,86 @@
+"""The run-config schema: every shipped YAML validates, and bad input names its field."""
+
+from pathlib import Path
+
+import pytest
+import ray
+
+from jobs.cli import main as cli_main
+from jobs.config import CONFIG_DIR, ConfigError, RunConfig, load_config, load_yaml, parse_overrides
+
+RUN_CONFIGS = sorted(p for p in CONFIG_DIR.glob("*.yaml") if p.name not in {"serve.yaml", "tune.yaml"})
+
+
+@pytest.mark.parametrize("path", RUN_CONFIGS, ids=lambda p: p.name)
+def test_shipped_configs_validate(path: Path):
+    cfg = load_config(path)
+    assert isinstance(cfg, RunConfig)
+    # every key written in the file survived validation with the value written there
+    raw = load_yaml(path)
+    dumped = cfg.model_dump()
+    for section, value in raw.items():
+        if isinstance(value, dict):
+            for key, inner in value.items():
+                assert dumped[section][key] == inner, f"{path.name}: {section}.{key}"
+        else:
+            assert dumped[section] == value
+
+
+def test_default_is_the_schema_default():
+    cfg = load_config()
+    assert cfg.policy.model == "smollm2-135m-instruct"
+    assert cfg.algorithm.name == "grpo" and cfg.data.train == "builtin"
+
+
+def test_overrides_are_parsed_as_yaml_values():
+    assert parse_overrides(["learner.zero_stage=3", "reward.alpha=0.25", "name=x"]) == {
+        "learner": {"zero_stage": 3}, "reward": {"alpha": 0.25}, "name": "x",
+    }
+    cfg = load_config("tiny", ["learner.zero_stage=3", "rollout.temperature=0.7"])
+    assert cfg.learner.zero_stage == 3 and cfg.rollout.temperature == 0.7
+
+
+@pytest.mark.parametrize(
+    ("override", "field"),
+    [
+        ("learner.zero_stage=4", "learner.zero_stage"),
+        ("learner.zero_staeg=1", "learner.zero_staeg"),
+        ("algorithm.name=dpo", "algorithm.name"),
+        ("rollout.temperature=0", "rollout.temperature"),
+        ("reward.normalize=sometimes", "reward.normalize"),
+        ("kl.estimator=k2", "kl.estimator"),
+    ],
+)
+def test_bad_field_is_named(override, field):
+    with pytest.raises(ConfigError) as err:
+        load_config("tiny", [override])
+    assert field in str(err.value)
+
+
+def test_cross_field_rules():
+    with pytest.raises(ConfigError, match="samples_per_prompt >= 2"):
+        load_config("tiny", ["rollout.samples_per_prompt=1"])
+    with pytest.raises(ConfigError, match="multiple of rollout.num_workers"):
+        load_config("tiny", ["rollout.num_workers=3"])
+    with pytest.raises(ConfigError, match="nccl needs learner.num_gpus"):
+        load_config("tiny", ["learner.backend=nccl"])
+
+
+def test_missing_and_malformed_files(tmp_path):
+    with pytest.raises(ConfigError, match="config file not found"):
+        load_config(tmp_path / "nope.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("steps: [1,\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(bad)
+    with pytest.raises(ConfigError, match="section.field=value"):
+        load_config("tiny", ["learner.zero_stage"])
+
+
+def test_cli_rejects_bad_config_before_ray_starts(capsys):
+    assert not ray.is_initialized()
+    assert cli_main(["train", "--config", "tiny", "--set", "learner.zero_stage=7"]) == 2
+    assert "learner.zero_stage" in capsys.readouterr().err
+    assert cli_main(["train", "--config", "tiny", "--set", "policy.model=/no/such/model/dir"]) == 2
+    assert "policy.model" in capsys.readouterr().err
+    assert not ray.is_initialized()
