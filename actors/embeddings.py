@@ -37,7 +37,14 @@ def resolve_embedding_model(name: str) -> str:
 
 
 class Embedder:
-    """A sentence-transformers model on CPU, used only to compare texts."""
+    """A sentence-transformers model on CPU, used only to compare texts.
+
+    Reference embeddings are cached: the k samples of a prompt share one reference and prompts
+    recur across steps, so after the first epoch only the responses need the model.
+    """
+
+    CACHE_SIZE = 8192
+    """Reference texts kept (384 floats each for MiniLM: ~12 MB); the cache is emptied when full."""
 
     def __init__(self, name_or_path: str, torch_threads: int | None = None) -> None:
         import torch  # deferred: importing sentence_transformers costs seconds
@@ -46,6 +53,13 @@ class Embedder:
         if torch_threads is not None:
             torch.set_num_threads(torch_threads)
         self.model = SentenceTransformer(resolve_embedding_model(name_or_path), device="cpu")
+        self._ref_cache: dict[str, np.ndarray] = {}
+
+    def encode(self, texts: list[str]) -> np.ndarray:
+        """[N, D] float32 unit-length embeddings, in one batched call."""
+        return self.model.encode(
+            texts, batch_size=64, convert_to_numpy=True, normalize_embeddings=True, show_progress_bar=False
+        )
 
     def similarity(self, responses: list[str], references: list[str]) -> np.ndarray:
         """[B] float32 cosine similarity of responses[i] and references[i]."""
@@ -53,12 +67,11 @@ class Embedder:
             raise ValueError(f"{len(responses)} responses but {len(references)} references")
         if not responses:
             return np.zeros(0, dtype=np.float32)
-        emb = self.model.encode(
-            list(responses) + list(references),
-            batch_size=64,
-            convert_to_numpy=True,
-            normalize_embeddings=True,
-            show_progress_bar=False,
-        )
+        new_refs = list(dict.fromkeys(r for r in references if r not in self._ref_cache))
+        emb = self.encode(list(responses) + new_refs)
+        if len(self._ref_cache) + len(new_refs) > self.CACHE_SIZE:
+            self._ref_cache.clear()
         n = len(responses)
-        return np.einsum("ij,ij->i", emb[:n], emb[n:]).astype(np.float32)
+        self._ref_cache.update(zip(new_refs, emb[n:]))
+        refs = np.stack([self._ref_cache[r] for r in references])
+        return np.einsum("ij,ij->i", emb[:n], refs).astype(np.float32)

@@ -11,12 +11,22 @@ row never changes its values.
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from torch import nn
 
 from actors.losses import entropy_from_logits
+
+
+def from_numpy(array: np.ndarray) -> torch.Tensor:
+    """A tensor sharing the array's memory. Arrays out of Ray's object store are read-only;
+    every caller here only reads them, so torch's warning about that is silenced."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+        return torch.from_numpy(np.asarray(array))
 
 
 def position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
@@ -40,7 +50,7 @@ class PolicyOutput:
     entropy: torch.Tensor | None = None
     """Entropy of the (temperature-scaled) distribution that predicted token t; 0 where unscored."""
     hidden: torch.Tensor | None = None
-    """[B, T, H] last hidden state at position t (it predicts token t+1); for a value head."""
+    """[B, T, H] the last hidden state that predicted token t (zeros at t=0); for a value head."""
 
 
 def policy_forward(
@@ -50,9 +60,14 @@ def policy_forward(
     temperature: float,
     *,
     with_entropy: bool = False,
+    entropy_grad: bool = True,
     with_hidden: bool = False,
 ) -> PolicyOutput:
-    """One forward pass; gradients flow if the caller has them enabled."""
+    """One forward pass; gradients flow if the caller has them enabled.
+
+    entropy_grad=False computes the entropy as a metric only, without keeping the
+    [B, T, vocab] softmax alive for backward.
+    """
     out = model(
         input_ids=input_ids,
         attention_mask=attention_mask,
@@ -69,8 +84,12 @@ def policy_forward(
     logprobs = torch.where(scored, torch.cat([zero_col, token_logp], dim=1), 0.0)
     entropy = None
     if with_entropy:
-        entropy = torch.where(scored, torch.cat([zero_col, entropy_from_logits(logits)], dim=1), 0.0)
-    hidden = out.hidden_states[-1] if with_hidden else None
+        with torch.set_grad_enabled(torch.is_grad_enabled() and entropy_grad):
+            entropy = torch.where(scored, torch.cat([zero_col, entropy_from_logits(logits)], dim=1), 0.0)
+    hidden = None
+    if with_hidden:  # shift so that hidden[:, t] is the state in which token t is chosen
+        last = out.hidden_states[-1]
+        hidden = torch.cat([torch.zeros_like(last[:, :1]), last[:, :-1]], dim=1)
     return PolicyOutput(logprobs=logprobs, entropy=entropy, hidden=hidden)
 
 

@@ -132,6 +132,7 @@ def _build_atomically(target: Path, build: Callable[[Path], None]) -> None:
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
     try:
         build(tmp)
+        os.chmod(tmp, 0o755)  # mkdtemp makes it private; the cache is shared
         try:
             os.rename(tmp, target)  # atomic; fails if target is a non-empty directory
         except OSError:

@@ -74,18 +74,23 @@ class RewardScorer:
             raise ValueError(f"{len(responses)} responses but {len(references)} references")
         comps = self.components(responses, references)
         empty = np.array([not words(r) for r in responses], dtype=bool)
+        raw = np.zeros(len(responses), dtype=np.float64)
         total = np.zeros(len(responses), dtype=np.float64)
         for name, weight in self.weights.items():
             if weight == 0:
                 continue
             values = comps[name].astype(np.float64)
+            raw += weight * np.nan_to_num(values, nan=0.0)
             if self.normalize == "components":
                 values = self._normalize(name, values, empty, update_stats)
             total += weight * np.nan_to_num(values, nan=0.0)
         if self.normalize == "total":
             total = self._normalize("total", total, empty, update_stats)
+        elif self.normalize == "none":
+            total = raw.copy()
         total[empty] = self.empty_reward
-        return Rewards(total=total.astype(np.float32), components=comps)
+        raw[empty] = self.empty_reward
+        return Rewards(total=total.astype(np.float32), raw_total=raw.astype(np.float32), components=comps)
 
     def _normalize(self, name: str, values: np.ndarray, empty: np.ndarray, update: bool) -> np.ndarray:
         norm = self.normalizers[name]

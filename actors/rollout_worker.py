@@ -12,13 +12,11 @@ batch crosses the object store zero-copy. Notes on what the learner can rely on:
 
 from __future__ import annotations
 
-import warnings
-
 import numpy as np
 import torch
 from transformers import GenerationConfig
 
-from actors.logprobs import token_logprobs
+from actors.logprobs import from_numpy, token_logprobs
 from actors.models import load_policy
 from actors.trajectory import Prompt, Trajectory
 
@@ -28,14 +26,11 @@ def state_dict_from_numpy(model: torch.nn.Module, weights: dict[str, np.ndarray]
     expected = set(model.state_dict())
     missing, unexpected = sorted(expected - set(weights)), sorted(set(weights) - expected)
     if missing or unexpected:
-        raise KeyError(
+        raise ValueError(
             f"weights do not match the policy's state dict: missing {missing[:5]} ({len(missing)} in all), "
             f"unexpected {unexpected[:5]} ({len(unexpected)} in all)"
         )
-    with warnings.catch_warnings():
-        # Arrays out of Ray's object store are read-only; load_state_dict only reads them.
-        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
-        return {name: torch.from_numpy(np.asarray(array)) for name, array in weights.items()}
+    return {name: from_numpy(array) for name, array in weights.items()}
 
 
 def eos_token_ids(model: torch.nn.Module, tokenizer) -> list[int]:
@@ -129,6 +124,7 @@ class RolloutWorker:
             raise ValueError("generate() needs at least one prompt")
         k = 1 if greedy else self.samples_per_prompt
         prompt_ids, prompt_mask = self._left_padded(prompts)
+        rendered = [self.tokenizer.decode(row[mask.bool()]) for row, mask in zip(prompt_ids, prompt_mask)]
         sampling = {} if greedy else {"temperature": self.temperature, "top_p": self.top_p, "top_k": 0}
         # Reproducible per (seed, version, call), independent of what else ran in this process.
         torch.manual_seed(int(np.random.SeedSequence([self.seed, self.version, self._calls]).generate_state(1)[0]))
@@ -142,20 +138,21 @@ class RolloutWorker:
             **sampling,
         )
         width = prompt_ids.shape[1]
+        prompt_ids, prompt_mask = prompt_ids.repeat_interleave(k, dim=0), prompt_mask.repeat_interleave(k, dim=0)
+        if not torch.equal(sequences[:, :width], prompt_ids):
+            raise RuntimeError("generate() returned rows in an unexpected order")
         response = sequences[:, width:]
         is_eos = torch.isin(response, torch.tensor(self.eos_ids))
         after_eos = (is_eos.long().cumsum(1) - is_eos.long()) > 0  # strictly after the first EOS
         response = response.masked_fill(after_eos, self.pad_id)
         in_response = (~after_eos).long()
 
-        input_ids = torch.cat([prompt_ids.repeat_interleave(k, dim=0), response], dim=1)
-        attention_mask = torch.cat([prompt_mask.repeat_interleave(k, dim=0), in_response], dim=1)
-        response_mask = torch.cat([torch.zeros_like(prompt_mask.repeat_interleave(k, dim=0)), in_response], dim=1)
-        response_mask = response_mask.float()
+        input_ids = torch.cat([prompt_ids, response], dim=1)
+        attention_mask = torch.cat([prompt_mask, in_response], dim=1)
+        response_mask = torch.cat([torch.zeros_like(prompt_mask), in_response], dim=1).float()
         old_logprobs = token_logprobs(self.model, input_ids, attention_mask, self.temperature) * response_mask
 
         group_ids = np.repeat(np.array([p.id for p in prompts], dtype=np.int64), k)
-        rendered = [self.tokenizer.decode(row[mask.bool()]) for row, mask in zip(prompt_ids, prompt_mask)]
         return Trajectory(
             input_ids=input_ids.numpy(),
             attention_mask=attention_mask.numpy(),

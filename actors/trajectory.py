@@ -55,6 +55,8 @@ class Rewards:
 
     total: np.ndarray
     """[B] float32: the weighted sum the learner optimises (normalised if configured)."""
+    raw_total: np.ndarray
+    """[B] float32: the weighted sum of the raw components; comparable across steps and runs."""
     components: dict[str, np.ndarray]
     """Raw, unweighted per-row values of each component, for logging."""
 

@@ -66,7 +66,7 @@ class RewardConfig(_Strict):
     freq_mode: Literal["mean", "sum"] = "mean"
     """mean: average log10 frequency per word; sum: the seed's literal sum (favours short answers)."""
     empty_reward: float = -1.0
-    """Total reward of an empty or whitespace-only answer; guards the degenerate optimum."""
+    """Total reward of an answer with no words (empty, blank, punctuation): the degenerate optimum."""
     embedding_model: str = "all-minilm-l6-v2"
     normalize: Literal["none", "total", "components"] = "components"
     """Running mean/std z-score of the total, or of each component before weighting."""
@@ -84,7 +84,8 @@ class KLConfig(_Strict):
     horizon: int = Field(1000, ge=1)
     num_cpus: float = Field(0.25, gt=0)
     """Launch options of the reference-policy actor, which exists only when the KL term is on."""
-    torch_threads: int = Field(2, ge=1)
+    torch_threads: int = Field(1, ge=1)
+    """One thread: the reference runs at the same time as the reward scorers."""
 
 
 class AlgorithmConfig(_Strict):

@@ -28,8 +28,10 @@ def _check_messages(value: list[Any], where: str) -> list[dict[str, str]]:
     if not value:
         raise DataError(f"{where}: 'prompt' is an empty list of messages")
     for i, msg in enumerate(value):
-        if not isinstance(msg, dict) or not isinstance(msg.get("role"), str) or not isinstance(msg.get("content"), str):
-            raise DataError(f"{where}: prompt message {i} must be an object with string 'role' and 'content', got {msg!r:.80}")
+        if not (isinstance(msg, dict) and isinstance(msg.get("role"), str) and isinstance(msg.get("content"), str)):
+            raise DataError(
+                f"{where}: prompt message {i} must be an object with string 'role' and 'content', got {msg!r:.80}"
+            )
     return [{"role": m["role"], "content": m["content"]} for m in value]
 
 
@@ -46,7 +48,8 @@ def _to_prompt(row: Any, index: int, where: str) -> Prompt:
     elif isinstance(prompt, list):
         prompt = _check_messages(prompt, where)
     else:
-        raise DataError(f"{where}: 'prompt' must be a string or a list of chat messages, got {type(prompt).__name__}")
+        kind = type(prompt).__name__
+        raise DataError(f"{where}: 'prompt' must be a string or a list of chat messages, got {kind}")
     reference = row.get("reference")
     if isinstance(reference, float) and math.isnan(reference):
         reference = None  # pandas' marker for a missing value

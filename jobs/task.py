@@ -70,7 +70,11 @@ def _add(p: tuple[int, int], rng: random.Random) -> tuple[str, str]:
 
 def _subtract(p: tuple[int, int], rng: random.Random) -> tuple[str, str]:
     a, b = p
-    q = rng.choice(["What is {a} minus {b}?", "Subtract {b} from {a}.", "What do you get if you take {b} away from {a}?"])
+    q = rng.choice([
+        "What is {a} minus {b}?",
+        "Subtract {b} from {a}.",
+        "What do you get if you take {b} away from {a}?",
+    ])
     return q.format(a=a, b=b), f"{a} minus {b} is {a - b}."
 
 
@@ -78,7 +82,11 @@ def _compare(p: tuple[int, int], rng: random.Random) -> tuple[str, str]:
     x, y = p if rng.random() < 0.5 else p[::-1]
     word = rng.choice(["larger", "smaller"])
     answer = max(x, y) if word == "larger" else min(x, y)
-    q = rng.choice(["Which is {w}, {x} or {y}?", "Which number is {w}: {x} or {y}?", "Of {x} and {y}, which one is {w}?"])
+    q = rng.choice([
+        "Which is {w}, {x} or {y}?",
+        "Which number is {w}: {x} or {y}?",
+        "Of {x} and {y}, which one is {w}?",
+    ])
     return q.format(w=word, x=x, y=y), f"The {word} of {x} and {y} is {answer}."
 
 
@@ -94,7 +102,11 @@ def _cycle(names: list[str], unit: str) -> Render:
         start, offset = p
         span = _span(unit, offset)
         answer = names[(start + offset) % len(names)]
-        q = rng.choice(["What is {s} {n}?", f"Which {unit} is {{s}} {{n}}?", f"What {unit} comes {{s}} {{n}}?"])
+        q = rng.choice([
+            "What is {s} {n}?",
+            f"Which {unit} is {{s}} {{n}}?",
+            f"Tell me which {unit} is {{s}} {{n}}.",
+        ])
         return q.format(s=span, n=names[start]), f"{span[0].upper()}{span[1:]} {names[start]} is {answer}."
 
     return render
@@ -102,13 +114,21 @@ def _cycle(names: list[str], unit: str) -> Render:
 
 def _opposite(p: tuple[str, str], rng: random.Random) -> tuple[str, str]:
     word, other = p
-    q = rng.choice(["What is the opposite of {w}?", "What word means the opposite of {w}?", "Give the opposite of the word {w}."])
+    q = rng.choice([
+        "What is the opposite of {w}?",
+        "What word means the opposite of {w}?",
+        "Give the opposite of the word {w}.",
+    ])
     return q.format(w=word), f"The opposite of {word} is {other}."
 
 
 def _plural(p: tuple[str, str], rng: random.Random) -> tuple[str, str]:
     word, plural = p
-    q = rng.choice(["What is the plural of {w}?", "What is the plural form of the word {w}?", "How do you say {w} in the plural?"])
+    q = rng.choice([
+        "What is the plural of {w}?",
+        "What is the plural form of the word {w}?",
+        "How do you say {w} in the plural?",
+    ])
     return q.format(w=word), f"The plural of {word} is {plural}."
 
 

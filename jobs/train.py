@@ -77,42 +77,63 @@ def resource_demands(cfg: RunConfig) -> dict[str, float]:
     return {"CPU": cpus, **({"GPU": gpus} if gpus else {})}
 
 
+class RoleKwargs:
+    """Constructor arguments of each role, shared by the Ray launch and in-process benchmarks."""
+
+    def __init__(self, cfg: RunConfig, model_dir: Path) -> None:
+        self.cfg = cfg
+        self.model_dir = str(model_dir)
+
+    def rollout(self, rank: int) -> dict:
+        cfg = self.cfg
+        return dict(
+            model_dir=self.model_dir, dtype=cfg.policy.dtype, max_prompt_tokens=cfg.policy.max_prompt_tokens,
+            use_chat_template=cfg.data.use_chat_template, system_prompt=cfg.data.system_prompt,
+            seed=cfg.seed + 1000 * rank, **_kwargs(cfg.rollout),
+        )
+
+    def scorer(self, rank: int) -> dict:
+        return _kwargs(self.cfg.reward)
+
+    def reference(self, rank: int) -> dict:
+        cfg = self.cfg
+        return dict(
+            model_dir=self.model_dir, dtype=cfg.policy.dtype, temperature=cfg.rollout.temperature,
+            torch_threads=cfg.kl.torch_threads,
+        )
+
+    def learner(self, rank: int, master_addr: str, master_port: int) -> dict:
+        cfg = self.cfg
+        return dict(
+            rank=rank, world_size=cfg.learner.num_ranks, master_addr=master_addr, master_port=master_port,
+            model_dir=self.model_dir, seed=cfg.seed, temperature=cfg.rollout.temperature,
+            rows_per_step=cfg.prompts_per_step * cfg.rollout.samples_per_prompt // cfg.learner.num_ranks,
+            algorithm=cfg.algorithm.model_dump(), kl=cfg.kl.model_dump(), learner=cfg.learner.model_dump(),
+        )
+
+
 def launch_roles(cfg: RunConfig, model_dir: Path) -> Roles:
     check_fits(resource_demands(cfg))
+    kwargs = RoleKwargs(cfg, model_dir)
     strategy = cfg.cluster.placement_strategy
-    model_dir = str(model_dir)
-    temperature = cfg.rollout.temperature
-
     rollout = ActorGroup(
         cfg.rollout.num_workers, name="rollout", num_cpus=cfg.rollout.num_cpus, num_gpus=cfg.rollout.num_gpus,
         strategy=strategy,
-    ).start(RolloutWorker, lambda rank: dict(
-        model_dir=model_dir, dtype=cfg.policy.dtype, max_prompt_tokens=cfg.policy.max_prompt_tokens,
-        use_chat_template=cfg.data.use_chat_template, system_prompt=cfg.data.system_prompt,
-        seed=cfg.seed + 1000 * rank, **_kwargs(cfg.rollout),
-    ))
+    ).start(RolloutWorker, kwargs.rollout)
     scorers = ActorGroup(
         cfg.reward.num_scorers, name="reward", num_cpus=cfg.reward.num_cpus, strategy=strategy
-    ).start(RewardScorer, lambda rank: _kwargs(cfg.reward))
+    ).start(RewardScorer, kwargs.scorer)
     reference = None
     if uses_reference(cfg):
         reference = ActorGroup(1, name="reference", num_cpus=cfg.kl.num_cpus, strategy=strategy).start(
-            ReferencePolicy, lambda rank: dict(
-                model_dir=model_dir, dtype=cfg.policy.dtype, temperature=temperature,
-                torch_threads=cfg.kl.torch_threads,
-            )
+            ReferencePolicy, kwargs.reference
         )
     learner = ActorGroup(
         cfg.learner.num_ranks, name="learner", num_cpus=cfg.learner.num_cpus, num_gpus=cfg.learner.num_gpus,
         strategy=strategy,
     )
     master_addr, master_port = learner.rendezvous()
-    rows_per_rank = cfg.prompts_per_step * cfg.rollout.samples_per_prompt // cfg.learner.num_ranks
-    learner.start(Learner, lambda rank: dict(
-        rank=rank, world_size=cfg.learner.num_ranks, master_addr=master_addr, master_port=master_port,
-        model_dir=model_dir, seed=cfg.seed, temperature=temperature, rows_per_step=rows_per_rank,
-        algorithm=cfg.algorithm.model_dump(), kl=cfg.kl.model_dump(), learner=cfg.learner.model_dump(),
-    ))
+    learner.start(Learner, lambda rank: kwargs.learner(rank, master_addr, master_port))
     return Roles(rollout=rollout, scorers=scorers, learner=learner, reference=reference)
 
 
@@ -179,11 +200,12 @@ def rl_step(cfg: RunConfig, roles: Roles, prompts: list[Prompt]) -> dict[str, fl
     t4 = time.perf_counter()
     weights = roles.learner.call("get_weights")
     version = learn_metrics[0]["version"]
-    ray.get(roles.rollout.call("load_weights", version, weights[0]))
+    rollout_versions = ray.get(roles.rollout.call("load_weights", version, weights[0]))
     t5 = time.perf_counter()
 
     metrics = {k: float(np.mean([m[k] for m in learn_metrics])) for k in learn_metrics[0]}
     metrics["tokens"] = float(sum(m["tokens"] for m in learn_metrics))
+    metrics["rollout/version"] = float(min(rollout_versions))
     metrics.update(reward_metrics(ray.get(reward_refs), "reward"))
     metrics.update({
         "time/generate": t1 - t0, "time/score": t2 - t1, "time/reference": t3 - t1,

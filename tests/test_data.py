@@ -98,7 +98,7 @@ CHAT = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": 
 def test_jsonl_round_trip_with_chat_messages(tmp_path: Path) -> None:
     path = write_jsonl(
         tmp_path / "d.jsonl",
-        [{"prompt": "What is 2 plus 2?", "reference": "4.", "extra": 1}, {"prompt": CHAT}, {"prompt": "Third"}],
+        [{"prompt": "What is 2 plus 2?", "reference": "4.", "extra": 1}, {"prompt": CHAT}, {"prompt": "3"}],
     )
     prompts = load_prompts(path)
     assert [p.id for p in prompts] == [0, 1, 2]
@@ -182,9 +182,8 @@ def test_load_task_holds_out_a_tenth_by_seed(tmp_path: Path) -> None:
     assert load_task(path, None, 100, 100, seed=2)[1] != held
     # Caps apply after the split: 5 of the 23, and the held-out part is unchanged.
     small_train, same_held = load_task(path, None, num_train=5, num_eval=100, seed=1)
-    assert [p.text for p in small_train] == [p.text for p in train[:5]] and [p.text for p in same_held] == [
-        p.text for p in held
-    ]
+    assert [p.text for p in small_train] == [p.text for p in train[:5]]
+    assert [p.text for p in same_held] == [p.text for p in held]
 
 
 def test_load_task_with_eval_file_and_tiny_train(tmp_path: Path) -> None:

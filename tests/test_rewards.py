@@ -7,9 +7,11 @@ import math
 
 import numpy as np
 import pytest
+import torch
 import wordfreq
 
-from actors.embeddings import resolve_embedding_model
+from actors import reward_scorer
+from actors.embeddings import Embedder, resolve_embedding_model
 from actors.normalizer import RunningNormalizer
 from actors.reward_fns import bleu, freq_reward, rouge_l, words
 from actors.reward_scorer import RewardScorer
@@ -124,15 +126,29 @@ def test_resolve_embedding_model(tmp_path) -> None:
 WEIGHTS = dict(alpha=0.5, beta=2.0, bleu=0.3, rouge_l=0.7)
 
 
+@pytest.fixture(scope="module", autouse=True)
+def shared_embedder():
+    """Load the model once for the module; each test still builds its own scorer and normalisers.
+
+    One torch thread, as the scorer runs by default: two threads on a busy 2-core machine made
+    every encode call ~10x slower (OpenMP waits). Torch's global setting is restored afterwards.
+    """
+    threads = torch.get_num_threads()
+    embedder = Embedder("all-minilm-l6-v2", torch_threads=1)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(reward_scorer, "Embedder", lambda name, torch_threads: embedder)
+        yield embedder
+    torch.set_num_threads(threads)
+
+
 def make_scorer(**overrides) -> RewardScorer:
-    # torch_threads=2 is this machine's default: the test leaves torch's global thread count as is
     kwargs = dict(
         **WEIGHTS,
         freq_mode="mean",
         empty_reward=-1.5,
         embedding_model="all-minilm-l6-v2",
         normalize="none",
-        torch_threads=2,
+        torch_threads=1,
     )
     kwargs.update(overrides)
     return RewardScorer(**kwargs)
@@ -174,6 +190,11 @@ def test_similarity_identical_vs_unrelated(scorer: RewardScorer) -> None:
     assert sim[1] < 0.3  # bananas vs the stock market
     assert sim[2] > 0.8  # a paraphrase
     assert sim[1] < sim[3] < sim[2]
+    # references come from the cache the second time (two distinct ones in BATCH): same values
+    embedder = scorer.embedder
+    assert set(embedder._ref_cache) >= {REF, "The stock market crashed in 1929."}
+    again = embedder.similarity(BATCH.responses, BATCH.references)
+    assert again == pytest.approx(sim, abs=1e-5)
 
 
 def test_total_is_weighted_sum_of_raw_components(scorer: RewardScorer) -> None:
@@ -187,6 +208,7 @@ def test_total_is_weighted_sum_of_raw_components(scorer: RewardScorer) -> None:
         assert c["rouge_l"][i] == pytest.approx(rouge_l(r, ref), rel=1e-6)
     expected = 0.5 * c["freq"] + 2.0 * c["sim"] + 0.3 * c["bleu"] + 0.7 * c["rouge_l"]
     assert out.total[:4] == pytest.approx(expected[:4], rel=1e-5)
+    assert out.raw_total == pytest.approx(out.total)  # normalize="none"
     # no reference: sim/bleu/rouge_l are NaN and count 0 -> total = alpha * freq
     assert np.isnan([c["sim"][4], c["bleu"][4], c["rouge_l"][4]]).all()
     assert out.total[4] == pytest.approx(0.5 * c["freq"][4], rel=1e-5)
@@ -199,6 +221,7 @@ def test_empty_answers_get_empty_reward() -> None:
         traj = make_traj(["", "   ", "?!", "Paris is the capital."], [REF, REF, None, REF])
         out = sc.score(traj)
         assert out.total[:3] == pytest.approx([-1.5, -1.5, -1.5])
+        assert out.raw_total[:3] == pytest.approx([-1.5, -1.5, -1.5])
         assert out.components["freq"][0] == 0.0  # the raw value stays visible: the sum's maximum
         assert out.total[3] != -1.5
         # only the one real answer entered the statistics
@@ -236,6 +259,8 @@ def test_components_normalisation_matches_manual_zscore() -> None:
         "sim", [c1["sim"], c2["sim"]], c2["sim"]
     )
     assert out2.total == pytest.approx(expected2, rel=1e-4, abs=1e-5)
+    # raw_total is the weighted sum before normalisation: comparable across steps
+    assert out2.raw_total == pytest.approx(0.5 * c2["freq"] + 2.0 * c2["sim"], rel=1e-5)
     # rouge_l is computed even with weight 0 (evaluation reports it)
     assert c2["rouge_l"] == pytest.approx([rouge_l(r, REF) for r in traj2.responses], rel=1e-6)
 

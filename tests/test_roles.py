@@ -1,0 +1,264 @@
+"""The model-side roles without Ray: log-probs, rollout worker, reference policy, learner.
+
+All on the random tiny GPT-2 (64-dim, 2 layers, 1.5k vocab). Its responses are gibberish and
+rarely hit EOS, so EOS handling is tested with a scripted `generate`.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+
+import numpy as np
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from actors.logprobs import position_ids, token_logprobs
+from actors.models import load_policy, resolve_policy
+from actors.reference_policy import ReferencePolicy
+from actors.rollout_worker import RolloutWorker
+from actors.trajectory import Prompt, Rewards
+
+K = 4  # samples per prompt
+PROMPTS = [Prompt(id=5, text="What is 2 plus 3?", reference="5"), Prompt(id=7, text="Hello! How are you?")]
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory) -> str:
+    return str(resolve_policy("tiny-gpt2", cache_dir=str(tmp_path_factory.mktemp("cache"))))
+
+
+def make_worker(model_dir: str, **overrides) -> RolloutWorker:
+    kwargs = dict(
+        model_dir=model_dir, max_prompt_tokens=64, use_chat_template=True, system_prompt=None,
+        samples_per_prompt=K, max_new_tokens=6, temperature=1.0, top_p=1.0, torch_threads=1, seed=0,
+    )  # fmt: skip
+    return RolloutWorker(**(kwargs | overrides))
+
+
+def unpadded_logprobs(model, ids: list[int], temperature: float) -> list[float]:
+    """The hand loop: log_softmax(logits / T) of each next token, one unpadded row at a time."""
+    with torch.no_grad():
+        logits = model(torch.tensor([ids])).logits[0] / temperature
+    logp = torch.log_softmax(logits, dim=-1)
+    return [float(logp[t - 1, ids[t]]) for t in range(1, len(ids))]
+
+
+def test_position_ids_skip_left_padding():
+    mask = torch.tensor([[0, 0, 1, 1, 1], [1, 1, 1, 1, 1]])
+    assert position_ids(mask).tolist() == [[0, 0, 0, 1, 2], [0, 1, 2, 3, 4]]
+
+
+def test_token_logprobs_equal_hand_loop_and_ignore_left_padding(model_dir):
+    model, _ = load_policy(model_dir)
+    rows = [[11, 12, 13, 14, 15, 16], [21, 22, 23]]
+    ids = torch.tensor([rows[0], [3, 3, 3] + rows[1]])  # row 1 left-padded by 3 (pad id 3)
+    mask = torch.tensor([[1] * 6, [0, 0, 0, 1, 1, 1]])
+    got = token_logprobs(model, ids, mask, temperature=0.7)
+    for row, (offset, tokens) in enumerate([(0, rows[0]), (3, rows[1])]):
+        expected = unpadded_logprobs(model, tokens, temperature=0.7)
+        # Position offset + t holds log p(token t | tokens <t); the first real token has no context.
+        torch.testing.assert_close(got[row, offset + 1 :], torch.tensor(expected), atol=1e-5, rtol=0)
+        assert got[row, : offset + 1].abs().sum() == 0
+    # Chunking over rows changes nothing; a random 1.5k-token model gives ~ -ln(1536) = -7.3 per token.
+    torch.testing.assert_close(token_logprobs(model, ids, mask, 0.7, chunk_size=1), got, atol=1e-6, rtol=0)
+    assert -9 < got[0, 1:].mean() < -6
+
+
+def test_generate_shapes_masks_ids_and_text(model_dir):
+    worker = make_worker(model_dir)
+    traj = worker.generate(PROMPTS)
+    B, T = traj.input_ids.shape
+    assert B == len(PROMPTS) * K and traj.policy_version == 0 and worker.get_version() == 0
+    assert traj.group_ids.tolist() == [5] * K + [7] * K
+    assert traj.sample_ids.tolist() == [5 * K + j for j in range(K)] + [7 * K + j for j in range(K)]
+    assert len(traj.prompts) == len(traj.responses) == len(traj.references) == B
+    assert traj.references == ["5"] * K + [None] * K
+    assert traj.prompts[0] == "<|im_start|>user\nWhat is 2 plus 3?<|im_end|>\n<|im_start|>assistant\n"
+
+    model, tokenizer = worker.model, worker.tokenizer
+    lengths = traj.response_lengths.astype(int)
+    P = T - lengths.max()  # prompt columns; at most max_new_tokens=6 response columns follow
+    assert 1 <= lengths.min() and lengths.max() <= 6
+    for i in range(B):
+        real = traj.attention_mask[i].astype(bool)
+        resp = traj.response_mask[i].astype(bool)
+        # Left-padded prompt in columns < P, then a contiguous response from column P.
+        assert np.flatnonzero(resp).tolist() == list(range(P, P + lengths[i]))
+        assert real[:P].tolist() == sorted(real[:P].tolist()) and real[P - 1]
+        assert np.array_equal(real[P:], resp[P:])
+        prompt_ids = traj.input_ids[i][real & ~resp].tolist()
+        assert tokenizer.decode(prompt_ids) == traj.prompts[i]
+        assert tokenizer.decode(traj.input_ids[i][resp], skip_special_tokens=True) == traj.responses[i]
+        # old log-probs: 0 outside the response, the unpadded hand loop inside it.
+        assert (traj.old_logprobs[i][~resp] == 0).all()
+        full = traj.input_ids[i][real].tolist()
+        expected = unpadded_logprobs(model, full, temperature=1.0)[-int(resp.sum()) :]
+        np.testing.assert_allclose(traj.old_logprobs[i][resp], expected, atol=1e-5)
+
+    # Seeded: a fresh worker repeats the first call; the next call samples something else.
+    again = make_worker(model_dir).generate(PROMPTS)
+    np.testing.assert_array_equal(again.input_ids, traj.input_ids)
+    assert not np.array_equal(worker.generate(PROMPTS).input_ids, traj.input_ids)
+
+
+def test_generate_greedy_truncation_and_raw_text(model_dir):
+    worker = make_worker(model_dir, max_prompt_tokens=8, use_chat_template=False)
+    long = Prompt(id=3, text="one two three four five six seven eight nine ten eleven twelve")
+    greedy = worker.generate([long, PROMPTS[0]], greedy=True, max_new_tokens=3)
+    assert greedy.input_ids.shape[0] == 2 and greedy.sample_ids.tolist() == [3, 5]  # k = 1: id * 1 + 0
+    assert greedy.response_mask.sum(axis=1).max() <= 3
+    full = worker.tokenizer(long.text).input_ids
+    assert len(full) > 8
+    kept = greedy.input_ids[0][(greedy.attention_mask[0] == 1) & (greedy.response_mask[0] == 0)]
+    assert kept.tolist() == full[-8:]  # truncated from the left
+    assert greedy.prompts[1] == "What is 2 plus 3?"  # raw text, no chat template
+    np.testing.assert_array_equal(worker.generate([long, PROMPTS[0]], greedy=True, max_new_tokens=3).input_ids,
+                                  greedy.input_ids)  # fmt: skip
+
+
+def test_generate_cuts_the_response_after_the_first_eos(model_dir, monkeypatch):
+    worker = make_worker(model_dir)
+    eos, pad = worker.tokenizer.eos_token_id, worker.tokenizer.pad_token_id  # 2 and 3 in tiny-gpt2
+    scripted = [[300, eos, 301, 302], [303, 304, 305, 306]]  # row 0 ends at its EOS; row 1 never ends
+
+    def fake_generate(input_ids, attention_mask, **kwargs):
+        return torch.cat([input_ids, torch.tensor(scripted)], dim=1)
+
+    monkeypatch.setattr(worker.model, "generate", fake_generate)
+    traj = worker.generate(PROMPTS, greedy=True)
+    P = traj.input_ids.shape[1] - 4
+    assert traj.input_ids[:, P:].tolist() == [[300, eos, pad, pad], [303, 304, 305, 306]]
+    assert traj.response_mask[:, P:].tolist() == [[1, 1, 0, 0], [1, 1, 1, 1]]
+    assert traj.attention_mask[:, P:].tolist() == [[1, 1, 0, 0], [1, 1, 1, 1]]
+    assert traj.responses[0] == worker.tokenizer.decode([300])  # EOS is special: skipped in the text
+    assert (traj.old_logprobs[0, P + 2 :] == 0).all() and (traj.old_logprobs[0, P : P + 2] < 0).all()
+
+
+def test_load_weights_changes_outputs_and_checks_versions(model_dir):
+    worker = make_worker(model_dir)
+    before = worker.generate(PROMPTS[:1], greedy=True)
+    state = {k: v.numpy().copy() for k, v in worker.model.state_dict().items()}
+    state["transformer.wte.weight"] *= 3.0  # sharper logits, so other log-probs; lm_head is tied
+    state["lm_head.weight"] = state["transformer.wte.weight"]  # to it: a state dict has both names
+    for array in state.values():
+        array.setflags(write=False)  # as they arrive from Ray's object store
+    assert worker.load_weights(2, state) == 2 and worker.version == 2
+    assert torch.equal(worker.model.transformer.wte.weight, torch.from_numpy(state["transformer.wte.weight"]))
+    after = worker.generate(PROMPTS[:1], greedy=True)
+    assert after.policy_version == 2
+    assert not np.allclose(after.old_logprobs, before.old_logprobs)
+    with pytest.raises(ValueError, match="version 1"):
+        worker.load_weights(1, state)
+    with pytest.raises(ValueError, match=r"missing \['lm_head.weight'\]"):
+        worker.load_weights(3, {k: v for k, v in state.items() if k != "lm_head.weight"})
+    assert worker.version == 2
+
+
+def test_reference_equals_worker_old_logprobs_for_same_weights(model_dir):
+    traj = make_worker(model_dir, temperature=1.0).generate(PROMPTS)
+    ref = ReferencePolicy(model_dir=model_dir, temperature=1.0, torch_threads=1).logprobs(traj)
+    assert ref.dtype == np.float32 and ref.shape == traj.input_ids.shape
+    np.testing.assert_allclose(ref, traj.old_logprobs, atol=1e-6)
+    assert (ref[traj.response_mask == 0] == 0).all() and (ref[traj.response_mask == 1] < 0).all()
+
+
+# --- learner (one rank, ZeRO-2, in this process) -------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def dist_env():
+    """The learner sets rendezvous env vars and a process group that outlive it: undo both."""
+    saved = dict(os.environ)
+    yield
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+    os.environ.clear()
+    os.environ.update(saved)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def make_learner(model_dir: str, name: str):
+    from actors.learner import Learner
+
+    algorithm = dict(name=name, clip_eps=0.2, epochs=1, gamma=1.0, lam=0.95, value_clip=0.2, vf_coef=0.5,
+                     entropy_coef=0.0, normalize_std=True)  # fmt: skip
+    kl = dict(coef=0.05, estimator="k3", adaptive=False, target=0.1, horizon=1000)
+    learner = dict(num_ranks=1, zero_stage=2, offload=False, backend="auto", lr=1e-2, weight_decay=0.0,
+                   grad_clip=1.0, micro_batch_size=4, bf16=False, num_cpus=1, num_gpus=0, torch_threads=1,
+                   gradient_checkpointing=False)  # fmt: skip
+    return Learner(
+        rank=0, world_size=1, master_addr="127.0.0.1", master_port=free_port(), model_dir=model_dir, seed=0,
+        temperature=1.0, rows_per_step=len(PROMPTS) * K, algorithm=algorithm, kl=kl, learner=learner,
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize("name", ["grpo", "ppo"])
+def test_learner_step_sync_stale_and_save(model_dir, dist_env, tmp_path, name):
+    from actors.learner import StaleTrajectoryError
+
+    worker = make_worker(model_dir)
+    traj = worker.generate(PROMPTS)
+    ref = ReferencePolicy(model_dir=model_dir, temperature=1.0, torch_threads=1).logprobs(traj)
+    scores = np.array([1, 0, 0, 0] * len(PROMPTS), dtype=np.float32)  # the first sample of each group wins
+    learner = make_learner(model_dir, name)
+
+    initial = learner.get_weights()
+    assert set(initial) == set(worker.model.state_dict())  # HF names: no value head, no DeepSpeed prefix
+    metrics = learner.learn(traj, Rewards(total=scores, components={}), ref)
+
+    assert learner.version == 1 and metrics["version"] == 1
+    # Policy == reference == sampler before the single optimizer step (2 micro-batches, 1 step):
+    # the learner's log-probs reproduce the rollout's, so nothing is clipped and the KL is 0.
+    assert metrics["clip_frac"] == 0 and abs(metrics["kl"]) < 1e-6
+    lengths = traj.response_mask.sum(axis=1)
+    assert metrics["tokens"] == lengths.sum() and metrics["reward_mean"] == 0.25
+    assert metrics["kl_coef"] == 0.05 and metrics["grad_norm"] > 0
+    if name == "grpo":
+        # Group [1,0,0,0]: mean 0.25, unbiased std sqrt((0.75^2 + 3 * 0.25^2) / 3) = 0.5,
+        # advantages [1.5, -0.5, -0.5, -0.5]. At ratio 1, pg_loss = -sum(A_i L_i) / sum(L_i)
+        # per micro-batch (= one group here), averaged over the 2 micro-batches.
+        adv = np.array([1.5, -0.5, -0.5, -0.5])
+        expected = np.mean([-(adv * g).sum() / g.sum() for g in lengths.reshape(2, K)])
+        assert metrics["pg_loss"] == pytest.approx(expected, abs=1e-5)
+    else:
+        # Zero-init value head: V = 0, and KL = 0, so GAE (gamma 1, lam 0.95) gives returns
+        # score * 0.95^(L-1-t) on token t; value loss = 0.5 * masked mean of returns^2.
+        expected = []
+        for g in range(2):
+            rows = range(g * K, (g + 1) * K)
+            sq = [(scores[i] * 0.95 ** (lengths[i] - 1 - t)) ** 2 for i in rows for t in range(int(lengths[i]))]
+            expected.append(0.5 * np.mean(sq))
+        assert metrics["value_loss"] == pytest.approx(np.mean(expected), rel=1e-4)
+
+    weights = learner.get_weights()
+    assert max(np.abs(weights[k] - initial[k]).max() for k in weights) > 1e-3  # the step moved weights
+    synced = make_worker(model_dir)
+    synced.load_weights(learner.version, weights)
+    for key, value in synced.model.state_dict().items():
+        np.testing.assert_array_equal(value.numpy(), weights[key])
+    # The rewarded samples became more likely than the others.
+    new = token_logprobs(
+        synced.model, torch.from_numpy(traj.input_ids), torch.from_numpy(traj.attention_mask), 1.0
+    ).numpy()
+    gain = ((new - traj.old_logprobs) * traj.response_mask).sum(axis=1)
+    assert gain[scores == 1].mean() > gain[scores == 0].mean()
+
+    with pytest.raises(StaleTrajectoryError, match="version 0"):
+        learner.learn(traj, Rewards(total=scores, components={}), ref)
+    assert learner.version == 1
+
+    saved = learner.save(str(tmp_path / "policy"))
+    model = AutoModelForCausalLM.from_pretrained(saved)
+    tokenizer = AutoTokenizer.from_pretrained(saved)
+    for key, value in model.state_dict().items():
+        np.testing.assert_array_equal(value.numpy(), weights[key])
+    prompt = tokenizer("What is", return_tensors="pt")
+    out = model.generate(**prompt, max_new_tokens=3, do_sample=False, pad_token_id=tokenizer.pad_token_id)
+    assert out.shape[1] == prompt.input_ids.shape[1] + 3 or out[0, -1] == tokenizer.eos_token_id
