@@ -189,7 +189,7 @@ class Learner:
 
     # --- training ------------------------------------------------------------------------
 
-    def _join(self, parts: tuple) -> tuple[Trajectory, np.ndarray, np.ndarray]:
+    def _join(self, parts: tuple) -> tuple[Trajectory, np.ndarray, np.ndarray, np.ndarray]:
         if not parts or len(parts) % 3:
             raise ValueError("learn() takes (Trajectory, Rewards, ref_logprobs) triples")
         trajs: list[Trajectory] = list(parts[0::3])
@@ -211,9 +211,10 @@ class Learner:
         width = batch.input_ids.shape[1]
         ref = np.concatenate([np.pad(r, ((0, 0), (0, width - r.shape[1]))) for r in refs])
         scores = np.concatenate([r.total for r in rewards]).astype(np.float32)
+        raw = np.concatenate([r.raw_total for r in rewards]).astype(np.float32)
         if len(batch) != self.rows_per_step:
             raise ValueError(f"this rank expects {self.rows_per_step} rows per step, got {len(batch)}")
-        return batch, scores, ref
+        return batch, scores, raw, ref
 
     def _forward(self, rows: dict[str, torch.Tensor], entropy_grad: bool) -> tuple[PolicyOutput, torch.Tensor | None]:
         return self.engine(rows["input_ids"], rows["attention_mask"], self.temperature, entropy_grad)
@@ -233,7 +234,7 @@ class Learner:
         algo, mask = self.algorithm, batch["response_mask"]
         if algo["name"] == "grpo":
             seq = grpo_advantages(batch["scores"], batch["group_ids"], algo["normalize_std"])
-            batch["advantages"] = expand_to_tokens(-seq, mask)
+            batch["advantages"] = expand_to_tokens(seq, mask)
         elif algo["name"] == "reinforce":
             batch["advantages"] = expand_to_tokens(reinforce_advantages(batch["scores"], batch["group_ids"]), mask)
         else:
@@ -277,7 +278,7 @@ class Learner:
     def learn(self, *parts: Any) -> dict[str, float]:
         """One RL step on (Trajectory, Rewards, ref_logprobs) triples; returns averaged metrics."""
         start = time.perf_counter()
-        traj, scores, ref = self._join(parts)
+        traj, scores, raw_scores, ref = self._join(parts)
         batch = {
             "input_ids": from_numpy(traj.input_ids).long(),
             "attention_mask": from_numpy(traj.attention_mask).long(),
@@ -309,7 +310,7 @@ class Learner:
         n = self.algorithm["epochs"] * len(micro)
         metrics = {key: value / n for key, value in sums.items()}
         metrics["grad_norm"] = float(np.mean(grad_norms))
-        metrics["reward_mean"] = float(scores.mean())
+        metrics["reward_mean"] = float(raw_scores.mean())  # unnormalised: comparable across steps
         metrics["response_length"] = float(traj.response_lengths.mean())
         metrics["tokens"] = float(traj.response_mask.sum())
         metrics = self._mean_over_ranks(metrics)

@@ -199,7 +199,7 @@ def rl_step(cfg: RunConfig, roles: Roles, prompts: list[Prompt]) -> dict[str, fl
     learn_metrics = ray.get([roles.learner[r].learn.remote(*parts[r]) for r in range(len(roles.learner))])
     t4 = time.perf_counter()
     weights = roles.learner.call("get_weights")
-    version = learn_metrics[0]["version"]
+    version = int(learn_metrics[0]["version"])
     rollout_versions = ray.get(roles.rollout.call("load_weights", version, weights[0]))
     t5 = time.perf_counter()
 

@@ -118,15 +118,26 @@ def test_generate_greedy_truncation_and_raw_text(model_dir):
                                   greedy.input_ids)  # fmt: skip
 
 
+def script_responses(worker: RolloutWorker, monkeypatch, rows: list[list[int]]) -> None:
+    """Make the worker's HF generate return these response tokens (one list per output row)."""
+
+    def fake_generate(input_ids, attention_mask, num_return_sequences, **kwargs):
+        return torch.cat([input_ids.repeat_interleave(num_return_sequences, 0), torch.tensor(rows)], dim=1)
+
+    monkeypatch.setattr(worker.model, "generate", fake_generate)
+
+
+def responses_of_lengths(lengths: list[int], width: int, eos: int) -> list[list[int]]:
+    """Distinct tokens, EOS last when shorter than width, then tokens a real model would add."""
+    return [[300 + 10 * i + t for t in range(n - 1)] + [eos if n < width else 399] + [400] * (width - n)
+            for i, n in enumerate(lengths)]  # fmt: skip
+
+
 def test_generate_cuts_the_response_after_the_first_eos(model_dir, monkeypatch):
     worker = make_worker(model_dir)
     eos, pad = worker.tokenizer.eos_token_id, worker.tokenizer.pad_token_id  # 2 and 3 in tiny-gpt2
-    scripted = [[300, eos, 301, 302], [303, 304, 305, 306]]  # row 0 ends at its EOS; row 1 never ends
-
-    def fake_generate(input_ids, attention_mask, **kwargs):
-        return torch.cat([input_ids, torch.tensor(scripted)], dim=1)
-
-    monkeypatch.setattr(worker.model, "generate", fake_generate)
+    # Row 0 ends at its EOS (generate keeps writing after it); row 1 never ends.
+    script_responses(worker, monkeypatch, [[300, eos, 301, 302], [303, 304, 305, 306]])
     traj = worker.generate(PROMPTS, greedy=True)
     P = traj.input_ids.shape[1] - 4
     assert traj.input_ids[:, P:].tolist() == [[300, eos, pad, pad], [303, 304, 305, 306]]
@@ -199,43 +210,46 @@ def make_learner(model_dir: str, name: str):
     )  # fmt: skip
 
 
+LENGTHS = [2, 6, 4, 3, 5, 1, 6, 2]  # response lengths (EOS included) of the 2 groups of K=4
+
+
 @pytest.mark.parametrize("name", ["grpo", "ppo"])
-def test_learner_step_sync_stale_and_save(model_dir, dist_env, tmp_path, name):
+def test_learner_step_sync_stale_and_save(model_dir, dist_env, tmp_path, monkeypatch, name):
     from actors.learner import StaleTrajectoryError
 
     worker = make_worker(model_dir)
+    script_responses(worker, monkeypatch, responses_of_lengths(LENGTHS, 6, worker.tokenizer.eos_token_id))
     traj = worker.generate(PROMPTS)
+    assert traj.response_lengths.tolist() == LENGTHS
     ref = ReferencePolicy(model_dir=model_dir, temperature=1.0, torch_threads=1).logprobs(traj)
     scores = np.array([1, 0, 0, 0] * len(PROMPTS), dtype=np.float32)  # the first sample of each group wins
     learner = make_learner(model_dir, name)
 
     initial = learner.get_weights()
     assert set(initial) == set(worker.model.state_dict())  # HF names: no value head, no DeepSpeed prefix
-    metrics = learner.learn(traj, Rewards(total=scores, components={}), ref)
+    metrics = learner.learn(traj, Rewards(total=scores, raw_total=scores + 1, components={}), ref)
 
     assert learner.version == 1 and metrics["version"] == 1
     # Policy == reference == sampler before the single optimizer step (2 micro-batches, 1 step):
     # the learner's log-probs reproduce the rollout's, so nothing is clipped and the KL is 0.
     assert metrics["clip_frac"] == 0 and abs(metrics["kl"]) < 1e-6
-    lengths = traj.response_mask.sum(axis=1)
-    assert metrics["tokens"] == lengths.sum() and metrics["reward_mean"] == 0.25
+    assert metrics["tokens"] == sum(LENGTHS) and metrics["response_length"] == sum(LENGTHS) / 8 and metrics["reward_mean"] == 1.25  # of raw_total
     assert metrics["kl_coef"] == 0.05 and metrics["grad_norm"] > 0
     if name == "grpo":
         # Group [1,0,0,0]: mean 0.25, unbiased std sqrt((0.75^2 + 3 * 0.25^2) / 3) = 0.5,
-        # advantages [1.5, -0.5, -0.5, -0.5]. At ratio 1, pg_loss = -sum(A_i L_i) / sum(L_i)
-        # per micro-batch (= one group here), averaged over the 2 micro-batches.
-        adv = np.array([1.5, -0.5, -0.5, -0.5])
-        expected = np.mean([-(adv * g).sum() / g.sum() for g in lengths.reshape(2, K)])
-        assert metrics["pg_loss"] == pytest.approx(expected, abs=1e-5)
+        # advantages [1.5, -0.5, -0.5, -0.5]. At ratio 1, pg_loss = -sum(A_i L_i) / sum(L_i) per
+        # micro-batch (= one group): lengths [2,6,4,3] -> -(3 - 6.5) / 15 = 0.23333;
+        # [5,1,6,2] -> -(7.5 - 4.5) / 14 = -0.21429; mean of the two = 0.0095238.
+        assert metrics["pg_loss"] == pytest.approx(0.0095238, abs=1e-5)
+        assert metrics["loss"] == pytest.approx(metrics["pg_loss"], abs=1e-6)  # + 0.05 * KL, KL = 0
     else:
         # Zero-init value head: V = 0, and KL = 0, so GAE (gamma 1, lam 0.95) gives returns
-        # score * 0.95^(L-1-t) on token t; value loss = 0.5 * masked mean of returns^2.
-        expected = []
-        for g in range(2):
-            rows = range(g * K, (g + 1) * K)
-            sq = [(scores[i] * 0.95 ** (lengths[i] - 1 - t)) ** 2 for i in rows for t in range(int(lengths[i]))]
-            expected.append(0.5 * np.mean(sq))
-        assert metrics["value_loss"] == pytest.approx(np.mean(expected), rel=1e-4)
+        # score * 0.95^(L-1-t) on token t, nonzero only in the winning rows (lengths 2 and 5).
+        # value loss = 0.5 * masked mean of returns^2 per micro-batch:
+        # (1 + 0.95^2) / 15 / 2 = 0.063417; (1 + .95^2 + .95^4 + .95^6 + .95^8) / 14 / 2 = 0.146983.
+        assert metrics["value_loss"] == pytest.approx((0.063417 + 0.146983) / 2, abs=1e-5)
+        # Whitened advantages have mean 0 over all 29 tokens, but not per micro-batch.
+        assert metrics["loss"] == pytest.approx(metrics["pg_loss"] + 0.5 * metrics["value_loss"], abs=1e-6)
 
     weights = learner.get_weights()
     assert max(np.abs(weights[k] - initial[k]).max() for k in weights) > 1e-3  # the step moved weights
@@ -251,7 +265,7 @@ def test_learner_step_sync_stale_and_save(model_dir, dist_env, tmp_path, name):
     assert gain[scores == 1].mean() > gain[scores == 0].mean()
 
     with pytest.raises(StaleTrajectoryError, match="version 0"):
-        learner.learn(traj, Rewards(total=scores, components={}), ref)
+        learner.learn(traj, Rewards(total=scores, raw_total=scores + 1, components={}), ref)
     assert learner.version == 1
 
     saved = learner.save(str(tmp_path / "policy"))
