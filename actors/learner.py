@@ -189,7 +189,8 @@ class Learner:
 
     # --- training ------------------------------------------------------------------------
 
-    def _join(self, parts: tuple) -> tuple[Trajectory, np.ndarray, np.ndarray, np.ndarray]:
+    def _join(self, parts: tuple) -> tuple[Trajectory, np.ndarray, np.ndarray, np.ndarray | None]:
+        """Concatenates this rank's triples; ref_logprobs are all None when the run has no KL term."""
         if not parts or len(parts) % 3:
             raise ValueError("learn() takes (Trajectory, Rewards, ref_logprobs) triples")
         trajs: list[Trajectory] = list(parts[0::3])
@@ -201,15 +202,17 @@ class Learner:
                     f"trajectory sampled by policy version {traj.policy_version}, "
                     f"but the learner is at version {self.version}"
                 )
+        no_reference = all(r is None for r in refs)
         for traj, reward, ref in zip(trajs, rewards, refs):
-            if ref.shape != traj.input_ids.shape or reward.total.shape != (len(traj),):
+            ref_shape = traj.input_ids.shape if no_reference else getattr(ref, "shape", None)
+            if ref_shape != traj.input_ids.shape or reward.total.shape != (len(traj),):
                 raise ValueError(
-                    f"mismatched part: trajectory {traj.input_ids.shape}, ref_logprobs {ref.shape}, "
+                    f"mismatched part: trajectory {traj.input_ids.shape}, ref_logprobs {ref_shape}, "
                     f"rewards {reward.total.shape}"
                 )
         batch = concat(trajs)
         width = batch.input_ids.shape[1]
-        ref = np.concatenate([np.pad(r, ((0, 0), (0, width - r.shape[1]))) for r in refs])
+        ref = None if no_reference else np.concatenate([np.pad(r, ((0, 0), (0, width - r.shape[1]))) for r in refs])
         scores = np.concatenate([r.total for r in rewards]).astype(np.float32)
         raw = np.concatenate([r.raw_total for r in rewards]).astype(np.float32)
         if len(batch) != self.rows_per_step:
@@ -244,8 +247,9 @@ class Learner:
                     rows = {k: v[start : start + self.micro_batch_size] for k, v in batch.items()}
                     _, values = self._forward(rows, entropy_grad=False)
                     batch["old_values"][start : start + self.micro_batch_size] = values * rows["response_mask"]
-            kl_reward = kl_penalty(batch["old_logprobs"], batch["ref_logprobs"], "k1") * mask
-            rewards = final_token_rewards(batch["scores"], mask) - kl_coef * kl_reward
+            rewards = final_token_rewards(batch["scores"], mask)
+            if "ref_logprobs" in batch:
+                rewards = rewards - kl_coef * kl_penalty(batch["old_logprobs"], batch["ref_logprobs"], "k1") * mask
             advantages, batch["returns"] = gae(rewards, batch["old_values"], mask, algo["gamma"], algo["lam"])
             batch["advantages"] = masked_whiten(advantages, mask)
 
@@ -255,7 +259,10 @@ class Learner:
         pg_loss, clip_frac = clipped_policy_loss(
             out.logprobs, rows["old_logprobs"], rows["advantages"], mask, algo["clip_eps"]
         )
-        kl = masked_mean(kl_penalty(out.logprobs, rows["ref_logprobs"], self.kl_estimator), mask)
+        if "ref_logprobs" in rows:
+            kl = masked_mean(kl_penalty(out.logprobs, rows["ref_logprobs"], self.kl_estimator), mask)
+        else:  # no reference policy: the run has no KL term
+            kl = torch.zeros((), device=mask.device)
         entropy = masked_mean(out.entropy, mask)
         loss = pg_loss - algo["entropy_coef"] * entropy
         stats = {"pg_loss": pg_loss.item(), "kl": kl.item(), "entropy": entropy.item(), "clip_frac": clip_frac.item()}
@@ -284,10 +291,11 @@ class Learner:
             "attention_mask": from_numpy(traj.attention_mask).long(),
             "response_mask": from_numpy(traj.response_mask).float(),
             "old_logprobs": from_numpy(traj.old_logprobs).float(),
-            "ref_logprobs": from_numpy(ref).float(),
             "scores": from_numpy(scores),
             "group_ids": from_numpy(traj.group_ids).long(),
         }
+        if ref is not None:
+            batch["ref_logprobs"] = from_numpy(ref).float()
         batch = {k: v.to(self.device) for k, v in batch.items()}
         kl_coef = float(self.kl_ctl.value)
         self._advantages(batch, kl_coef)
