@@ -31,7 +31,7 @@ class Tracker:
     ) -> None:
         self.output_dir = output_dir
         output_dir.mkdir(parents=True, exist_ok=True)
-        self._jsonl = open(output_dir / "metrics.jsonl", "a")
+        self._jsonl = open(output_dir / "metrics.jsonl", "w")
         self._bar = tqdm(total=total_steps, desc="rl steps", unit="step", disable=not progress_bar)
         self._tb = None
         if tensorboard:
