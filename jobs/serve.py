@@ -1,0 +1,314 @@
+"""`rayrlhf serve`: a policy behind an OpenAI-compatible HTTP endpoint on Ray Serve.
+
+One deployment is both the FastAPI ingress and the model: handlers parse and check a request
+(actors/openai_engine.py), then hand its GenerationRequest to a `@serve.batch` generator that
+decodes every request waiting at that moment in one batch, one token per step, yielding each
+request's Update as it comes (so streaming and plain responses share one path). The decode
+step runs in a worker thread, so the event loop keeps accepting requests and health checks.
+(No `from __future__ import annotations` here: FastAPI must see the real `Request` annotations
+of the methods that serve.ingress wraps.)
+
+Evidence of batching is part of every generation response (headers x-rayrlhf-batch-id,
+-batch-requests, -batch-sequences) and of GET /stats.
+"""
+
+import argparse
+import asyncio
+import hmac
+import logging
+import os
+import socket
+import time
+from collections import Counter
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, StreamingResponse
+from ray import serve
+from ray.serve.handle import DeploymentHandle
+from starlette.exceptions import HTTPException
+
+from actors.models import resolve_policy
+from actors.openai_engine import Job, Kind, Limits, OpenAIEngine
+from actors.openai_schema import OpenAIError, sse
+from actors.text_generator import GenerationError, GenerationRequest, TextGenerator
+from cluster.local import init_ray, shutdown_ray
+from jobs.config import ConfigError, validate
+from jobs.serve_config import ServeConfig, load_serve_config
+
+logger = logging.getLogger("ray.serve")
+
+STALL_GRACE_S = 2.0
+"""How long past its deadline a request may wait for a step before it gets 504 regardless."""
+
+app = FastAPI(title="rayrlhf", docs_url=None, redoc_url=None)
+
+
+def _error(err: OpenAIError) -> JSONResponse:
+    return JSONResponse(err.body(), status_code=err.status)
+
+
+@app.exception_handler(OpenAIError)
+async def _openai_error(_: Request, err: OpenAIError) -> JSONResponse:
+    return _error(err)
+
+
+@app.exception_handler(HTTPException)
+async def _http_error(_: Request, err: HTTPException) -> JSONResponse:
+    return _error(OpenAIError(err.status_code, str(err.detail), code=str(err.status_code)))
+
+
+@app.exception_handler(Exception)
+async def _server_error(_: Request, err: Exception) -> JSONResponse:
+    return _error(OpenAIError(500, f"internal error: {type(err).__name__}: {err}", type="server_error"))
+
+
+class BatchStats:
+    """Counts of the batches this replica ran, by number of requests."""
+
+    def __init__(self) -> None:
+        self.batches = 0
+        self.requests = 0
+        self.sequences = 0
+        self.sizes: Counter[int] = Counter()
+
+    def record(self, requests: list[GenerationRequest]) -> int:
+        self.batches += 1
+        self.requests += len(requests)
+        self.sequences += sum(r.rows for r in requests)
+        self.sizes[len(requests)] += 1
+        return self.batches
+
+    def as_dict(self) -> dict:
+        return {
+            "batches": self.batches, "requests": self.requests, "sequences": self.sequences,
+            "batch_sizes": {str(k): v for k, v in sorted(self.sizes.items())},
+        }
+
+
+def _sequences(requests: list[GenerationRequest]) -> int:
+    return sum(r.rows for r in requests)
+
+
+@serve.deployment
+@serve.ingress(app)
+class OpenAIServer:
+    def __init__(self, config: dict) -> None:
+        self.cfg = cfg = ServeConfig.model_validate(config)
+        generator = TextGenerator(resolve_policy(cfg.model, cfg.cache_dir), cfg.dtype, cfg.torch_threads)
+        limits = Limits(
+            default_max_tokens=cfg.default_max_tokens, max_tokens=cfg.max_tokens,
+            max_prompt_tokens=cfg.max_prompt_tokens, max_rows=cfg.max_batch_size,
+            request_timeout_s=cfg.request_timeout_s,
+        )
+        self.engine = OpenAIEngine(generator, cfg.model_name, limits)
+        self.generate_batch.set_max_batch_size(cfg.max_batch_size)
+        self.generate_batch.set_batch_wait_timeout_s(cfg.batch_wait_timeout_s)
+        self.token = os.environ.get(cfg.auth_env) if cfg.auth_env else None
+        if cfg.auth_env and not self.token:
+            logger.warning("auth is off: $%s is not set on this replica", cfg.auth_env)
+        self.stats = BatchStats()
+
+    @serve.batch(batch_size_fn=_sequences)
+    async def generate_batch(self, requests: list[GenerationRequest]) -> AsyncIterator[list]:
+        """Decode the waiting requests together; yields [(batch id, Update) or StopIteration, ...]."""
+        batch_id = self.stats.record(requests)
+        steps = self.engine.generator.stream(requests)
+        while (updates := await asyncio.to_thread(next, steps, None)) is not None:
+            yield [StopIteration if u is None else (batch_id, u) for u in updates]
+
+    def _authorize(self, request: Request) -> None:
+        if self.token is None:
+            return
+        scheme, _, given = request.headers.get("authorization", "").partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), self.token.encode()):
+            raise OpenAIError(401, "missing or wrong API key: send 'Authorization: Bearer <key>'", code="invalid_api_key")
+
+    async def _updates(self, job: Job) -> AsyncIterator[tuple[int, object]]:
+        """The batcher's output for one job, with a hard deadline; the rows leave the batch if we stop."""
+        stream = self.generate_batch(job.generation)
+        try:
+            while True:
+                wait = job.generation.deadline - time.monotonic() + STALL_GRACE_S
+                try:
+                    yield await asyncio.wait_for(anext(stream), max(wait, 0.0))
+                except StopAsyncIteration:
+                    return
+                except asyncio.TimeoutError:
+                    raise OpenAIError(
+                        504, f"generation did not finish within request_timeout_s={self.cfg.request_timeout_s:g}",
+                        type="timeout", code="timeout",
+                    ) from None
+                except GenerationError as e:
+                    raise OpenAIError(500, f"generation failed: {e}", type="server_error") from None
+                except Exception as e:
+                    raise OpenAIError(500, f"generation failed: {type(e).__name__}: {e}", type="server_error") from None
+        finally:
+            job.generation.cancelled = True  # no effect once its rows are done
+
+    @staticmethod
+    def _headers(batch_id: int, job: Job) -> dict[str, str]:
+        requests, sequences = job.batch
+        return {
+            "x-rayrlhf-batch-id": str(batch_id), "x-rayrlhf-batch-requests": str(requests),
+            "x-rayrlhf-batch-sequences": str(sequences),
+        }
+
+    async def _generate(self, kind: Kind, request: Request):
+        self._authorize(request)
+        job = self.engine.parse(kind, await request.body())
+        updates = self._updates(job)
+        try:
+            batch_id, first = await anext(updates)  # failures before the first token are a plain 5xx
+        except StopAsyncIteration:
+            raise OpenAIError(500, "the batcher ended without output", type="server_error") from None
+        if job.stream:
+            events = job.chunks(first)
+            return StreamingResponse(
+                self._sse(job, events, updates), media_type="text/event-stream", headers=self._headers(batch_id, job)
+            )
+        try:
+            job.add(first)
+            async for _, update in updates:
+                job.add(update)
+        finally:
+            await updates.aclose()
+        return JSONResponse(job.response(), headers=self._headers(batch_id, job))
+
+    @staticmethod
+    async def _sse(job: Job, first: list[dict], updates: AsyncIterator) -> AsyncIterator[str]:
+        try:
+            for event in first:
+                yield sse(event)
+            async for _, update in updates:
+                for event in job.chunks(update):
+                    yield sse(event)
+        except OpenAIError as err:  # the status line is already sent: report in the stream
+            yield sse(err.body())
+            return
+        yield sse("[DONE]")
+
+    @app.post("/v1/completions")
+    async def completions(self, request: Request):
+        return await self._generate("completion", request)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(self, request: Request):
+        return await self._generate("chat", request)
+
+    @app.get("/v1/models")
+    async def models(self, request: Request) -> dict:
+        self._authorize(request)
+        return self.engine.models()
+
+    @app.get("/stats")
+    async def batch_stats(self, request: Request) -> dict:
+        self._authorize(request)
+        replica = serve.get_replica_context().replica_id.unique_id
+        return {"replica": replica, "max_batch_size": self.cfg.max_batch_size, **self.stats.as_dict()}
+
+    @app.get("/health")
+    async def health(self) -> dict:
+        return {"status": "ok", "model": self.engine.model_name}
+
+
+# --- building and running the application --------------------------------------------------
+
+
+def build_app(cfg: ServeConfig) -> serve.Application:
+    options: dict = {
+        "max_ongoing_requests": cfg.max_ongoing_requests,
+        "ray_actor_options": {"num_cpus": cfg.num_cpus},
+    }
+    if cfg.autoscaling:
+        options["autoscaling_config"] = cfg.autoscaling.model_dump()
+    else:
+        options["num_replicas"] = cfg.num_replicas
+    return OpenAIServer.options(**options).bind(cfg.model_dump())
+
+
+def _absolute_model(cfg: ServeConfig) -> ServeConfig:
+    """A checkpoint path made absolute, so replicas find it whatever their working directory."""
+    path = Path(cfg.model).expanduser()
+    if path.is_dir():
+        return cfg.model_copy(update={"model": str(path.resolve()), "served_model_name": cfg.model_name})
+    return cfg
+
+
+def app_builder(args: dict) -> serve.Application:
+    """For `serve run` / `serve deploy`: import_path jobs.serve:app_builder, args a ServeConfig."""
+    return build_app(_absolute_model(validate(ServeConfig, dict(args), "serve application args")))
+
+
+def prepare(cfg: ServeConfig, local: bool) -> ServeConfig:
+    """Checks that need no Ray: the model resolves (built-ins are converted once), the port is free."""
+    cfg = _absolute_model(cfg)
+    if local:
+        try:
+            resolve_policy(cfg.model, cfg.cache_dir)
+        except (ValueError, FileNotFoundError, ModuleNotFoundError) as e:
+            raise ConfigError(f"model: {e}") from e
+        with socket.socket() as s:
+            try:
+                s.bind((cfg.host, cfg.port))
+            except OSError as e:
+                raise ConfigError(f"port: cannot listen on {cfg.host}:{cfg.port}: {e}") from e
+    if cfg.host not in ("127.0.0.1", "localhost", "::1"):
+        logger.warning("host=%s: the endpoint is reachable from the network", cfg.host)
+    return cfg
+
+
+def start(cfg: ServeConfig) -> DeploymentHandle:
+    """Start Serve's HTTP proxy on cfg.host:cfg.port and deploy the app (Ray must be up)."""
+    serve.start(http_options={"host": cfg.host, "port": cfg.port})
+    return serve.run(build_app(cfg), name=cfg.app_name, route_prefix=cfg.route_prefix)
+
+
+def run(cfg: ServeConfig, address: str | None = None) -> None:
+    """Local Ray: serve until Ctrl-C, then shut down. A given cluster keeps the app running."""
+    address = address or os.environ.get("RAY_ADDRESS")
+    cfg = prepare(cfg, local=address is None)
+    init_ray(address)
+    try:
+        start(cfg)
+        host = f"[{cfg.host}]" if ":" in cfg.host else cfg.host
+        print(f"serving {cfg.model_name!r} at http://{host}:{cfg.port}{cfg.route_prefix.rstrip('/')}/v1", flush=True)
+        if address is None:
+            print("Ctrl-C to stop", flush=True)
+            while True:
+                time.sleep(3600)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        if address is None:
+            serve.shutdown()
+            shutdown_ray()
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", help="Serve config file or a name in ray_configs/ (default: serve.yaml)")
+    parser.add_argument("--model", help="checkpoint directory or built-in name (sets model)")
+    parser.add_argument("--port", type=int, help="HTTP port (sets port)")
+    parser.add_argument("--address", help="Ray cluster to deploy on (default: $RAY_ADDRESS or a local Ray)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="FIELD=VALUE",
+                        help="override a ServeConfig field, e.g. --set max_batch_size=16 (repeatable)")
+
+
+def run_from_args(args: argparse.Namespace) -> None:
+    overrides = list(args.overrides)
+    if args.model:
+        overrides.append(f"model={args.model}")
+    if args.port:
+        overrides.append(f"port={args.port}")
+    run(load_serve_config(args.config, overrides), args.address)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m jobs.serve", description=__doc__.splitlines()[0])
+    add_arguments(parser)
+    run_from_args(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,234 @@
+"""The OpenAI endpoint over real HTTP: one local Ray + Serve with three apps for the whole module.
+
+- main (/):         tiny-gpt2, auth off, batches of up to 4 sequences gathered for 0.3 s
+- guarded (/guarded): auth on, and a request timeout (0.05 s) shorter than its batch wait, so
+                    every generation there times out: the 504 path, deterministically
+- broken (/broken): a checkpoint with NaN weights: the generation-failure (500) path
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import time
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import pytest
+import torch
+from ray import serve
+from ray.serve import RunTarget
+
+from actors.models import load_policy, resolve_policy, save_policy
+from cluster.local import init_ray, shutdown_ray
+from jobs.serve import build_app
+from jobs.serve_config import ServeConfig
+
+KEY_ENV = "RAYRLHF_TEST_SERVE_KEY"
+KEY = "sk-test-0123456789"
+PROMPT = "What is 2 plus 3?"
+COMMON = dict(model="tiny-gpt2", num_cpus=0.5, torch_threads=1, max_tokens=32, max_prompt_tokens=48)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def client(tmp_path_factory):
+    model, tok = load_policy(resolve_policy("tiny-gpt2"))
+    with torch.no_grad():
+        model.transformer.h[0].mlp.c_fc.weight.fill_(float("nan"))
+    nan_dir = save_policy(model, tok, tmp_path_factory.mktemp("nan") / "ckpt")
+    configs = [
+        ServeConfig(**COMMON, app_name="main", max_batch_size=4, batch_wait_timeout_s=0.3, auth_env=None),
+        ServeConfig(**COMMON, app_name="guarded", route_prefix="/guarded", auth_env=KEY_ENV,
+                    request_timeout_s=0.05, batch_wait_timeout_s=0.3),
+        ServeConfig(**{**COMMON, "model": str(nan_dir)}, served_model_name="broken", app_name="broken",
+                    route_prefix="/broken", auth_env=None),
+    ]
+    os.environ[KEY_ENV] = KEY  # before Ray starts: the replicas inherit the driver's environment
+    port = _free_port()
+    init_ray(num_cpus=4, object_store_mb=256)
+    try:
+        serve.start(http_options={"host": "127.0.0.1", "port": port})
+        serve.run_many([RunTarget(build_app(c), name=c.app_name, route_prefix=c.route_prefix) for c in configs])
+        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=60, trust_env=False) as http:
+            yield http
+    finally:
+        serve.shutdown()
+        shutdown_ray()
+        os.environ.pop(KEY_ENV, None)
+
+
+@pytest.fixture(scope="module")
+def local():
+    """The same tiny model in this process, to compute what the server must answer."""
+    return load_policy(resolve_policy("tiny-gpt2"))
+
+
+def greedy(local, ids: list[int], n: int) -> str:
+    model, tok = local
+    with torch.no_grad():
+        out = model.generate(torch.tensor([ids]), max_new_tokens=n, min_new_tokens=n, do_sample=False)
+    return tok.decode(out[0, len(ids):], skip_special_tokens=True)
+
+
+def events(response: httpx.Response) -> list:
+    """Server-sent events as JSON objects (the final [DONE] kept as a string)."""
+    assert response.headers["content-type"].startswith("text/event-stream")
+    out = []
+    for block in response.text.split("\n\n"):
+        if block.strip():
+            assert block.startswith("data: ")
+            data = block.removeprefix("data: ")
+            out.append(data if data == "[DONE]" else json.loads(data))
+    return out
+
+
+def completion(client, path: str = "/v1/completions", **body) -> httpx.Response:
+    return client.post(path, json={"model": "tiny-gpt2", **body})
+
+
+def test_models_and_health(client):
+    assert client.get("/health").json() == {"status": "ok", "model": "tiny-gpt2"}
+    models = client.get("/v1/models").json()
+    assert models["object"] == "list" and [m["id"] for m in models["data"]] == ["tiny-gpt2"]
+
+
+def test_completion_is_the_models_greedy_answer(client, local):
+    r = completion(client, prompt=PROMPT, max_tokens=6, temperature=0)
+    assert r.status_code == 200, r.text
+    body = r.json()
+    ids = local[1](PROMPT).input_ids
+    assert body["object"] == "text_completion" and body["model"] == "tiny-gpt2" and body["id"].startswith("cmpl-")
+    assert body["choices"] == [{"index": 0, "text": greedy(local, ids, 6), "logprobs": None, "finish_reason": "length"}]
+    assert body["usage"] == {"prompt_tokens": len(ids), "completion_tokens": 6, "total_tokens": len(ids) + 6}
+
+
+def test_chat_uses_the_chat_template(client, local):
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": PROMPT}]
+    r = client.post("/v1/chat/completions", json={"model": "tiny-gpt2", "messages": messages,
+                                                  "max_tokens": 5, "temperature": 0})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    templated = (f"<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\n{PROMPT}<|im_end|>\n"
+                 "<|im_start|>assistant\n")
+    ids = local[1](templated, add_special_tokens=False).input_ids
+    assert body["object"] == "chat.completion" and body["usage"]["prompt_tokens"] == len(ids)
+    assert body["choices"][0]["message"] == {"role": "assistant", "content": greedy(local, ids, 5)}
+    assert body["choices"][0]["finish_reason"] == "length"
+
+
+def test_streaming_gives_the_same_text_in_pieces(client):
+    plain = completion(client, prompt=PROMPT, max_tokens=8, temperature=0).json()["choices"][0]["text"]
+    r = completion(client, prompt=PROMPT, max_tokens=8, temperature=0, stream=True)
+    assert r.status_code == 200 and "x-rayrlhf-batch-id" in r.headers
+    chunks = events(r)
+    assert chunks[-1] == "[DONE]" and len(chunks) >= 3  # tokens arrive in several events
+    assert "".join(c["choices"][0]["text"] for c in chunks[:-1]) == plain
+    assert chunks[-2]["choices"][0]["finish_reason"] == "length"
+
+    r = client.post("/v1/chat/completions", json={
+        "model": "tiny-gpt2", "messages": [{"role": "user", "content": PROMPT}], "max_tokens": 4,
+        "temperature": 0, "stream": True, "stream_options": {"include_usage": True}})
+    chunks = events(r)
+    assert chunks[0]["object"] == "chat.completion.chunk" and chunks[0]["choices"][0]["delta"]["role"] == "assistant"
+    assert chunks[-2]["choices"] == [] and chunks[-2]["usage"]["completion_tokens"] == 4
+    streamed = "".join(c["choices"][0]["delta"]["content"] for c in chunks[:-2])
+    plain_chat = client.post("/v1/chat/completions", json={
+        "model": "tiny-gpt2", "messages": [{"role": "user", "content": PROMPT}], "max_tokens": 4, "temperature": 0})
+    assert streamed == plain_chat.json()["choices"][0]["message"]["content"]
+
+
+def test_n_seed_top_p_and_stop(client):
+    body = dict(prompt=PROMPT, max_tokens=8, temperature=1.0, top_p=0.9, n=2, seed=3)
+    first, again = (completion(client, **body).json()["choices"] for _ in range(2))
+    assert [c["index"] for c in first] == [0, 1]
+    assert first == again and first[0]["text"] != first[1]["text"]
+
+    full = completion(client, prompt=PROMPT, max_tokens=12, temperature=0).json()["choices"][0]["text"]
+    stop = full[5:8]
+    r = completion(client, prompt=PROMPT, max_tokens=12, temperature=0, stop=[stop, "never-seen"])
+    choice = r.json()["choices"][0]
+    assert choice["text"] == full[: full.find(stop)] and choice["finish_reason"] == "stop"
+
+
+def test_concurrent_requests_are_batched_together(client):
+    before = client.get("/stats").json()
+    bodies = [dict(prompt=f"{PROMPT} {i}", max_tokens=4, temperature=0) for i in range(6)]
+    with ThreadPoolExecutor(len(bodies)) as pool:
+        responses = list(pool.map(lambda b: completion(client, **b), bodies))
+    assert all(r.status_code == 200 for r in responses)
+    batch_of = Counter(r.headers["x-rayrlhf-batch-id"] for r in responses)
+    for r in responses:  # each batch holds exactly the requests of ours that report it
+        assert int(r.headers["x-rayrlhf-batch-requests"]) == batch_of[r.headers["x-rayrlhf-batch-id"]]
+    assert 2 <= max(batch_of.values()) <= 4  # batched, within max_batch_size=4 sequences
+    assert len(batch_of) >= 2  # 6 requests cannot fit one batch of 4
+    after = client.get("/stats").json()
+    assert after["requests"] - before["requests"] == 6
+    assert after["batches"] - before["batches"] == len(batch_of)
+    assert after["replica"] == before["replica"] and after["max_batch_size"] == 4
+
+
+BAD_REQUESTS = [
+    ("/v1/completions", b'{"model": "tiny-gpt2", "prompt": ', 400, None),
+    ("/v1/completions", b'{"model": "tiny-gpt2", "prompt": "hi", "temperature": "hot"}', 400, "temperature"),
+    ("/v1/completions", b'{"model": "tiny-gpt2", "prompt": "hi", "n": "2"}', 400, "n"),
+    ("/v1/completions", b'{"model": "tiny-gpt2", "prompt": ""}', 400, "prompt"),
+    ("/v1/chat/completions", b'{"model": "tiny-gpt2", "messages": []}', 400, "messages"),
+    ("/v1/completions", json.dumps({"model": "tiny-gpt2", "prompt": "word " * 100}).encode(), 400, "prompt"),
+    ("/v1/completions", b'{"model": "tiny-gpt2", "prompt": "hi", "max_tokens": 0}', 400, "max_tokens"),
+    ("/v1/completions", b'{"model": "tiny-gpt2", "prompt": "hi", "max_tokens": 33}', 400, "max_tokens"),
+    ("/v1/completions", b'{"model": "tiny-gpt2", "prompt": "hi", "n": 5}', 400, "n"),
+    ("/v1/completions", b'{"model": "gpt-4o", "prompt": "hi"}', 404, "model"),
+]
+
+
+def test_bad_requests_get_openai_errors_and_the_server_stays_up(client):
+    for path, body, status, param in BAD_REQUESTS:
+        r = client.post(path, content=body, headers={"content-type": "application/json"})
+        assert r.status_code == status, (body, r.text)
+        error = r.json()["error"]
+        assert error["param"] == param and error["message"], body
+    assert client.get("/no/such/route").json()["error"]["code"] == "404"
+    assert client.get("/health").status_code == 200
+    assert completion(client, prompt=PROMPT, max_tokens=2).status_code == 200
+
+
+def test_auth_on_and_off(client):
+    assert client.get("/v1/models").status_code == 200  # main: auth off
+    assert client.get("/guarded/health").status_code == 200  # health stays open
+    for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": KEY}):
+        r = client.get("/guarded/v1/models", headers=headers)
+        assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key", headers
+    r = client.post("/guarded/v1/completions", json={"model": "tiny-gpt2", "prompt": "hi"})
+    assert r.status_code == 401
+    r = client.get("/guarded/v1/models", headers={"Authorization": f"Bearer {KEY}"})
+    assert r.status_code == 200 and r.json()["data"][0]["id"] == "tiny-gpt2"
+
+
+def test_timeouts_give_504_not_a_hang(client):
+    auth = {"Authorization": f"Bearer {KEY}"}
+    for stream in (False, True):
+        start = time.monotonic()
+        r = client.post("/guarded/v1/completions", headers=auth,
+                        json={"model": "tiny-gpt2", "prompt": PROMPT, "max_tokens": 4, "stream": stream})
+        assert r.status_code == 504 and "request_timeout_s=0.05" in r.json()["error"]["message"], r.text
+        assert time.monotonic() - start < 10
+
+
+def test_generation_failure_gives_500_and_the_replica_survives(client):
+    for stream in (False, True, False):
+        start = time.monotonic()
+        r = client.post("/broken/v1/completions",
+                        json={"model": "broken", "prompt": PROMPT, "max_tokens": 4, "stream": stream})
+        assert r.status_code == 500, r.text
+        error = r.json()["error"]
+        assert error["type"] == "server_error" and "non-finite logits" in error["message"]
+        assert time.monotonic() - start < 10
+    assert client.get("/broken/health").json() == {"status": "ok", "model": "broken"}
