@@ -5,7 +5,9 @@ from __future__ import annotations
 import argparse
 import sys
 
-from jobs import train
+from jobs import serve as serve_job
+from jobs import submit, train
+from jobs import tune as tune_job
 from jobs.config import ConfigError
 
 
