@@ -6,8 +6,7 @@ import argparse
 import sys
 
 from jobs import serve as serve_job
-from jobs import submit, train
-from jobs import tune as tune_job
+from jobs import train
 from jobs.config import ConfigError
 
 
@@ -17,6 +16,9 @@ def build_parser() -> argparse.ArgumentParser:
     train_parser = verbs.add_parser("train", help="RL-train a policy (GRPO, PPO, REINFORCE)")
     train.add_arguments(train_parser)
     train_parser.set_defaults(run=train.run_from_args)
+    serve_parser = verbs.add_parser("serve", help="serve a policy behind an OpenAI-compatible endpoint (Ray Serve)")
+    serve_job.add_arguments(serve_parser)
+    serve_parser.set_defaults(run=serve_job.run_from_args)
     return parser
 
 
