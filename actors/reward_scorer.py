@@ -1,4 +1,5 @@
-"""The reward role: r(y, y*) = α·r_freq(y) + β·r_sim(y, y*) + w_bleu·BLEU + w_rouge·ROUGE-L.
+"""The reward role: r(y, y*) = α·r_freq(y) + β·r_sim(y, y*) + w_bleu·BLEU + w_rouge·ROUGE-L
+[+ γ·r_rm(x, y), a learned reward model, when reward.rm_weight != 0].
 
 A plain class; the driver makes it a Ray actor with `ray.remote(RewardScorer)`.
 Every component is computed for every row, whatever its weight, and returned raw so that the
@@ -17,9 +18,12 @@ from actors.embeddings import Embedder
 from actors.normalizer import RunningNormalizer
 from actors.reward_fns import bleu as bleu_score
 from actors.reward_fns import freq_reward, rouge_l as rouge_l_score, words
+from actors.reward_model import RewardModel, prompt_as_text
 from actors.trajectory import Rewards, Trajectory
 
 COMPONENTS = ("freq", "sim", "bleu", "rouge_l")
+RM = "rm"
+"""The learned reward's component: present only when reward.rm_weight != 0 (a model is loaded)."""
 
 
 class RewardScorer:
@@ -35,6 +39,9 @@ class RewardScorer:
         embedding_model: str,
         normalize: Literal["none", "total", "components"],
         torch_threads: int,
+        rm_weight: float,
+        rm_model: str | None,
+        rm_batch_size: int,
     ) -> None:
         if normalize not in ("none", "total", "components"):
             raise ValueError(f"reward.normalize must be none, total or components, got {normalize!r}")
@@ -45,13 +52,24 @@ class RewardScorer:
         self.empty_reward = empty_reward
         self.normalize = normalize
         self.embedder = Embedder(embedding_model, torch_threads=torch_threads)
-        self.normalizers = {name: RunningNormalizer() for name in (*COMPONENTS, "total")}
+        self.reward_model: RewardModel | None = None  # loaded only when it weighs: it costs a forward pass
+        if rm_weight != 0:
+            if not rm_model:
+                raise ValueError("reward.rm_weight != 0 needs reward.rm_model (a directory from `rayrlhf train-rm`)")
+            self.reward_model = RewardModel.load(rm_model)
+            self.weights[RM] = rm_weight
+        self.rm_batch_size = rm_batch_size
+        self.names = (*COMPONENTS, RM) if self.reward_model is not None else COMPONENTS
+        self.normalizers = {name: RunningNormalizer() for name in (*self.names, "total")}
         wordfreq.word_frequency("the", "en")  # loads the word list now, not in the first step
 
-    def components(self, responses: list[str], references: list[str | None]) -> dict[str, np.ndarray]:
-        """Raw per-row values; rows without a reference get NaN for the reference-based ones."""
+    def components(
+        self, responses: list[str], references: list[str | None], prompts: list[Any] | None = None
+    ) -> dict[str, np.ndarray]:
+        """Raw per-row values; rows without a reference get NaN for the reference-based ones,
+        and "rm" (the reward model's score of prompt and response) is there when a model is loaded."""
         n = len(responses)
-        out = {name: np.full(n, np.nan, dtype=np.float32) for name in COMPONENTS}
+        out = {name: np.full(n, np.nan, dtype=np.float32) for name in self.names}
         out["freq"][:] = [freq_reward(r, self.freq_mode) for r in responses]
         rows = [i for i, ref in enumerate(references) if ref is not None]
         if rows:
@@ -60,6 +78,11 @@ class RewardScorer:
             out["sim"][rows] = self.embedder.similarity(hyps, refs)
             out["bleu"][rows] = [bleu_score(h, r) for h, r in zip(hyps, refs)]
             out["rouge_l"][rows] = [rouge_l_score(h, r) for h, r in zip(hyps, refs)]
+        if self.reward_model is not None:
+            if prompts is None or len(prompts) != n:
+                raise ValueError("the reward model needs one prompt per response")
+            texts = [prompt_as_text(p) for p in prompts]
+            out[RM][:] = self.reward_model.score(texts, list(responses), self.rm_batch_size)
         return out
 
     def score(self, traj: Trajectory, update_stats: bool = True) -> Rewards:
@@ -72,7 +95,7 @@ class RewardScorer:
         responses, references = list(traj.responses), list(traj.references)
         if len(references) != len(responses):
             raise ValueError(f"{len(responses)} responses but {len(references)} references")
-        comps = self.components(responses, references)
+        comps = self.components(responses, references, list(traj.prompt_texts or traj.prompts))
         empty = np.array([not words(r) for r in responses], dtype=bool)
         raw = np.zeros(len(responses), dtype=np.float64)
         total = np.zeros(len(responses), dtype=np.float64)

@@ -44,6 +44,28 @@ def eos_token_ids(model: torch.nn.Module, tokenizer) -> list[int]:
     return sorted(set(ids))
 
 
+def prompt_token_ids(
+    tokenizer, prompt: Prompt, *, use_chat_template: bool, system_prompt: str | None, max_prompt_tokens: int
+) -> list[int]:
+    """The prompt as the policy sees it: chat template with the generation prompt (or plain text),
+    left-truncated to max_prompt_tokens. SFT renders its prompts with this too."""
+    if use_chat_template:
+        messages = prompt.text
+        if isinstance(messages, str):
+            messages = [{"role": "user", "content": messages}]
+            if system_prompt:
+                messages.insert(0, {"role": "system", "content": system_prompt})
+        text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        ids = tokenizer(text, add_special_tokens=False).input_ids  # the template has its own
+    else:
+        if not isinstance(prompt.text, str):
+            raise ValueError(f"prompt {prompt.id}: chat messages need data.use_chat_template=true")
+        ids = tokenizer(prompt.text).input_ids
+    if not ids:
+        raise ValueError(f"prompt {prompt.id} is empty after tokenisation")
+    return ids[-max_prompt_tokens:]
+
+
 class RolloutWorker:
     def __init__(
         self,
@@ -91,21 +113,10 @@ class RolloutWorker:
         return version
 
     def _prompt_ids(self, prompt: Prompt) -> list[int]:
-        if self.use_chat_template:
-            messages = prompt.text
-            if isinstance(messages, str):
-                messages = [{"role": "user", "content": messages}]
-                if self.system_prompt:
-                    messages.insert(0, {"role": "system", "content": self.system_prompt})
-            text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-            ids = self.tokenizer(text, add_special_tokens=False).input_ids  # the template has its own
-        else:
-            if not isinstance(prompt.text, str):
-                raise ValueError(f"prompt {prompt.id}: chat messages need data.use_chat_template=true")
-            ids = self.tokenizer(prompt.text).input_ids
-        if not ids:
-            raise ValueError(f"prompt {prompt.id} is empty after tokenisation")
-        return ids[-self.max_prompt_tokens :]
+        return prompt_token_ids(
+            self.tokenizer, prompt, use_chat_template=self.use_chat_template, system_prompt=self.system_prompt,
+            max_prompt_tokens=self.max_prompt_tokens,
+        )
 
     def _left_padded(self, prompts: list[Prompt]) -> tuple[torch.Tensor, torch.Tensor]:
         rows = [self._prompt_ids(p) for p in prompts]
@@ -167,4 +178,5 @@ class RolloutWorker:
                 for row, mask in zip(response, in_response)
             ],
             references=[p.reference for p in prompts for _ in range(k)],
+            prompt_texts=[p.text for p in prompts for _ in range(k)],
         )

@@ -40,6 +40,9 @@ class Trajectory:
     prompts: list[str] = field(default_factory=list)
     responses: list[str] = field(default_factory=list)
     references: list[str | None] = field(default_factory=list)
+    prompt_texts: list[str | list[dict[str, str]]] = field(default_factory=list)
+    """Each row's prompt as asked (Prompt.text, before any chat template): what a learned reward
+    model reads as x in r_rm(x, y)."""
 
     def __len__(self) -> int:
         return int(self.input_ids.shape[0])
@@ -85,4 +88,5 @@ def concat(batches: list[Trajectory]) -> Trajectory:
         prompts=[p for b in batches for p in b.prompts],
         responses=[r for b in batches for r in b.responses],
         references=[r for b in batches for r in b.references],
+        prompt_texts=[p for b in batches for p in b.prompt_texts],
     )

@@ -6,7 +6,8 @@ import argparse
 import sys
 
 from jobs import serve as serve_job
-from jobs import train
+from jobs import sft as sft_job
+from jobs import train, train_rm
 from jobs.config import ConfigError
 
 
@@ -16,6 +17,12 @@ def build_parser() -> argparse.ArgumentParser:
     train_parser = verbs.add_parser("train", help="RL-train a policy (GRPO, PPO, REINFORCE)")
     train.add_arguments(train_parser)
     train_parser.set_defaults(run=train.run_from_args)
+    sft_parser = verbs.add_parser("sft", help="supervised fine-tuning of the policy (Ray Train + DeepSpeed)")
+    sft_job.add_arguments(sft_parser)
+    sft_parser.set_defaults(run=sft_job.run_from_args)
+    rm_parser = verbs.add_parser("train-rm", help="train a scalar reward model (Ray Train + DeepSpeed)")
+    train_rm.add_arguments(rm_parser)
+    rm_parser.set_defaults(run=train_rm.run_from_args)
     serve_parser = verbs.add_parser("serve", help="serve a policy behind an OpenAI-compatible endpoint (Ray Serve)")
     serve_job.add_arguments(serve_parser)
     serve_parser.set_defaults(run=serve_job.run_from_args)

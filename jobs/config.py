@@ -73,6 +73,18 @@ class RewardConfig(_Strict):
     num_scorers: int = Field(1, ge=1)
     num_cpus: float = Field(0.25, gt=0)
     torch_threads: int = Field(1, ge=1)
+    rm_weight: float = 0.0
+    """Weight γ of r_rm(x, y), a learned reward model; 0: no reward model is loaded."""
+    rm_model: str | None = None
+    """Directory written by `rayrlhf train-rm` (its final/ folder); needed when rm_weight != 0."""
+    rm_batch_size: int = Field(32, ge=1)
+    """Rows per reward-model forward pass inside a reward scorer."""
+
+    @model_validator(mode="after")
+    def _rm_needs_model(self) -> RewardConfig:
+        if self.rm_weight != 0 and not self.rm_model:
+            raise ValueError("reward.rm_weight != 0 needs reward.rm_model (a directory from `rayrlhf train-rm`)")
+        return self
 
 
 class KLConfig(_Strict):

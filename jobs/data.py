@@ -10,14 +10,16 @@ from __future__ import annotations
 import json
 import math
 import random
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from actors.trajectory import Prompt
 from jobs.task import builtin_task
 
 JSONL_SUFFIXES = (".jsonl", ".json")
 PARQUET_SUFFIXES = (".parquet",)
+T = TypeVar("T")
 
 
 class DataError(ValueError):
@@ -58,8 +60,8 @@ def _to_prompt(row: Any, index: int, where: str) -> Prompt:
     return Prompt(id=index, text=prompt, reference=reference)
 
 
-def _read_jsonl(path: Path, limit: int | None) -> list[Prompt]:
-    prompts: list[Prompt] = []
+def _read_jsonl(path: Path, limit: int | None, convert: Callable[[Any, int, str], T]) -> list[T]:
+    prompts: list[T] = []
     with path.open(encoding="utf-8") as f:
         for lineno, line in enumerate(f, start=1):
             if limit is not None and len(prompts) >= limit:
@@ -72,7 +74,7 @@ def _read_jsonl(path: Path, limit: int | None) -> list[Prompt]:
             except json.JSONDecodeError as e:
                 hint = "; expected one JSON object per line" if line.lstrip().startswith("[") else ""
                 raise DataError(f"{where}: not valid JSON ({e.msg}{hint})") from None
-            prompts.append(_to_prompt(row, len(prompts), where))
+            prompts.append(convert(row, len(prompts), where))
     return prompts
 
 
@@ -87,7 +89,7 @@ def _plain(value: Any) -> Any:
     return value
 
 
-def _read_parquet(path: Path, limit: int | None) -> list[Prompt]:
+def _read_parquet(path: Path, limit: int | None, convert: Callable[[Any, int, str], T]) -> list[T]:
     import pandas as pd
 
     try:
@@ -99,11 +101,20 @@ def _read_parquet(path: Path, limit: int | None) -> list[Prompt]:
     if limit is not None:
         frame = frame.head(limit)
     rows = frame.to_dict(orient="records")
-    return [_to_prompt(_plain(row), i, f"{path}: row {i}") for i, row in enumerate(rows)]
+    return [convert(_plain(row), i, f"{path}: row {i}") for i, row in enumerate(rows)]
 
 
 def load_prompts(path: str, limit: int | None = None) -> list[Prompt]:
     """Prompts from a JSONL or Parquet file, in file order, ids 0..n-1; at most `limit` of them."""
+    prompts = read_records(path, _to_prompt, limit)
+    if not prompts:
+        raise DataError(f"{path}: no prompts in the file")
+    return prompts
+
+
+def read_records(path: str, convert: Callable[[Any, int, str], T], limit: int | None = None) -> list[T]:
+    """Rows of a JSONL or Parquet file (which must have a `prompt` column), each passed through
+    `convert(row, index, where)`; `where` names the file and line or row for error messages."""
     p = Path(path)
     if limit is not None and limit < 1:
         raise DataError(f"{path}: limit must be >= 1, got {limit}")
@@ -111,15 +122,11 @@ def load_prompts(path: str, limit: int | None = None) -> list[Prompt]:
         raise DataError(f"{path}: file not found")
     suffix = p.suffix.lower()
     if suffix in JSONL_SUFFIXES:
-        prompts = _read_jsonl(p, limit)
-    elif suffix in PARQUET_SUFFIXES:
-        prompts = _read_parquet(p, limit)
-    else:
-        known = ", ".join(JSONL_SUFFIXES + PARQUET_SUFFIXES)
-        raise DataError(f"{path}: unknown file type '{p.suffix}' (expected one of {known})")
-    if not prompts:
-        raise DataError(f"{path}: no prompts in the file")
-    return prompts
+        return _read_jsonl(p, limit, convert)
+    if suffix in PARQUET_SUFFIXES:
+        return _read_parquet(p, limit, convert)
+    known = ", ".join(JSONL_SUFFIXES + PARQUET_SUFFIXES)
+    raise DataError(f"{path}: unknown file type '{p.suffix}' (expected one of {known})")
 
 
 def _renumber(prompts: list[Prompt], start: int) -> list[Prompt]:

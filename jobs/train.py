@@ -23,6 +23,7 @@ from actors.embeddings import resolve_embedding_model
 from actors.learner import Learner
 from actors.models import resolve_policy
 from actors.reference_policy import ReferencePolicy
+from actors.reward_model import check_reward_model_dir
 from actors.reward_scorer import RewardScorer
 from actors.rollout_worker import RolloutWorker
 from actors.trajectory import Prompt, Rewards
@@ -263,6 +264,11 @@ def prepare(cfg: RunConfig) -> tuple[Path, list[Prompt], list[Prompt]]:
         model_dir = resolve_policy(cfg.policy.model, cfg.policy.cache_dir)
     except (ValueError, FileNotFoundError) as e:
         raise ConfigError(f"policy.model: {e}") from e
+    if cfg.reward.rm_weight != 0:
+        try:
+            check_reward_model_dir(cfg.reward.rm_model or "")
+        except ValueError as e:
+            raise ConfigError(f"reward.rm_model: {e}") from e
     return model_dir, train_set, eval_set
 
 

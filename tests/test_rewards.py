@@ -149,6 +149,9 @@ def make_scorer(**overrides) -> RewardScorer:
         embedding_model="all-minilm-l6-v2",
         normalize="none",
         torch_threads=1,
+        rm_weight=0.0,
+        rm_model=None,
+        rm_batch_size=32,
     )
     kwargs.update(overrides)
     return RewardScorer(**kwargs)
