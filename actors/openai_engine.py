@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import time
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
 from actors import openai_schema as oa
@@ -24,7 +24,8 @@ class Limits:
     default_max_tokens: int
     """max_tokens when the request gives none."""
     max_tokens: int
-    max_prompt_tokens: int
+    max_prompt_tokens: int | None
+    """None: the model's context length minus max_tokens."""
     max_rows: int
     """Sequences one request may ask for (prompts x n): the batcher's max_batch_size."""
     request_timeout_s: float
@@ -90,10 +91,12 @@ class OpenAIEngine:
     def __init__(self, generator: TextGenerator, model_name: str, limits: Limits) -> None:
         self.generator = generator
         self.model_name = model_name
-        self.limits = limits
         self.created = int(time.time())
         context = generator.context_length
-        if limits.max_prompt_tokens + limits.max_tokens > context:
+        if limits.max_prompt_tokens is None:
+            limits = replace(limits, max_prompt_tokens=context - limits.max_tokens)
+        self.limits = limits
+        if limits.max_prompt_tokens < 1 or limits.max_prompt_tokens + limits.max_tokens > context:
             raise ValueError(
                 f"max_prompt_tokens ({limits.max_prompt_tokens}) + max_tokens ({limits.max_tokens}) exceed "
                 f"the model's context length ({context})"

@@ -129,6 +129,11 @@ class _Row:
     finish: str | None = None
 
 
+def context_length(config) -> int:
+    """Positions the model can attend over (prompt + completion), from its HF config."""
+    return int(getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None) or 2048)
+
+
 class _Batch:
     """The decode state of the rows still running: next inputs, attention mask, positions, KV cache."""
 
@@ -166,10 +171,7 @@ class TextGenerator:
         self.model.requires_grad_(False)
         self.eos_ids = eos_token_ids(self.model, self.tokenizer)
         self.pad_id = self.tokenizer.pad_token_id
-        config = self.model.config
-        self.context_length = int(
-            getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None) or 2048
-        )
+        self.context_length = context_length(self.model.config)
         self._seeds = np.random.default_rng()
         self._tokenizer_lock = threading.Lock()
         """A server encodes new requests while a batch decodes in another thread; the Rust

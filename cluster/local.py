@@ -32,6 +32,7 @@ def init_ray(
             ray_constants.ENABLE_RAY_CLUSTER = os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] != "0"
             with dead_end_proxy():
                 ray.init(
+                    address="local",  # a new instance, even if another Ray runs on this machine
                     num_cpus=num_cpus,
                     object_store_memory=object_store_mb << 20,
                     include_dashboard=include_dashboard,

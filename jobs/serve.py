@@ -28,11 +28,12 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 from starlette.exceptions import HTTPException
+from transformers import AutoConfig
 
 from actors.models import resolve_policy
 from actors.openai_engine import Job, Kind, Limits, OpenAIEngine
 from actors.openai_schema import OpenAIError, sse
-from actors.text_generator import GenerationError, GenerationRequest, TextGenerator
+from actors.text_generator import GenerationError, GenerationRequest, TextGenerator, context_length
 from cluster.local import init_ray, shutdown_ray
 from jobs.config import ConfigError, validate
 from jobs.serve_config import ServeConfig, load_serve_config
@@ -246,9 +247,14 @@ def prepare(cfg: ServeConfig, local: bool) -> ServeConfig:
     cfg = _absolute_model(cfg)
     if local:
         try:
-            resolve_policy(cfg.model, cfg.cache_dir)
-        except (ValueError, FileNotFoundError, ModuleNotFoundError) as e:
+            context = context_length(AutoConfig.from_pretrained(resolve_policy(cfg.model, cfg.cache_dir)))
+        except (ValueError, OSError, ModuleNotFoundError) as e:
             raise ConfigError(f"model: {e}") from e
+        if cfg.max_tokens + (cfg.max_prompt_tokens or 1) > context:
+            raise ConfigError(
+                f"max_tokens ({cfg.max_tokens}) + max_prompt_tokens ({cfg.max_prompt_tokens}) exceed the "
+                f"context length of {cfg.model} ({context})"
+            )
         with socket.socket() as s:
             try:
                 s.bind((cfg.host, cfg.port))

@@ -60,7 +60,8 @@ class ServeConfig(_Strict):
     """max_tokens when a request gives none (OpenAI's completions default)."""
     max_tokens: int = Field(256, ge=1)
     """Upper limit of a request's max_tokens."""
-    max_prompt_tokens: int = Field(1024, ge=1)
+    max_prompt_tokens: int | None = Field(None, ge=1)
+    """Longest prompt accepted; default: the model's context length minus max_tokens."""
     request_timeout_s: float = Field(60.0, gt=0)
     """A request that has not finished by then gets 504 and leaves the batch."""
     auth_env: str | None = "RAYRLHF_API_KEY"

@@ -246,7 +246,8 @@ def test_engine_parse_limits(engine, gen):
     assert (unknown_model.value.status, unknown_model.value.param) == (404, "model")
 
 
-def test_engine_refuses_limits_beyond_the_context(gen):
+def test_engine_prompt_limit_defaults_to_the_rest_of_the_context(gen):
+    assert OpenAIEngine(gen, "m", Limits(16, 200, None, 4, 30)).limits.max_prompt_tokens == 312  # 512 - 200
     with pytest.raises(ValueError, match="context length"):
         OpenAIEngine(gen, "m", Limits(16, 256, 300, 4, 30))  # 300 + 256 > 512 positions
 
@@ -328,4 +329,6 @@ def test_cli_rejects_bad_input_before_ray(tmp_path, capsys):
     assert "max_batch_size" in capsys.readouterr().err
     assert cli_main(["serve", "--model", str(tmp_path / "nothing-here")]) == 2
     assert "model:" in capsys.readouterr().err
+    assert cli_main(["serve", "--model", "tiny-gpt2", "--set", "max_tokens=600"]) == 2
+    assert "context length of tiny-gpt2 (512)" in capsys.readouterr().err
     assert not ray.is_initialized()
