@@ -19,11 +19,13 @@ import os
 import random
 import shutil
 import tempfile
+import time
 import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+import ray
 import torch
 
 from actors.learner import deepspeed_config
@@ -53,7 +55,7 @@ def fit(
     storage = output_dir / "ray_train"
     if not resume:
         shutil.rmtree(storage / name, ignore_errors=True)
-    started_ray = not _ray_initialized()
+    started_ray = not ray.is_initialized()
     init_ray(cluster.address, cluster.num_cpus, cluster.object_store_mb)
     try:
         per_worker = {"CPU": trainer.cpus_per_worker, **({"GPU": 1.0} if trainer.use_gpu else {})}
@@ -74,12 +76,6 @@ def fit(
     finally:
         if started_ray:
             shutdown_ray()
-
-
-def _ray_initialized() -> bool:
-    import ray
-
-    return ray.is_initialized()
 
 
 # --- inside a worker ------------------------------------------------------------------------
@@ -219,8 +215,10 @@ class Worker:
             schedule = step_indices(
                 num_items, step, seed, self.rank, self.world_size, trainer["micro_batch_size"], trainer["accumulation"]
             )
+            start = time.perf_counter()
             losses = [micro_step(indices) for indices in schedule]
             metrics = {"loss": self.all_sum([sum(losses) / len(losses)])[0] / self.world_size}
+            metrics["time/step"] = time.perf_counter() - start
             done = step + 1
             if trainer["eval_every"] and done % trainer["eval_every"] == 0 and done < steps:
                 metrics.update(held_out())

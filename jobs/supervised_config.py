@@ -54,7 +54,7 @@ class RMDataConfig(_Strict):
     """"builtin" (pairs derived from the built-in task) or a JSONL/Parquet file of preference pairs
     (prompt, chosen, rejected) or rated samples (prompt, response, score and/or label)."""
     eval: str | None = None
-    num_train: int = Field(2048, ge=1)
+    num_train: int = Field(1024, ge=1)
     num_eval: int = Field(256, ge=1)
 
 
