@@ -8,6 +8,7 @@ import sys
 from jobs import serve as serve_job
 from jobs import sft as sft_job
 from jobs import train, train_rm
+from jobs import tune as tune_job
 from jobs.config import ConfigError
 
 
@@ -23,6 +24,9 @@ def build_parser() -> argparse.ArgumentParser:
     rm_parser = verbs.add_parser("train-rm", help="train a scalar reward model (Ray Train + DeepSpeed)")
     train_rm.add_arguments(rm_parser)
     rm_parser.set_defaults(run=train_rm.run_from_args)
+    tune_parser = verbs.add_parser("tune", help="search the reward weights (alpha, beta, ...) with Ray Tune")
+    tune_job.add_arguments(tune_parser)
+    tune_parser.set_defaults(run=tune_job.run_from_args)
     serve_parser = verbs.add_parser("serve", help="serve a policy behind an OpenAI-compatible endpoint (Ray Serve)")
     serve_job.add_arguments(serve_parser)
     serve_parser.set_defaults(run=serve_job.run_from_args)

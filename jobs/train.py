@@ -12,6 +12,7 @@ import argparse
 import json
 import random
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -272,7 +273,8 @@ def prepare(cfg: RunConfig) -> tuple[Path, list[Prompt], list[Prompt]]:
     return model_dir, train_set, eval_set
 
 
-def train(cfg: RunConfig) -> TrainResult:
+def train(cfg: RunConfig, on_step: Callable[[int, dict[str, float]], None] | None = None) -> TrainResult:
+    """Run the RL loop; `on_step(step, metrics)` (optional) sees each step's metrics, eval ones included."""
     model_dir, train_set, eval_set = prepare(cfg)
     output_dir = Path(cfg.output_dir).resolve()
     output_dir.mkdir(parents=True, exist_ok=True)
@@ -298,6 +300,8 @@ def train(cfg: RunConfig) -> TrainResult:
                 ray.get(roles.learner.call("save", str(output_dir / f"step_{step}")))
             tracker.log(step, metrics)
             history.append({"step": step, **metrics})
+            if on_step is not None:
+                on_step(step, metrics)
         after, examples = evaluate(cfg, roles, eval_set)
         tracker.log(cfg.steps, after, advance=False)
         final_dir = output_dir / "final"

@@ -1,0 +1,232 @@
+"""`rayrlhf tune`: the schema, trial placement, and a real Ray Tune search of real trials.
+
+The search (3 grid points, tiny model) is started through the CLI in a subprocess, interrupted
+with SIGINT once its first trial has finished, and resumed in-process with Tuner.restore.
+"""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import matplotlib.image
+import pytest
+import ray
+import yaml
+from ray import tune
+from ray.util.placement_group import placement_group, placement_group_table, remove_placement_group
+from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+from cluster.actor_group import ActorGroup, PlacementError, check_fits
+from cluster.local import init_ray, shutdown_ray
+from jobs.config import CONFIG_DIR, ConfigError, load_config
+from jobs.train import train
+from jobs.tune import reports_per_trial, trial_resources, tune_weights
+from jobs.tune_config import SearchConfig, SimplexSpec, load_tune_config
+
+REPO = Path(__file__).resolve().parent.parent
+ROLE_GROUP_NAMES = {"rollout", "reward", "reference", "learner"}
+
+
+def tiny_search(tmp_path: Path, name: str = "tiny_search", **extra) -> Path:
+    data = {
+        "name": name,
+        "base": "tiny",
+        "storage_path": str(tmp_path / "store"),
+        # kept in the exported config: no reference policy, a ZeRO-0 learner
+        "overrides": {"kl": {"coef": 0}, "learner": {"zero_stage": 0}, "logging": {"tensorboard": False}},
+        # each trial's budget: 2 steps, evaluated after each, on 4 held-out prompts
+        "trial": {"steps": 2, "eval_every": 1, "data": {"num_eval": 4}, "eval_max_new_tokens": 4},
+        "search": {"algorithm": "grid", "max_concurrent": 1, "simplex": {"share": {"values": [0.2, 0.5, 0.8]}}},
+        "asha": {"enabled": False},
+        "objective": {"metric": "eval/sim"},
+        **extra,
+    }
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def test_shipped_tune_config_validates():
+    setup = load_tune_config()  # ray_configs/tune.yaml
+    assert setup.base_path == CONFIG_DIR / "default.yaml"
+    assert setup.cfg.objective.metric == "eval/rouge_l"
+    assert setup.cfg.search.simplex is not None
+    assert not str(setup.cfg.experiment_dir()).startswith(str(Path.home()))
+
+
+def test_simplex_and_bad_input_fail_before_ray(tmp_path):
+    # stick-breaking: w1 = s1 = 0.5, w2 = (1 - 0.5) * 0.5 = 0.25, w3 = what is left = 0.25
+    three = SearchConfig(simplex=SimplexSpec(weights=["reward.alpha", "reward.beta", "reward.rouge_l"]))
+    assert three.field_values({"simplex_share_1": 0.5, "simplex_share_2": 0.5}) == {
+        "reward.alpha": 0.5, "reward.beta": 0.25, "reward.rouge_l": 0.25,
+    }
+    path = tiny_search(tmp_path)
+    cases = {
+        "search.space.learner.zero_stage={values: [0, 4]}": "learner.zero_stage",  # a corner of the space is invalid
+        "search.space.learner.lr={low: 0.001, high: 0.01}": "algorithm=grid needs values",
+        "objective.metric=eval/raw": "tuned reward itself",
+        "objective.kl_budget=0.1": "kl_budget needs the KL term",
+        "search.algorithm=bayes": "search.algorithm",
+        "base=nonexistent": "config file not found",
+    }
+    for override, message in cases.items():
+        with pytest.raises(ConfigError, match=message.replace(".", r"\.")):
+            load_tune_config(path, [override])
+    assert not ray.is_initialized()
+
+
+def test_trial_resources_reserve_every_role(tmp_path):
+    setup = load_tune_config(tiny_search(tmp_path))
+    point = {"simplex_share_1": 0.2}
+    cfg = setup.run_config(setup.cfg.search.field_values(point))
+    assert (cfg.reward.alpha, cfg.reward.beta) == (0.2, 0.8)
+    assert cfg.steps == 2 and cfg.data.num_eval == 4 and cfg.kl.coef == 0
+    factory = trial_resources(setup, point)
+    # driver, rollout worker, reward scorer, learner rank; no reference (kl.coef = 0)
+    assert factory.bundles == [
+        {"CPU": 0.25}, {"CPU": cfg.rollout.num_cpus}, {"CPU": cfg.reward.num_cpus}, {"CPU": cfg.learner.num_cpus},
+    ]
+    assert reports_per_trial(cfg) == 2  # the eval after step 1, then the final one
+
+
+def test_actor_groups_use_the_enclosing_placement_group():
+    init_ray(num_cpus=4, object_store_mb=256)
+    try:
+        class Where:
+            def pg(self) -> str:
+                return ray.get_runtime_context().get_placement_group_id()
+
+        @ray.remote(num_cpus=0.25)
+        class TrialDriver:
+            def launch(self):
+                groups_before = len(placement_group_table())
+                a = ActorGroup(1, name="rollout", num_cpus=0.5).start(Where, lambda rank: {})
+                b = ActorGroup(1, name="reward", num_cpus=0.25).start(Where, lambda rank: {})
+                where = ray.get([a[0].pg.remote(), b[0].pg.remote()])
+                try:
+                    ActorGroup(1, name="learner", num_cpus=0.5)
+                    extra = None
+                except PlacementError as e:
+                    extra = str(e)
+                try:
+                    check_fits({"CPU": 1.0})  # the cluster has 4 CPUs, the group's role bundles 0.75
+                    refused = None
+                except PlacementError as e:
+                    refused = str(e)
+                check_fits({"CPU": 0.75})
+                a.shutdown()
+                b.shutdown()
+                again = ActorGroup(1, name="rollout", num_cpus=0.5)  # freed bundles are taken again
+                return a.bundles, b.bundles, again.bundles, where, len(placement_group_table()) - groups_before, extra, refused
+
+        pg = placement_group([{"CPU": 0.25}, {"CPU": 0.5}, {"CPU": 0.25}])
+        ray.get(pg.ready())
+        driver = TrialDriver.options(
+            scheduling_strategy=PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=0)
+        ).remote()
+        a, b, again, where, new_groups, extra, refused = ray.get(driver.launch.remote())
+        assert (a, b, again) == ([1], [2], [1])
+        assert where == [pg.id.hex(), pg.id.hex()]
+        assert new_groups == 0
+        assert extra is not None and "needs 1" in extra
+        assert refused is not None and "placement group has 0.75" in refused
+        ray.kill(driver)
+        remove_placement_group(pg)
+    finally:
+        shutdown_ray()
+
+
+def _finished_trials(exp_dir: Path) -> list[Path]:
+    done = []
+    for result in exp_dir.glob("run_trial_*/result.json"):
+        lines = result.read_text().splitlines()
+        if lines and json.loads(lines[-1]).get("final") == 1.0:
+            done.append(result.parent)
+    return done
+
+
+def test_search_interrupted_resumed_and_exported(tmp_path):
+    path = tiny_search(tmp_path)
+    exp_dir = tmp_path / "store" / "tiny_search"
+    log = tmp_path / "first_run.log"
+    with open(log, "w") as sink:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "jobs.cli", "tune", "--config", str(path)], cwd=REPO,
+            stdout=sink, stderr=subprocess.STDOUT, start_new_session=True,
+        )
+    try:
+        deadline = time.time() + 600  # a guard for a loaded machine; ~30 s when idle
+        while "completed after" not in log.read_text() and proc.poll() is None and time.time() < deadline:
+            time.sleep(0.5)
+        assert "completed after" in log.read_text(), "no trial finished"
+        proc.send_signal(signal.SIGINT)
+        proc.wait(timeout=120)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    out = log.read_text()
+    assert "search interrupted" in out, out[-3000:]
+    first = _finished_trials(exp_dir)
+    assert 1 <= len(first) < 3
+    before = {d.name: (d / "result.json").read_text() for d in first}
+    assert tune.Tuner.can_restore(str(exp_dir))
+
+    init_ray(num_cpus=2, object_store_mb=512)
+    try:
+        # a trial that fails at run time (64 training prompts < 128 per step) is retried, then reported
+        failing = tiny_search(
+            tmp_path, name="failing", trial={"prompts_per_step": 128},
+            search={"algorithm": "grid", "simplex": {"share": {"values": [0.5]}}},
+        )
+        failed = tune_weights(load_tune_config(failing)).summary
+        assert [r["status"] for r in failed.rows] == ["error"] and "prompts_per_step" in failed.rows[0]["error"]
+        assert failed.best is None and failed.best_config_path is None
+        error_log = next((tmp_path / "store" / "failing").glob("run_trial_*/error.txt")).read_text()
+        assert error_log.count("Failure # ") == 2  # max_failures = 1: one retry
+
+        outcome = tune_weights(load_tune_config(path))
+        # the trials' role actors went into the trials' placement groups: no group of their own
+        assert not ROLE_GROUP_NAMES & {pg["name"] for pg in placement_group_table().values()}
+    finally:
+        shutdown_ray()
+    assert outcome.resumed and not outcome.interrupted
+    # the trials finished before the interruption were not run again
+    assert {d.name: (d / "result.json").read_text() for d in first} == before
+
+    summary = outcome.summary
+    rows = summary.rows
+    assert len(rows) == 3 and {r["status"] for r in rows} == {"done"}
+    assert sorted(r["reward.alpha"] for r in rows) == [0.2, 0.5, 0.8]
+    for r in rows:
+        assert r["reward.alpha"] + r["reward.beta"] == pytest.approx(1.0)
+        assert r["objective"] == r["eval/sim"] and r["kl"] == 0.0
+        assert r["evaluations"] == 2
+        for component in ("eval/freq", "eval/rouge_l", "reward/sim", "reward/freq"):
+            assert component in r
+    best = max(rows, key=lambda r: r["objective"])
+    assert summary.best["trial"] == best["trial"]
+    assert Path(summary.best_checkpoint, "model.safetensors").exists()
+
+    table = summary.table_path.read_text().splitlines()
+    assert len(table) == 4 and "reward.alpha" in table[0] and "objective" in table[0]
+    saved = json.loads(summary.json_path.read_text())
+    assert saved["best"]["objective"] == best["objective"]
+
+    image = matplotlib.image.imread(summary.plot_path)
+    assert image.shape[:2] == (450, 600)  # figsize 6 x 4.5 inches at 100 dpi
+
+    exported = load_config(summary.best_config_path)
+    assert (exported.reward.alpha, exported.reward.beta) == (best["reward.alpha"], best["reward.beta"])
+    assert exported.kl.coef == 0 and exported.learner.zero_stage == 0  # the search's overrides
+    assert exported.data.num_eval == load_config("tiny").data.num_eval  # not the trial budget (4)
+    init_ray(num_cpus=4, object_store_mb=512)
+    try:
+        result = train(exported)
+    finally:
+        shutdown_ray()
+    assert result.final_dir == exp_dir / "best_run" / "final"
+    assert (result.final_dir / "model.safetensors").exists()
