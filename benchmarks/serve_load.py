@@ -125,7 +125,7 @@ def main(argv: list[str] | None = None) -> None:
     url = f"http://127.0.0.1:{port}"
     load_before = os.getloadavg()
     base = prepare(ServeConfig(model=args.model, port=port, auth_env=None, max_ongoing_requests=max(32, args.clients),
-                               num_cpus=1), local=True)
+                               num_cpus=1, request_timeout_s=args.time_limit), local=True)
     init_ray(num_cpus=2, object_store_mb=256)
     runs = {}
     try:

@@ -1,10 +1,11 @@
 """`rayrlhf serve`: a policy behind an OpenAI-compatible HTTP endpoint on Ray Serve.
 
 One deployment is both the FastAPI ingress and the model: handlers parse and check a request
-(actors/openai_engine.py), then hand its GenerationRequest to a `@serve.batch` generator that
-decodes every request waiting at that moment in one batch, one token per step, yielding each
-request's Update as it comes (so streaming and plain responses share one path). The decode
-step runs in a worker thread, so the event loop keeps accepting requests and health checks.
+(actors/openai_engine.py), then hand its GenerationRequest to a `@serve.batch` generator. Serve's
+batches go to a DecodeScheduler (actors/batch_scheduler.py) that decodes, one token per step, every
+request waiting when the model becomes free, yielding each request's Update as it comes (so
+streaming and plain responses share one path). The decode steps run in a worker thread, so the
+event loop keeps accepting requests and health checks.
 (No `from __future__ import annotations` here: FastAPI must see the real `Request` annotations
 of the methods that serve.ingress wraps.)
 
@@ -19,7 +20,6 @@ import logging
 import os
 import socket
 import time
-from collections import Counter
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -30,6 +30,7 @@ from ray.serve.handle import DeploymentHandle
 from starlette.exceptions import HTTPException
 from transformers import AutoConfig
 
+from actors.batch_scheduler import DecodeScheduler
 from actors.models import resolve_policy
 from actors.openai_engine import Job, Kind, Limits, OpenAIEngine
 from actors.openai_schema import OpenAIError, sse
@@ -39,6 +40,9 @@ from jobs.config import ConfigError, validate
 from jobs.serve_config import ServeConfig, load_serve_config
 
 logger = logging.getLogger("ray.serve")
+
+MAX_GROUPS = 1024
+"""Serve batches in flight at once: they only wait in the scheduler, which decodes one at a time."""
 
 STALL_GRACE_S = 2.0
 """How long past its deadline a request may wait for a step before it gets 504 regardless."""
@@ -65,29 +69,6 @@ async def _server_error(_: Request, err: Exception) -> JSONResponse:
     return _error(OpenAIError(500, f"internal error: {type(err).__name__}: {err}", type="server_error"))
 
 
-class BatchStats:
-    """Counts of the batches this replica ran, by number of requests."""
-
-    def __init__(self) -> None:
-        self.batches = 0
-        self.requests = 0
-        self.sequences = 0
-        self.sizes: Counter[int] = Counter()
-
-    def record(self, requests: list[GenerationRequest]) -> int:
-        self.batches += 1
-        self.requests += len(requests)
-        self.sequences += sum(r.rows for r in requests)
-        self.sizes[len(requests)] += 1
-        return self.batches
-
-    def as_dict(self) -> dict:
-        return {
-            "batches": self.batches, "requests": self.requests, "sequences": self.sequences,
-            "batch_sizes": {str(k): v for k, v in sorted(self.sizes.items())},
-        }
-
-
 def _sequences(requests: list[GenerationRequest]) -> int:
     return sum(r.rows for r in requests)
 
@@ -104,20 +85,19 @@ class OpenAIServer:
             request_timeout_s=cfg.request_timeout_s,
         )
         self.engine = OpenAIEngine(generator, cfg.model_name, limits)
+        self.scheduler = DecodeScheduler(generator.stream, cfg.max_batch_size)
         self.generate_batch.set_max_batch_size(cfg.max_batch_size)
         self.generate_batch.set_batch_wait_timeout_s(cfg.batch_wait_timeout_s)
         self.token = os.environ.get(cfg.auth_env) if cfg.auth_env else None
         if cfg.auth_env and not self.token:
             logger.warning("auth is off: $%s is not set on this replica", cfg.auth_env)
-        self.stats = BatchStats()
 
-    @serve.batch(batch_size_fn=_sequences)
+    @serve.batch(batch_size_fn=_sequences, max_concurrent_batches=MAX_GROUPS)
     async def generate_batch(self, requests: list[GenerationRequest]) -> AsyncIterator[list]:
-        """Decode the waiting requests together; yields [(batch id, Update) or StopIteration, ...]."""
-        batch_id = self.stats.record(requests)
-        steps = self.engine.generator.stream(requests)
-        while (updates := await asyncio.to_thread(next, steps, None)) is not None:
-            yield [StopIteration if u is None else (batch_id, u) for u in updates]
+        """Serve's batch of waiting requests, handed to the scheduler (which merges the batches that
+        queue while the model is busy); yields [(batch id, Update) or StopIteration, ...] per step."""
+        async for updates in self.scheduler.run(requests):
+            yield [StopIteration if u is None else u for u in updates]
 
     def _authorize(self, request: Request) -> None:
         if self.token is None:
@@ -207,7 +187,7 @@ class OpenAIServer:
     async def batch_stats(self, request: Request) -> dict:
         self._authorize(request)
         replica = serve.get_replica_context().replica_id.unique_id
-        return {"replica": replica, "max_batch_size": self.cfg.max_batch_size, **self.stats.as_dict()}
+        return {"replica": replica, "max_batch_size": self.cfg.max_batch_size, **self.scheduler.stats.as_dict()}
 
     @app.get("/health")
     async def health(self) -> dict:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 from pathlib import Path
@@ -11,6 +12,7 @@ import ray
 import torch
 from ray.serve.schema import ServeDeploySchema
 
+from actors.batch_scheduler import DecodeScheduler
 from actors.models import load_policy, resolve_policy
 from actors.openai_engine import Job, Limits, OpenAIEngine
 from actors.openai_schema import ChatCompletionRequest, CompletionRequest, OpenAIError, parse_request
@@ -168,6 +170,51 @@ def test_non_finite_weights_raise_generation_error(tiny_dir):
         broken.model.transformer.h[0].mlp.c_fc.weight.fill_(float("nan"))
     with pytest.raises(GenerationError, match="non-finite"):
         run(broken, [request(broken.encode_text("hi"), params(3, temperature=1.0))])
+
+
+def test_scheduler_merges_the_groups_that_waited_for_the_model(gen):
+    ids = gen.encode_text(PROMPTS[0])
+    scheduler = DecodeScheduler(gen.stream, max_rows=3)
+
+    async def consume(requests) -> set[tuple[int, int]]:
+        """(batch id, requests in that batch) of every step's updates."""
+        seen = set()
+        async for updates in scheduler.run(requests):
+            seen |= {(u[0], u[1].batch_requests) for u in updates if u is not None}
+        return seen
+
+    async def main():
+        first = asyncio.create_task(consume([request(ids, params(12))]))
+        while scheduler.stats.batches == 0:  # wait until the first batch is decoding
+            await asyncio.sleep(0.001)
+        waiting = [asyncio.create_task(consume([request(ids, params(2))])) for _ in range(4)]
+        return await first, await asyncio.gather(*waiting)
+
+    first, waiting = asyncio.run(main())
+    assert first == {(1, 1)}
+    # the four groups that queued meanwhile: the next batch takes them in order up to max_rows=3
+    # sequences (1 + 1 + 1), the fourth decodes after it
+    assert waiting == [{(2, 3)}, {(2, 3)}, {(2, 3)}, {(3, 1)}]
+    assert scheduler.stats.as_dict() == {"batches": 3, "requests": 5, "sequences": 5,
+                                         "batch_sizes": {"1": 2, "3": 1}}
+
+
+def test_scheduler_fails_the_batch_not_itself(tiny_dir):
+    broken = TextGenerator(tiny_dir, "float32", torch_threads=1)
+    with torch.no_grad():
+        broken.model.transformer.h[0].mlp.c_fc.weight.fill_(float("nan"))
+    scheduler = DecodeScheduler(broken.stream, max_rows=2)
+
+    async def main() -> int:
+        failures = 0
+        for _ in range(2):  # the scheduler's loop survives a failed batch
+            with pytest.raises(GenerationError):
+                async for _ in scheduler.run([request(broken.encode_text("hi"), params(2))]):
+                    pass
+            failures += 1
+        return failures
+
+    assert asyncio.run(main()) == 2 and scheduler.stats.batches == 2
 
 
 # --- OpenAI requests and responses -----------------------------------------------------------
