@@ -145,7 +145,11 @@ class OpenAIServer:
         except StopAsyncIteration:
             raise OpenAIError(500, "the batcher ended without output", type="server_error") from None
         if job.stream:
-            events = job.chunks(first)
+            try:
+                events = job.chunks(first)
+            except OpenAIError:
+                await updates.aclose()
+                raise
             return StreamingResponse(
                 self._sse(job, events, updates), media_type="text/event-stream", headers=self._headers(batch_id, job)
             )
