@@ -7,7 +7,7 @@ import sys
 
 from jobs import serve as serve_job
 from jobs import sft as sft_job
-from jobs import train, train_rm
+from jobs import submit, train, train_rm
 from jobs import tune as tune_job
 from jobs.config import ConfigError
 
@@ -30,17 +30,23 @@ def build_parser() -> argparse.ArgumentParser:
     serve_parser = verbs.add_parser("serve", help="serve a policy behind an OpenAI-compatible endpoint (Ray Serve)")
     serve_job.add_arguments(serve_parser)
     serve_parser.set_defaults(run=serve_job.run_from_args)
+    submit_parser = verbs.add_parser("submit", help="run a verb on a Ray cluster as a Ray Job")
+    submit.add_submit_arguments(submit_parser)
+    submit_parser.set_defaults(run=submit.run_submit)
+    jobs_parser = verbs.add_parser("jobs", help="list, inspect, follow or stop the Ray Jobs of a cluster")
+    submit.add_jobs_arguments(jobs_parser)
+    jobs_parser.set_defaults(run=submit.run_jobs)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        args.run(args)
+        result = args.run(args)
     except ConfigError as e:
         print(f"rayrlhf {args.verb}: {e}", file=sys.stderr)
         return 2
-    return 0
+    return result if isinstance(result, int) else 0  # submit/jobs return an exit status
 
 
 if __name__ == "__main__":
