@@ -205,8 +205,8 @@ def rl_step(cfg: RunConfig, roles: Roles, prompts: list[Prompt]) -> dict[str, fl
     rollout_versions = ray.get(roles.rollout.call("load_weights", version, weights[0]))
     t5 = time.perf_counter()
 
+    # every rank returns the same all-reduced metrics ("tokens" is already the total over ranks)
     metrics = {k: float(np.mean([m[k] for m in learn_metrics])) for k in learn_metrics[0]}
-    metrics["tokens"] = float(sum(m["tokens"] for m in learn_metrics))
     metrics["rollout/version"] = float(min(rollout_versions))
     metrics.update(reward_metrics(ray.get(reward_refs), "reward"))
     metrics.update({
