@@ -27,12 +27,14 @@ from typing import Any
 
 import ray
 import torch
+import yaml
 
 from actors.learner import deepspeed_config
 from cluster.actor_group import check_fits
 from cluster.local import init_ray, shutdown_ray
 from jobs.config import ClusterConfig
 from jobs.supervised_config import TrainerConfig
+from jobs.train import format_table
 
 CHECKPOINT_TAG = "engine"
 JOB_STATE = "rayrlhf_job_state"
@@ -230,6 +232,18 @@ class Worker:
             if self.rank == 0:
                 save_final(after)
         self.write_json("eval.json", {"before": state["before"], "after": after})
+
+
+def run_job(cfg: Any, loop: Callable[[dict[str, Any]], None], inputs: dict[str, Any], final_label: str) -> tuple[Path, dict]:
+    """The driver side shared by sft and train-rm: record the config, fit, print before/after."""
+    output_dir = Path(cfg.output_dir).resolve()
+    output_dir.mkdir(parents=True, exist_ok=True)
+    (output_dir / "config.yaml").write_text(yaml.safe_dump(cfg.model_dump(), sort_keys=False))
+    loop_config = {"cfg": cfg.model_dump(), "output_dir": str(output_dir), **inputs}
+    fit(loop, loop_config, cfg.trainer, cfg.cluster, output_dir, cfg.name, cfg.resume)
+    result = json.loads((output_dir / "eval.json").read_text())
+    print("\n" + format_table(result["before"], result["after"]) + f"\n\n{final_label}: {output_dir / 'final'}")
+    return output_dir, result
 
 
 def to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:

@@ -10,23 +10,20 @@ By default it trains on the built-in task's reference answers.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import yaml
 
 from actors.models import load_policy, resolve_policy, save_policy
 from actors.sft import collate, encode_example, response_nll
 from actors.trajectory import Prompt
 from jobs.config import ConfigError
-from jobs.ray_train_common import Worker, check_data_fills_a_step, fit, overrides_from_args, to_device
+from jobs.ray_train_common import Worker, check_data_fills_a_step, overrides_from_args, run_job, to_device
 from jobs.ray_train_common import add_arguments as _add_arguments
 from jobs.supervised_config import SFTConfig, load_job_config
 from jobs.supervised_data import load_sft_data
-from jobs.train import format_table
 
 DEFAULT_CONFIG = "sft.yaml"
 
@@ -57,16 +54,8 @@ def prepare(cfg: SFTConfig) -> tuple[Path, list[Prompt], list[Prompt]]:
 
 def sft(cfg: SFTConfig) -> SFTResult:
     model_dir, train_set, eval_set = prepare(cfg)
-    output_dir = Path(cfg.output_dir).resolve()
-    output_dir.mkdir(parents=True, exist_ok=True)
-    (output_dir / "config.yaml").write_text(yaml.safe_dump(cfg.model_dump(), sort_keys=False))
-    loop_config = {
-        "cfg": cfg.model_dump(), "model_dir": str(model_dir), "train": train_set, "eval": eval_set,
-        "output_dir": str(output_dir),
-    }
-    fit(sft_loop, loop_config, cfg.trainer, cfg.cluster, output_dir, cfg.name, cfg.resume)
-    result = json.loads((output_dir / "eval.json").read_text())
-    print("\n" + format_table(result["before"], result["after"]) + f"\n\nfinal policy: {output_dir / 'final'}")
+    inputs = {"model_dir": str(model_dir), "train": train_set, "eval": eval_set}
+    output_dir, result = run_job(cfg, sft_loop, inputs, "final policy")
     return SFTResult(output_dir, output_dir / "final", result["before"], result["after"])
 
 

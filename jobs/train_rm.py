@@ -9,23 +9,20 @@ model as a Hugging Face directory (`<output_dir>/final`) that `reward.rm_model` 
 from __future__ import annotations
 
 import argparse
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
-import yaml
 
 from actors.reward_model import RewardModel, resolve_backbone
 from actors.rm_losses import PAIRWISE, objective
 from jobs.config import ConfigError
 from jobs.preference_task import PreferencePair
-from jobs.ray_train_common import Worker, check_data_fills_a_step, fit, overrides_from_args, to_device
+from jobs.ray_train_common import Worker, check_data_fills_a_step, overrides_from_args, run_job, to_device
 from jobs.ray_train_common import add_arguments as _add_arguments
 from jobs.supervised_config import RMConfig, load_job_config
 from jobs.supervised_data import RMRow, is_pairs, load_rm_data
-from jobs.train import format_table
 
 DEFAULT_CONFIG = "rm.yaml"
 
@@ -78,16 +75,8 @@ def prepare(cfg: RMConfig) -> tuple[Path, list[RMRow], list[RMRow]]:
 
 def train_rm(cfg: RMConfig) -> RMResult:
     backbone, train_rows, eval_rows = prepare(cfg)
-    output_dir = Path(cfg.output_dir).resolve()
-    output_dir.mkdir(parents=True, exist_ok=True)
-    (output_dir / "config.yaml").write_text(yaml.safe_dump(cfg.model_dump(), sort_keys=False))
-    loop_config = {
-        "cfg": cfg.model_dump(), "backbone": str(backbone), "train": train_rows, "eval": eval_rows,
-        "output_dir": str(output_dir),
-    }
-    fit(rm_loop, loop_config, cfg.trainer, cfg.cluster, output_dir, cfg.name, cfg.resume)
-    result = json.loads((output_dir / "eval.json").read_text())
-    print("\n" + format_table(result["before"], result["after"]) + f"\n\nreward model: {output_dir / 'final'}")
+    inputs = {"backbone": str(backbone), "train": train_rows, "eval": eval_rows}
+    output_dir, result = run_job(cfg, rm_loop, inputs, "reward model")
     return RMResult(output_dir, output_dir / "final", result["before"], result["after"])
 
 
