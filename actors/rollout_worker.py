@@ -109,8 +109,8 @@ class RolloutWorker:
         if version < self.version:
             raise ValueError(f"refusing weights of version {version}: this worker already holds {self.version}")
         self.model.load_state_dict(state_dict_from_numpy(self.model, weights), strict=True)
-        self.version = version
-        return version
+        self.version = int(version)
+        return self.version
 
     def _prompt_ids(self, prompt: Prompt) -> list[int]:
         return prompt_token_ids(
