@@ -66,6 +66,18 @@ def prompt_token_ids(
     return ids[-max_prompt_tokens:]
 
 
+def left_pad(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token rows right-aligned into one batch (input_ids, attention_mask): decoder-only models
+    generate from the last column, so every prompt must end there."""
+    width = max(len(r) for r in rows)
+    input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, row in enumerate(rows):
+        input_ids[i, width - len(row) :] = torch.tensor(row)
+        attention_mask[i, width - len(row) :] = 1
+    return input_ids, attention_mask
+
+
 class RolloutWorker:
     def __init__(
         self,
@@ -119,14 +131,7 @@ class RolloutWorker:
         )
 
     def _left_padded(self, prompts: list[Prompt]) -> tuple[torch.Tensor, torch.Tensor]:
-        rows = [self._prompt_ids(p) for p in prompts]
-        width = max(len(r) for r in rows)
-        input_ids = torch.full((len(rows), width), self.pad_id, dtype=torch.long)
-        attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
-        for i, row in enumerate(rows):
-            input_ids[i, width - len(row) :] = torch.tensor(row)
-            attention_mask[i, width - len(row) :] = 1
-        return input_ids, attention_mask
+        return left_pad([self._prompt_ids(p) for p in prompts], self.pad_id)
 
     @torch.no_grad()
     def generate(self, prompts: list[Prompt], greedy: bool = False, max_new_tokens: int | None = None) -> Trajectory:

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from actors.models import load_policy
-from actors.rollout_worker import eos_token_ids
+from actors.rollout_worker import eos_token_ids, left_pad
 
 
 class GenerationError(RuntimeError):
@@ -199,14 +199,7 @@ class TextGenerator:
         return rows
 
     def _prefill_inputs(self, requests: list[GenerationRequest]) -> tuple[torch.Tensor, torch.Tensor]:
-        prompts = [p for req in requests for p in req.prompts for _ in range(req.n)]
-        width = max(len(p) for p in prompts)
-        input_ids = torch.full((len(prompts), width), self.pad_id, dtype=torch.long)
-        mask = torch.zeros((len(prompts), width), dtype=torch.long)
-        for i, p in enumerate(prompts):
-            input_ids[i, width - len(p):] = torch.tensor(p)
-            mask[i, width - len(p):] = 1
-        return input_ids, mask
+        return left_pad([p for req in requests for p in req.prompts for _ in range(req.n)], self.pad_id)
 
     def _advance(self, row: _Row, token: int) -> ChoiceDelta | None:
         """Take one sampled token into the row; the text that is safe to emit, if any."""
