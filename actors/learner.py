@@ -33,7 +33,7 @@ from actors.advantages import (
     masked_whiten,
     reinforce_advantages,
 )
-from actors.logprobs import PolicyOutput, from_numpy, policy_forward
+from actors.logprobs import PolicyOutput, first_response_column, from_numpy, policy_forward
 from actors.losses import clipped_policy_loss, clipped_value_loss, kl_penalty, make_kl_controller
 from actors.models import load_policy, save_policy
 from actors.trajectory import Rewards, Trajectory, concat
@@ -59,7 +59,12 @@ class PolicyWithValue(nn.Module):
             nn.init.zeros_(self.value_head.bias)
 
     def forward(
-        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, temperature: float, entropy_grad: bool
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        temperature: float,
+        entropy_grad: bool,
+        first_scored: int,
     ) -> tuple[PolicyOutput, torch.Tensor | None]:
         out = policy_forward(
             self.policy,
@@ -69,6 +74,7 @@ class PolicyWithValue(nn.Module):
             with_entropy=True,
             entropy_grad=entropy_grad,
             with_hidden=self.value_head is not None,
+            first_scored=first_scored,
         )
         values = None
         if self.value_head is not None:  # values[:, t] = V(state in which token t is chosen)
@@ -220,7 +226,8 @@ class Learner:
         return batch, scores, raw, ref
 
     def _forward(self, rows: dict[str, torch.Tensor], entropy_grad: bool) -> tuple[PolicyOutput, torch.Tensor | None]:
-        return self.engine(rows["input_ids"], rows["attention_mask"], self.temperature, entropy_grad)
+        first = first_response_column(rows["response_mask"])
+        return self.engine(rows["input_ids"], rows["attention_mask"], self.temperature, entropy_grad, first)
 
     def _micro_batches(self, batch: dict[str, torch.Tensor]) -> list[dict[str, torch.Tensor]]:
         """Row slices, each cut to the columns where it has any real token (saves compute)."""

@@ -1,7 +1,7 @@
 """Per-token log-probabilities of a batch under a causal LM, as every role must compute them.
 
-The rollout worker (old log-probs), the reference policy and the learner all call these functions,
-so the three agree to the last bit when their weights agree. Prompts are LEFT-padded, hence the
+The reference policy and the learner call these functions, so the two agree to the last bit when
+their weights agree (the rollout worker records its log-probs while sampling, from the same logits). Prompts are LEFT-padded, hence the
 explicit position ids: without them a padded row would see shifted positions and other numbers.
 
 Convention: position t holds log p(input_ids[t] | input_ids[<t]). A position whose predecessor
@@ -34,6 +34,13 @@ def position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
     return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
 
 
+def first_response_column(response_mask: torch.Tensor) -> int:
+    """The first column any row's response occupies (responses start together after the
+    left-padded prompts); everything before it needs no logits."""
+    used = response_mask.bool().any(dim=0).nonzero()
+    return max(1, int(used[0])) if len(used) else response_mask.shape[1]
+
+
 def scored_positions(attention_mask: torch.Tensor) -> torch.Tensor:
     """[B, T] bool: positions that are real tokens and follow a real token."""
     real = attention_mask.bool()
@@ -62,30 +69,38 @@ def policy_forward(
     with_entropy: bool = False,
     entropy_grad: bool = True,
     with_hidden: bool = False,
+    first_scored: int = 1,
 ) -> PolicyOutput:
     """One forward pass; gradients flow if the caller has them enabled.
 
     entropy_grad=False computes the entropy as a metric only, without keeping the
     [B, T, vocab] softmax alive for backward.
+    first_scored: columns before it (the prompt) get 0 and the LM head skips them; with a
+    49k vocabulary that head is a fifth of the model's compute.
     """
+    width = input_ids.shape[1]
+    if not 1 <= first_scored <= width:
+        raise ValueError(f"first_scored={first_scored} is outside the {width} columns")
+    # logits[t] predicts token t+1: keep positions first_scored-1 .. width-2.
+    keep = {"logits_to_keep": width - first_scored + 1} if first_scored > 1 else {}
     out = model(
         input_ids=input_ids,
         attention_mask=attention_mask,
         position_ids=position_ids(attention_mask),
         output_hidden_states=with_hidden,
         use_cache=False,
+        **keep,
     )
-    # logits[t] predicts token t+1: shift so that position t scores input_ids[t].
     logits = out.logits[:, :-1].float() / temperature
-    targets = input_ids[:, 1:].unsqueeze(-1)
+    targets = input_ids[:, first_scored:].unsqueeze(-1)
     token_logp = logits.gather(-1, targets).squeeze(-1) - torch.logsumexp(logits, dim=-1)
     scored = scored_positions(attention_mask)
-    zero_col = token_logp.new_zeros(token_logp.shape[0], 1)
-    logprobs = torch.where(scored, torch.cat([zero_col, token_logp], dim=1), 0.0)
+    skipped = token_logp.new_zeros(token_logp.shape[0], first_scored)
+    logprobs = torch.where(scored, torch.cat([skipped, token_logp], dim=1), 0.0)
     entropy = None
     if with_entropy:
         with torch.set_grad_enabled(torch.is_grad_enabled() and entropy_grad):
-            entropy = torch.where(scored, torch.cat([zero_col, entropy_from_logits(logits)], dim=1), 0.0)
+            entropy = torch.where(scored, torch.cat([skipped, entropy_from_logits(logits)], dim=1), 0.0)
     hidden = None
     if with_hidden:  # shift so that hidden[:, t] is the state in which token t is chosen
         last = out.hidden_states[-1]
@@ -100,11 +115,15 @@ def token_logprobs(
     attention_mask: torch.Tensor,
     temperature: float,
     chunk_size: int = 8,
+    first_scored: int = 1,
 ) -> torch.Tensor:
     """[B, T] float32 log-probs without gradients, `chunk_size` rows at a time to bound the
     [rows, T, vocab] logits tensor (49k vocab x 300 tokens x 8 rows is ~470 MB in fp32)."""
     parts = [
-        policy_forward(model, input_ids[i : i + chunk_size], attention_mask[i : i + chunk_size], temperature).logprobs
+        policy_forward(
+            model, input_ids[i : i + chunk_size], attention_mask[i : i + chunk_size], temperature,
+            first_scored=first_scored,
+        ).logprobs
         for i in range(0, input_ids.shape[0], chunk_size)
     ]
     return torch.cat(parts, dim=0)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from actors.logprobs import from_numpy, token_logprobs
+from actors.logprobs import first_response_column, from_numpy, token_logprobs
 from actors.models import load_policy
 from actors.trajectory import Trajectory
 
@@ -19,10 +19,12 @@ class ReferencePolicy:
 
     def logprobs(self, traj: Trajectory) -> np.ndarray:
         """[B, T] float32, same convention as Trajectory.old_logprobs; 0 outside the response."""
+        response_mask = from_numpy(traj.response_mask)
         logp = token_logprobs(
             self.model,
             from_numpy(traj.input_ids),
             from_numpy(traj.attention_mask),
             self.temperature,
+            first_scored=first_response_column(response_mask),
         )
-        return (logp * from_numpy(traj.response_mask)).float().numpy()
+        return (logp * response_mask).float().numpy()

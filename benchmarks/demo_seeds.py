@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import sys
 import time
@@ -43,8 +44,8 @@ def main() -> None:
         ])
         start = time.perf_counter()
         result = train(cfg)
-        runs.append({"seed": seed, "wall_s": time.perf_counter() - start, "before": result.before,
-                     "after": result.after})
+        runs.append({"seed": seed, "wall_s": time.perf_counter() - start, "load_average_1_5_15": os.getloadavg(),
+                     "before": result.before, "after": result.after})
         print(f"seed {seed}: {runs[-1]['wall_s']:.0f} s", flush=True)
 
     keys = list(runs[0]["before"])

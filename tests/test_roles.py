@@ -64,10 +64,16 @@ def test_token_logprobs_equal_hand_loop_and_ignore_left_padding(model_dir):
     # Chunking over rows changes nothing; a random 1.5k-token model gives ~ -ln(1536) = -7.3 per token.
     torch.testing.assert_close(token_logprobs(model, ids, mask, 0.7, chunk_size=1), got, atol=1e-6, rtol=0)
     assert -9 < got[0, 1:].mean() < -6
+    # Skipping the prompt's logits keeps the scored columns and zeroes the rest; 0 is not a column.
+    tail = token_logprobs(model, ids, mask, 0.7, first_scored=4)
+    torch.testing.assert_close(tail[:, 4:], got[:, 4:], atol=1e-6, rtol=0)
+    assert tail[:, :4].abs().sum() == 0
+    with pytest.raises(ValueError, match="first_scored=0"):
+        token_logprobs(model, ids, mask, 0.7, first_scored=0)
 
 
 def test_generate_shapes_masks_ids_and_text(model_dir):
-    worker = make_worker(model_dir)
+    worker = make_worker(model_dir, temperature=0.7)  # old log-probs must see the raw logits / T
     traj = worker.generate(PROMPTS)
     B, T = traj.input_ids.shape
     assert B == len(PROMPTS) * K and traj.policy_version == 0 and worker.get_version() == 0
@@ -91,10 +97,10 @@ def test_generate_shapes_masks_ids_and_text(model_dir):
         prompt_ids = traj.input_ids[i][real & ~resp].tolist()
         assert tokenizer.decode(prompt_ids) == traj.prompts[i]
         assert tokenizer.decode(traj.input_ids[i][resp], skip_special_tokens=True) == traj.responses[i]
-        # old log-probs: 0 outside the response, the unpadded hand loop inside it.
+        # old log-probs (recorded while sampling): 0 outside the response, the unpadded hand loop inside it.
         assert (traj.old_logprobs[i][~resp] == 0).all()
         full = traj.input_ids[i][real].tolist()
-        expected = unpadded_logprobs(model, full, temperature=1.0)[-int(resp.sum()) :]
+        expected = unpadded_logprobs(model, full, temperature=0.7)[-int(resp.sum()) :]
         np.testing.assert_allclose(traj.old_logprobs[i][resp], expected, atol=1e-5)
 
     # Seeded: a fresh worker repeats the first call; the next call samples something else.
@@ -121,8 +127,16 @@ def test_generate_greedy_truncation_and_raw_text(model_dir):
 def script_responses(worker: RolloutWorker, monkeypatch, rows: list[list[int]]) -> None:
     """Make the worker's HF generate return these response tokens (one list per output row)."""
 
-    def fake_generate(input_ids, attention_mask, num_return_sequences, **kwargs):
-        return torch.cat([input_ids.repeat_interleave(num_return_sequences, 0), torch.tensor(rows)], dim=1)
+    def fake_generate(input_ids, attention_mask, num_return_sequences, logits_processor, **kwargs):
+        """Like HF: the processors see each step's real logits and the tokens chosen so far."""
+        seqs = input_ids.repeat_interleave(num_return_sequences, 0)
+        mask = attention_mask.repeat_interleave(num_return_sequences, 0)
+        for column in torch.tensor(rows).T:
+            logits = worker.model(input_ids=seqs, attention_mask=mask, position_ids=position_ids(mask)).logits
+            logits_processor(seqs, logits[:, -1])
+            seqs = torch.cat([seqs, column.unsqueeze(1)], dim=1)
+            mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
+        return seqs
 
     monkeypatch.setattr(worker.model, "generate", fake_generate)
 
@@ -171,7 +185,7 @@ def test_reference_equals_worker_old_logprobs_for_same_weights(model_dir):
     traj = make_worker(model_dir, temperature=1.0).generate(PROMPTS)
     ref = ReferencePolicy(model_dir=model_dir, temperature=1.0, torch_threads=1).logprobs(traj)
     assert ref.dtype == np.float32 and ref.shape == traj.input_ids.shape
-    np.testing.assert_allclose(ref, traj.old_logprobs, atol=1e-6)
+    np.testing.assert_allclose(ref, traj.old_logprobs, atol=1e-5)  # full pass vs KV-cached decode
     assert (ref[traj.response_mask == 0] == 0).all() and (ref[traj.response_mask == 1] < 0).all()
 
 
