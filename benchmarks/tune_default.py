@@ -1,6 +1,10 @@
 """The embedded default search (`rayrlhf tune`, ray_configs/tune.yaml): its wall time, and whether
 the best weights beat alpha = beta = 0.5 on the held-out objective.
 
+The search ranks trials on the first data.num_eval held-out prompts, so the winner is also scored
+on the rest of the built-in held-out split (prompts no trial trained or was ranked on), next to
+the alpha = beta = 0.5 trial and the untrained policy: the comparison free of selection bias.
+
     .venv/bin/python benchmarks/tune_default.py [--set trial.steps=2 ...]
 
 Writes benchmarks/results/tune_default.json and prints the comparison. Not a test: figures only.
@@ -22,10 +26,36 @@ from cluster.offline import apply_offline_defaults  # noqa: E402
 
 apply_offline_defaults()
 
+from actors.reward_scorer import RewardScorer  # noqa: E402
+from actors.rollout_worker import RolloutWorker  # noqa: E402
+from jobs.data import load_task  # noqa: E402
+from jobs.task import HELD_OUT_BLOCK  # noqa: E402
+from jobs.train import RoleKwargs, prepare, reward_metrics  # noqa: E402
 from jobs.tune import tune_weights  # noqa: E402
 from jobs.tune_config import load_tune_config  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def score_on_unseen(setup, policies: dict[str, str]) -> dict[str, float]:
+    """The objective of each policy directory on the held-out prompts the search did not rank on."""
+    cfg = setup.run_config({})
+    seen = cfg.data.num_eval
+    full = cfg.model_copy(update={"data": cfg.data.model_copy(update={"num_eval": HELD_OUT_BLOCK})})
+    base_dir, _, held_out = prepare(full)
+    _, ranked_on = load_task(cfg.data.train, cfg.data.eval, cfg.data.num_train, seen, cfg.seed)
+    if [p.text for p in held_out[:seen]] != [p.text for p in ranked_on]:
+        raise RuntimeError("the search's held-out prompts are not a prefix of the full held-out split")
+    unseen = held_out[seen:]
+    scores = {}
+    for name, policy_dir in {"untrained": str(base_dir), **policies}.items():
+        kwargs = RoleKwargs(full, policy_dir)
+        traj = RolloutWorker(**kwargs.rollout(0)).generate(
+            unseen, greedy=True, max_new_tokens=cfg.eval_max_new_tokens or cfg.rollout.max_new_tokens
+        )
+        rewards = RewardScorer(**kwargs.scorer(0)).score(traj, update_stats=False)
+        scores[name] = reward_metrics([rewards], "eval")[setup.cfg.objective.metric]
+    return {"prompts": len(unseen), **scores}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -59,13 +89,17 @@ def main(argv: list[str] | None = None) -> None:
         "reference_alpha_beta_0.5": reference and reference["objective"],
         "best": best and {k: best[k] for k in ("reward.alpha", "reward.beta", "objective", "trial")},
         "best_beats_reference": bool(best and reference and best["objective"] > reference["objective"]),
+        "unseen_held_out": score_on_unseen(setup, {
+            "alpha_beta_0.5": reference["checkpoint"], "best": best["checkpoint"]
+        }) if reference and best and reference["checkpoint"] and best["checkpoint"] else None,
         "trials": [{k: v for k, v in r.items() if k not in ("checkpoint",)} for r in rows],
         "trial_budget": setup.cfg.trial,
     }
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "tune_default.json").write_text(json.dumps(figures, indent=2, default=str))
     print(json.dumps({k: figures[k] for k in ("wall_s", "untrained_policy", "reference_alpha_beta_0.5", "best",
-                                              "best_beats_reference", "load_average_1_5_15_before")}, indent=2))
+                                              "best_beats_reference", "unseen_held_out",
+                                              "load_average_1_5_15_before")}, indent=2))
 
 
 if __name__ == "__main__":

@@ -152,6 +152,10 @@ FAMILIES: dict[str, tuple[list[Any], Render]] = {
 }
 
 
+HELD_OUT_BLOCK = 100
+"""Items at the head of the stream that training never uses."""
+
+
 def family_stream(seed: int) -> list[tuple[str, str, str]]:
     """Every fact once as (family, question, reference): each family shuffled, then round-robin."""
     rng = random.Random(seed)
@@ -172,15 +176,21 @@ def family_stream(seed: int) -> list[tuple[str, str, str]]:
 def builtin_task(num_train: int, num_eval: int, seed: int) -> tuple[list[Prompt], list[Prompt]]:
     """Train and held-out prompts; the same seed gives the same lists.
 
-    Held-out items come first in the stream so they stay fixed when num_train changes.
+    The first HELD_OUT_BLOCK items of the stream are reserved for held-out use and training starts
+    after them, so a smaller num_eval is a prefix of the full held-out split and never shares an
+    item with any training set (a search ranks on 16 prompts; the other 84 stay unseen).
     Ids: train 0..num_train-1, held-out from num_train on.
     """
     if num_train < 0 or num_eval < 0:
         raise ValueError(f"num_train and num_eval must be >= 0, got {num_train} and {num_eval}")
     stream = family_stream(seed)
-    if num_train + num_eval > len(stream):
-        raise ValueError(f"the built-in task has {len(stream)} distinct items; asked for {num_train} + {num_eval}")
-    held_out, train = stream[:num_eval], stream[num_eval : num_eval + num_train]
+    start = max(HELD_OUT_BLOCK, num_eval)
+    if start + num_train > len(stream):
+        raise ValueError(
+            f"the built-in task has {len(stream)} distinct items; asked for {num_train} training items "
+            f"after {start} held-out ones"
+        )
+    held_out, train = stream[:num_eval], stream[start : start + num_train]
     train_prompts = [Prompt(id=i, text=q, reference=r) for i, (_, q, r) in enumerate(train)]
     eval_prompts = [Prompt(id=num_train + i, text=q, reference=r) for i, (_, q, r) in enumerate(held_out)]
     return train_prompts, eval_prompts

@@ -36,6 +36,10 @@ def test_builtin_counts_ids_and_disjoint_splits() -> None:
     # The held-out split does not move when the training set grows.
     bigger_train, same_held = builtin_task(3000, 100, seed=0)
     assert len(bigger_train) == 3000 and [p.text for p in same_held] == [p.text for p in held]
+    # A smaller held-out split is a prefix of it, and training still avoids all 100.
+    small_train, small_held = builtin_task(512, 16, seed=0)
+    assert [p.text for p in small_held] == [p.text for p in held[:16]]
+    assert [p.text for p in small_train] == [p.text for p in train]
 
 
 def test_builtin_mixes_every_family_evenly() -> None:
