@@ -3,9 +3,10 @@ several seeds; held-out metrics before and after, wall time of each whole run.
 
     python benchmarks/demo_seeds.py --seeds 0 1 2
 
-Writes benchmarks/results/demo_seeds.json and prints a table. The evaluation is greedy and the
-held-out prompts are fixed, so "before" is the same for every seed; the spread of "after"
-across seeds is the run-to-run noise that the improvement must clear.
+Writes benchmarks/results/demo_seeds.json and prints a table. The seed also draws the built-in
+task, so each seed has its own held-out prompts and its own "before" (greedy, deterministic);
+the change after - before is paired per seed, and its spread across seeds is the run-to-run
+noise that the mean improvement must clear.
 """
 
 from __future__ import annotations

@@ -70,7 +70,9 @@ def main(argv: list[str] | None = None) -> None:
     outcome = tune_weights(setup)
     wall = time.perf_counter() - start
     rows = outcome.summary.rows
-    reference = next((r for r in rows if r.get("reward.alpha") == 0.5 and r.get("reward.beta") == 0.5), None)
+    extra = [f for f in setup.cfg.search.space if f.startswith("reward.")]  # extra components: off in the reference
+    reference = next((r for r in rows if r.get("reward.alpha") == 0.5 and r.get("reward.beta") == 0.5
+                      and all(r.get(f) == 0 for f in extra)), None)  # fmt: skip
     best = outcome.summary.best
     untrained = None
     if reference is not None:
@@ -87,7 +89,7 @@ def main(argv: list[str] | None = None) -> None:
         "metric": setup.cfg.objective.metric,
         "untrained_policy": untrained,
         "reference_alpha_beta_0.5": reference and reference["objective"],
-        "best": best and {k: best[k] for k in ("reward.alpha", "reward.beta", "objective", "trial")},
+        "best": best and {k: best[k] for k in (*setup.cfg.search.weight_fields(), "objective", "trial")},
         "best_beats_reference": bool(best and reference and best["objective"] > reference["objective"]),
         "unseen_held_out": score_on_unseen(setup, {
             "alpha_beta_0.5": reference["checkpoint"], "best": best["checkpoint"]
