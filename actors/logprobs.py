@@ -1,8 +1,9 @@
 """Per-token log-probabilities of a batch under a causal LM, as every role must compute them.
 
 The reference policy and the learner call these functions, so the two agree to the last bit when
-their weights agree (the rollout worker records its log-probs while sampling, from the same logits). Prompts are LEFT-padded, hence the
-explicit position ids: without them a padded row would see shifted positions and other numbers.
+their weights agree (the rollout worker records its log-probs while sampling, from the same
+logits). Prompts are LEFT-padded, hence the explicit position ids: without them a padded row
+would see shifted positions and other numbers.
 
 Convention: position t holds log p(input_ids[t] | input_ids[<t]). A position whose predecessor
 is padding (position 0, and the first real token of a left-padded row) holds 0, so padding a

@@ -7,7 +7,8 @@ batch crosses the object store zero-copy. Notes on what the learner can rely on:
   old_logprobs are log softmax(logits / temperature) without the top_p cut (as OpenRLHF and
   verl do), so with top_p < 1 they are not the exact sampling probabilities. They are recorded
   while sampling, from the same logits (a second forward pass cost 40% of the rollout time);
-  a KV-cached decode differs from a full forward pass by ~1e-6, far below what the PPO ratio sees.
+  a KV-cached decode differs from a full forward pass by 1e-6 to 1e-5, far below what the
+  PPO ratio's clip sees.
 - `Trajectory.prompts` holds the prompt as the policy saw it: after the chat template and the
   left truncation to max_prompt_tokens, decoded with special tokens kept.
 """

@@ -153,7 +153,7 @@ class RunConfig(_Strict):
     seed: int = 0
     steps: int = Field(12, ge=0)
     prompts_per_step: int = Field(4, ge=1)
-    """x rollout.samples_per_prompt rows per step; 4 x 4 keeps the default at ~50 s per step on 2 cores."""
+    """x rollout.samples_per_prompt rows per step; 4 x 4 keeps the default at ~45 s per step on 2 cores."""
     eval_every: int = Field(0, ge=0)
     """Evaluate on held-out prompts every N steps (0: only before and after training)."""
     eval_max_new_tokens: int | None = None
