@@ -16,7 +16,7 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass
 
-from jobs.task import family_stream
+from jobs.task import HELD_OUT_BLOCK, family_stream
 
 KINDS = ("wrong", "truncated", "off_topic", "corrupted")
 
@@ -67,18 +67,27 @@ def corrupted(reference: str, rng: random.Random) -> str:
 
 
 def builtin_preferences(num_train: int, num_eval: int, seed: int) -> tuple[list[PreferencePair], list[PreferencePair]]:
-    """Train and held-out pairs; the same seed gives the same lists."""
+    """Train and held-out pairs; the same seed gives the same lists.
+
+    The split is the RL task's (jobs.task.builtin_task): held-out pairs come from the head of the
+    stream, training pairs start after its reserved held-out block, so a reward model never trains
+    on a prompt the RL job evaluates on.
+    """
     stream = family_stream(seed)
     if num_train < 1 or num_eval < 1:
         raise ValueError(f"num_train and num_eval must be >= 1, got {num_train} and {num_eval}")
-    if num_train + num_eval > len(stream):
-        raise ValueError(f"the built-in task has {len(stream)} distinct items; asked for {num_train} + {num_eval}")
+    start = max(HELD_OUT_BLOCK, num_eval)
+    if start + num_train > len(stream):
+        raise ValueError(
+            f"the built-in task has {len(stream)} distinct items; asked for {num_train} training pairs "
+            f"after {start} held-out items"
+        )
     rng = random.Random(seed + 1)
     by_family: dict[str, list[str]] = {}
     for family, _, reference in stream:
         by_family.setdefault(family, []).append(reference)
     pairs = []
-    for i, (family, question, reference) in enumerate(stream[: num_eval + num_train]):
+    for family, question, reference in stream[:num_eval] + stream[start : start + num_train]:
         kind = rng.choice(KINDS)  # drawn, not rotated: a rotation would line up with the families' round-robin
         if kind == "wrong":
             rejected = wrong_answer(reference, rng.sample(by_family[family], min(8, len(by_family[family]))), rng)

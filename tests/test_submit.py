@@ -6,7 +6,6 @@ The job's `python` is this venv's (first on the head's PATH, as on a cluster ima
 is pip-installed.
 """
 
-import ipaddress
 import json
 import os
 import secrets
@@ -30,6 +29,7 @@ from actors.models import resolve_policy
 from cluster.offline import DEAD_END_PROXY, OFFLINE_DEFAULTS
 from jobs.cli import main
 from jobs.submit import EXCLUDES, PROJECT_DIR, connect, wait_until_done
+from sockets import is_loopback, listening
 
 VENV_BIN = Path(sys.executable).parent
 TINY_RUN = ["--set", "steps=1", "--set", "data.num_eval=4", "--set", "eval_max_new_tokens=4", "--set", "kl.coef=0"]
@@ -166,14 +166,9 @@ def _cmdline(proc: psutil.Process) -> list[str]:
         return []
 
 
-def _is_loopback(ip: str) -> bool:
-    return ipaddress.ip_address(ip.removeprefix("::ffff:")).is_loopback
-
-
 def test_head_is_loopback_only_and_refuses_requests_without_the_token(head, capsys, monkeypatch):
-    listening = [c.laddr.ip for p in head.processes() for c in p.net_connections("inet")
-                 if c.status == psutil.CONN_LISTEN]
-    assert listening and all(_is_loopback(ip) for ip in listening)
+    addresses = [ip for _, ip in listening(head.processes())]
+    assert addresses and all(is_loopback(ip) for ip in addresses)
 
     assert requests.get(f"{head.address}/api/jobs/", timeout=10).status_code == 401  # no token
     assert requests.get(f"{head.address}/api/jobs/", headers=head.headers, timeout=10).status_code == 200
