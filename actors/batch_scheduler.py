@@ -54,6 +54,12 @@ class _Group:
     def rows(self) -> int:
         return sum(r.rows for r in self.requests)
 
+    def finish(self, last: object) -> None:
+        """End the group's stream with `last` (_END or the exception), once."""
+        if not self.done:
+            self.done = True
+            self.queue.put_nowait(last)
+
 
 class DecodeScheduler:
     def __init__(self, stream: Stream, max_rows: int) -> None:
@@ -67,7 +73,7 @@ class DecodeScheduler:
     async def run(self, requests: list[GenerationRequest]) -> AsyncIterator[list[tuple[int, Update] | None]]:
         """Per decode step, one entry per request: (batch id, Update), or None once it is done."""
         group = _Group(requests)
-        if sum(r.rows for r in requests) > self.max_rows:
+        if group.rows > self.max_rows:
             raise ValueError(f"{group.rows} sequences exceed max_rows={self.max_rows}")
         if self._task is None or self._task.done():  # created lazily, inside the serving event loop
             self._wake = asyncio.Event()
@@ -105,17 +111,12 @@ class DecodeScheduler:
                     if g.done:
                         continue
                     if all(u is None for u in part):
-                        g.done = True
-                        g.queue.put_nowait(_END)
+                        g.finish(_END)
                     else:
                         g.queue.put_nowait([None if u is None else (batch_id, u) for u in part])
         except Exception as e:  # a failed batch fails its requests, not the scheduler
             for g in groups:
-                if not g.done:
-                    g.done = True
-                    g.queue.put_nowait(e)
+                g.finish(e)
             return
         for g in groups:
-            if not g.done:
-                g.done = True
-                g.queue.put_nowait(_END)
+            g.finish(_END)

@@ -15,7 +15,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-
 from actors.models import load_policy, resolve_policy, save_policy
 from actors.sft import collate, encode_example, response_nll
 from actors.trajectory import Prompt

@@ -117,17 +117,12 @@ class LocalHead:
 def head():
     resolve_policy("tiny-gpt2")  # build the cached tiny model once, before two jobs race to build it
     cluster = LocalHead(num_cpus=4)  # logical CPUs: two tiny jobs (1.5 each) share the 2 cores
-    saved = {k: os.environ.get(k) for k in ("RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH")}
-    os.environ["RAY_AUTH_TOKEN"] = cluster.token  # how a user hands the token to rayrlhf / ray CLIs
-    os.environ.pop("RAY_AUTH_TOKEN_PATH", None)
     try:
-        yield cluster
+        with pytest.MonkeyPatch.context() as env:  # restores both variables after the module
+            env.setenv("RAY_AUTH_TOKEN", cluster.token)  # how a user hands the token to rayrlhf / ray CLIs
+            env.delenv("RAY_AUTH_TOKEN_PATH", raising=False)
+            yield cluster
     finally:
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
         AuthenticationTokenLoader.instance().reset_cache()  # later in-process clusters use their own token
         cluster.stop()
         assert not any(p.is_running() and p.status() != psutil.STATUS_ZOMBIE for p in cluster.processes())
