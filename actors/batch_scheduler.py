@@ -15,7 +15,7 @@ from collections import Counter, deque
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
 
-from actors.text_generator import GenerationRequest, Update
+from rayrlhf.actors.text_generator import GenerationRequest, Update
 
 Stream = Callable[[list[GenerationRequest]], Iterator[list[Update | None]]]
 _END = object()

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from actors.advantages import (
+from rayrlhf.actors.advantages import (
     expand_to_tokens,
     final_token_rewards,
     gae,
@@ -33,10 +33,20 @@ from actors.advantages import (
     masked_whiten,
     reinforce_advantages,
 )
-from actors.logprobs import PolicyOutput, first_response_column, from_numpy, policy_forward
-from actors.losses import clipped_policy_loss, clipped_value_loss, kl_penalty, make_kl_controller
-from actors.models import load_policy, save_policy
-from actors.trajectory import Rewards, Trajectory, concat
+from rayrlhf.actors.logprobs import (
+    PolicyOutput,
+    first_response_column,
+    from_numpy,
+    policy_forward,
+)
+from rayrlhf.actors.losses import (
+    clipped_policy_loss,
+    clipped_value_loss,
+    kl_penalty,
+    make_kl_controller,
+)
+from rayrlhf.actors.models import load_policy, save_policy
+from rayrlhf.actors.trajectory import Rewards, Trajectory, concat
 
 ALGORITHMS = ("grpo", "reinforce", "ppo")
 

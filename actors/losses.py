@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from actors.advantages import masked_mean
+from rayrlhf.actors.advantages import masked_mean
 
 _MAX_LOG_RATIO = 20.0
 """k3 clamps log(ref/policy) to +-20 so exp() cannot overflow on far-off (e.g. padding) tokens."""

@@ -13,8 +13,13 @@ import uuid
 from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
-from actors import openai_schema as oa
-from actors.text_generator import GenerationRequest, SamplingParams, TextGenerator, Update
+from rayrlhf.actors import openai_schema as oa
+from rayrlhf.actors.text_generator import (
+    GenerationRequest,
+    SamplingParams,
+    TextGenerator,
+    Update,
+)
 
 Kind = Literal["completion", "chat"]
 

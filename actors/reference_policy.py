@@ -5,9 +5,9 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from actors.logprobs import first_response_column, from_numpy, token_logprobs
-from actors.models import load_policy
-from actors.trajectory import Trajectory
+from rayrlhf.actors.logprobs import first_response_column, from_numpy, token_logprobs
+from rayrlhf.actors.models import load_policy
+from rayrlhf.actors.trajectory import Trajectory
 
 
 class ReferencePolicy:

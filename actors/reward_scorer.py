@@ -14,12 +14,13 @@ from typing import Any, Literal
 import numpy as np
 import wordfreq
 
-from actors.embeddings import Embedder
-from actors.normalizer import RunningNormalizer
-from actors.reward_fns import bleu as bleu_score
-from actors.reward_fns import freq_reward, rouge_l as rouge_l_score, words
-from actors.reward_model import RewardModel, prompt_as_text
-from actors.trajectory import Rewards, Trajectory
+from rayrlhf.actors.embeddings import Embedder
+from rayrlhf.actors.normalizer import RunningNormalizer
+from rayrlhf.actors.reward_fns import bleu as bleu_score
+from rayrlhf.actors.reward_fns import freq_reward, words
+from rayrlhf.actors.reward_fns import rouge_l as rouge_l_score
+from rayrlhf.actors.reward_model import RewardModel, prompt_as_text
+from rayrlhf.actors.trajectory import Rewards, Trajectory
 
 COMPONENTS = ("freq", "sim", "bleu", "rouge_l")
 RM = "rm"

@@ -19,9 +19,9 @@ import numpy as np
 import torch
 from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList
 
-from actors.logprobs import from_numpy
-from actors.models import load_policy
-from actors.trajectory import Prompt, Trajectory
+from rayrlhf.actors.logprobs import from_numpy
+from rayrlhf.actors.models import load_policy
+from rayrlhf.actors.trajectory import Prompt, Trajectory
 
 
 def state_dict_from_numpy(model: torch.nn.Module, weights: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:

@@ -21,8 +21,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from actors.models import load_policy
-from actors.rollout_worker import eos_token_ids, left_pad
+from rayrlhf.actors.models import load_policy
+from rayrlhf.actors.rollout_worker import eos_token_ids, left_pad
 
 
 class GenerationError(RuntimeError):

@@ -15,18 +15,15 @@ import argparse
 import json
 import os
 import statistics
-import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from cluster.offline import apply_offline_defaults  # noqa: E402
+from rayrlhf.cluster.offline import apply_offline_defaults
 
 apply_offline_defaults()
 
-from jobs.config import load_config  # noqa: E402
-from jobs.train import train  # noqa: E402
+from rayrlhf.jobs.config.run import load_config
+from rayrlhf.jobs.train import train
 
 RESULTS = Path(__file__).resolve().parent / "results"
 

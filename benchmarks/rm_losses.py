@@ -12,21 +12,18 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from cluster.offline import apply_offline_defaults  # noqa: E402
+from rayrlhf.cluster.offline import apply_offline_defaults
 
 apply_offline_defaults()
 
-from actors.rm_losses import LOSSES  # noqa: E402
-from cluster.local import init_ray, shutdown_ray  # noqa: E402
-from jobs.supervised_config import RMConfig, load_job_config  # noqa: E402
-from jobs.train_rm import train_rm  # noqa: E402
+from rayrlhf.actors.rm_losses import LOSSES
+from rayrlhf.cluster.local import init_ray, shutdown_ray
+from rayrlhf.jobs.config.supervised import RMConfig, load_job_config
+from rayrlhf.jobs.train_rm import train_rm
 
 RESULTS = Path(__file__).resolve().parent / "results"
 KINDS = ("wrong", "truncated", "off_topic", "corrupted")

@@ -25,18 +25,16 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from cluster.offline import apply_offline_defaults  # noqa: E402
+from rayrlhf.cluster.offline import apply_offline_defaults
 
 apply_offline_defaults()
 
-import httpx  # noqa: E402
-from ray import serve  # noqa: E402
+import httpx
+from ray import serve
 
-from cluster.local import init_ray, shutdown_ray  # noqa: E402
-from jobs.serve import build_app, prepare  # noqa: E402
-from jobs.serve_config import ServeConfig  # noqa: E402
+from rayrlhf.cluster.local import init_ray, shutdown_ray
+from rayrlhf.jobs.config.serve import ServeConfig
+from rayrlhf.jobs.serve import build_app, prepare
 
 RESULTS = Path(__file__).resolve().parent / "results"
 PROMPTS = [

@@ -12,25 +12,29 @@ import argparse
 import json
 import socket
 import statistics
-import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from cluster.offline import apply_offline_defaults  # noqa: E402
+from rayrlhf.cluster.offline import apply_offline_defaults
 
 apply_offline_defaults()
 
-import torch  # noqa: E402
+import torch
 
-from actors.learner import Learner  # noqa: E402
-from actors.reference_policy import ReferencePolicy  # noqa: E402
-from actors.reward_scorer import RewardScorer  # noqa: E402
-from actors.rollout_worker import RolloutWorker  # noqa: E402
-from cluster.local import init_ray, shutdown_ray  # noqa: E402
-from jobs.config import load_config  # noqa: E402
-from jobs.train import PromptSampler, RoleKwargs, launch_roles, prepare, rl_step, uses_reference  # noqa: E402
+from rayrlhf.actors.learner import Learner
+from rayrlhf.actors.reference_policy import ReferencePolicy
+from rayrlhf.actors.reward_scorer import RewardScorer
+from rayrlhf.actors.rollout_worker import RolloutWorker
+from rayrlhf.cluster.local import init_ray, shutdown_ray
+from rayrlhf.jobs.config.run import load_config
+from rayrlhf.jobs.train import (
+    PromptSampler,
+    RoleKwargs,
+    launch_roles,
+    prepare,
+    rl_step,
+    uses_reference,
+)
 
 RESULTS = Path(__file__).resolve().parent / "results"
 PHASES = ("generate", "score", "reference", "learn", "sync", "step")

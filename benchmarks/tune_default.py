@@ -16,23 +16,20 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from cluster.offline import apply_offline_defaults  # noqa: E402
+from rayrlhf.cluster.offline import apply_offline_defaults
 
 apply_offline_defaults()
 
-from actors.reward_scorer import RewardScorer  # noqa: E402
-from actors.rollout_worker import RolloutWorker  # noqa: E402
-from jobs.data import load_task  # noqa: E402
-from jobs.task import HELD_OUT_BLOCK  # noqa: E402
-from jobs.train import RoleKwargs, prepare, reward_metrics  # noqa: E402
-from jobs.tune import tune_weights  # noqa: E402
-from jobs.tune_config import load_tune_config  # noqa: E402
+from rayrlhf.actors.reward_scorer import RewardScorer
+from rayrlhf.actors.rollout_worker import RolloutWorker
+from rayrlhf.jobs.config.tune import load_tune_config
+from rayrlhf.jobs.data.prompts import load_task
+from rayrlhf.jobs.data.task import HELD_OUT_BLOCK
+from rayrlhf.jobs.train import RoleKwargs, prepare, reward_metrics
+from rayrlhf.jobs.tune import tune_weights
 
 RESULTS = Path(__file__).resolve().parent / "results"
 

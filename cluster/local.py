@@ -12,7 +12,7 @@ import os
 import ray
 from ray._private import ray_constants
 
-from cluster.offline import apply_offline_defaults, dead_end_proxy
+from rayrlhf.cluster.offline import apply_offline_defaults, dead_end_proxy
 
 
 def init_ray(

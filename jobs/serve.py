@@ -13,12 +13,12 @@ Evidence of batching is part of every generation response (headers x-rayrlhf-bat
 -batch-requests, -batch-sequences) and of GET /stats.
 """
 
-import argparse
 import asyncio
 import hmac
 import logging
 import os
 import socket
+import sys
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -30,14 +30,19 @@ from ray.serve.handle import DeploymentHandle
 from starlette.exceptions import HTTPException
 from transformers import AutoConfig
 
-from actors.batch_scheduler import DecodeScheduler
-from actors.models import resolve_policy
-from actors.openai_engine import Job, Kind, Limits, OpenAIEngine
-from actors.openai_schema import OpenAIError, sse
-from actors.text_generator import GenerationError, GenerationRequest, TextGenerator, context_length
-from cluster.local import init_ray, shutdown_ray
-from jobs.config import ConfigError, validate
-from jobs.serve_config import ServeConfig, load_serve_config
+from rayrlhf.actors.batch_scheduler import DecodeScheduler
+from rayrlhf.actors.models import resolve_policy
+from rayrlhf.actors.openai_engine import Job, Kind, Limits, OpenAIEngine
+from rayrlhf.actors.openai_schema import OpenAIError, sse
+from rayrlhf.actors.text_generator import (
+    GenerationError,
+    GenerationRequest,
+    TextGenerator,
+    context_length,
+)
+from rayrlhf.cluster.local import init_ray, shutdown_ray
+from rayrlhf.jobs.config.base import ConfigError, validate
+from rayrlhf.jobs.config.serve import ServeConfig
 
 logger = logging.getLogger("ray.serve")
 
@@ -222,7 +227,7 @@ def _absolute_model(cfg: ServeConfig) -> ServeConfig:
 
 
 def app_builder(args: dict) -> serve.Application:
-    """For `serve run` / `serve deploy`: import_path jobs.serve:app_builder, args a ServeConfig."""
+    """For `serve run` / `serve deploy`: import_path rayrlhf.jobs.serve:app_builder, args a ServeConfig."""
     return build_app(_absolute_model(validate(ServeConfig, dict(args), "serve application args")))
 
 
@@ -276,29 +281,7 @@ def run(cfg: ServeConfig, address: str | None = None) -> None:
             shutdown_ray()
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--config", help="Serve config file or a name in ray_configs/ (default: serve.yaml)")
-    parser.add_argument("--model", help="checkpoint directory or built-in name (sets model)")
-    parser.add_argument("--port", type=int, help="HTTP port (sets port)")
-    parser.add_argument("--address", help="Ray cluster to deploy on (default: $RAY_ADDRESS or a local Ray)")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="FIELD=VALUE",
-                        help="override a ServeConfig field, e.g. --set max_batch_size=16 (repeatable)")
+if __name__ == "__main__":  # the same as `rayrlhf serve ...`
+    from rayrlhf.jobs.cli import main
 
-
-def run_from_args(args: argparse.Namespace) -> None:
-    overrides = list(args.overrides)
-    if args.model:
-        overrides.append(f"model={args.model}")
-    if args.port:
-        overrides.append(f"port={args.port}")
-    run(load_serve_config(args.config, overrides), args.address)
-
-
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m jobs.serve", description=__doc__.splitlines()[0])
-    add_arguments(parser)
-    run_from_args(parser.parse_args(argv))
-
-
-if __name__ == "__main__":
-    main()
+    sys.exit(main(["serve", *sys.argv[1:]]))

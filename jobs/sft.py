@@ -9,22 +9,19 @@ By default it trains on the built-in task's reference answers.
 
 from __future__ import annotations
 
-import argparse
 import math
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from actors.models import load_policy, resolve_policy, save_policy
-from actors.sft import collate, encode_example, response_nll
-from actors.trajectory import Prompt
-from jobs.config import ConfigError
-from jobs.ray_train_common import Worker, check_data_fills_a_step, overrides_from_args, run_job, to_device
-from jobs.ray_train_common import add_arguments as _add_arguments
-from jobs.supervised_config import SFTConfig, load_job_config
-from jobs.supervised_data import load_sft_data
-
-DEFAULT_CONFIG = "sft.yaml"
+from rayrlhf.actors.models import load_policy, resolve_policy, save_policy
+from rayrlhf.actors.sft import collate, encode_example, response_nll
+from rayrlhf.actors.trajectory import Prompt
+from rayrlhf.jobs.config.base import ConfigError
+from rayrlhf.jobs.config.supervised import SFTConfig
+from rayrlhf.jobs.data.supervised import load_sft_data
+from rayrlhf.jobs.supervised import Worker, check_data_fills_a_step, run_job, to_device
 
 
 @dataclass
@@ -100,19 +97,7 @@ def sft_loop(config: dict[str, Any]) -> None:
     )
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    _add_arguments(parser, DEFAULT_CONFIG)
+if __name__ == "__main__":  # the same as `rayrlhf sft ...`
+    from rayrlhf.jobs.cli import main
 
-
-def run_from_args(args: argparse.Namespace) -> SFTResult:
-    return sft(load_job_config(SFTConfig, args.config, overrides_from_args(args), DEFAULT_CONFIG))
-
-
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m jobs.sft", description=__doc__.splitlines()[0])
-    add_arguments(parser)
-    run_from_args(parser.parse_args(argv))
-
-
-if __name__ == "__main__":
-    main()
+    sys.exit(main(["sft", *sys.argv[1:]]))

@@ -1,9 +1,10 @@
 """`rayrlhf submit` and `rayrlhf jobs`: run any verb on a Ray cluster as a Ray Job.
 
-A thin layer over Ray's Job Submission API (the dashboard's HTTP endpoint, port 8265). The
-project directory becomes the job's working_dir and the verb runs there as
-`python -m jobs.cli VERB ARGS`, so `rayrlhf submit -- train --config tiny` and
-`ray job submit --working-dir . -- python -m jobs.cli train --config tiny` are the same job.
+A thin layer over Ray's Job Submission API (the dashboard's HTTP endpoint, port 8265). This
+installation's `rayrlhf` package travels with the job (runtime_env py_modules), so the cluster runs
+exactly the code that validated the command, and the verb runs as
+`python -m rayrlhf.jobs.cli VERB ARGS`; `--working-dir` uploads a folder of your files (data,
+configs) as the job's working directory.
 Environment variables (a wandb key...) are passed by name only: their values are read from this
 shell, never typed on a command line and never printed. With token auth (Ray >= 2.52) the token
 is read where Ray itself looks for it and sent as a Bearer header.
@@ -13,11 +14,14 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import importlib
 import importlib.metadata
 import os
 import re
 import shlex
+import shutil
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Mapping
 from datetime import datetime
@@ -26,11 +30,13 @@ from pathlib import Path
 from ray.exceptions import RayError
 from ray.job_submission import JobDetails, JobStatus, JobSubmissionClient
 
-from jobs.config import ConfigError, load_config
+from rayrlhf.jobs.config.base import ConfigError
+from rayrlhf.jobs.config.run import load_config
 
-PROJECT_DIR = Path(__file__).resolve().parent.parent
+PACKAGE_PARTS = ("actors", "cluster", "jobs", "ray_configs")
+"""The folders of the `rayrlhf` import root, shipped to the job as one py_module."""
 EXCLUDES = [".venv", ".git", "outputs", "wandb", ".pytest_cache", "**/__pycache__", "*.egg-info"]
-"""Never uploaded with the working_dir: environments, VCS data and run outputs."""
+"""Never uploaded with a working_dir: environments, VCS data and run outputs."""
 NOT_SUBMITTABLE = {"submit", "jobs"}
 STOP_TIMEOUT_S = 60
 _ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
@@ -48,7 +54,9 @@ def auth_headers(environ: Mapping[str, str] = os.environ) -> dict[str, str]:
     )
     if not wanted:
         return {}
-    from ray._raylet import AuthenticationTokenLoader  # Ray's token lookup (C++), not public API
+    from ray._raylet import (
+        AuthenticationTokenLoader,  # Ray's token lookup (C++), not public API
+    )
 
     loader = AuthenticationTokenLoader.instance()
     loader.reset_cache()  # the environment may have changed since the last lookup
@@ -63,22 +71,34 @@ def connect(address: str | None) -> JobSubmissionClient:
 
 
 def project_dependencies() -> list[str]:
-    """The project's runtime requirements as pyproject.toml lists them (installed metadata on 3.10)."""
-    try:
-        import tomllib
-    except ImportError:  # Python 3.10
-        return [r for r in importlib.metadata.requires("rayrlhf") or [] if "extra ==" not in r]
-    return tomllib.loads((PROJECT_DIR / "pyproject.toml").read_text())["project"]["dependencies"]
+    """The installed distribution's runtime requirements (pyproject.toml's, without extras)."""
+    return [r for r in importlib.metadata.requires("rayrlhf") or [] if "extra ==" not in r]
 
 
-def build_runtime_env(env_names: list[str], pip: bool, environ: Mapping[str, str] = os.environ) -> dict:
+def stage_package(into: Path) -> Path:
+    """A copy of this installation's `rayrlhf` package (editable or wheel) under `into`."""
+    package = into / "rayrlhf"
+    for part in PACKAGE_PARTS:
+        source = Path(importlib.import_module(f"rayrlhf.{part}").__path__[0])
+        shutil.copytree(source, package / part, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+    return package
+
+
+def build_runtime_env(
+    env_names: list[str], pip: bool, package: Path, working_dir: str | None = None,
+    environ: Mapping[str, str] = os.environ,
+) -> dict:
     for name in env_names:
         if not _ENV_NAME.fullmatch(name):
             raise ConfigError(f"--env {name}: give a variable's name; its value is read from this shell")
     missing = [name for name in env_names if name not in environ]
     if missing:
         raise ConfigError(f"--env {', '.join(missing)}: not set in this shell")
-    runtime_env: dict = {"working_dir": str(PROJECT_DIR), "excludes": EXCLUDES}
+    runtime_env: dict = {"py_modules": [str(package)]}
+    if working_dir:
+        if not Path(working_dir).is_dir():
+            raise ConfigError(f"--working-dir {working_dir}: not a directory")
+        runtime_env.update(working_dir=str(Path(working_dir).resolve()), excludes=EXCLUDES)
     if env_names:
         runtime_env["env_vars"] = {name: environ[name] for name in env_names}
     if pip:
@@ -86,21 +106,19 @@ def build_runtime_env(env_names: list[str], pip: bool, environ: Mapping[str, str
     return runtime_env
 
 
-def check_command(command: list[str]) -> list[str]:
-    """Parse VERB ARGS as `rayrlhf` would, and validate a train config, before anything is sent."""
-    from jobs.cli import build_parser  # jobs.cli imports this module
-
+def check_command(command: list[str], parser: argparse.ArgumentParser) -> list[str]:
+    """Parse VERB ARGS with `rayrlhf`'s own parser, and validate a train config, before anything is sent."""
     command = command[1:] if command[:1] == ["--"] else command
     if not command or command[0] in NOT_SUBMITTABLE or command[0].startswith("-"):
         raise ConfigError("give the verb to run after --, e.g. `rayrlhf submit -- train --config tiny`")
-    parsed = build_parser().parse_args(command)
+    parsed = parser.parse_args(command)
     if parsed.verb == "train":
         load_config(parsed.config, parsed.overrides)
     return command
 
 
 def entrypoint(command: list[str]) -> str:
-    return shlex.join(["python", "-m", "jobs.cli", *command])
+    return shlex.join(["python", "-m", "rayrlhf.jobs.cli", *command])
 
 
 def wait_until_done(client: JobSubmissionClient, job_id: str, timeout: float | None = None) -> JobDetails:
@@ -145,26 +163,27 @@ def _guarded(action: Callable[[], int]) -> int:
         return 1
 
 
-def run_submit(args: argparse.Namespace) -> int:
-    command = check_command(args.command)
-    runtime_env = build_runtime_env(args.env, args.pip)
+def run_submit(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    command = check_command(args.command, parser)
+    with tempfile.TemporaryDirectory(prefix="rayrlhf-submit-") as staging:
+        runtime_env = build_runtime_env(args.env, args.pip, stage_package(Path(staging)), args.working_dir)
+        return _guarded(lambda: _submit(args, command, runtime_env))
 
-    def submit() -> int:
-        client = connect(args.address)
-        job_id = client.submit_job(entrypoint=entrypoint(command), runtime_env=runtime_env)
-        print(job_id, flush=True)
-        if not args.wait:
-            print(f"follow it with: rayrlhf jobs logs {job_id} --follow", file=sys.stderr)
-            return 0
-        try:
-            info = follow_logs(client, job_id)
-        except KeyboardInterrupt:
-            print(f"\nstopped following; the job runs on (rayrlhf jobs stop {job_id})", file=sys.stderr)
-            return 130
-        report(info)
-        return exit_code(info)
 
-    return _guarded(submit)
+def _submit(args: argparse.Namespace, command: list[str], runtime_env: dict) -> int:
+    client = connect(args.address)
+    job_id = client.submit_job(entrypoint=entrypoint(command), runtime_env=runtime_env)
+    print(job_id, flush=True)
+    if not args.wait:
+        print(f"follow it with: rayrlhf jobs logs {job_id} --follow", file=sys.stderr)
+        return 0
+    try:
+        info = follow_logs(client, job_id)
+    except KeyboardInterrupt:
+        print(f"\nstopped following; the job runs on (rayrlhf jobs stop {job_id})", file=sys.stderr)
+        return 130
+    report(info)
+    return exit_code(info)
 
 
 def _started(job: JobDetails) -> str:
@@ -200,29 +219,3 @@ def run_jobs(args: argparse.Namespace) -> int:
     return _guarded(act)
 
 
-def _address_argument(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--address", help="the cluster's dashboard, e.g. http://HEAD:8265 "
-                        "(default: $RAY_API_SERVER_ADDRESS or $RAY_ADDRESS)")
-
-
-def add_submit_arguments(parser: argparse.ArgumentParser) -> None:
-    _address_argument(parser)
-    parser.add_argument("--wait", action="store_true", help="follow the logs and exit with the job's status")
-    parser.add_argument("--env", action="append", default=[], metavar="NAME",
-                        help="pass this environment variable (by name; its value is never printed), repeatable")
-    parser.add_argument("--pip", action="store_true",
-                        help="install the project's dependencies in the job (runtime_env pip), for clusters "
-                        "whose image lacks them")
-    parser.add_argument("command", nargs=argparse.REMAINDER, metavar="-- VERB [ARGS]",
-                        help="the rayrlhf verb to run: train, sft, train-rm, tune, serve")
-
-
-def add_jobs_arguments(parser: argparse.ArgumentParser) -> None:
-    actions = parser.add_subparsers(dest="action", required=True)
-    _address_argument(actions.add_parser("list", help="all jobs of the cluster"))
-    for name, text in (("status", "a job's status"), ("logs", "a job's logs"), ("stop", "stop a job")):
-        action = actions.add_parser(name, help=text)
-        action.add_argument("job_id")
-        _address_argument(action)
-        if name == "logs":
-            action.add_argument("--follow", action="store_true", help="follow until the job ends")

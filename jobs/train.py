@@ -8,9 +8,9 @@ evaluation batches (to show examples and lengths).
 
 from __future__ import annotations
 
-import argparse
 import json
 import random
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -20,19 +20,20 @@ import numpy as np
 import ray
 import yaml
 
-from actors.embeddings import resolve_embedding_model
-from actors.learner import Learner
-from actors.models import resolve_policy
-from actors.reference_policy import ReferencePolicy
-from actors.reward_model import check_reward_model_dir
-from actors.reward_scorer import RewardScorer
-from actors.rollout_worker import RolloutWorker
-from actors.trajectory import Prompt, Rewards
-from cluster.actor_group import ActorGroup, check_fits
-from cluster.local import init_ray, shutdown_ray
-from jobs.config import ConfigError, RunConfig, load_config
-from jobs.data import load_task
-from jobs.tracking import Tracker
+from rayrlhf.actors.embeddings import resolve_embedding_model
+from rayrlhf.actors.learner import Learner
+from rayrlhf.actors.models import resolve_policy
+from rayrlhf.actors.reference_policy import ReferencePolicy
+from rayrlhf.actors.reward_model import check_reward_model_dir
+from rayrlhf.actors.reward_scorer import RewardScorer
+from rayrlhf.actors.rollout_worker import RolloutWorker
+from rayrlhf.actors.trajectory import Prompt, Rewards
+from rayrlhf.cluster.actor_group import ActorGroup, check_fits
+from rayrlhf.cluster.local import init_ray, shutdown_ray
+from rayrlhf.jobs.config.base import ConfigError
+from rayrlhf.jobs.config.run import RunConfig
+from rayrlhf.jobs.data.prompts import load_task
+from rayrlhf.jobs.tracking import Tracker
 
 LAUNCH_ONLY = {"num_workers", "num_scorers", "num_ranks", "num_cpus", "num_gpus"}
 
@@ -317,23 +318,7 @@ def train(cfg: RunConfig, on_step: Callable[[int, dict[str, float]], None] | Non
     return TrainResult(output_dir, final_dir, before, after, history)
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--config", help="YAML file or a name in ray_configs/ (default: default.yaml)")
-    parser.add_argument("--address", help="Ray cluster to attach to (default: $RAY_ADDRESS or a local Ray)")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="FIELD=VALUE",
-                        help="override a config field, e.g. --set learner.zero_stage=3 (repeatable)")
+if __name__ == "__main__":  # the same as `rayrlhf train ...`
+    from rayrlhf.jobs.cli import main
 
-
-def run_from_args(args: argparse.Namespace) -> TrainResult:
-    overrides = list(args.overrides) + ([f"cluster.address={args.address}"] if args.address else [])
-    return train(load_config(args.config, overrides))
-
-
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m jobs.train", description=__doc__.splitlines()[0])
-    add_arguments(parser)
-    run_from_args(parser.parse_args(argv))
-
-
-if __name__ == "__main__":
-    main()
+    sys.exit(main(["train", *sys.argv[1:]]))

@@ -8,23 +8,20 @@ model as a Hugging Face directory (`<output_dir>/final`) that `reward.rm_model` 
 
 from __future__ import annotations
 
-import argparse
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from actors.reward_model import RewardModel, resolve_backbone
-from actors.rm_losses import PAIRWISE, objective
-from jobs.config import ConfigError
-from jobs.preference_task import PreferencePair
-from jobs.ray_train_common import Worker, check_data_fills_a_step, overrides_from_args, run_job, to_device
-from jobs.ray_train_common import add_arguments as _add_arguments
-from jobs.supervised_config import RMConfig, load_job_config
-from jobs.supervised_data import RMRow, is_pairs, load_rm_data
-
-DEFAULT_CONFIG = "rm.yaml"
+from rayrlhf.actors.reward_model import RewardModel, resolve_backbone
+from rayrlhf.actors.rm_losses import PAIRWISE, objective
+from rayrlhf.jobs.config.base import ConfigError
+from rayrlhf.jobs.config.supervised import RMConfig
+from rayrlhf.jobs.data.preferences import PreferencePair
+from rayrlhf.jobs.data.supervised import RMRow, is_pairs, load_rm_data
+from rayrlhf.jobs.supervised import Worker, check_data_fills_a_step, run_job, to_device
 
 
 @dataclass
@@ -148,19 +145,7 @@ def held_out_metrics(worker: Worker, engine: Any, model: RewardModel, rows: list
     return out
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    _add_arguments(parser, DEFAULT_CONFIG)
+if __name__ == "__main__":  # the same as `rayrlhf train-rm ...`
+    from rayrlhf.jobs.cli import main
 
-
-def run_from_args(args: argparse.Namespace) -> RMResult:
-    return train_rm(load_job_config(RMConfig, args.config, overrides_from_args(args), DEFAULT_CONFIG))
-
-
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m jobs.train_rm", description=__doc__.splitlines()[0])
-    add_arguments(parser)
-    run_from_args(parser.parse_args(argv))
-
-
-if __name__ == "__main__":
-    main()
+    sys.exit(main(["train-rm", *sys.argv[1:]]))

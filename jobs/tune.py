@@ -9,10 +9,10 @@ reward; it is reported at every evaluation so ASHA can stop weak trials early.
 
 from __future__ import annotations
 
-import argparse
 import functools
 import math
 import os
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,11 +22,15 @@ from ray import tune
 from ray.tune.schedulers import ASHAScheduler
 from ray.tune.search import BasicVariantGenerator
 
-from cluster.local import init_ray, shutdown_ray
-from jobs.config import RunConfig
-from jobs.train import TrainResult, train, uses_reference
-from jobs.tune_config import ObjectiveConfig, ParamSpec, TuneSetup, load_tune_config
-from jobs.tune_report import TuneSummary, summarize
+from rayrlhf.cluster.local import init_ray, shutdown_ray
+from rayrlhf.jobs.config.run import RunConfig
+from rayrlhf.jobs.config.tune import (
+    ObjectiveConfig,
+    ParamSpec,
+    TuneSetup,
+)
+from rayrlhf.jobs.train import TrainResult, train, uses_reference
+from rayrlhf.jobs.tune_report import TuneSummary, summarize
 
 OBJECTIVE = "objective"
 """The name Tune optimises: the chosen held-out metric, worst-valued when over the KL budget."""
@@ -197,23 +201,7 @@ def tune_weights(setup: TuneSetup) -> TuneOutcome:
     return TuneOutcome(summary, resumed, interrupted)
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--config", help="tune YAML file or a name in ray_configs/ (default: tune.yaml)")
-    parser.add_argument("--address", help="Ray cluster to attach to (default: $RAY_ADDRESS or a local Ray)")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="FIELD=VALUE",
-                        help="override a tune-config field, e.g. --set search.num_samples=4 (repeatable)")
+if __name__ == "__main__":  # the same as `rayrlhf tune ...`
+    from rayrlhf.jobs.cli import main
 
-
-def run_from_args(args: argparse.Namespace) -> TuneOutcome:
-    overrides = list(args.overrides) + ([f"trial.cluster.address={args.address}"] if args.address else [])
-    return tune_weights(load_tune_config(args.config, overrides))
-
-
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m jobs.tune", description=__doc__.splitlines()[0])
-    add_arguments(parser)
-    run_from_args(parser.parse_args(argv))
-
-
-if __name__ == "__main__":
-    main()
+    sys.exit(main(["tune", *sys.argv[1:]]))

@@ -17,7 +17,7 @@ from typing import Any
 
 import yaml
 
-from jobs.tune_config import TuneSetup
+from rayrlhf.jobs.config.tune import TuneSetup
 
 SHOWN = ("eval/rouge_l", "eval/sim", "eval/freq", "eval/bleu", "eval/length", "reward/sim", "reward/freq")
 """Columns of the console table besides the weights, objective and KL (the files have them all)."""

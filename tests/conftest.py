@@ -2,7 +2,7 @@
 
 import os
 
-from cluster.offline import DEAD_END_PROXY, apply_offline_defaults
+from rayrlhf.cluster.offline import DEAD_END_PROXY, apply_offline_defaults
 
 apply_offline_defaults()
 os.environ.update(DEAD_END_PROXY)  # tests never need the network: block it for the whole session

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from actors.advantages import (
+from rayrlhf.actors.advantages import (
     expand_to_tokens,
     final_token_rewards,
     gae,
@@ -14,7 +14,7 @@ from actors.advantages import (
     masked_whiten,
     reinforce_advantages,
 )
-from actors.losses import (
+from rayrlhf.actors.losses import (
     AdaptiveKLController,
     FixedKLController,
     clipped_policy_loss,
@@ -23,7 +23,7 @@ from actors.losses import (
     kl_penalty,
     make_kl_controller,
 )
-from jobs.config import KLConfig
+from rayrlhf.jobs.config.run import KLConfig
 
 
 def close(actual, expected, tol=1e-5):

@@ -4,9 +4,9 @@ import os
 
 import psutil
 import ray
-
-from cluster.local import init_ray, shutdown_ray
 from sockets import is_loopback, listening
+
+from rayrlhf.cluster.local import init_ray, shutdown_ray
 
 
 def test_local_cluster_listens_on_loopback_only():

@@ -5,8 +5,9 @@ from pathlib import Path
 import pytest
 import ray
 
-from jobs.cli import main as cli_main
-from jobs.config import CONFIG_DIR, ConfigError, RunConfig, load_config, load_yaml, parse_overrides
+from rayrlhf.jobs.cli import main as cli_main
+from rayrlhf.jobs.config.base import CONFIG_DIR, ConfigError, load_yaml, parse_overrides
+from rayrlhf.jobs.config.run import RunConfig, load_config
 
 SUPERVISED_CONFIGS = {"rm.yaml", "rm_tiny.yaml", "sft.yaml", "sft_tiny.yaml"}  # tests/test_supervised.py
 RUN_CONFIGS = sorted(

@@ -10,9 +10,8 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from jobs.data import DataError, load_prompts, load_task
-from jobs.task import DAYS, FAMILIES, MONTHS, builtin_task, family_stream
-
+from rayrlhf.jobs.data.prompts import DataError, load_prompts, load_task
+from rayrlhf.jobs.data.task import DAYS, FAMILIES, MONTHS, builtin_task, family_stream
 
 # ---- built-in task ---------------------------------------------------------------------------
 

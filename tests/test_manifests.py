@@ -15,9 +15,10 @@ import ray
 import yaml
 from ray.autoscaler._private.util import validate_config
 
-from jobs.config import load_config
-from jobs.submit import check_command
-from jobs.train import resource_demands
+from rayrlhf.jobs.cli import build_parser
+from rayrlhf.jobs.config.run import load_config
+from rayrlhf.jobs.submit import check_command
+from rayrlhf.jobs.train import resource_demands
 
 CLUSTER = Path(__file__).resolve().parent.parent / "cluster"
 SCHEMA = yaml.safe_load((CLUSTER / "schemas" / "kuberay-v1.schema.yaml").read_text())
@@ -81,8 +82,8 @@ def test_rayjob_runs_the_raycluster_spec_and_a_valid_command_that_fits_it():
     job, cluster = load("kuberay/rayjob.yaml"), load("kuberay/raycluster.yaml")
     assert job["spec"]["rayClusterSpec"] == cluster["spec"]
     python, dash_m, module, *command = shlex.split(job["spec"]["entrypoint"])
-    assert (python, dash_m, module) == ("python", "-m", "jobs.cli")
-    assert check_command(command) == command  # parses as `rayrlhf ...` would, config included
+    assert (python, dash_m, module) == ("python", "-m", "rayrlhf.jobs.cli")
+    assert check_command(command, build_parser()) == command  # parses as `rayrlhf ...` would, config included
     cfg = load_config(command[command.index("--config") + 1])
     need, have = resource_demands(cfg), capacity(cluster["spec"])
     # gpu_zero2: 2 rollout x 4 + 4 learner x 4 + reward 2 + reference 0.25 = 26.25 CPU, 2 + 4 = 6 GPU;

@@ -11,8 +11,13 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from actors import models
-from actors.models import BUILTIN_POLICIES, load_policy, resolve_policy, save_policy
+from rayrlhf.actors import models
+from rayrlhf.actors.models import (
+    BUILTIN_POLICIES,
+    load_policy,
+    resolve_policy,
+    save_policy,
+)
 
 CHAT = [{"role": "user", "content": "What is 2 plus 3?"}]
 

@@ -16,10 +16,10 @@ import ray
 from ray.cluster_utils import Cluster
 from ray.util.placement_group import placement_group_table
 
-from actors.models import resolve_policy
-from jobs.config import load_config
-from jobs.data import load_task
-from jobs.train import Roles, launch_roles, rl_step
+from rayrlhf.actors.models import resolve_policy
+from rayrlhf.jobs.config.run import load_config
+from rayrlhf.jobs.data.prompts import load_task
+from rayrlhf.jobs.train import Roles, launch_roles, rl_step
 
 LOOPBACK = dict(node_ip_address="127.0.0.1", object_store_memory=192 << 20)
 

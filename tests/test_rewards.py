@@ -10,12 +10,12 @@ import pytest
 import torch
 import wordfreq
 
-from actors import reward_scorer
-from actors.embeddings import Embedder, resolve_embedding_model
-from actors.normalizer import RunningNormalizer
-from actors.reward_fns import bleu, freq_reward, rouge_l, words
-from actors.reward_scorer import RewardScorer
-from actors.trajectory import Trajectory
+from rayrlhf.actors import reward_scorer
+from rayrlhf.actors.embeddings import Embedder, resolve_embedding_model
+from rayrlhf.actors.normalizer import RunningNormalizer
+from rayrlhf.actors.reward_fns import bleu, freq_reward, rouge_l, words
+from rayrlhf.actors.reward_scorer import RewardScorer
+from rayrlhf.actors.trajectory import Trajectory
 
 # ---------------------------------------------------------------- reward_fns
 

@@ -5,7 +5,8 @@ import math
 import pytest
 import torch
 
-from actors.rm_losses import (
+from rayrlhf.actors.rm_losses import (
+    LOSSES,
     bradley_terry,
     cross_entropy,
     focal,
@@ -95,3 +96,11 @@ def test_objective_refuses_pairwise_loss_on_rated_rows():
         objective("hinge", PARAMS, T([0.1, 0.2]), T([1.0, 0.0]), 0)
     with pytest.raises(ValueError, match="unknown loss"):
         objective("dpo", PARAMS, T([0.1, 0.2]), T([1.0, 0.0]), 1)
+
+
+def test_the_config_schema_offers_exactly_the_implemented_losses():
+    from typing import get_args
+
+    from rayrlhf.jobs.config.supervised import LossName
+
+    assert set(get_args(LossName)) == set(LOSSES)

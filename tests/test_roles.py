@@ -14,11 +14,11 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from actors.logprobs import position_ids, token_logprobs
-from actors.models import load_policy, resolve_policy
-from actors.reference_policy import ReferencePolicy
-from actors.rollout_worker import RolloutWorker
-from actors.trajectory import Prompt, Rewards
+from rayrlhf.actors.logprobs import position_ids, token_logprobs
+from rayrlhf.actors.models import load_policy, resolve_policy
+from rayrlhf.actors.reference_policy import ReferencePolicy
+from rayrlhf.actors.rollout_worker import RolloutWorker
+from rayrlhf.actors.trajectory import Prompt, Rewards
 
 K = 4  # samples per prompt
 PROMPTS = [Prompt(id=5, text="What is 2 plus 3?", reference="5"), Prompt(id=7, text="Hello! How are you?")]
@@ -210,7 +210,7 @@ def free_port() -> int:
 
 
 def make_learner(model_dir: str, name: str):
-    from actors.learner import Learner
+    from rayrlhf.actors.learner import Learner
 
     algorithm = dict(name=name, clip_eps=0.2, epochs=1, gamma=1.0, lam=0.95, value_clip=0.2, vf_coef=0.5,
                      entropy_coef=0.0, normalize_std=True)  # fmt: skip
@@ -229,7 +229,7 @@ LENGTHS = [2, 6, 4, 3, 5, 1, 6, 2]  # response lengths (EOS included) of the 2 g
 
 @pytest.mark.parametrize("name", ["grpo", "ppo"])
 def test_learner_step_sync_stale_and_save(model_dir, dist_env, tmp_path, monkeypatch, name):
-    from actors.learner import StaleTrajectoryError
+    from rayrlhf.actors.learner import StaleTrajectoryError
 
     worker = make_worker(model_dir)
     script_responses(worker, monkeypatch, responses_of_lengths(LENGTHS, 6, worker.tokenizer.eos_token_id))

@@ -21,10 +21,10 @@ import torch
 from ray import serve
 from ray.serve import RunTarget
 
-from actors.models import load_policy, resolve_policy, save_policy
-from cluster.local import init_ray, shutdown_ray
-from jobs.serve import build_app
-from jobs.serve_config import ServeConfig
+from rayrlhf.actors.models import load_policy, resolve_policy, save_policy
+from rayrlhf.cluster.local import init_ray, shutdown_ray
+from rayrlhf.jobs.config.serve import ServeConfig
+from rayrlhf.jobs.serve import build_app
 
 KEY_ENV = "RAYRLHF_TEST_SERVE_KEY"
 KEY = "sk-test-0123456789"

@@ -12,18 +12,30 @@ import ray
 import torch
 from ray.serve.schema import ServeDeploySchema
 
-from actors.batch_scheduler import DecodeScheduler
-from actors.models import load_policy, resolve_policy
-from actors.openai_engine import Job, Limits, OpenAIEngine
-from actors.openai_schema import ChatCompletionRequest, CompletionRequest, OpenAIError, parse_request
-from actors.text_generator import (
-    ChoiceDelta, GenerationError, GenerationRequest, SamplingParams, TextGenerator, Update,
-    find_stop, held_back, sample_tokens,
+from rayrlhf.actors.batch_scheduler import DecodeScheduler
+from rayrlhf.actors.models import load_policy, resolve_policy
+from rayrlhf.actors.openai_engine import Job, Limits, OpenAIEngine
+from rayrlhf.actors.openai_schema import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    OpenAIError,
+    parse_request,
 )
-from jobs.cli import main as cli_main
-from jobs.config import CONFIG_DIR, ConfigError, load_yaml
-from jobs.serve import app_builder
-from jobs.serve_config import IMPORT_PATH, ServeConfig, load_serve_config
+from rayrlhf.actors.text_generator import (
+    ChoiceDelta,
+    GenerationError,
+    GenerationRequest,
+    SamplingParams,
+    TextGenerator,
+    Update,
+    find_stop,
+    held_back,
+    sample_tokens,
+)
+from rayrlhf.jobs.cli import main as cli_main
+from rayrlhf.jobs.config.base import CONFIG_DIR, ConfigError, load_yaml
+from rayrlhf.jobs.config.serve import IMPORT_PATH, ServeConfig, load_serve_config
+from rayrlhf.jobs.serve import app_builder
 
 PROMPTS = ["What is 2 plus 3?", "Hello there, how many items are in the big box today?"]
 

@@ -24,14 +24,15 @@ import requests
 from ray._raylet import AuthenticationTokenLoader
 from ray.job_submission import JobStatus, JobSubmissionClient
 from safetensors.numpy import load_file
-
-from actors.models import resolve_policy
-from cluster.offline import DEAD_END_PROXY, OFFLINE_DEFAULTS
-from jobs.cli import main
-from jobs.submit import EXCLUDES, PROJECT_DIR, connect, wait_until_done
 from sockets import is_loopback, listening
 
+from rayrlhf.actors.models import resolve_policy
+from rayrlhf.cluster.offline import DEAD_END_PROXY, OFFLINE_DEFAULTS
+from rayrlhf.jobs.cli import main
+from rayrlhf.jobs.submit import EXCLUDES, connect, wait_until_done
+
 VENV_BIN = Path(sys.executable).parent
+PROJECT_DIR = Path(__file__).resolve().parent.parent
 TINY_RUN = ["--set", "steps=1", "--set", "data.num_eval=4", "--set", "eval_max_new_tokens=4", "--set", "kl.coef=0"]
 """One step, a small eval, no reference actor (kl.coef=0): the cheapest real training job."""
 SECRET_NAME = "RAYRLHF_TEST_SECRET"
@@ -129,7 +130,7 @@ def head():
 
 
 def ray_job_submit(head: LocalHead, *entrypoint: str) -> str:
-    """The documented plain-Ray equivalent: `ray job submit --working-dir . -- python -m jobs.train ...`."""
+    """The documented plain-Ray equivalent: `ray job submit --working-dir . -- python -m rayrlhf.jobs.train ...`."""
     submission_id = f"rr-cli-{uuid.uuid4().hex[:8]}"
     env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": head.token}
     cmd = [str(VENV_BIN / "ray"), "job", "submit", "--address", head.address, "--submission-id", submission_id,
@@ -184,7 +185,7 @@ def test_bad_input_is_refused_before_anything_is_submitted(head, capsys):
 def test_tiny_training_job_through_the_api_and_through_ray_job_submit(head, tmp_path, capsys, monkeypatch):
     secret = secrets.token_hex(8)
     monkeypatch.setenv(SECRET_NAME, secret)
-    cli_id = ray_job_submit(head, "python", "-m", "jobs.train", "--config", "ray_configs/tiny.yaml",
+    cli_id = ray_job_submit(head, "python", "-m", "rayrlhf.jobs.train", "--config", "ray_configs/tiny.yaml",
                            "--set", f"output_dir={tmp_path / 'cli'}", *TINY_RUN)
 
     code, out, err = rayrlhf(capsys, "submit", "--address", head.address, "--wait", "--env", SECRET_NAME, "--",
@@ -197,7 +198,7 @@ def test_tiny_training_job_through_the_api_and_through_ray_job_submit(head, tmp_
     info = client.get_job_info(api_id)
     assert info.status == JobStatus.SUCCEEDED and info.driver_exit_code == 0
     assert info.runtime_env["env_vars"] == {SECRET_NAME: secret}  # reached the job, by name only
-    assert info.entrypoint.startswith("python -m jobs.cli train --config tiny")
+    assert info.entrypoint.startswith("python -m rayrlhf.jobs.cli train --config tiny")
 
     assert wait_until_done(client, cli_id, timeout=300).status == JobStatus.SUCCEEDED
     trained_checkpoint(tmp_path / "api")

@@ -13,23 +13,32 @@ import torch
 import torch.nn.functional as F
 from transformers import AutoModelForSequenceClassification
 
-from actors.models import load_policy, resolve_policy
-from actors.reward_model import RewardModel, check_reward_model_dir, resolve_backbone
-from actors.reward_scorer import RewardScorer
-from actors.rollout_worker import prompt_token_ids
-from actors.sft import collate, encode_example, response_nll
-from actors.trajectory import Prompt, Trajectory
-from jobs.cli import main as cli_main
-from jobs.config import CONFIG_DIR, ConfigError, load_config, load_yaml
-from jobs.data import DataError
-from jobs.preference_task import PreferencePair, builtin_preferences, wrong_answer
-from jobs.ray_train_common import step_indices, total_steps
-from jobs.supervised_config import RMConfig, SFTConfig, load_job_config
-from jobs.supervised_data import RatedSample, load_rm_data, load_sft_data
-from jobs.task import builtin_task, family_stream
-from jobs.train import prepare as rl_prepare
-from jobs.train_rm import prepare as rm_prepare
-from jobs.train_rm import rm_inputs
+from rayrlhf.actors.models import load_policy, resolve_policy
+from rayrlhf.actors.reward_model import (
+    RewardModel,
+    check_reward_model_dir,
+    resolve_backbone,
+)
+from rayrlhf.actors.reward_scorer import RewardScorer
+from rayrlhf.actors.rollout_worker import prompt_token_ids
+from rayrlhf.actors.sft import collate, encode_example, response_nll
+from rayrlhf.actors.trajectory import Prompt, Trajectory
+from rayrlhf.jobs.cli import main as cli_main
+from rayrlhf.jobs.config.base import CONFIG_DIR, ConfigError, load_yaml
+from rayrlhf.jobs.config.run import load_config
+from rayrlhf.jobs.config.supervised import RMConfig, SFTConfig, load_job_config
+from rayrlhf.jobs.data.preferences import (
+    PreferencePair,
+    builtin_preferences,
+    wrong_answer,
+)
+from rayrlhf.jobs.data.prompts import DataError
+from rayrlhf.jobs.data.supervised import RatedSample, load_rm_data, load_sft_data
+from rayrlhf.jobs.data.task import builtin_task, family_stream
+from rayrlhf.jobs.supervised import step_indices, total_steps
+from rayrlhf.jobs.train import prepare as rl_prepare
+from rayrlhf.jobs.train_rm import prepare as rm_prepare
+from rayrlhf.jobs.train_rm import rm_inputs
 
 SCHEMAS = {"rm.yaml": RMConfig, "rm_tiny.yaml": RMConfig, "sft.yaml": SFTConfig, "sft_tiny.yaml": SFTConfig}
 

@@ -9,15 +9,15 @@ import torch
 from safetensors.numpy import load_file
 from transformers import AutoModelForCausalLM
 
-from actors.models import resolve_policy
-from actors.reward_model import RewardModel
-from cluster.local import init_ray, shutdown_ray
-from jobs.config import load_config
-from jobs.sft import sft
-from jobs.supervised_config import RMConfig, SFTConfig, load_job_config
-from jobs.supervised_data import load_rm_data
-from jobs.train import train
-from jobs.train_rm import train_rm
+from rayrlhf.actors.models import resolve_policy
+from rayrlhf.actors.reward_model import RewardModel
+from rayrlhf.cluster.local import init_ray, shutdown_ray
+from rayrlhf.jobs.config.run import load_config
+from rayrlhf.jobs.config.supervised import RMConfig, SFTConfig, load_job_config
+from rayrlhf.jobs.data.supervised import load_rm_data
+from rayrlhf.jobs.sft import sft
+from rayrlhf.jobs.train import train
+from rayrlhf.jobs.train_rm import train_rm
 
 
 @pytest.fixture(scope="module")

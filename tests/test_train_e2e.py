@@ -9,11 +9,11 @@ import torch
 from safetensors.numpy import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from actors.models import resolve_policy
-from cluster.local import init_ray, shutdown_ray
-from jobs.config import load_config
-from jobs.data import load_task
-from jobs.train import launch_roles, rl_step, train
+from rayrlhf.actors.models import resolve_policy
+from rayrlhf.cluster.local import init_ray, shutdown_ray
+from rayrlhf.jobs.config.run import load_config
+from rayrlhf.jobs.data.prompts import load_task
+from rayrlhf.jobs.train import launch_roles, rl_step, train
 
 
 @pytest.fixture(scope="module")

@@ -17,15 +17,20 @@ import pytest
 import ray
 import yaml
 from ray import tune
-from ray.util.placement_group import placement_group, placement_group_table, remove_placement_group
+from ray.util.placement_group import (
+    placement_group,
+    placement_group_table,
+    remove_placement_group,
+)
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-from cluster.actor_group import ActorGroup, PlacementError, check_fits
-from cluster.local import init_ray, shutdown_ray
-from jobs.config import CONFIG_DIR, ConfigError, load_config
-from jobs.train import train
-from jobs.tune import reports_per_trial, trial_resources, tune_weights
-from jobs.tune_config import SearchConfig, SimplexSpec, load_tune_config
+from rayrlhf.cluster.actor_group import ActorGroup, PlacementError, check_fits
+from rayrlhf.cluster.local import init_ray, shutdown_ray
+from rayrlhf.jobs.config.base import CONFIG_DIR, ConfigError
+from rayrlhf.jobs.config.run import load_config
+from rayrlhf.jobs.config.tune import SearchConfig, SimplexSpec, load_tune_config
+from rayrlhf.jobs.train import train
+from rayrlhf.jobs.tune import reports_per_trial, trial_resources, tune_weights
 
 REPO = Path(__file__).resolve().parent.parent
 ROLE_GROUP_NAMES = {"rollout", "reward", "reference", "learner"}
@@ -155,7 +160,7 @@ def test_search_interrupted_resumed_and_exported(tmp_path):
     log = tmp_path / "first_run.log"
     with open(log, "w") as sink:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "jobs.cli", "tune", "--config", str(path)], cwd=REPO,
+            [sys.executable, "-m", "rayrlhf.jobs.cli", "tune", "--config", str(path)], cwd=REPO,
             stdout=sink, stderr=subprocess.STDOUT, start_new_session=True,
         )
     try:

@@ -14,23 +14,23 @@ from typing import Any, Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from jobs.config import (
+from rayrlhf.jobs.config.base import (
     ConfigError,
-    RunConfig,
-    _merge,
-    _set_dotted,
-    _Strict,
+    StrictModel,
     load_yaml,
+    merge,
     parse_overrides,
     resolve_config_path,
+    set_dotted,
     validate,
 )
+from rayrlhf.jobs.config.run import RunConfig
 
 CIRCULAR_METRICS = {"eval/raw", "eval/total"}
 """The tuned reward itself: its scale moves with the weights, so it cannot rank them."""
 
 
-class ParamSpec(_Strict):
+class ParamSpec(StrictModel):
     """One dimension: a list of `values` (grid or choice), or a `low`..`high` range (uniform or log)."""
 
     values: list[float] | None = Field(None, min_length=1)
@@ -55,7 +55,7 @@ class ParamSpec(_Strict):
         return list(self.values) if self.values is not None else [self.low, self.high]
 
 
-class SimplexSpec(_Strict):
+class SimplexSpec(StrictModel):
     """Weights that only matter by their ratio, searched on the simplex (they sum to 1).
 
     Stick-breaking: k weights come from k-1 shares s_i in [0, 1]; w_1 = s_1, w_2 = (1 - s_1) s_2,
@@ -83,7 +83,7 @@ class SimplexSpec(_Strict):
         return out
 
 
-class SearchConfig(_Strict):
+class SearchConfig(StrictModel):
     algorithm: Literal["grid", "random", "optuna"] = "random"
     space: dict[str, ParamSpec] = {}
     """Independent dimensions: a dotted run-config field (reward.alpha, learner.lr, ...) -> its range."""
@@ -146,14 +146,14 @@ class SearchConfig(_Strict):
         return [*(self.simplex.weights if self.simplex else []), *self.space]
 
 
-class ASHAConfig(_Strict):
+class ASHAConfig(StrictModel):
     enabled: bool = True
     grace_period: int = Field(1, ge=1)
     """Held-out evaluations a trial gets before it may be stopped."""
     reduction_factor: float = Field(2.0, gt=1)
 
 
-class ObjectiveConfig(_Strict):
+class ObjectiveConfig(StrictModel):
     metric: str = "eval/rouge_l"
     """A held-out metric of jobs/train.py evaluate(): eval/rouge_l, eval/sim, eval/<component>, ..."""
     mode: Literal["max", "min"] = "max"
@@ -169,7 +169,7 @@ class ObjectiveConfig(_Strict):
         return self
 
 
-class TuneConfig(_Strict):
+class TuneConfig(StrictModel):
     name: str = "tune"
     """The experiment's folder under storage_path; an existing one is resumed."""
     base: str = "default"
@@ -195,7 +195,7 @@ class TuneConfig(_Strict):
 def _nested(fields: dict[str, Any]) -> dict[str, Any]:
     tree: dict[str, Any] = {}
     for dotted, value in fields.items():
-        _set_dotted(tree, dotted, value)
+        set_dotted(tree, dotted, value)
     return tree
 
 
@@ -206,14 +206,14 @@ class TuneSetup:
         self.cfg = tune_cfg
         self.source = source
         self.base_path = resolve_config_path(tune_cfg.base)
-        self.base_data = _merge(load_yaml(self.base_path), tune_cfg.overrides)
+        self.base_data = merge(load_yaml(self.base_path), tune_cfg.overrides)
 
     def export_data(self, fields: dict[str, float]) -> dict[str, Any]:
         """The ready-to-run config of a point: base + overrides + the point's fields (no trial budget)."""
-        return _merge(self.base_data, _nested(fields))
+        return merge(self.base_data, _nested(fields))
 
     def run_config(self, fields: dict[str, float], **extra: Any) -> RunConfig:
-        data = _merge(_merge(self.export_data(fields), self.cfg.trial), extra)
+        data = merge(merge(self.export_data(fields), self.cfg.trial), extra)
         where = f"{self.source} (base {self.base_path.name}, point {fields})"
         return validate(RunConfig, data, where)
 
@@ -233,7 +233,7 @@ class TuneSetup:
 
 def load_tune_config(path: str | Path | None = None, overrides: list[str] | None = None) -> TuneSetup:
     cfg_path = resolve_config_path(path, default="tune.yaml")
-    data = _merge(load_yaml(cfg_path), parse_overrides(overrides or []))
+    data = merge(load_yaml(cfg_path), parse_overrides(overrides or []))
     setup = TuneSetup(validate(TuneConfig, data, str(cfg_path)), str(cfg_path))
     setup.check()
     return setup

@@ -9,23 +9,21 @@ jobs -> actors.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal
+from typing import Literal
 
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import Field, model_validator
 
-CONFIG_DIR = Path(__file__).resolve().parent.parent / "ray_configs"
-
-
-class ConfigError(ValueError):
-    """A run config that cannot be used; the message names the file and field."""
-
-
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+from rayrlhf.jobs.config.base import (
+    StrictModel,
+    load_yaml,
+    merge,
+    parse_overrides,
+    resolve_config_path,
+    validate,
+)
 
 
-class PolicyConfig(_Strict):
+class PolicyConfig(StrictModel):
     model: str = "smollm2-135m-instruct"
     """A built-in name (smollm2-135m-instruct, tiny-gpt2), a local HF directory or a hub id."""
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
@@ -34,7 +32,7 @@ class PolicyConfig(_Strict):
     """Where converted built-in models are kept; default ~/.cache/rayrlhf."""
 
 
-class DataConfig(_Strict):
+class DataConfig(StrictModel):
     train: str = "builtin"
     """"builtin" or a JSONL/Parquet file with `prompt` and optional `reference` fields."""
     eval: str | None = None
@@ -45,7 +43,7 @@ class DataConfig(_Strict):
     system_prompt: str | None = None
 
 
-class RolloutConfig(_Strict):
+class RolloutConfig(StrictModel):
     num_workers: int = Field(1, ge=1)
     samples_per_prompt: int = Field(4, ge=1)
     max_new_tokens: int = Field(32, ge=1)
@@ -57,7 +55,7 @@ class RolloutConfig(_Strict):
     torch_threads: int = Field(2, ge=1)
 
 
-class RewardConfig(_Strict):
+class RewardConfig(StrictModel):
     alpha: float = 1.0
     """Weight of r_freq, the word-frequency fluency reward."""
     beta: float = 1.0
@@ -88,7 +86,7 @@ class RewardConfig(_Strict):
         return self
 
 
-class KLConfig(_Strict):
+class KLConfig(StrictModel):
     coef: float = Field(0.05, ge=0)
     estimator: Literal["k1", "k3"] = "k3"
     adaptive: bool = False
@@ -101,7 +99,7 @@ class KLConfig(_Strict):
     """It overlaps the reward scorers, but they finish in a second or two; then it runs alone."""
 
 
-class AlgorithmConfig(_Strict):
+class AlgorithmConfig(StrictModel):
     name: Literal["grpo", "ppo", "reinforce"] = "grpo"
     clip_eps: float = Field(0.2, gt=0)
     epochs: int = Field(1, ge=1)
@@ -115,7 +113,7 @@ class AlgorithmConfig(_Strict):
     """GRPO: divide group-centred rewards by the group std."""
 
 
-class LearnerConfig(_Strict):
+class LearnerConfig(StrictModel):
     num_ranks: int = Field(1, ge=1)
     zero_stage: int = Field(2, ge=0, le=3)
     offload: bool = False
@@ -133,7 +131,7 @@ class LearnerConfig(_Strict):
     gradient_checkpointing: bool = False
 
 
-class ClusterConfig(_Strict):
+class ClusterConfig(StrictModel):
     address: str | None = None
     """None: start Ray in-process on loopback (or attach to $RAY_ADDRESS)."""
     num_cpus: int | None = Field(None, ge=1)
@@ -141,14 +139,14 @@ class ClusterConfig(_Strict):
     placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"
 
 
-class LoggingConfig(_Strict):
+class LoggingConfig(StrictModel):
     wandb: Literal["offline", "online", "disabled"] = "offline"
     wandb_project: str = "rayrlhf"
     tensorboard: bool = True
     progress_bar: bool = True
 
 
-class RunConfig(_Strict):
+class RunConfig(StrictModel):
     name: str = "rayrlhf"
     seed: int = 0
     steps: int = Field(12, ge=0)
@@ -193,76 +191,7 @@ class RunConfig(_Strict):
         return self
 
 
-def _format_errors(err: ValidationError) -> str:
-    lines = []
-    for e in err.errors():
-        field = ".".join(str(p) for p in e["loc"]) or "(top level)"
-        lines.append(f"  {field}: {e['msg']}")
-    return "\n".join(lines)
-
-
-def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
-    node = tree
-    *parents, leaf = dotted.split(".")
-    for key in parents:
-        node = node.setdefault(key, {})
-        if not isinstance(node, dict):
-            raise ConfigError(f"override {dotted}: {key} is not a section")
-    node[leaf] = value
-
-
-def parse_overrides(pairs: list[str]) -> dict[str, Any]:
-    """`key.sub=value` strings (values parsed as YAML) into a nested dict."""
-    tree: dict[str, Any] = {}
-    for pair in pairs:
-        if "=" not in pair:
-            raise ConfigError(f"override '{pair}' must look like section.field=value")
-        key, raw = pair.split("=", 1)
-        _set_dotted(tree, key.strip(), yaml.safe_load(raw))
-    return tree
-
-
-def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
-    out = dict(base)
-    for key, value in extra.items():
-        if isinstance(value, dict) and isinstance(out.get(key), dict):
-            out[key] = _merge(out[key], value)
-        else:
-            out[key] = value
-    return out
-
-
-def resolve_config_path(path: str | Path | None, default: str = "default.yaml") -> Path:
-    """A config path as given, or a bare name looked up in ray_configs/."""
-    if path is None:
-        return CONFIG_DIR / default
-    p = Path(path)
-    if p.exists():
-        return p
-    named = CONFIG_DIR / (p.name if p.suffix else f"{p.name}.yaml")
-    if named.exists():
-        return named
-    raise ConfigError(f"config file not found: {path}")
-
-
-def load_yaml(path: Path) -> dict[str, Any]:
-    try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: not valid YAML: {e}") from e
-    if not isinstance(data, dict):
-        raise ConfigError(f"{path}: expected a mapping at the top level")
-    return data
-
-
-def validate(model: type[BaseModel], data: dict[str, Any], source: str) -> Any:
-    try:
-        return model.model_validate(data)
-    except ValidationError as e:
-        raise ConfigError(f"invalid config {source}:\n{_format_errors(e)}") from None
-
-
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> RunConfig:
     cfg_path = resolve_config_path(path)
-    data = _merge(load_yaml(cfg_path), parse_overrides(overrides or []))
+    data = merge(load_yaml(cfg_path), parse_overrides(overrides or []))
     return validate(RunConfig, data, str(cfg_path))

@@ -15,10 +15,10 @@ import random
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
-from actors.reward_model import prompt_as_text
-from actors.trajectory import Prompt
-from jobs.data import DataError, _to_prompt, load_task, read_records
-from jobs.preference_task import PreferencePair, builtin_preferences
+from rayrlhf.actors.reward_model import prompt_as_text
+from rayrlhf.actors.trajectory import Prompt
+from rayrlhf.jobs.data.preferences import PreferencePair, builtin_preferences
+from rayrlhf.jobs.data.prompts import DataError, _to_prompt, load_task, read_records
 
 T = TypeVar("T")
 

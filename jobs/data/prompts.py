@@ -14,8 +14,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
-from actors.trajectory import Prompt
-from jobs.task import builtin_task
+from rayrlhf.actors.trajectory import Prompt
+from rayrlhf.jobs.data.task import builtin_task
 
 JSONL_SUFFIXES = (".jsonl", ".json")
 PARQUET_SUFFIXES = (".parquet",)

@@ -11,7 +11,6 @@ number of optimizer steps done; re-running the same config finds the run's snaps
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import json
 import math
@@ -29,12 +28,12 @@ import ray
 import torch
 import yaml
 
-from actors.learner import deepspeed_config
-from cluster.actor_group import check_fits
-from cluster.local import init_ray, shutdown_ray
-from jobs.config import ClusterConfig
-from jobs.supervised_config import TrainerConfig
-from jobs.train import format_table
+from rayrlhf.actors.learner import deepspeed_config
+from rayrlhf.cluster.actor_group import check_fits
+from rayrlhf.cluster.local import init_ray, shutdown_ray
+from rayrlhf.jobs.config.run import ClusterConfig
+from rayrlhf.jobs.config.supervised import TrainerConfig
+from rayrlhf.jobs.train import format_table
 
 CHECKPOINT_TAG = "engine"
 JOB_STATE = "rayrlhf_job_state"
@@ -277,7 +276,7 @@ def check_data_fills_a_step(n: int, trainer: TrainerConfig, what: str) -> None:
     """A clear error before Ray starts, instead of a failed worker."""
     per_step = trainer.micro_batch_size * trainer.accumulation * trainer.num_workers
     if n < per_step:
-        from jobs.config import ConfigError
+        from rayrlhf.jobs.config.base import ConfigError
 
         raise ConfigError(
             f"data.train has {n} {what}, fewer than one step needs (trainer.micro_batch_size x "
@@ -285,12 +284,3 @@ def check_data_fills_a_step(n: int, trainer: TrainerConfig, what: str) -> None:
         )
 
 
-def add_arguments(parser: argparse.ArgumentParser, default_config: str) -> None:
-    parser.add_argument("--config", help=f"YAML file or a name in ray_configs/ (default: {default_config})")
-    parser.add_argument("--address", help="Ray cluster to attach to (default: $RAY_ADDRESS or a local Ray)")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="FIELD=VALUE",
-                        help="override a config field, e.g. --set trainer.zero_stage=3 (repeatable)")
-
-
-def overrides_from_args(args: argparse.Namespace) -> list[str]:
-    return list(args.overrides) + ([f"cluster.address={args.address}"] if args.address else [])

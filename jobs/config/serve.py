@@ -12,12 +12,20 @@ from typing import Any, Literal
 
 from pydantic import Field, model_validator
 
-from jobs.config import ConfigError, _merge, _Strict, load_yaml, parse_overrides, resolve_config_path, validate
+from rayrlhf.jobs.config.base import (
+    ConfigError,
+    StrictModel,
+    load_yaml,
+    merge,
+    parse_overrides,
+    resolve_config_path,
+    validate,
+)
 
-IMPORT_PATH = "jobs.serve:app_builder"
+IMPORT_PATH = "rayrlhf.jobs.serve:app_builder"
 
 
-class AutoscalingConfig(_Strict):
+class AutoscalingConfig(StrictModel):
     """Ray Serve autoscaling on ongoing requests per replica (replaces num_replicas when set)."""
 
     min_replicas: int = Field(1, ge=0)
@@ -31,7 +39,7 @@ class AutoscalingConfig(_Strict):
         return self
 
 
-class ServeConfig(_Strict):
+class ServeConfig(StrictModel):
     model: str = "smollm2-135m-instruct"
     """A built-in name (smollm2-135m-instruct, tiny-gpt2) or a checkpoint directory (e.g. outputs/x/final)."""
     served_model_name: str | None = None
@@ -117,5 +125,5 @@ def serve_settings(data: dict[str, Any], source: str) -> dict[str, Any]:
 def load_serve_config(path: str | Path | None = None, overrides: list[str] | None = None) -> ServeConfig:
     """ray_configs/serve.yaml (or a name / path), with `field=value` overrides, validated."""
     cfg_path = resolve_config_path(path, default="serve.yaml")
-    settings = _merge(serve_settings(load_yaml(cfg_path), str(cfg_path)), parse_overrides(overrides or []))
+    settings = merge(serve_settings(load_yaml(cfg_path), str(cfg_path)), parse_overrides(overrides or []))
     return validate(ServeConfig, settings, str(cfg_path))

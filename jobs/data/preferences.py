@@ -16,7 +16,7 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass
 
-from jobs.task import HELD_OUT_BLOCK, family_stream
+from rayrlhf.jobs.data.task import HELD_OUT_BLOCK, family_stream
 
 KINDS = ("wrong", "truncated", "off_topic", "corrupted")
 

@@ -1,5 +1,5 @@
 """Config schemas of the two supervised jobs, `rayrlhf train-rm` (RMConfig) and `rayrlhf sft`
-(SFTConfig): the one home of their defaults, in the style (and with the helpers) of jobs/config.py.
+(SFTConfig): the one home of their defaults, in the style (and with the helpers) of jobs/config/run.py.
 Both run as a Ray Train TorchTrainer with DeepSpeed inside; `trainer` says how.
 """
 
@@ -10,14 +10,23 @@ from typing import Literal, TypeVar
 
 from pydantic import BaseModel, Field, model_validator
 
-from actors.rm_losses import LOSSES
-from jobs.config import ClusterConfig, DataConfig, PolicyConfig, _merge, _Strict, load_yaml, parse_overrides
-from jobs.config import resolve_config_path, validate
+from rayrlhf.jobs.config.base import (
+    StrictModel,
+    load_yaml,
+    merge,
+    parse_overrides,
+    resolve_config_path,
+    validate,
+)
+from rayrlhf.jobs.config.run import ClusterConfig, DataConfig, PolicyConfig
 
 M = TypeVar("M", bound=BaseModel)
 
+LossName = Literal["bradley_terry", "hinge", "triplet", "mse", "cross_entropy", "focal"]
+"""actors/rm_losses.py LOSSES, written out so that validating a config never imports torch."""
 
-class TrainerConfig(_Strict):
+
+class TrainerConfig(StrictModel):
     """The Ray Train workers and the DeepSpeed engine in each (keys shared with the RL learner's
     DeepSpeed config builder: zero_stage, offload, micro_batch_size, grad_clip, bf16)."""
 
@@ -49,7 +58,7 @@ class TrainerConfig(_Strict):
         return self
 
 
-class RMDataConfig(_Strict):
+class RMDataConfig(StrictModel):
     train: str = "builtin"
     """"builtin" (pairs derived from the built-in task) or a JSONL/Parquet file of preference pairs
     (prompt, chosen, rejected) or rated samples (prompt, response, score and/or label)."""
@@ -58,8 +67,8 @@ class RMDataConfig(_Strict):
     num_eval: int = Field(256, ge=1)
 
 
-class RMLossConfig(_Strict):
-    name: Literal[LOSSES] = "bradley_terry"  # type: ignore[valid-type]
+class RMLossConfig(StrictModel):
+    name: LossName = "bradley_terry"
     bt_margin: float = 0.0
     hinge_margin: float = Field(1.0, ge=0)
     triplet_margin: float = Field(0.5, ge=0)
@@ -68,7 +77,7 @@ class RMLossConfig(_Strict):
     focal_alpha: float | None = Field(None, ge=0, le=1)
 
 
-class RMConfig(_Strict):
+class RMConfig(StrictModel):
     name: str = "rm"
     seed: int = 0
     output_dir: str = "outputs/rm"
@@ -86,7 +95,7 @@ class RMConfig(_Strict):
     cluster: ClusterConfig = ClusterConfig()
 
 
-class SFTConfig(_Strict):
+class SFTConfig(StrictModel):
     name: str = "sft"
     seed: int = 0
     output_dir: str = "outputs/sft"
@@ -102,5 +111,5 @@ class SFTConfig(_Strict):
 def load_job_config(model: type[M], path: str | Path | None, overrides: list[str] | None, default: str) -> M:
     """A YAML file (or a name in ray_configs/) plus `a.b=value` overrides, validated against `model`."""
     cfg_path = resolve_config_path(path, default)
-    data = _merge(load_yaml(cfg_path), parse_overrides(overrides or []))
+    data = merge(load_yaml(cfg_path), parse_overrides(overrides or []))
     return validate(model, data, str(cfg_path))

@@ -1,0 +1,357 @@
+"""The learner role: one DeepSpeed rank that updates the policy from scored trajectories.
+
+A plain class; the driver starts N of them as Ray actors with the same master address, and they
+rendezvous through torch.distributed. Each rank receives its own shard of whole prompt groups
+(`rows_per_step` rows); one optimizer step happens per pass over them (gradient accumulation
+over micro-batches), `epochs` passes per RL step.
+
+Algorithms: "grpo" and "reinforce" put per-sequence advantages on every response token and the
+KL to the reference in the loss; "ppo" adds a value head on the shared backbone, puts the KL in
+the per-token reward, and uses whitened GAE advantages (whitened per rank). The reported `kl`
+uses kl.estimator for every algorithm (PPO's reward always uses k1).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import time
+import warnings
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from rayrlhf.actors.advantages import (
+    expand_to_tokens,
+    final_token_rewards,
+    gae,
+    grpo_advantages,
+    masked_mean,
+    masked_whiten,
+    reinforce_advantages,
+)
+from rayrlhf.actors.logprobs import (
+    PolicyOutput,
+    first_response_column,
+    from_numpy,
+    policy_forward,
+)
+from rayrlhf.actors.losses import (
+    clipped_policy_loss,
+    clipped_value_loss,
+    kl_penalty,
+    make_kl_controller,
+)
+from rayrlhf.actors.models import load_policy, save_policy
+from rayrlhf.actors.trajectory import Rewards, Trajectory, concat
+
+ALGORITHMS = ("grpo", "reinforce", "ppo")
+
+
+class StaleTrajectoryError(RuntimeError):
+    """A trajectory sampled by another policy version than the one being trained."""
+
+
+class PolicyWithValue(nn.Module):
+    """The policy plus an optional zero-initialised value head on its last hidden state;
+    one module so that DeepSpeed shards and steps both."""
+
+    def __init__(self, policy: nn.Module, with_value: bool):
+        super().__init__()
+        self.policy = policy
+        self.value_head = None
+        if with_value:
+            self.value_head = nn.Linear(policy.config.hidden_size, 1, dtype=policy.dtype)
+            nn.init.zeros_(self.value_head.weight)
+            nn.init.zeros_(self.value_head.bias)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        temperature: float,
+        entropy_grad: bool,
+        first_scored: int,
+    ) -> tuple[PolicyOutput, torch.Tensor | None]:
+        out = policy_forward(
+            self.policy,
+            input_ids,
+            attention_mask,
+            temperature,
+            with_entropy=True,
+            entropy_grad=entropy_grad,
+            with_hidden=self.value_head is not None,
+            first_scored=first_scored,
+        )
+        values = None
+        if self.value_head is not None:  # values[:, t] = V(state in which token t is chosen)
+            values = self.value_head(out.hidden).squeeze(-1).float()
+        return out, values
+
+
+def disable_dropout(model: nn.Module) -> None:
+    """RL needs the learner's log-probs to match the rollout's (eval-mode) ones."""
+    for module in model.modules():
+        if isinstance(module, nn.Dropout):
+            module.p = 0.0
+        if isinstance(getattr(module, "attention_dropout", None), float):
+            module.attention_dropout = 0.0
+
+
+def deepspeed_config(learner: dict[str, Any], world_size: int, accumulation: int) -> dict[str, Any]:
+    stage = learner["zero_stage"]
+    zero: dict[str, Any] = {"stage": stage}
+    if learner["offload"]:
+        if stage == 0:
+            raise ValueError("learner.offload needs learner.zero_stage >= 1")
+        zero["offload_optimizer"] = {"device": "cpu"}
+        if stage == 3:
+            zero["offload_param"] = {"device": "cpu"}
+    return {
+        "train_micro_batch_size_per_gpu": learner["micro_batch_size"],
+        "gradient_accumulation_steps": accumulation,
+        "train_batch_size": learner["micro_batch_size"] * accumulation * world_size,
+        "gradient_clipping": learner["grad_clip"],
+        "zero_optimization": zero,
+        "zero_force_ds_cpu_optimizer": False,  # keep torch AdamW: DeepSpeed's CPU Adam is a 50 s JIT build
+        "bf16": {"enabled": learner["bf16"]},
+        "steps_per_print": 1 << 30,
+    }
+
+
+class Learner:
+    def __init__(
+        self,
+        *,
+        rank: int,
+        world_size: int,
+        master_addr: str,
+        master_port: int,
+        model_dir: str,
+        seed: int,
+        temperature: float,
+        rows_per_step: int,
+        algorithm: dict[str, Any],
+        kl: dict[str, Any],
+        learner: dict[str, Any],
+    ):
+        if algorithm["name"] not in ALGORITHMS:
+            raise ValueError(f"unknown algorithm.name {algorithm['name']!r}: expected one of {ALGORITHMS}")
+        os.environ.update(
+            MASTER_ADDR=master_addr, MASTER_PORT=str(master_port), RANK=str(rank),
+            WORLD_SIZE=str(world_size), LOCAL_RANK="0",  # one process (and at most one GPU) per actor
+        )  # fmt: skip
+        # DeepSpeed's ZeRO-3 calls torch.distributed functions that warn on every step.
+        warnings.filterwarnings("ignore", message=r".*torch\.distributed\.\w+` is deprecated", category=FutureWarning)
+        torch.set_num_threads(learner["torch_threads"])
+        torch.manual_seed(seed)
+        import deepspeed  # imported here: it probes accelerators at import time
+
+        backend = learner["backend"]
+        if backend == "auto":
+            backend = "nccl" if torch.cuda.is_available() else "gloo"
+        deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, verbose=False)
+
+        self.rank, self.world_size = rank, world_size
+        self.algorithm, self.temperature, self.rows_per_step = algorithm, temperature, rows_per_step
+        self.kl_estimator = kl["estimator"]
+        self.kl_ctl = make_kl_controller(**kl)
+        self.zero_stage = learner["zero_stage"]
+        self.accumulation = math.ceil(rows_per_step / learner["micro_batch_size"])
+        self.micro_batch_size = learner["micro_batch_size"]
+
+        self.policy, self.tokenizer = load_policy(model_dir)
+        disable_dropout(self.policy)
+        if learner["gradient_checkpointing"]:
+            self.policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        module = PolicyWithValue(self.policy, with_value=algorithm["name"] == "ppo").train()
+        optimizer = torch.optim.AdamW(module.parameters(), lr=learner["lr"], weight_decay=learner["weight_decay"])
+        self.engine, *_ = deepspeed.initialize(
+            model=module, optimizer=optimizer, config=deepspeed_config(learner, world_size, self.accumulation)
+        )
+        self.device = self.engine.device
+        self.version = 0
+
+    def get_version(self) -> int:
+        return self.version
+
+    # --- weights -------------------------------------------------------------------------
+
+    def _gathered(self) -> contextlib.AbstractContextManager:
+        """Full parameters on every rank for the duration (a collective under ZeRO-3)."""
+        if self.zero_stage == 3:
+            import deepspeed
+
+            return deepspeed.zero.GatheredParameters(list(self.engine.module.parameters()), modifier_rank=None)
+        return contextlib.nullcontext()
+
+    def get_weights(self) -> dict[str, np.ndarray] | None:
+        """Collective: rank 0 gets the policy's full state dict (HF names, fp32); others None."""
+        with self._gathered():
+            if self.rank != 0:
+                return None
+            state = self.policy.state_dict()
+            return {name: t.detach().to("cpu", torch.float32).numpy().copy() for name, t in state.items()}
+
+    def save(self, path: str) -> str | None:
+        """Collective: rank 0 writes a Hugging Face directory (safetensors + tokenizer)."""
+        with self._gathered():
+            if self.rank != 0:
+                return None
+            return str(save_policy(self.policy, self.tokenizer, path))
+
+    # --- training ------------------------------------------------------------------------
+
+    def _join(self, parts: tuple) -> tuple[Trajectory, np.ndarray, np.ndarray, np.ndarray | None]:
+        """Concatenates this rank's triples; ref_logprobs are all None when the run has no KL term."""
+        if not parts or len(parts) % 3:
+            raise ValueError("learn() takes (Trajectory, Rewards, ref_logprobs) triples")
+        trajs: list[Trajectory] = list(parts[0::3])
+        rewards: list[Rewards] = list(parts[1::3])
+        refs: list[np.ndarray] = list(parts[2::3])
+        for traj in trajs:
+            if traj.policy_version != self.version:
+                raise StaleTrajectoryError(
+                    f"trajectory sampled by policy version {traj.policy_version}, "
+                    f"but the learner is at version {self.version}"
+                )
+        no_reference = all(r is None for r in refs)
+        for traj, reward, ref in zip(trajs, rewards, refs):
+            ref_shape = traj.input_ids.shape if no_reference else getattr(ref, "shape", None)
+            if ref_shape != traj.input_ids.shape or reward.total.shape != (len(traj),):
+                raise ValueError(
+                    f"mismatched part: trajectory {traj.input_ids.shape}, ref_logprobs {ref_shape}, "
+                    f"rewards {reward.total.shape}"
+                )
+        batch = concat(trajs)
+        width = batch.input_ids.shape[1]
+        ref = None if no_reference else np.concatenate([np.pad(r, ((0, 0), (0, width - r.shape[1]))) for r in refs])
+        scores = np.concatenate([r.total for r in rewards]).astype(np.float32)
+        raw = np.concatenate([r.raw_total for r in rewards]).astype(np.float32)
+        if len(batch) != self.rows_per_step:
+            raise ValueError(f"this rank expects {self.rows_per_step} rows per step, got {len(batch)}")
+        return batch, scores, raw, ref
+
+    def _forward(self, rows: dict[str, torch.Tensor], entropy_grad: bool) -> tuple[PolicyOutput, torch.Tensor | None]:
+        first = first_response_column(rows["response_mask"])
+        return self.engine(rows["input_ids"], rows["attention_mask"], self.temperature, entropy_grad, first)
+
+    def _micro_batches(self, batch: dict[str, torch.Tensor]) -> list[dict[str, torch.Tensor]]:
+        """Row slices, each cut to the columns where it has any real token (saves compute)."""
+        out = []
+        for start in range(0, len(batch["input_ids"]), self.micro_batch_size):
+            rows = {k: v[start : start + self.micro_batch_size] for k, v in batch.items()}
+            used = rows["attention_mask"].any(dim=0).nonzero().squeeze(-1)
+            lo, hi = int(used.min()), int(used.max()) + 1
+            out.append({k: v[:, lo:hi] if v.dim() == 2 else v for k, v in rows.items()})
+        return out
+
+    def _advantages(self, batch: dict[str, torch.Tensor], kl_coef: float) -> None:
+        """Adds "advantages" (and for PPO "old_values", "returns") to the batch, in place."""
+        algo, mask = self.algorithm, batch["response_mask"]
+        if algo["name"] == "grpo":
+            seq = grpo_advantages(batch["scores"], batch["group_ids"], algo["normalize_std"])
+            batch["advantages"] = expand_to_tokens(seq, mask)
+        elif algo["name"] == "reinforce":
+            batch["advantages"] = expand_to_tokens(reinforce_advantages(batch["scores"], batch["group_ids"]), mask)
+        else:
+            with torch.no_grad():  # values of the policy that sampled, before any update
+                batch["old_values"] = torch.zeros_like(mask)
+                for start in range(0, len(mask), self.micro_batch_size):
+                    rows = {k: v[start : start + self.micro_batch_size] for k, v in batch.items()}
+                    _, values = self._forward(rows, entropy_grad=False)
+                    batch["old_values"][start : start + self.micro_batch_size] = values * rows["response_mask"]
+            rewards = final_token_rewards(batch["scores"], mask)
+            if "ref_logprobs" in batch:
+                rewards = rewards - kl_coef * kl_penalty(batch["old_logprobs"], batch["ref_logprobs"], "k1") * mask
+            advantages, batch["returns"] = gae(rewards, batch["old_values"], mask, algo["gamma"], algo["lam"])
+            batch["advantages"] = masked_whiten(advantages, mask)
+
+    def _loss(self, rows: dict[str, torch.Tensor], kl_coef: float) -> tuple[torch.Tensor, dict[str, float]]:
+        algo, mask = self.algorithm, rows["response_mask"]
+        out, values = self._forward(rows, entropy_grad=algo["entropy_coef"] > 0)
+        pg_loss, clip_frac = clipped_policy_loss(
+            out.logprobs, rows["old_logprobs"], rows["advantages"], mask, algo["clip_eps"]
+        )
+        if "ref_logprobs" in rows:
+            kl = masked_mean(kl_penalty(out.logprobs, rows["ref_logprobs"], self.kl_estimator), mask)
+        else:  # no reference policy: the run has no KL term
+            kl = torch.zeros((), device=mask.device)
+        entropy = masked_mean(out.entropy, mask)
+        loss = pg_loss - algo["entropy_coef"] * entropy
+        stats = {"pg_loss": pg_loss.item(), "kl": kl.item(), "entropy": entropy.item(), "clip_frac": clip_frac.item()}
+        if values is None:
+            loss = loss + kl_coef * kl
+        else:
+            value_loss = clipped_value_loss(values, rows["old_values"], rows["returns"], mask, algo["value_clip"])
+            loss = loss + algo["vf_coef"] * value_loss
+            stats["value_loss"] = value_loss.item()
+        stats["loss"] = loss.item()
+        return loss, stats
+
+    def _grad_norm(self) -> float:
+        norm = self.engine.get_global_grad_norm()
+        if norm is None:  # ZeRO-0 in fp32 does not record it: grads are still on the params
+            grads = [p.grad.float().norm() for p in self.engine.module.parameters() if p.grad is not None]
+            norm = torch.stack(grads).norm() if grads else 0.0
+        return float(norm)
+
+    def learn(self, *parts: Any) -> dict[str, float]:
+        """One RL step on (Trajectory, Rewards, ref_logprobs) triples; returns averaged metrics."""
+        start = time.perf_counter()
+        traj, scores, raw_scores, ref = self._join(parts)
+        batch = {
+            "input_ids": from_numpy(traj.input_ids).long(),
+            "attention_mask": from_numpy(traj.attention_mask).long(),
+            "response_mask": from_numpy(traj.response_mask).float(),
+            "old_logprobs": from_numpy(traj.old_logprobs).float(),
+            "scores": from_numpy(scores),
+            "group_ids": from_numpy(traj.group_ids).long(),
+        }
+        if ref is not None:
+            batch["ref_logprobs"] = from_numpy(ref).float()
+        batch = {k: v.to(self.device) for k, v in batch.items()}
+        kl_coef = float(self.kl_ctl.value)
+        self._advantages(batch, kl_coef)
+
+        sums: dict[str, float] = {}
+        grad_norms = []
+        micro = self._micro_batches(batch)
+        for _ in range(self.algorithm["epochs"]):
+            for rows in micro:
+                loss, stats = self._loss(rows, kl_coef)
+                self.engine.backward(loss)
+                boundary = self.engine.is_gradient_accumulation_boundary()
+                if boundary and self.zero_stage == 0:
+                    grad_norms.append(self._grad_norm())  # before step() clears the grads
+                self.engine.step()
+                if boundary and self.zero_stage != 0:
+                    grad_norms.append(self._grad_norm())
+                for key, value in stats.items():
+                    sums[key] = sums.get(key, 0.0) + value
+        n = self.algorithm["epochs"] * len(micro)
+        metrics = {key: value / n for key, value in sums.items()}
+        metrics["grad_norm"] = float(np.mean(grad_norms))
+        metrics["reward_mean"] = float(raw_scores.mean())  # unnormalised: comparable across steps
+        metrics["response_length"] = float(traj.response_lengths.mean())
+        metrics["tokens"] = float(traj.response_mask.sum())
+        metrics = self._mean_over_ranks(metrics)
+        metrics["tokens"] *= self.world_size  # the total over ranks
+        metrics["kl_coef"] = kl_coef
+        self.kl_ctl.update(metrics["kl"], len(traj) * self.world_size)
+        self.version += 1
+        metrics["version"] = float(self.version)
+        metrics["learn_seconds"] = time.perf_counter() - start
+        return metrics
+
+    def _mean_over_ranks(self, metrics: dict[str, float]) -> dict[str, float]:
+        """Every rank must see the same KL so that their KL controllers stay identical."""
+        if self.world_size == 1:
+            return metrics
+        keys = sorted(metrics)
+        values = torch.tensor([metrics[k] for k in keys], dtype=torch.float64, device=self.device)
+        torch.distributed.all_reduce(values)
+        return {k: float(v) / self.world_size for k, v in zip(keys, values.tolist())}

@@ -1,0 +1,104 @@
+"""Per-token RL losses, the KL penalty and its coefficient controllers.
+
+Tensors are [B, T], aligned to token positions, with a float response `mask` (see advantages.py).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from rayrlhf.actors.advantages import masked_mean
+
+_MAX_LOG_RATIO = 20.0
+"""k3 clamps log(ref/policy) to +-20 so exp() cannot overflow on far-off (e.g. padding) tokens."""
+
+
+def kl_penalty(logp: Tensor, ref_logp: Tensor, estimator: str) -> Tensor:
+    """Per-token estimate of KL(policy || reference) from log-probs of the sampled tokens.
+
+    Schulman's estimators (http://joschu.net/blog/kl-approx.html): k1 = log(p/q) is unbiased but
+    can be negative; k3 = q/p - log(q/p) - 1 is unbiased, always >= 0 and has lower variance.
+    """
+    if estimator == "k1":
+        return logp - ref_logp
+    if estimator == "k3":
+        log_ratio = (ref_logp - logp).clamp(-_MAX_LOG_RATIO, _MAX_LOG_RATIO)
+        return torch.exp(log_ratio) - log_ratio - 1
+    raise ValueError(f"unknown kl.estimator {estimator!r}: expected 'k1' or 'k3'")
+
+
+def clipped_policy_loss(
+    logp: Tensor, old_logp: Tensor, advantages: Tensor, mask: Tensor, clip_eps: float
+) -> tuple[Tensor, Tensor]:
+    """PPO clipped surrogate loss and the fraction of clipped tokens.
+
+    clip_frac is the masked fraction of tokens where the clipped term is strictly smaller than
+    the unclipped one, so min() takes it and the token's gradient is zero: ratio > 1 + eps with
+    A > 0, or ratio < 1 - eps with A < 0. Tokens outside the range on the other side (where
+    clipping would be optimistic) keep their gradient and do not count. It carries no gradient.
+    """
+    log_ratio = torch.where(mask != 0, logp - old_logp, torch.zeros_like(logp))
+    ratio = torch.exp(log_ratio)
+    unclipped = ratio * advantages
+    clipped = ratio.clamp(1 - clip_eps, 1 + clip_eps) * advantages
+    loss = masked_mean(-torch.minimum(unclipped, clipped), mask)
+    clip_frac = masked_mean((clipped < unclipped).to(mask.dtype), mask).detach()
+    return loss, clip_frac
+
+
+def clipped_value_loss(values: Tensor, old_values: Tensor, returns: Tensor, mask: Tensor, clip: float) -> Tensor:
+    """PPO value loss: the worse of the plain and the clipped squared error, so the value head
+    cannot move further than `clip` from the rollout-time value in one update to fit the return."""
+    clipped = old_values + (values - old_values).clamp(-clip, clip)
+    worst = torch.maximum((values - returns) ** 2, (clipped - returns) ** 2)
+    return 0.5 * masked_mean(worst, mask)
+
+
+def entropy_from_logits(logits: Tensor) -> Tensor:
+    """Entropy of softmax(logits) over the last dim: [B, T, V] -> [B, T].
+
+    log_softmax keeps large logits stable; clamping -inf log-probs (masked vocabulary entries)
+    to the dtype's minimum makes their 0 * log 0 term 0 instead of NaN.
+    """
+    logp = torch.log_softmax(logits, dim=-1)
+    return -(logp.exp() * logp.clamp(min=torch.finfo(logp.dtype).min)).sum(dim=-1)
+
+
+class FixedKLController:
+    """A constant KL coefficient."""
+
+    def __init__(self, coef: float):
+        self.value = coef
+
+    def update(self, current_kl: float, n_steps: int) -> None:
+        pass
+
+
+class AdaptiveKLController:
+    """Proportional controller steering the measured KL towards `target` (Ziegler et al. 2019).
+
+    The relative error is clipped to +-0.2, so the coefficient changes by at most
+    0.2 * n_steps / horizon per update.
+    """
+
+    def __init__(self, init_coef: float, target: float, horizon: int):
+        self.value = init_coef
+        self.target = target
+        self.horizon = horizon
+
+    def update(self, current_kl: float, n_steps: int) -> None:
+        err = min(max(current_kl / self.target - 1.0, -0.2), 0.2)
+        self.value *= 1.0 + err * n_steps / self.horizon
+
+
+def make_kl_controller(
+    coef: float, adaptive: bool, target: float, horizon: int, estimator: str | None = None, **_: object
+) -> FixedKLController | AdaptiveKLController:
+    """The controller for KLConfig's fields: `make_kl_controller(**cfg.kl.model_dump())`.
+
+    KLConfig's other fields (the estimator, the reference actor's launch options) are ignored.
+    """
+    if adaptive:
+        return AdaptiveKLController(coef, target, horizon)
+    return FixedKLController(coef)

@@ -1,0 +1,92 @@
+"""The batch that flows rollout -> reward/reference -> learner through the object store.
+
+Arrays are numpy so that Ray hands them over zero-copy. One row is one sampled response;
+the k samples of a prompt share a group id and always travel in the same batch, so
+group-relative advantages never need another shard.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+
+@dataclass
+class Prompt:
+    """One task item: what the rollout worker is asked, and what a good answer looks like."""
+
+    id: int
+    text: str | list[dict[str, str]]
+    """Plain text, or chat messages [{"role": ..., "content": ...}] for the chat template."""
+    reference: str | None = None
+
+
+@dataclass
+class Trajectory:
+    input_ids: np.ndarray
+    """[B, T] int64: left-padded prompt followed by the right-padded response."""
+    attention_mask: np.ndarray
+    """[B, T] int64: 1 on real prompt and response tokens."""
+    response_mask: np.ndarray
+    """[B, T] float32: 1 on generated tokens (EOS included), 0 on prompt and padding."""
+    old_logprobs: np.ndarray
+    """[B, T] float32: log p(token_t | tokens_<t) under the policy that sampled it."""
+    group_ids: np.ndarray
+    """[B] int64: the prompt's index in the data set; the k samples of a prompt share it."""
+    sample_ids: np.ndarray
+    """[B] int64: unique per row within a step (group_id * k + j)."""
+    policy_version: int
+    prompts: list[str] = field(default_factory=list)
+    responses: list[str] = field(default_factory=list)
+    references: list[str | None] = field(default_factory=list)
+    prompt_texts: list[str | list[dict[str, str]]] = field(default_factory=list)
+    """Each row's prompt as asked (Prompt.text, before any chat template): what a learned reward
+    model reads as x in r_rm(x, y)."""
+
+    def __len__(self) -> int:
+        return int(self.input_ids.shape[0])
+
+    @property
+    def response_lengths(self) -> np.ndarray:
+        return self.response_mask.sum(axis=1)
+
+
+@dataclass
+class Rewards:
+    """What a reward scorer returns for one trajectory batch."""
+
+    total: np.ndarray
+    """[B] float32: the weighted sum the learner optimises (normalised if configured)."""
+    raw_total: np.ndarray
+    """[B] float32: the weighted sum of the raw components; comparable across steps and runs."""
+    components: dict[str, np.ndarray]
+    """Raw, unweighted per-row values of each component, for logging."""
+
+
+def concat(batches: list[Trajectory]) -> Trajectory:
+    """Join trajectory batches; shorter ones are right-padded to the longest sequence."""
+    if len(batches) == 1:
+        return batches[0]
+    versions = {b.policy_version for b in batches}
+    if len(versions) != 1:
+        raise ValueError(f"cannot join trajectories of different policy versions {sorted(versions)}")
+    width = max(b.input_ids.shape[1] for b in batches)
+
+    def pad(name: str) -> np.ndarray:
+        arrays = [getattr(b, name) for b in batches]
+        return np.concatenate([np.pad(a, ((0, 0), (0, width - a.shape[1]))) for a in arrays])
+
+    return Trajectory(
+        input_ids=pad("input_ids"),
+        attention_mask=pad("attention_mask"),
+        response_mask=pad("response_mask"),
+        old_logprobs=pad("old_logprobs"),
+        group_ids=np.concatenate([b.group_ids for b in batches]),
+        sample_ids=np.concatenate([b.sample_ids for b in batches]),
+        policy_version=versions.pop(),
+        prompts=[p for b in batches for p in b.prompts],
+        responses=[r for b in batches for r in b.responses],
+        references=[r for b in batches for r in b.references],
+        prompt_texts=[p for b in batches for p in b.prompt_texts],
+    )

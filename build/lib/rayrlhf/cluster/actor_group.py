@@ -1,0 +1,140 @@
+"""Replicas of one role, reserved together in a placement group.
+
+A role is a plain class; it becomes a Ray actor here, at launch, so the class itself stays
+importable and testable without Ray. Reserving every replica's resources in one placement
+group means a group either starts whole or fails with a clear message, never half-placed.
+
+Inside a placement group that someone else reserved for the whole run (a Ray Tune trial: bundle 0
+holds the trial's driver, then one bundle per role actor, in launch order), a group takes the
+next free bundles of that group instead of reserving its own, so trials never starve each other.
+"""
+
+from __future__ import annotations
+
+import socket
+from collections.abc import Callable
+from typing import Any
+
+import ray
+from ray.util.placement_group import (
+    PlacementGroup,
+    get_current_placement_group,
+    placement_group,
+    remove_placement_group,
+)
+from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+PLACEMENT_TIMEOUT_S = 120
+
+
+class PlacementError(RuntimeError):
+    """The cluster cannot hold the requested actors."""
+
+
+def check_fits(demands: dict[str, float]) -> None:
+    """Fail before reserving anything when the cluster (or the enclosing placement group) lacks room."""
+    enclosing = get_current_placement_group()
+    where, available = "cluster", ray.cluster_resources()
+    if enclosing is not None:
+        where, available = "placement group", {}
+        for bundle in enclosing.bundle_specs[1:]:  # bundle 0 is the caller's own
+            for key, value in bundle.items():
+                available[key] = available.get(key, 0.0) + value
+    short = {k: (v, available.get(k, 0.0)) for k, v in demands.items() if v > available.get(k, 0.0) + 1e-9}
+    if short:
+        detail = ", ".join(f"{k}: needs {need:g}, {where} has {have:g}" for k, (need, have) in short.items())
+        raise PlacementError(f"the run's actors do not fit the cluster ({detail}); lower the num_cpus/num_gpus of the roles")
+
+
+def _free_port() -> tuple[str, int]:
+    ip = ray.util.get_node_ip_address()
+    with socket.socket() as s:
+        s.bind((ip, 0))
+        return ip, s.getsockname()[1]
+
+
+class ActorGroup:
+    """Reserve `size` bundles at construction; `start` then places one actor per bundle."""
+
+    def __init__(
+        self, size: int, *, name: str, num_cpus: float, num_gpus: float = 0.0, strategy: str = "PACK"
+    ) -> None:
+        self.name = name
+        self.size = size
+        self.resources = {"CPU": num_cpus, **({"GPU": num_gpus} if num_gpus else {})}
+        self.actors: list[Any] = []
+        enclosing = get_current_placement_group()
+        self.owns_placement = enclosing is None
+        if enclosing is not None:
+            self.placement = enclosing
+            self.bundles = _take_bundles(enclosing, size, self.resources, name)
+            return
+        self.bundles = list(range(size))
+        self.placement = placement_group([dict(self.resources) for _ in range(size)], strategy=strategy, name=name)
+        ready, _ = ray.wait([self.placement.ready()], timeout=PLACEMENT_TIMEOUT_S)
+        if not ready:
+            remove_placement_group(self.placement)
+            raise PlacementError(f"{name}: {size} x {self.resources} could not be placed within {PLACEMENT_TIMEOUT_S}s")
+
+    def start(self, role: type, kwargs_for: Callable[[int], dict[str, Any]]) -> ActorGroup:
+        remote_role = ray.remote(role)
+        self.actors = [
+            remote_role.options(
+                num_cpus=self.resources["CPU"],
+                num_gpus=self.resources.get("GPU", 0),
+                scheduling_strategy=self._in_bundle(rank),
+            ).remote(**kwargs_for(rank))
+            for rank in range(self.size)
+        ]
+        return self
+
+    def _in_bundle(self, rank: int) -> PlacementGroupSchedulingStrategy:
+        return PlacementGroupSchedulingStrategy(
+            placement_group=self.placement,
+            placement_group_bundle_index=self.bundles[rank],
+            placement_group_capture_child_tasks=True,
+        )
+
+    def rendezvous(self) -> tuple[str, int]:
+        """Address and a free port on the node of bundle 0, for torch.distributed's rank 0."""
+        probe = ray.remote(_free_port).options(num_cpus=0, scheduling_strategy=self._in_bundle(0))
+        return ray.get(probe.remote())
+
+    def call(self, method: str, *args: Any, **kwargs: Any) -> list[ray.ObjectRef]:
+        return [getattr(actor, method).remote(*args, **kwargs) for actor in self.actors]
+
+    def __len__(self) -> int:
+        return len(self.actors)
+
+    def __getitem__(self, rank: int) -> Any:
+        return self.actors[rank]
+
+    def shutdown(self) -> None:
+        for actor in self.actors:
+            ray.kill(actor)
+        if self.owns_placement:
+            remove_placement_group(self.placement)
+        else:
+            _taken[self.placement.id.hex()].difference_update(self.bundles)
+
+
+_taken: dict[str, set[int]] = {}
+"""Bundles of an enclosing placement group already given to a group of this process."""
+
+
+def _take_bundles(pg: PlacementGroup, size: int, resources: dict[str, float], name: str) -> list[int]:
+    """`size` free bundles (after bundle 0, the caller's) that hold `resources`, exact matches first."""
+    taken = _taken.setdefault(pg.id.hex(), set())
+    specs = pg.bundle_specs
+    fits = [
+        i for i, bundle in enumerate(specs)
+        if i > 0 and i not in taken and all(bundle.get(k, 0.0) >= v - 1e-9 for k, v in resources.items())
+    ]
+    fits.sort(key=lambda i: (specs[i] != resources, i))
+    if len(fits) < size:
+        raise PlacementError(
+            f"{name}: the enclosing placement group has {len(fits)} free bundle(s) holding {resources}, "
+            f"needs {size}; its bundles are {pg.bundle_specs}"
+        )
+    taken.update(fits[:size])
+    return fits[:size]

@@ -1,0 +1,129 @@
+"""The schema of `rayrlhf serve`: the one home of the server's defaults.
+
+ray_configs/serve.yaml is a Ray Serve config file, so `serve run` / `serve deploy` take it as it
+is: `http_options` say where Serve listens and the application's `args` are a ServeConfig. The
+same file feeds `rayrlhf serve`, which reads host and port from `http_options`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import Field, model_validator
+
+from rayrlhf.jobs.config.base import (
+    ConfigError,
+    StrictModel,
+    load_yaml,
+    merge,
+    parse_overrides,
+    resolve_config_path,
+    validate,
+)
+
+IMPORT_PATH = "rayrlhf.jobs.serve:app_builder"
+
+
+class AutoscalingConfig(StrictModel):
+    """Ray Serve autoscaling on ongoing requests per replica (replaces num_replicas when set)."""
+
+    min_replicas: int = Field(1, ge=0)
+    max_replicas: int = Field(2, ge=1)
+    target_ongoing_requests: float = Field(8.0, gt=0)
+
+    @model_validator(mode="after")
+    def _ordered(self) -> AutoscalingConfig:
+        if self.min_replicas > self.max_replicas:
+            raise ValueError(f"min_replicas ({self.min_replicas}) > max_replicas ({self.max_replicas})")
+        return self
+
+
+class ServeConfig(StrictModel):
+    model: str = "smollm2-135m-instruct"
+    """A built-in name (smollm2-135m-instruct, tiny-gpt2) or a checkpoint directory (e.g. outputs/x/final)."""
+    served_model_name: str | None = None
+    """The `model` clients send; default: the built-in name or the checkpoint path as given."""
+    cache_dir: str | None = None
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    host: str = "127.0.0.1"
+    """Where `rayrlhf serve` binds (serve.yaml: http_options.host). Anything else exposes the model."""
+    port: int = Field(8000, ge=1, le=65535)
+    route_prefix: str = "/"
+    app_name: str = "rayrlhf"
+    """host, port, route_prefix and app_name say where the app runs: `rayrlhf serve` uses them,
+    the application builder ignores them (Serve takes them from the config file)."""
+    num_replicas: int = Field(1, ge=1)
+    autoscaling: AutoscalingConfig | None = None
+    num_cpus: float = Field(1.0, gt=0)
+    """CPUs reserved per replica."""
+    torch_threads: int = Field(1, ge=1)
+    """Per replica. One: the replica shares the cores with Serve's proxy and the event loop, and two
+    threads on two busy cores thrash (measured 10-15x slower decoding under load)."""
+    max_batch_size: int = Field(8, ge=1)
+    """Sequences (prompts x n) decoded together; 1 turns batching off."""
+    batch_wait_timeout_s: float = Field(0.02, ge=0)
+    """How long the first request of a batch waits for others to join."""
+    max_ongoing_requests: int = Field(32, ge=1)
+    """Requests one replica accepts at once (queued ones wait for the next batch)."""
+    default_max_tokens: int = Field(16, ge=1)
+    """max_tokens when a request gives none (OpenAI's completions default)."""
+    max_tokens: int = Field(256, ge=1)
+    """Upper limit of a request's max_tokens."""
+    max_prompt_tokens: int | None = Field(None, ge=1)
+    """Longest prompt accepted; default: the model's context length minus max_tokens."""
+    request_timeout_s: float = Field(60.0, gt=0)
+    """A request that has not finished by then gets 504 and leaves the batch."""
+    auth_env: str | None = "RAYRLHF_API_KEY"
+    """Environment variable holding the bearer token; auth is on when it is set on the replicas."""
+
+    @model_validator(mode="after")
+    def _consistent(self) -> ServeConfig:
+        if self.default_max_tokens > self.max_tokens:
+            raise ValueError(f"default_max_tokens ({self.default_max_tokens}) > max_tokens ({self.max_tokens})")
+        if self.max_ongoing_requests < self.max_batch_size:
+            raise ValueError(
+                f"max_ongoing_requests ({self.max_ongoing_requests}) < max_batch_size ({self.max_batch_size}): "
+                "a batch could never fill"
+            )
+        if not self.route_prefix.startswith("/"):
+            raise ValueError(f"route_prefix must start with '/': {self.route_prefix!r}")
+        return self
+
+    @property
+    def model_name(self) -> str:
+        return self.served_model_name or self.model
+
+
+def _application(data: dict[str, Any], source: str) -> dict[str, Any]:
+    apps = data.get("applications")
+    if not isinstance(apps, list) or len(apps) != 1 or not isinstance(apps[0], dict):
+        raise ConfigError(f"{source}: applications: expected a list with one application")
+    app = apps[0]
+    if app.get("import_path") != IMPORT_PATH:
+        raise ConfigError(f"{source}: applications[0].import_path: expected {IMPORT_PATH!r}")
+    return app
+
+
+def serve_settings(data: dict[str, Any], source: str) -> dict[str, Any]:
+    """A Serve config file's settings as one flat ServeConfig mapping (not yet validated)."""
+    app = _application(data, source)
+    args = app.get("args") or {}
+    if not isinstance(args, dict):
+        raise ConfigError(f"{source}: applications[0].args: expected a mapping")
+    http = data.get("http_options") or {}
+    out = dict(args)
+    for key in ("host", "port"):
+        if key in http:
+            out[key] = http[key]
+    for key, field in (("route_prefix", "route_prefix"), ("name", "app_name")):
+        if key in app:
+            out[field] = app[key]
+    return out
+
+
+def load_serve_config(path: str | Path | None = None, overrides: list[str] | None = None) -> ServeConfig:
+    """ray_configs/serve.yaml (or a name / path), with `field=value` overrides, validated."""
+    cfg_path = resolve_config_path(path, default="serve.yaml")
+    settings = merge(serve_settings(load_yaml(cfg_path), str(cfg_path)), parse_overrides(overrides or []))
+    return validate(ServeConfig, settings, str(cfg_path))

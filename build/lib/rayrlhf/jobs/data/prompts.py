@@ -1,0 +1,157 @@
+"""Prompt sets for a run: the built-in task, or the user's JSONL / Parquet files.
+
+A user row has a `prompt` (a string, or chat messages [{"role", "content"}, ...]) and an optional
+`reference` string; other fields are ignored. Bad input fails before any Ray resource is claimed,
+with the file and the line (JSONL, counted from 1) or row (Parquet, counted from 0) named.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+from rayrlhf.actors.trajectory import Prompt
+from rayrlhf.jobs.data.task import builtin_task
+
+JSONL_SUFFIXES = (".jsonl", ".json")
+PARQUET_SUFFIXES = (".parquet",)
+T = TypeVar("T")
+
+
+class DataError(ValueError):
+    """A prompt file that cannot be used; the message names the file and the line or row."""
+
+
+def _check_messages(value: list[Any], where: str) -> list[dict[str, str]]:
+    if not value:
+        raise DataError(f"{where}: 'prompt' is an empty list of messages")
+    for i, msg in enumerate(value):
+        if not (isinstance(msg, dict) and isinstance(msg.get("role"), str) and isinstance(msg.get("content"), str)):
+            raise DataError(
+                f"{where}: prompt message {i} must be an object with string 'role' and 'content', got {msg!r:.80}"
+            )
+    return [{"role": m["role"], "content": m["content"]} for m in value]
+
+
+def _to_prompt(row: Any, index: int, where: str) -> Prompt:
+    """One validated Prompt from a parsed row."""
+    if not isinstance(row, dict):
+        raise DataError(f"{where}: expected an object with a 'prompt' field, got {type(row).__name__}")
+    if "prompt" not in row or row["prompt"] is None:
+        raise DataError(f"{where}: missing 'prompt' field")
+    prompt = row["prompt"]
+    if isinstance(prompt, str):
+        if not prompt.strip():
+            raise DataError(f"{where}: 'prompt' is empty")
+    elif isinstance(prompt, list):
+        prompt = _check_messages(prompt, where)
+    else:
+        kind = type(prompt).__name__
+        raise DataError(f"{where}: 'prompt' must be a string or a list of chat messages, got {kind}")
+    reference = row.get("reference")
+    if isinstance(reference, float) and math.isnan(reference):
+        reference = None  # pandas' marker for a missing value
+    if reference is not None and not isinstance(reference, str):
+        raise DataError(f"{where}: 'reference' must be a string, got {type(reference).__name__}")
+    return Prompt(id=index, text=prompt, reference=reference)
+
+
+def _read_jsonl(path: Path, limit: int | None, convert: Callable[[Any, int, str], T]) -> list[T]:
+    prompts: list[T] = []
+    with path.open(encoding="utf-8") as f:
+        for lineno, line in enumerate(f, start=1):
+            if limit is not None and len(prompts) >= limit:
+                break
+            if not line.strip():
+                continue
+            where = f"{path}: line {lineno}"
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                hint = "; expected one JSON object per line" if line.lstrip().startswith("[") else ""
+                raise DataError(f"{where}: not valid JSON ({e.msg}{hint})") from None
+            prompts.append(convert(row, len(prompts), where))
+    return prompts
+
+
+def _plain(value: Any) -> Any:
+    """Parquet list columns arrive as numpy arrays; turn them (and nested ones) into lists."""
+    if hasattr(value, "tolist") and not isinstance(value, (str, bytes)):
+        value = value.tolist()
+    if isinstance(value, list):
+        return [_plain(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    return value
+
+
+def _read_parquet(path: Path, limit: int | None, convert: Callable[[Any, int, str], T]) -> list[T]:
+    import pandas as pd
+
+    try:
+        frame = pd.read_parquet(path)
+    except Exception as e:  # pyarrow raises several types for a damaged file
+        raise DataError(f"{path}: not a readable Parquet file ({e})") from None
+    if "prompt" not in frame.columns:
+        raise DataError(f"{path}: no 'prompt' column (columns: {', '.join(map(str, frame.columns))})")
+    if limit is not None:
+        frame = frame.head(limit)
+    rows = frame.to_dict(orient="records")
+    return [convert(_plain(row), i, f"{path}: row {i}") for i, row in enumerate(rows)]
+
+
+def load_prompts(path: str, limit: int | None = None) -> list[Prompt]:
+    """Prompts from a JSONL or Parquet file, in file order, ids 0..n-1; at most `limit` of them."""
+    prompts = read_records(path, _to_prompt, limit)
+    if not prompts:
+        raise DataError(f"{path}: no prompts in the file")
+    return prompts
+
+
+def read_records(path: str, convert: Callable[[Any, int, str], T], limit: int | None = None) -> list[T]:
+    """Rows of a JSONL or Parquet file (which must have a `prompt` column), each passed through
+    `convert(row, index, where)`; `where` names the file and line or row for error messages."""
+    p = Path(path)
+    if limit is not None and limit < 1:
+        raise DataError(f"{path}: limit must be >= 1, got {limit}")
+    if not p.is_file():
+        raise DataError(f"{path}: file not found")
+    suffix = p.suffix.lower()
+    if suffix in JSONL_SUFFIXES:
+        return _read_jsonl(p, limit, convert)
+    if suffix in PARQUET_SUFFIXES:
+        return _read_parquet(p, limit, convert)
+    known = ", ".join(JSONL_SUFFIXES + PARQUET_SUFFIXES)
+    raise DataError(f"{path}: unknown file type '{p.suffix}' (expected one of {known})")
+
+
+def _renumber(prompts: list[Prompt], start: int) -> list[Prompt]:
+    return [Prompt(id=start + i, text=p.text, reference=p.reference) for i, p in enumerate(prompts)]
+
+
+def load_task(
+    train: str, eval: str | None, num_train: int, num_eval: int, seed: int
+) -> tuple[list[Prompt], list[Prompt]]:
+    """Train and held-out prompts for the `data` config section; ids: train 0.., held-out after.
+
+    A user train file without an eval file is shuffled by seed and its last 10% (at least one
+    prompt) held out. num_train / num_eval cap the counts.
+    """
+    if train == "builtin":
+        train_set, eval_set = builtin_task(num_train, 0 if eval else num_eval, seed)
+        if eval:
+            eval_set = load_prompts(eval, limit=num_eval)
+    elif eval:
+        train_set, eval_set = load_prompts(train, limit=num_train), load_prompts(eval, limit=num_eval)
+    else:
+        rows = load_prompts(train)
+        if len(rows) < 2:
+            raise DataError(f"{train}: needs at least 2 prompts to hold one out (or give data.eval)")
+        random.Random(seed).shuffle(rows)
+        held = max(1, len(rows) // 10)
+        train_set, eval_set = rows[:-held][:num_train], rows[-held:][:num_eval]
+    return _renumber(train_set, 0), _renumber(eval_set, len(train_set))

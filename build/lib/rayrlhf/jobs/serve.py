@@ -1,0 +1,287 @@
+"""`rayrlhf serve`: a policy behind an OpenAI-compatible HTTP endpoint on Ray Serve.
+
+One deployment is both the FastAPI ingress and the model: handlers parse and check a request
+(actors/openai_engine.py), then hand its GenerationRequest to a `@serve.batch` generator. Serve's
+batches go to a DecodeScheduler (actors/batch_scheduler.py) that decodes, one token per step, every
+request waiting when the model becomes free, yielding each request's Update as it comes (so
+streaming and plain responses share one path). The decode steps run in a worker thread, so the
+event loop keeps accepting requests and health checks.
+(No `from __future__ import annotations` here: FastAPI must see the real `Request` annotations
+of the methods that serve.ingress wraps.)
+
+Evidence of batching is part of every generation response (headers x-rayrlhf-batch-id,
+-batch-requests, -batch-sequences) and of GET /stats.
+"""
+
+import asyncio
+import hmac
+import logging
+import os
+import socket
+import sys
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, StreamingResponse
+from ray import serve
+from ray.serve.handle import DeploymentHandle
+from starlette.exceptions import HTTPException
+from transformers import AutoConfig
+
+from rayrlhf.actors.batch_scheduler import DecodeScheduler
+from rayrlhf.actors.models import resolve_policy
+from rayrlhf.actors.openai_engine import Job, Kind, Limits, OpenAIEngine
+from rayrlhf.actors.openai_schema import OpenAIError, sse
+from rayrlhf.actors.text_generator import (
+    GenerationError,
+    GenerationRequest,
+    TextGenerator,
+    context_length,
+)
+from rayrlhf.cluster.local import init_ray, shutdown_ray
+from rayrlhf.jobs.config.base import ConfigError, validate
+from rayrlhf.jobs.config.serve import ServeConfig
+
+logger = logging.getLogger("ray.serve")
+
+MAX_GROUPS = 1024
+"""Serve batches in flight at once: they only wait in the scheduler, which decodes one at a time."""
+
+STALL_GRACE_S = 2.0
+"""How long past its deadline a request may wait for a step before it gets 504 regardless."""
+
+app = FastAPI(title="rayrlhf", docs_url=None, redoc_url=None)
+
+
+def _error(err: OpenAIError) -> JSONResponse:
+    return JSONResponse(err.body(), status_code=err.status)
+
+
+@app.exception_handler(OpenAIError)
+async def _openai_error(_: Request, err: OpenAIError) -> JSONResponse:
+    return _error(err)
+
+
+@app.exception_handler(HTTPException)
+async def _http_error(_: Request, err: HTTPException) -> JSONResponse:
+    return _error(OpenAIError(err.status_code, str(err.detail), code=str(err.status_code)))
+
+
+@app.exception_handler(Exception)
+async def _server_error(_: Request, err: Exception) -> JSONResponse:
+    return _error(OpenAIError(500, f"internal error: {type(err).__name__}: {err}", type="server_error"))
+
+
+def _sequences(requests: list[GenerationRequest]) -> int:
+    return sum(r.rows for r in requests)
+
+
+@serve.deployment
+@serve.ingress(app)
+class OpenAIServer:
+    def __init__(self, config: dict) -> None:
+        self.cfg = cfg = ServeConfig.model_validate(config)
+        generator = TextGenerator(resolve_policy(cfg.model, cfg.cache_dir), cfg.dtype, cfg.torch_threads)
+        limits = Limits(
+            default_max_tokens=cfg.default_max_tokens, max_tokens=cfg.max_tokens,
+            max_prompt_tokens=cfg.max_prompt_tokens, max_rows=cfg.max_batch_size,
+            request_timeout_s=cfg.request_timeout_s,
+        )
+        self.engine = OpenAIEngine(generator, cfg.model_name, limits)
+        self.scheduler = DecodeScheduler(generator.stream, cfg.max_batch_size)
+        self.generate_batch.set_max_batch_size(cfg.max_batch_size)
+        self.generate_batch.set_batch_wait_timeout_s(cfg.batch_wait_timeout_s)
+        self.token = os.environ.get(cfg.auth_env) if cfg.auth_env else None
+        if cfg.auth_env and not self.token:
+            logger.warning("auth is off: $%s is not set on this replica", cfg.auth_env)
+
+    @serve.batch(batch_size_fn=_sequences, max_concurrent_batches=MAX_GROUPS)
+    async def generate_batch(self, requests: list[GenerationRequest]) -> AsyncIterator[list]:
+        """Serve's batch of waiting requests, handed to the scheduler (which merges the batches that
+        queue while the model is busy); yields [(batch id, Update) or StopIteration, ...] per step."""
+        async for updates in self.scheduler.run(requests):
+            yield [StopIteration if u is None else u for u in updates]
+
+    def _authorize(self, request: Request) -> None:
+        if self.token is None:
+            return
+        scheme, _, given = request.headers.get("authorization", "").partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), self.token.encode()):
+            raise OpenAIError(401, "missing or wrong API key: send 'Authorization: Bearer <key>'", code="invalid_api_key")
+
+    async def _updates(self, job: Job) -> AsyncIterator[tuple[int, object]]:
+        """The batcher's output for one job, with a hard deadline; the rows leave the batch if we stop."""
+        stream = self.generate_batch(job.generation)
+        try:
+            while True:
+                wait = job.generation.deadline - time.monotonic() + STALL_GRACE_S
+                try:
+                    yield await asyncio.wait_for(anext(stream), max(wait, 0.0))
+                except StopAsyncIteration:
+                    return
+                except asyncio.TimeoutError:
+                    raise OpenAIError(
+                        504, f"generation did not finish within request_timeout_s={self.cfg.request_timeout_s:g}",
+                        type="timeout", code="timeout",
+                    ) from None
+                except GenerationError as e:
+                    raise OpenAIError(500, f"generation failed: {e}", type="server_error") from None
+                except Exception as e:
+                    raise OpenAIError(500, f"generation failed: {type(e).__name__}: {e}", type="server_error") from None
+        finally:
+            job.generation.cancelled = True  # no effect once its rows are done
+
+    @staticmethod
+    def _headers(batch_id: int, job: Job) -> dict[str, str]:
+        requests, sequences = job.batch
+        return {
+            "x-rayrlhf-batch-id": str(batch_id), "x-rayrlhf-batch-requests": str(requests),
+            "x-rayrlhf-batch-sequences": str(sequences),
+        }
+
+    async def _generate(self, kind: Kind, request: Request):
+        self._authorize(request)
+        job = self.engine.parse(kind, await request.body())
+        updates = self._updates(job)
+        try:
+            batch_id, first = await anext(updates)  # failures before the first token are a plain 5xx
+        except StopAsyncIteration:
+            raise OpenAIError(500, "the batcher ended without output", type="server_error") from None
+        if job.stream:
+            try:
+                events = job.chunks(first)
+            except OpenAIError:
+                await updates.aclose()
+                raise
+            return StreamingResponse(
+                self._sse(job, events, updates), media_type="text/event-stream", headers=self._headers(batch_id, job)
+            )
+        try:
+            job.add(first)
+            async for _, update in updates:
+                job.add(update)
+        finally:
+            await updates.aclose()
+        return JSONResponse(job.response(), headers=self._headers(batch_id, job))
+
+    @staticmethod
+    async def _sse(job: Job, first: list[dict], updates: AsyncIterator) -> AsyncIterator[str]:
+        try:
+            for event in first:
+                yield sse(event)
+            async for _, update in updates:
+                for event in job.chunks(update):
+                    yield sse(event)
+        except OpenAIError as err:  # the status line is already sent: report in the stream
+            yield sse(err.body())
+            return
+        yield sse("[DONE]")
+
+    @app.post("/v1/completions")
+    async def completions(self, request: Request):
+        return await self._generate("completion", request)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(self, request: Request):
+        return await self._generate("chat", request)
+
+    @app.get("/v1/models")
+    async def models(self, request: Request) -> dict:
+        self._authorize(request)
+        return self.engine.models()
+
+    @app.get("/stats")
+    async def batch_stats(self, request: Request) -> dict:
+        self._authorize(request)
+        replica = serve.get_replica_context().replica_id.unique_id
+        return {"replica": replica, "max_batch_size": self.cfg.max_batch_size, **self.scheduler.stats.as_dict()}
+
+    @app.get("/health")
+    async def health(self) -> dict:
+        return {"status": "ok", "model": self.engine.model_name}
+
+
+# --- building and running the application --------------------------------------------------
+
+
+def build_app(cfg: ServeConfig) -> serve.Application:
+    options: dict = {
+        "max_ongoing_requests": cfg.max_ongoing_requests,
+        "ray_actor_options": {"num_cpus": cfg.num_cpus},
+    }
+    if cfg.autoscaling:
+        options["autoscaling_config"] = cfg.autoscaling.model_dump()
+    else:
+        options["num_replicas"] = cfg.num_replicas
+    return OpenAIServer.options(**options).bind(cfg.model_dump())
+
+
+def _absolute_model(cfg: ServeConfig) -> ServeConfig:
+    """A checkpoint path made absolute, so replicas find it whatever their working directory."""
+    path = Path(cfg.model).expanduser()
+    if path.is_dir():
+        return cfg.model_copy(update={"model": str(path.resolve()), "served_model_name": cfg.model_name})
+    return cfg
+
+
+def app_builder(args: dict) -> serve.Application:
+    """For `serve run` / `serve deploy`: import_path rayrlhf.jobs.serve:app_builder, args a ServeConfig."""
+    return build_app(_absolute_model(validate(ServeConfig, dict(args), "serve application args")))
+
+
+def prepare(cfg: ServeConfig, local: bool) -> ServeConfig:
+    """Checks that need no Ray: the model resolves (built-ins are converted once), the port is free."""
+    cfg = _absolute_model(cfg)
+    if local:
+        try:
+            context = context_length(AutoConfig.from_pretrained(resolve_policy(cfg.model, cfg.cache_dir)))
+        except (ValueError, OSError, ModuleNotFoundError) as e:
+            raise ConfigError(f"model: {e}") from e
+        if cfg.max_tokens + (cfg.max_prompt_tokens or 1) > context:
+            raise ConfigError(
+                f"max_tokens ({cfg.max_tokens}) + max_prompt_tokens ({cfg.max_prompt_tokens}) exceed the "
+                f"context length of {cfg.model} ({context})"
+            )
+        with socket.socket() as s:
+            try:
+                s.bind((cfg.host, cfg.port))
+            except OSError as e:
+                raise ConfigError(f"port: cannot listen on {cfg.host}:{cfg.port}: {e}") from e
+    if cfg.host not in ("127.0.0.1", "localhost", "::1"):
+        logger.warning("host=%s: the endpoint is reachable from the network", cfg.host)
+    return cfg
+
+
+def start(cfg: ServeConfig) -> DeploymentHandle:
+    """Start Serve's HTTP proxy on cfg.host:cfg.port and deploy the app (Ray must be up)."""
+    serve.start(http_options={"host": cfg.host, "port": cfg.port})
+    return serve.run(build_app(cfg), name=cfg.app_name, route_prefix=cfg.route_prefix)
+
+
+def run(cfg: ServeConfig, address: str | None = None) -> None:
+    """Local Ray: serve until Ctrl-C, then shut down. A given cluster keeps the app running."""
+    address = address or os.environ.get("RAY_ADDRESS")
+    cfg = prepare(cfg, local=address is None)
+    init_ray(address)
+    try:
+        start(cfg)
+        host = f"[{cfg.host}]" if ":" in cfg.host else cfg.host
+        print(f"serving {cfg.model_name!r} at http://{host}:{cfg.port}{cfg.route_prefix.rstrip('/')}/v1", flush=True)
+        if address is None:
+            print("Ctrl-C to stop", flush=True)
+            while True:
+                time.sleep(3600)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        if address is None:
+            serve.shutdown()
+            shutdown_ray()
+
+
+if __name__ == "__main__":  # the same as `rayrlhf serve ...`
+    from rayrlhf.jobs.cli import main
+
+    sys.exit(main(["serve", *sys.argv[1:]]))

@@ -1,0 +1,72 @@
+"""Where a run's metrics go: metrics.jsonl, the console, wandb and TensorBoard.
+
+One `log(step, metrics)` call feeds all of them, so a metric logged once is visible everywhere.
+wandb runs offline unless the config asks for online; it writes under the run's output dir.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+from tqdm import tqdm
+
+CONSOLE_KEYS = ("reward/total", "reward/sim", "reward/freq", "kl", "response_length", "time/step")
+
+
+class Tracker:
+    def __init__(
+        self,
+        output_dir: Path,
+        *,
+        run_name: str,
+        config: dict[str, Any],
+        total_steps: int,
+        wandb_mode: str,
+        wandb_project: str,
+        tensorboard: bool,
+        progress_bar: bool,
+    ) -> None:
+        self.output_dir = output_dir
+        output_dir.mkdir(parents=True, exist_ok=True)
+        self._jsonl = open(output_dir / "metrics.jsonl", "w")
+        self._bar = tqdm(total=total_steps, desc="rl steps", unit="step", disable=not progress_bar)
+        self._tb = None
+        if tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self._tb = SummaryWriter(log_dir=str(output_dir / "tensorboard"))
+        self._wandb = None
+        if wandb_mode != "disabled":
+            import wandb
+
+            self._wandb = wandb.init(
+                project=wandb_project, name=run_name, mode=wandb_mode, dir=str(output_dir), config=config
+            )
+
+    def log(self, step: int, metrics: dict[str, float], advance: bool = True) -> None:
+        clean = {k: float(v) for k, v in metrics.items() if v is not None and math.isfinite(float(v))}
+        self._jsonl.write(json.dumps({"step": step, **clean}) + "\n")
+        self._jsonl.flush()
+        if self._tb is not None:
+            for key, value in clean.items():
+                self._tb.add_scalar(key, value, step)
+        if self._wandb is not None:
+            self._wandb.log(clean, step=step)
+        if advance:
+            self._bar.set_postfix({k.split("/")[-1]: f"{clean[k]:.3g}" for k in CONSOLE_KEYS if k in clean})
+            self._bar.update(1)
+
+    def write(self, message: str) -> None:
+        """Print above the progress bar without breaking it."""
+        self._bar.write(message)
+
+    def close(self) -> None:
+        self._bar.close()
+        self._jsonl.close()
+        if self._tb is not None:
+            self._tb.close()
+        if self._wandb is not None:
+            self._wandb.finish()

@@ -1,0 +1,207 @@
+"""`rayrlhf tune`: a Ray Tune search over the reward weights, each trial a full RL run.
+
+Each trial runs jobs/train.py `train()` unchanged, with the trial's weights, in a placement group
+that reserves the trial's driver and every role actor together (cluster/actor_group.py places the
+roles in it), so concurrent trials never starve each other and concurrency follows the cluster.
+The objective is a held-out metric (ROUGE-L against references by default), never the tuned
+reward; it is reported at every evaluation so ASHA can stop weak trials early.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import os
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import ray
+from ray import tune
+from ray.tune.schedulers import ASHAScheduler
+from ray.tune.search import BasicVariantGenerator
+
+from rayrlhf.cluster.local import init_ray, shutdown_ray
+from rayrlhf.jobs.config.run import RunConfig
+from rayrlhf.jobs.config.tune import (
+    ObjectiveConfig,
+    ParamSpec,
+    TuneSetup,
+)
+from rayrlhf.jobs.train import TrainResult, train, uses_reference
+from rayrlhf.jobs.tune_report import TuneSummary, summarize
+
+OBJECTIVE = "objective"
+"""The name Tune optimises: the chosen held-out metric, worst-valued when over the KL budget."""
+
+
+def role_bundles(cfg: RunConfig) -> list[dict[str, float]]:
+    """One bundle per role actor, in the order jobs/train.py launch_roles starts them."""
+
+    def bundle(cpus: float, gpus: float = 0.0) -> dict[str, float]:
+        return {"CPU": cpus, **({"GPU": gpus} if gpus else {})}
+
+    return (
+        [bundle(cfg.rollout.num_cpus, cfg.rollout.num_gpus)] * cfg.rollout.num_workers
+        + [bundle(cfg.reward.num_cpus)] * cfg.reward.num_scorers
+        + ([bundle(cfg.kl.num_cpus)] if uses_reference(cfg) else [])
+        + [bundle(cfg.learner.num_cpus, cfg.learner.num_gpus)] * cfg.learner.num_ranks
+    )
+
+
+def trial_resources(setup: TuneSetup, config: dict[str, Any]) -> tune.PlacementGroupFactory:
+    """Bundle 0: the trial's driver; then every role actor of the trial's run config."""
+    cfg = setup.run_config(setup.cfg.search.field_values(config))
+    return tune.PlacementGroupFactory(
+        [{"CPU": setup.cfg.trial_cpus}, *role_bundles(cfg)], strategy=cfg.cluster.placement_strategy
+    )
+
+
+def reports_per_trial(cfg: RunConfig) -> int:
+    """Held-out evaluations a trial reports: every eval_every steps before the last, then the final one."""
+    every = cfg.eval_every
+    return sum(1 for step in range(1, cfg.steps) if every and step % every == 0) + 1
+
+
+class ObjectiveReporter:
+    """Turns train()'s metrics into Tune reports: the objective, KL, components and weights."""
+
+    def __init__(self, objective: ObjectiveConfig, fields: dict[str, float]) -> None:
+        self.objective = objective
+        self.weights = {f"weight/{name}": value for name, value in fields.items()}
+        self.kl = 0.0
+
+    def metrics(self, evaluated: dict[str, float]) -> dict[str, Any]:
+        name = self.objective.metric
+        if name not in evaluated:
+            held_out = sorted(k for k in evaluated if k.startswith("eval/"))
+            raise KeyError(f"objective.metric {name!r} is not a held-out metric of this run; it has {held_out}")
+        over = self.objective.kl_budget is not None and self.kl > self.objective.kl_budget
+        worst = -math.inf if self.objective.mode == "max" else math.inf
+        return {
+            OBJECTIVE: worst if over else evaluated[name], "kl": self.kl, "kl_over_budget": float(over),
+            **{k: v for k, v in evaluated.items() if k.startswith(("eval/", "reward/"))}, **self.weights,
+        }
+
+    def on_step(self, step: int, metrics: dict[str, float]) -> None:
+        self.kl = metrics.get("kl", 0.0)
+        if any(k.startswith("eval/") for k in metrics):
+            tune.report({**self.metrics(metrics), "step": step, "final": 0.0})
+
+    def final(self, result: TrainResult) -> None:
+        """Report the last evaluation and the final policy's folder (inside the trial's folder).
+
+        The path is reported rather than a Tune Checkpoint, which would copy the whole model
+        (540 MB for SmolLM2) once more per trial.
+        """
+        last = result.history[-1] if result.history else {}
+        train_rewards = {k: v for k, v in last.items() if k.startswith("reward/")}
+        steps = int(last.get("step", 0))
+        tune.report({
+            **self.metrics({**train_rewards, **result.after}), "step": steps, "final": 1.0,
+            "policy_dir": str(result.final_dir),
+        })
+
+
+def run_trial(config: dict[str, Any], setup: TuneSetup, workdir: str) -> None:
+    """One trial: train() with the trial's weights, writing its run inside the trial's folder."""
+    if os.path.isdir(workdir):
+        os.chdir(workdir)  # relative paths in the run config mean what they meant to the user
+    context = tune.get_context()
+    fields = setup.cfg.search.field_values(config)
+    # get_trial_dir() is Tune's local staging copy; the run goes straight to the trial's folder in storage
+    trial_dir = setup.cfg.experiment_dir() / Path(context.get_trial_dir()).name
+    cfg = setup.run_config(fields, output_dir=str(trial_dir / "run"), name=f"{setup.cfg.name}-{context.get_trial_id()}")
+    reporter = ObjectiveReporter(setup.cfg.objective, fields)
+    reporter.final(train(cfg, on_step=reporter.on_step))
+
+
+def param_space(spec: dict[str, ParamSpec], algorithm: str) -> dict[str, Any]:
+    def domain(p: ParamSpec):
+        if algorithm == "grid":
+            return tune.grid_search(p.values)
+        if p.values is not None:
+            return tune.choice(p.values)
+        return (tune.loguniform if p.log else tune.uniform)(p.low, p.high)
+
+    return {name: domain(p) for name, p in spec.items()}
+
+
+def make_tuner(setup: TuneSetup, trainable: Any) -> tune.Tuner:
+    cfg = setup.cfg
+    first = setup.check()
+    searcher = None
+    if cfg.search.algorithm == "optuna":
+        from optuna.samplers import TPESampler
+        from ray.tune.search.optuna import OptunaSearch
+
+        searcher = OptunaSearch(sampler=TPESampler(seed=cfg.search.seed))
+    elif cfg.search.algorithm == "random":
+        searcher = BasicVariantGenerator(random_state=cfg.search.seed)
+    scheduler = None
+    if cfg.asha.enabled:
+        scheduler = ASHAScheduler(
+            time_attr="training_iteration", max_t=max(reports_per_trial(first), cfg.asha.grace_period),
+            grace_period=cfg.asha.grace_period, reduction_factor=cfg.asha.reduction_factor, stop_last_trials=False,
+        )
+    return tune.Tuner(
+        trainable,
+        param_space=param_space(cfg.search.dimensions(), cfg.search.algorithm),
+        tune_config=tune.TuneConfig(
+            metric=OBJECTIVE, mode=cfg.objective.mode, search_alg=searcher, scheduler=scheduler,
+            num_samples=cfg.search.samples(), max_concurrent_trials=cfg.search.max_concurrent,
+        ),
+        run_config=tune.RunConfig(
+            name=cfg.name, storage_path=str(cfg.experiment_dir().parent),
+            failure_config=tune.FailureConfig(max_failures=cfg.max_failures), verbose=1,
+        ),
+    )
+
+
+def expected_trials(setup: TuneSetup) -> int:
+    search = setup.cfg.search
+    if search.algorithm != "grid":
+        return search.samples()
+    return search.samples() * math.prod(len(spec.values) for spec in search.dimensions().values())
+
+
+@dataclass
+class TuneOutcome:
+    summary: TuneSummary
+    resumed: bool
+    interrupted: bool
+
+
+def tune_weights(setup: TuneSetup) -> TuneOutcome:
+    """Run (or resume) the search, then write the table, the plot and the best config."""
+    first = setup.check()  # every corner of the space validates before Ray starts
+    exp_dir = setup.cfg.experiment_dir()
+    started_ray = not ray.is_initialized()
+    init_ray(first.cluster.address, first.cluster.num_cpus, first.cluster.object_store_mb)
+    trainable = tune.with_resources(
+        tune.with_parameters(run_trial, setup=setup, workdir=os.getcwd()), functools.partial(trial_resources, setup)
+    )
+    try:
+        resumed = tune.Tuner.can_restore(str(exp_dir))
+        if resumed:
+            print(f"resuming the search in {exp_dir} (finished trials are kept; change `name` for a new search)")
+            tuner = tune.Tuner.restore(str(exp_dir), trainable, resume_unfinished=True, resume_errored=False)
+        else:
+            tuner = make_tuner(setup, trainable)
+        grid = tuner.fit()
+    finally:
+        if started_ray:
+            shutdown_ray()
+    summary = summarize(setup, grid, exp_dir)
+    concluded = len(summary.rows)  # done, stopped early or failed
+    interrupted = len(grid) > grid.num_terminated + grid.num_errors or concluded < expected_trials(setup)
+    if interrupted:
+        print(f"search interrupted; run the same command again to resume it from {exp_dir}")
+    return TuneOutcome(summary, resumed, interrupted)
+
+
+if __name__ == "__main__":  # the same as `rayrlhf tune ...`
+    from rayrlhf.jobs.cli import main
+
+    sys.exit(main(["tune", *sys.argv[1:]]))

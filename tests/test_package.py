@@ -1,0 +1,76 @@
+"""The distribution: one `rayrlhf` import root, configs shipped in the wheel, a CLI that starts fast."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+HEAVY = ("torch", "transformers", "deepspeed", "ray.tune", "ray.serve", "ray")
+
+
+def run_python(code: str, cwd: Path, **env: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", code], cwd=cwd, capture_output=True, text=True, timeout=120,
+                          env={**__import__("os").environ, **env})
+
+
+def test_cli_imports_nothing_heavy_for_help_or_a_config_error(tmp_path):
+    code = (
+        "import sys\n"
+        "from rayrlhf.jobs import cli\n"
+        "loaded = [m for m in %r if m in sys.modules]\n"
+        "assert not loaded, loaded\n"
+        "assert cli.main(['train', '--set', 'learner.zero_stage=9']) == 2\n"
+        "assert cli.main(['tune', '--set', 'search.num_samples=0']) == 2\n"
+        "loaded = [m for m in %r if m in sys.modules]\n"
+        "assert not loaded, loaded\n"
+    ) % (HEAVY, HEAVY)
+    done = run_python(code, tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert "learner.zero_stage" in done.stderr and "search.num_samples" in done.stderr
+
+
+@pytest.fixture(scope="module")
+def wheel(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("wheel")
+    done = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
+                           "-w", str(out), str(REPO)], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    (path,) = out.glob("rayrlhf-*.whl")
+    return path
+
+
+def test_wheel_holds_one_import_root_and_the_configs(wheel):
+    names = zipfile.ZipFile(wheel).namelist()
+    top = {n.split("/")[0] for n in names if not n.startswith("rayrlhf-")}
+    assert top == {"rayrlhf"}
+    for part in ("actors/learner.py", "cluster/actor_group.py", "jobs/cli.py", "jobs/config/run.py",
+                 "jobs/data/task.py", "ray_configs/default.yaml", "ray_configs/tiny.yaml", "ray_configs/serve.yaml"):
+        assert f"rayrlhf/{part}" in names
+    assert not any("tests/" in n or "__pycache__" in n for n in names)
+    entry_points = next(n for n in names if n.endswith("entry_points.txt"))
+    assert "rayrlhf = rayrlhf.jobs.cli:main" in zipfile.ZipFile(wheel).read(entry_points).decode()
+
+
+def test_installed_wheel_finds_its_configs_from_any_directory(wheel, tmp_path):
+    target = tmp_path / "site"
+    done = subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", str(target),
+                           str(wheel)], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    code = (
+        "import rayrlhf.actors, rayrlhf.jobs.config.run as run\n"
+        "print(rayrlhf.actors.__file__)\n"
+        "print(run.resolve_config_path('tiny'))\n"
+        "print(run.load_config().policy.model)\n"
+    )
+    done = run_python(code, elsewhere, PYTHONPATH=str(target))
+    assert done.returncode == 0, done.stderr
+    actors_file, tiny, model = done.stdout.split()
+    assert actors_file.startswith(str(target)) and tiny == str(target / "rayrlhf/ray_configs/tiny.yaml")
+    assert model == "smollm2-135m-instruct"
