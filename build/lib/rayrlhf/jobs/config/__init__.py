@@ -1,1 +1,0 @@
-"""Typed config schemas (pydantic), the only home of defaults; light to import (no torch, no Ray)."""

@@ -1,1 +1,0 @@
-"""Training data: user files (JSONL/Parquet) and the built-in task and preference sets."""
