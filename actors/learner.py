@@ -18,7 +18,7 @@ import math
 import os
 import time
 import warnings
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -46,9 +46,10 @@ from rayrlhf.actors.losses import (
     make_kl_controller,
 )
 from rayrlhf.actors.models import load_policy, save_policy
-from rayrlhf.actors.trajectory import Rewards, Trajectory, concat
+from rayrlhf.actors.trajectory import LearnerBatch
 
-ALGORITHMS = ("grpo", "reinforce", "ppo")
+if TYPE_CHECKING:  # the schema's sections, checked before they get here; no runtime import of jobs/
+    from rayrlhf.jobs.config.run import AlgorithmConfig, KLConfig, LearnerConfig
 
 
 class StaleTrajectoryError(RuntimeError):
@@ -134,49 +135,44 @@ class Learner:
         seed: int,
         temperature: float,
         rows_per_step: int,
-        algorithm: dict[str, Any],
-        kl: dict[str, Any],
-        learner: dict[str, Any],
+        algorithm: AlgorithmConfig,
+        kl: KLConfig,
+        learner: LearnerConfig,
     ):
-        if algorithm["name"] not in ALGORITHMS:
-            raise ValueError(f"unknown algorithm.name {algorithm['name']!r}: expected one of {ALGORITHMS}")
         os.environ.update(
             MASTER_ADDR=master_addr, MASTER_PORT=str(master_port), RANK=str(rank),
             WORLD_SIZE=str(world_size), LOCAL_RANK="0",  # one process (and at most one GPU) per actor
         )  # fmt: skip
         # DeepSpeed's ZeRO-3 calls torch.distributed functions that warn on every step.
         warnings.filterwarnings("ignore", message=r".*torch\.distributed\.\w+` is deprecated", category=FutureWarning)
-        torch.set_num_threads(learner["torch_threads"])
+        torch.set_num_threads(learner.torch_threads)
         torch.manual_seed(seed)
         import deepspeed  # imported here: it probes accelerators at import time
 
-        backend = learner["backend"]
+        backend = learner.backend
         if backend == "auto":
             backend = "nccl" if torch.cuda.is_available() else "gloo"
         deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, verbose=False)
 
         self.rank, self.world_size = rank, world_size
         self.algorithm, self.temperature, self.rows_per_step = algorithm, temperature, rows_per_step
-        self.kl_estimator = kl["estimator"]
-        self.kl_ctl = make_kl_controller(**kl)
-        self.zero_stage = learner["zero_stage"]
-        self.accumulation = math.ceil(rows_per_step / learner["micro_batch_size"])
-        self.micro_batch_size = learner["micro_batch_size"]
+        self.kl_estimator = kl.estimator
+        self.kl_ctl = make_kl_controller(kl)
+        self.zero_stage = learner.zero_stage
+        self.accumulation = math.ceil(rows_per_step / learner.micro_batch_size)
+        self.micro_batch_size = learner.micro_batch_size
 
         self.policy, self.tokenizer = load_policy(model_dir)
         disable_dropout(self.policy)
-        if learner["gradient_checkpointing"]:
+        if learner.gradient_checkpointing:
             self.policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        module = PolicyWithValue(self.policy, with_value=algorithm["name"] == "ppo").train()
-        optimizer = torch.optim.AdamW(module.parameters(), lr=learner["lr"], weight_decay=learner["weight_decay"])
+        module = PolicyWithValue(self.policy, with_value=algorithm.name == "ppo").train()
+        optimizer = torch.optim.AdamW(module.parameters(), lr=learner.lr, weight_decay=learner.weight_decay)
         self.engine, *_ = deepspeed.initialize(
-            model=module, optimizer=optimizer, config=deepspeed_config(learner, world_size, self.accumulation)
+            model=module, optimizer=optimizer, config=deepspeed_config(learner.model_dump(), world_size, self.accumulation)
         )
         self.device = self.engine.device
         self.version = 0
-
-    def get_version(self) -> int:
-        return self.version
 
     # --- weights -------------------------------------------------------------------------
 
@@ -205,36 +201,6 @@ class Learner:
 
     # --- training ------------------------------------------------------------------------
 
-    def _join(self, parts: tuple) -> tuple[Trajectory, np.ndarray, np.ndarray, np.ndarray | None]:
-        """Concatenates this rank's triples; ref_logprobs are all None when the run has no KL term."""
-        if not parts or len(parts) % 3:
-            raise ValueError("learn() takes (Trajectory, Rewards, ref_logprobs) triples")
-        trajs: list[Trajectory] = list(parts[0::3])
-        rewards: list[Rewards] = list(parts[1::3])
-        refs: list[np.ndarray] = list(parts[2::3])
-        for traj in trajs:
-            if traj.policy_version != self.version:
-                raise StaleTrajectoryError(
-                    f"trajectory sampled by policy version {traj.policy_version}, "
-                    f"but the learner is at version {self.version}"
-                )
-        no_reference = all(r is None for r in refs)
-        for traj, reward, ref in zip(trajs, rewards, refs):
-            ref_shape = traj.input_ids.shape if no_reference else getattr(ref, "shape", None)
-            if ref_shape != traj.input_ids.shape or reward.total.shape != (len(traj),):
-                raise ValueError(
-                    f"mismatched part: trajectory {traj.input_ids.shape}, ref_logprobs {ref_shape}, "
-                    f"rewards {reward.total.shape}"
-                )
-        batch = concat(trajs)
-        width = batch.input_ids.shape[1]
-        ref = None if no_reference else np.concatenate([np.pad(r, ((0, 0), (0, width - r.shape[1]))) for r in refs])
-        scores = np.concatenate([r.total for r in rewards]).astype(np.float32)
-        raw = np.concatenate([r.raw_total for r in rewards]).astype(np.float32)
-        if len(batch) != self.rows_per_step:
-            raise ValueError(f"this rank expects {self.rows_per_step} rows per step, got {len(batch)}")
-        return batch, scores, raw, ref
-
     def _forward(self, rows: dict[str, torch.Tensor], entropy_grad: bool) -> tuple[PolicyOutput, torch.Tensor | None]:
         first = first_response_column(rows["response_mask"])
         return self.engine(rows["input_ids"], rows["attention_mask"], self.temperature, entropy_grad, first)
@@ -252,10 +218,10 @@ class Learner:
     def _advantages(self, batch: dict[str, torch.Tensor], kl_coef: float) -> None:
         """Adds "advantages" (and for PPO "old_values", "returns") to the batch, in place."""
         algo, mask = self.algorithm, batch["response_mask"]
-        if algo["name"] == "grpo":
-            seq = grpo_advantages(batch["scores"], batch["group_ids"], algo["normalize_std"])
+        if algo.name == "grpo":
+            seq = grpo_advantages(batch["scores"], batch["group_ids"], algo.normalize_std)
             batch["advantages"] = expand_to_tokens(seq, mask)
-        elif algo["name"] == "reinforce":
+        elif algo.name == "reinforce":
             batch["advantages"] = expand_to_tokens(reinforce_advantages(batch["scores"], batch["group_ids"]), mask)
         else:
             with torch.no_grad():  # values of the policy that sampled, before any update
@@ -267,27 +233,27 @@ class Learner:
             rewards = final_token_rewards(batch["scores"], mask)
             if "ref_logprobs" in batch:
                 rewards = rewards - kl_coef * kl_penalty(batch["old_logprobs"], batch["ref_logprobs"], "k1") * mask
-            advantages, batch["returns"] = gae(rewards, batch["old_values"], mask, algo["gamma"], algo["lam"])
+            advantages, batch["returns"] = gae(rewards, batch["old_values"], mask, algo.gamma, algo.lam)
             batch["advantages"] = masked_whiten(advantages, mask)
 
     def _loss(self, rows: dict[str, torch.Tensor], kl_coef: float) -> tuple[torch.Tensor, dict[str, float]]:
         algo, mask = self.algorithm, rows["response_mask"]
-        out, values = self._forward(rows, entropy_grad=algo["entropy_coef"] > 0)
+        out, values = self._forward(rows, entropy_grad=algo.entropy_coef > 0)
         pg_loss, clip_frac = clipped_policy_loss(
-            out.logprobs, rows["old_logprobs"], rows["advantages"], mask, algo["clip_eps"]
+            out.logprobs, rows["old_logprobs"], rows["advantages"], mask, algo.clip_eps
         )
         if "ref_logprobs" in rows:
             kl = masked_mean(kl_penalty(out.logprobs, rows["ref_logprobs"], self.kl_estimator), mask)
         else:  # no reference policy: the run has no KL term
             kl = torch.zeros((), device=mask.device)
         entropy = masked_mean(out.entropy, mask)
-        loss = pg_loss - algo["entropy_coef"] * entropy
+        loss = pg_loss - algo.entropy_coef * entropy
         stats = {"pg_loss": pg_loss.item(), "kl": kl.item(), "entropy": entropy.item(), "clip_frac": clip_frac.item()}
         if values is None:
             loss = loss + kl_coef * kl
         else:
-            value_loss = clipped_value_loss(values, rows["old_values"], rows["returns"], mask, algo["value_clip"])
-            loss = loss + algo["vf_coef"] * value_loss
+            value_loss = clipped_value_loss(values, rows["old_values"], rows["returns"], mask, algo.value_clip)
+            loss = loss + algo.vf_coef * value_loss
             stats["value_loss"] = value_loss.item()
         stats["loss"] = loss.item()
         return loss, stats
@@ -299,10 +265,17 @@ class Learner:
             norm = torch.stack(grads).norm() if grads else 0.0
         return float(norm)
 
-    def learn(self, *parts: Any) -> dict[str, float]:
-        """One RL step on (Trajectory, Rewards, ref_logprobs) triples; returns averaged metrics."""
+    def learn(self, batch: LearnerBatch) -> dict[str, float]:
+        """One RL step on this rank's share of the step; returns metrics averaged over ranks."""
         start = time.perf_counter()
-        traj, scores, raw_scores, ref = self._join(parts)
+        if batch.trajectory.policy_version != self.version:
+            raise StaleTrajectoryError(
+                f"trajectory sampled by policy version {batch.trajectory.policy_version}, "
+                f"but the learner is at version {self.version}"
+            )
+        if len(batch) != self.rows_per_step:
+            raise ValueError(f"this rank expects {self.rows_per_step} rows per step, got {len(batch)}")
+        traj, scores, raw_scores, ref = batch.trajectory, batch.scores, batch.raw_scores, batch.ref_logprobs
         batch = {
             "input_ids": from_numpy(traj.input_ids).long(),
             "attention_mask": from_numpy(traj.attention_mask).long(),
@@ -320,7 +293,7 @@ class Learner:
         sums: dict[str, float] = {}
         grad_norms = []
         micro = self._micro_batches(batch)
-        for _ in range(self.algorithm["epochs"]):
+        for _ in range(self.algorithm.epochs):
             for rows in micro:
                 loss, stats = self._loss(rows, kl_coef)
                 self.engine.backward(loss)
@@ -332,7 +305,7 @@ class Learner:
                     grad_norms.append(self._grad_norm())
                 for key, value in stats.items():
                     sums[key] = sums.get(key, 0.0) + value
-        n = self.algorithm["epochs"] * len(micro)
+        n = self.algorithm.epochs * len(micro)
         metrics = {key: value / n for key, value in sums.items()}
         metrics["grad_norm"] = float(np.mean(grad_norms))
         metrics["reward_mean"] = float(raw_scores.mean())  # unnormalised: comparable across steps

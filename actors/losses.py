@@ -5,6 +5,8 @@ Tensors are [B, T], aligned to token positions, with a float response `mask` (se
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 from torch import Tensor
 
@@ -12,6 +14,9 @@ from rayrlhf.actors.advantages import masked_mean
 
 _MAX_LOG_RATIO = 20.0
 """k3 clamps log(ref/policy) to +-20 so exp() cannot overflow on far-off (e.g. padding) tokens."""
+
+if TYPE_CHECKING:
+    from rayrlhf.jobs.config.run import KLConfig
 
 
 def kl_penalty(logp: Tensor, ref_logp: Tensor, estimator: str) -> Tensor:
@@ -92,13 +97,8 @@ class AdaptiveKLController:
         self.value *= 1.0 + err * n_steps / self.horizon
 
 
-def make_kl_controller(
-    coef: float, adaptive: bool, target: float, horizon: int, estimator: str | None = None, **_: object
-) -> FixedKLController | AdaptiveKLController:
-    """The controller for KLConfig's fields: `make_kl_controller(**cfg.kl.model_dump())`.
-
-    KLConfig's other fields (the estimator, the reference actor's launch options) are ignored.
-    """
-    if adaptive:
-        return AdaptiveKLController(coef, target, horizon)
-    return FixedKLController(coef)
+def make_kl_controller(kl: KLConfig) -> FixedKLController | AdaptiveKLController:
+    """The controller the run's KL section asks for."""
+    if kl.adaptive:
+        return AdaptiveKLController(kl.coef, kl.target, kl.horizon)
+    return FixedKLController(kl.coef)

@@ -44,10 +44,6 @@ class RewardScorer:
         rm_model: str | None,
         rm_batch_size: int,
     ) -> None:
-        if normalize not in ("none", "total", "components"):
-            raise ValueError(f"reward.normalize must be none, total or components, got {normalize!r}")
-        if freq_mode not in ("mean", "sum"):
-            raise ValueError(f"reward.freq_mode must be mean or sum, got {freq_mode!r}")
         self.weights = {"freq": alpha, "sim": beta, "bleu": bleu, "rouge_l": rouge_l}
         self.freq_mode = freq_mode
         self.empty_reward = empty_reward

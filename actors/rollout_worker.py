@@ -148,9 +148,6 @@ class RolloutWorker:
         self.version = 0
         self._calls = 0
 
-    def get_version(self) -> int:
-        return self.version
-
     def load_weights(self, version: int, weights: dict[str, np.ndarray]) -> int:
         """Load a full state dict (HF names) published by the learner as `version`."""
         if version < self.version:

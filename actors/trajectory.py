@@ -90,3 +90,49 @@ def concat(batches: list[Trajectory]) -> Trajectory:
         references=[r for b in batches for r in b.references],
         prompt_texts=[p for b in batches for p in b.prompt_texts],
     )
+
+
+@dataclass
+class LearnerBatch:
+    """One learner rank's share of a step, joined and checked in one place: whole prompt groups,
+    their rewards, and the reference log-probs (None when the run has no KL term)."""
+
+    trajectory: Trajectory
+    scores: np.ndarray
+    """[B] float32: the totals the learner optimises (normalised if configured)."""
+    raw_scores: np.ndarray
+    """[B] float32: unnormalised totals, comparable across steps (for logging)."""
+    ref_logprobs: np.ndarray | None
+    """[B, T] float32, aligned with trajectory.input_ids; None without a reference policy."""
+
+    @classmethod
+    def join(
+        cls, trajectories: list[Trajectory], rewards: list[Rewards], ref_logprobs: list[np.ndarray | None]
+    ) -> LearnerBatch:
+        if not trajectories or not len(trajectories) == len(rewards) == len(ref_logprobs):
+            raise ValueError(
+                f"a learner batch needs one reward and one reference entry per trajectory: got "
+                f"{len(trajectories)} trajectories, {len(rewards)} rewards, {len(ref_logprobs)} reference log-probs"
+            )
+        no_reference = all(r is None for r in ref_logprobs)
+        for traj, reward, ref in zip(trajectories, rewards, ref_logprobs):
+            ref_shape = traj.input_ids.shape if no_reference else getattr(ref, "shape", None)
+            if ref_shape != traj.input_ids.shape or reward.total.shape != (len(traj),):
+                raise ValueError(
+                    f"mismatched part: trajectory {traj.input_ids.shape}, ref_logprobs {ref_shape}, "
+                    f"rewards {reward.total.shape}"
+                )
+        batch = concat(trajectories)
+        width = batch.input_ids.shape[1]
+        ref = None
+        if not no_reference:
+            ref = np.concatenate([np.pad(r, ((0, 0), (0, width - r.shape[1]))) for r in ref_logprobs])
+        return cls(
+            trajectory=batch,
+            scores=np.concatenate([r.total for r in rewards]).astype(np.float32),
+            raw_scores=np.concatenate([r.raw_total for r in rewards]).astype(np.float32),
+            ref_logprobs=ref,
+        )
+
+    def __len__(self) -> int:
+        return len(self.trajectory)

@@ -21,20 +21,11 @@ apply_offline_defaults()
 
 import torch
 
-from rayrlhf.actors.learner import Learner
-from rayrlhf.actors.reference_policy import ReferencePolicy
-from rayrlhf.actors.reward_scorer import RewardScorer
-from rayrlhf.actors.rollout_worker import RolloutWorker
+from rayrlhf.actors.trajectory import LearnerBatch
 from rayrlhf.cluster.local import init_ray, shutdown_ray
 from rayrlhf.jobs.config.run import load_config
-from rayrlhf.jobs.train import (
-    PromptSampler,
-    RoleKwargs,
-    launch_roles,
-    prepare,
-    rl_step,
-    uses_reference,
-)
+from rayrlhf.jobs.roles import launch, role_table
+from rayrlhf.jobs.train import PromptSampler, prepare, rl_step
 
 RESULTS = Path(__file__).resolve().parent / "results"
 PHASES = ("generate", "score", "reference", "learn", "sync", "step")
@@ -42,7 +33,7 @@ PHASES = ("generate", "score", "reference", "learn", "sync", "step")
 
 def ray_steps(cfg, model_dir, sampler, steps: int) -> list[dict]:
     init_ray(cfg.cluster.address, cfg.cluster.num_cpus, cfg.cluster.object_store_mb)
-    roles = launch_roles(cfg, model_dir)
+    roles = launch(cfg, model_dir)
     try:
         rl_step(cfg, roles, sampler.draw(cfg.prompts_per_step))  # warm-up
         return [
@@ -56,15 +47,15 @@ def ray_steps(cfg, model_dir, sampler, steps: int) -> list[dict]:
 
 def plain_steps(cfg, model_dir, sampler, steps: int) -> list[dict]:
     """The same roles as plain objects in this process: the computation without Ray."""
-    kwargs = RoleKwargs(cfg, model_dir)
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     single = cfg.model_copy(update={"learner": cfg.learner.model_copy(update={"num_ranks": 1})})
-    learner = Learner(**RoleKwargs(single, model_dir).learner(0, "127.0.0.1", port))
-    worker = RolloutWorker(**kwargs.rollout(0))
-    scorer = RewardScorer(**kwargs.scorer(0))
-    reference = ReferencePolicy(**kwargs.reference(0)) if uses_reference(cfg) else None
+    roles = {role.name: role for role in role_table(single, model_dir)}
+    learner = roles["learner"].instantiate(master_addr="127.0.0.1", master_port=port)
+    worker = roles["rollout"].instantiate()
+    scorer = roles["reward"].instantiate()
+    reference = roles["reference"].instantiate() if "reference" in roles else None
     torch.set_num_threads(cfg.rollout.torch_threads)
 
     def step() -> dict:
@@ -75,7 +66,7 @@ def plain_steps(cfg, model_dir, sampler, steps: int) -> list[dict]:
         t2 = time.perf_counter()
         ref = reference.logprobs(traj) if reference else None
         t3 = time.perf_counter()
-        metrics = learner.learn(traj, rewards, ref)
+        metrics = learner.learn(LearnerBatch.join([traj], [rewards], [ref]))
         t4 = time.perf_counter()
         worker.load_weights(metrics["version"], learner.get_weights())
         t5 = time.perf_counter()

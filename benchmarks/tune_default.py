@@ -23,12 +23,11 @@ from rayrlhf.cluster.offline import apply_offline_defaults
 
 apply_offline_defaults()
 
-from rayrlhf.actors.reward_scorer import RewardScorer
-from rayrlhf.actors.rollout_worker import RolloutWorker
 from rayrlhf.jobs.config.tune import load_tune_config
 from rayrlhf.jobs.data.prompts import load_task
 from rayrlhf.jobs.data.task import HELD_OUT_BLOCK
-from rayrlhf.jobs.train import RoleKwargs, prepare, reward_metrics
+from rayrlhf.jobs.roles import role_table
+from rayrlhf.jobs.train import prepare, reward_metrics
 from rayrlhf.jobs.tune import tune_weights
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -46,11 +45,11 @@ def score_on_unseen(setup, policies: dict[str, str]) -> dict[str, float]:
     unseen = held_out[seen:]
     scores = {}
     for name, policy_dir in {"untrained": str(base_dir), **policies}.items():
-        kwargs = RoleKwargs(full, policy_dir)
-        traj = RolloutWorker(**kwargs.rollout(0)).generate(
+        roles = {role.name: role for role in role_table(full, policy_dir)}
+        traj = roles["rollout"].instantiate().generate(
             unseen, greedy=True, max_new_tokens=cfg.eval_max_new_tokens or cfg.rollout.max_new_tokens
         )
-        rewards = RewardScorer(**kwargs.scorer(0)).score(traj, update_stats=False)
+        rewards = roles["reward"].instantiate().score(traj, update_stats=False)
         scores[name] = reward_metrics([rewards], "eval")[setup.cfg.objective.metric]
     return {"prompts": len(unseen), **scores}
 

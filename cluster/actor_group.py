@@ -12,7 +12,7 @@ next free bundles of that group instead of reserving its own, so trials never st
 from __future__ import annotations
 
 import socket
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import ray
@@ -56,12 +56,10 @@ def _free_port() -> tuple[str, int]:
 class ActorGroup:
     """Reserve `size` bundles at construction; `start` then places one actor per bundle."""
 
-    def __init__(
-        self, size: int, *, name: str, num_cpus: float, num_gpus: float = 0.0, strategy: str = "PACK"
-    ) -> None:
+    def __init__(self, size: int, *, name: str, resources: dict[str, float], strategy: str = "PACK") -> None:
         self.name = name
         self.size = size
-        self.resources = {"CPU": num_cpus, **({"GPU": num_gpus} if num_gpus else {})}
+        self.resources = dict(resources)
         self.actors: list[Any] = []
         enclosing = get_current_placement_group()
         self.owns_placement = enclosing is None
@@ -82,13 +80,14 @@ class ActorGroup:
             remote_role.options(
                 num_cpus=self.resources["CPU"],
                 num_gpus=self.resources.get("GPU", 0),
-                scheduling_strategy=self._in_bundle(rank),
+                scheduling_strategy=self.scheduling(rank),
             ).remote(**kwargs_for(rank))
             for rank in range(self.size)
         ]
         return self
 
-    def _in_bundle(self, rank: int) -> PlacementGroupSchedulingStrategy:
+    def scheduling(self, rank: int) -> PlacementGroupSchedulingStrategy:
+        """Replica `rank`'s bundle: for its actor, and for tasks that should run beside it."""
         return PlacementGroupSchedulingStrategy(
             placement_group=self.placement,
             placement_group_bundle_index=self.bundles[rank],
@@ -97,11 +96,11 @@ class ActorGroup:
 
     def rendezvous(self) -> tuple[str, int]:
         """Address and a free port on the node of bundle 0, for torch.distributed's rank 0."""
-        probe = ray.remote(_free_port).options(num_cpus=0, scheduling_strategy=self._in_bundle(0))
+        probe = ray.remote(_free_port).options(num_cpus=0, scheduling_strategy=self.scheduling(0))
         return ray.get(probe.remote())
 
-    def call(self, method: str, *args: Any, **kwargs: Any) -> list[ray.ObjectRef]:
-        return [getattr(actor, method).remote(*args, **kwargs) for actor in self.actors]
+    def __iter__(self) -> Iterator[Any]:
+        return iter(self.actors)
 
     def __len__(self) -> int:
         return len(self.actors)

@@ -15,49 +15,23 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import ray
 import yaml
 
 from rayrlhf.actors.embeddings import resolve_embedding_model
-from rayrlhf.actors.learner import Learner
 from rayrlhf.actors.models import resolve_policy
-from rayrlhf.actors.reference_policy import ReferencePolicy
 from rayrlhf.actors.reward_model import check_reward_model_dir
-from rayrlhf.actors.reward_scorer import RewardScorer
-from rayrlhf.actors.rollout_worker import RolloutWorker
-from rayrlhf.actors.trajectory import Prompt, Rewards
-from rayrlhf.cluster.actor_group import ActorGroup, check_fits
+from rayrlhf.actors.trajectory import LearnerBatch, Prompt, Rewards
+from rayrlhf.cluster.actor_group import ActorGroup
 from rayrlhf.cluster.local import init_ray, shutdown_ray
 from rayrlhf.jobs.config.base import ConfigError
 from rayrlhf.jobs.config.run import RunConfig
 from rayrlhf.jobs.data.prompts import load_task
+from rayrlhf.jobs.roles import Roles, launch
 from rayrlhf.jobs.tracking import Tracker
-
-LAUNCH_ONLY = {"num_workers", "num_scorers", "num_ranks", "num_cpus", "num_gpus"}
-
-
-def _kwargs(section) -> dict:
-    """A config section as actor kwargs, without the fields that only say where it runs."""
-    return {k: v for k, v in section.model_dump().items() if k not in LAUNCH_ONLY}
-
-
-def uses_reference(cfg: RunConfig) -> bool:
-    return cfg.kl.coef > 0 or cfg.kl.adaptive
-
-
-@dataclass
-class Roles:
-    rollout: ActorGroup
-    scorers: ActorGroup
-    learner: ActorGroup
-    reference: ActorGroup | None
-
-    def shutdown(self) -> None:
-        for group in (self.rollout, self.scorers, self.learner, self.reference):
-            if group is not None:
-                group.shutdown()
 
 
 @dataclass
@@ -69,85 +43,13 @@ class TrainResult:
     history: list[dict[str, float]] = field(default_factory=list)
 
 
-def resource_demands(cfg: RunConfig) -> dict[str, float]:
-    cpus = (
-        cfg.rollout.num_workers * cfg.rollout.num_cpus
-        + cfg.reward.num_scorers * cfg.reward.num_cpus
-        + cfg.learner.num_ranks * cfg.learner.num_cpus
-        + (cfg.kl.num_cpus if uses_reference(cfg) else 0.0)
-    )
-    gpus = cfg.rollout.num_workers * cfg.rollout.num_gpus + cfg.learner.num_ranks * cfg.learner.num_gpus
-    return {"CPU": cpus, **({"GPU": gpus} if gpus else {})}
-
-
-class RoleKwargs:
-    """Constructor arguments of each role, shared by the Ray launch and in-process benchmarks."""
-
-    def __init__(self, cfg: RunConfig, model_dir: Path) -> None:
-        self.cfg = cfg
-        self.model_dir = str(model_dir)
-
-    def rollout(self, rank: int) -> dict:
-        cfg = self.cfg
-        return dict(
-            model_dir=self.model_dir, dtype=cfg.policy.dtype, max_prompt_tokens=cfg.policy.max_prompt_tokens,
-            use_chat_template=cfg.data.use_chat_template, system_prompt=cfg.data.system_prompt,
-            seed=cfg.seed + 1000 * rank, **_kwargs(cfg.rollout),
-        )
-
-    def scorer(self, rank: int) -> dict:
-        return _kwargs(self.cfg.reward)
-
-    def reference(self, rank: int) -> dict:
-        cfg = self.cfg
-        return dict(
-            model_dir=self.model_dir, dtype=cfg.policy.dtype, temperature=cfg.rollout.temperature,
-            torch_threads=cfg.kl.torch_threads,
-        )
-
-    def learner(self, rank: int, master_addr: str, master_port: int) -> dict:
-        cfg = self.cfg
-        return dict(
-            rank=rank, world_size=cfg.learner.num_ranks, master_addr=master_addr, master_port=master_port,
-            model_dir=self.model_dir, seed=cfg.seed, temperature=cfg.rollout.temperature,
-            rows_per_step=cfg.prompts_per_step * cfg.rollout.samples_per_prompt // cfg.learner.num_ranks,
-            algorithm=cfg.algorithm.model_dump(), kl=cfg.kl.model_dump(), learner=cfg.learner.model_dump(),
-        )
-
-
-def launch_roles(cfg: RunConfig, model_dir: Path) -> Roles:
-    check_fits(resource_demands(cfg))
-    kwargs = RoleKwargs(cfg, model_dir)
-    strategy = cfg.cluster.placement_strategy
-    rollout = ActorGroup(
-        cfg.rollout.num_workers, name="rollout", num_cpus=cfg.rollout.num_cpus, num_gpus=cfg.rollout.num_gpus,
-        strategy=strategy,
-    ).start(RolloutWorker, kwargs.rollout)
-    scorers = ActorGroup(
-        cfg.reward.num_scorers, name="reward", num_cpus=cfg.reward.num_cpus, strategy=strategy
-    ).start(RewardScorer, kwargs.scorer)
-    reference = None
-    if uses_reference(cfg):
-        reference = ActorGroup(1, name="reference", num_cpus=cfg.kl.num_cpus, strategy=strategy).start(
-            ReferencePolicy, kwargs.reference
-        )
-    learner = ActorGroup(
-        cfg.learner.num_ranks, name="learner", num_cpus=cfg.learner.num_cpus, num_gpus=cfg.learner.num_gpus,
-        strategy=strategy,
-    )
-    master_addr, master_port = learner.rendezvous()
-    learner.start(Learner, lambda rank: kwargs.learner(rank, master_addr, master_port))
-    return Roles(rollout=rollout, scorers=scorers, learner=learner, reference=reference)
-
-
 class PromptSampler:
-    """Epochs over the training prompts in a seeded order; position = prompts drawn so far."""
+    """Epochs over the training prompts in a seeded order."""
 
     def __init__(self, prompts: list[Prompt], seed: int) -> None:
         self.prompts = prompts
         self.rng = random.Random(seed)
         self.order: list[int] = []
-        self.position = 0
 
     def draw(self, n: int) -> list[Prompt]:
         batch = []
@@ -156,7 +58,6 @@ class PromptSampler:
                 self.order = list(range(len(self.prompts)))
                 self.rng.shuffle(self.order)
             batch.append(self.prompts[self.order.pop()])
-            self.position += 1
         return batch
 
 
@@ -179,6 +80,18 @@ def reward_metrics(rewards: list[Rewards], prefix: str) -> dict[str, float]:
     return out
 
 
+def learner_batch(learner: ActorGroup, rank: int, trajectories: list, rewards: list, ref_logprobs: list) -> ray.ObjectRef:
+    """A rank's LearnerBatch, joined by a task in that rank's bundle: Ray resolves the parts there, so
+    the trajectories never pass through the driver."""
+    n = len(trajectories)
+    join = ray.remote(_join_parts).options(num_cpus=0, scheduling_strategy=learner.scheduling(rank))
+    return join.remote(n, *trajectories, *rewards, *ref_logprobs)
+
+
+def _join_parts(n: int, *parts: Any) -> LearnerBatch:
+    return LearnerBatch.join(list(parts[:n]), list(parts[n : 2 * n]), list(parts[2 * n :]))
+
+
 def rl_step(cfg: RunConfig, roles: Roles, prompts: list[Prompt]) -> dict[str, float]:
     """Generate, score, take reference log-probs, learn and sync weights; returns metrics."""
     n_shards = max(len(roles.rollout), len(roles.learner))
@@ -196,14 +109,16 @@ def rl_step(cfg: RunConfig, roles: Roles, prompts: list[Prompt]) -> dict[str, fl
     if roles.reference:
         _wait(ref_refs)
     t3 = time.perf_counter()
-    parts: list[list] = [[] for _ in range(len(roles.learner))]
-    for i, triple in enumerate(zip(traj_refs, reward_refs, ref_refs)):
-        parts[i % len(roles.learner)].extend(triple)
-    learn_metrics = ray.get([roles.learner[r].learn.remote(*parts[r]) for r in range(len(roles.learner))])
+    ranks = len(roles.learner)  # shard i goes to rank i % ranks
+    batches = [
+        learner_batch(roles.learner, rank, traj_refs[rank::ranks], reward_refs[rank::ranks], ref_refs[rank::ranks])
+        for rank in range(ranks)
+    ]
+    learn_metrics = ray.get([learner.learn.remote(batch) for learner, batch in zip(roles.learner, batches)])
     t4 = time.perf_counter()
-    weights = roles.learner.call("get_weights")
+    weights = [learner.get_weights.remote() for learner in roles.learner]  # a collective: rank 0 returns them
     version = int(learn_metrics[0]["version"])
-    rollout_versions = ray.get(roles.rollout.call("load_weights", version, weights[0]))
+    rollout_versions = ray.get([worker.load_weights.remote(version, weights[0]) for worker in roles.rollout])
     t5 = time.perf_counter()
 
     # every rank returns the same all-reduced metrics ("tokens" is already the total over ranks)
@@ -216,6 +131,11 @@ def rl_step(cfg: RunConfig, roles: Roles, prompts: list[Prompt]) -> dict[str, fl
     })
     metrics["tokens_per_s"] = metrics["tokens"] / metrics["time/step"]
     return metrics
+
+
+def save(roles: Roles, path: Path) -> None:
+    """A Hugging Face directory of the policy (a collective: every rank joins, rank 0 writes)."""
+    ray.get([learner.save.remote(str(path)) for learner in roles.learner])
 
 
 def evaluate(cfg: RunConfig, roles: Roles, prompts: list[Prompt]) -> tuple[dict[str, float], list[dict]]:
@@ -282,7 +202,7 @@ def train(cfg: RunConfig, on_step: Callable[[int, dict[str, float]], None] | Non
     (output_dir / "config.yaml").write_text(yaml.safe_dump(cfg.model_dump(), sort_keys=False))
     started_ray = not ray.is_initialized()
     init_ray(cfg.cluster.address, cfg.cluster.num_cpus, cfg.cluster.object_store_mb)
-    roles = launch_roles(cfg, model_dir)
+    roles = launch(cfg, model_dir)
     tracker = Tracker(
         output_dir, run_name=cfg.name, config=cfg.model_dump(), total_steps=cfg.steps,
         wandb_mode=cfg.logging.wandb, wandb_project=cfg.logging.wandb_project,
@@ -298,7 +218,7 @@ def train(cfg: RunConfig, on_step: Callable[[int, dict[str, float]], None] | Non
             if cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.steps:
                 metrics.update(evaluate(cfg, roles, eval_set)[0])
             if cfg.save_every and step % cfg.save_every == 0:
-                ray.get(roles.learner.call("save", str(output_dir / f"step_{step}")))
+                save(roles, output_dir / f"step_{step}")
             tracker.log(step, metrics)
             history.append({"step": step, **metrics})
             if on_step is not None:
@@ -306,7 +226,7 @@ def train(cfg: RunConfig, on_step: Callable[[int, dict[str, float]], None] | Non
         after, examples = evaluate(cfg, roles, eval_set)
         tracker.log(cfg.steps, after, advance=False)
         final_dir = output_dir / "final"
-        ray.get(roles.learner.call("save", str(final_dir)))
+        save(roles, final_dir)
         (output_dir / "eval.json").write_text(json.dumps({"before": before, "after": after}, indent=2))
         (output_dir / "examples.jsonl").write_text("".join(json.dumps(e) + "\n" for e in examples))
         tracker.write("\n" + format_table(before, after) + f"\n\nfinal policy: {final_dir}")

@@ -29,32 +29,19 @@ from rayrlhf.jobs.config.tune import (
     ParamSpec,
     TuneSetup,
 )
-from rayrlhf.jobs.train import TrainResult, train, uses_reference
+from rayrlhf.jobs.roles import bundles
+from rayrlhf.jobs.train import TrainResult, train
 from rayrlhf.jobs.tune_report import TuneSummary, summarize
 
 OBJECTIVE = "objective"
 """The name Tune optimises: the chosen held-out metric, worst-valued when over the KL budget."""
 
 
-def role_bundles(cfg: RunConfig) -> list[dict[str, float]]:
-    """One bundle per role actor, in the order jobs/train.py launch_roles starts them."""
-
-    def bundle(cpus: float, gpus: float = 0.0) -> dict[str, float]:
-        return {"CPU": cpus, **({"GPU": gpus} if gpus else {})}
-
-    return (
-        [bundle(cfg.rollout.num_cpus, cfg.rollout.num_gpus)] * cfg.rollout.num_workers
-        + [bundle(cfg.reward.num_cpus)] * cfg.reward.num_scorers
-        + ([bundle(cfg.kl.num_cpus)] if uses_reference(cfg) else [])
-        + [bundle(cfg.learner.num_cpus, cfg.learner.num_gpus)] * cfg.learner.num_ranks
-    )
-
-
 def trial_resources(setup: TuneSetup, config: dict[str, Any]) -> tune.PlacementGroupFactory:
     """Bundle 0: the trial's driver; then every role actor of the trial's run config."""
     cfg = setup.run_config(setup.cfg.search.field_values(config))
     return tune.PlacementGroupFactory(
-        [{"CPU": setup.cfg.trial_cpus}, *role_bundles(cfg)], strategy=cfg.cluster.placement_strategy
+        [{"CPU": setup.cfg.trial_cpus}, *bundles(cfg)], strategy=cfg.cluster.placement_strategy
     )
 
 

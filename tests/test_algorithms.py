@@ -207,11 +207,11 @@ def test_adaptive_kl_controller_above_and_below_target():
 
 
 def test_make_kl_controller_from_config():
-    fixed = make_kl_controller(**KLConfig(coef=0.3).model_dump())
+    fixed = make_kl_controller(KLConfig(coef=0.3))
     assert isinstance(fixed, FixedKLController)
     fixed.update(current_kl=10.0, n_steps=100)
     assert fixed.value == 0.3
-    adaptive = make_kl_controller(**KLConfig(coef=0.3, adaptive=True, target=0.5, horizon=10).model_dump())
+    adaptive = make_kl_controller(KLConfig(coef=0.3, adaptive=True, target=0.5, horizon=10))
     assert isinstance(adaptive, AdaptiveKLController)
     adaptive.update(current_kl=1.0, n_steps=1)
     close(adaptive.value, 0.306)  # err = clip(1.0/0.5 - 1) = 0.2; 0.3 * (1 + 0.2*1/10) = 0.306

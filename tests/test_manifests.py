@@ -17,8 +17,8 @@ from ray.autoscaler._private.util import validate_config
 
 from rayrlhf.jobs.cli import build_parser
 from rayrlhf.jobs.config.run import load_config
+from rayrlhf.jobs.roles import resource_demands
 from rayrlhf.jobs.submit import check_command
-from rayrlhf.jobs.train import resource_demands
 
 CLUSTER = Path(__file__).resolve().parent.parent / "cluster"
 SCHEMA = yaml.safe_load((CLUSTER / "schemas" / "kuberay-v1.schema.yaml").read_text())

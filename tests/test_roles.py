@@ -18,7 +18,8 @@ from rayrlhf.actors.logprobs import position_ids, token_logprobs
 from rayrlhf.actors.models import load_policy, resolve_policy
 from rayrlhf.actors.reference_policy import ReferencePolicy
 from rayrlhf.actors.rollout_worker import RolloutWorker
-from rayrlhf.actors.trajectory import Prompt, Rewards
+from rayrlhf.actors.trajectory import LearnerBatch, Prompt, Rewards
+from rayrlhf.jobs.config.run import AlgorithmConfig, KLConfig, LearnerConfig
 
 K = 4  # samples per prompt
 PROMPTS = [Prompt(id=5, text="What is 2 plus 3?", reference="5"), Prompt(id=7, text="Hello! How are you?")]
@@ -76,7 +77,7 @@ def test_generate_shapes_masks_ids_and_text(model_dir):
     worker = make_worker(model_dir, temperature=0.7)  # old log-probs must see the raw logits / T
     traj = worker.generate(PROMPTS)
     B, T = traj.input_ids.shape
-    assert B == len(PROMPTS) * K and traj.policy_version == 0 and worker.get_version() == 0
+    assert B == len(PROMPTS) * K and traj.policy_version == 0 and worker.version == 0
     assert traj.group_ids.tolist() == [5] * K + [7] * K
     assert traj.sample_ids.tolist() == [5 * K + j for j in range(K)] + [7 * K + j for j in range(K)]
     assert len(traj.prompts) == len(traj.responses) == len(traj.references) == B
@@ -212,12 +213,12 @@ def free_port() -> int:
 def make_learner(model_dir: str, name: str):
     from rayrlhf.actors.learner import Learner
 
-    algorithm = dict(name=name, clip_eps=0.2, epochs=1, gamma=1.0, lam=0.95, value_clip=0.2, vf_coef=0.5,
-                     entropy_coef=0.0, normalize_std=True)  # fmt: skip
-    kl = dict(coef=0.05, estimator="k3", adaptive=False, target=0.1, horizon=1000)
-    learner = dict(num_ranks=1, zero_stage=2, offload=False, backend="auto", lr=1e-2, weight_decay=0.0,
-                   grad_clip=1.0, micro_batch_size=4, bf16=False, num_cpus=1, num_gpus=0, torch_threads=1,
-                   gradient_checkpointing=False)  # fmt: skip
+    algorithm = AlgorithmConfig(name=name, clip_eps=0.2, epochs=1, gamma=1.0, lam=0.95, value_clip=0.2, vf_coef=0.5,
+                                entropy_coef=0.0, normalize_std=True)  # fmt: skip
+    kl = KLConfig(coef=0.05, estimator="k3", adaptive=False, target=0.1, horizon=1000)
+    learner = LearnerConfig(num_ranks=1, zero_stage=2, offload=False, backend="auto", lr=1e-2, weight_decay=0.0,
+                            grad_clip=1.0, micro_batch_size=4, bf16=False, num_cpus=1, num_gpus=0, torch_threads=1,
+                            gradient_checkpointing=False)  # fmt: skip
     return Learner(
         rank=0, world_size=1, master_addr="127.0.0.1", master_port=free_port(), model_dir=model_dir, seed=0,
         temperature=1.0, rows_per_step=len(PROMPTS) * K, algorithm=algorithm, kl=kl, learner=learner,
@@ -241,7 +242,7 @@ def test_learner_step_sync_stale_and_save(model_dir, dist_env, tmp_path, monkeyp
 
     initial = learner.get_weights()
     assert set(initial) == set(worker.model.state_dict())  # HF names: no value head, no DeepSpeed prefix
-    metrics = learner.learn(traj, Rewards(total=scores, raw_total=scores + 1, components={}), ref)
+    metrics = learner.learn(LearnerBatch.join([traj], [Rewards(total=scores, raw_total=scores + 1, components={})], [ref]))
 
     assert learner.version == 1 and metrics["version"] == 1
     # Policy == reference == sampler before the single optimizer step (2 micro-batches, 1 step):
@@ -279,7 +280,7 @@ def test_learner_step_sync_stale_and_save(model_dir, dist_env, tmp_path, monkeyp
     assert gain[scores == 1].mean() > gain[scores == 0].mean()
 
     with pytest.raises(StaleTrajectoryError, match="version 0"):
-        learner.learn(traj, Rewards(total=scores, raw_total=scores + 1, components={}), ref)
+        learner.learn(LearnerBatch.join([traj], [Rewards(total=scores, raw_total=scores + 1, components={})], [ref]))
     assert learner.version == 1
 
     saved = learner.save(str(tmp_path / "policy"))

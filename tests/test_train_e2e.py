@@ -13,7 +13,8 @@ from rayrlhf.actors.models import resolve_policy
 from rayrlhf.cluster.local import init_ray, shutdown_ray
 from rayrlhf.jobs.config.run import load_config
 from rayrlhf.jobs.data.prompts import load_task
-from rayrlhf.jobs.train import launch_roles, rl_step, train
+from rayrlhf.jobs.roles import launch
+from rayrlhf.jobs.train import learner_batch, rl_step, train
 
 
 @pytest.fixture(scope="module")
@@ -87,7 +88,7 @@ def test_reinforce_without_reference_zero0(local_ray, tmp_path):
 def test_stale_trajectory_is_refused(local_ray, tmp_path):
     cfg = tiny(tmp_path)
     train_set, _ = load_task(cfg.data.train, cfg.data.eval, cfg.data.num_train, cfg.data.num_eval, cfg.seed)
-    roles = launch_roles(cfg, resolve_policy(cfg.policy.model))
+    roles = launch(cfg, resolve_policy(cfg.policy.model))
     try:
         prompts = train_set[: cfg.prompts_per_step]
         stale = roles.rollout[0].generate.remote(ray.put(prompts))
@@ -99,6 +100,6 @@ def test_stale_trajectory_is_refused(local_ray, tmp_path):
         scored = roles.scorers[0].score.remote(stale)
         ref = roles.reference[0].logprobs.remote(stale)
         with pytest.raises(ray.exceptions.RayTaskError, match="StaleTrajectoryError"):
-            ray.get(roles.learner[0].learn.remote(stale, scored, ref))
+            ray.get(roles.learner[0].learn.remote(learner_batch(roles.learner, 0, [stale], [scored], [ref])))
     finally:
         roles.shutdown()

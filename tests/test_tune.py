@@ -109,11 +109,11 @@ def test_actor_groups_use_the_enclosing_placement_group():
         class TrialDriver:
             def launch(self):
                 groups_before = len(placement_group_table())
-                a = ActorGroup(1, name="rollout", num_cpus=0.5).start(Where, lambda rank: {})
-                b = ActorGroup(1, name="reward", num_cpus=0.25).start(Where, lambda rank: {})
+                a = ActorGroup(1, name="rollout", resources={"CPU": 0.5}).start(Where, lambda rank: {})
+                b = ActorGroup(1, name="reward", resources={"CPU": 0.25}).start(Where, lambda rank: {})
                 where = ray.get([a[0].pg.remote(), b[0].pg.remote()])
                 try:
-                    ActorGroup(1, name="learner", num_cpus=0.5)
+                    ActorGroup(1, name="learner", resources={"CPU": 0.5})
                     extra = None
                 except PlacementError as e:
                     extra = str(e)
@@ -125,7 +125,7 @@ def test_actor_groups_use_the_enclosing_placement_group():
                 check_fits({"CPU": 0.75})
                 a.shutdown()
                 b.shutdown()
-                again = ActorGroup(1, name="rollout", num_cpus=0.5)  # freed bundles are taken again
+                again = ActorGroup(1, name="rollout", resources={"CPU": 0.5})  # freed bundles are taken again
                 return a.bundles, b.bundles, again.bundles, where, len(placement_group_table()) - groups_before, extra, refused
 
         pg = placement_group([{"CPU": 0.25}, {"CPU": 0.5}, {"CPU": 0.25}])
