@@ -18,7 +18,6 @@ import hmac
 import logging
 import os
 import socket
-import sys
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -279,9 +278,3 @@ def run(cfg: ServeConfig, address: str | None = None) -> None:
         if address is None:
             serve.shutdown()
             shutdown_ray()
-
-
-if __name__ == "__main__":  # the same as `rayrlhf serve ...`
-    from rayrlhf.jobs.cli import main
-
-    sys.exit(main(["serve", *sys.argv[1:]]))

@@ -10,7 +10,6 @@ By default it trains on the built-in task's reference answers.
 from __future__ import annotations
 
 import math
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -95,9 +94,3 @@ def sft_loop(config: dict[str, Any]) -> None:
         len(train_examples), cfg["seed"], micro_step, evaluate,
         save_final=lambda after: save_policy(policy, tokenizer, Path(config["output_dir"]) / "final"),
     )
-
-
-if __name__ == "__main__":  # the same as `rayrlhf sft ...`
-    from rayrlhf.jobs.cli import main
-
-    sys.exit(main(["sft", *sys.argv[1:]]))

@@ -33,7 +33,7 @@ from rayrlhf.cluster.actor_group import check_fits
 from rayrlhf.cluster.local import init_ray, shutdown_ray
 from rayrlhf.jobs.config.run import ClusterConfig
 from rayrlhf.jobs.config.supervised import TrainerConfig
-from rayrlhf.jobs.train import format_table
+from rayrlhf.jobs.tracking import format_table
 
 CHECKPOINT_TAG = "engine"
 JOB_STATE = "rayrlhf_job_state"

@@ -70,3 +70,12 @@ class Tracker:
             self._tb.close()
         if self._wandb is not None:
             self._wandb.finish()
+
+
+def format_table(before: dict[str, float], after: dict[str, float]) -> str:
+    """The held-out before/after table that ends every run (RL, SFT, reward model)."""
+    rows = [f"{'held-out metric':<18}{'before':>10}{'after':>10}{'change':>10}"]
+    for key in before:
+        name = key.removeprefix("eval/")
+        rows.append(f"{name:<18}{before[key]:>10.4f}{after[key]:>10.4f}{after[key] - before[key]:>+10.4f}")
+    return "\n".join(rows)

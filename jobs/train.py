@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import random
-import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -31,7 +30,7 @@ from rayrlhf.jobs.config.base import ConfigError
 from rayrlhf.jobs.config.run import RunConfig
 from rayrlhf.jobs.data.prompts import load_task
 from rayrlhf.jobs.roles import Roles, launch
-from rayrlhf.jobs.tracking import Tracker
+from rayrlhf.jobs.tracking import Tracker, format_table
 
 
 @dataclass
@@ -163,14 +162,6 @@ def evaluate(cfg: RunConfig, roles: Roles, prompts: list[Prompt]) -> tuple[dict[
     return metrics, examples
 
 
-def format_table(before: dict[str, float], after: dict[str, float]) -> str:
-    rows = [f"{'held-out metric':<18}{'before':>10}{'after':>10}{'change':>10}"]
-    for key in before:
-        name = key.removeprefix("eval/")
-        rows.append(f"{name:<18}{before[key]:>10.4f}{after[key]:>10.4f}{after[key] - before[key]:>+10.4f}")
-    return "\n".join(rows)
-
-
 def prepare(cfg: RunConfig) -> tuple[Path, list[Prompt], list[Prompt]]:
     """Everything that can fail on bad input, done before any cluster resource is claimed."""
     try:
@@ -236,9 +227,3 @@ def train(cfg: RunConfig, on_step: Callable[[int, dict[str, float]], None] | Non
         if started_ray:
             shutdown_ray()
     return TrainResult(output_dir, final_dir, before, after, history)
-
-
-if __name__ == "__main__":  # the same as `rayrlhf train ...`
-    from rayrlhf.jobs.cli import main
-
-    sys.exit(main(["train", *sys.argv[1:]]))

@@ -8,7 +8,6 @@ model as a Hugging Face directory (`<output_dir>/final`) that `reward.rm_model` 
 
 from __future__ import annotations
 
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -143,9 +142,3 @@ def held_out_metrics(worker: Worker, engine: Any, model: RewardModel, rows: list
     if totals[3]:
         out["eval/accuracy"] = totals[2] / totals[3]
     return out
-
-
-if __name__ == "__main__":  # the same as `rayrlhf train-rm ...`
-    from rayrlhf.jobs.cli import main
-
-    sys.exit(main(["train-rm", *sys.argv[1:]]))

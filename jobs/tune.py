@@ -12,7 +12,6 @@ from __future__ import annotations
 import functools
 import math
 import os
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -186,9 +185,3 @@ def tune_weights(setup: TuneSetup) -> TuneOutcome:
     if interrupted:
         print(f"search interrupted; run the same command again to resume it from {exp_dir}")
     return TuneOutcome(summary, resumed, interrupted)
-
-
-if __name__ == "__main__":  # the same as `rayrlhf tune ...`
-    from rayrlhf.jobs.cli import main
-
-    sys.exit(main(["tune", *sys.argv[1:]]))

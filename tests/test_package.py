@@ -78,3 +78,44 @@ def test_installed_wheel_finds_its_configs_from_any_directory(wheel, tmp_path):
     actors_file, tiny, model = done.stdout.split()
     assert actors_file.startswith(str(target)) and tiny == str(target / "rayrlhf/ray_configs/tiny.yaml")
     assert model == "smollm2-135m-instruct"
+
+
+def import_graph() -> dict[str, set[str]]:
+    """Module -> the rayrlhf modules it imports anywhere (top level, functions, TYPE_CHECKING blocks)."""
+    import ast
+
+    graph: dict[str, set[str]] = {}
+    for part in ("actors", "cluster", "jobs"):
+        for path in (REPO / part).rglob("*.py"):
+            module = "rayrlhf." + ".".join(path.relative_to(REPO).with_suffix("").parts).removesuffix(".__init__")
+            targets = set()
+            for node in ast.walk(ast.parse(path.read_text())):
+                if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("rayrlhf."):
+                    targets.add(node.module)
+                elif isinstance(node, ast.Import):
+                    targets.update(a.name for a in node.names if a.name.startswith("rayrlhf."))
+            graph[module] = targets
+    return graph
+
+
+def test_no_import_cycles_and_actors_never_import_the_drivers():
+    graph = import_graph()
+    assert "rayrlhf.jobs.cli" in graph and "rayrlhf.actors.learner" in graph
+
+    def cycle_from(start: str) -> list[str] | None:
+        stack = [(start, [start])]
+        while stack:
+            node, path = stack.pop()
+            for nxt in graph.get(node, ()):
+                if nxt == start:
+                    return path + [nxt]
+                if nxt not in path:
+                    stack.append((nxt, path + [nxt]))
+        return None
+
+    cycles = [c for m in graph if (c := cycle_from(m))]
+    assert not cycles, cycles[0]
+    # actors may name a config section in a type hint (TYPE_CHECKING) but import no driver or launch code
+    wrong = {m: t for m, deps in graph.items() if m.startswith("rayrlhf.actors")
+             for t in deps if t.startswith(("rayrlhf.cluster", "rayrlhf.jobs")) and not t.startswith("rayrlhf.jobs.config")}
+    assert not wrong, wrong

@@ -130,7 +130,7 @@ def head():
 
 
 def ray_job_submit(head: LocalHead, *entrypoint: str) -> str:
-    """The documented plain-Ray equivalent: `ray job submit --working-dir . -- python -m rayrlhf.jobs.train ...`."""
+    """The documented plain-Ray equivalent: `ray job submit --working-dir . -- python -m rayrlhf.jobs.cli train ...`."""
     submission_id = f"rr-cli-{uuid.uuid4().hex[:8]}"
     env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": head.token}
     cmd = [str(VENV_BIN / "ray"), "job", "submit", "--address", head.address, "--submission-id", submission_id,
@@ -185,7 +185,7 @@ def test_bad_input_is_refused_before_anything_is_submitted(head, capsys):
 def test_tiny_training_job_through_the_api_and_through_ray_job_submit(head, tmp_path, capsys, monkeypatch):
     secret = secrets.token_hex(8)
     monkeypatch.setenv(SECRET_NAME, secret)
-    cli_id = ray_job_submit(head, "python", "-m", "rayrlhf.jobs.train", "--config", "ray_configs/tiny.yaml",
+    cli_id = ray_job_submit(head, "python", "-m", "rayrlhf.jobs.cli", "train", "--config", "ray_configs/tiny.yaml",
                            "--set", f"output_dir={tmp_path / 'cli'}", *TINY_RUN)
 
     code, out, err = rayrlhf(capsys, "submit", "--address", head.address, "--wait", "--env", SECRET_NAME, "--",

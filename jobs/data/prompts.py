@@ -37,7 +37,7 @@ def _check_messages(value: list[Any], where: str) -> list[dict[str, str]]:
     return [{"role": m["role"], "content": m["content"]} for m in value]
 
 
-def _to_prompt(row: Any, index: int, where: str) -> Prompt:
+def to_prompt(row: Any, index: int, where: str) -> Prompt:
     """One validated Prompt from a parsed row."""
     if not isinstance(row, dict):
         raise DataError(f"{where}: expected an object with a 'prompt' field, got {type(row).__name__}")
@@ -106,7 +106,7 @@ def _read_parquet(path: Path, limit: int | None, convert: Callable[[Any, int, st
 
 def load_prompts(path: str, limit: int | None = None) -> list[Prompt]:
     """Prompts from a JSONL or Parquet file, in file order, ids 0..n-1; at most `limit` of them."""
-    prompts = read_records(path, _to_prompt, limit)
+    prompts = read_records(path, to_prompt, limit)
     if not prompts:
         raise DataError(f"{path}: no prompts in the file")
     return prompts

@@ -18,7 +18,7 @@ from typing import Any, TypeVar
 from rayrlhf.actors.reward_model import prompt_as_text
 from rayrlhf.actors.trajectory import Prompt
 from rayrlhf.jobs.data.preferences import PreferencePair, builtin_preferences
-from rayrlhf.jobs.data.prompts import DataError, _to_prompt, load_task, read_records
+from rayrlhf.jobs.data.prompts import DataError, load_task, read_records, to_prompt
 
 T = TypeVar("T")
 
@@ -48,7 +48,7 @@ def _missing(value: Any) -> bool:
 def _to_rm_row(row: Any, index: int, where: str) -> RMRow:
     if not isinstance(row, dict):
         raise DataError(f"{where}: expected an object, got {type(row).__name__}")
-    prompt = prompt_as_text(_to_prompt(row, index, where).text)
+    prompt = prompt_as_text(to_prompt(row, index, where).text)
     if "chosen" in row or "rejected" in row:
         kind = row.get("kind")
         return PreferencePair(prompt, _text(row, "chosen", where), _text(row, "rejected", where),
@@ -108,7 +108,7 @@ def _to_sft(row: Any, index: int, where: str) -> Prompt:
     """A Prompt whose `reference` is the target response."""
     if isinstance(row, dict) and "response" in row:
         row = {**row, "reference": row["response"]}
-    prompt = _to_prompt(row, index, where)
+    prompt = to_prompt(row, index, where)
     if not prompt.reference or not prompt.reference.strip():
         raise DataError(f"{where}: an SFT row needs a non-empty 'response' (or 'reference')")
     return prompt
