@@ -33,6 +33,7 @@ from rayrlhf.actors.advantages import (
     masked_whiten,
     reinforce_advantages,
 )
+from rayrlhf.actors.length_control import loss_rows
 from rayrlhf.actors.logprobs import (
     PolicyOutput,
     first_response_column,
@@ -303,10 +304,11 @@ class Learner:
         """One RL step on (Trajectory, Rewards, ref_logprobs) triples; returns averaged metrics."""
         start = time.perf_counter()
         traj, scores, raw_scores, ref = self._join(parts)
+        keep = loss_rows(list(parts[1::3]), len(traj))  # 0: a row the reward drops from the loss (truncation: mask)
         batch = {
             "input_ids": from_numpy(traj.input_ids).long(),
             "attention_mask": from_numpy(traj.attention_mask).long(),
-            "response_mask": from_numpy(traj.response_mask).float(),
+            "response_mask": from_numpy(traj.response_mask * keep[:, None]).float(),
             "old_logprobs": from_numpy(traj.old_logprobs).float(),
             "scores": from_numpy(scores),
             "group_ids": from_numpy(traj.group_ids).long(),

@@ -181,12 +181,13 @@ class RolloutWorker:
         torch.manual_seed(int(np.random.SeedSequence([self.seed, self.version, self._calls]).generate_state(1)[0]))
         self._calls += 1
         recorder = SampledLogprobs(self.temperature)
+        budget = max_new_tokens or self.max_new_tokens
         sequences = self.model.generate(
             input_ids=prompt_ids,
             attention_mask=prompt_mask,
             do_sample=not greedy,
             num_return_sequences=k,
-            max_new_tokens=max_new_tokens or self.max_new_tokens,
+            max_new_tokens=budget,
             logits_processor=LogitsProcessorList([recorder]),
             **sampling,
         )
@@ -222,4 +223,7 @@ class RolloutWorker:
             ],
             references=[p.reference for p in prompts for _ in range(k)],
             prompt_texts=[p.text for p in prompts for _ in range(k)],
+            extras=[p.extra for p in prompts for _ in range(k)],
+            truncated=(~is_eos.any(dim=1)).numpy(),
+            max_new_tokens=budget,
         )

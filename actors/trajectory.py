@@ -8,6 +8,7 @@ group-relative advantages never need another shard.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
@@ -20,6 +21,8 @@ class Prompt:
     text: str | list[dict[str, str]]
     """Plain text, or chat messages [{"role": ..., "content": ...}] for the chat template."""
     reference: str | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+    """The data row's other fields (e.g. a GSM8K row's numeric answer): user reward functions get them."""
 
 
 @dataclass
@@ -43,6 +46,12 @@ class Trajectory:
     prompt_texts: list[str | list[dict[str, str]]] = field(default_factory=list)
     """Each row's prompt as asked (Prompt.text, before any chat template): what a learned reward
     model reads as x in r_rm(x, y)."""
+    extras: list[dict[str, Any]] = field(default_factory=list)
+    """Each row's Prompt.extra: the data fields a user reward function may read."""
+    truncated: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=bool))
+    """[B] bool: cut at max_new_tokens without EOS (empty when the producer does not say)."""
+    max_new_tokens: int = 0
+    """The token budget the responses were sampled with (0: unknown)."""
 
     def __len__(self) -> int:
         return int(self.input_ids.shape[0])
@@ -62,6 +71,11 @@ class Rewards:
     """[B] float32: the weighted sum of the raw components; comparable across steps and runs."""
     components: dict[str, np.ndarray]
     """Raw, unweighted per-row values of each component, for logging."""
+    loss_mask: np.ndarray | None = None
+    """[B] float32, 0 for rows the policy loss drops (reward.truncation: mask); None: every row."""
+    info: dict[str, np.ndarray] = field(default_factory=dict)
+    """Per-row diagnostics that are not reward components (truncated, length penalty, length
+    ratio); logged as batch means."""
 
 
 def concat(batches: list[Trajectory]) -> Trajectory:
@@ -89,4 +103,7 @@ def concat(batches: list[Trajectory]) -> Trajectory:
         responses=[r for b in batches for r in b.responses],
         references=[r for b in batches for r in b.references],
         prompt_texts=[p for b in batches for p in b.prompt_texts],
+        extras=[e for b in batches for e in b.extras],
+        truncated=np.concatenate([b.truncated for b in batches]),
+        max_new_tokens=max(b.max_new_tokens for b in batches),
     )

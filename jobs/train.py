@@ -24,6 +24,7 @@ from rayrlhf.actors.embeddings import resolve_embedding_model
 from rayrlhf.actors.learner import Learner
 from rayrlhf.actors.models import resolve_policy
 from rayrlhf.actors.reference_policy import ReferencePolicy
+from rayrlhf.actors.reward_functions import check_functions
 from rayrlhf.actors.reward_model import check_reward_model_dir
 from rayrlhf.actors.reward_scorer import RewardScorer
 from rayrlhf.actors.rollout_worker import RolloutWorker
@@ -172,8 +173,8 @@ def _wait(refs: list) -> None:
 def reward_metrics(rewards: list[Rewards], prefix: str) -> dict[str, float]:
     out = {f"{prefix}/total": float(np.mean(np.concatenate([r.total for r in rewards])))}
     out[f"{prefix}/raw"] = float(np.mean(np.concatenate([r.raw_total for r in rewards])))
-    for name in rewards[0].components:
-        values = np.concatenate([r.components[name] for r in rewards])
+    for name in (*rewards[0].components, *rewards[0].info):  # info: truncated_frac, length_penalty, length_ratio
+        values = np.concatenate([r.components.get(name, r.info.get(name)) for r in rewards])
         if np.isfinite(values).any():
             out[f"{prefix}/{name}"] = float(np.nanmean(values))
     return out
@@ -258,6 +259,7 @@ def prepare(cfg: RunConfig) -> tuple[Path, list[Prompt], list[Prompt]]:
             cfg.data.train, cfg.data.eval, cfg.data.num_train, cfg.data.num_eval, cfg.seed
         )
         resolve_embedding_model(cfg.reward.embedding_model)
+        check_functions(cfg.reward.model_dump()["functions"], {k for p in train_set + eval_set for k in p.extra})
     except ValueError as e:
         raise ConfigError(str(e)) from e
     if len(train_set) < cfg.prompts_per_step:

@@ -159,6 +159,8 @@ def test_generate_cuts_the_response_after_the_first_eos(model_dir, monkeypatch):
     assert traj.attention_mask[:, P:].tolist() == [[1, 1, 0, 0], [1, 1, 1, 1]]
     assert traj.responses[0] == worker.tokenizer.decode([300])  # EOS is special: skipped in the text
     assert (traj.old_logprobs[0, P + 2 :] == 0).all() and (traj.old_logprobs[0, P : P + 2] < 0).all()
+    # row 1 ran out of tokens without EOS: cut at the limit (the budget it was sampled with is recorded)
+    assert traj.truncated.tolist() == [False, True] and traj.max_new_tokens == 6
 
 
 def test_load_weights_changes_outputs_and_checks_versions(model_dir):
