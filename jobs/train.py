@@ -34,6 +34,7 @@ from rayrlhf.cluster.local import init_ray, shutdown_ray
 from rayrlhf.jobs.config.base import ConfigError
 from rayrlhf.jobs.config.run import RunConfig
 from rayrlhf.jobs.data.prompts import load_task
+from rayrlhf.jobs.health import HealthMonitor, weighted_components
 from rayrlhf.jobs.tracking import Tracker
 
 LAUNCH_ONLY = {"num_workers", "num_scorers", "num_ranks", "num_cpus", "num_gpus"}
@@ -290,8 +291,10 @@ def train(cfg: RunConfig, on_step: Callable[[int, dict[str, float]], None] | Non
         wandb_mode=cfg.logging.wandb, wandb_project=cfg.logging.wandb_project,
         tensorboard=cfg.logging.tensorboard, progress_bar=cfg.logging.progress_bar,
     )
+    monitor = HealthMonitor(cfg.monitor.model_dump(), weighted_components(cfg.reward), tracker.write)
     try:
         before, _ = evaluate(cfg, roles, eval_set)
+        monitor.observe(0, dict(before))  # a copy: no health flags in the before/after table
         tracker.log(0, before, advance=False)
         sampler = PromptSampler(train_set, cfg.seed)
         history = []
@@ -301,17 +304,23 @@ def train(cfg: RunConfig, on_step: Callable[[int, dict[str, float]], None] | Non
                 metrics.update(evaluate(cfg, roles, eval_set)[0])
             if cfg.save_every and step % cfg.save_every == 0:
                 ray.get(roles.learner.call("save", str(output_dir / f"step_{step}")))
+            stop = monitor.observe(step, metrics)
             tracker.log(step, metrics)
             history.append({"step": step, **metrics})
             if on_step is not None:
                 on_step(step, metrics)
+            if stop:
+                break
         after, examples = evaluate(cfg, roles, eval_set)
+        monitor.observe(len(history), dict(after))
         tracker.log(cfg.steps, after, advance=False)
         final_dir = output_dir / "final"
         ray.get(roles.learner.call("save", str(final_dir)))
         (output_dir / "eval.json").write_text(json.dumps({"before": before, "after": after}, indent=2))
         (output_dir / "examples.jsonl").write_text("".join(json.dumps(e) + "\n" for e in examples))
         tracker.write("\n" + format_table(before, after) + f"\n\nfinal policy: {final_dir}")
+        if cfg.monitor.plot:
+            monitor.plot(output_dir / "training.png")
     finally:
         tracker.close()
         roles.shutdown()

@@ -216,6 +216,29 @@ class LoggingConfig(StrictModel):
     progress_bar: bool = True
 
 
+class MonitorConfig(StrictModel):
+    """Training-health checks (jobs/health.py), each step; a threshold of None turns its check off.
+    A warning is printed when a check starts failing (once per crossing), and its flag health/<check>
+    (0/1) is logged with the step's metrics."""
+
+    max_length_ratio: float | None = Field(2.0, gt=0)
+    """length: sampled answers longer than this many times their reference (words, batch mean)."""
+    max_truncated_frac: float | None = Field(0.5, ge=0, le=1)
+    """truncation: more than this fraction of sampled answers cut at rollout.max_new_tokens."""
+    min_entropy: float | None = Field(0.1, ge=0)
+    """entropy: the policy's mean token entropy (nats) fell below this (collapse)."""
+    max_kl: float | None = Field(1.0, gt=0)
+    """kl: KL to the reference policy per token above this."""
+    held_out: str = "eval/rouge_l"
+    """hacking: between two evaluations this held-out metric fell by more than hacking_tolerance
+    while a weighted reward component rose over the training steps in between."""
+    hacking_tolerance: float = Field(0.01, ge=0)
+    stop_on: list[Literal["length", "truncation", "entropy", "kl", "hacking"]] = []
+    """Checks that end training (after the step's logging; the final evaluation and save still run)."""
+    plot: bool = True
+    """Write training.png (reward components, length, KL and entropy, held-out metrics) at the end."""
+
+
 class RunConfig(StrictModel):
     name: str = "rayrlhf"
     seed: int = 0
@@ -236,6 +259,7 @@ class RunConfig(StrictModel):
     learner: LearnerConfig = LearnerConfig()
     cluster: ClusterConfig = ClusterConfig()
     logging: LoggingConfig = LoggingConfig()
+    monitor: MonitorConfig = MonitorConfig()
 
     @model_validator(mode="after")
     def _consistent(self) -> RunConfig:
