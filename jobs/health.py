@@ -70,20 +70,17 @@ class HealthMonitor:
     def _problems(self, step: int, m: dict[str, float]) -> dict[str, str | None]:
         """What is wrong, per check evaluated on these metrics (checks whose inputs are absent are skipped)."""
         c, out = self.cfg, {}
-        if c["max_length_ratio"] is not None and "reward/length_ratio" in m:
-            r = m["reward/length_ratio"]
-            out["length"] = (f"answers are {r:.2f}x as long as their references (limit {c['max_length_ratio']})"
-                             if r > c["max_length_ratio"] else None)  # fmt: skip
-        if c["max_truncated_frac"] is not None and "reward/truncated_frac" in m:
-            f = m["reward/truncated_frac"]
-            out["truncation"] = (f"{f:.0%} of sampled answers were cut at max_new_tokens (limit "
-                                 f"{c['max_truncated_frac']:.0%})" if f > c["max_truncated_frac"] else None)  # fmt: skip
-        if c["min_entropy"] is not None and "entropy" in m:
-            e = m["entropy"]
-            out["entropy"] = f"policy entropy {e:.4f} < {c['min_entropy']}: it is collapsing" if e < c["min_entropy"] else None
-        if c["max_kl"] is not None and "kl" in m:
-            k = m["kl"]
-            out["kl"] = f"KL to the reference {k:.4f} > {c['max_kl']}" if k > c["max_kl"] else None
+        limits = [  # check, metric, limit, +1: fails above the limit / -1: below it, message
+            ("length", "reward/length_ratio", c["max_length_ratio"], 1,
+             "answers are {v:.2f}x as long as their references (limit {t})"),
+            ("truncation", "reward/truncated_frac", c["max_truncated_frac"], 1,
+             "{v:.0%} of sampled answers were cut at max_new_tokens (limit {t:.0%})"),
+            ("entropy", "entropy", c["min_entropy"], -1, "policy entropy {v:.4f} < {t}: it is collapsing"),
+            ("kl", "kl", c["max_kl"], 1, "KL to the reference {v:.4f} > {t}"),
+        ]  # fmt: skip
+        for check, key, limit, side, message in limits:
+            if limit is not None and key in m:
+                out[check] = message.format(v=m[key], t=limit) if side * (m[key] - limit) > 0 else None
         if c["held_out"] in m:
             out["hacking"] = self._hacking(step, m[c["held_out"]])
         return out

@@ -221,10 +221,12 @@ def rl_step(cfg: RunConfig, roles: Roles, prompts: list[Prompt]) -> dict[str, fl
 
 
 def evaluate(cfg: RunConfig, roles: Roles, prompts: list[Prompt]) -> tuple[dict[str, float], list[dict]]:
-    """Greedy answers on held-out prompts, scored without touching the normaliser statistics."""
+    """Greedy (or beam-search) answers on held-out prompts, scored without touching the normaliser statistics."""
     max_new = cfg.eval_max_new_tokens or cfg.rollout.max_new_tokens
     traj_refs = [
-        roles.rollout[i].generate.remote(ray.put(shard), greedy=True, max_new_tokens=max_new)
+        roles.rollout[i].generate.remote(
+            ray.put(shard), greedy=True, max_new_tokens=max_new, num_beams=cfg.eval.num_beams
+        )
         for i, shard in enumerate(_shards(prompts, len(roles.rollout)))
     ]
     reward_refs = [

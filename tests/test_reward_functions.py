@@ -139,7 +139,8 @@ def test_overlong_penalty_hand_computed():
     # budget 32, buffer 0.25 -> the last 8 tokens: penalty 0 up to 24, (n - 24) / 8 * P beyond, P at 32
     lengths = np.array([10, 24, 26, 28, 31, 32])
     np.testing.assert_allclose(overlong_penalty(lengths, 32, 1.0, 0.25), [0, 0, 0.25, 0.5, 0.875, 1.0])
-    np.testing.assert_allclose(overlong_penalty(lengths, 32, 2.0, 0.5), [0, 0.5, 0.625, 0.75, 0.9375, 1.0]  * np.array(2.0))
+    # buffer 0.5 -> the last 16 tokens, penalty 2: 2 * (n - 16) / 16 -> 24: 1.0, 26: 1.25, 28: 1.5, 31: 1.875
+    np.testing.assert_allclose(overlong_penalty(lengths, 32, 2.0, 0.5), [0, 1.0, 1.25, 1.5, 1.875, 2.0])
     assert not overlong_penalty(lengths, 0, 1.0, 0.25).any()  # budget unknown: no penalty
     assert overlong_penalty(np.array([11, 12]), 12, 1.0, 0.01).tolist() == [0.0, 1.0]  # a buffer of at least 1 token
 
@@ -308,7 +309,8 @@ def test_scorer_fails_the_batch_when_the_remote_fails(embedder, monkeypatch, ser
 
 def test_config_names_resolves_paths_and_refuses_clashes(tmp_path, monkeypatch, rewards_file):
     monkeypatch.chdir(rewards_file.parent)
-    cfg = load_config("tiny", ["reward.functions=[{path: 'my_rewards.py:exact_match'}, {path: math_exact_match, weight: 2}]"])
+    functions = "[{path: 'my_rewards.py:exact_match'}, {path: math_exact_match, weight: 2}]"
+    cfg = load_config("tiny", [f"reward.functions={functions}"])
     first, second = cfg.reward.functions
     assert first.path == f"{rewards_file}:exact_match" and first.name == "exact_match"  # absolute, named
     assert second.name == "math_exact_match" and second.weight == 2.0
@@ -345,7 +347,8 @@ def test_prepare_refuses_bad_functions_before_ray(tmp_path, rewards_file):
 def test_tune_searches_a_function_weight(tmp_path):
     spec = {
         "base": "tiny",
-        "overrides": {"reward": {"functions": [{"path": "math_exact_match"}, {"path": "math_exact_match", "name": "m2"}]}},
+        "overrides": {"reward": {"functions": [{"path": "math_exact_match"},
+                                               {"path": "math_exact_match", "name": "m2"}]}},
         "search": {"algorithm": "grid", "space": {"reward.functions.m2.weight": {"values": [0.0, 3.0]}},
                    "simplex": {"weights": ["reward.alpha", "reward.functions.math_exact_match.weight"],
                                "share": {"values": [0.25]}}},

@@ -216,6 +216,11 @@ class LoggingConfig(StrictModel):
     progress_bar: bool = True
 
 
+class EvalConfig(StrictModel):
+    num_beams: int = Field(1, ge=1)
+    """Held-out answers by beam search with this many beams (1: greedy)."""
+
+
 class MonitorConfig(StrictModel):
     """Training-health checks (jobs/health.py), each step; a threshold of None turns its check off.
     A warning is printed when a check starts failing (once per crossing), and its flag health/<check>
@@ -260,6 +265,8 @@ class RunConfig(StrictModel):
     cluster: ClusterConfig = ClusterConfig()
     logging: LoggingConfig = LoggingConfig()
     monitor: MonitorConfig = MonitorConfig()
+    eval: EvalConfig = EvalConfig()
+    """How held-out answers are decoded (eval_every and eval_max_new_tokens say when and how long)."""
 
     @model_validator(mode="after")
     def _consistent(self) -> RunConfig:
