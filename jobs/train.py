@@ -315,7 +315,7 @@ def train(cfg: RunConfig, on_step: Callable[[int, dict[str, float]], None] | Non
                 break
         after, examples = evaluate(cfg, roles, eval_set)
         monitor.observe(len(history), dict(after))
-        tracker.log(cfg.steps, after, advance=False)
+        tracker.log(len(history), after, advance=False)  # the steps run: fewer if the monitor stopped
         final_dir = output_dir / "final"
         ray.get(roles.learner.call("save", str(final_dir)))
         (output_dir / "eval.json").write_text(json.dumps({"before": before, "after": after}, indent=2))
