@@ -3,7 +3,9 @@
 [+ w_i·f_i(x, y, y*, extras) for each user function in reward.functions, + w·remote(...)]
 [- the length penalties of actors/length_control.py, added after normalisation].
 
-A plain class; the driver makes it a Ray actor with `ray.remote(RewardScorer)`.
+A plain class; the driver makes it a Ray actor with `ray.remote(RewardScorer)`. The constructor's
+defaults only switch the later additions off (for hand-made scorers in tests and benchmarks); a run
+gets every value from jobs/config/run.py.
 Every component is computed for every row, whatever its weight, and returned raw so that the
 driver logs them all (reward hacking shows up in the unweighted components); the embedding is
 the only costly part and one batched encode call.
@@ -57,8 +59,6 @@ class RewardScorer:
         truncation: Literal["penalize", "mask", "keep"] = "keep",
         truncation_penalty: float = 0.0,
     ) -> None:
-        """Defaults here only switch the later additions off (for hand-made scorers in tests and
-        benchmarks); a run gets every value from jobs/config/run.py."""
         if normalize not in ("none", "total", "components"):
             raise ValueError(f"reward.normalize must be none, total or components, got {normalize!r}")
         if freq_mode not in ("mean", "sum"):
