@@ -22,8 +22,6 @@ import numpy as np
 from rayrlhf.actors.reward_fns import words
 from rayrlhf.actors.trajectory import Rewards, Trajectory
 
-TRUNCATION = ("penalize", "mask", "keep")
-
 
 def overlong_penalty(lengths: np.ndarray, budget: int, penalty: float, buffer_frac: float) -> np.ndarray:
     """DAPO's soft overlong penalty of each length (>= 0; subtract it from the reward)."""
@@ -42,10 +40,6 @@ class LengthControl:
         truncation: Literal["penalize", "mask", "keep"],
         truncation_penalty: float,
     ) -> None:
-        if truncation not in TRUNCATION:
-            raise ValueError(f"reward.truncation must be one of {TRUNCATION}, got {truncation!r}")
-        if not 0 < overlong_buffer <= 1:
-            raise ValueError(f"reward.overlong_buffer must be in (0, 1], got {overlong_buffer}")
         self.overlong, self.buffer = overlong_penalty, overlong_buffer
         self.truncation, self.truncation_penalty = truncation, truncation_penalty
 

@@ -304,9 +304,9 @@ def train(cfg: RunConfig, on_step: Callable[[int, dict[str, float]], None] | Non
             metrics = rl_step(cfg, roles, sampler.draw(cfg.prompts_per_step))
             if cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.steps:
                 metrics.update(evaluate(cfg, roles, eval_set)[0])
+            stop = monitor.observe(step, metrics)  # adds health/* flags; True: a monitor.stop_on check failed
             if cfg.save_every and step % cfg.save_every == 0:
                 ray.get(roles.learner.call("save", str(output_dir / f"step_{step}")))
-            stop = monitor.observe(step, metrics)
             tracker.log(step, metrics)
             history.append({"step": step, **metrics})
             if on_step is not None:
