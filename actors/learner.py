@@ -33,7 +33,6 @@ from rayrlhf.actors.advantages import (
     masked_whiten,
     reinforce_advantages,
 )
-from rayrlhf.actors.length_control import loss_rows
 from rayrlhf.actors.logprobs import (
     PolicyOutput,
     first_response_column,
@@ -47,7 +46,7 @@ from rayrlhf.actors.losses import (
     make_kl_controller,
 )
 from rayrlhf.actors.models import load_policy, save_policy
-from rayrlhf.actors.trajectory import Rewards, Trajectory, concat
+from rayrlhf.actors.trajectory import Rewards, Trajectory, concat, loss_rows
 
 ALGORITHMS = ("grpo", "reinforce", "ppo")
 

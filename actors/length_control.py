@@ -20,7 +20,7 @@ from typing import Literal
 import numpy as np
 
 from rayrlhf.actors.reward_fns import words
-from rayrlhf.actors.trajectory import Rewards, Trajectory
+from rayrlhf.actors.trajectory import Trajectory
 
 
 def overlong_penalty(lengths: np.ndarray, budget: int, penalty: float, buffer_frac: float) -> np.ndarray:
@@ -77,12 +77,3 @@ class LengthControl:
             "length_ratio": ratio,
         }
 
-
-def loss_rows(rewards: list[Rewards], n: int) -> np.ndarray:
-    """[n] float32: the rows of a learner's batch that enter the loss (Rewards.loss_mask joined)."""
-    if all(r.loss_mask is None for r in rewards):
-        return np.ones(n, dtype=np.float32)
-    out = np.concatenate([np.ones(len(r.total), np.float32) if r.loss_mask is None else r.loss_mask for r in rewards])
-    if len(out) != n:
-        raise ValueError(f"loss masks cover {len(out)} rows, the batch has {n}")
-    return out

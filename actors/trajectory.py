@@ -107,3 +107,14 @@ def concat(batches: list[Trajectory]) -> Trajectory:
         truncated=np.concatenate([b.truncated for b in batches]),
         max_new_tokens=max(b.max_new_tokens for b in batches),
     )
+
+
+def loss_rows(rewards: list[Rewards], n: int) -> np.ndarray:
+    """[n] float32: the rows of a learner's batch that enter the loss (Rewards.loss_mask joined;
+    reward.truncation: mask drops cut answers, actors/length_control.py)."""
+    if all(r.loss_mask is None for r in rewards):
+        return np.ones(n, dtype=np.float32)
+    out = np.concatenate([np.ones(len(r.total), np.float32) if r.loss_mask is None else r.loss_mask for r in rewards])
+    if len(out) != n:
+        raise ValueError(f"loss masks cover {len(out)} rows, the batch has {n}")
+    return out

@@ -16,7 +16,7 @@ from score_server import ScoreServer
 
 from rayrlhf.actors import reward_scorer
 from rayrlhf.actors.embeddings import Embedder
-from rayrlhf.actors.length_control import LengthControl, loss_rows, overlong_penalty
+from rayrlhf.actors.length_control import LengthControl, overlong_penalty
 from rayrlhf.actors.math_reward import final_number, math_exact_match
 from rayrlhf.actors.remote_reward import RemoteReward, RemoteRewardError
 from rayrlhf.actors.reward_functions import (
@@ -27,7 +27,7 @@ from rayrlhf.actors.reward_functions import (
     load_function,
 )
 from rayrlhf.actors.reward_scorer import RewardScorer
-from rayrlhf.actors.trajectory import Rewards, Trajectory
+from rayrlhf.actors.trajectory import Rewards, Trajectory, loss_rows
 from rayrlhf.jobs.config.base import ConfigError
 from rayrlhf.jobs.config.run import load_config
 from rayrlhf.jobs.config.tune import load_tune_config
