@@ -276,10 +276,11 @@ class Learner:
         if len(batch) != self.rows_per_step:
             raise ValueError(f"this rank expects {self.rows_per_step} rows per step, got {len(batch)}")
         traj, scores, raw_scores, ref = batch.trajectory, batch.scores, batch.raw_scores, batch.ref_logprobs
+        keep = batch.loss_mask  # 0: a row the reward drops from the loss (truncation: mask)
         batch = {
             "input_ids": from_numpy(traj.input_ids).long(),
             "attention_mask": from_numpy(traj.attention_mask).long(),
-            "response_mask": from_numpy(traj.response_mask).float(),
+            "response_mask": from_numpy(traj.response_mask * keep[:, None]).float(),
             "old_logprobs": from_numpy(traj.old_logprobs).float(),
             "scores": from_numpy(scores),
             "group_ids": from_numpy(traj.group_ids).long(),

@@ -1,7 +1,11 @@
 """The reward role: r(y, y*) = α·r_freq(y) + β·r_sim(y, y*) + w_bleu·BLEU + w_rouge·ROUGE-L
-[+ γ·r_rm(x, y), a learned reward model, when reward.rm_weight != 0].
+[+ γ·r_rm(x, y), a learned reward model, when reward.rm_weight != 0]
+[+ w_i·f_i(x, y, y*, extras) for each user function in reward.functions, + w·remote(...)]
+[- the length penalties of actors/length_control.py, added after normalisation].
 
-A plain class; the driver makes it a Ray actor with `ray.remote(RewardScorer)`.
+A plain class; the driver makes it a Ray actor with `ray.remote(RewardScorer)`. The constructor's
+defaults only switch the later additions off (for hand-made scorers in tests and benchmarks); a run
+gets every value from jobs/config/run.py.
 Every component is computed for every row, whatever its weight, and returned raw so that the
 driver logs them all (reward hacking shows up in the unweighted components); the embedding is
 the only costly part and one batched encode call.
@@ -15,16 +19,21 @@ import numpy as np
 import wordfreq
 
 from rayrlhf.actors.embeddings import Embedder
+from rayrlhf.actors.length_control import LengthControl
 from rayrlhf.actors.normalizer import RunningNormalizer
+from rayrlhf.actors.remote_reward import RemoteReward
 from rayrlhf.actors.reward_fns import bleu as bleu_score
 from rayrlhf.actors.reward_fns import freq_reward, words
 from rayrlhf.actors.reward_fns import rouge_l as rouge_l_score
+from rayrlhf.actors.reward_functions import batch_arguments, call_function, load_function
 from rayrlhf.actors.reward_model import RewardModel, prompt_as_text
 from rayrlhf.actors.trajectory import Rewards, Trajectory
 
 COMPONENTS = ("freq", "sim", "bleu", "rouge_l")
 RM = "rm"
 """The learned reward's component: present only when reward.rm_weight != 0 (a model is loaded)."""
+REMOTE = "remote"
+"""The component of reward.remote, a reward served over HTTP."""
 
 
 class RewardScorer:
@@ -43,6 +52,12 @@ class RewardScorer:
         rm_weight: float,
         rm_model: str | None,
         rm_batch_size: int,
+        functions: list[dict[str, Any]] | None = None,
+        remote: dict[str, Any] | None = None,
+        overlong_penalty: float = 0.0,
+        overlong_buffer: float = 0.25,
+        truncation: Literal["penalize", "mask", "keep"] = "keep",
+        truncation_penalty: float = 0.0,
     ) -> None:
         self.weights = {"freq": alpha, "sim": beta, "bleu": bleu, "rouge_l": rouge_l}
         self.freq_mode = freq_mode
@@ -56,15 +71,35 @@ class RewardScorer:
             self.reward_model = RewardModel.load(rm_model)
             self.weights[RM] = rm_weight
         self.rm_batch_size = rm_batch_size
-        self.names = (*COMPONENTS, RM) if self.reward_model is not None else COMPONENTS
+        self.functions = {}
+        for spec in functions or []:
+            name = spec["name"]
+            if name in (*COMPONENTS, RM, REMOTE, "total") or name in self.functions:
+                raise ValueError(f"reward.functions: the name {name!r} is taken; give the function another name")
+            self.functions[name] = load_function(spec["path"])
+            self.weights[name] = spec["weight"]
+        self.remote = None
+        if remote is not None:
+            self.remote = RemoteReward(remote["url"], remote["timeout_s"], remote["retries"])
+            self.weights[REMOTE] = remote["weight"]
+        self.length = LengthControl(overlong_penalty, overlong_buffer, truncation, truncation_penalty)
+        self.names = (
+            *COMPONENTS, *([RM] if self.reward_model is not None else []), *self.functions,
+            *([REMOTE] if self.remote is not None else []),
+        )
         self.normalizers = {name: RunningNormalizer() for name in (*self.names, "total")}
         wordfreq.word_frequency("the", "en")  # loads the word list now, not in the first step
 
     def components(
-        self, responses: list[str], references: list[str | None], prompts: list[Any] | None = None
+        self,
+        responses: list[str],
+        references: list[str | None],
+        prompts: list[Any] | None = None,
+        extras: list[dict[str, Any]] | None = None,
     ) -> dict[str, np.ndarray]:
         """Raw per-row values; rows without a reference get NaN for the reference-based ones,
-        and "rm" (the reward model's score of prompt and response) is there when a model is loaded."""
+        "rm" (the reward model's score of prompt and response) is there when a model is loaded,
+        and each user function and the remote reward have their own (NaN where not applicable)."""
         n = len(responses)
         out = {name: np.full(n, np.nan, dtype=np.float32) for name in self.names}
         out["freq"][:] = [freq_reward(r, self.freq_mode) for r in responses]
@@ -80,6 +115,13 @@ class RewardScorer:
                 raise ValueError("the reward model needs one prompt per response")
             texts = [prompt_as_text(p) for p in prompts]
             out[RM][:] = self.reward_model.score(texts, list(responses), self.rm_batch_size)
+        if self.functions or self.remote is not None:
+            kwargs = batch_arguments(list(prompts or [None] * n), list(responses), list(references), extras)
+            for name, fn in self.functions.items():
+                out[name][:] = call_function(fn, name, kwargs)
+            if self.remote is not None:
+                rows = list(extras or [{} for _ in range(n)])
+                out[REMOTE][:] = self.remote.score(kwargs["prompts"], kwargs["completions"], kwargs["references"], rows)
         return out
 
     def score(self, traj: Trajectory, update_stats: bool = True) -> Rewards:
@@ -92,7 +134,7 @@ class RewardScorer:
         responses, references = list(traj.responses), list(traj.references)
         if len(references) != len(responses):
             raise ValueError(f"{len(responses)} responses but {len(references)} references")
-        comps = self.components(responses, references, list(traj.prompt_texts or traj.prompts))
+        comps = self.components(responses, references, list(traj.prompt_texts or traj.prompts), traj.extras)
         empty = np.array([not words(r) for r in responses], dtype=bool)
         raw = np.zeros(len(responses), dtype=np.float64)
         total = np.zeros(len(responses), dtype=np.float64)
@@ -108,9 +150,15 @@ class RewardScorer:
             total = self._normalize("total", total, empty, update_stats)
         elif self.normalize == "none":
             total = raw.copy()
+        penalty = self.length.penalty(traj)
+        total -= penalty
+        raw -= penalty
         total[empty] = self.empty_reward
         raw[empty] = self.empty_reward
-        return Rewards(total=total.astype(np.float32), raw_total=raw.astype(np.float32), components=comps)
+        return Rewards(
+            total=total.astype(np.float32), raw_total=raw.astype(np.float32), components=comps,
+            loss_mask=self.length.loss_mask(traj), info=self.length.info(traj, penalty),
+        )
 
     def _normalize(self, name: str, values: np.ndarray, empty: np.ndarray, update: bool) -> np.ndarray:
         norm = self.normalizers[name]

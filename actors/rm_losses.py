@@ -40,12 +40,17 @@ def cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
 def focal(logits: torch.Tensor, labels: torch.Tensor, gamma: float = 2.0, alpha: float | None = None) -> torch.Tensor:
     """Focal loss (Lin et al. 2017): cross-entropy scaled by (1 - p_t)^gamma, so that answers the
     model already classifies well weigh less; alpha (if given) weighs label 1 by alpha and label 0
-    by 1 - alpha. gamma=0 and alpha=None give `cross_entropy` exactly."""
+    by 1 - alpha. gamma=0 and alpha=None give `cross_entropy` exactly. Labels are 0/1.
+
+    Computed in log space from the signed logit z (+logit for label 1, -logit for label 0):
+    1 - p_t = sigmoid(-z), so the factor is exp(gamma * logsigmoid(-z)). The literal
+    (1 - p_t) ** gamma has an infinite derivative at p_t == 1 (sigmoid(17) rounds to 1 in float32)
+    for 0 < gamma < 1, which made the gradient NaN once a row was confidently right.
+    """
     labels = labels.to(logits.dtype)
     ce = F.binary_cross_entropy_with_logits(logits, labels, reduction="none")
-    p = torch.sigmoid(logits)
-    p_t = p * labels + (1 - p) * (1 - labels)
-    loss = (1 - p_t) ** gamma * ce
+    signed = torch.where(labels > 0.5, logits, -logits)
+    loss = torch.exp(gamma * F.logsigmoid(-signed)) * ce
     if alpha is not None:
         loss = (alpha * labels + (1 - alpha) * (1 - labels)) * loss
     return loss.mean()

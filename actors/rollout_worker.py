@@ -166,25 +166,36 @@ class RolloutWorker:
         return left_pad([self._prompt_ids(p) for p in prompts], self.pad_id)
 
     @torch.no_grad()
-    def generate(self, prompts: list[Prompt], greedy: bool = False, max_new_tokens: int | None = None) -> Trajectory:
-        """k samples per prompt (1 if greedy), rows ordered prompt by prompt."""
+    def generate(
+        self, prompts: list[Prompt], greedy: bool = False, max_new_tokens: int | None = None, num_beams: int = 1
+    ) -> Trajectory:
+        """k samples per prompt (1 if greedy), rows ordered prompt by prompt.
+
+        greedy with num_beams > 1 is beam search (held-out evaluation): the best beam per prompt. Its
+        old_logprobs are all 0: beams are reordered while decoding, and evaluation never trains on them.
+        """
         if not prompts:
             raise ValueError("generate() needs at least one prompt")
+        if num_beams > 1 and not greedy:
+            raise ValueError("num_beams > 1 is for greedy (evaluation) decoding, not for sampling")
         k = 1 if greedy else self.samples_per_prompt
         prompt_ids, prompt_mask = self._left_padded(prompts)
         rendered = [self.tokenizer.decode(row[mask.bool()]) for row, mask in zip(prompt_ids, prompt_mask)]
         sampling = {} if greedy else {"temperature": self.temperature, "top_p": self.top_p, "top_k": 0}
+        if num_beams > 1:
+            sampling = {"num_beams": num_beams, "early_stopping": True}
         # Reproducible per (seed, version, call), independent of what else ran in this process.
         torch.manual_seed(int(np.random.SeedSequence([self.seed, self.version, self._calls]).generate_state(1)[0]))
         self._calls += 1
         recorder = SampledLogprobs(self.temperature)
+        budget = max_new_tokens or self.max_new_tokens
         sequences = self.model.generate(
             input_ids=prompt_ids,
             attention_mask=prompt_mask,
             do_sample=not greedy,
             num_return_sequences=k,
-            max_new_tokens=max_new_tokens or self.max_new_tokens,
-            logits_processor=LogitsProcessorList([recorder]),
+            max_new_tokens=budget,
+            logits_processor=LogitsProcessorList([recorder] if num_beams == 1 else []),
             **sampling,
         )
         width = prompt_ids.shape[1]
@@ -200,8 +211,8 @@ class RolloutWorker:
         input_ids = torch.cat([prompt_ids, response], dim=1)
         attention_mask = torch.cat([prompt_mask, in_response], dim=1)
         response_mask = torch.cat([torch.zeros_like(prompt_mask), in_response], dim=1).float()
-        old_logprobs = torch.cat([torch.zeros_like(prompt_mask, dtype=torch.float32),
-                                  recorder.collect(sequences, response.shape[1])], dim=1) * response_mask  # fmt: skip
+        recorded = recorder.collect(sequences, response.shape[1]) if num_beams == 1 else torch.zeros(response.shape)
+        old_logprobs = torch.cat([torch.zeros_like(prompt_mask, dtype=torch.float32), recorded], dim=1) * response_mask
 
         group_ids = np.repeat(np.array([p.id for p in prompts], dtype=np.int64), k)
         return Trajectory(
@@ -219,4 +230,7 @@ class RolloutWorker:
             ],
             references=[p.reference for p in prompts for _ in range(k)],
             prompt_texts=[p.text for p in prompts for _ in range(k)],
+            extras=[p.extra for p in prompts for _ in range(k)],
+            truncated=(~is_eos.any(dim=1)).numpy(),
+            max_new_tokens=budget,
         )

@@ -8,6 +8,7 @@ group-relative advantages never need another shard.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
@@ -20,6 +21,8 @@ class Prompt:
     text: str | list[dict[str, str]]
     """Plain text, or chat messages [{"role": ..., "content": ...}] for the chat template."""
     reference: str | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+    """The data row's other fields (e.g. a GSM8K row's numeric answer): user reward functions get them."""
 
 
 @dataclass
@@ -43,6 +46,12 @@ class Trajectory:
     prompt_texts: list[str | list[dict[str, str]]] = field(default_factory=list)
     """Each row's prompt as asked (Prompt.text, before any chat template): what a learned reward
     model reads as x in r_rm(x, y)."""
+    extras: list[dict[str, Any]] = field(default_factory=list)
+    """Each row's Prompt.extra: the data fields a user reward function may read."""
+    truncated: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=bool))
+    """[B] bool: cut at max_new_tokens without EOS (empty when the producer does not say)."""
+    max_new_tokens: int = 0
+    """The token budget the responses were sampled with (0: unknown)."""
 
     def __len__(self) -> int:
         return int(self.input_ids.shape[0])
@@ -62,6 +71,11 @@ class Rewards:
     """[B] float32: the weighted sum of the raw components; comparable across steps and runs."""
     components: dict[str, np.ndarray]
     """Raw, unweighted per-row values of each component, for logging."""
+    loss_mask: np.ndarray | None = None
+    """[B] float32, 0 for rows the policy loss drops (reward.truncation: mask); None: every row."""
+    info: dict[str, np.ndarray] = field(default_factory=dict)
+    """Per-row diagnostics that are not reward components (truncated, length penalty, length
+    ratio); logged as batch means."""
 
 
 def concat(batches: list[Trajectory]) -> Trajectory:
@@ -89,7 +103,21 @@ def concat(batches: list[Trajectory]) -> Trajectory:
         responses=[r for b in batches for r in b.responses],
         references=[r for b in batches for r in b.references],
         prompt_texts=[p for b in batches for p in b.prompt_texts],
+        extras=[e for b in batches for e in b.extras],
+        truncated=np.concatenate([b.truncated for b in batches]),
+        max_new_tokens=max(b.max_new_tokens for b in batches),
     )
+
+
+def loss_rows(rewards: list[Rewards], n: int) -> np.ndarray:
+    """[n] float32: the rows of a learner's batch that enter the loss (Rewards.loss_mask joined;
+    reward.truncation: mask drops cut answers, actors/length_control.py)."""
+    if all(r.loss_mask is None for r in rewards):
+        return np.ones(n, dtype=np.float32)
+    out = np.concatenate([np.ones(len(r.total), np.float32) if r.loss_mask is None else r.loss_mask for r in rewards])
+    if len(out) != n:
+        raise ValueError(f"loss masks cover {len(out)} rows, the batch has {n}")
+    return out
 
 
 @dataclass
@@ -104,6 +132,8 @@ class LearnerBatch:
     """[B] float32: unnormalised totals, comparable across steps (for logging)."""
     ref_logprobs: np.ndarray | None
     """[B, T] float32, aligned with trajectory.input_ids; None without a reference policy."""
+    loss_mask: np.ndarray
+    """[B] float32: 1 for rows that enter the loss, 0 for rows the reward drops (truncation: mask)."""
 
     @classmethod
     def join(
@@ -132,6 +162,7 @@ class LearnerBatch:
             scores=np.concatenate([r.total for r in rewards]).astype(np.float32),
             raw_scores=np.concatenate([r.raw_total for r in rewards]).astype(np.float32),
             ref_logprobs=ref,
+            loss_mask=loss_rows(rewards, len(batch)),
         )
 
     def __len__(self) -> int:

@@ -22,6 +22,7 @@ import yaml
 
 from rayrlhf.actors.embeddings import resolve_embedding_model
 from rayrlhf.actors.models import resolve_policy
+from rayrlhf.actors.reward_functions import check_functions
 from rayrlhf.actors.reward_model import check_reward_model_dir
 from rayrlhf.actors.trajectory import LearnerBatch, Prompt, Rewards
 from rayrlhf.cluster.actor_group import ActorGroup
@@ -29,6 +30,7 @@ from rayrlhf.cluster.local import init_ray, shutdown_ray
 from rayrlhf.jobs.config.base import ConfigError
 from rayrlhf.jobs.config.run import RunConfig
 from rayrlhf.jobs.data.prompts import load_task
+from rayrlhf.jobs.health import HealthMonitor, weighted_components
 from rayrlhf.jobs.roles import Roles, launch
 from rayrlhf.jobs.tracking import Tracker, format_table
 
@@ -72,8 +74,8 @@ def _wait(refs: list) -> None:
 def reward_metrics(rewards: list[Rewards], prefix: str) -> dict[str, float]:
     out = {f"{prefix}/total": float(np.mean(np.concatenate([r.total for r in rewards])))}
     out[f"{prefix}/raw"] = float(np.mean(np.concatenate([r.raw_total for r in rewards])))
-    for name in rewards[0].components:
-        values = np.concatenate([r.components[name] for r in rewards])
+    for name in (*rewards[0].components, *rewards[0].info):  # info: truncated_frac, length_penalty, length_ratio
+        values = np.concatenate([r.components.get(name, r.info.get(name)) for r in rewards])
         if np.isfinite(values).any():
             out[f"{prefix}/{name}"] = float(np.nanmean(values))
     return out
@@ -138,10 +140,12 @@ def save(roles: Roles, path: Path) -> None:
 
 
 def evaluate(cfg: RunConfig, roles: Roles, prompts: list[Prompt]) -> tuple[dict[str, float], list[dict]]:
-    """Greedy answers on held-out prompts, scored without touching the normaliser statistics."""
+    """Greedy (or beam-search) answers on held-out prompts, scored without touching the normaliser statistics."""
     max_new = cfg.eval_max_new_tokens or cfg.rollout.max_new_tokens
     traj_refs = [
-        roles.rollout[i].generate.remote(ray.put(shard), greedy=True, max_new_tokens=max_new)
+        roles.rollout[i].generate.remote(
+            ray.put(shard), greedy=True, max_new_tokens=max_new, num_beams=cfg.eval.num_beams
+        )
         for i, shard in enumerate(_shards(prompts, len(roles.rollout)))
     ]
     reward_refs = [
@@ -169,6 +173,7 @@ def prepare(cfg: RunConfig) -> tuple[Path, list[Prompt], list[Prompt]]:
             cfg.data.train, cfg.data.eval, cfg.data.num_train, cfg.data.num_eval, cfg.seed
         )
         resolve_embedding_model(cfg.reward.embedding_model)
+        check_functions(cfg.reward.model_dump()["functions"], {k for p in train_set + eval_set for k in p.extra})
     except ValueError as e:
         raise ConfigError(str(e)) from e
     if len(train_set) < cfg.prompts_per_step:
@@ -199,8 +204,10 @@ def train(cfg: RunConfig, on_step: Callable[[int, dict[str, float]], None] | Non
         wandb_mode=cfg.logging.wandb, wandb_project=cfg.logging.wandb_project,
         tensorboard=cfg.logging.tensorboard, progress_bar=cfg.logging.progress_bar,
     )
+    monitor = HealthMonitor(cfg.monitor.model_dump(), weighted_components(cfg.reward), tracker.write)
     try:
         before, _ = evaluate(cfg, roles, eval_set)
+        monitor.observe(0, dict(before))  # a copy: no health flags in the before/after table
         tracker.log(0, before, advance=False)
         sampler = PromptSampler(train_set, cfg.seed)
         history = []
@@ -208,19 +215,25 @@ def train(cfg: RunConfig, on_step: Callable[[int, dict[str, float]], None] | Non
             metrics = rl_step(cfg, roles, sampler.draw(cfg.prompts_per_step))
             if cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.steps:
                 metrics.update(evaluate(cfg, roles, eval_set)[0])
+            stop = monitor.observe(step, metrics)  # adds health/* flags; True: a monitor.stop_on check failed
             if cfg.save_every and step % cfg.save_every == 0:
                 save(roles, output_dir / f"step_{step}")
             tracker.log(step, metrics)
             history.append({"step": step, **metrics})
             if on_step is not None:
                 on_step(step, metrics)
+            if stop:
+                break
         after, examples = evaluate(cfg, roles, eval_set)
-        tracker.log(cfg.steps, after, advance=False)
+        monitor.observe(len(history), dict(after))
+        tracker.log(len(history), after, advance=False)  # the steps run: fewer if the monitor stopped
         final_dir = output_dir / "final"
         save(roles, final_dir)
         (output_dir / "eval.json").write_text(json.dumps({"before": before, "after": after}, indent=2))
         (output_dir / "examples.jsonl").write_text("".join(json.dumps(e) + "\n" for e in examples))
         tracker.write("\n" + format_table(before, after) + f"\n\nfinal policy: {final_dir}")
+        if cfg.monitor.plot:
+            monitor.plot(output_dir / "training.png")
     finally:
         tracker.close()
         roles.shutdown()

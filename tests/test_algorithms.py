@@ -83,6 +83,23 @@ def test_grpo_constant_group_and_all_singletons():
     close(grpo_advantages(torch.tensor([1.0, 9.0]), torch.tensor([0, 1]), normalize_std=True), [0.0, 0.0])
 
 
+def test_grpo_equal_float32_rewards_get_exactly_zero():
+    # 0.7 is not representable in float32: a float32 group mean misses it by rounding, and that
+    # residue divided by (std ~ 0 + eps) used to give every row about +0.11.
+    for n in (16, 3, 7):
+        rewards = torch.full((n,), 0.7, dtype=torch.float32)
+        for normalize_std in (True, False):
+            adv = grpo_advantages(rewards, torch.zeros(n, dtype=torch.long), normalize_std=normalize_std)
+            assert adv.dtype == torch.float32
+            assert torch.equal(adv, torch.zeros(n)), (n, normalize_std, adv)
+    # a constant group next to a varied one: the constant one is exactly 0, the other unchanged
+    rewards = torch.tensor([0.7, 0.1, 0.7, 0.3, 0.7], dtype=torch.float32)
+    adv = grpo_advantages(rewards, torch.tensor([0, 1, 0, 1, 0]), normalize_std=True)
+    assert torch.equal(adv[[0, 2, 4]], torch.zeros(3))
+    # group 1: mean 0.2, unbiased std sqrt(0.01 + 0.01) = 0.1414214 -> -/+ 0.1 / 0.1414214 = -/+0.7071068
+    close(adv[[1, 3]], [-0.7071068, 0.7071068])
+
+
 def test_rloo():
     adv = reinforce_advantages(REWARDS, GROUPS)
     # group 7: 1 - (3+5)/2 = -3; 3 - (1+5)/2 = 0; 5 - (1+3)/2 = 3

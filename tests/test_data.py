@@ -107,13 +107,15 @@ def test_jsonl_round_trip_with_chat_messages(tmp_path: Path) -> None:
     assert [p.id for p in prompts] == [0, 1, 2]
     assert prompts[0].text == "What is 2 plus 2?" and prompts[0].reference == "4."
     assert prompts[1].text == CHAT and prompts[1].reference is None
+    assert prompts[0].extra == {"extra": 1} and prompts[1].extra == {}  # other fields travel along
     assert [p.text for p in load_prompts(path, limit=2)] == ["What is 2 plus 2?", CHAT]
 
 
 def test_parquet_round_trip_with_chat_messages(tmp_path: Path) -> None:
     path = tmp_path / "d.parquet"
-    pd.DataFrame({"prompt": [CHAT, CHAT[1:]], "reference": ["Hello.", None]}).to_parquet(path)
+    pd.DataFrame({"prompt": [CHAT, CHAT[1:]], "reference": ["Hello.", None], "answer": [4.0, None]}).to_parquet(path)
     prompts = load_prompts(str(path))
+    assert prompts[0].extra == {"answer": 4.0} and prompts[1].extra == {"answer": None}  # NaN: missing
     assert prompts[0].text == CHAT and prompts[0].reference == "Hello."
     assert prompts[1].text == CHAT[1:] and prompts[1].reference is None
     plain = tmp_path / "p.parquet"

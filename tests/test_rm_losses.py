@@ -67,6 +67,22 @@ def test_focal_without_focusing_is_cross_entropy():
     assert focal(logits, labels, gamma=0.0).item() == pytest.approx(cross_entropy(logits, labels).item(), abs=1e-7)
 
 
+def test_focal_gradient_is_finite_when_confidently_right():
+    # (1 - p_t) ** gamma at p_t == 1 (sigmoid(17) rounds to 1 in float32) has an infinite
+    # derivative for gamma < 1; it used to turn the whole batch's gradient into NaN.
+    for gamma in (0.25, 0.5, 0.9):
+        logits = T([17.0, 30.0, -40.0, 120.0, 0.5], requires_grad=True)
+        labels = T([1, 1, 0, 1, 0])
+        loss = focal(logits, labels, gamma=gamma)
+        loss.backward()
+        assert torch.isfinite(loss) and torch.isfinite(logits.grad).all(), (gamma, logits.grad)
+        # the confident rows barely matter; the unsure one (logit 0.5, label 0) pushes its logit down
+        assert logits.grad[4] > 0 and logits.grad[:4].abs().max() < 1e-5
+    # value check at gamma 0.5, logit 17, label 1: 1 - p_t = sigmoid(-17) = 4.1399e-8,
+    # factor sqrt(4.1399e-8) = 2.0347e-4, ce = softplus(-17) = 4.1399e-8 -> loss 8.4234e-12
+    assert focal(T([17.0]), T([1]), gamma=0.5).item() == pytest.approx(8.4234e-12, rel=1e-3)
+
+
 def test_triplet():
     anchor = T([[0.0, 0.0], [0.0, 0.0]])
     positive = T([[3.0, 4.0], [1.0, 0.0]])  # distances 5 and 1

@@ -160,6 +160,8 @@ def test_generate_cuts_the_response_after_the_first_eos(model_dir, monkeypatch):
     assert traj.attention_mask[:, P:].tolist() == [[1, 1, 0, 0], [1, 1, 1, 1]]
     assert traj.responses[0] == worker.tokenizer.decode([300])  # EOS is special: skipped in the text
     assert (traj.old_logprobs[0, P + 2 :] == 0).all() and (traj.old_logprobs[0, P : P + 2] < 0).all()
+    # row 1 ran out of tokens without EOS: cut at the limit (the budget it was sampled with is recorded)
+    assert traj.truncated.tolist() == [False, True] and traj.max_new_tokens == 6
 
 
 def test_load_weights_changes_outputs_and_checks_versions(model_dir):
@@ -291,3 +293,22 @@ def test_learner_step_sync_stale_and_save(model_dir, dist_env, tmp_path, monkeyp
     prompt = tokenizer("What is", return_tensors="pt")
     out = model.generate(**prompt, max_new_tokens=3, do_sample=False, pad_token_id=tokenizer.pad_token_id)
     assert out.shape[1] == prompt.input_ids.shape[1] + 3 or out[0, -1] == tokenizer.eos_token_id
+
+
+def test_beam_search_eval_is_hf_beam_search(model_dir):
+    worker = make_worker(model_dir)
+    beams = worker.generate(PROMPTS, greedy=True, max_new_tokens=5, num_beams=3)
+    assert len(beams) == len(PROMPTS) and (beams.old_logprobs == 0).all()  # not for training
+    # the same prompts through HF's own beam search give the same answers
+    ids, mask = worker._left_padded(PROMPTS)
+    expected = worker.model.generate(input_ids=ids, attention_mask=mask, do_sample=False, num_beams=3,
+                                     early_stopping=True, max_new_tokens=5)  # fmt: skip
+    for row, sequence in enumerate(expected):
+        answer = sequence[ids.shape[1]:]
+        answer = answer[answer != worker.pad_id].tolist()
+        assert beams.input_ids[row][beams.response_mask[row] == 1].tolist() == answer
+    assert beams.max_new_tokens == 5 and len(beams.truncated) == len(PROMPTS)
+    greedy = worker.generate(PROMPTS, greedy=True, max_new_tokens=5)
+    assert not np.array_equal(greedy.input_ids, beams.input_ids)  # a 3-beam search finds other answers here
+    with pytest.raises(ValueError, match="num_beams > 1 is for greedy"):
+        worker.generate(PROMPTS, num_beams=2)

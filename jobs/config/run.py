@@ -8,8 +8,9 @@ jobs -> actors.
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import Field, model_validator
 
@@ -55,6 +56,57 @@ class RolloutConfig(StrictModel):
     torch_threads: int = Field(2, ge=1)
 
 
+RESERVED_COMPONENTS = {"freq", "sim", "bleu", "rouge_l", "rm", "remote", "total", "raw", "length", "empty_frac",
+                       "truncated_frac", "length_penalty", "length_ratio"}
+"""Names the built-in components and the logged reward metrics use; a user function cannot take them."""
+_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+
+
+def function_name(path: str) -> str:
+    """A user function's component name unless it is given one: the part after the colon."""
+    return path.rsplit(":", 1)[-1].strip()
+
+
+class RewardFunctionConfig(StrictModel):
+    """A user reward function (actors/reward_functions.py says how it is called)."""
+
+    path: str = Field(min_length=1)
+    """FILE.py:FUNCTION (relative to the working directory), MODULE:FUNCTION, or a built-in name
+    (math_exact_match)."""
+    weight: float = 1.0
+    name: str | None = None
+    """Its component name in the logs (reward/<name>, eval/<name>) and in a tune search space
+    (reward.functions.<name>.weight); default: the function's name."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _resolve(cls, data: Any) -> Any:
+        """Name it, and make a file path absolute so that actors (any working directory) find it."""
+        if not isinstance(data, dict) or not isinstance(data.get("path"), str):
+            return data
+        data = dict(data)
+        where, colon, fn = data["path"].rpartition(":")
+        if colon and where.endswith(".py"):
+            data["path"] = f"{Path(where).expanduser().resolve()}:{fn}"
+        if data.get("name") is None:
+            data["name"] = function_name(data["path"])
+        if not _NAME.fullmatch(data["name"]):
+            raise ValueError(f"name {data['name']!r} must be a Python-style identifier (letters, digits, _)")
+        if data["name"] in RESERVED_COMPONENTS:
+            raise ValueError(f"name {data['name']!r} is taken by a built-in reward metric; give another `name`")
+        return data
+
+
+class RemoteRewardConfig(StrictModel):
+    """A reward served over HTTP (actors/remote_reward.py: the request and response format)."""
+
+    url: str = Field(pattern=r"^https?://")
+    timeout_s: float = Field(30.0, gt=0)
+    retries: int = Field(2, ge=0)
+    """Retries of a failed call; after the last one the step fails (never a silent 0)."""
+    weight: float = 1.0
+
+
 class RewardConfig(StrictModel):
     alpha: float = 1.0
     """Weight of r_freq, the word-frequency fluency reward."""
@@ -78,11 +130,29 @@ class RewardConfig(StrictModel):
     """Directory written by `rayrlhf train-rm` (its final/ folder); needed when rm_weight != 0."""
     rm_batch_size: int = Field(32, ge=1)
     """Rows per reward-model forward pass inside a reward scorer."""
+    functions: list[RewardFunctionConfig] = []
+    """User reward functions, each a weighted component (normalised and logged like the built-ins)."""
+    remote: RemoteRewardConfig | None = None
+    """A reward model served elsewhere: its component is `remote`."""
+    overlong_penalty: float = Field(1.0, ge=0)
+    """DAPO's soft overlong penalty: taken off the total (after normalisation) of an answer in the last
+    overlong_buffer of the token budget, growing linearly to the full amount at the limit (0: off).
+    Proposed default, to validate with benchmarks/demo_seeds.py (benchmarks/README.md)."""
+    overlong_buffer: float = Field(0.25, gt=0, le=1)
+    """That last part of the budget, as a fraction of max_new_tokens (32 tokens: the last 8)."""
+    truncation: Literal["penalize", "mask", "keep"] = "penalize"
+    """An answer cut at max_new_tokens without EOS: `penalize` (truncation_penalty off its total),
+    `mask` (its tokens leave the policy loss, DAPO's overlong filtering) or `keep`."""
+    truncation_penalty: float = Field(1.0, ge=0)
 
     @model_validator(mode="after")
     def _rm_needs_model(self) -> RewardConfig:
         if self.rm_weight != 0 and not self.rm_model:
             raise ValueError("reward.rm_weight != 0 needs reward.rm_model (a directory from `rayrlhf train-rm`)")
+        names = [f.name for f in self.functions]
+        twice = sorted({n for n in names if names.count(n) > 1})
+        if twice:
+            raise ValueError(f"reward.functions: the name(s) {twice} are used twice; give each function its own `name`")
         return self
 
 
@@ -146,6 +216,34 @@ class LoggingConfig(StrictModel):
     progress_bar: bool = True
 
 
+class EvalConfig(StrictModel):
+    num_beams: int = Field(1, ge=1)
+    """Held-out answers by beam search with this many beams (1: greedy)."""
+
+
+class MonitorConfig(StrictModel):
+    """Training-health checks (jobs/health.py), each step; a threshold of None turns its check off.
+    A warning is printed when a check starts failing (once per crossing), and its flag health/<check>
+    (0/1) is logged with the step's metrics."""
+
+    max_length_ratio: float | None = Field(2.0, gt=0)
+    """length: sampled answers longer than this many times their reference (words, batch mean)."""
+    max_truncated_frac: float | None = Field(0.5, ge=0, le=1)
+    """truncation: more than this fraction of sampled answers cut at rollout.max_new_tokens."""
+    min_entropy: float | None = Field(0.1, ge=0)
+    """entropy: the policy's mean token entropy (nats) fell below this (collapse)."""
+    max_kl: float | None = Field(1.0, gt=0)
+    """kl: KL to the reference policy per token above this."""
+    held_out: str = "eval/rouge_l"
+    """hacking: between two evaluations this held-out metric fell by more than hacking_tolerance
+    while a weighted reward component rose over the training steps in between."""
+    hacking_tolerance: float = Field(0.01, ge=0)
+    stop_on: list[Literal["length", "truncation", "entropy", "kl", "hacking"]] = []
+    """Checks that end training (after the step's logging; the final evaluation and save still run)."""
+    plot: bool = True
+    """Write training.png (reward components, length, KL and entropy, held-out metrics) at the end."""
+
+
 class RunConfig(StrictModel):
     name: str = "rayrlhf"
     seed: int = 0
@@ -166,6 +264,9 @@ class RunConfig(StrictModel):
     learner: LearnerConfig = LearnerConfig()
     cluster: ClusterConfig = ClusterConfig()
     logging: LoggingConfig = LoggingConfig()
+    monitor: MonitorConfig = MonitorConfig()
+    eval: EvalConfig = EvalConfig()
+    """How held-out answers are decoded (eval_every and eval_max_new_tokens say when and how long)."""
 
     @model_validator(mode="after")
     def _consistent(self) -> RunConfig:

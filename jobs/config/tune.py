@@ -8,6 +8,7 @@ validated here at each corner of the space before Ray starts, so a bad field fai
 
 from __future__ import annotations
 
+import copy
 import itertools
 from pathlib import Path
 from typing import Any, Literal
@@ -21,10 +22,9 @@ from rayrlhf.jobs.config.base import (
     merge,
     parse_overrides,
     resolve_config_path,
-    set_dotted,
     validate,
 )
-from rayrlhf.jobs.config.run import RunConfig
+from rayrlhf.jobs.config.run import RunConfig, function_name
 
 CIRCULAR_METRICS = {"eval/raw", "eval/total"}
 """The tuned reward itself: its scale moves with the weights, so it cannot rank them."""
@@ -86,7 +86,8 @@ class SimplexSpec(StrictModel):
 class SearchConfig(StrictModel):
     algorithm: Literal["grid", "random", "optuna"] = "random"
     space: dict[str, ParamSpec] = {}
-    """Independent dimensions: a dotted run-config field (reward.alpha, learner.lr, ...) -> its range."""
+    """Independent dimensions: a dotted run-config field (reward.alpha, learner.lr, ...) -> its range.
+    A user reward function's weight is reward.functions.<its name>.weight."""
     simplex: SimplexSpec | None = None
     num_samples: int | None = Field(None, ge=1)
     """random/optuna: trials drawn (None: 8); grid: times the whole grid is repeated (None: once)."""
@@ -192,11 +193,24 @@ class TuneConfig(StrictModel):
         return Path(self.storage_path).expanduser().resolve() / self.name
 
 
-def _nested(fields: dict[str, Any]) -> dict[str, Any]:
-    tree: dict[str, Any] = {}
-    for dotted, value in fields.items():
-        set_dotted(tree, dotted, value)
-    return tree
+def set_field(tree: dict[str, Any], dotted: str, value: Any) -> None:
+    """set_dotted that also enters lists of named entries by name: `reward.functions.exact_match.weight`
+    is the weight of the reward function named exact_match (by `name`, else by its function's name)."""
+    node: Any = tree
+    *parents, leaf = dotted.split(".")
+    for key in parents:
+        if isinstance(node, list):
+            names = [e.get("name") or function_name(str(e.get("path", ""))) for e in node if isinstance(e, dict)]
+            if key not in names:
+                raise ConfigError(f"search field {dotted}: no entry named {key!r} (entries: {names})")
+            node = node[names.index(key)]
+        else:
+            node = node.setdefault(key, {})
+        if not isinstance(node, (dict, list)):
+            raise ConfigError(f"search field {dotted}: {key} is not a section")
+    if isinstance(node, list):
+        raise ConfigError(f"search field {dotted}: name an entry of the list, e.g. {dotted}.<name>.weight")
+    node[leaf] = value
 
 
 class TuneSetup:
@@ -210,7 +224,10 @@ class TuneSetup:
 
     def export_data(self, fields: dict[str, float]) -> dict[str, Any]:
         """The ready-to-run config of a point: base + overrides + the point's fields (no trial budget)."""
-        return merge(self.base_data, _nested(fields))
+        data = copy.deepcopy(self.base_data)
+        for dotted, value in fields.items():
+            set_field(data, dotted, value)
+        return data
 
     def run_config(self, fields: dict[str, float], **extra: Any) -> RunConfig:
         data = merge(merge(self.export_data(fields), self.cfg.trial), extra)

@@ -1,7 +1,7 @@
 """Prompt sets for a run: the built-in task, or the user's JSONL / Parquet files.
 
 A user row has a `prompt` (a string, or chat messages [{"role", "content"}, ...]) and an optional
-`reference` string; other fields are ignored. Bad input fails before any Ray resource is claimed,
+`reference` string; its other fields travel with it (Prompt.extra) to the user reward functions. Bad input fails before any Ray resource is claimed,
 with the file and the line (JSONL, counted from 1) or row (Parquet, counted from 0) named.
 """
 
@@ -53,11 +53,16 @@ def to_prompt(row: Any, index: int, where: str) -> Prompt:
         kind = type(prompt).__name__
         raise DataError(f"{where}: 'prompt' must be a string or a list of chat messages, got {kind}")
     reference = row.get("reference")
-    if isinstance(reference, float) and math.isnan(reference):
-        reference = None  # pandas' marker for a missing value
+    if _is_nan(reference):
+        reference = None
     if reference is not None and not isinstance(reference, str):
         raise DataError(f"{where}: 'reference' must be a string, got {type(reference).__name__}")
-    return Prompt(id=index, text=prompt, reference=reference)
+    extra = {k: None if _is_nan(v) else v for k, v in row.items() if k not in ("prompt", "reference")}
+    return Prompt(id=index, text=prompt, reference=reference, extra=extra)
+
+
+def _is_nan(value: Any) -> bool:
+    return isinstance(value, float) and math.isnan(value)  # pandas' marker for a missing value
 
 
 def _read_jsonl(path: Path, limit: int | None, convert: Callable[[Any, int, str], T]) -> list[T]:
@@ -130,7 +135,7 @@ def read_records(path: str, convert: Callable[[Any, int, str], T], limit: int | 
 
 
 def _renumber(prompts: list[Prompt], start: int) -> list[Prompt]:
-    return [Prompt(id=start + i, text=p.text, reference=p.reference) for i, p in enumerate(prompts)]
+    return [Prompt(id=start + i, text=p.text, reference=p.reference, extra=p.extra) for i, p in enumerate(prompts)]
 
 
 def load_task(

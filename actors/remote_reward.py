@@ -1,0 +1,61 @@
+"""A reward served elsewhere (`reward.remote`): one HTTP POST per scored batch, JSON scores back.
+
+Request body: {"prompts": [...], "completions": [...], "references": [...], "extras": [{...}, ...]}
+(one entry per row; prompts are strings or chat messages). Response: {"scores": [float | null, ...]}
+or a bare JSON list, one score per row (null: not applicable). A failed call (connection error,
+timeout, non-2xx status, unusable body) is retried `retries` times with a short backoff; then the
+batch fails with the last error, so a step is never trained on a silently missing reward.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import urllib.error
+import urllib.request
+from typing import Any
+
+import numpy as np
+
+from rayrlhf.actors.reward_functions import RewardFunctionError, as_scores
+
+BACKOFF_S = 0.2
+"""The first retry waits this long, each next one twice as long (capped at 5 s)."""
+
+
+class RemoteRewardError(RuntimeError):
+    """The remote reward could not score a batch after every retry."""
+
+
+class RemoteReward:
+    def __init__(self, url: str, timeout_s: float, retries: int, headers: dict[str, str] | None = None) -> None:
+        self.url, self.timeout_s, self.retries = url, timeout_s, retries
+        self.headers = {"Content-Type": "application/json", **(headers or {})}
+
+    def _post(self, body: bytes, n: int) -> np.ndarray:
+        request = urllib.request.Request(self.url, data=body, headers=self.headers, method="POST")
+        with urllib.request.urlopen(request, timeout=self.timeout_s) as response:
+            payload = json.loads(response.read())
+        scores = payload.get("scores") if isinstance(payload, dict) else payload
+        return as_scores(scores, n, f"remote reward {self.url}")
+
+    def score(
+        self, prompts: list[Any], completions: list[str], references: list[str | None], extras: list[dict[str, Any]]
+    ) -> np.ndarray:
+        """float32 scores of the batch (NaN where the server said null); raises after the last retry."""
+        body = json.dumps(
+            {"prompts": prompts, "completions": completions, "references": references, "extras": extras}
+        ).encode()
+        errors = []
+        for attempt in range(self.retries + 1):
+            if attempt:
+                time.sleep(min(BACKOFF_S * 2 ** (attempt - 1), 5.0))
+            try:
+                return self._post(body, len(completions))
+            except (OSError, ValueError, RewardFunctionError) as e:  # URLError, HTTPError, timeouts, bad JSON
+                detail = f"HTTP {e.code}" if isinstance(e, urllib.error.HTTPError) else f"{type(e).__name__}: {e}"
+                errors.append(detail)
+        raise RemoteRewardError(
+            f"remote reward {self.url} failed {len(errors)} time(s) (1 try + {self.retries} retries): "
+            + "; ".join(errors)
+        )

@@ -1,0 +1,64 @@
+"""Greedy vs beam search on the held-out prompts: the same policy, the same scorer, only
+`eval.num_beams` differs. Run it on the default run's final policy:
+
+    python benchmarks/beam_eval.py --policy outputs/default/final --beams 1 2 4
+
+Writes benchmarks/results/beam_eval.json and prints one column per beam width. In-process (no
+Ray): one rollout worker and one reward scorer, built exactly as the RL job builds them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+from pathlib import Path
+
+from rayrlhf.cluster.offline import apply_offline_defaults
+
+apply_offline_defaults()
+
+from rayrlhf.actors.reward_scorer import RewardScorer
+from rayrlhf.actors.rollout_worker import RolloutWorker
+from rayrlhf.jobs.config.run import load_config
+from rayrlhf.jobs.train import RoleKwargs, prepare, reward_metrics
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--config", default="default", help="the run config whose held-out prompts and reward are used")
+    parser.add_argument("--policy", default=None, help="a policy directory (default: the config's untrained policy)")
+    parser.add_argument("--beams", type=int, nargs="+", default=[1, 4])
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="FIELD=VALUE")
+    args = parser.parse_args(argv)
+    cfg = load_config(args.config, args.overrides)
+    base_dir, _, held_out = prepare(cfg)
+    kwargs = RoleKwargs(cfg, args.policy or str(base_dir))
+    worker, scorer = RolloutWorker(**kwargs.rollout(0)), RewardScorer(**kwargs.scorer(0))
+    max_new = cfg.eval_max_new_tokens or cfg.rollout.max_new_tokens
+    columns = {}
+    for beams in args.beams:
+        start = time.perf_counter()
+        traj = worker.generate(held_out, greedy=True, max_new_tokens=max_new, num_beams=beams)
+        metrics = reward_metrics([scorer.score(traj, update_stats=False)], "eval")
+        metrics["eval/length"] = float(traj.response_lengths.mean())
+        metrics["seconds"] = time.perf_counter() - start
+        columns[beams] = metrics
+    keys = [k for k in columns[args.beams[0]] if k != "eval/total"]
+    print(f"{'held-out metric':<22}" + "".join(f"{f'beams={b}':>12}" for b in args.beams))
+    for key in keys:
+        values = "".join(f"{columns[b].get(key, float('nan')):>12.4f}" for b in args.beams)
+        print(f"{key.removeprefix('eval/'):<22}{values}")
+    RESULTS.mkdir(exist_ok=True)
+    out = RESULTS / "beam_eval.json"
+    out.write_text(json.dumps({"config": args.config, "policy": args.policy, "overrides": args.overrides,
+                               "prompts": len(held_out), "load_average_1_5_15": os.getloadavg(),
+                               "columns": columns}, indent=2))  # fmt: skip
+    print(f"\nwrote {out}")
+
+
+if __name__ == "__main__":
+    main()

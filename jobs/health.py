@@ -1,0 +1,147 @@
+"""Training-health monitors: is the policy getting better, or only better at the reward?
+
+The RL loop hands every step's metrics (and each held-out evaluation) to `HealthMonitor.observe`,
+which checks them against monitor.* thresholds, adds a 0/1 flag `health/<check>` per check to the
+metrics (so they reach metrics.jsonl, TensorBoard and wandb), prints a warning when a check starts
+failing (once per crossing, again only after it has recovered), and returns True when a check in
+`monitor.stop_on` fails. `plot` writes training.png at the end. No Ray here: plain dicts in, plain
+dicts out.
+
+Checks: length (answers vs their reference, in words), truncation (answers cut at the token cap),
+entropy (collapse), kl (drift from the reference policy) and hacking: a weighted reward component
+rose over the training steps between two evaluations while the held-out metric fell.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+CHECKS = ("length", "truncation", "entropy", "kl", "hacking")
+
+
+def weighted_components(reward: Any) -> list[str]:
+    """The reward components the policy is trained on (weight != 0), by their logged names."""
+    weights = {"freq": reward.alpha, "sim": reward.beta, "bleu": reward.bleu, "rouge_l": reward.rouge_l,
+               "rm": reward.rm_weight, **{f.name: f.weight for f in reward.functions}}  # fmt: skip
+    if reward.remote is not None:
+        weights["remote"] = reward.remote.weight
+    return [name for name, weight in weights.items() if weight != 0]
+
+
+def trend(points: list[tuple[int, float]]) -> float | None:
+    """Change over the span of the least-squares line through (step, value) points; None if < 2 steps."""
+    steps = np.array([s for s, _ in points], dtype=float)
+    if len(points) < 2 or np.ptp(steps) == 0:
+        return None
+    slope = np.polyfit(steps, [v for _, v in points], 1)[0]
+    return float(slope * np.ptp(steps))
+
+
+class HealthMonitor:
+    def __init__(self, cfg: dict[str, Any], components: list[str], write: Callable[[str], None] = print) -> None:
+        unknown = set(cfg["stop_on"]) - set(CHECKS)
+        if unknown:
+            raise ValueError(f"monitor.stop_on: unknown checks {sorted(unknown)}; expected some of {CHECKS}")
+        self.cfg, self.components, self.write = cfg, components, write
+        self.history: list[tuple[int, dict[str, float]]] = []
+        self.failing = dict.fromkeys(CHECKS, False)
+        self.last_eval: tuple[int, float] | None = None
+        self.stop_reason: str | None = None
+
+    def observe(self, step: int, metrics: dict[str, float]) -> bool:
+        """Check one step's metrics (an evaluation's too); adds health/<check> flags; True: stop."""
+        self.history.append((step, dict(metrics)))
+        stop = False
+        for check, problem in self._problems(step, metrics).items():
+            metrics[f"health/{check}"] = float(problem is not None)
+            if problem is not None and not self.failing[check]:
+                self.write(f"health warning (step {step}, {check}): {problem}")
+                if check in self.cfg["stop_on"] and self.stop_reason is None:
+                    self.stop_reason = f"{check} at step {step}: {problem}"
+                    self.write(f"stopping early (monitor.stop_on: {check})")
+                    stop = True
+            self.failing[check] = problem is not None
+        return stop
+
+    def _problems(self, step: int, m: dict[str, float]) -> dict[str, str | None]:
+        """What is wrong, per check evaluated on these metrics (checks whose inputs are absent are skipped)."""
+        c, out = self.cfg, {}
+        limits = [  # check, metric, limit, +1: fails above the limit / -1: below it, message
+            ("length", "reward/length_ratio", c["max_length_ratio"], 1,
+             "answers are {v:.2f}x as long as their references (limit {t})"),
+            ("truncation", "reward/truncated_frac", c["max_truncated_frac"], 1,
+             "{v:.0%} of sampled answers were cut at max_new_tokens (limit {t:.0%})"),
+            ("entropy", "entropy", c["min_entropy"], -1, "policy entropy {v:.4f} < {t}: it is collapsing"),
+            ("kl", "kl", c["max_kl"], 1, "KL to the reference {v:.4f} > {t}"),
+        ]  # fmt: skip
+        for check, key, limit, side, message in limits:
+            if limit is not None and key in m:
+                out[check] = message.format(v=m[key], t=limit) if side * (m[key] - limit) > 0 else None
+        if c["held_out"] in m:
+            out["hacking"] = self._hacking(step, m[c["held_out"]])
+        return out
+
+    def _hacking(self, step: int, held_out: float) -> str | None:
+        previous, self.last_eval = self.last_eval, (step, held_out)
+        if previous is None:
+            return None
+        since, before = previous
+        change = held_out - before
+        if change >= -self.cfg["hacking_tolerance"]:
+            return None
+        rising = []
+        for name in self.components:
+            key = f"reward/{name}"
+            rise = trend([(s, m[key]) for s, m in self.history if since <= s <= step and key in m])
+            if rise is not None and rise > 0:
+                rising.append(f"{key} {rise:+.4f}")
+        if not rising:
+            return None
+        return (f"{', '.join(rising)} rose from step {since} to {step} while {self.cfg['held_out']} fell "
+                f"{change:+.4f}: the policy may be gaming the reward")  # fmt: skip
+
+    def plot(self, path: Path) -> Path:
+        """training.png: reward components, length, KL and entropy, held-out metrics over steps."""
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        def series(key: str) -> tuple[list[int], list[float]]:
+            points = [(s, m[key]) for s, m in self.history if key in m and np.isfinite(m[key])]
+            return [s for s, _ in points], [v for _, v in points]
+
+        keys = {k for _, m in self.history for k in m}
+        fig, axes = plt.subplots(2, 2, figsize=(11, 7), sharex=True)
+        panels = [
+            (axes[0, 0], "reward components (raw)", ["reward/raw", *(f"reward/{c}" for c in self.components)]),
+            (axes[0, 1], "length", ["response_length", "eval/length"]),
+            (axes[1, 0], "KL and entropy", ["kl", "entropy"]),
+            (axes[1, 1], "held-out", sorted(k for k in keys if k.startswith("eval/") and k not in
+                                            ("eval/length", "eval/empty_frac"))),  # fmt: skip
+        ]
+        for ax, title, names in panels:
+            for key in names:
+                steps, values = series(key)
+                if steps:
+                    ax.plot(steps, values, marker="o" if key.startswith("eval/") else ".", label=key)
+            ax.set_title(title)
+            if ax.lines:
+                ax.legend(fontsize=7)
+        right = axes[0, 1].twinx()  # fractions next to the token counts
+        for key in ("reward/length_ratio", "reward/truncated_frac"):
+            steps, values = series(key)
+            if steps:
+                right.plot(steps, values, linestyle="--", label=key)
+        if right.lines:
+            right.legend(fontsize=7, loc="lower right")
+        for ax in axes[1]:
+            ax.set_xlabel("step")
+        fig.tight_layout()
+        fig.savefig(path, dpi=90)
+        plt.close(fig)
+        return path

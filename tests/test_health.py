@@ -1,0 +1,87 @@
+"""Training-health monitors on hand-made metric sequences (pure; no Ray)."""
+
+from __future__ import annotations
+
+import matplotlib.image
+import pytest
+
+from rayrlhf.jobs.config.run import load_config
+from rayrlhf.jobs.health import HealthMonitor, trend, weighted_components
+
+CFG = dict(max_length_ratio=2.0, max_truncated_frac=0.5, min_entropy=0.1, max_kl=1.0, held_out="eval/rouge_l",
+           hacking_tolerance=0.01, stop_on=[], plot=True)  # fmt: skip
+
+
+def monitor(**overrides) -> tuple[HealthMonitor, list[str]]:
+    printed: list[str] = []
+    return HealthMonitor({**CFG, **overrides}, ["freq", "sim"], printed.append), printed
+
+
+def test_trend_is_the_fitted_change_over_the_span():
+    assert trend([(0, 1.0), (1, 2.0), (2, 3.0)]) == pytest.approx(2.0)
+    # slope of (1,0),(2,2),(3,1): 0.5 per step, over 2 steps -> +1.0
+    assert trend([(1, 0.0), (2, 2.0), (3, 1.0)]) == pytest.approx(1.0)
+    assert trend([(4, 1.0)]) is None
+
+
+def test_a_warning_per_threshold_crossing_and_flags_every_step():
+    mon, printed = monitor()
+    flags = []
+    for step, ratio in enumerate([1.5, 2.5, 2.6, 1.0, 3.0], start=1):
+        metrics = {"reward/length_ratio": ratio, "kl": 0.01, "entropy": 2.0}
+        assert mon.observe(step, metrics) is False  # nothing in stop_on
+        flags.append(metrics["health/length"])
+        assert metrics["health/kl"] == 0.0 and metrics["health/entropy"] == 0.0
+    assert flags == [0.0, 1.0, 1.0, 0.0, 1.0]
+    warned = [line for line in printed if "length" in line]
+    assert len(warned) == 2 and "step 2" in warned[0] and "step 5" in warned[1]  # not again at step 3
+    assert "3.00x as long" in warned[1]
+
+
+def test_stop_on_stops_at_the_first_crossing_of_a_listed_check():
+    mon, printed = monitor(stop_on=["kl"], min_entropy=None)
+    assert mon.observe(1, {"reward/truncated_frac": 0.75, "kl": 0.5, "entropy": 0.0}) is False  # not listed
+    assert "75% of sampled answers were cut" in printed[0] and "entropy" not in "".join(printed)  # check off
+    assert mon.observe(2, {"kl": 1.5}) is True
+    assert mon.stop_reason.startswith("kl at step 2: KL to the reference 1.5000 > 1.0")
+
+
+def test_hacking_a_weighted_component_rises_while_held_out_falls():
+    mon, printed = monitor()
+    mon.observe(0, {"eval/rouge_l": 0.50})
+    for step, sim in enumerate([0.1, 0.2, 0.3, 0.4], start=1):
+        # sim (weighted) rises by 0.3 over steps 1-4; freq (weighted) is flat; bleu is not weighted
+        mon.observe(step, {"reward/sim": sim, "reward/freq": -3.0, "reward/bleu": sim})
+    at_eval = {"reward/sim": 0.5, "reward/freq": -3.0, "eval/rouge_l": 0.45}
+    mon.observe(5, at_eval)
+    assert at_eval["health/hacking"] == 1.0
+    (line,) = [p for p in printed if "hacking" in p]
+    # the fit through steps 0-5 (step 0 has no training value): sim 0.1..0.5 over steps 1-5 -> +0.4
+    assert "reward/sim +0.4000 rose from step 0 to 5 while eval/rouge_l fell -0.0500" in line
+    assert "freq" not in line and "bleu" not in line
+    # the held-out metric recovers: no warning, flag back to 0
+    recovered = {"reward/sim": 0.6, "eval/rouge_l": 0.47}
+    mon.observe(6, recovered)
+    assert recovered["health/hacking"] == 0.0 and len([p for p in printed if "hacking" in p]) == 1
+
+
+def test_a_small_held_out_dip_is_within_tolerance():
+    mon, printed = monitor(hacking_tolerance=0.1)
+    mon.observe(0, {"eval/rouge_l": 0.50})
+    mon.observe(1, {"reward/sim": 0.1})
+    mon.observe(2, {"reward/sim": 0.9, "eval/rouge_l": 0.45})
+    assert printed == []
+
+
+def test_weighted_components_and_plot(tmp_path):
+    cfg = load_config("tiny", ["reward.bleu=0.5", "reward.alpha=0", "reward.functions=[{path: math_exact_match}]",
+                               "reward.remote={url: 'http://127.0.0.1:9/x', weight: 0.2}"])  # fmt: skip
+    assert weighted_components(cfg.reward) == ["sim", "bleu", "math_exact_match", "remote"]
+    mon, _ = monitor()
+    mon.observe(0, {"eval/rouge_l": 0.5, "eval/sim": 0.7, "eval/length": 12.0})
+    for step in (1, 2, 3):
+        mon.observe(step, {"reward/raw": step * 0.1, "reward/sim": 0.7, "response_length": 10.0 + step, "kl": 0.01,
+                           "entropy": 3.0, "reward/length_ratio": 1.1, "reward/truncated_frac": 0.2})  # fmt: skip
+    mon.observe(3, {"eval/rouge_l": 0.55, "eval/sim": 0.72, "eval/length": 13.0})
+    image = matplotlib.image.imread(mon.plot(tmp_path / "training.png"))
+    assert image.shape[0] > 400 and image.shape[1] > 700
