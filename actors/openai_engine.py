@@ -126,11 +126,16 @@ class OpenAIEngine:
         if max_tokens > limits.max_tokens:
             param = "max_completion_tokens" if getattr(req, "max_completion_tokens", None) else "max_tokens"
             raise oa.OpenAIError(400, f"{param}={max_tokens} is above this server's limit of {limits.max_tokens}", param)
-        if kind == "completion":
-            prompts, param = [self.generator.encode_text(p) for p in req.prompts], "prompt"
-        else:
-            messages = [m.as_template_input() for m in req.messages]
-            prompts, param = [self.generator.encode_chat(messages)], "messages"
+        param = "prompt" if kind == "completion" else "messages"
+        try:
+            if kind == "completion":
+                prompts = [self.generator.encode_text(p) for p in req.prompts]
+            else:
+                prompts = [self.generator.encode_chat([m.as_template_input() for m in req.messages])]
+        except ValueError as e:  # no chat template, or the template refused the messages
+            raise OpenAIError(400, f"{param}: {e}", param) from None
+        except TypeError:  # the Rust tokenizer refuses some strings, e.g. an unpaired surrogate
+            raise OpenAIError(400, f"{param}: contains text that cannot be tokenised", param) from None
         for ids in prompts:
             if not ids:
                 raise oa.OpenAIError(400, "the prompt is empty after tokenisation", param)
