@@ -133,9 +133,9 @@ class OpenAIEngine:
             else:
                 prompts = [self.generator.encode_chat([m.as_template_input() for m in req.messages])]
         except ValueError as e:  # no chat template, or the template refused the messages
-            raise OpenAIError(400, f"{param}: {e}", param) from None
+            raise oa.OpenAIError(400, f"{param}: {e}", param) from None
         except TypeError:  # the Rust tokenizer refuses some strings, e.g. an unpaired surrogate
-            raise OpenAIError(400, f"{param}: contains text that cannot be tokenised", param) from None
+            raise oa.OpenAIError(400, f"{param}: contains text that cannot be tokenised", param) from None
         for ids in prompts:
             if not ids:
                 raise oa.OpenAIError(400, "the prompt is empty after tokenisation", param)
