@@ -52,11 +52,11 @@ class Job:
     finish: dict[int, str] = field(default_factory=dict)
     usage: dict[str, int] | None = None
     batch: tuple[int, int] = (0, 0)
-    """(requests, sequences) of the batch that served it."""
+    """The most (requests, sequences) that shared a decode step with it so far."""
 
     def add(self, update: Update) -> None:
         """Take one step's Update; a timed-out choice fails the request with 504."""
-        self.batch = (update.batch_requests, update.batch_rows)
+        self.batch = max(self.batch, (update.batch_requests, update.batch_rows))
         for c in update.choices:
             self.texts[c.index] = self.texts.get(c.index, "") + c.text
             if c.finish_reason in ("timeout", "cancelled"):

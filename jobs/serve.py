@@ -9,8 +9,8 @@ event loop keeps accepting requests and health checks.
 (No `from __future__ import annotations` here: FastAPI must see the real `Request` annotations
 of the methods that serve.ingress wraps.)
 
-Every response carries an `x-request-id` header; an internal error answers 500 with a generic
-message naming that id, and the traceback goes to the replica's log under it. Evidence of
+Every response carries Serve's `x-request-id` header; an internal error answers 500 with a
+generic message naming that id, and the traceback goes to the replica's log under it. Evidence of
 batching: headers x-rayrlhf-batch-requests / -batch-sequences (the most that shared a decode
 step with this request) and GET /stats.
 """
@@ -38,7 +38,7 @@ from rayrlhf.actors.decode_loop import DecodeLoop
 from rayrlhf.actors.models import resolve_policy
 from rayrlhf.actors.openai_engine import Job, Kind, Limits, OpenAIEngine
 from rayrlhf.actors.openai_schema import OpenAIError, sse
-from rayrlhf.actors.text_generator import GenerationError, TextGenerator, Update, context_length
+from rayrlhf.actors.text_generator import TextGenerator, Update, context_length
 from rayrlhf.cluster.local import init_ray, shutdown_ray
 from rayrlhf.jobs.config.base import ConfigError, validate
 from rayrlhf.jobs.config.serve import ServeConfig
@@ -52,15 +52,18 @@ app = FastAPI(title="rayrlhf", docs_url=None, redoc_url=None)
 
 
 def request_id(request: Request) -> str:
-    """This request's id (made on first use): in the x-request-id header and in server-log lines."""
-    state = request.state
-    if not hasattr(state, "request_id"):
-        state.request_id = f"req-{uuid.uuid4().hex}"
-    return state.request_id
+    """Serve's id of this request: its proxy sets (or keeps the client's) x-request-id on the way
+    in and puts it on every response; the replica's log lines carry it too."""
+    rid = request.headers.get("x-request-id")
+    if rid is None:  # not behind Serve's proxy
+        if not hasattr(request.state, "request_id"):
+            request.state.request_id = uuid.uuid4().hex
+        rid = request.state.request_id
+    return rid
 
 
 def _error(request: Request, err: OpenAIError) -> JSONResponse:
-    return JSONResponse(err.body(), status_code=err.status, headers={"x-request-id": request_id(request)})
+    return JSONResponse(err.body(), status_code=err.status)
 
 
 def internal_error(request: Request, err: BaseException) -> OpenAIError:
@@ -125,21 +128,15 @@ class OpenAIServer:
                         504, f"generation did not finish within request_timeout_s={self.cfg.request_timeout_s:g}",
                         type="timeout", code="timeout",
                     ) from None
-                except GenerationError as e:  # our own message about the model, safe to show
-                    logger.error("request %s: %s", request_id(request), e)
-                    raise OpenAIError(500, f"generation failed: {e} (request id {request_id(request)})",
-                                      type="server_error") from None
-                except Exception as e:
+                except Exception as e:  # e.g. GenerationError: a diverged checkpoint's NaN logits
                     raise internal_error(request, e) from None
         finally:
             await stream.aclose()  # cancels its rows if they are not done
 
-    def _headers(self, job: Job, request: Request) -> dict[str, str]:
+    @staticmethod
+    def _headers(job: Job) -> dict[str, str]:
         requests, sequences = job.batch
-        return {
-            "x-request-id": request_id(request), "x-rayrlhf-batch-requests": str(requests),
-            "x-rayrlhf-batch-sequences": str(sequences),
-        }
+        return {"x-rayrlhf-batch-requests": str(requests), "x-rayrlhf-batch-sequences": str(sequences)}
 
     async def _generate(self, kind: Kind, request: Request):
         self._authorize(request)
@@ -156,7 +153,7 @@ class OpenAIServer:
                 await updates.aclose()
                 raise
             return StreamingResponse(
-                self._sse(job, events, updates), media_type="text/event-stream", headers=self._headers(job, request)
+                self._sse(job, events, updates), media_type="text/event-stream", headers=self._headers(job)
             )
         try:
             job.add(first)
@@ -164,7 +161,7 @@ class OpenAIServer:
                 job.add(update)
         finally:
             await updates.aclose()
-        return JSONResponse(job.response(), headers=self._headers(job, request))
+        return JSONResponse(job.response(), headers=self._headers(job))
 
     @staticmethod
     async def _sse(job: Job, first: list[dict], updates: AsyncIterator) -> AsyncIterator[str]:
