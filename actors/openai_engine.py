@@ -149,8 +149,17 @@ class OpenAIEngine:
                 400, f"n={req.n} x {len(prompts)} prompt(s) asks for more sequences than this server's "
                 f"batch limit of {limits.max_rows}", "n",
             )
+        if req.num_beams > 1 and req.n > req.num_beams:
+            raise oa.OpenAIError(400, f"n={req.n} is more than num_beams={req.num_beams}: n <= num_beams", "n")
+        if len(prompts) * req.num_beams > limits.max_rows:
+            raise oa.OpenAIError(
+                400, f"num_beams={req.num_beams} x {len(prompts)} prompt(s) is more than this server's batch "
+                f"limit of {limits.max_rows} sequences", "num_beams",
+            )
         params = SamplingParams(max_tokens, req.temperature, req.top_p, req.stops, req.seed)
-        generation = GenerationRequest(prompts, req.n, params, time.monotonic() + limits.request_timeout_s)
+        generation = GenerationRequest(
+            prompts, req.n, params, time.monotonic() + limits.request_timeout_s, num_beams=req.num_beams,
+        )
         prefix = "cmpl" if kind == "completion" else "chatcmpl"
         return Job(
             kind=kind, id=f"{prefix}-{uuid.uuid4().hex}", created=int(time.time()), model=self.model_name,

@@ -62,6 +62,8 @@ class _GenerationFields(_Strict):
     stream: bool = False
     stream_options: StreamOptions | None = None
     seed: int | None = Field(None, ge=0, le=2**64 - 1)
+    num_beams: int = Field(1, ge=1)
+    """An extension: beam search with this many beams (n <= num_beams), deterministic."""
 
     @field_validator("stop")
     @classmethod

@@ -48,6 +48,8 @@ class GenerationRequest:
     """time.monotonic() after which its rows stop with finish_reason "timeout"."""
     cancelled: bool = False
     """Set by a caller that stopped listening; its rows leave the batch at the next step."""
+    num_beams: int = 1
+    """Above 1: beam search (actors/beam_search.py) instead of the decode loop; n <= num_beams."""
 
     @property
     def rows(self) -> int:

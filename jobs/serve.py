@@ -34,11 +34,12 @@ from starlette.exceptions import HTTPException
 from transformers import AutoConfig
 
 from rayrlhf.actors.batch_scheduler import ContinuousScheduler
+from rayrlhf.actors.beam_search import beam_search
 from rayrlhf.actors.decode_loop import DecodeLoop
 from rayrlhf.actors.models import resolve_policy
 from rayrlhf.actors.openai_engine import Job, Kind, Limits, OpenAIEngine
 from rayrlhf.actors.openai_schema import OpenAIError, sse
-from rayrlhf.actors.text_generator import TextGenerator, Update, context_length
+from rayrlhf.actors.text_generator import GenerationRequest, TextGenerator, Update, context_length
 from rayrlhf.cluster.local import init_ray, shutdown_ray
 from rayrlhf.jobs.config.base import ConfigError, validate
 from rayrlhf.jobs.config.serve import ServeConfig
@@ -94,7 +95,9 @@ async def _server_error(request: Request, err: Exception) -> JSONResponse:
 class OpenAIServer:
     def __init__(self, config: dict) -> None:
         self.cfg = cfg = ServeConfig.model_validate(config)
-        generator = TextGenerator(resolve_policy(cfg.model, cfg.cache_dir), cfg.dtype, cfg.torch_threads)
+        self.generator = generator = TextGenerator(
+            resolve_policy(cfg.model, cfg.cache_dir), cfg.dtype, cfg.torch_threads,
+        )
         limits = Limits(
             default_max_tokens=cfg.default_max_tokens, max_tokens=cfg.max_tokens,
             max_prompt_tokens=cfg.max_prompt_tokens, max_rows=cfg.max_batch_size,
@@ -102,6 +105,8 @@ class OpenAIServer:
         )
         self.engine = OpenAIEngine(generator, cfg.model_name, limits)
         self.scheduler = ContinuousScheduler(DecodeLoop(generator, cfg.max_batch_size))
+        self._beam_lock = asyncio.Lock()
+        """One beam search at a time, beside the decode loop."""
         self.token = os.environ.get(cfg.auth_env) if cfg.auth_env else None
         if cfg.auth_env and not self.token:
             logger.warning("auth is off: $%s is not set on this replica", cfg.auth_env)
@@ -113,9 +118,14 @@ class OpenAIServer:
         if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), self.token.encode()):
             raise OpenAIError(401, "missing or wrong API key: send 'Authorization: Bearer <key>'", code="invalid_api_key")
 
+    async def _beams(self, generation: GenerationRequest) -> AsyncIterator[Update]:
+        async with self._beam_lock:
+            yield await asyncio.to_thread(beam_search, self.generator, generation)
+
     async def _updates(self, job: Job, request: Request) -> AsyncIterator[Update]:
-        """The scheduler's output for one job, with a hard deadline; its rows leave the batch if we stop."""
-        stream = self.scheduler.run(job.generation)
+        """The job's Updates, with a hard deadline; its rows leave the batch if we stop."""
+        generation = job.generation
+        stream = self._beams(generation) if generation.num_beams > 1 else self.scheduler.run(generation)
         try:
             while True:
                 wait = job.generation.deadline - time.monotonic() + STALL_GRACE_S

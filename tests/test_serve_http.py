@@ -162,6 +162,24 @@ def test_n_seed_top_p_and_stop(client):
     assert choice["text"] == full[: full.find(stop)] and choice["finish_reason"] == "stop"
 
 
+def test_beam_search_is_hf_generate_with_num_beams(client, local):
+    model, tok = local
+    ids = tok(PROMPT).input_ids
+    with torch.no_grad():
+        out = model.generate(torch.tensor([ids]), max_new_tokens=6, num_beams=3, num_return_sequences=2,
+                             do_sample=False, early_stopping=True, pad_token_id=tok.pad_token_id)
+    expected = [tok.decode(o[len(ids):], skip_special_tokens=True) for o in out]
+    r = completion(client, prompt=PROMPT, max_tokens=6, num_beams=3, n=2)
+    assert r.status_code == 200, r.text
+    assert [c["text"] for c in r.json()["choices"]] == expected and expected[0] != expected[1]
+    chunks = events(completion(client, prompt=PROMPT, max_tokens=6, num_beams=3, n=2, stream=True))
+    assert sorted((c["choices"][0]["index"], c["choices"][0]["text"]) for c in chunks[:-1]) == list(enumerate(expected))
+    for bad, param in (({"num_beams": 0}, "num_beams"), ({"num_beams": 2, "n": 3}, "n"),
+                       ({"num_beams": 5}, "num_beams"), ({"num_beams": 1.5}, "num_beams")):
+        r = completion(client, prompt=PROMPT, max_tokens=4, **bad)
+        assert r.status_code == 400 and r.json()["error"]["param"] == param, (bad, r.text)
+
+
 def test_concurrent_requests_share_decode_steps(client):
     before = client.get("/stats").json()
     bodies = [dict(prompt=f"{PROMPT} {i}", max_tokens=8, temperature=0) for i in range(6)]

@@ -84,6 +84,8 @@ def params(max_tokens: int, temperature: float = 0.0, stop: tuple[str, ...] = ()
         (b'{"model": "m", "prompt": {"a": 1}}', "prompt"),
         (b'{"model": "m", "prompt": "hi", "x": ' + b"[" * 100_000 + b"]" * 100_000 + b"}", None),
         (b"\xff\xfe", None),
+        (b'{"model": "m", "prompt": "hi", "num_beams": 0}', "num_beams"),
+        (b'{"model": "m", "prompt": "hi", "num_beams": "2"}', "num_beams"),
     ],
 )
 def test_bad_completion_bodies_name_the_field(body, param):
@@ -138,6 +140,12 @@ def test_engine_parse_limits(engine, gen):
     e = fails("chat", messages=[{"role": "user", "content": "\ud800"}])
     assert (e.status, e.param) == (400, "messages")
     assert parse("completion", prompt="hi", top_p=0, seed=0).generation.params.top_p == 0  # top token only
+    beams = parse("completion", prompt="hi", num_beams=3, n=2).generation
+    assert (beams.num_beams, beams.rows) == (3, 2)
+    e = fails("completion", prompt="hi", num_beams=2, n=3)
+    assert (e.status, e.param) == (400, "n") and "n <= num_beams" in e.message
+    e = fails("completion", prompt=["a", "b"], num_beams=3)  # 2 prompts x 3 beams > max_rows=4
+    assert (e.status, e.param) == (400, "num_beams")
     e = fails("completion", prompt=["a", "b"], n=3)  # 2 prompts x 3 = 6 sequences > max_rows=4
     assert (e.status, e.param) == (400, "n")
     with pytest.raises(OpenAIError) as unknown_model:
