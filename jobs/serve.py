@@ -128,7 +128,7 @@ class OpenAIServer:
         stream = self._beams(generation) if generation.num_beams > 1 else self.scheduler.run(generation)
         try:
             while True:
-                wait = job.generation.deadline - time.monotonic() + STALL_GRACE_S
+                wait = generation.deadline - time.monotonic() + STALL_GRACE_S
                 try:
                     yield await asyncio.wait_for(anext(stream), max(wait, 0.0))
                 except StopAsyncIteration:
