@@ -67,7 +67,8 @@ class ContinuousScheduler:
         try:
             while not done:
                 item = await queue.get()
-                if isinstance(item, BaseException):
+                if isinstance(item, BaseException):  # the step failed; the loop has dropped the request
+                    done = True
                     raise item
                 done = item.done
                 yield item

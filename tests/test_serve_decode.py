@@ -280,7 +280,7 @@ def test_scheduler_fails_the_requests_in_flight_not_itself(tiny_dir, gen):
             failures += 1
         return failures
 
-    assert asyncio.run(main()) == 2 and not scheduler.loop.requests
+    assert asyncio.run(main()) == 2 and not scheduler.loop.requests and scheduler.stats.cancelled == 0
 
 
 def test_a_caller_that_stops_listening_frees_its_rows(gen):
