@@ -3,7 +3,7 @@
 Everything between HTTP and the model that needs no server: parsing and limits (token counts
 need the tokenizer, so they are checked here rather than in the schema), the served model's
 name, and turning per-step Updates into one response or into stream chunks. The Ray Serve
-deployment (jobs/serve.py) only moves bytes and Updates between this and the batcher.
+deployment (jobs/serve.py) only moves bytes and Updates between this and the scheduler.
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ class Limits:
     max_prompt_tokens: int | None
     """None: the model's context length minus max_tokens."""
     max_rows: int
-    """Sequences one request may ask for (prompts x n): the batcher's max_batch_size."""
+    """Sequences one request may ask for (prompts x n): the server's max_batch_size (rows in flight)."""
     request_timeout_s: float
 
 
