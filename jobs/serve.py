@@ -20,7 +20,6 @@ import hmac
 import logging
 import os
 import socket
-import sys
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -291,8 +290,3 @@ def run(cfg: ServeConfig, address: str | None = None) -> None:
             serve.shutdown()
             shutdown_ray()
 
-
-if __name__ == "__main__":  # the same as `rayrlhf serve ...`
-    from rayrlhf.jobs.cli import main
-
-    sys.exit(main(["serve", *sys.argv[1:]]))
