@@ -289,4 +289,3 @@ def run(cfg: ServeConfig, address: str | None = None) -> None:
         if address is None:
             serve.shutdown()
             shutdown_ray()
-
