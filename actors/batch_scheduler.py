@@ -1,122 +1,115 @@
-"""One decode batch at a time; each batch takes every group of requests waiting when it starts.
+"""Drives the DecodeLoop from the server's event loop: requests wait here until their rows fit.
 
-Why this exists next to `@serve.batch`: Serve forms a batch as soon as its wait times out, even
-while the previous batch is still decoding, so under load it lines up many small batches that
-then run one after another. Here the groups Serve hands over are merged at the moment the model
-is free: everything that queued during a batch decodes together in the next one (up to
-max_rows sequences; a group is never split). Pure asyncio, no Ray: the decode steps run in a
-worker thread so the event loop keeps serving.
+Why a loop of its own rather than `@serve.batch`: Serve hands over fixed batches, and a request
+that arrives while one decodes waits for the whole batch to end. Here a request joins the
+running batch at the next decode step as soon as `max_rows` has room for all its rows (first
+come, first served; a request is never split), and each request gets its Updates on its own
+queue. Pure asyncio, no Ray: the steps run in a worker thread so the event loop keeps serving.
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections import Counter, deque
-from collections.abc import AsyncIterator, Callable, Iterator
-from dataclasses import dataclass, field
+import logging
+from collections import deque
+from collections.abc import AsyncIterator
 
+from rayrlhf.actors.decode_loop import DecodeLoop
 from rayrlhf.actors.text_generator import GenerationRequest, Update
 
-Stream = Callable[[list[GenerationRequest]], Iterator[list[Update | None]]]
-_END = object()
+logger = logging.getLogger("ray.serve")
 
 
 class BatchStats:
-    """Counts of the decode batches run, by number of requests."""
+    """What the loop has done: steps, requests, and rows per step (the evidence of batching)."""
 
     def __init__(self) -> None:
-        self.batches = 0
+        self.steps = 0
+        self.row_steps = 0
+        """Sum over steps of the rows decoded or prefilled in it."""
+        self.max_rows_in_step = 0
         self.requests = 0
         self.sequences = 0
-        self.sizes: Counter[int] = Counter()
-
-    def record(self, requests: list[GenerationRequest]) -> int:
-        self.batches += 1
-        self.requests += len(requests)
-        self.sequences += sum(r.rows for r in requests)
-        self.sizes[len(requests)] += 1
-        return self.batches
+        self.cancelled = 0
+        """Requests whose caller stopped listening before they were done."""
+        self.running_rows = 0
 
     def as_dict(self) -> dict:
         return {
-            "batches": self.batches, "requests": self.requests, "sequences": self.sequences,
-            "batch_sizes": {str(k): v for k, v in sorted(self.sizes.items())},
+            "steps": self.steps, "row_steps": self.row_steps, "max_rows_in_step": self.max_rows_in_step,
+            "mean_rows_per_step": round(self.row_steps / self.steps, 2) if self.steps else 0.0,
+            "requests": self.requests, "sequences": self.sequences, "cancelled": self.cancelled,
+            "running_rows": self.running_rows,
         }
 
 
-@dataclass
-class _Group:
-    requests: list[GenerationRequest]
-    queue: asyncio.Queue = field(default_factory=asyncio.Queue)
-    done: bool = False
-
-    @property
-    def rows(self) -> int:
-        return sum(r.rows for r in self.requests)
-
-    def finish(self, last: object) -> None:
-        """End the group's stream with `last` (_END or the exception), once."""
-        if not self.done:
-            self.done = True
-            self.queue.put_nowait(last)
-
-
-class DecodeScheduler:
-    def __init__(self, stream: Stream, max_rows: int) -> None:
-        self._stream = stream
-        self.max_rows = max_rows
-        self._waiting: deque[_Group] = deque()
+class ContinuousScheduler:
+    def __init__(self, loop: DecodeLoop) -> None:
+        self.loop = loop
+        self._waiting: deque[GenerationRequest] = deque()
+        self._queues: dict[GenerationRequest, asyncio.Queue] = {}
         self._wake: asyncio.Event | None = None
         self._task: asyncio.Task | None = None
         self.stats = BatchStats()
 
-    async def run(self, requests: list[GenerationRequest]) -> AsyncIterator[list[tuple[int, Update] | None]]:
-        """Per decode step, one entry per request: (batch id, Update), or None once it is done."""
-        group = _Group(requests)
-        if group.rows > self.max_rows:
-            raise ValueError(f"{group.rows} sequences exceed max_rows={self.max_rows}")
+    async def run(self, request: GenerationRequest) -> AsyncIterator[Update]:
+        """The request's Updates as its steps produce them; closing the iterator frees its rows."""
+        if request.rows > self.loop.max_rows:
+            raise ValueError(f"{request.rows} sequences exceed max_rows={self.loop.max_rows}")
         if self._task is None or self._task.done():  # created lazily, inside the serving event loop
             self._wake = asyncio.Event()
-            self._task = asyncio.create_task(self._loop())
-        self._waiting.append(group)
+            self._task = asyncio.create_task(self._run_loop())
+        queue: asyncio.Queue = asyncio.Queue()
+        self._queues[request] = queue
+        self._waiting.append(request)
         self._wake.set()
-        while (item := await group.queue.get()) is not _END:
-            if isinstance(item, BaseException):
-                raise item
-            yield item
-
-    async def _loop(self) -> None:
-        while True:
-            await self._wake.wait()
-            self._wake.clear()
-            while self._waiting:
-                await self._decode(self._take())
-
-    def _take(self) -> list[_Group]:
-        groups, rows = [], 0
-        while self._waiting and (not groups or rows + self._waiting[0].rows <= self.max_rows):
-            groups.append(self._waiting.popleft())
-            rows += groups[-1].rows
-        return groups
-
-    async def _decode(self, groups: list[_Group]) -> None:
-        requests = [r for g in groups for r in g.requests]
-        batch_id = self.stats.record(requests)
+        done = False
         try:
-            steps = self._stream(requests)
-            while (updates := await asyncio.to_thread(next, steps, None)) is not None:
-                start = 0
-                for g in groups:
-                    part, start = updates[start:start + len(g.requests)], start + len(g.requests)
-                    if g.done:
-                        continue
-                    if all(u is None for u in part):
-                        g.finish(_END)
-                    else:
-                        g.queue.put_nowait([None if u is None else (batch_id, u) for u in part])
-        except Exception as e:  # a failed batch fails its requests, not the scheduler
-            for g in groups:
-                g.finish(e)
-            return
-        for g in groups:
-            g.finish(_END)
+            while not done:
+                item = await queue.get()
+                if isinstance(item, BaseException):  # the step failed; the loop has dropped the request
+                    done = True
+                    raise item
+                done = item.done
+                yield item
+        finally:
+            if not done:  # the caller stopped listening (or failed): its rows leave at the next step
+                request.cancelled = True
+                self.stats.cancelled += 1
+            self._queues.pop(request, None)
+            if request in self._waiting:
+                self._waiting.remove(request)
+
+    async def _run_loop(self) -> None:
+        while True:
+            if not self._waiting and not self.loop.requests:
+                await self._wake.wait()
+                self._wake.clear()
+                continue
+            while self._waiting and self._waiting[0].rows <= self.loop.free_rows:
+                request = self._waiting.popleft()
+                self.loop.admit(request)
+                self.stats.requests += 1
+                self.stats.sequences += request.rows
+            try:
+                updates = await asyncio.to_thread(self.loop.step)
+            except Exception as e:  # a failed step fails the requests in flight, not the server
+                logger.error("decode step failed; failing %d request(s)", len(self.loop.requests), exc_info=e)
+                for request in self.loop.reset():
+                    self._send(request, e)
+                continue
+            self._record()
+            for request, update in updates:
+                self._send(request, update)
+
+    def _send(self, request: GenerationRequest, item: Update | BaseException) -> None:
+        queue = self._queues.get(request)
+        if queue is not None:
+            queue.put_nowait(item)
+
+    def _record(self) -> None:
+        rows = self.loop.step_rows
+        self.stats.steps += 1
+        self.stats.row_steps += rows
+        self.stats.max_rows_in_step = max(self.stats.max_rows_in_step, rows)
+        self.stats.running_rows = len(self.loop.running)

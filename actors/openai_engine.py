@@ -3,7 +3,7 @@
 Everything between HTTP and the model that needs no server: parsing and limits (token counts
 need the tokenizer, so they are checked here rather than in the schema), the served model's
 name, and turning per-step Updates into one response or into stream chunks. The Ray Serve
-deployment (jobs/serve.py) only moves bytes and Updates between this and the batcher.
+deployment (jobs/serve.py) only moves bytes and Updates between this and the scheduler.
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ class Limits:
     max_prompt_tokens: int | None
     """None: the model's context length minus max_tokens."""
     max_rows: int
-    """Sequences one request may ask for (prompts x n): the batcher's max_batch_size."""
+    """Sequences one request may ask for (prompts x n): the server's max_batch_size (rows in flight)."""
     request_timeout_s: float
 
 
@@ -52,11 +52,11 @@ class Job:
     finish: dict[int, str] = field(default_factory=dict)
     usage: dict[str, int] | None = None
     batch: tuple[int, int] = (0, 0)
-    """(requests, sequences) of the batch that served it."""
+    """The most (requests, sequences) that shared a decode step with it so far."""
 
     def add(self, update: Update) -> None:
         """Take one step's Update; a timed-out choice fails the request with 504."""
-        self.batch = (update.batch_requests, update.batch_rows)
+        self.batch = max(self.batch, (update.batch_requests, update.batch_rows))
         for c in update.choices:
             self.texts[c.index] = self.texts.get(c.index, "") + c.text
             if c.finish_reason in ("timeout", "cancelled"):
@@ -126,11 +126,16 @@ class OpenAIEngine:
         if max_tokens > limits.max_tokens:
             param = "max_completion_tokens" if getattr(req, "max_completion_tokens", None) else "max_tokens"
             raise oa.OpenAIError(400, f"{param}={max_tokens} is above this server's limit of {limits.max_tokens}", param)
-        if kind == "completion":
-            prompts, param = [self.generator.encode_text(p) for p in req.prompts], "prompt"
-        else:
-            messages = [m.as_template_input() for m in req.messages]
-            prompts, param = [self.generator.encode_chat(messages)], "messages"
+        param = "prompt" if kind == "completion" else "messages"
+        try:
+            if kind == "completion":
+                prompts = [self.generator.encode_text(p) for p in req.prompts]
+            else:
+                prompts = [self.generator.encode_chat([m.as_template_input() for m in req.messages])]
+        except ValueError as e:  # no chat template, or the template refused the messages
+            raise oa.OpenAIError(400, f"{param}: {e}", param) from None
+        except TypeError:  # the Rust tokenizer refuses some strings, e.g. an unpaired surrogate
+            raise oa.OpenAIError(400, f"{param}: contains text that cannot be tokenised", param) from None
         for ids in prompts:
             if not ids:
                 raise oa.OpenAIError(400, "the prompt is empty after tokenisation", param)
@@ -144,8 +149,17 @@ class OpenAIEngine:
                 400, f"n={req.n} x {len(prompts)} prompt(s) asks for more sequences than this server's "
                 f"batch limit of {limits.max_rows}", "n",
             )
+        if req.num_beams > 1 and req.n > req.num_beams:
+            raise oa.OpenAIError(400, f"n={req.n} is more than num_beams={req.num_beams}: n <= num_beams", "n")
+        if len(prompts) * req.num_beams > limits.max_rows:
+            raise oa.OpenAIError(
+                400, f"num_beams={req.num_beams} x {len(prompts)} prompt(s) is more than this server's batch "
+                f"limit of {limits.max_rows} sequences", "num_beams",
+            )
         params = SamplingParams(max_tokens, req.temperature, req.top_p, req.stops, req.seed)
-        generation = GenerationRequest(prompts, req.n, params, time.monotonic() + limits.request_timeout_s)
+        generation = GenerationRequest(
+            prompts, req.n, params, time.monotonic() + limits.request_timeout_s, num_beams=req.num_beams,
+        )
         prefix = "cmpl" if kind == "completion" else "chatcmpl"
         return Job(
             kind=kind, id=f"{prefix}-{uuid.uuid4().hex}", created=int(time.time()), model=self.model_name,

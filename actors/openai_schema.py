@@ -61,7 +61,9 @@ class _GenerationFields(_Strict):
     stop: str | list[str] | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
-    seed: int | None = None
+    seed: int | None = Field(None, ge=0, le=2**64 - 1)
+    num_beams: int = Field(1, ge=1)
+    """An extension: beam search with this many beams (n <= num_beams), deterministic."""
 
     @field_validator("stop")
     @classmethod
@@ -131,12 +133,18 @@ def _param(loc: tuple) -> str | None:
     return "".join(parts)
 
 
+def _refuse_constant(name: str) -> None:
+    raise ValueError(f"{name} is not a JSON number")
+
+
 def parse_request(body: bytes, model: type[_GenerationFields]) -> _GenerationFields:
     """Malformed JSON, wrong types and bad values all raise OpenAIError(400) naming the field."""
     try:
-        data = json.loads(body)
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        data = json.loads(body, parse_constant=_refuse_constant)
+    except ValueError as e:  # bad UTF-8, bad JSON, NaN / Infinity
         raise OpenAIError(400, f"the request body is not valid JSON: {e}") from None
+    except RecursionError:
+        raise OpenAIError(400, "the request body is nested too deeply") from None
     if not isinstance(data, dict):
         raise OpenAIError(400, "the request body must be a JSON object")
     for key, neutral in NEUTRAL.items():

@@ -1,16 +1,18 @@
 """`rayrlhf serve`: a policy behind an OpenAI-compatible HTTP endpoint on Ray Serve.
 
 One deployment is both the FastAPI ingress and the model: handlers parse and check a request
-(actors/openai_engine.py), then hand its GenerationRequest to a `@serve.batch` generator. Serve's
-batches go to a DecodeScheduler (actors/batch_scheduler.py) that decodes, one token per step, every
-request waiting when the model becomes free, yielding each request's Update as it comes (so
-streaming and plain responses share one path). The decode steps run in a worker thread, so the
+(actors/openai_engine.py), then hand its GenerationRequest to a ContinuousScheduler
+(actors/batch_scheduler.py), which admits it into the running decode batch at the next step
+(continuous batching, actors/decode_loop.py) and yields the request's Updates as they come, so
+streaming and plain responses share one path. The decode steps run in a worker thread, so the
 event loop keeps accepting requests and health checks.
 (No `from __future__ import annotations` here: FastAPI must see the real `Request` annotations
 of the methods that serve.ingress wraps.)
 
-Evidence of batching is part of every generation response (headers x-rayrlhf-batch-id,
--batch-requests, -batch-sequences) and of GET /stats.
+Every response carries Serve's `x-request-id` header; an internal error answers 500 with a
+generic message naming that id, and the traceback goes to the replica's log under it. Evidence of
+batching: headers x-rayrlhf-batch-requests / -batch-sequences (the most that shared a decode
+step with this request) and GET /stats.
 """
 
 import asyncio
@@ -19,6 +21,7 @@ import logging
 import os
 import socket
 import time
+import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -29,24 +32,18 @@ from ray.serve.handle import DeploymentHandle
 from starlette.exceptions import HTTPException
 from transformers import AutoConfig
 
-from rayrlhf.actors.batch_scheduler import DecodeScheduler
+from rayrlhf.actors.batch_scheduler import ContinuousScheduler
+from rayrlhf.actors.beam_search import beam_search
+from rayrlhf.actors.decode_loop import DecodeLoop
 from rayrlhf.actors.models import resolve_policy
 from rayrlhf.actors.openai_engine import Job, Kind, Limits, OpenAIEngine
 from rayrlhf.actors.openai_schema import OpenAIError, sse
-from rayrlhf.actors.text_generator import (
-    GenerationError,
-    GenerationRequest,
-    TextGenerator,
-    context_length,
-)
+from rayrlhf.actors.text_generator import GenerationRequest, TextGenerator, Update, context_length
 from rayrlhf.cluster.local import init_ray, shutdown_ray
 from rayrlhf.jobs.config.base import ConfigError, validate
 from rayrlhf.jobs.config.serve import ServeConfig
 
 logger = logging.getLogger("ray.serve")
-
-MAX_GROUPS = 1024
-"""Serve batches in flight at once: they only wait in the scheduler, which decodes one at a time."""
 
 STALL_GRACE_S = 2.0
 """How long past its deadline a request may wait for a step before it gets 504 regardless."""
@@ -54,27 +51,42 @@ STALL_GRACE_S = 2.0
 app = FastAPI(title="rayrlhf", docs_url=None, redoc_url=None)
 
 
-def _error(err: OpenAIError) -> JSONResponse:
+def request_id(request: Request) -> str:
+    """Serve's id of this request: its proxy sets (or keeps the client's) x-request-id on the way
+    in and puts it on every response; the replica's log lines carry it too."""
+    rid = request.headers.get("x-request-id")
+    if rid is None:  # not behind Serve's proxy
+        if not hasattr(request.state, "request_id"):
+            request.state.request_id = uuid.uuid4().hex
+        rid = request.state.request_id
+    return rid
+
+
+def _error(request: Request, err: OpenAIError) -> JSONResponse:
     return JSONResponse(err.body(), status_code=err.status)
 
 
+def internal_error(request: Request, err: BaseException) -> OpenAIError:
+    """A generic 500 naming the request id; the details go to the server log only."""
+    rid = request_id(request)
+    logger.error("request %s failed: %s: %s", rid, type(err).__name__, err, exc_info=err)
+    return OpenAIError(500, f"internal server error (request id {rid}; details are in the server log)",
+                       type="server_error")
+
+
 @app.exception_handler(OpenAIError)
-async def _openai_error(_: Request, err: OpenAIError) -> JSONResponse:
-    return _error(err)
+async def _openai_error(request: Request, err: OpenAIError) -> JSONResponse:
+    return _error(request, err)
 
 
 @app.exception_handler(HTTPException)
-async def _http_error(_: Request, err: HTTPException) -> JSONResponse:
-    return _error(OpenAIError(err.status_code, str(err.detail), code=str(err.status_code)))
+async def _http_error(request: Request, err: HTTPException) -> JSONResponse:
+    return _error(request, OpenAIError(err.status_code, str(err.detail), code=str(err.status_code)))
 
 
 @app.exception_handler(Exception)
-async def _server_error(_: Request, err: Exception) -> JSONResponse:
-    return _error(OpenAIError(500, f"internal error: {type(err).__name__}: {err}", type="server_error"))
-
-
-def _sequences(requests: list[GenerationRequest]) -> int:
-    return sum(r.rows for r in requests)
+async def _server_error(request: Request, err: Exception) -> JSONResponse:
+    return _error(request, internal_error(request, err))
 
 
 @serve.deployment
@@ -82,26 +94,21 @@ def _sequences(requests: list[GenerationRequest]) -> int:
 class OpenAIServer:
     def __init__(self, config: dict) -> None:
         self.cfg = cfg = ServeConfig.model_validate(config)
-        generator = TextGenerator(resolve_policy(cfg.model, cfg.cache_dir), cfg.dtype, cfg.torch_threads)
+        self.generator = generator = TextGenerator(
+            resolve_policy(cfg.model, cfg.cache_dir), cfg.dtype, cfg.torch_threads,
+        )
         limits = Limits(
             default_max_tokens=cfg.default_max_tokens, max_tokens=cfg.max_tokens,
             max_prompt_tokens=cfg.max_prompt_tokens, max_rows=cfg.max_batch_size,
             request_timeout_s=cfg.request_timeout_s,
         )
         self.engine = OpenAIEngine(generator, cfg.model_name, limits)
-        self.scheduler = DecodeScheduler(generator.stream, cfg.max_batch_size)
-        self.generate_batch.set_max_batch_size(cfg.max_batch_size)
-        self.generate_batch.set_batch_wait_timeout_s(cfg.batch_wait_timeout_s)
+        self.scheduler = ContinuousScheduler(DecodeLoop(generator, cfg.max_batch_size))
+        self._beam_lock = asyncio.Lock()
+        """One beam search at a time, beside the decode loop."""
         self.token = os.environ.get(cfg.auth_env) if cfg.auth_env else None
         if cfg.auth_env and not self.token:
             logger.warning("auth is off: $%s is not set on this replica", cfg.auth_env)
-
-    @serve.batch(batch_size_fn=_sequences, max_concurrent_batches=MAX_GROUPS)
-    async def generate_batch(self, requests: list[GenerationRequest]) -> AsyncIterator[list]:
-        """Serve's batch of waiting requests, handed to the scheduler (which merges the batches that
-        queue while the model is busy); yields [(batch id, Update) or StopIteration, ...] per step."""
-        async for updates in self.scheduler.run(requests):
-            yield [StopIteration if u is None else u for u in updates]
 
     def _authorize(self, request: Request) -> None:
         if self.token is None:
@@ -110,12 +117,17 @@ class OpenAIServer:
         if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), self.token.encode()):
             raise OpenAIError(401, "missing or wrong API key: send 'Authorization: Bearer <key>'", code="invalid_api_key")
 
-    async def _updates(self, job: Job) -> AsyncIterator[tuple[int, object]]:
-        """The batcher's output for one job, with a hard deadline; the rows leave the batch if we stop."""
-        stream = self.generate_batch(job.generation)
+    async def _beams(self, generation: GenerationRequest) -> AsyncIterator[Update]:
+        async with self._beam_lock:
+            yield await asyncio.to_thread(beam_search, self.generator, generation)
+
+    async def _updates(self, job: Job, request: Request) -> AsyncIterator[Update]:
+        """The job's Updates, with a hard deadline; its rows leave the batch if we stop."""
+        generation = job.generation
+        stream = self._beams(generation) if generation.num_beams > 1 else self.scheduler.run(generation)
         try:
             while True:
-                wait = job.generation.deadline - time.monotonic() + STALL_GRACE_S
+                wait = generation.deadline - time.monotonic() + STALL_GRACE_S
                 try:
                     yield await asyncio.wait_for(anext(stream), max(wait, 0.0))
                 except StopAsyncIteration:
@@ -125,29 +137,24 @@ class OpenAIServer:
                         504, f"generation did not finish within request_timeout_s={self.cfg.request_timeout_s:g}",
                         type="timeout", code="timeout",
                     ) from None
-                except GenerationError as e:
-                    raise OpenAIError(500, f"generation failed: {e}", type="server_error") from None
-                except Exception as e:
-                    raise OpenAIError(500, f"generation failed: {type(e).__name__}: {e}", type="server_error") from None
+                except Exception as e:  # e.g. GenerationError: a diverged checkpoint's NaN logits
+                    raise internal_error(request, e) from None
         finally:
-            job.generation.cancelled = True  # no effect once its rows are done
+            await stream.aclose()  # cancels its rows if they are not done
 
     @staticmethod
-    def _headers(batch_id: int, job: Job) -> dict[str, str]:
+    def _headers(job: Job) -> dict[str, str]:
         requests, sequences = job.batch
-        return {
-            "x-rayrlhf-batch-id": str(batch_id), "x-rayrlhf-batch-requests": str(requests),
-            "x-rayrlhf-batch-sequences": str(sequences),
-        }
+        return {"x-rayrlhf-batch-requests": str(requests), "x-rayrlhf-batch-sequences": str(sequences)}
 
     async def _generate(self, kind: Kind, request: Request):
         self._authorize(request)
         job = self.engine.parse(kind, await request.body())
-        updates = self._updates(job)
+        updates = self._updates(job, request)
         try:
-            batch_id, first = await anext(updates)  # failures before the first token are a plain 5xx
+            first = await anext(updates)  # failures before the first token are a plain 5xx
         except StopAsyncIteration:
-            raise OpenAIError(500, "the batcher ended without output", type="server_error") from None
+            raise internal_error(request, RuntimeError("the scheduler ended without output")) from None
         if job.stream:
             try:
                 events = job.chunks(first)
@@ -155,27 +162,30 @@ class OpenAIServer:
                 await updates.aclose()
                 raise
             return StreamingResponse(
-                self._sse(job, events, updates), media_type="text/event-stream", headers=self._headers(batch_id, job)
+                self._sse(job, events, updates), media_type="text/event-stream", headers=self._headers(job)
             )
         try:
             job.add(first)
-            async for _, update in updates:
+            async for update in updates:
                 job.add(update)
         finally:
             await updates.aclose()
-        return JSONResponse(job.response(), headers=self._headers(batch_id, job))
+        return JSONResponse(job.response(), headers=self._headers(job))
 
     @staticmethod
     async def _sse(job: Job, first: list[dict], updates: AsyncIterator) -> AsyncIterator[str]:
+        """The events of a stream; if the client goes away, closing this closes `updates` (rows freed)."""
         try:
             for event in first:
                 yield sse(event)
-            async for _, update in updates:
+            async for update in updates:
                 for event in job.chunks(update):
                     yield sse(event)
         except OpenAIError as err:  # the status line is already sent: report in the stream
             yield sse(err.body())
             return
+        finally:
+            await updates.aclose()
         yield sse("[DONE]")
 
     @app.post("/v1/completions")
@@ -195,7 +205,8 @@ class OpenAIServer:
     async def batch_stats(self, request: Request) -> dict:
         self._authorize(request)
         replica = serve.get_replica_context().replica_id.unique_id
-        return {"replica": replica, "max_batch_size": self.cfg.max_batch_size, **self.scheduler.stats.as_dict()}
+        return {"replica": replica, "pid": os.getpid(), "max_batch_size": self.cfg.max_batch_size,
+                **self.scheduler.stats.as_dict()}
 
     @app.get("/health")
     async def health(self) -> dict:

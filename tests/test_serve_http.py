@@ -1,22 +1,26 @@
-"""The OpenAI endpoint over real HTTP: one local Ray + Serve with three apps for the whole module.
+"""The OpenAI endpoint over real HTTP: one local Ray + Serve with four apps for the whole module.
 
-- main (/):         tiny-gpt2, auth off, batches of up to 4 sequences gathered for 0.3 s
-- guarded (/guarded): auth on, and a request timeout (0.05 s) shorter than its batch wait, so
-                    every generation there times out: the 504 path, deterministically
-- broken (/broken): a checkpoint with NaN weights: the generation-failure (500) path
+- main (/):           tiny-gpt2, auth off, up to 4 sequences in flight, answers up to 400 tokens
+- guarded (/guarded): auth on, and a request timeout (1 microsecond) that every generation
+                      misses: the 504 path, deterministically
+- broken (/broken):   a checkpoint with NaN weights: the internal-error (500) path
+- victim (/victim):   its replica process is killed (kill -9) by the last test
 """
 
 from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
+import threading
 import time
-from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import httpx
 import pytest
+import ray
 import torch
 from ray import serve
 from ray.serve import RunTarget
@@ -45,11 +49,11 @@ def client(tmp_path_factory):
         model.transformer.h[0].mlp.c_fc.weight.fill_(float("nan"))
     nan_dir = save_policy(model, tok, tmp_path_factory.mktemp("nan") / "ckpt")
     configs = [
-        ServeConfig(**COMMON, app_name="main", max_batch_size=4, batch_wait_timeout_s=0.3, auth_env=None),
-        ServeConfig(**COMMON, app_name="guarded", route_prefix="/guarded", auth_env=KEY_ENV,
-                    request_timeout_s=0.05, batch_wait_timeout_s=0.3),
+        ServeConfig(**{**COMMON, "max_tokens": 400}, app_name="main", max_batch_size=4, auth_env=None),
+        ServeConfig(**COMMON, app_name="guarded", route_prefix="/guarded", auth_env=KEY_ENV, request_timeout_s=1e-6),
         ServeConfig(**{**COMMON, "model": str(nan_dir)}, served_model_name="broken", app_name="broken",
                     route_prefix="/broken", auth_env=None),
+        ServeConfig(**{**COMMON, "max_tokens": 400}, app_name="victim", route_prefix="/victim", auth_env=None),
     ]
     os.environ[KEY_ENV] = KEY  # before Ray starts: the replicas inherit the driver's environment
     port = _free_port()
@@ -127,7 +131,7 @@ def test_chat_uses_the_chat_template(client, local):
 def test_streaming_gives_the_same_text_in_pieces(client):
     plain = completion(client, prompt=PROMPT, max_tokens=8, temperature=0).json()["choices"][0]["text"]
     r = completion(client, prompt=PROMPT, max_tokens=8, temperature=0, stream=True)
-    assert r.status_code == 200 and "x-rayrlhf-batch-id" in r.headers
+    assert r.status_code == 200 and r.headers["x-rayrlhf-batch-requests"] == "1"
     chunks = events(r)
     assert chunks[-1] == "[DONE]" and len(chunks) >= 3  # tokens arrive in several events
     assert "".join(c["choices"][0]["text"] for c in chunks[:-1]) == plain
@@ -158,32 +162,92 @@ def test_n_seed_top_p_and_stop(client):
     assert choice["text"] == full[: full.find(stop)] and choice["finish_reason"] == "stop"
 
 
-def test_concurrent_requests_are_batched_together(client):
+def test_beam_search_is_hf_generate_with_num_beams(client, local):
+    model, tok = local
+    ids = tok(PROMPT).input_ids
+    with torch.no_grad():
+        out = model.generate(torch.tensor([ids]), max_new_tokens=6, num_beams=3, num_return_sequences=2,
+                             do_sample=False, early_stopping=True, pad_token_id=tok.pad_token_id)
+    expected = [tok.decode(o[len(ids):], skip_special_tokens=True) for o in out]
+    r = completion(client, prompt=PROMPT, max_tokens=6, num_beams=3, n=2)
+    assert r.status_code == 200, r.text
+    assert [c["text"] for c in r.json()["choices"]] == expected and expected[0] != expected[1]
+    chunks = events(completion(client, prompt=PROMPT, max_tokens=6, num_beams=3, n=2, stream=True))
+    assert sorted((c["choices"][0]["index"], c["choices"][0]["text"]) for c in chunks[:-1]) == list(enumerate(expected))
+    for bad, param in (({"num_beams": 0}, "num_beams"), ({"num_beams": 2, "n": 3}, "n"),
+                       ({"num_beams": 5}, "num_beams"), ({"num_beams": 1.5}, "num_beams")):
+        r = completion(client, prompt=PROMPT, max_tokens=4, **bad)
+        assert r.status_code == 400 and r.json()["error"]["param"] == param, (bad, r.text)
+
+
+def test_concurrent_requests_share_decode_steps(client):
     before = client.get("/stats").json()
-    bodies = [dict(prompt=f"{PROMPT} {i}", max_tokens=4, temperature=0) for i in range(6)]
+    bodies = [dict(prompt=f"{PROMPT} {i}", max_tokens=8, temperature=0) for i in range(6)]
     with ThreadPoolExecutor(len(bodies)) as pool:
         responses = list(pool.map(lambda b: completion(client, **b), bodies))
     assert all(r.status_code == 200 for r in responses)
-    batch_of = Counter(r.headers["x-rayrlhf-batch-id"] for r in responses)
-    for r in responses:  # each batch holds exactly the requests of ours that report it
-        assert int(r.headers["x-rayrlhf-batch-requests"]) == batch_of[r.headers["x-rayrlhf-batch-id"]]
-    assert 2 <= max(batch_of.values()) <= 4  # batched, within max_batch_size=4 sequences
-    assert len(batch_of) >= 2  # 6 requests cannot fit one batch of 4
+    shared = [int(r.headers["x-rayrlhf-batch-requests"]) for r in responses]
+    assert max(shared) >= 2 and all(1 <= s <= 4 for s in shared)  # batched, within max_batch_size=4
+    assert all(r.headers["x-rayrlhf-batch-sequences"] == str(s) for r, s in zip(responses, shared))
     after = client.get("/stats").json()
-    assert after["requests"] - before["requests"] == 6
-    assert after["batches"] - before["batches"] == len(batch_of)
+    assert after["requests"] - before["requests"] == 6 and after["max_rows_in_step"] <= 4
+    assert after["steps"] - before["steps"] < 6 * 8  # fewer steps than one request at a time
     assert after["replica"] == before["replica"] and after["max_batch_size"] == 4
+
+
+def test_a_request_joins_a_running_stream_and_leaves_before_it(client):
+    """Continuous batching: the short request neither waits for the long one nor for a batch."""
+    body = {"model": "tiny-gpt2", "prompt": PROMPT, "max_tokens": 400, "temperature": 0, "stream": True}
+    with client.stream("POST", "/v1/completions", json=body) as long:
+        lines = long.iter_lines()
+        assert next(line for line in lines if line.startswith("data: "))  # the long one is decoding
+        short = completion(client, prompt="Hi", max_tokens=3, temperature=0)
+        assert short.status_code == 200 and short.json()["usage"]["completion_tokens"] == 3
+        assert short.headers["x-rayrlhf-batch-requests"] == "2"  # it shared steps with the long one
+        rest = [line for line in lines if line.startswith("data: ")]
+    assert rest[-1] == "data: [DONE]" and len(rest) > 2  # the long one went on after it
+
+
+def test_a_client_that_leaves_mid_stream_frees_its_row(client):
+    before = client.get("/stats").json()
+    body = {"model": "tiny-gpt2", "prompt": PROMPT, "max_tokens": 400, "temperature": 0, "stream": True}
+    with client.stream("POST", "/v1/completions", json=body) as r:
+        received = 0
+        for line in r.iter_lines():
+            received += line.startswith("data: ")
+            if received == 3:
+                break  # leaving the block closes the connection mid-stream
+    deadline = time.monotonic() + 20
+    while (stats := client.get("/stats").json())["cancelled"] == before["cancelled"] or stats["running_rows"]:
+        assert time.monotonic() < deadline, stats  # the row leaves at the step after the disconnect
+        time.sleep(0.1)
+    assert stats["cancelled"] == before["cancelled"] + 1
+    assert stats["row_steps"] - before["row_steps"] < 400  # it stopped well before its 400 tokens
+    assert completion(client, prompt=PROMPT, max_tokens=2).status_code == 200
 
 
 BAD_REQUESTS = [
     ("/v1/completions", b'{"model": "tiny-gpt2", "prompt": ', 400, None),
     ("/v1/completions", b'{"model": "tiny-gpt2", "prompt": "hi", "temperature": "hot"}', 400, "temperature"),
+    ("/v1/completions", b'{"model": "tiny-gpt2", "prompt": "hi", "temperature": -1}', 400, "temperature"),
     ("/v1/completions", b'{"model": "tiny-gpt2", "prompt": "hi", "n": "2"}', 400, "n"),
+    ("/v1/completions", b'{"model": "tiny-gpt2", "prompt": "hi", "n": 0}', 400, "n"),
+    ("/v1/completions", b'{"model": "tiny-gpt2", "prompt": "hi", "seed": -5}', 400, "seed"),
+    ("/v1/completions", b'{"model": "tiny-gpt2", "prompt": "hi", "seed": "7"}', 400, "seed"),
+    ("/v1/completions", b'{"model": "tiny-gpt2", "prompt": "hi", "top_p": 1.5}', 400, "top_p"),
+    ("/v1/completions", b'{"model": "tiny-gpt2", "prompt": "hi", "top_p": NaN}', 400, None),
+    ("/v1/completions", b'{"model": "tiny-gpt2", "prompt": "hi", "stop": [1, 2]}', 400, "stop"),
+    ("/v1/completions", b'{"model": "tiny-gpt2", "prompt": "hi", "stop": "x", "max_tokens": 2.5}', 400, "max_tokens"),
     ("/v1/completions", b'{"model": "tiny-gpt2", "prompt": ""}', 400, "prompt"),
+    ("/v1/completions", b'{"model": "tiny-gpt2", "prompt": "a \\ud800 b"}', 400, "prompt"),
+    ("/v1/completions", b'{"model": "tiny-gpt2", "prompt": "hi", "x": ' + b"[" * 50_000 + b"]" * 50_000 + b"}",
+     400, None),
     ("/v1/chat/completions", b'{"model": "tiny-gpt2", "messages": []}', 400, "messages"),
+    ("/v1/chat/completions", b'{"model": "tiny-gpt2", "messages": "hi"}', 400, "messages"),
+    ("/v1/chat/completions", b'{"model": "tiny-gpt2", "messages": [{"role": "user"}]}', 400, "messages[0].content"),
     ("/v1/completions", json.dumps({"model": "tiny-gpt2", "prompt": "word " * 100}).encode(), 400, "prompt"),
     ("/v1/completions", b'{"model": "tiny-gpt2", "prompt": "hi", "max_tokens": 0}', 400, "max_tokens"),
-    ("/v1/completions", b'{"model": "tiny-gpt2", "prompt": "hi", "max_tokens": 33}', 400, "max_tokens"),
+    ("/v1/completions", b'{"model": "tiny-gpt2", "prompt": "hi", "max_tokens": 401}', 400, "max_tokens"),
     ("/v1/completions", b'{"model": "tiny-gpt2", "prompt": "hi", "n": 5}', 400, "n"),
     ("/v1/completions", b'{"model": "gpt-4o", "prompt": "hi"}', 404, "model"),
 ]
@@ -192,9 +256,13 @@ BAD_REQUESTS = [
 def test_bad_requests_get_openai_errors_and_the_server_stays_up(client):
     for path, body, status, param in BAD_REQUESTS:
         r = client.post(path, content=body, headers={"content-type": "application/json"})
-        assert r.status_code == status, (body, r.text)
+        assert r.status_code == status, (body[:80], r.text)
         error = r.json()["error"]
-        assert error["param"] == param and error["message"], body
+        assert error["param"] == param and error["message"], body[:80]
+        assert r.headers["x-request-id"]  # Serve's request id, on every response
+    # values at the edges of their ranges are fine
+    r = completion(client, prompt=PROMPT, max_tokens=2, top_p=0, seed=0, temperature=2)
+    assert r.status_code == 200, r.text
     assert client.get("/no/such/route").json()["error"]["code"] == "404"
     assert client.get("/health").status_code == 200
     assert completion(client, prompt=PROMPT, max_tokens=2).status_code == 200
@@ -218,17 +286,75 @@ def test_timeouts_give_504_not_a_hang(client):
         start = time.monotonic()
         r = client.post("/guarded/v1/completions", headers=auth,
                         json={"model": "tiny-gpt2", "prompt": PROMPT, "max_tokens": 4, "stream": stream})
-        assert r.status_code == 504 and "request_timeout_s=0.05" in r.json()["error"]["message"], r.text
+        assert r.status_code == 504 and "request_timeout_s=1e-06" in r.json()["error"]["message"], r.text
         assert time.monotonic() - start < 10
 
 
-def test_generation_failure_gives_500_and_the_replica_survives(client):
+def _server_log() -> str:
+    """Everything the Serve replicas of this test's Ray instance have logged."""
+    logs = Path(ray._private.worker.global_worker.node.get_logs_dir_path()) / "serve"
+    return "\n".join(p.read_text(errors="replace") for p in logs.glob("replica_*.log"))
+
+
+def test_internal_errors_give_a_generic_500_with_a_request_id(client):
+    ids = []
     for stream in (False, True, False):
         start = time.monotonic()
         r = client.post("/broken/v1/completions",
                         json={"model": "broken", "prompt": PROMPT, "max_tokens": 4, "stream": stream})
         assert r.status_code == 500, r.text
-        error = r.json()["error"]
-        assert error["type"] == "server_error" and "non-finite logits" in error["message"]
+        error, rid = r.json()["error"], r.headers["x-request-id"]
+        assert error["type"] == "server_error" and rid in error["message"]
+        assert "NaN" not in r.text and "Traceback" not in r.text and "GenerationError" not in r.text
         assert time.monotonic() - start < 10
+        ids.append(rid)
+    assert len(set(ids)) == 3
     assert client.get("/broken/health").json() == {"status": "ok", "model": "broken"}
+    deadline = time.monotonic() + 10
+    while not all(f"request {rid} failed: GenerationError" in _server_log() for rid in ids):
+        assert time.monotonic() < deadline, "the failures are not in the replica log under their ids"
+        time.sleep(0.2)
+    log = _server_log()
+    assert "Traceback" in log and "non-finite logits" in log
+
+
+def test_a_killed_replica_is_restarted_and_requests_meanwhile_never_hang(client):
+    """Runs last: kills the victim app's replica process (kill -9), as an OOM killer or a crash would."""
+    stats = client.get("/victim/stats").json()
+    pid = stats["pid"]
+    with open(f"/proc/{pid}/cmdline", "rb") as f:
+        assert f.read().startswith(b"ray::ServeReplica:victim:OpenAIServer")
+    body = {"model": "tiny-gpt2", "prompt": PROMPT, "max_tokens": 32, "temperature": 0}
+    statuses: list[int] = []
+
+    def during_outage() -> None:  # requests sent while the replica is dead or restarting
+        with httpx.Client(base_url=str(client.base_url), timeout=60, trust_env=False) as http:
+            for _ in range(5):
+                statuses.append(http.post("/victim/v1/completions", json=body).status_code)
+                time.sleep(0.3)
+
+    start = time.monotonic()
+    long = {**body, "max_tokens": 400, "stream": True}
+    with client.stream("POST", "/victim/v1/completions", json=long) as in_flight:
+        lines = in_flight.iter_lines()
+        assert next(lines).startswith("data: ")
+        os.kill(pid, signal.SIGKILL)
+        try:  # the stream in flight breaks off (its replica is gone); it does not hang
+            rest = list(lines)
+        except httpx.HTTPError:
+            rest = ["(connection broken)"]
+        assert rest[-1] != "data: [DONE]" and time.monotonic() - start < 30
+    sender = threading.Thread(target=during_outage)
+    sender.start()
+    sender.join(timeout=120)
+    assert not sender.is_alive(), "a request hung"
+    assert set(statuses) <= {200, 503}, statuses
+    deadline = time.monotonic() + 60
+    while True:  # Serve brings up a new replica, which serves
+        r = completion(client, path="/victim/v1/completions", prompt=PROMPT, max_tokens=2)
+        if r.status_code == 200:
+            break
+        assert r.status_code == 503 and time.monotonic() < deadline, r.text
+        time.sleep(0.5)
+    assert client.get("/victim/stats").json()["pid"] != pid
+    print(f"replica back after {time.monotonic() - start:.1f} s; statuses meanwhile {statuses}")

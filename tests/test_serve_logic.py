@@ -1,19 +1,16 @@
-"""The serving logic without a server: request parsing, the batched decode loop, responses, config."""
+"""The serving logic without a server: request parsing, responses, config (the decode loop: test_serve_decode.py)."""
 
 from __future__ import annotations
 
-import asyncio
 import json
 import time
 from pathlib import Path
 
 import pytest
 import ray
-import torch
 from ray.serve.schema import ServeDeploySchema
 
-from rayrlhf.actors.batch_scheduler import DecodeScheduler
-from rayrlhf.actors.models import load_policy, resolve_policy
+from rayrlhf.actors.models import resolve_policy
 from rayrlhf.actors.openai_engine import Job, Limits, OpenAIEngine
 from rayrlhf.actors.openai_schema import (
     ChatCompletionRequest,
@@ -23,21 +20,15 @@ from rayrlhf.actors.openai_schema import (
 )
 from rayrlhf.actors.text_generator import (
     ChoiceDelta,
-    GenerationError,
     GenerationRequest,
     SamplingParams,
     TextGenerator,
     Update,
-    find_stop,
-    held_back,
-    sample_tokens,
 )
 from rayrlhf.jobs.cli import main as cli_main
 from rayrlhf.jobs.config.base import CONFIG_DIR, ConfigError, load_yaml
 from rayrlhf.jobs.config.serve import IMPORT_PATH, ServeConfig, load_serve_config
 from rayrlhf.jobs.serve import app_builder
-
-PROMPTS = ["What is 2 plus 3?", "Hello there, how many items are in the big box today?"]
 
 
 @pytest.fixture(scope="module")
@@ -60,175 +51,6 @@ def params(max_tokens: int, temperature: float = 0.0, stop: tuple[str, ...] = ()
     return SamplingParams(max_tokens=max_tokens, temperature=temperature, top_p=1.0, stop=stop, seed=seed)
 
 
-def request(ids: list[int], p: SamplingParams, n: int = 1, timeout: float = 60.0) -> GenerationRequest:
-    return GenerationRequest([ids], n, p, time.monotonic() + timeout)
-
-
-def run(gen: TextGenerator, requests: list[GenerationRequest]) -> tuple[list[dict[int, str]], list[list]]:
-    """Texts per request and choice, and every step's raw output."""
-    texts: list[dict[int, str]] = [{} for _ in requests]
-    steps = []
-    for updates in gen.stream(requests):
-        steps.append(updates)
-        for r, u in enumerate(updates):
-            for c in u.choices if u else []:
-                texts[r][c.index] = texts[r].get(c.index, "") + c.text
-    return texts, steps
-
-
-def hf_greedy(tiny_dir, ids: list[int], n: int, eos: list[int]) -> str:
-    model, tok = load_policy(tiny_dir)
-    with torch.no_grad():
-        out = model.generate(torch.tensor([ids]), max_new_tokens=n, do_sample=False, eos_token_id=eos)
-    return tok.decode(out[0, len(ids):], skip_special_tokens=True)
-
-
-# --- pure helpers ---------------------------------------------------------------------------
-
-
-def test_stop_helpers():
-    assert find_stop("abc END def STOP", ("STOP", "END")) == 4  # the earliest of the two
-    assert find_stop("abc END", ("END",), start=5) is None
-    assert find_stop("abc", ()) is None
-    assert held_back("hello EN", ("END",)) == 2  # "EN" may still become "END"
-    assert held_back("hello E", ("END", "Eve")) == 1
-    assert held_back("hello", ("END",)) == 0
-    assert held_back("xx##", ("###",)) == 2  # proper prefixes only: a full match is find_stop's job
-
-
-def test_sample_tokens_greedy_and_top_p():
-    # probabilities 0.5, 0.3, 0.2: top_p=0.6 keeps tokens 0 and 1 (mass before token 2 is 0.8 >= 0.6)
-    logits = torch.log(torch.tensor([[0.5, 0.3, 0.2]] * 3))
-    gens = [torch.Generator().manual_seed(i) for i in range(3)]
-    seen: set[int] = set()
-    for _ in range(200):
-        out = sample_tokens(logits, torch.tensor([0.0, 1.0, 1.0]), torch.tensor([1.0, 0.6, 0.0]), gens).tolist()
-        assert out[0] == 0 and out[2] == 0  # greedy row; top_p=0 keeps only the top token
-        seen.add(out[1])
-    assert seen == {0, 1}
-
-
-# --- the decode loop --------------------------------------------------------------------------
-
-
-def test_batched_greedy_matches_hf_generate(gen, tiny_dir):
-    ids = [gen.encode_text(p) for p in PROMPTS]
-    assert len(ids[0]) != len(ids[1])  # different lengths: left padding is exercised
-    texts, steps = run(gen, [request(ids[0], params(3)), request(ids[1], params(7))])
-    assert texts[0][0] == hf_greedy(tiny_dir, ids[0], 3, gen.eos_ids)
-    assert texts[1][0] == hf_greedy(tiny_dir, ids[1], 7, gen.eos_ids)
-    assert len(steps) == 7
-    last_short = steps[2][0]
-    assert last_short.done and last_short.completion_tokens == 3 and last_short.choices[-1].finish_reason == "length"
-    assert [s[0] for s in steps[3:]] == [None] * 4  # the short request left the batch
-    final = steps[-1][1]
-    assert final.done and final.completion_tokens == 7 and final.prompt_tokens == len(ids[1])
-    assert (final.batch_requests, final.batch_rows) == (2, 2)
-
-
-def test_stop_string_truncates_and_never_streams_the_stop(gen):
-    ids = gen.encode_text(PROMPTS[1])
-    full = run(gen, [request(ids, params(12))])[0][0][0]
-    stop = full[5:8]
-    cut = full.find(stop)
-    texts, steps = run(gen, [request(ids, params(12, stop=(stop,)))])
-    assert texts[0][0] == full[:cut]
-    deltas = [c for s in steps for c in s[0].choices] if steps else []
-    assert deltas[-1].finish_reason == "stop"
-    assert all(stop not in c.text for c in deltas)
-    assert steps[-1][0].completion_tokens < 12
-
-
-def test_eos_ends_with_stop_and_is_counted(gen):
-    ids = gen.encode_text(PROMPTS[0])
-    first_token = gen.tokenizer(run(gen, [request(ids, params(1))])[0][0][0]).input_ids[0]
-    saved = gen.eos_ids
-    gen.eos_ids = [first_token]  # the greedy first token now ends the answer
-    try:
-        texts, steps = run(gen, [request(ids, params(5))])
-    finally:
-        gen.eos_ids = saved
-    assert texts[0][0] == "" and len(steps) == 1
-    assert steps[0][0].choices[0].finish_reason == "stop" and steps[0][0].completion_tokens == 1
-
-
-def test_seeded_sampling_is_reproducible_alone_and_batched(gen):
-    ids = gen.encode_text(PROMPTS[0])
-    p = params(8, temperature=1.0, seed=7)
-    alone = run(gen, [request(ids, p, n=2)])[0][0]
-    batched = run(gen, [request(gen.encode_text(PROMPTS[1]), params(3)), request(ids, p, n=2)])[0][1]
-    assert alone == batched and alone[0] != alone[1]  # the n choices draw from different streams
-    other = run(gen, [request(ids, params(8, temperature=1.0, seed=8), n=1)])[0][0]
-    assert other[0] != alone[0]
-
-
-def test_deadline_and_cancel_end_rows_without_a_step(gen):
-    ids = gen.encode_text(PROMPTS[0])
-    late = request(ids, params(5), timeout=-1.0)
-    gone = request(ids, params(5))
-    gone.cancelled = True
-    ok = request(ids, params(2))
-    texts, steps = run(gen, [late, gone, ok])
-    first = steps[0]
-    assert [c.finish_reason for c in first[0].choices] == ["timeout"] and first[0].completion_tokens == 0
-    assert [c.finish_reason for c in first[1].choices] == ["cancelled"]
-    assert first[2].choices == [] and not first[2].done  # the expiry step runs no model
-    assert len(steps) == 3 and steps[-1][2].done and texts[2][0]
-
-
-def test_non_finite_weights_raise_generation_error(tiny_dir):
-    broken = TextGenerator(tiny_dir, "float32", torch_threads=1)
-    with torch.no_grad():
-        broken.model.transformer.h[0].mlp.c_fc.weight.fill_(float("nan"))
-    with pytest.raises(GenerationError, match="non-finite"):
-        run(broken, [request(broken.encode_text("hi"), params(3, temperature=1.0))])
-
-
-def test_scheduler_merges_the_groups_that_waited_for_the_model(gen):
-    ids = gen.encode_text(PROMPTS[0])
-    scheduler = DecodeScheduler(gen.stream, max_rows=3)
-
-    async def consume(requests) -> set[tuple[int, int]]:
-        """(batch id, requests in that batch) of every step's updates."""
-        seen = set()
-        async for updates in scheduler.run(requests):
-            seen |= {(u[0], u[1].batch_requests) for u in updates if u is not None}
-        return seen
-
-    async def main():
-        first = asyncio.create_task(consume([request(ids, params(12))]))
-        while scheduler.stats.batches == 0:  # wait until the first batch is decoding
-            await asyncio.sleep(0.001)
-        waiting = [asyncio.create_task(consume([request(ids, params(2))])) for _ in range(4)]
-        return await first, await asyncio.gather(*waiting)
-
-    first, waiting = asyncio.run(main())
-    assert first == {(1, 1)}
-    # the four groups that queued meanwhile: the next batch takes them in order up to max_rows=3
-    # sequences (1 + 1 + 1), the fourth decodes after it
-    assert waiting == [{(2, 3)}, {(2, 3)}, {(2, 3)}, {(3, 1)}]
-    assert scheduler.stats.as_dict() == {"batches": 3, "requests": 5, "sequences": 5,
-                                         "batch_sizes": {"1": 2, "3": 1}}
-
-
-def test_scheduler_fails_the_batch_not_itself(tiny_dir):
-    broken = TextGenerator(tiny_dir, "float32", torch_threads=1)
-    with torch.no_grad():
-        broken.model.transformer.h[0].mlp.c_fc.weight.fill_(float("nan"))
-    scheduler = DecodeScheduler(broken.stream, max_rows=2)
-
-    async def main() -> int:
-        failures = 0
-        for _ in range(2):  # the scheduler's loop survives a failed batch
-            with pytest.raises(GenerationError):
-                async for _ in scheduler.run([request(broken.encode_text("hi"), params(2))]):
-                    pass
-            failures += 1
-        return failures
-
-    assert asyncio.run(main()) == 2 and scheduler.stats.batches == 2
-
-
 # --- OpenAI requests and responses -----------------------------------------------------------
 
 
@@ -249,6 +71,21 @@ def test_scheduler_fails_the_batch_not_itself(tiny_dir):
         (b'{"model": "m", "prompt": "hi", "stop": ["a", "b", "c", "d", "e"]}', "stop"),
         (b'{"model": "m", "prompt": "hi", "max_tokenz": 3}', "max_tokenz"),
         (b'{"model": "m", "prompt": "hi", "presence_penalty": 0.5}', "presence_penalty"),
+        (b'{"model": "m", "prompt": "hi", "seed": -5}', "seed"),
+        (b'{"model": "m", "prompt": "hi", "seed": 1.5}', "seed"),
+        (b'{"model": "m", "prompt": "hi", "seed": 18446744073709551616}', "seed"),  # 2**64
+        (b'{"model": "m", "prompt": "hi", "top_p": -0.1}', "top_p"),
+        (b'{"model": "m", "prompt": "hi", "top_p": NaN}', None),  # not JSON
+        (b'{"model": "m", "prompt": "hi", "temperature": Infinity}', None),
+        (b'{"model": "m", "prompt": "hi", "n": 0}', "n"),
+        (b'{"model": "m", "prompt": "hi", "stop": [1]}', "stop"),
+        (b'{"model": "m", "prompt": "hi", "stop": ""}', "stop"),
+        (b'{"model": "m", "prompt": "hi", "max_tokens": "8"}', "max_tokens"),
+        (b'{"model": "m", "prompt": {"a": 1}}', "prompt"),
+        (b'{"model": "m", "prompt": "hi", "x": ' + b"[" * 100_000 + b"]" * 100_000 + b"}", None),
+        (b"\xff\xfe", None),
+        (b'{"model": "m", "prompt": "hi", "num_beams": 0}', "num_beams"),
+        (b'{"model": "m", "prompt": "hi", "num_beams": "2"}', "num_beams"),
     ],
 )
 def test_bad_completion_bodies_name_the_field(body, param):
@@ -298,6 +135,17 @@ def test_engine_parse_limits(engine, gen):
     assert (e.status, e.param) == (400, "max_completion_tokens")
     e = fails("completion", prompt="word " * 60)  # 60 words > max_prompt_tokens=40
     assert (e.status, e.param) == (400, "prompt") and "more than this server's limit of 40" in e.message
+    e = fails("completion", prompt="a \ud800 b")  # an unpaired surrogate: valid JSON, not tokenisable
+    assert (e.status, e.param) == (400, "prompt")
+    e = fails("chat", messages=[{"role": "user", "content": "\ud800"}])
+    assert (e.status, e.param) == (400, "messages")
+    assert parse("completion", prompt="hi", top_p=0, seed=0).generation.params.top_p == 0  # top token only
+    beams = parse("completion", prompt="hi", num_beams=3, n=2).generation
+    assert (beams.num_beams, beams.rows) == (3, 2)
+    e = fails("completion", prompt="hi", num_beams=2, n=3)
+    assert (e.status, e.param) == (400, "n") and "n <= num_beams" in e.message
+    e = fails("completion", prompt=["a", "b"], num_beams=3)  # 2 prompts x 3 beams > max_rows=4
+    assert (e.status, e.param) == (400, "num_beams")
     e = fails("completion", prompt=["a", "b"], n=3)  # 2 prompts x 3 = 6 sequences > max_rows=4
     assert (e.status, e.param) == (400, "n")
     with pytest.raises(OpenAIError) as unknown_model:

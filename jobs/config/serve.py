@@ -61,11 +61,10 @@ class ServeConfig(StrictModel):
     """Per replica. One: the replica shares the cores with Serve's proxy and the event loop, and two
     threads on two busy cores thrash (measured 10-15x slower decoding under load)."""
     max_batch_size: int = Field(8, ge=1)
-    """Sequences (prompts x n) decoded together; 1 turns batching off."""
-    batch_wait_timeout_s: float = Field(0.02, ge=0)
-    """How long the first request of a batch waits for others to join."""
+    """Sequences (prompts x n) in flight at once: a request joins the running decode batch at the
+    next step when its rows fit, and a finished row frees its slot at once; 1 turns batching off."""
     max_ongoing_requests: int = Field(32, ge=1)
-    """Requests one replica accepts at once (queued ones wait for the next batch)."""
+    """Requests one replica accepts at once (the ones that do not fit in the batch wait for rows)."""
     default_max_tokens: int = Field(16, ge=1)
     """max_tokens when a request gives none (OpenAI's completions default)."""
     max_tokens: int = Field(256, ge=1)

@@ -1,0 +1,297 @@
+"""The serving decode loop without a server: continuous batching, sampling, stops, expiry, scheduler."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import DynamicCache
+
+from rayrlhf.actors.batch_scheduler import ContinuousScheduler
+from rayrlhf.actors.decode_loop import DecodeLoop
+from rayrlhf.actors.kv_batch import KVBatch
+from rayrlhf.actors.models import load_policy, resolve_policy
+from rayrlhf.actors.text_generator import (
+    GenerationError,
+    GenerationRequest,
+    SamplingParams,
+    TextGenerator,
+    Update,
+    find_stop,
+    held_back,
+    sample_tokens,
+)
+
+PROMPTS = ["What is 2 plus 3?", "Hello there, how many items are in the big box today?"]
+Texts = dict[GenerationRequest, dict[int, str]]
+
+
+@pytest.fixture(scope="module")
+def tiny_dir() -> Path:
+    return resolve_policy("tiny-gpt2")
+
+
+@pytest.fixture(scope="module")
+def gen(tiny_dir) -> TextGenerator:
+    return TextGenerator(tiny_dir, "float32", torch_threads=1)
+
+
+def params(max_tokens: int, temperature: float = 0.0, stop: tuple[str, ...] = (), seed: int | None = None,
+           top_p: float = 1.0) -> SamplingParams:
+    return SamplingParams(max_tokens=max_tokens, temperature=temperature, top_p=top_p, stop=stop, seed=seed)
+
+
+def request(ids: list[int], p: SamplingParams, n: int = 1, timeout: float = 60.0) -> GenerationRequest:
+    return GenerationRequest([ids], n, p, time.monotonic() + timeout)
+
+
+def run(gen: TextGenerator, schedule: dict[int, list[GenerationRequest]], max_rows: int = 8
+        ) -> tuple[Texts, list[dict[GenerationRequest, Update]]]:
+    """Admit schedule[k] before step k, step until all are done: texts per request and choice, and
+    every step's updates."""
+    loop = DecodeLoop(gen, max_rows)
+    texts: Texts = {}
+    steps: list[dict[GenerationRequest, Update]] = []
+    while loop.requests or len(steps) <= max(schedule):
+        for r in schedule.get(len(steps), []):
+            loop.admit(r)
+        updates = dict(loop.step())
+        steps.append(updates)
+        for r, u in updates.items():
+            for c in u.choices:
+                texts.setdefault(r, {})[c.index] = texts.get(r, {}).get(c.index, "") + c.text
+    return texts, steps
+
+
+def hf_greedy(tiny_dir, ids: list[int], n: int) -> str:
+    model, tok = load_policy(tiny_dir)
+    with torch.no_grad():
+        out = model.generate(torch.tensor([ids]), max_new_tokens=n, min_new_tokens=n, do_sample=False)
+    return tok.decode(out[0, len(ids):], skip_special_tokens=True)
+
+
+# --- pure helpers ---------------------------------------------------------------------------
+
+
+def test_stop_helpers():
+    assert find_stop("abc END def STOP", ("STOP", "END")) == 4  # the earliest of the two
+    assert find_stop("abc END", ("END",), start=5) is None
+    assert find_stop("abc", ()) is None
+    assert held_back("hello EN", ("END",)) == 2  # "EN" may still become "END"
+    assert held_back("hello E", ("END", "Eve")) == 1
+    assert held_back("hello", ("END",)) == 0
+    assert held_back("xx##", ("###",)) == 2  # proper prefixes only: a full match is find_stop's job
+
+
+def test_sample_tokens_greedy_and_top_p():
+    # probabilities 0.5, 0.3, 0.2: top_p=0.6 keeps tokens 0 and 1 (mass before token 2 is 0.8 >= 0.6)
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.2]] * 3))
+    gens = [torch.Generator().manual_seed(i) for i in range(3)]
+    seen: set[int] = set()
+    for _ in range(200):
+        out = sample_tokens(logits, torch.tensor([0.0, 1.0, 1.0]), torch.tensor([1.0, 0.6, 0.0]), gens).tolist()
+        assert out[0] == 0 and out[2] == 0  # greedy row; top_p=0 keeps only the top token
+        seen.add(out[1])
+    assert seen == {0, 1}
+
+
+def test_kv_batch_pads_joiners_and_trims_what_no_row_needs():
+    def prefill(lengths: list[int]) -> tuple[DynamicCache, torch.Tensor]:
+        width = max(lengths)
+        mask = torch.tensor([[0] * (width - n) + [1] * n for n in lengths])
+        keys = torch.arange(len(lengths) * width, dtype=torch.float).reshape(len(lengths), 1, width, 1)
+        return DynamicCache([(keys, -keys)]), mask
+
+    batch = KVBatch()
+    batch.join(*prefill([5]), torch.tensor([5]), torch.tensor([7]))
+    batch.join(*prefill([2, 3]), torch.tensor([2, 3]), torch.tensor([8, 9]))
+    assert batch.mask.tolist() == [[1] * 5, [0, 0, 0, 1, 1], [0, 0, 1, 1, 1]]
+    keys = batch.cache.layers[0].keys[:, 0, :, 0]
+    assert keys.tolist() == [[0, 1, 2, 3, 4], [0, 0, 0, 1, 2], [0, 0, 3, 4, 5]]  # joiners padded on the left
+    assert batch.next_ids.tolist() == [7, 8, 9] and batch.positions.tolist() == [5, 2, 3]
+    batch.keep([2, 1])  # the long row leaves: two padding columns are no longer needed
+    assert batch.mask.tolist() == [[1, 1, 1], [0, 1, 1]]
+    assert batch.cache.layers[0].keys[:, 0, :, 0].tolist() == [[3, 4, 5], [0, 1, 2]]
+    assert batch.cache.layers[0].values[:, 0, :, 0].tolist() == [[-3, -4, -5], [-0, -1, -2]]
+    assert batch.next_ids.tolist() == [9, 8]
+    batch.keep([])
+    assert len(batch) == 0 and batch.cache is None
+
+
+# --- the decode loop --------------------------------------------------------------------------
+
+
+def test_batched_greedy_matches_hf_generate_and_rows_leave_at_once(gen, tiny_dir):
+    ids = [gen.encode_text(p) for p in PROMPTS]
+    assert len(ids[0]) != len(ids[1])  # different lengths: left padding is exercised
+    short, long = request(ids[0], params(3)), request(ids[1], params(7))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no deprecation warning from the cache API (past_key_values)
+        texts, steps = run(gen, {0: [short, long]})
+    assert texts[short][0] == hf_greedy(tiny_dir, ids[0], 3)
+    assert texts[long][0] == hf_greedy(tiny_dir, ids[1], 7)
+    assert len(steps) == 7  # the prefill gives the first token, each later step one more
+    assert steps[2][short].done and steps[2][short].completion_tokens == 3
+    assert steps[2][short].choices[-1].finish_reason == "length"
+    assert all(short not in s for s in steps[3:])  # the short request left the batch
+    assert (steps[3][long].batch_requests, steps[3][long].batch_rows) == (1, 1)
+    final = steps[-1][long]
+    assert final.done and final.completion_tokens == 7 and final.prompt_tokens == len(ids[1])
+    assert (steps[0][long].batch_requests, steps[0][long].batch_rows) == (2, 2)
+
+
+def test_a_request_joins_the_running_batch_and_its_text_does_not_depend_on_it(gen, tiny_dir):
+    ids = [gen.encode_text(p) for p in PROMPTS]
+    greedy, seeded = params(12), params(12, temperature=1.0, top_p=0.9, seed=5)
+    alone_g, alone_s = request(ids[0], greedy), request(ids[0], seeded, n=2)
+    texts_alone = {**run(gen, {0: [alone_g]})[0], **run(gen, {0: [alone_s]})[0]}
+    busy = [request(ids[1] * 3, params(30)), request(ids[1], params(25, temperature=0.8)),
+            request(gen.encode_text("x"), params(4))]
+    late_g, late_s = request(ids[0], greedy), request(ids[0], seeded, n=2)
+    texts, steps = run(gen, {0: busy[:2], 3: [late_g, busy[2]], 6: [late_s]})
+    assert texts[late_g] == texts_alone[alone_g] == {0: hf_greedy(tiny_dir, ids[0], 12)}
+    assert texts[late_s] == texts_alone[alone_s] and texts[late_s][0] != texts[late_s][1]
+    # the late greedy request got its first token in the step it was admitted, beside 2 running requests
+    assert steps[3][late_g].completion_tokens == 1 and steps[3][late_g].batch_requests == 4
+    assert steps[6][late_s].batch_rows == 2 + 1 + 2 + 1  # busy[0], busy[1] (1 row each) and late_g running
+    other_seed = run(gen, {0: [request(ids[0], params(12, temperature=1.0, top_p=0.9, seed=6))]})[0]
+    assert list(other_seed.values())[0][0] != texts[late_s][0]
+
+
+def test_finished_rows_free_their_slots_for_waiting_requests(gen):
+    loop = DecodeLoop(gen, max_rows=3)
+    ids = gen.encode_text(PROMPTS[0])
+    first, second = request(ids, params(2), n=2), request(ids, params(10))
+    loop.admit(first)
+    loop.admit(second)
+    assert loop.free_rows == 0
+    with pytest.raises(ValueError, match="do not fit"):
+        loop.admit(request(ids, params(2)))
+    loop.step()
+    assert loop.free_rows == 0
+    updates = dict(loop.step())
+    assert updates[first].done and loop.free_rows == 2 and len(loop.batch) == 1  # gone at once
+    loop.admit(request(ids, params(2), n=2))
+    assert len(dict(loop.step())) == 2 and len(loop.batch) == 3
+
+
+def test_stop_string_truncates_and_never_streams_the_stop(gen):
+    ids = gen.encode_text(PROMPTS[1])
+    plain = request(ids, params(12))
+    full = run(gen, {0: [plain]})[0][plain][0]
+    stop = full[5:8]
+    cut = full.find(stop)
+    stopped = request(ids, params(12, stop=(stop,)))
+    texts, steps = run(gen, {0: [stopped]})
+    assert texts[stopped][0] == full[:cut]
+    deltas = [c for s in steps for c in s[stopped].choices]
+    assert deltas[-1].finish_reason == "stop"
+    assert all(stop not in c.text for c in deltas)
+    assert steps[-1][stopped].completion_tokens < 12
+
+
+def test_eos_ends_with_stop_and_is_counted(gen):
+    ids = gen.encode_text(PROMPTS[0])
+    probe = request(ids, params(1))
+    first_token = gen.tokenizer(run(gen, {0: [probe]})[0][probe][0]).input_ids[0]
+    saved = gen.eos_ids
+    gen.eos_ids = [first_token]  # the greedy first token now ends the answer
+    try:
+        r = request(ids, params(5))
+        texts, steps = run(gen, {0: [r]})
+    finally:
+        gen.eos_ids = saved
+    assert texts[r][0] == "" and len(steps) == 1
+    assert steps[0][r].choices[0].finish_reason == "stop" and steps[0][r].completion_tokens == 1
+
+
+def test_deadline_and_cancel_end_rows_without_a_step(gen):
+    ids = gen.encode_text(PROMPTS[0])
+    late = request(ids, params(5), timeout=-1.0)
+    gone = request(ids, params(5))
+    gone.cancelled = True
+    ok = request(ids, params(2))
+    texts, steps = run(gen, {0: [late, gone, ok]})
+    first = steps[0]
+    assert [c.finish_reason for c in first[late].choices] == ["timeout"] and first[late].completion_tokens == 0
+    assert [c.finish_reason for c in first[gone].choices] == ["cancelled"]
+    assert first[ok].batch_requests == 1  # the expired ones were never prefilled
+    assert len(steps) == 2 and steps[-1][ok].done and texts[ok][0]
+    running = request(ids, params(20))
+    loop = DecodeLoop(gen, 4)
+    loop.admit(running)
+    loop.step()
+    running.cancelled = True
+    assert dict(loop.step())[running].choices[0].finish_reason == "cancelled"
+    assert len(loop.batch) == 0 and not loop.requests
+
+
+def test_non_finite_weights_raise_generation_error(tiny_dir):
+    broken = TextGenerator(tiny_dir, "float32", torch_threads=1)
+    with torch.no_grad():
+        broken.model.transformer.h[0].mlp.c_fc.weight.fill_(float("nan"))
+    with pytest.raises(GenerationError, match="non-finite"):
+        run(broken, {0: [request(broken.encode_text("hi"), params(3, temperature=1.0))]})
+
+
+# --- the scheduler ------------------------------------------------------------------------------
+
+
+def test_scheduler_admits_waiting_requests_as_rows_free_up(gen):
+    ids = gen.encode_text(PROMPTS[0])
+    scheduler = ContinuousScheduler(DecodeLoop(gen, max_rows=2))
+
+    async def consume(r: GenerationRequest) -> list[Update]:
+        return [u async for u in scheduler.run(r)]
+
+    async def main():
+        long = asyncio.create_task(consume(request(ids, params(30))))
+        while scheduler.stats.steps == 0:  # the long one is decoding
+            await asyncio.sleep(0.001)
+        short = [asyncio.create_task(consume(request(ids, params(3)))) for _ in range(3)]
+        return await long, await asyncio.gather(*short)
+
+    long, short = asyncio.run(main())
+    assert long[-1].done and long[-1].completion_tokens == 30
+    # one slot beside the long request: the three short ones took it in turn, each beside it
+    assert all(u[-1].done and u[-1].completion_tokens == 3 for u in short)
+    assert all(u[0].batch_rows == 2 for u in short)
+    stats = scheduler.stats.as_dict()
+    assert stats["requests"] == 4 and stats["max_rows_in_step"] == 2 and stats["running_rows"] == 0
+    assert stats["steps"] == 30  # the short ones ran inside the long one's steps
+
+
+def test_scheduler_fails_the_requests_in_flight_not_itself(tiny_dir, gen):
+    broken = TextGenerator(tiny_dir, "float32", torch_threads=1)
+    with torch.no_grad():
+        broken.model.transformer.h[0].mlp.c_fc.weight.fill_(float("nan"))
+    scheduler = ContinuousScheduler(DecodeLoop(broken, max_rows=2))
+
+    async def main() -> int:
+        failures = 0
+        for _ in range(2):  # the scheduler's loop survives a failed step
+            with pytest.raises(GenerationError):
+                async for _ in scheduler.run(request(broken.encode_text("hi"), params(2))):
+                    pass
+            failures += 1
+        return failures
+
+    assert asyncio.run(main()) == 2 and not scheduler.loop.requests and scheduler.stats.cancelled == 0
+
+
+def test_a_caller_that_stops_listening_frees_its_rows(gen):
+    scheduler = ContinuousScheduler(DecodeLoop(gen, max_rows=1))
+    ids = gen.encode_text(PROMPTS[0])
+
+    async def main() -> list[Update]:
+        stream = scheduler.run(request(ids, params(200)))
+        await anext(stream)
+        await stream.aclose()  # e.g. the HTTP client went away mid-stream
+        return [u async for u in scheduler.run(request(ids, params(2)))]  # needs the only slot
+
+    after = asyncio.run(main())
+    assert after[-1].done and scheduler.stats.cancelled == 1 and scheduler.stats.running_rows == 0
