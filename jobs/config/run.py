@@ -134,15 +134,16 @@ class RewardConfig(StrictModel):
     """User reward functions, each a weighted component (normalised and logged like the built-ins)."""
     remote: RemoteRewardConfig | None = None
     """A reward model served elsewhere: its component is `remote`."""
-    overlong_penalty: float = Field(1.0, ge=0)
+    overlong_penalty: float = Field(0.0, ge=0)
     """DAPO's soft overlong penalty: taken off the total (after normalisation) of an answer in the last
     overlong_buffer of the token budget, growing linearly to the full amount at the limit (0: off).
-    Proposed default, to validate with benchmarks/demo_seeds.py (benchmarks/README.md)."""
+    Off until the proposed 1.0 has its 3-seed figures (benchmarks/README.md)."""
     overlong_buffer: float = Field(0.25, gt=0, le=1)
     """That last part of the budget, as a fraction of max_new_tokens (32 tokens: the last 8)."""
-    truncation: Literal["penalize", "mask", "keep"] = "penalize"
+    truncation: Literal["penalize", "mask", "keep"] = "keep"
     """An answer cut at max_new_tokens without EOS: `penalize` (truncation_penalty off its total),
-    `mask` (its tokens leave the policy loss, DAPO's overlong filtering) or `keep`."""
+    `mask` (its tokens leave the policy loss, DAPO's overlong filtering) or `keep` (the measured default;
+    `penalize` is the proposal to validate)."""
     truncation_penalty: float = Field(1.0, ge=0)
 
     @model_validator(mode="after")
