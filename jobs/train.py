@@ -238,7 +238,12 @@ def train(cfg: RunConfig, on_step: Callable[[int, dict[str, float]], None] | Non
     (output_dir / "config.yaml").write_text(yaml.safe_dump(cfg.model_dump(), sort_keys=False))
     started_ray = not ray.is_initialized()
     init_ray(cfg.cluster.address, cfg.cluster.num_cpus, cfg.cluster.object_store_mb)
-    roles = launch(cfg)
+    try:
+        roles = launch(cfg)
+    except BaseException:  # e.g. a model missing on a node: leave no connection behind
+        if started_ray:
+            shutdown_ray()
+        raise
     tracker = Tracker(
         output_dir, run_name=cfg.name, config=cfg.model_dump(), total_steps=cfg.steps,
         wandb_mode=cfg.logging.wandb, wandb_project=cfg.logging.wandb_project,
@@ -276,7 +281,7 @@ def train(cfg: RunConfig, on_step: Callable[[int, dict[str, float]], None] | Non
             storage.upload(output_dir)
             shutil.rmtree(output_dir, ignore_errors=True)
     if storage.local_path is not None:
-        return TrainResult(storage.local_path, Path(final_dir), before, after, history)
+        return TrainResult(storage.local_path, storage.local_path / "final", before, after, history)
     return TrainResult(storage.location, final_dir, before, after, history)
 
 
