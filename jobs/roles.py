@@ -150,12 +150,18 @@ def launch(cfg: RunConfig) -> Roles:
         for group in groups.values():
             group.wait_started()
         roles = Roles(groups)
-        if cfg.rollout.num_gpus > 0 and cfg.learner.num_gpus > 0:
+        if uses_broadcast(cfg):
             roles.broadcast_dtypes = connect_weight_broadcast(roles)
     except BaseException:
         Roles(groups).shutdown()
         raise
     return roles
+
+
+def uses_broadcast(cfg: RunConfig) -> bool:
+    """Weight sync by NCCL broadcast: only between whole GPUs. NCCL refuses two ranks on one device, and
+    fractional reservations may share one, so they (and CPUs) use the object store."""
+    return cfg.rollout.num_gpus >= 1 and cfg.learner.num_gpus >= 1
 
 
 def connect_weight_broadcast(roles: Roles) -> dict[str, str]:
