@@ -18,7 +18,9 @@ import math
 import os
 import time
 import warnings
-from typing import TYPE_CHECKING, Any
+from contextlib import AbstractContextManager
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 import torch
@@ -49,10 +51,16 @@ from rayrlhf.actors.losses import (
 from rayrlhf.actors.models import load_policy, resolve_policy_here, save_policy
 from rayrlhf.actors.trajectory import LearnerBatch
 from rayrlhf.actors.weight_sync import BroadcastGroup, Weights
-from rayrlhf.cluster.storage import Storage
 
 if TYPE_CHECKING:  # the schema's sections, checked before they get here; no runtime import of jobs/
     from rayrlhf.jobs.config.run import AlgorithmConfig, KLConfig, LearnerConfig
+
+
+class Destination(Protocol):
+    """Where a saved policy goes (cluster/storage.py's Storage, built by the driver): a local directory
+    to write into, which reaches the user's storage when the block ends."""
+
+    def writable_dir(self) -> AbstractContextManager[Path]: ...
 
 
 class StaleTrajectoryError(RuntimeError):
@@ -212,15 +220,15 @@ class Learner:
             if self.rank == 0:
                 self._weight_group.send(self.policy.state_dict(), {k: getattr(torch, v) for k, v in dtypes.items()})
 
-    def save(self, path: str) -> str | None:
-        """Collective: rank 0 writes a Hugging Face directory (safetensors + tokenizer) to `path`, a local
-        path or a storage URI (see cluster/storage.py): it reaches the user's storage from any node."""
+    def save(self, destination: Destination) -> str | None:
+        """Collective: rank 0 writes a Hugging Face directory (safetensors + tokenizer) to `destination`,
+        from whatever node it runs on; returns where (a path or a storage URI)."""
         with self._gathered():
             if self.rank != 0:
                 return None
-            with Storage(path).writable_dir() as local:
+            with destination.writable_dir() as local:
                 save_policy(self.policy, self.tokenizer, local)
-            return path
+            return str(destination)
 
     # --- training ------------------------------------------------------------------------
 

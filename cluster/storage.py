@@ -4,9 +4,10 @@ The same rule as Ray Train's `storage_path`: `outputs/run1` (this machine; relat
 absolute on the driver), `/mnt/shared/run1` (a filesystem every node mounts at that path), or a URI
 such as `s3://bucket/run1`, `gs://bucket/run1` or `file:///mnt/shared/run1`. Whoever writes an
 output goes through here: the driver (config, metrics, evaluation, TensorBoard, wandb), learner
-rank 0 (policies: `final/`, `step_N/`), wherever on the cluster it runs. Writers prepare files in
-a local directory (`writable_dir`); for a local path that directory is the destination itself,
-otherwise a temporary one uploaded when it is closed. A URI string is all that crosses to a node.
+rank 0 (policies: `final/`, `step_N/`), wherever on the cluster it runs: the driver hands it a
+`Storage` (picklable), so roles never import this module. Writers prepare files in a local directory
+(`writable_dir`); for a local path that directory is the destination itself, otherwise a temporary
+one uploaded when it is closed.
 """
 
 from __future__ import annotations
@@ -38,6 +39,13 @@ class Storage:
 
     def __repr__(self) -> str:
         return f"Storage({self.location!r})"
+
+    def __str__(self) -> str:
+        return self.location
+
+    def child(self, *parts: str) -> Storage:
+        """The storage of a place inside this one (`final`, `step_3`)."""
+        return Storage(self.join(*parts))
 
     @property
     def local_path(self) -> Path | None:

@@ -151,10 +151,10 @@ def sync_weights(roles: Roles, version: int) -> list[int]:
     return ray.get([worker.load_weights.remote(version, weights[0]) for worker in roles.rollout])
 
 
-def save(roles: Roles, location: str) -> None:
-    """A Hugging Face directory of the policy at a storage location (a collective: every rank joins,
-    rank 0 writes, from its own node, straight to the user's storage)."""
-    ray.get([learner.save.remote(location) for learner in roles.learner])
+def save(roles: Roles, destination: Storage) -> None:
+    """A Hugging Face directory of the policy (a collective: every rank joins, rank 0 writes, from its
+    own node, straight to the user's storage)."""
+    ray.get([learner.save.remote(destination) for learner in roles.learner])
 
 
 def evaluate(cfg: RunConfig, roles: Roles, prompts: list[Prompt]) -> tuple[dict[str, float], list[dict]]:
@@ -259,7 +259,7 @@ def train(cfg: RunConfig, on_step: Callable[[int, dict[str, float]], None] | Non
             if cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.steps:
                 metrics.update(evaluate(cfg, roles, eval_set)[0])
             if cfg.save_every and step % cfg.save_every == 0:
-                save(roles, storage.join(f"step_{step}"))
+                save(roles, storage.child(f"step_{step}"))
                 storage.upload(output_dir)  # the logs so far, beside the checkpoint
             tracker.log(step, metrics)
             history.append({"step": step, **metrics})
@@ -268,7 +268,7 @@ def train(cfg: RunConfig, on_step: Callable[[int, dict[str, float]], None] | Non
         after, examples = evaluate(cfg, roles, eval_set)
         tracker.log(cfg.steps, after, advance=False)
         final_dir = storage.join("final")
-        save(roles, final_dir)
+        save(roles, storage.child("final"))
         (output_dir / "eval.json").write_text(json.dumps({"before": before, "after": after}, indent=2))
         (output_dir / "examples.jsonl").write_text("".join(json.dumps(e) + "\n" for e in examples))
         tracker.write("\n" + format_table(before, after) + f"\n\nfinal policy: {final_dir}")

@@ -20,6 +20,7 @@ from rayrlhf.actors.reference_policy import ReferencePolicy
 from rayrlhf.actors.rollout_worker import RolloutWorker
 from rayrlhf.actors.trajectory import LearnerBatch, Prompt, Rewards
 from rayrlhf.actors.weight_sync import Weights
+from rayrlhf.cluster.storage import Storage
 from rayrlhf.jobs.config.run import AlgorithmConfig, KLConfig, LearnerConfig
 
 K = 4  # samples per prompt
@@ -287,7 +288,8 @@ def test_learner_step_sync_stale_and_save(model_dir, dist_env, tmp_path, monkeyp
         learner.learn(LearnerBatch.join([traj], [Rewards(total=scores, raw_total=scores + 1, components={})], [ref]))
     assert learner.version == 1
 
-    saved = learner.save(str(tmp_path / "policy"))
+    saved = learner.save(Storage(tmp_path / "policy"))
+    assert saved == str(tmp_path / "policy")
     model = AutoModelForCausalLM.from_pretrained(saved)
     tokenizer = AutoTokenizer.from_pretrained(saved)
     for key, value in model.state_dict().items():
