@@ -133,13 +133,13 @@ def test_broadcast_group_sends_the_state_dict_in_buckets_in_the_receivers_dtype(
 
 
 @pytest.mark.skipif(NO_CUDA, reason="needs a CUDA GPU: rollout and learner sharing one GPU, bf16")
-def test_gpu_grpo_step_with_rollout_and_learner_sharing_one_gpu(tmp_path):
+def test_gpu_grpo_step_with_rollout_and_learner_sharing_one_gpu(tmp_path, monkeypatch):
     from rayrlhf.cluster.local import init_ray, shutdown_ray
     from rayrlhf.jobs.data.prompts import load_task
     from rayrlhf.jobs.roles import launch
     from rayrlhf.jobs.train import rl_step
 
-    os.environ.pop("DS_ACCELERATOR", None)  # the learner names its own
+    monkeypatch.delenv("DS_ACCELERATOR", raising=False)  # the learner names its own
     cfg = load_config("tiny", [f"output_dir={tmp_path}", "rollout.num_gpus=0.5", "learner.num_gpus=0.5",
                                "learner.bf16=true", "kl.coef=0", "policy.dtype=auto"])  # fmt: skip
     init_ray(num_cpus=4)
