@@ -37,7 +37,7 @@ def resolve_embedding_model(name: str) -> str:
 
 
 class Embedder:
-    """A sentence-transformers model on CPU, used only to compare texts.
+    """A sentence-transformers model (on `device`: the reward scorer's), used only to compare texts.
 
     Reference embeddings are cached: the k samples of a prompt share one reference and prompts
     recur across steps, so after the first epoch only the responses need the model.
@@ -46,13 +46,13 @@ class Embedder:
     CACHE_SIZE = 8192
     """Reference texts kept (384 floats each for MiniLM: ~12 MB); the cache is emptied when full."""
 
-    def __init__(self, name_or_path: str, torch_threads: int | None = None) -> None:
+    def __init__(self, name_or_path: str, torch_threads: int | None = None, device: str = "cpu") -> None:
         import torch  # deferred: importing sentence_transformers costs seconds
         from sentence_transformers import SentenceTransformer
 
         if torch_threads is not None:
             torch.set_num_threads(torch_threads)
-        self.model = SentenceTransformer(resolve_embedding_model(name_or_path), device="cpu")
+        self.model = SentenceTransformer(resolve_embedding_model(name_or_path), device=device)
         self._ref_cache: dict[str, np.ndarray] = {}
 
     def encode(self, texts: list[str]) -> np.ndarray:

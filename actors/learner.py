@@ -18,7 +18,9 @@ import math
 import os
 import time
 import warnings
-from typing import TYPE_CHECKING, Any
+from contextlib import AbstractContextManager
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 import torch
@@ -33,6 +35,7 @@ from rayrlhf.actors.advantages import (
     masked_whiten,
     reinforce_advantages,
 )
+from rayrlhf.actors.devices import select_device, set_deepspeed_accelerator
 from rayrlhf.actors.logprobs import (
     PolicyOutput,
     first_response_column,
@@ -45,11 +48,19 @@ from rayrlhf.actors.losses import (
     kl_penalty,
     make_kl_controller,
 )
-from rayrlhf.actors.models import load_policy, save_policy
+from rayrlhf.actors.models import load_policy, resolve_policy_here, save_policy
 from rayrlhf.actors.trajectory import LearnerBatch
+from rayrlhf.actors.weight_sync import BroadcastGroup, Weights
 
 if TYPE_CHECKING:  # the schema's sections, checked before they get here; no runtime import of jobs/
     from rayrlhf.jobs.config.run import AlgorithmConfig, KLConfig, LearnerConfig
+
+
+class Destination(Protocol):
+    """Where a saved policy goes (cluster/storage.py's Storage, built by the driver): a local directory
+    to write into, which reaches the user's storage when the block ends."""
+
+    def writable_dir(self) -> AbstractContextManager[Path]: ...
 
 
 class StaleTrajectoryError(RuntimeError):
@@ -131,13 +142,15 @@ class Learner:
         world_size: int,
         master_addr: str,
         master_port: int,
-        model_dir: str,
+        model: str,
         seed: int,
         temperature: float,
         rows_per_step: int,
         algorithm: AlgorithmConfig,
         kl: KLConfig,
         learner: LearnerConfig,
+        device: str = "cpu",
+        cache_dir: str | None = None,
     ):
         os.environ.update(
             MASTER_ADDR=master_addr, MASTER_PORT=str(master_port), RANK=str(rank),
@@ -147,11 +160,13 @@ class Learner:
         warnings.filterwarnings("ignore", message=r".*torch\.distributed\.\w+` is deprecated", category=FutureWarning)
         torch.set_num_threads(learner.torch_threads)
         torch.manual_seed(seed)
-        import deepspeed  # imported here: it probes accelerators at import time
+        device_type = select_device(device)
+        set_deepspeed_accelerator(device_type)
+        import deepspeed  # imported here: it picks its accelerator at import time
 
         backend = learner.backend
         if backend == "auto":
-            backend = "nccl" if torch.cuda.is_available() else "gloo"
+            backend = "nccl" if device_type.type == "cuda" else "gloo"
         deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, verbose=False)
 
         self.rank, self.world_size = rank, world_size
@@ -162,7 +177,8 @@ class Learner:
         self.accumulation = math.ceil(rows_per_step / learner.micro_batch_size)
         self.micro_batch_size = learner.micro_batch_size
 
-        self.policy, self.tokenizer = load_policy(model_dir)
+        # fp32 master weights; DeepSpeed casts the module to bf16 itself when learner.bf16 is on
+        self.policy, self.tokenizer = load_policy(resolve_policy_here(model, cache_dir), "float32", device_type)
         disable_dropout(self.policy)
         if learner.gradient_checkpointing:
             self.policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -173,6 +189,7 @@ class Learner:
         )
         self.device = self.engine.device
         self.version = 0
+        self._weight_group: BroadcastGroup | None = None
 
     # --- weights -------------------------------------------------------------------------
 
@@ -184,20 +201,34 @@ class Learner:
             return deepspeed.zero.GatheredParameters(list(self.engine.module.parameters()), modifier_rank=None)
         return contextlib.nullcontext()
 
-    def get_weights(self) -> dict[str, np.ndarray] | None:
-        """Collective: rank 0 gets the policy's full state dict (HF names, fp32); others None."""
+    def get_weights(self) -> Weights | None:
+        """Collective: rank 0 gets the policy's full state dict (HF names, in the dtype it trains in:
+        bf16 stays bf16); others None."""
         with self._gathered():
             if self.rank != 0:
                 return None
-            state = self.policy.state_dict()
-            return {name: t.detach().to("cpu", torch.float32).numpy().copy() for name, t in state.items()}
+            return Weights.from_state_dict(self.policy.state_dict())
 
-    def save(self, path: str) -> str | None:
-        """Collective: rank 0 writes a Hugging Face directory (safetensors + tokenizer)."""
+    def join_weight_group(self, master_addr: str, master_port: int, world_size: int, backend: str) -> None:
+        """Rank 0 only: become rank 0 of the broadcast group with the rollout workers (blocks until all joined)."""
+        self._weight_group = BroadcastGroup(master_addr=master_addr, master_port=master_port, rank=0,
+                                            world_size=world_size, backend=backend, device=self.device)  # fmt: skip
+
+    def broadcast_weights(self, dtypes: dict[str, str]) -> None:
+        """Collective (under ZeRO-3 every rank gathers): rank 0 broadcasts to the rollout workers, in their dtypes."""
+        with self._gathered():
+            if self.rank == 0:
+                self._weight_group.send(self.policy.state_dict(), {k: getattr(torch, v) for k, v in dtypes.items()})
+
+    def save(self, destination: Destination) -> str | None:
+        """Collective: rank 0 writes a Hugging Face directory (safetensors + tokenizer) to `destination`,
+        from whatever node it runs on; returns where (a path or a storage URI)."""
         with self._gathered():
             if self.rank != 0:
                 return None
-            return str(save_policy(self.policy, self.tokenizer, path))
+            with destination.writable_dir() as local:
+                save_policy(self.policy, self.tokenizer, local)
+            return str(destination)
 
     # --- training ------------------------------------------------------------------------
 

@@ -1,5 +1,8 @@
 """Where a policy comes from: built-in names, local directories and cached hub ids.
 
+Models are resolved on the node that uses them (`resolve_here`): a path is only meaningful on the
+node that made it, so the driver ships names, never its own cache paths.
+
 Every policy ends up as a plain Hugging Face directory (config.json, model.safetensors,
 tokenizer files with a chat template), so rollout workers, learners, Ray Serve and outside
 tools all load it the same way. Built-in models are converted once into a cache directory;
@@ -17,6 +20,7 @@ import tempfile
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import TypeVar
 
 import torch
 from transformers import (
@@ -25,6 +29,8 @@ from transformers import (
     PreTrainedModel,
     PreTrainedTokenizerBase,
 )
+
+from rayrlhf.actors.devices import node_description
 
 SMOLLM2 = "smollm2-135m-instruct"
 TINY_GPT2 = "tiny-gpt2"
@@ -70,18 +76,42 @@ def resolve_policy(name: str, cache_dir: str | None = None) -> Path:
     return _hub_snapshot(name)
 
 
+class ModelUnavailableError(RuntimeError):
+    """A model named in the config cannot be found or built on the node that needs it."""
+
+
+T = TypeVar("T")
+
+
+def resolve_here(field: str, resolve: Callable[[], T]) -> T:
+    """`resolve()` on this node, or an error naming the field, the node and what to do about it."""
+    try:
+        return resolve()
+    except (ValueError, OSError, ModuleNotFoundError) as err:
+        raise ModelUnavailableError(
+            f"{field} is not available on node {node_description()}: {err}. Every node resolves the models "
+            "its roles use: built-in names are converted into that node's cache ($RAYRLHF_CACHE, else "
+            "~/.cache/rayrlhf); local directories and hub caches must exist on every node (shared storage "
+            "or the image), not only where the driver runs."
+        ) from err
+
+
+def resolve_policy_here(name: str, cache_dir: str | None = None) -> Path:
+    return resolve_here("policy.model", lambda: resolve_policy(name, cache_dir))
+
+
 def load_policy(
-    path: str | Path, dtype: str = "float32"
+    path: str | Path, dtype: str | torch.dtype = "float32", device: str | torch.device = "cpu"
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    """Model in eval mode and a left-padding tokenizer (generation appends on the right)."""
-    torch_dtype = getattr(torch, dtype, None)
+    """Model in eval mode on `device` and a left-padding tokenizer (generation appends on the right)."""
+    torch_dtype = getattr(torch, dtype, None) if isinstance(dtype, str) else dtype
     if not isinstance(torch_dtype, torch.dtype):
         raise ValueError(f"policy.dtype={dtype!r} is not a torch dtype")
     tokenizer = AutoTokenizer.from_pretrained(path)
     tokenizer.padding_side = "left"
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype).to(device)
     model.config.pad_token_id = tokenizer.pad_token_id
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.eval()

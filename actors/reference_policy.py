@@ -5,26 +5,30 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from rayrlhf.actors.devices import select_device, select_dtype
 from rayrlhf.actors.logprobs import first_response_column, from_numpy, token_logprobs
-from rayrlhf.actors.models import load_policy
+from rayrlhf.actors.models import load_policy, resolve_policy_here
 from rayrlhf.actors.trajectory import Trajectory
 
 
 class ReferencePolicy:
-    def __init__(self, *, model_dir: str, temperature: float, torch_threads: int, dtype: str = "float32"):
+    def __init__(self, *, model: str, temperature: float, torch_threads: int, dtype: str = "auto",
+                 device: str = "cpu", cache_dir: str | None = None):  # fmt: skip
         torch.set_num_threads(torch_threads)
-        self.model, _ = load_policy(model_dir, dtype=dtype)
+        self.device = select_device(device)
+        path = resolve_policy_here(model, cache_dir)
+        self.model, _ = load_policy(path, select_dtype(dtype, self.device), self.device)
         self.model.eval().requires_grad_(False)
         self.temperature = temperature
 
     def logprobs(self, traj: Trajectory) -> np.ndarray:
         """[B, T] float32, same convention as Trajectory.old_logprobs; 0 outside the response."""
-        response_mask = from_numpy(traj.response_mask)
+        response_mask = from_numpy(traj.response_mask).to(self.device)
         logp = token_logprobs(
             self.model,
-            from_numpy(traj.input_ids),
-            from_numpy(traj.attention_mask),
+            from_numpy(traj.input_ids).to(self.device),
+            from_numpy(traj.attention_mask).to(self.device),
             self.temperature,
             first_scored=first_response_column(response_mask),
         )
-        return (logp * response_mask).float().numpy()
+        return (logp * response_mask).float().cpu().numpy()

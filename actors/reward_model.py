@@ -133,9 +133,10 @@ class RewardModel(nn.Module):
             raise ValueError(f"{len(prompts)} prompts but {len(responses)} responses")
         was_training = self.training
         self.eval()
-        parts = [
-            self(self.tokenize(prompts[i : i + batch_size], responses[i : i + batch_size]))[0]
-            for i in range(0, len(prompts), batch_size)
-        ]
+        device = next(self.parameters()).device
+        parts = []
+        for i in range(0, len(prompts), batch_size):
+            batch = self.tokenize(prompts[i : i + batch_size], responses[i : i + batch_size])
+            parts.append(self({k: v.to(device) for k, v in batch.items()})[0].cpu())
         self.train(was_training)
         return torch.cat(parts).numpy().astype(np.float32) if parts else np.zeros(0, dtype=np.float32)

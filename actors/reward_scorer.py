@@ -18,15 +18,17 @@ from typing import Any, Literal
 import numpy as np
 import wordfreq
 
-from rayrlhf.actors.embeddings import Embedder
+from rayrlhf.actors.devices import select_device
+from rayrlhf.actors.embeddings import Embedder, resolve_embedding_model
 from rayrlhf.actors.length_control import LengthControl
+from rayrlhf.actors.models import resolve_here
 from rayrlhf.actors.normalizer import RunningNormalizer
 from rayrlhf.actors.remote_reward import RemoteReward
 from rayrlhf.actors.reward_fns import bleu as bleu_score
 from rayrlhf.actors.reward_fns import freq_reward, words
 from rayrlhf.actors.reward_fns import rouge_l as rouge_l_score
 from rayrlhf.actors.reward_functions import batch_arguments, call_function, load_function
-from rayrlhf.actors.reward_model import RewardModel, prompt_as_text
+from rayrlhf.actors.reward_model import RewardModel, check_reward_model_dir, prompt_as_text
 from rayrlhf.actors.trajectory import Rewards, Trajectory
 
 COMPONENTS = ("freq", "sim", "bleu", "rouge_l")
@@ -58,17 +60,22 @@ class RewardScorer:
         overlong_buffer: float = 0.25,
         truncation: Literal["penalize", "mask", "keep"] = "keep",
         truncation_penalty: float = 0.0,
+        device: str = "cpu",
     ) -> None:
         self.weights = {"freq": alpha, "sim": beta, "bleu": bleu, "rouge_l": rouge_l}
         self.freq_mode = freq_mode
         self.empty_reward = empty_reward
         self.normalize = normalize
-        self.embedder = Embedder(embedding_model, torch_threads=torch_threads)
+        self.device = select_device(device)
+        # models are resolved on this node (the driver's paths mean nothing here)
+        embedder_path = resolve_here("reward.embedding_model", lambda: resolve_embedding_model(embedding_model))
+        self.embedder = Embedder(embedder_path, torch_threads=torch_threads, device=str(self.device))
         self.reward_model: RewardModel | None = None  # loaded only when it weighs: it costs a forward pass
         if rm_weight != 0:
             if not rm_model:
                 raise ValueError("reward.rm_weight != 0 needs reward.rm_model (a directory from `rayrlhf train-rm`)")
-            self.reward_model = RewardModel.load(rm_model)
+            rm_path = resolve_here("reward.rm_model", lambda: check_reward_model_dir(rm_model))
+            self.reward_model = RewardModel.load(rm_path).to(self.device)
             self.weights[RM] = rm_weight
         self.rm_batch_size = rm_batch_size
         self.functions = {}

@@ -19,21 +19,10 @@ import numpy as np
 import torch
 from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList
 
-from rayrlhf.actors.logprobs import from_numpy
-from rayrlhf.actors.models import load_policy
+from rayrlhf.actors.devices import select_device, select_dtype
+from rayrlhf.actors.models import load_policy, resolve_policy_here
 from rayrlhf.actors.trajectory import Prompt, Trajectory
-
-
-def state_dict_from_numpy(model: torch.nn.Module, weights: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
-    """Check a full HF state dict against the model's keys; tensors share the arrays' memory."""
-    expected = set(model.state_dict())
-    missing, unexpected = sorted(expected - set(weights)), sorted(set(weights) - expected)
-    if missing or unexpected:
-        raise ValueError(
-            f"weights do not match the policy's state dict: missing {missing[:5]} ({len(missing)} in all), "
-            f"unexpected {unexpected[:5]} ({len(unexpected)} in all)"
-        )
-    return {name: from_numpy(array) for name, array in weights.items()}
+from rayrlhf.actors.weight_sync import BroadcastGroup, Weights, check_names
 
 
 def eos_token_ids(model: torch.nn.Module, tokenizer) -> list[int]:
@@ -117,7 +106,7 @@ class RolloutWorker:
     def __init__(
         self,
         *,
-        model_dir: str,
+        model: str,
         max_prompt_tokens: int,
         use_chat_template: bool,
         system_prompt: str | None,
@@ -127,10 +116,14 @@ class RolloutWorker:
         top_p: float,
         torch_threads: int,
         seed: int,
-        dtype: str = "float32",
+        dtype: str = "auto",
+        device: str = "cpu",
+        cache_dir: str | None = None,
     ):
         torch.set_num_threads(torch_threads)
-        self.model, self.tokenizer = load_policy(model_dir, dtype=dtype)
+        self.device = select_device(device)
+        path = resolve_policy_here(model, cache_dir)  # on this node: the driver's paths mean nothing here
+        self.model, self.tokenizer = load_policy(path, select_dtype(dtype, self.device), self.device)
         self.model.requires_grad_(False)
         self.eos_ids = eos_token_ids(self.model, self.tokenizer)
         self.pad_id = self.tokenizer.pad_token_id
@@ -147,12 +140,33 @@ class RolloutWorker:
         self.seed = seed
         self.version = 0
         self._calls = 0
+        self._weight_group: BroadcastGroup | None = None
 
-    def load_weights(self, version: int, weights: dict[str, np.ndarray]) -> int:
-        """Load a full state dict (HF names) published by the learner as `version`."""
+    def _check_version(self, version: int) -> None:
         if version < self.version:
             raise ValueError(f"refusing weights of version {version}: this worker already holds {self.version}")
-        self.model.load_state_dict(state_dict_from_numpy(self.model, weights), strict=True)
+
+    def load_weights(self, version: int, weights: Weights) -> int:
+        """Load a full state dict (HF names) published by the learner as `version` (cast to this model's dtype)."""
+        self._check_version(version)
+        check_names(self.model, set(weights.arrays))
+        self.model.load_state_dict(weights.tensors(), strict=True)
+        self.version = int(version)
+        return self.version
+
+    def weight_dtypes(self) -> dict[str, str]:
+        """The dtype of each tensor of this worker's state dict: what a broadcast must send."""
+        return {name: str(t.dtype).removeprefix("torch.") for name, t in self.model.state_dict().items()}
+
+    def join_weight_group(self, master_addr: str, master_port: int, rank: int, world_size: int, backend: str) -> None:
+        """Join the broadcast group of learner rank 0 (see actors/weight_sync.py); blocks until all joined."""
+        self._weight_group = BroadcastGroup(master_addr=master_addr, master_port=master_port, rank=rank,
+                                            world_size=world_size, backend=backend, device=self.device)  # fmt: skip
+
+    def receive_weights(self, version: int) -> int:
+        """Take `version` from the broadcast that learner rank 0 is sending at the same moment."""
+        self._check_version(version)
+        self._weight_group.receive(self.model)
         self.version = int(version)
         return self.version
 
@@ -190,14 +204,17 @@ class RolloutWorker:
         recorder = SampledLogprobs(self.temperature)
         budget = max_new_tokens or self.max_new_tokens
         sequences = self.model.generate(
-            input_ids=prompt_ids,
-            attention_mask=prompt_mask,
+            input_ids=prompt_ids.to(self.device),
+            attention_mask=prompt_mask.to(self.device),
             do_sample=not greedy,
             num_return_sequences=k,
             max_new_tokens=budget,
             logits_processor=LogitsProcessorList([recorder] if num_beams == 1 else []),
             **sampling,
         )
+        n_new = sequences.shape[1] - prompt_ids.shape[1]
+        sampled_logprobs = recorder.collect(sequences, n_new).cpu() if num_beams == 1 else torch.zeros(len(sequences), n_new)
+        sequences = sequences.cpu()
         width = prompt_ids.shape[1]
         prompt_ids, prompt_mask = prompt_ids.repeat_interleave(k, dim=0), prompt_mask.repeat_interleave(k, dim=0)
         if not torch.equal(sequences[:, :width], prompt_ids):
@@ -211,8 +228,8 @@ class RolloutWorker:
         input_ids = torch.cat([prompt_ids, response], dim=1)
         attention_mask = torch.cat([prompt_mask, in_response], dim=1)
         response_mask = torch.cat([torch.zeros_like(prompt_mask), in_response], dim=1).float()
-        recorded = recorder.collect(sequences, response.shape[1]) if num_beams == 1 else torch.zeros(response.shape)
-        old_logprobs = torch.cat([torch.zeros_like(prompt_mask, dtype=torch.float32), recorded], dim=1) * response_mask
+        old_logprobs = torch.cat([torch.zeros_like(prompt_mask, dtype=torch.float32),
+                                  sampled_logprobs], dim=1) * response_mask  # fmt: skip
 
         group_ids = np.repeat(np.array([p.id for p in prompts], dtype=np.int64), k)
         return Trajectory(

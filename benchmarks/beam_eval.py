@@ -19,10 +19,9 @@ from rayrlhf.cluster.offline import apply_offline_defaults
 
 apply_offline_defaults()
 
-from rayrlhf.actors.reward_scorer import RewardScorer
-from rayrlhf.actors.rollout_worker import RolloutWorker
 from rayrlhf.jobs.config.run import load_config
-from rayrlhf.jobs.train import RoleKwargs, prepare, reward_metrics
+from rayrlhf.jobs.roles import role_table
+from rayrlhf.jobs.train import prepare, reward_metrics
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -35,9 +34,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="FIELD=VALUE")
     args = parser.parse_args(argv)
     cfg = load_config(args.config, args.overrides)
-    base_dir, _, held_out = prepare(cfg)
-    kwargs = RoleKwargs(cfg, args.policy or str(base_dir))
-    worker, scorer = RolloutWorker(**kwargs.rollout(0)), RewardScorer(**kwargs.scorer(0))
+    _, held_out = prepare(cfg)
+    if args.policy:
+        cfg = cfg.model_copy(update={"policy": cfg.policy.model_copy(update={"model": args.policy})})
+    roles = {role.name: role for role in role_table(cfg)}
+    worker, scorer = roles["rollout"].instantiate(), roles["reward"].instantiate()
     max_new = cfg.eval_max_new_tokens or cfg.rollout.max_new_tokens
     columns = {}
     for beams in args.beams:

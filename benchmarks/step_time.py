@@ -31,9 +31,9 @@ RESULTS = Path(__file__).resolve().parent / "results"
 PHASES = ("generate", "score", "reference", "learn", "sync", "step")
 
 
-def ray_steps(cfg, model_dir, sampler, steps: int) -> list[dict]:
+def ray_steps(cfg, sampler, steps: int) -> list[dict]:
     init_ray(cfg.cluster.address, cfg.cluster.num_cpus, cfg.cluster.object_store_mb)
-    roles = launch(cfg, model_dir)
+    roles = launch(cfg)
     try:
         rl_step(cfg, roles, sampler.draw(cfg.prompts_per_step))  # warm-up
         return [
@@ -45,13 +45,13 @@ def ray_steps(cfg, model_dir, sampler, steps: int) -> list[dict]:
         shutdown_ray()
 
 
-def plain_steps(cfg, model_dir, sampler, steps: int) -> list[dict]:
+def plain_steps(cfg, sampler, steps: int) -> list[dict]:
     """The same roles as plain objects in this process: the computation without Ray."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     single = cfg.model_copy(update={"learner": cfg.learner.model_copy(update={"num_ranks": 1})})
-    roles = {role.name: role for role in role_table(single, model_dir)}
+    roles = {role.name: role for role in role_table(single)}
     learner = roles["learner"].instantiate(master_addr="127.0.0.1", master_port=port)
     worker = roles["rollout"].instantiate()
     scorer = roles["reward"].instantiate()
@@ -90,9 +90,9 @@ def main() -> None:
     for name in args.configs:
         # Single-rank learner on both sides, so the comparison isolates Ray, not ZeRO communication.
         cfg = load_config(name, ["logging.wandb=disabled"])
-        model_dir, train_set, _ = prepare(cfg)
-        ray_rows = ray_steps(cfg, model_dir, PromptSampler(train_set, cfg.seed), args.steps)
-        plain_rows = plain_steps(cfg, model_dir, PromptSampler(train_set, cfg.seed), args.steps)
+        train_set, _ = prepare(cfg)
+        ray_rows = ray_steps(cfg, PromptSampler(train_set, cfg.seed), args.steps)
+        plain_rows = plain_steps(cfg, PromptSampler(train_set, cfg.seed), args.steps)
         ray_med, plain_med = summarise(ray_rows), summarise(plain_rows)
         report["results"][name] = {
             "model": cfg.policy.model, "prompts_per_step": cfg.prompts_per_step,

@@ -38,14 +38,15 @@ def score_on_unseen(setup, policies: dict[str, str]) -> dict[str, float]:
     cfg = setup.run_config({})
     seen = cfg.data.num_eval
     full = cfg.model_copy(update={"data": cfg.data.model_copy(update={"num_eval": HELD_OUT_BLOCK})})
-    base_dir, _, held_out = prepare(full)
+    _, held_out = prepare(full)
     _, ranked_on = load_task(cfg.data.train, cfg.data.eval, cfg.data.num_train, seen, cfg.seed)
     if [p.text for p in held_out[:seen]] != [p.text for p in ranked_on]:
         raise RuntimeError("the search's held-out prompts are not a prefix of the full held-out split")
     unseen = held_out[seen:]
     scores = {}
-    for name, policy_dir in {"untrained": str(base_dir), **policies}.items():
-        roles = {role.name: role for role in role_table(full, policy_dir)}
+    for name, policy in {"untrained": full.policy.model, **policies}.items():
+        with_policy = full.model_copy(update={"policy": full.policy.model_copy(update={"model": policy})})
+        roles = {role.name: role for role in role_table(with_policy)}
         traj = roles["rollout"].instantiate().generate(
             unseen, greedy=True, max_new_tokens=cfg.eval_max_new_tokens or cfg.rollout.max_new_tokens
         )

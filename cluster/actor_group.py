@@ -31,6 +31,10 @@ class PlacementError(RuntimeError):
     """The cluster cannot hold the requested actors."""
 
 
+class RoleStartError(RuntimeError):
+    """A replica's constructor failed (for instance, its model is missing on its node)."""
+
+
 def check_fits(demands: dict[str, float]) -> None:
     """Fail before reserving anything when the cluster (or the enclosing placement group) lacks room."""
     enclosing = get_current_placement_group()
@@ -85,6 +89,15 @@ class ActorGroup:
             for rank in range(self.size)
         ]
         return self
+
+    def wait_started(self) -> None:
+        """Block until every replica is constructed; the first that failed raises, naming role, replica and cause."""
+        for rank, ready in enumerate([actor.__ray_ready__.remote() for actor in self.actors]):
+            try:
+                ray.get(ready)
+            except ray.exceptions.RayActorError as err:
+                cause = str(err).strip().splitlines()[-1]  # "ExceptionType: message", the constructor's own
+                raise RoleStartError(f"{self.name} replica {rank} could not start: {cause}") from None
 
     def scheduling(self, rank: int) -> PlacementGroupSchedulingStrategy:
         """Replica `rank`'s bundle: for its actor, and for tasks that should run beside it."""

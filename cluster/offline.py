@@ -21,8 +21,8 @@ OFFLINE_DEFAULTS = {
     "TOKENIZERS_PARALLELISM": "false",
     "WANDB_SILENT": "true",
     "WANDB_DISABLE_GIT": "true",
-    "DS_ACCELERATOR": "cpu",
 }
+"""No DS_ACCELERATOR here: each learner names the accelerator it really has (actors/devices.py)."""
 
 _DEAD_END = "http://127.0.0.1:9"
 DEAD_END_PROXY = {

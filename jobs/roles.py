@@ -10,9 +10,11 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
+import ray
+
+from rayrlhf.actors.devices import role_device
 from rayrlhf.actors.learner import Learner
 from rayrlhf.actors.reference_policy import ReferencePolicy
 from rayrlhf.actors.reward_scorer import RewardScorer
@@ -25,7 +27,8 @@ LAUNCH_FIELDS = {"num_workers", "num_scorers", "num_ranks", "num_cpus", "num_gpu
 
 
 def actor_settings(section: Any) -> dict[str, Any]:
-    return section.model_dump(exclude=LAUNCH_FIELDS)
+    """A section's constructor settings, plus the device its reservation gives it (cuda iff num_gpus > 0)."""
+    return dict(section.model_dump(exclude=LAUNCH_FIELDS), device=role_device(section.num_gpus))
 
 
 @dataclass(frozen=True)
@@ -53,26 +56,31 @@ def uses_reference(cfg: RunConfig) -> bool:
     return cfg.kl.coef > 0 or cfg.kl.adaptive
 
 
-def role_table(cfg: RunConfig, model_dir: Path | str | None = None) -> list[Role]:
-    """The roles this run needs, in launch order (Tune's bundles follow the same order)."""
-    model = str(model_dir)
+def role_table(cfg: RunConfig) -> list[Role]:
+    """The roles this run needs, in launch order (Tune's bundles follow the same order).
+
+    Actors get the policy's name, never a path: each resolves it on its own node (see actors/models.py).
+    """
     rollout, reward, kl, learner = cfg.rollout, cfg.reward, cfg.kl, cfg.learner
+    model = dict(model=cfg.policy.model, cache_dir=cfg.policy.cache_dir)
     roles = [
         Role("rollout", RolloutWorker, rollout.num_workers, rollout.num_cpus, rollout.num_gpus, lambda rank: dict(
-            model_dir=model, dtype=cfg.policy.dtype, max_prompt_tokens=cfg.policy.max_prompt_tokens,
+            **model, dtype=cfg.policy.dtype, max_prompt_tokens=cfg.policy.max_prompt_tokens,
             use_chat_template=cfg.data.use_chat_template, system_prompt=cfg.data.system_prompt,
             seed=cfg.seed + 1000 * rank, **actor_settings(rollout),
         )),
-        Role("reward", RewardScorer, reward.num_scorers, reward.num_cpus, 0.0, lambda rank: actor_settings(reward)),
+        Role("reward", RewardScorer, reward.num_scorers, reward.num_cpus, reward.num_gpus,
+             lambda rank: actor_settings(reward)),
     ]
     if uses_reference(cfg):
-        roles.append(Role("reference", ReferencePolicy, 1, kl.num_cpus, 0.0, lambda rank: dict(
-            model_dir=model, dtype=cfg.policy.dtype, temperature=rollout.temperature, torch_threads=kl.torch_threads,
+        roles.append(Role("reference", ReferencePolicy, 1, kl.num_cpus, kl.num_gpus, lambda rank: dict(
+            **model, dtype=cfg.policy.dtype, temperature=rollout.temperature, torch_threads=kl.torch_threads,
+            device=role_device(kl.num_gpus),
         )))
     roles.append(Role("learner", Learner, learner.num_ranks, learner.num_cpus, learner.num_gpus, lambda rank: dict(
-        rank=rank, world_size=learner.num_ranks, model_dir=model, seed=cfg.seed, temperature=rollout.temperature,
+        **model, rank=rank, world_size=learner.num_ranks, seed=cfg.seed, temperature=rollout.temperature,
         rows_per_step=cfg.prompts_per_step * rollout.samples_per_prompt // learner.num_ranks,
-        algorithm=cfg.algorithm, kl=kl, learner=learner,
+        algorithm=cfg.algorithm, kl=kl, learner=learner, device=role_device(learner.num_gpus),
     ), rendezvous=True))
     return roles
 
@@ -96,6 +104,8 @@ class Roles:
     """The launched actor groups of one run, by role name."""
 
     groups: dict[str, ActorGroup]
+    broadcast_dtypes: dict[str, str] | None = None
+    """Set when the weights travel by NCCL broadcast (GPU learner and rollout): the receivers' dtypes."""
 
     @property
     def rollout(self) -> ActorGroup:
@@ -121,9 +131,10 @@ class Roles:
             group.shutdown()
 
 
-def launch(cfg: RunConfig, model_dir: Path | str) -> Roles:
-    """Check that the run fits, then start every role's replicas in its placement group."""
-    table = role_table(cfg, model_dir)
+def launch(cfg: RunConfig) -> Roles:
+    """Check that the run fits, start every role's replicas in its placement group, and wait until
+    they are up: a replica that cannot start (a model missing on its node) fails the launch, by name."""
+    table = role_table(cfg)
     check_fits(resource_demands(cfg))
     groups: dict[str, ActorGroup] = {}
     try:
@@ -136,7 +147,31 @@ def launch(cfg: RunConfig, model_dir: Path | str) -> Roles:
                 master_addr, master_port = group.rendezvous()
                 settings = lambda rank, s=role.settings: dict(s(rank), master_addr=master_addr, master_port=master_port)  # noqa: E731
             group.start(role.cls, settings)
+        for group in groups.values():
+            group.wait_started()
+        roles = Roles(groups)
+        if uses_broadcast(cfg):
+            roles.broadcast_dtypes = connect_weight_broadcast(roles)
     except BaseException:
         Roles(groups).shutdown()
         raise
-    return Roles(groups)
+    return roles
+
+
+def uses_broadcast(cfg: RunConfig) -> bool:
+    """Weight sync by NCCL broadcast: only between whole GPUs. NCCL refuses two ranks on one device, and
+    fractional reservations may share one, so they (and CPUs) use the object store."""
+    return cfg.rollout.num_gpus >= 1 and cfg.learner.num_gpus >= 1
+
+
+def connect_weight_broadcast(roles: Roles) -> dict[str, str]:
+    """A NCCL group of learner rank 0 (rank 0) and every rollout worker, for weight sync between GPUs
+    (actors/weight_sync.py); returns the dtypes the workers hold, which the broadcast sends."""
+    master_addr, master_port = roles.learner.rendezvous()  # another free port on rank 0's node
+    world_size = 1 + len(roles.rollout)
+    ray.get([
+        roles.learner[0].join_weight_group.remote(master_addr, master_port, world_size, "nccl"),
+        *[worker.join_weight_group.remote(master_addr, master_port, 1 + i, world_size, "nccl")
+          for i, worker in enumerate(roles.rollout)],
+    ])  # fmt: skip
+    return ray.get(roles.rollout[0].weight_dtypes.remote())

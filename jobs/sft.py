@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from rayrlhf.actors.models import load_policy, resolve_policy, save_policy
+from rayrlhf.actors.models import load_policy, resolve_policy, resolve_policy_here, save_policy
 from rayrlhf.actors.sft import collate, encode_example, response_nll
 from rayrlhf.actors.trajectory import Prompt
 from rayrlhf.jobs.config.base import ConfigError
@@ -49,7 +49,8 @@ def prepare(cfg: SFTConfig) -> tuple[Path, list[Prompt], list[Prompt]]:
 
 def sft(cfg: SFTConfig) -> SFTResult:
     model_dir, train_set, eval_set = prepare(cfg)
-    inputs = {"model_dir": str(model_dir), "train": train_set, "eval": eval_set}
+    # the name travels, not the driver's path: each worker resolves it on its own node
+    inputs = {"model": cfg.policy.model, "cache_dir": cfg.policy.cache_dir, "train": train_set, "eval": eval_set}
     output_dir, result = run_job(cfg, sft_loop, inputs, "final policy")
     return SFTResult(output_dir, output_dir / "final", result["before"], result["after"])
 
@@ -60,7 +61,8 @@ def sft(cfg: SFTConfig) -> SFTResult:
 def sft_loop(config: dict[str, Any]) -> None:
     cfg = config["cfg"]
     worker = Worker(cfg["trainer"], cfg["seed"], config["output_dir"])
-    policy, tokenizer = load_policy(config["model_dir"], cfg["policy"]["dtype"])
+    dtype = "float32" if cfg["policy"]["dtype"] == "auto" else cfg["policy"]["dtype"]  # trained weights: fp32 unless told
+    policy, tokenizer = load_policy(resolve_policy_here(config["model"], config["cache_dir"]), dtype)
     engine = worker.engine_for(policy.train())
 
     def encode(prompt: Prompt) -> tuple[list[int], list[int]]:

@@ -9,7 +9,10 @@ evaluation batches (to show examples and lengths).
 from __future__ import annotations
 
 import json
+import os
 import random
+import shutil
+import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -27,6 +30,7 @@ from rayrlhf.actors.reward_model import check_reward_model_dir
 from rayrlhf.actors.trajectory import LearnerBatch, Prompt, Rewards
 from rayrlhf.cluster.actor_group import ActorGroup
 from rayrlhf.cluster.local import init_ray, shutdown_ray
+from rayrlhf.cluster.storage import Storage
 from rayrlhf.jobs.config.base import ConfigError
 from rayrlhf.jobs.config.run import RunConfig
 from rayrlhf.jobs.data.prompts import load_task
@@ -37,8 +41,9 @@ from rayrlhf.jobs.tracking import Tracker, format_table
 
 @dataclass
 class TrainResult:
-    output_dir: Path
-    final_dir: Path
+    output_dir: Path | str
+    """A path when the storage is a local (or shared) path, else the storage URI."""
+    final_dir: Path | str
     before: dict[str, float]
     after: dict[str, float]
     history: list[dict[str, float]] = field(default_factory=list)
@@ -117,9 +122,7 @@ def rl_step(cfg: RunConfig, roles: Roles, prompts: list[Prompt]) -> dict[str, fl
     ]
     learn_metrics = ray.get([learner.learn.remote(batch) for learner, batch in zip(roles.learner, batches)])
     t4 = time.perf_counter()
-    weights = [learner.get_weights.remote() for learner in roles.learner]  # a collective: rank 0 returns them
-    version = int(learn_metrics[0]["version"])
-    rollout_versions = ray.get([worker.load_weights.remote(version, weights[0]) for worker in roles.rollout])
+    rollout_versions = sync_weights(roles, int(learn_metrics[0]["version"]))
     t5 = time.perf_counter()
 
     # every rank returns the same all-reduced metrics ("tokens" is already the total over ranks)
@@ -134,9 +137,25 @@ def rl_step(cfg: RunConfig, roles: Roles, prompts: list[Prompt]) -> dict[str, fl
     return metrics
 
 
-def save(roles: Roles, path: Path) -> None:
-    """A Hugging Face directory of the policy (a collective: every rank joins, rank 0 writes)."""
-    ray.get([learner.save.remote(str(path)) for learner in roles.learner])
+def sync_weights(roles: Roles, version: int) -> list[int]:
+    """Learner rank 0's weights to every rollout worker, in the policy's dtype; returns their versions.
+
+    GPUs: a NCCL broadcast in buckets (roles.broadcast_dtypes is set at launch). Otherwise: rank 0 puts
+    the state dict once in the object store and every worker reads it. Both are collectives over the
+    learner ranks (ZeRO-3 gathers the full weights on every rank)."""
+    if roles.broadcast_dtypes is not None:
+        sends = [learner.broadcast_weights.remote(roles.broadcast_dtypes) for learner in roles.learner]
+        versions = [worker.receive_weights.remote(version) for worker in roles.rollout]
+        ray.get(sends)
+        return ray.get(versions)
+    weights = [learner.get_weights.remote() for learner in roles.learner]  # rank 0 returns them, others None
+    return ray.get([worker.load_weights.remote(version, weights[0]) for worker in roles.rollout])
+
+
+def save(roles: Roles, destination: Storage) -> None:
+    """A Hugging Face directory of the policy (a collective: every rank joins, rank 0 writes, from its
+    own node, straight to the user's storage)."""
+    ray.get([learner.save.remote(destination) for learner in roles.learner])
 
 
 def evaluate(cfg: RunConfig, roles: Roles, prompts: list[Prompt]) -> tuple[dict[str, float], list[dict]]:
@@ -166,39 +185,61 @@ def evaluate(cfg: RunConfig, roles: Roles, prompts: list[Prompt]) -> tuple[dict[
     return metrics, examples
 
 
-def prepare(cfg: RunConfig) -> tuple[Path, list[Prompt], list[Prompt]]:
-    """Everything that can fail on bad input, done before any cluster resource is claimed."""
+def runs_on_this_machine(cfg: RunConfig) -> bool:
+    """A run whose actors all see this machine's files (an in-process or one-node Ray): the driver can check them."""
+    if cfg.cluster.address or os.environ.get("RAY_ADDRESS"):
+        return False
+    return not ray.is_initialized() or sum(node["Alive"] for node in ray.nodes()) == 1
+
+
+def prepare(cfg: RunConfig) -> tuple[list[Prompt], list[Prompt]]:
+    """Everything that can fail on bad input, done before any cluster resource is claimed.
+
+    Models are checked here only when the run stays on this machine; on a cluster each node resolves
+    (and, for built-in names, converts) the models its roles use, and a missing one fails the launch
+    with the node's name (see actors/models.py)."""
     try:
         train_set, eval_set = load_task(
             cfg.data.train, cfg.data.eval, cfg.data.num_train, cfg.data.num_eval, cfg.seed
         )
-        resolve_embedding_model(cfg.reward.embedding_model)
         check_functions(cfg.reward.model_dump()["functions"], {k for p in train_set + eval_set for k in p.extra})
     except ValueError as e:
         raise ConfigError(str(e)) from e
     if len(train_set) < cfg.prompts_per_step:
         raise ConfigError(f"data.train has {len(train_set)} prompts, fewer than prompts_per_step={cfg.prompts_per_step}")
-    try:
-        model_dir = resolve_policy(cfg.policy.model, cfg.policy.cache_dir)
-    except (ValueError, FileNotFoundError) as e:
-        raise ConfigError(f"policy.model: {e}") from e
-    if cfg.reward.rm_weight != 0:
+    if runs_on_this_machine(cfg):
         try:
-            check_reward_model_dir(cfg.reward.rm_model or "")
+            resolve_embedding_model(cfg.reward.embedding_model)
         except ValueError as e:
-            raise ConfigError(f"reward.rm_model: {e}") from e
-    return model_dir, train_set, eval_set
+            raise ConfigError(str(e)) from e
+        try:
+            resolve_policy(cfg.policy.model, cfg.policy.cache_dir)  # built-in ones are converted once, here
+        except (ValueError, FileNotFoundError) as e:
+            raise ConfigError(f"policy.model: {e}") from e
+        if cfg.reward.rm_weight != 0:
+            try:
+                check_reward_model_dir(cfg.reward.rm_model or "")
+            except ValueError as e:
+                raise ConfigError(f"reward.rm_model: {e}") from e
+    return train_set, eval_set
 
 
 def train(cfg: RunConfig, on_step: Callable[[int, dict[str, float]], None] | None = None) -> TrainResult:
     """Run the RL loop; `on_step(step, metrics)` (optional) sees each step's metrics, eval ones included."""
-    model_dir, train_set, eval_set = prepare(cfg)
-    output_dir = Path(cfg.output_dir).resolve()
+    train_set, eval_set = prepare(cfg)
+    storage = Storage(cfg.output_dir)
+    # the driver's own files: written in place for a path, staged here and uploaded for a URI
+    output_dir = storage.local_path or Path(tempfile.mkdtemp(prefix="rayrlhf-driver-"))
     output_dir.mkdir(parents=True, exist_ok=True)
     (output_dir / "config.yaml").write_text(yaml.safe_dump(cfg.model_dump(), sort_keys=False))
     started_ray = not ray.is_initialized()
     init_ray(cfg.cluster.address, cfg.cluster.num_cpus, cfg.cluster.object_store_mb)
-    roles = launch(cfg, model_dir)
+    try:
+        roles = launch(cfg)
+    except BaseException:  # e.g. a model missing on a node: leave no connection behind
+        if started_ray:
+            shutdown_ray()
+        raise
     tracker = Tracker(
         output_dir, run_name=cfg.name, config=cfg.model_dump(), total_steps=cfg.steps,
         wandb_mode=cfg.logging.wandb, wandb_project=cfg.logging.wandb_project,
@@ -217,7 +258,8 @@ def train(cfg: RunConfig, on_step: Callable[[int, dict[str, float]], None] | Non
                 metrics.update(evaluate(cfg, roles, eval_set)[0])
             stop = monitor.observe(step, metrics)  # adds health/* flags; True: a monitor.stop_on check failed
             if cfg.save_every and step % cfg.save_every == 0:
-                save(roles, output_dir / f"step_{step}")
+                save(roles, storage.child(f"step_{step}"))
+                storage.upload(output_dir)  # the logs so far, beside the checkpoint
             tracker.log(step, metrics)
             history.append({"step": step, **metrics})
             if on_step is not None:
@@ -227,8 +269,8 @@ def train(cfg: RunConfig, on_step: Callable[[int, dict[str, float]], None] | Non
         after, examples = evaluate(cfg, roles, eval_set)
         monitor.observe(len(history), dict(after))
         tracker.log(len(history), after, advance=False)  # the steps run: fewer if the monitor stopped
-        final_dir = output_dir / "final"
-        save(roles, final_dir)
+        final_dir = storage.join("final")
+        save(roles, storage.child("final"))
         (output_dir / "eval.json").write_text(json.dumps({"before": before, "after": after}, indent=2))
         (output_dir / "examples.jsonl").write_text("".join(json.dumps(e) + "\n" for e in examples))
         tracker.write("\n" + format_table(before, after) + f"\n\nfinal policy: {final_dir}")
@@ -239,4 +281,10 @@ def train(cfg: RunConfig, on_step: Callable[[int, dict[str, float]], None] | Non
         roles.shutdown()
         if started_ray:
             shutdown_ray()
-    return TrainResult(output_dir, final_dir, before, after, history)
+        if storage.local_path is None:
+            storage.upload(output_dir)
+            shutil.rmtree(output_dir, ignore_errors=True)
+    if storage.local_path is not None:
+        return TrainResult(storage.local_path, storage.local_path / "final", before, after, history)
+    return TrainResult(storage.location, final_dir, before, after, history)
+

@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 
+from rayrlhf.actors.models import resolve_here
 from rayrlhf.actors.reward_model import RewardModel, resolve_backbone
 from rayrlhf.actors.rm_losses import PAIRWISE, objective
 from rayrlhf.jobs.config.base import ConfigError
@@ -71,7 +72,8 @@ def prepare(cfg: RMConfig) -> tuple[Path, list[RMRow], list[RMRow]]:
 
 def train_rm(cfg: RMConfig) -> RMResult:
     backbone, train_rows, eval_rows = prepare(cfg)
-    inputs = {"backbone": str(backbone), "train": train_rows, "eval": eval_rows}
+    # the name travels, not the driver's path: each worker resolves it on its own node
+    inputs = {"backbone": cfg.model, "cache_dir": cfg.cache_dir, "train": train_rows, "eval": eval_rows}
     output_dir, result = run_job(cfg, rm_loop, inputs, "reward model")
     return RMResult(output_dir, output_dir / "final", result["before"], result["after"])
 
@@ -82,7 +84,8 @@ def train_rm(cfg: RMConfig) -> RMResult:
 def rm_loop(config: dict[str, Any]) -> None:
     cfg, train_rows, eval_rows = config["cfg"], config["train"], config["eval"]
     worker = Worker(cfg["trainer"], cfg["seed"], config["output_dir"])
-    model = RewardModel.from_backbone(config["backbone"], cfg["max_length"])
+    backbone = resolve_here("model", lambda: resolve_backbone(config["backbone"], config["cache_dir"]))
+    model = RewardModel.from_backbone(backbone, cfg["max_length"])
     engine = worker.engine_for(model)
     loss_cfg = cfg["loss"]
     triplet = loss_cfg["name"] == "triplet"

@@ -86,9 +86,9 @@ def test_rayjob_runs_the_raycluster_spec_and_a_valid_command_that_fits_it():
     assert check_command(command, build_parser()) == command  # parses as `rayrlhf ...` would, config included
     cfg = load_config(command[command.index("--config") + 1])
     need, have = resource_demands(cfg), capacity(cluster["spec"])
-    # gpu_zero2: 2 rollout x 4 + 4 learner x 4 + reward 2 + reference 0.25 = 26.25 CPU, 2 + 4 = 6 GPU;
-    # the cluster: head 2 + cpu 2 x 8 + gpu 2 x 16 = 50 CPU, 2 x 4 = 8 GPU
-    assert need == {"CPU": 26.25, "GPU": 6.0} and have == {"CPU": 50.0, "GPU": 8.0}
+    # gpu_zero2: 2 rollout x 4 + 4 learner x 4 + reward 2 + reference 0.25 = 26.25 CPU,
+    # 2 + 4 + reward 0.5 + reference 0.5 = 7 GPU; the cluster: head 2 + cpu 2 x 8 + gpu 2 x 16 = 50 CPU, 2 x 4 = 8 GPU
+    assert need == {"CPU": 26.25, "GPU": 7.0} and have == {"CPU": 50.0, "GPU": 8.0}
 
 
 def test_the_schema_is_not_vacuous():

@@ -16,7 +16,6 @@ import ray
 from ray.cluster_utils import Cluster
 from ray.util.placement_group import placement_group_table
 
-from rayrlhf.actors.models import resolve_policy
 from rayrlhf.jobs.config.run import load_config
 from rayrlhf.jobs.data.prompts import load_task
 from rayrlhf.jobs.roles import Roles, launch
@@ -84,7 +83,7 @@ def strategies(roles: Roles) -> set[str]:
 def test_spread_puts_replicas_on_different_nodes_and_the_ranks_still_train(worker_nodes, tmp_path):
     wait_until_idle()
     cfg = tiny(tmp_path, "SPREAD", "kl.coef=0")  # no reference actor: one process fewer to start
-    roles = launch(cfg, resolve_policy(cfg.policy.model))
+    roles = launch(cfg)
     try:
         nodes = placement(roles)
         assert strategies(roles) == {"SPREAD"} and set(nodes) == {"rollout", "reward", "learner"}
@@ -103,7 +102,7 @@ def test_spread_puts_replicas_on_different_nodes_and_the_ranks_still_train(worke
 
 def test_pack_keeps_each_groups_replicas_on_one_node(worker_nodes, tmp_path):
     wait_until_idle()
-    roles = launch(tiny(tmp_path, "PACK", "kl.coef=0"), resolve_policy("tiny-gpt2"))
+    roles = launch(tiny(tmp_path, "PACK", "kl.coef=0"))
     try:
         nodes = placement(roles)
         assert strategies(roles) == {"PACK"} and set(nodes) == {"rollout", "reward", "learner"}

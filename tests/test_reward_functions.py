@@ -292,7 +292,7 @@ def test_prepare_refuses_bad_functions_before_ray(tmp_path, rewards_file):
                             for i in range(8)))  # fmt: skip
     base = ["policy.model=tiny-gpt2", f"data.train={data}", f"output_dir={tmp_path}/run"]
     fine = load_config("tiny", [*base, f"reward.functions=[{{path: '{rewards_file}:by_difficulty'}}]"])
-    _, train_set, eval_set = prepare(fine)
+    train_set, eval_set = prepare(fine)
     assert sorted(p.extra["difficulty"] for p in train_set + eval_set) == list(range(8))  # extras carried
     for path, message in [
         (f"{tmp_path}/nope.py:f", r"reward.functions\[0\] \(f\): .*not found"),

@@ -136,7 +136,7 @@ def shared_embedder():
     threads = torch.get_num_threads()
     embedder = Embedder("all-minilm-l6-v2", torch_threads=1)
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(reward_scorer, "Embedder", lambda name, torch_threads: embedder)
+        mp.setattr(reward_scorer, "Embedder", lambda name, torch_threads, device: embedder)
         yield embedder
     torch.set_num_threads(threads)
 

@@ -19,6 +19,8 @@ from rayrlhf.actors.models import load_policy, resolve_policy
 from rayrlhf.actors.reference_policy import ReferencePolicy
 from rayrlhf.actors.rollout_worker import RolloutWorker
 from rayrlhf.actors.trajectory import LearnerBatch, Prompt, Rewards
+from rayrlhf.actors.weight_sync import Weights
+from rayrlhf.cluster.storage import Storage
 from rayrlhf.jobs.config.run import AlgorithmConfig, KLConfig, LearnerConfig
 
 K = 4  # samples per prompt
@@ -32,7 +34,7 @@ def model_dir(tmp_path_factory) -> str:
 
 def make_worker(model_dir: str, **overrides) -> RolloutWorker:
     kwargs = dict(
-        model_dir=model_dir, max_prompt_tokens=64, use_chat_template=True, system_prompt=None,
+        model=model_dir, max_prompt_tokens=64, use_chat_template=True, system_prompt=None,
         samples_per_prompt=K, max_new_tokens=6, temperature=1.0, top_p=1.0, torch_threads=1, seed=0,
     )  # fmt: skip
     return RolloutWorker(**(kwargs | overrides))
@@ -167,26 +169,27 @@ def test_generate_cuts_the_response_after_the_first_eos(model_dir, monkeypatch):
 def test_load_weights_changes_outputs_and_checks_versions(model_dir):
     worker = make_worker(model_dir)
     before = worker.generate(PROMPTS[:1], greedy=True)
-    state = {k: v.numpy().copy() for k, v in worker.model.state_dict().items()}
+    state = Weights.from_state_dict(worker.model.state_dict()).arrays
     state["transformer.wte.weight"] *= 3.0  # sharper logits, so other log-probs; lm_head is tied
     state["lm_head.weight"] = state["transformer.wte.weight"]  # to it: a state dict has both names
     for array in state.values():
         array.setflags(write=False)  # as they arrive from Ray's object store
-    assert worker.load_weights(2, state) == 2 and worker.version == 2
+    dtypes = {k: "float32" for k in state}
+    assert worker.load_weights(2, Weights(state, dtypes)) == 2 and worker.version == 2
     assert torch.equal(worker.model.transformer.wte.weight, torch.from_numpy(state["transformer.wte.weight"]))
     after = worker.generate(PROMPTS[:1], greedy=True)
     assert after.policy_version == 2
     assert not np.allclose(after.old_logprobs, before.old_logprobs)
     with pytest.raises(ValueError, match="version 1"):
-        worker.load_weights(1, state)
+        worker.load_weights(1, Weights(state, dtypes))
     with pytest.raises(ValueError, match=r"missing \['lm_head.weight'\]"):
-        worker.load_weights(3, {k: v for k, v in state.items() if k != "lm_head.weight"})
+        worker.load_weights(3, Weights({k: v for k, v in state.items() if k != "lm_head.weight"}, dtypes))
     assert worker.version == 2
 
 
 def test_reference_equals_worker_old_logprobs_for_same_weights(model_dir):
     traj = make_worker(model_dir, temperature=1.0).generate(PROMPTS)
-    ref = ReferencePolicy(model_dir=model_dir, temperature=1.0, torch_threads=1).logprobs(traj)
+    ref = ReferencePolicy(model=model_dir, temperature=1.0, torch_threads=1).logprobs(traj)
     assert ref.dtype == np.float32 and ref.shape == traj.input_ids.shape
     np.testing.assert_allclose(ref, traj.old_logprobs, atol=1e-5)  # full pass vs KV-cached decode
     assert (ref[traj.response_mask == 0] == 0).all() and (ref[traj.response_mask == 1] < 0).all()
@@ -222,7 +225,7 @@ def make_learner(model_dir: str, name: str):
                             grad_clip=1.0, micro_batch_size=4, bf16=False, num_cpus=1, num_gpus=0, torch_threads=1,
                             gradient_checkpointing=False)  # fmt: skip
     return Learner(
-        rank=0, world_size=1, master_addr="127.0.0.1", master_port=free_port(), model_dir=model_dir, seed=0,
+        rank=0, world_size=1, master_addr="127.0.0.1", master_port=free_port(), model=model_dir, seed=0,
         temperature=1.0, rows_per_step=len(PROMPTS) * K, algorithm=algorithm, kl=kl, learner=learner,
     )  # fmt: skip
 
@@ -238,11 +241,11 @@ def test_learner_step_sync_stale_and_save(model_dir, dist_env, tmp_path, monkeyp
     script_responses(worker, monkeypatch, responses_of_lengths(LENGTHS, 6, worker.tokenizer.eos_token_id))
     traj = worker.generate(PROMPTS)
     assert traj.response_lengths.tolist() == LENGTHS
-    ref = ReferencePolicy(model_dir=model_dir, temperature=1.0, torch_threads=1).logprobs(traj)
+    ref = ReferencePolicy(model=model_dir, temperature=1.0, torch_threads=1).logprobs(traj)
     scores = np.array([1, 0, 0, 0] * len(PROMPTS), dtype=np.float32)  # the first sample of each group wins
     learner = make_learner(model_dir, name)
 
-    initial = learner.get_weights()
+    initial = learner.get_weights().arrays
     assert set(initial) == set(worker.model.state_dict())  # HF names: no value head, no DeepSpeed prefix
     metrics = learner.learn(LearnerBatch.join([traj], [Rewards(total=scores, raw_total=scores + 1, components={})], [ref]))
 
@@ -268,10 +271,12 @@ def test_learner_step_sync_stale_and_save(model_dir, dist_env, tmp_path, monkeyp
         # Whitened advantages have mean 0 over all 29 tokens, but not per micro-batch.
         assert metrics["loss"] == pytest.approx(metrics["pg_loss"] + 0.5 * metrics["value_loss"], abs=1e-6)
 
-    weights = learner.get_weights()
+    sent = learner.get_weights()
+    weights = sent.arrays
+    assert set(sent.dtypes.values()) == {"float32"}  # an fp32 learner sends fp32
     assert max(np.abs(weights[k] - initial[k]).max() for k in weights) > 1e-3  # the step moved weights
     synced = make_worker(model_dir)
-    synced.load_weights(learner.version, weights)
+    synced.load_weights(learner.version, sent)
     for key, value in synced.model.state_dict().items():
         np.testing.assert_array_equal(value.numpy(), weights[key])
     # The rewarded samples became more likely than the others.
@@ -285,7 +290,8 @@ def test_learner_step_sync_stale_and_save(model_dir, dist_env, tmp_path, monkeyp
         learner.learn(LearnerBatch.join([traj], [Rewards(total=scores, raw_total=scores + 1, components={})], [ref]))
     assert learner.version == 1
 
-    saved = learner.save(str(tmp_path / "policy"))
+    saved = learner.save(Storage(tmp_path / "policy"))
+    assert saved == str(tmp_path / "policy")
     model = AutoModelForCausalLM.from_pretrained(saved)
     tokenizer = AutoTokenizer.from_pretrained(saved)
     for key, value in model.state_dict().items():

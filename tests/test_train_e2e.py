@@ -88,7 +88,7 @@ def test_reinforce_without_reference_zero0(local_ray, tmp_path):
 def test_stale_trajectory_is_refused(local_ray, tmp_path):
     cfg = tiny(tmp_path)
     train_set, _ = load_task(cfg.data.train, cfg.data.eval, cfg.data.num_train, cfg.data.num_eval, cfg.seed)
-    roles = launch(cfg, resolve_policy(cfg.policy.model))
+    roles = launch(cfg)
     try:
         prompts = train_set[: cfg.prompts_per_step]
         stale = roles.rollout[0].generate.remote(ray.put(prompts))

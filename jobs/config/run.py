@@ -27,10 +27,12 @@ from rayrlhf.jobs.config.base import (
 class PolicyConfig(StrictModel):
     model: str = "smollm2-135m-instruct"
     """A built-in name (smollm2-135m-instruct, tiny-gpt2), a local HF directory or a hub id."""
-    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    """Of the rollout and reference models (and of the weights sent to them): auto is bfloat16 on a GPU,
+    float32 on a CPU. The learner keeps fp32 master weights; learner.bf16 makes it compute in bf16."""
     max_prompt_tokens: int = Field(256, ge=8)
     cache_dir: str | None = None
-    """Where converted built-in models are kept; default ~/.cache/rayrlhf."""
+    """Where each node keeps converted built-in models; default $RAYRLHF_CACHE, else ~/.cache/rayrlhf (on that node)."""
 
 
 class DataConfig(StrictModel):
@@ -53,6 +55,7 @@ class RolloutConfig(StrictModel):
     top_p: float = Field(1.0, gt=0, le=1)
     num_cpus: float = Field(0.5, gt=0)
     num_gpus: float = Field(0.0, ge=0)
+    """>0 puts the rollout model on the GPU Ray assigns; a fraction lets roles share one GPU."""
     torch_threads: int = Field(2, ge=1)
 
 
@@ -123,6 +126,8 @@ class RewardConfig(StrictModel):
     """Running mean/std z-score of the total, or of each component before weighting."""
     num_scorers: int = Field(1, ge=1)
     num_cpus: float = Field(0.25, gt=0)
+    num_gpus: float = Field(0.0, ge=0)
+    """>0 puts the embedder and the reward model on the GPU Ray assigns (fractions share a GPU)."""
     torch_threads: int = Field(1, ge=1)
     rm_weight: float = 0.0
     """Weight γ of r_rm(x, y), a learned reward model; 0: no reward model is loaded."""
@@ -166,6 +171,7 @@ class KLConfig(StrictModel):
     horizon: int = Field(1000, ge=1)
     num_cpus: float = Field(0.25, gt=0)
     """Launch options of the reference-policy actor, which exists only when the KL term is on."""
+    num_gpus: float = Field(0.0, ge=0)
     torch_threads: int = Field(2, ge=1)
     """It overlaps the reward scorers, but they finish in a second or two; then it runs alone."""
 
@@ -256,6 +262,8 @@ class RunConfig(StrictModel):
     eval_max_new_tokens: int | None = None
     save_every: int = Field(0, ge=0)
     output_dir: str = "outputs/rayrlhf"
+    """A local path, a path on a filesystem every node mounts, or a pyarrow.fs URI (s3://, gs://, file://):
+    the driver writes logs there and learner rank 0 writes policies there, from whatever node it runs on."""
     policy: PolicyConfig = PolicyConfig()
     data: DataConfig = DataConfig()
     rollout: RolloutConfig = RolloutConfig()

@@ -1,0 +1,91 @@
+"""Where a job's outputs go: a local path, a shared filesystem path or a pyarrow.fs URI.
+
+The same rule as Ray Train's `storage_path`: `outputs/run1` (this machine; relative paths are made
+absolute on the driver), `/mnt/shared/run1` (a filesystem every node mounts at that path), or a URI
+such as `s3://bucket/run1`, `gs://bucket/run1` or `file:///mnt/shared/run1`. Whoever writes an
+output goes through here: the driver (config, metrics, evaluation, TensorBoard, wandb), learner
+rank 0 (policies: `final/`, `step_N/`), wherever on the cluster it runs: the driver hands it a
+`Storage` (picklable), so roles never import this module. Writers prepare files in a local directory
+(`writable_dir`); for a local path that directory is the destination itself, otherwise a temporary
+one uploaded when it is closed.
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import pyarrow.fs as pafs
+
+
+def is_uri(location: str) -> bool:
+    return "://" in location
+
+
+class Storage:
+    """One output location: `join` names places inside it, `writable_dir` writes them."""
+
+    def __init__(self, location: str | Path) -> None:
+        location = str(location)
+        if is_uri(location):
+            self.location = location.rstrip("/")
+            self.filesystem, self.root = pafs.FileSystem.from_uri(self.location)
+        else:
+            self.location = str(Path(location).expanduser().resolve())
+            self.filesystem, self.root = pafs.LocalFileSystem(), self.location
+
+    def __repr__(self) -> str:
+        return f"Storage({self.location!r})"
+
+    def __str__(self) -> str:
+        return self.location
+
+    def child(self, *parts: str) -> Storage:
+        """The storage of a place inside this one (`final`, `step_3`)."""
+        return Storage(self.join(*parts))
+
+    @property
+    def local_path(self) -> Path | None:
+        """The destination as a path, for a plain path; None for a URI, which is always written through
+        pyarrow.fs (so `file://` behaves as `s3://` does, and tests can stand one in for the other)."""
+        return None if is_uri(self.location) else Path(self.root)
+
+    def join(self, *parts: str) -> str:
+        """The location of a place inside this one, as a string another process can open with `Storage`."""
+        return "/".join([self.location, *parts])
+
+    @contextmanager
+    def writable_dir(self) -> Iterator[Path]:
+        """A local directory whose contents end up at this location when the block ends without error."""
+        if self.local_path is not None:
+            self.local_path.mkdir(parents=True, exist_ok=True)
+            yield self.local_path
+            return
+        staging = Path(tempfile.mkdtemp(prefix="rayrlhf-out-"))
+        try:
+            yield staging
+            self.upload(staging)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+
+    def upload(self, local_dir: Path) -> None:
+        """Copy a local directory's contents here (files already here and not in it stay)."""
+        if self.local_path is not None and self.local_path.resolve() == Path(local_dir).resolve():
+            return
+        self.filesystem.create_dir(self.root, recursive=True)
+        pafs.copy_files(str(local_dir), self.root, destination_filesystem=self.filesystem)
+
+    def write_text(self, name: str, text: str) -> None:
+        self.filesystem.create_dir(self.root, recursive=True)
+        with self.filesystem.open_output_stream(f"{self.root}/{name}") as out:
+            out.write(text.encode())
+
+    def read_text(self, name: str) -> str:
+        with self.filesystem.open_input_stream(f"{self.root}/{name}") as stream:
+            return stream.read().decode()
+
+    def exists(self, name: str) -> bool:
+        return self.filesystem.get_file_info(f"{self.root}/{name}").type != pafs.FileType.NotFound
