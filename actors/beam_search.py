@@ -25,14 +25,14 @@ def beam_search(gen: TextGenerator, request: GenerationRequest) -> Update:
         return _ended(request, "cancelled" if request.cancelled else "timeout")
     ids, mask = left_pad(request.prompts, gen.pad_id)
     out = gen.model.generate(
-        input_ids=ids, attention_mask=mask, max_new_tokens=params.max_tokens, num_beams=request.num_beams,
+        input_ids=ids.to(gen.device), attention_mask=mask.to(gen.device), max_new_tokens=params.max_tokens, num_beams=request.num_beams,
         num_return_sequences=request.n, do_sample=False, early_stopping=True, eos_token_id=gen.eos_ids,
         pad_token_id=gen.pad_id, max_time=left,
     )
     if time.monotonic() >= request.deadline:
         return _ended(request, "timeout")
     choices, sampled = [], 0
-    for index, row in enumerate(out[:, ids.shape[1]:].tolist()):
+    for index, row in enumerate(out[:, ids.shape[1]:].cpu().tolist()):
         ends = [i for i, t in enumerate(row) if t in gen.eos_ids]
         tokens = row[: ends[0]] if ends else row
         sampled += len(tokens) + bool(ends)

@@ -18,6 +18,7 @@ import numpy as np
 import torch
 from jinja2 import TemplateError
 
+from rayrlhf.actors.devices import select_device, select_dtype
 from rayrlhf.actors.models import load_policy
 from rayrlhf.actors.rollout_worker import eos_token_ids
 
@@ -131,9 +132,10 @@ def context_length(config) -> int:
 class TextGenerator:
     """A policy loaded for serving: tokenizer in and out, and forward passes that fail loudly."""
 
-    def __init__(self, model_dir: str | Path, dtype: str, torch_threads: int) -> None:
+    def __init__(self, model_dir: str | Path, dtype: str, torch_threads: int, device: str = "cpu") -> None:
         torch.set_num_threads(torch_threads)
-        self.model, self.tokenizer = load_policy(model_dir, dtype=dtype)
+        self.device = select_device(device)
+        self.model, self.tokenizer = load_policy(model_dir, select_dtype(dtype, self.device), self.device)
         self.model.requires_grad_(False)
         self.eos_ids = eos_token_ids(self.model, self.tokenizer)
         self.pad_id = self.tokenizer.pad_token_id
@@ -168,11 +170,14 @@ class TextGenerator:
 
     @torch.no_grad()
     def forward(self, input_ids, attention_mask, position_ids, cache):
-        """Last-position logits (float32) and the updated cache; GenerationError if any logit is not finite."""
+        """Last-position logits (float32, on the CPU where rows sample with their own generators) and the
+        updated cache (on the model's device); GenerationError if any logit is not finite."""
+        device = self.device
         out = self.model(
-            input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, cache=cache, use_cache=True,
+            input_ids=input_ids.to(device), attention_mask=attention_mask.to(device),
+            position_ids=position_ids.to(device), cache=cache, use_cache=True,
         )
-        logits = out.logits[:, -1, :].float()
+        logits = out.logits[:, -1, :].float().cpu()
         if not torch.isfinite(logits).all():
             raise GenerationError(
                 "the model produced non-finite logits (NaN or inf): the checkpoint's weights are likely diverged"

@@ -35,7 +35,8 @@ from transformers import AutoConfig
 from rayrlhf.actors.batch_scheduler import ContinuousScheduler
 from rayrlhf.actors.beam_search import beam_search
 from rayrlhf.actors.decode_loop import DecodeLoop
-from rayrlhf.actors.models import resolve_policy
+from rayrlhf.actors.devices import role_device
+from rayrlhf.actors.models import resolve_policy, resolve_policy_here
 from rayrlhf.actors.openai_engine import Job, Kind, Limits, OpenAIEngine
 from rayrlhf.actors.openai_schema import OpenAIError, sse
 from rayrlhf.actors.text_generator import GenerationRequest, TextGenerator, Update, context_length
@@ -94,8 +95,8 @@ async def _server_error(request: Request, err: Exception) -> JSONResponse:
 class OpenAIServer:
     def __init__(self, config: dict) -> None:
         self.cfg = cfg = ServeConfig.model_validate(config)
-        self.generator = generator = TextGenerator(
-            resolve_policy(cfg.model, cfg.cache_dir), cfg.dtype, cfg.torch_threads,
+        self.generator = generator = TextGenerator(  # resolved on this replica's node, on its device
+            resolve_policy_here(cfg.model, cfg.cache_dir), cfg.dtype, cfg.torch_threads, role_device(cfg.num_gpus),
         )
         limits = Limits(
             default_max_tokens=cfg.default_max_tokens, max_tokens=cfg.max_tokens,
@@ -219,7 +220,7 @@ class OpenAIServer:
 def build_app(cfg: ServeConfig) -> serve.Application:
     options: dict = {
         "max_ongoing_requests": cfg.max_ongoing_requests,
-        "ray_actor_options": {"num_cpus": cfg.num_cpus},
+        "ray_actor_options": {"num_cpus": cfg.num_cpus, "num_gpus": cfg.num_gpus},
     }
     if cfg.autoscaling:
         options["autoscaling_config"] = cfg.autoscaling.model_dump()

@@ -295,3 +295,15 @@ def test_a_caller_that_stops_listening_frees_its_rows(gen):
 
     after = asyncio.run(main())
     assert after[-1].done and scheduler.stats.cancelled == 1 and scheduler.stats.running_rows == 0
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU: a Serve replica's generator on its GPU")
+def test_generator_on_the_gpu_decodes_what_the_cpu_decodes(tiny_dir, gen):
+    on_gpu = TextGenerator(tiny_dir, "float32", torch_threads=1, device="cuda")
+    assert next(on_gpu.model.parameters()).device.type == "cuda"
+    ids = gen.encode_text("The capital of France is")
+    p = params(12)
+    cpu_req, gpu_req = request(ids, p), request(ids, p)
+    cpu_texts, _ = run(gen, {0: [cpu_req]})
+    gpu_texts, _ = run(on_gpu, {0: [gpu_req]})
+    assert gpu_texts[gpu_req] == cpu_texts[cpu_req]

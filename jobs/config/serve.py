@@ -45,7 +45,8 @@ class ServeConfig(StrictModel):
     served_model_name: str | None = None
     """The `model` clients send; default: the built-in name or the checkpoint path as given."""
     cache_dir: str | None = None
-    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    """auto: bfloat16 on a GPU replica, float32 on a CPU one."""
     host: str = "127.0.0.1"
     """Where `rayrlhf serve` binds (serve.yaml: http_options.host). Anything else exposes the model."""
     port: int = Field(8000, ge=1, le=65535)
@@ -57,6 +58,8 @@ class ServeConfig(StrictModel):
     autoscaling: AutoscalingConfig | None = None
     num_cpus: float = Field(1.0, gt=0)
     """CPUs reserved per replica."""
+    num_gpus: float = Field(0.0, ge=0)
+    """GPUs reserved per replica (fractions share one GPU between replicas); > 0 puts the model on it."""
     torch_threads: int = Field(1, ge=1)
     """Per replica. One: the replica shares the cores with Serve's proxy and the event loop, and two
     threads on two busy cores thrash (measured 10-15x slower decoding under load)."""
