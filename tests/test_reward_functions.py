@@ -225,7 +225,7 @@ def embedder():
 
 
 def make_scorer(embedder, monkeypatch, **overrides) -> RewardScorer:
-    monkeypatch.setattr(reward_scorer, "Embedder", lambda name, torch_threads: embedder)
+    monkeypatch.setattr(reward_scorer, "Embedder", lambda name, torch_threads, device: embedder)
     kwargs = dict(alpha=0.0, beta=0.0, bleu=0.0, rouge_l=0.0, freq_mode="mean", empty_reward=-1.0,
                   embedding_model="all-minilm-l6-v2", normalize="none", torch_threads=1, rm_weight=0.0,
                   rm_model=None, rm_batch_size=8)  # fmt: skip
