@@ -4,12 +4,15 @@ middle of a step. Each run ends normally with every planned sample trained exact
 counted, and the same per-step metrics as the run without the fault."""
 
 import signal
-import threading
-import time
 
+import numpy as np
 import psutil
 import pytest
 
+from rayrlhf.actors.models import resolve_policy
+from rayrlhf.actors.rollout_worker import RolloutWorker
+from rayrlhf.actors.trajectory import Prompt
+from rayrlhf.cluster.faults import Fault
 from rayrlhf.cluster.local import init_ray, shutdown_ray
 from rayrlhf.jobs.config.run import load_config
 from rayrlhf.jobs.data.prompts import load_task
@@ -43,48 +46,24 @@ def planned(cfg) -> list[list[int]]:
     return [sorted(p.id * k + j for p in sampler.draw(cfg.prompts_per_step) for j in range(k)) for _ in range(cfg.steps)]
 
 
-def title(process: psutil.Process) -> str:
-    """A Ray worker's process title: ray::RolloutWorker when idle, ray::RolloutWorker.generate in a call."""
-    try:
-        return " ".join(process.cmdline())
-    except psutil.Error:
-        return ""
+def test_a_fresh_worker_given_the_counter_samples_what_the_lost_one_would_have():
+    settings = dict(
+        model_dir=str(resolve_policy("tiny-gpt2")), max_prompt_tokens=64, use_chat_template=True, system_prompt=None,
+        samples_per_prompt=4, max_new_tokens=6, temperature=1.0, top_p=1.0, torch_threads=1, seed=3,
+    )  # fmt: skip
+    prompts = [Prompt(id=5, text="What is 2 plus 3?", reference="5")]
+    lost = RolloutWorker(**settings)
+    first = lost.generate(prompts)
+    state = lost.state_dict()
+    assert state == {"version": 0, "calls": 1}
+    second = lost.generate(prompts)
+    assert not np.array_equal(first.input_ids, second.input_ids)  # each call draws anew
 
-
-def actor_process(cls: str) -> psutil.Process:
-    """The process of this test's actor of class `cls` (Ray's processes descend from the test's)."""
-    found = [p for p in psutil.Process().children(recursive=True) if title(p).split(".")[0].split(" ")[0] == f"ray::{cls}"]
-    assert len(found) == 1, [title(p) for p in found]
-    return found[0]
-
-
-class Killer:
-    """After step `after`, send `sig` to the actor of class `cls` as soon as its title shows `method`
-    in progress: the fault lands inside the next step's phase, not between steps."""
-
-    def __init__(self, cls: str, method: str | None, sig: int = signal.SIGKILL, after: int = 1):
-        self.cls, self.method, self.sig, self.after = cls, method, sig, after
-        self.pid: int | None = None
-        self.in_call = False
-
-    def on_step(self, step: int, metrics: dict) -> None:
-        if step == self.after:
-            process = actor_process(self.cls)
-            if self.method is None:
-                self._hit(process, True)
-            else:
-                threading.Thread(target=self._watch, args=(process,), daemon=True).start()
-
-    def _watch(self, process: psutil.Process) -> None:
-        busy, deadline = f"ray::{self.cls}.{self.method}", time.monotonic() + 60
-        while time.monotonic() < deadline and not title(process).startswith(busy):
-            time.sleep(0.001)
-        self._hit(process, title(process).startswith(busy))
-
-    def _hit(self, process: psutil.Process, in_call: bool) -> None:
-        self.in_call = in_call
-        process.send_signal(self.sig)
-        self.pid = process.pid
+    fresh = RolloutWorker(**settings)  # as Ray restarts it: constructor only
+    fresh.load_state_dict(state)
+    again = fresh.generate(prompts)
+    assert np.array_equal(again.input_ids, second.input_ids)
+    assert np.array_equal(again.old_logprobs, second.old_logprobs)
 
 
 def assert_recovered(result, cfg, baseline, role: str) -> None:
@@ -105,21 +84,21 @@ def assert_recovered(result, cfg, baseline, role: str) -> None:
 ])
 def test_a_role_killed_mid_step_restarts_and_the_step_is_redone(baseline, tmp_path, capsys, cls, method, role, who):
     cfg = tiny(tmp_path)
-    killer = Killer(cls, method)
-    result = train(cfg, on_step=killer.on_step)
-    assert killer.pid is not None and not psutil.pid_exists(killer.pid)
-    assert killer.in_call, f"the kill missed {cls}.{method}"
+    fault = Fault(cls, method)
+    result = train(cfg, on_step=fault.on_step)
+    assert fault.pid is not None and not psutil.pid_exists(fault.pid)
+    assert fault.in_call, f"the kill missed {cls}.{method}"
     assert_recovered(result, cfg, baseline, role)
     assert result.history[-1]["faults/redone"] >= 1
     assert result.history[0]["faults/redone"] == 0
     out = capsys.readouterr().out
-    assert out.count(f"recovery: {who} restarted (pid {killer.pid} -> ") == 1, out
+    assert out.count(f"recovery: {who} restarted (pid {fault.pid} -> ") == 1, out
 
 
 def test_a_hung_scorer_times_out_is_restarted_and_scores_again(baseline, tmp_path, capsys):
     cfg = tiny(tmp_path, "fault_tolerance.score_timeout_s=5")
-    killer = Killer("RewardScorer", None, sig=signal.SIGSTOP)  # stopped between steps 1 and 2
-    result = train(cfg, on_step=killer.on_step)
+    fault = Fault("RewardScorer", None, sig=signal.SIGSTOP)  # stopped between steps 1 and 2
+    result = train(cfg, on_step=fault.on_step)
     assert_recovered(result, cfg, baseline, "reward")
     assert result.history[-1]["faults/score_retries"] == 1
     assert result.history[-1]["faults/redone"] == 0  # the samples were kept, only their scoring redone
@@ -136,6 +115,6 @@ def test_scoring_that_never_answers_in_time_fails_the_run_clearly(local_ray, tmp
 
 def test_a_death_past_max_actor_restarts_ends_the_run_naming_the_limit(local_ray, tmp_path):
     cfg = tiny(tmp_path, "fault_tolerance.max_actor_restarts=0", "kl.coef=0")
-    killer = Killer("RolloutWorker", None)
+    fault = Fault("RolloutWorker", None)
     with pytest.raises(RecoveryError, match=r"rollout worker 0 died .*max_actor_restarts=0"):
-        train(cfg, on_step=killer.on_step)
+        train(cfg, on_step=fault.on_step)
