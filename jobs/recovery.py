@@ -58,7 +58,9 @@ class Recovery:
         self.roles, self.ft = roles, ft
         self.log = log or (lambda line: print(line, file=sys.stderr, flush=True))
         self.replicas = [
-            (name, rank, actor) for name in NAMES if roles.groups.get(name) for rank, actor in enumerate(roles.groups[name])
+            (name, rank, actor)
+            for name in NAMES if roles.groups.get(name)
+            for rank, actor in enumerate(roles.groups[name])
         ]
         self.restarts: Counter[str] = Counter()
         self.redone = 0
@@ -71,7 +73,8 @@ class Recovery:
         """The weights of `version` (None: the initial ones, which a restarted worker loads by itself)."""
 
     def run(self, phase: str, work: Callable[[], T]) -> T:
-        """`work()`, redone from its start (after a restore) until every replica served it in one process."""
+        """`work()`, redone from its start (after a restore) until no replica that holds state was
+        replaced while it ran (the reference policy's answers are the same from any process)."""
         restore = False
         while True:
             try:
@@ -83,7 +86,7 @@ class Recovery:
                 if not self._note_restarts(self._wait_alive(), phase):
                     raise  # an actor error without a death: nothing this can mend
             else:
-                if not self._note_restarts(pids, phase):
+                if not any(name in STATEFUL for name, _ in self._note_restarts(pids, phase)):
                     self.states = states
                     return result
             restore = True
@@ -95,8 +98,11 @@ class Recovery:
         object store, as the old one is released before `publish` makes the new one."""
         self.weights = None
         self.weights, self.version = publish(), version
-        workers = self.roles.rollout
-        return self.run("the weight sync", lambda: ray.get([w.load_weights.remote(version, self.weights) for w in workers]))
+
+        def load() -> list[int]:
+            return ray.get([worker.load_weights.remote(version, self.weights) for worker in self.roles.rollout])
+
+        return self.run("the weight sync", load)
 
     def score(self, traj_refs: list, update_stats: bool = True) -> tuple[list, list[Rewards]]:
         """Rewards of each trajectory batch (scorer i % n scores batch i), as refs and values.
@@ -110,7 +116,9 @@ class Recovery:
         for attempt in range(self.ft.score_retries + 1):
             if attempt:
                 self._restore(only="reward")
-            refs = [scorers[i % len(scorers)].score.remote(t, update_stats=update_stats) for i, t in enumerate(traj_refs)]
+            refs = [
+                scorers[i % len(scorers)].score.remote(t, update_stats=update_stats) for i, t in enumerate(traj_refs)
+            ]
             _, pending = ray.wait(refs, num_returns=len(refs), timeout=self.ft.score_timeout_s, fetch_local=False)
             if pending:
                 failure = f"no answer within fault_tolerance.score_timeout_s={self.ft.score_timeout_s:g}"
@@ -133,7 +141,8 @@ class Recovery:
 
     def metrics(self) -> dict[str, float]:
         """Counts since the run began: restarts per role, phases redone, scoring retries."""
-        out = {f"faults/restarts/{name}": float(self.restarts[name]) for name in dict.fromkeys(n for n, _, _ in self.replicas)}
+        names = dict.fromkeys(name for name, _, _ in self.replicas)
+        out = {f"faults/restarts/{name}": float(self.restarts[name]) for name in names}
         out["faults/redone"] = float(self.redone)
         out["faults/score_retries"] = float(self.score_retries)
         return out
@@ -145,7 +154,9 @@ class Recovery:
 
     def _probe(self) -> tuple[dict[tuple[str, int], int], dict[tuple[str, int], Any]]:
         """Every replica's process id, and the state of those that hold one."""
-        answers = ray.get([actor.__ray_call__.remote(_pid_and_state, name in STATEFUL) for name, _, actor in self.replicas])
+        answers = ray.get([
+            actor.__ray_call__.remote(_pid_and_state, name in STATEFUL) for name, _, actor in self.replicas
+        ])
         keys = [(name, rank) for name, rank, _ in self.replicas]
         return dict(zip(keys, (pid for pid, _ in answers))), {k: s for k, (_, s) in zip(keys, answers) if s is not None}
 
@@ -166,23 +177,22 @@ class Recovery:
                     ) from error
                 except (ActorUnavailableError, GetTimeoutError) as error:  # its death not yet known, or restarting
                     if time.monotonic() >= deadline:
-                        raise RecoveryError(
-                            f"{who} did not answer within fault_tolerance.restart_timeout_s={self.ft.restart_timeout_s:g}"
-                        ) from error
+                        raise RecoveryError(f"{who} did not answer within fault_tolerance.restart_timeout_s="
+                                            f"{self.ft.restart_timeout_s:g}") from error
                     time.sleep(0.1)
         return pids
 
-    def _note_restarts(self, pids: dict[tuple[str, int], int], phase: str) -> bool:
-        """Count and log the replicas whose process changed; True if any did."""
+    def _note_restarts(self, pids: dict[tuple[str, int], int], phase: str) -> list[tuple[str, int]]:
+        """Count and log (one line each) the replicas whose process changed."""
         restarted = [key for key, pid in pids.items() if pid != self.pids[key]]
         for name, rank in restarted:
             self.restarts[name] += 1
             self.log(
                 f"recovery: {NAMES[name]} {rank} restarted (pid {self.pids[name, rank]} -> {pids[name, rank]}) "
-                f"during {phase}; restoring its state (policy version {self.version}) and redoing {phase}"
+                f"during {phase}, at policy version {self.version}"
             )
         self.pids.update(pids)
-        return bool(restarted)
+        return restarted
 
     def _restore(self, only: str | None = None) -> None:
         """Put every (selected) replica back to the state saved after the last finished phase."""
