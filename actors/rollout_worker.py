@@ -170,6 +170,15 @@ class RolloutWorker:
         self.version = int(version)
         return self.version
 
+    def state_dict(self) -> dict[str, int]:
+        """What seeds the next call's samples: the policy version and the call counter. A restarted
+        worker gets the counter back (and the version with its weights, `load_weights`), so its
+        samples equal those the lost process would have drawn."""
+        return {"version": self.version, "calls": self._calls}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self._calls = int(state["calls"])
+
     def _prompt_ids(self, prompt: Prompt) -> list[int]:
         return prompt_token_ids(
             self.tokenizer, prompt, use_chat_template=self.use_chat_template, system_prompt=self.system_prompt,

@@ -78,13 +78,19 @@ class ActorGroup:
             remove_placement_group(self.placement)
             raise PlacementError(f"{name}: {size} x {self.resources} could not be placed within {PLACEMENT_TIMEOUT_S}s")
 
-    def start(self, role: type, kwargs_for: Callable[[int], dict[str, Any]]) -> ActorGroup:
+    def start(self, role: type, kwargs_for: Callable[[int], dict[str, Any]], max_restarts: int = 0) -> ActorGroup:
+        """`max_restarts`: process deaths Ray restarts a replica after (in its bundle, constructor rerun).
+        Ray never retries a call on the new process (max_task_retries=0): the driver restores the
+        replica's state first (jobs/recovery.py), or a restarted rollout worker would sample with
+        the initial weights."""
         remote_role = ray.remote(role)
         self.actors = [
             remote_role.options(
                 num_cpus=self.resources["CPU"],
                 num_gpus=self.resources.get("GPU", 0),
                 scheduling_strategy=self.scheduling(rank),
+                max_restarts=max_restarts,
+                max_task_retries=0,
             ).remote(**kwargs_for(rank))
             for rank in range(self.size)
         ]

@@ -42,6 +42,8 @@ class Role:
     """Constructor keyword arguments of replica `rank`."""
     rendezvous: bool = False
     """Replicas meet through torch.distributed: they also get master_addr/master_port of replica 0."""
+    max_restarts: int = 0
+    """Process deaths Ray restarts a replica after (jobs/recovery.py then restores its state)."""
 
     def instantiate(self, rank: int = 0, **extra: Any) -> Any:
         """Replica `rank` as a plain object in this process (benchmarks, offline scoring): no Ray."""
@@ -63,20 +65,21 @@ def role_table(cfg: RunConfig) -> list[Role]:
     """
     rollout, reward, kl, learner = cfg.rollout, cfg.reward, cfg.kl, cfg.learner
     model = dict(model=cfg.policy.model, cache_dir=cfg.policy.cache_dir)
+    restarts = cfg.fault_tolerance.max_actor_restarts  # the stateless roles: the driver restores their state
     roles = [
         Role("rollout", RolloutWorker, rollout.num_workers, rollout.num_cpus, rollout.num_gpus, lambda rank: dict(
             **model, dtype=cfg.policy.dtype, max_prompt_tokens=cfg.policy.max_prompt_tokens,
             use_chat_template=cfg.data.use_chat_template, system_prompt=cfg.data.system_prompt,
             seed=cfg.seed + 1000 * rank, **actor_settings(rollout),
-        )),
+        ), max_restarts=restarts),
         Role("reward", RewardScorer, reward.num_scorers, reward.num_cpus, reward.num_gpus,
-             lambda rank: actor_settings(reward)),
+             lambda rank: actor_settings(reward), max_restarts=restarts),
     ]
     if uses_reference(cfg):
         roles.append(Role("reference", ReferencePolicy, 1, kl.num_cpus, kl.num_gpus, lambda rank: dict(
             **model, dtype=cfg.policy.dtype, temperature=rollout.temperature, torch_threads=kl.torch_threads,
             device=role_device(kl.num_gpus),
-        )))
+        ), max_restarts=restarts))
     roles.append(Role("learner", Learner, learner.num_ranks, learner.num_cpus, learner.num_gpus, lambda rank: dict(
         **model, rank=rank, world_size=learner.num_ranks, seed=cfg.seed, temperature=rollout.temperature,
         rows_per_step=cfg.prompts_per_step * rollout.samples_per_prompt // learner.num_ranks,
@@ -146,7 +149,7 @@ def launch(cfg: RunConfig) -> Roles:
             if role.rendezvous:
                 master_addr, master_port = group.rendezvous()
                 settings = lambda rank, s=role.settings: dict(s(rank), master_addr=master_addr, master_port=master_port)  # noqa: E731
-            group.start(role.cls, settings)
+            group.start(role.cls, settings, max_restarts=role.max_restarts)
         for group in groups.values():
             group.wait_started()
         roles = Roles(groups)

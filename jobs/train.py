@@ -35,6 +35,7 @@ from rayrlhf.jobs.config.base import ConfigError
 from rayrlhf.jobs.config.run import RunConfig
 from rayrlhf.jobs.data.prompts import load_task
 from rayrlhf.jobs.health import HealthMonitor, weighted_components
+from rayrlhf.jobs.recovery import Recovery
 from rayrlhf.jobs.roles import Roles, launch
 from rayrlhf.jobs.tracking import Tracker, format_table
 
@@ -47,6 +48,8 @@ class TrainResult:
     before: dict[str, float]
     after: dict[str, float]
     history: list[dict[str, float]] = field(default_factory=list)
+    trained_samples: list[list[int]] = field(default_factory=list)
+    """Per step, the sample ids (prompt id x k + j) the learner trained on."""
 
 
 class PromptSampler:
@@ -98,8 +101,24 @@ def _join_parts(n: int, *parts: Any) -> LearnerBatch:
     return LearnerBatch.join(list(parts[:n]), list(parts[n : 2 * n]), list(parts[2 * n :]))
 
 
-def rl_step(cfg: RunConfig, roles: Roles, prompts: list[Prompt]) -> dict[str, float]:
-    """Generate, score, take reference log-probs, learn and sync weights; returns metrics."""
+def _sample_ids(batch: LearnerBatch) -> list[int]:
+    return batch.trajectory.sample_ids.tolist()
+
+
+@dataclass
+class Experience:
+    """A step's scored samples, joined per learner rank: everything the learner needs, made by the
+    stateless roles (and redone whole if one of them dies)."""
+
+    batches: list[ray.ObjectRef]
+    rewards: list[Rewards]
+    sample_ids: list[int]
+    times: dict[str, float]
+
+
+def collect(roles: Roles, prompts: list[Prompt], recovery: Recovery) -> Experience:
+    """Generate, score and take reference log-probs, then join each learner rank's batch beside it.
+    Returns once every part exists: the sample ids are read off the joined batches."""
     n_shards = max(len(roles.rollout), len(roles.learner))
     t0 = time.perf_counter()
     traj_refs = [
@@ -108,9 +127,8 @@ def rl_step(cfg: RunConfig, roles: Roles, prompts: list[Prompt]) -> dict[str, fl
     ]
     _wait(traj_refs)
     t1 = time.perf_counter()
-    reward_refs = [roles.scorers[i % len(roles.scorers)].score.remote(t) for i, t in enumerate(traj_refs)]
     ref_refs = [roles.reference[0].logprobs.remote(t) for t in traj_refs] if roles.reference else [None] * n_shards
-    _wait(reward_refs)
+    reward_refs, rewards = recovery.score(traj_refs)
     t2 = time.perf_counter()
     if roles.reference:
         _wait(ref_refs)
@@ -120,36 +138,57 @@ def rl_step(cfg: RunConfig, roles: Roles, prompts: list[Prompt]) -> dict[str, fl
         learner_batch(roles.learner, rank, traj_refs[rank::ranks], reward_refs[rank::ranks], ref_refs[rank::ranks])
         for rank in range(ranks)
     ]
-    learn_metrics = ray.get([learner.learn.remote(batch) for learner, batch in zip(roles.learner, batches)])
+    ids = ray.remote(_sample_ids)
+    sample_ids = ray.get([
+        ids.options(num_cpus=0, scheduling_strategy=roles.learner.scheduling(rank)).remote(batch)
+        for rank, batch in enumerate(batches)
+    ])
+    times = {"time/generate": t1 - t0, "time/score": t2 - t1, "time/reference": t3 - t1}
+    return Experience(batches, rewards, [i for rank_ids in sample_ids for i in rank_ids], times)
+
+
+def rl_step(cfg: RunConfig, roles: Roles, prompts: list[Prompt], recovery: Recovery | None = None) -> dict[str, float]:
+    """Generate, score, take reference log-probs, learn and sync weights; returns metrics.
+
+    `recovery` (jobs/recovery.py) redoes the step's rollout if a stateless role dies during it; a
+    run passes its own, one call alone (tests, benchmarks) may leave it to a fresh one.
+    """
+    recovery = recovery or Recovery(roles, cfg.fault_tolerance)
+    t0 = time.perf_counter()
+    experience = recovery.run("the rollout", lambda: collect(roles, prompts, recovery))
+    t3 = time.perf_counter()
+    learn_metrics = ray.get([learner.learn.remote(batch) for learner, batch in zip(roles.learner, experience.batches)])
+    recovery.trained.append(experience.sample_ids)
     t4 = time.perf_counter()
-    rollout_versions = sync_weights(roles, int(learn_metrics[0]["version"]))
+    rollout_versions = sync_weights(roles, int(learn_metrics[0]["version"]), recovery)
     t5 = time.perf_counter()
 
     # every rank returns the same all-reduced metrics ("tokens" is already the total over ranks)
     metrics = {k: float(np.mean([m[k] for m in learn_metrics])) for k in learn_metrics[0]}
     metrics["rollout/version"] = float(min(rollout_versions))
-    metrics.update(reward_metrics(ray.get(reward_refs), "reward"))
-    metrics.update({
-        "time/generate": t1 - t0, "time/score": t2 - t1, "time/reference": t3 - t1,
-        "time/learn": t4 - t3, "time/sync": t5 - t4, "time/step": t5 - t0,
-    })
+    metrics.update(reward_metrics(experience.rewards, "reward"))
+    metrics.update(experience.times)
+    metrics.update({"time/learn": t4 - t3, "time/sync": t5 - t4, "time/step": t5 - t0})
     metrics["tokens_per_s"] = metrics["tokens"] / metrics["time/step"]
+    metrics["samples/trained"] = float(len(experience.sample_ids))
+    metrics.update(recovery.metrics())
     return metrics
 
 
-def sync_weights(roles: Roles, version: int) -> list[int]:
+def sync_weights(roles: Roles, version: int, recovery: Recovery) -> list[int]:
     """Learner rank 0's weights to every rollout worker, in the policy's dtype; returns their versions.
 
-    GPUs: a NCCL broadcast in buckets (roles.broadcast_dtypes is set at launch). Otherwise: rank 0 puts
-    the state dict once in the object store and every worker reads it. Both are collectives over the
-    learner ranks (ZeRO-3 gathers the full weights on every rank)."""
+    GPUs: a NCCL broadcast in buckets (roles.broadcast_dtypes is set at launch; a rollout worker that
+    restarts cannot rejoin that group, so there a rollout death fails the step). Otherwise rank 0 puts
+    the state dict once in the object store, and the recovery keeps its ref for workers that restart
+    later. Both are collectives over the learner ranks (ZeRO-3 gathers the full weights on every rank)."""
     if roles.broadcast_dtypes is not None:
         sends = [learner.broadcast_weights.remote(roles.broadcast_dtypes) for learner in roles.learner]
         versions = [worker.receive_weights.remote(version) for worker in roles.rollout]
         ray.get(sends)
         return ray.get(versions)
-    weights = [learner.get_weights.remote() for learner in roles.learner]  # rank 0 returns them, others None
-    return ray.get([worker.load_weights.remote(version, weights[0]) for worker in roles.rollout])
+    # get_weights is a collective: rank 0 returns the weights, the others None
+    return recovery.sync(version, lambda: [learner.get_weights.remote() for learner in roles.learner][0])
 
 
 def save(roles: Roles, destination: Storage) -> None:
@@ -158,8 +197,15 @@ def save(roles: Roles, destination: Storage) -> None:
     ray.get([learner.save.remote(destination) for learner in roles.learner])
 
 
-def evaluate(cfg: RunConfig, roles: Roles, prompts: list[Prompt]) -> tuple[dict[str, float], list[dict]]:
+def evaluate(
+    cfg: RunConfig, roles: Roles, prompts: list[Prompt], recovery: Recovery | None = None
+) -> tuple[dict[str, float], list[dict]]:
     """Greedy (or beam-search) answers on held-out prompts, scored without touching the normaliser statistics."""
+    recovery = recovery or Recovery(roles, cfg.fault_tolerance)
+    return recovery.run("the evaluation", lambda: _evaluate(cfg, roles, prompts, recovery))
+
+
+def _evaluate(cfg: RunConfig, roles: Roles, prompts: list[Prompt], recovery: Recovery) -> tuple[dict[str, float], list[dict]]:
     max_new = cfg.eval_max_new_tokens or cfg.rollout.max_new_tokens
     traj_refs = [
         roles.rollout[i].generate.remote(
@@ -167,10 +213,7 @@ def evaluate(cfg: RunConfig, roles: Roles, prompts: list[Prompt]) -> tuple[dict[
         )
         for i, shard in enumerate(_shards(prompts, len(roles.rollout)))
     ]
-    reward_refs = [
-        roles.scorers[i % len(roles.scorers)].score.remote(t, update_stats=False) for i, t in enumerate(traj_refs)
-    ]
-    rewards = ray.get(reward_refs)
+    _, rewards = recovery.score(traj_refs, update_stats=False)
     trajectories = ray.get(traj_refs)
     metrics = reward_metrics(rewards, "eval")
     metrics.pop("eval/total")  # normalised total is not comparable across time; eval/raw is
@@ -247,15 +290,16 @@ def train(cfg: RunConfig, on_step: Callable[[int, dict[str, float]], None] | Non
     )
     monitor = HealthMonitor(cfg.monitor.model_dump(), weighted_components(cfg.reward), tracker.write)
     try:
-        before, _ = evaluate(cfg, roles, eval_set)
+        recovery = Recovery(roles, cfg.fault_tolerance, log=tracker.write)
+        before, _ = evaluate(cfg, roles, eval_set, recovery)
         monitor.observe(0, dict(before))  # a copy: no health flags in the before/after table
         tracker.log(0, before, advance=False)
         sampler = PromptSampler(train_set, cfg.seed)
         history = []
         for step in range(1, cfg.steps + 1):
-            metrics = rl_step(cfg, roles, sampler.draw(cfg.prompts_per_step))
+            metrics = rl_step(cfg, roles, sampler.draw(cfg.prompts_per_step), recovery)
             if cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.steps:
-                metrics.update(evaluate(cfg, roles, eval_set)[0])
+                metrics.update(evaluate(cfg, roles, eval_set, recovery)[0])
             stop = monitor.observe(step, metrics)  # adds health/* flags; True: a monitor.stop_on check failed
             if cfg.save_every and step % cfg.save_every == 0:
                 save(roles, storage.child(f"step_{step}"))
@@ -266,7 +310,7 @@ def train(cfg: RunConfig, on_step: Callable[[int, dict[str, float]], None] | Non
                 on_step(step, metrics)
             if stop:
                 break
-        after, examples = evaluate(cfg, roles, eval_set)
+        after, examples = evaluate(cfg, roles, eval_set, recovery)
         monitor.observe(len(history), dict(after))
         tracker.log(len(history), after, advance=False)  # the steps run: fewer if the monitor stopped
         final_dir = storage.join("final")
@@ -285,6 +329,6 @@ def train(cfg: RunConfig, on_step: Callable[[int, dict[str, float]], None] | Non
             storage.upload(output_dir)
             shutil.rmtree(output_dir, ignore_errors=True)
     if storage.local_path is not None:
-        return TrainResult(storage.local_path, storage.local_path / "final", before, after, history)
-    return TrainResult(storage.location, final_dir, before, after, history)
+        return TrainResult(storage.local_path, storage.local_path / "final", before, after, history, recovery.trained)
+    return TrainResult(storage.location, final_dir, before, after, history, recovery.trained)
 

@@ -251,6 +251,21 @@ class MonitorConfig(StrictModel):
     """Write training.png (reward components, length, KL and entropy, held-out metrics) at the end."""
 
 
+class FaultToleranceConfig(StrictModel):
+    """How a run survives failures inside the job (README: "Checkpoints, resume and failures")."""
+
+    max_actor_restarts: int = Field(3, ge=0)
+    """Process deaths each rollout worker, reward scorer and the reference policy survives (Ray
+    max_restarts); the interrupted step is redone. 0: the first death ends the run."""
+    restart_timeout_s: float = Field(300.0, gt=0)
+    """How long the driver waits for a restarted actor to answer again (its model reloads first)."""
+    score_timeout_s: float = Field(120.0, gt=0)
+    """Wall-clock limit on scoring one batch (a step's, or an evaluation's); a scorer past it is
+    restarted and the batch scored again."""
+    score_retries: int = Field(2, ge=0)
+    """Further attempts after a failed or timed-out scoring; then the step fails (never a reward of 0)."""
+
+
 class RunConfig(StrictModel):
     name: str = "rayrlhf"
     seed: int = 0
@@ -276,6 +291,7 @@ class RunConfig(StrictModel):
     monitor: MonitorConfig = MonitorConfig()
     eval: EvalConfig = EvalConfig()
     """How held-out answers are decoded (eval_every and eval_max_new_tokens say when and how long)."""
+    fault_tolerance: FaultToleranceConfig = FaultToleranceConfig()
 
     @model_validator(mode="after")
     def _consistent(self) -> RunConfig:
