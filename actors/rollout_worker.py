@@ -156,6 +156,14 @@ class RolloutWorker:
         self.version = int(version)
         return self.version
 
+    def state_dict(self) -> dict[str, int]:
+        """What makes the next samples reproducible: the policy version and the call counter."""
+        return {"version": self.version, "calls": self._calls}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        """Rewind or restore the counters; the weights of that version come with load_weights."""
+        self.version, self._calls = int(state["version"]), int(state["calls"])
+
     def _prompt_ids(self, prompt: Prompt) -> list[int]:
         return prompt_token_ids(
             self.tokenizer, prompt, use_chat_template=self.use_chat_template, system_prompt=self.system_prompt,

@@ -121,6 +121,20 @@ class Roles:
             group.shutdown()
 
 
+def _start(cfg: RunConfig, role: Role) -> ActorGroup:
+    group = ActorGroup(role.count, name=role.name, resources=role.resources, strategy=cfg.cluster.placement_strategy)
+    try:
+        settings = role.settings
+        if role.rendezvous:
+            master_addr, master_port = group.rendezvous()
+            settings = lambda rank, s=role.settings: dict(s(rank), master_addr=master_addr, master_port=master_port)  # noqa: E731
+        group.start(role.cls, settings)
+    except BaseException:
+        group.shutdown()
+        raise
+    return group
+
+
 def launch(cfg: RunConfig, model_dir: Path | str) -> Roles:
     """Check that the run fits, then start every role's replicas in its placement group."""
     table = role_table(cfg, model_dir)
@@ -128,15 +142,16 @@ def launch(cfg: RunConfig, model_dir: Path | str) -> Roles:
     groups: dict[str, ActorGroup] = {}
     try:
         for role in table:
-            group = ActorGroup(role.count, name=role.name, resources=role.resources,
-                               strategy=cfg.cluster.placement_strategy)
-            groups[role.name] = group
-            settings = role.settings
-            if role.rendezvous:
-                master_addr, master_port = group.rendezvous()
-                settings = lambda rank, s=role.settings: dict(s(rank), master_addr=master_addr, master_port=master_port)  # noqa: E731
-            group.start(role.cls, settings)
+            groups[role.name] = _start(cfg, role)
     except BaseException:
         Roles(groups).shutdown()
         raise
     return Roles(groups)
+
+
+def restart(roles: Roles, cfg: RunConfig, model_dir: Path | str, name: str) -> ActorGroup:
+    """Stop every replica of one role (a dead one included) and start the group anew, in place."""
+    roles.groups[name].shutdown()
+    role = next(r for r in role_table(cfg, model_dir) if r.name == name)
+    roles.groups[name] = _start(cfg, role)
+    return roles.groups[name]

@@ -27,10 +27,13 @@ from rayrlhf.actors.reward_model import check_reward_model_dir
 from rayrlhf.actors.trajectory import LearnerBatch, Prompt, Rewards
 from rayrlhf.cluster.actor_group import ActorGroup
 from rayrlhf.cluster.local import init_ray, shutdown_ray
+from rayrlhf.jobs import checkpoint
+from rayrlhf.jobs.checkpoint import Interrupted
 from rayrlhf.jobs.config.base import ConfigError
 from rayrlhf.jobs.config.run import RunConfig
 from rayrlhf.jobs.data.prompts import load_task
 from rayrlhf.jobs.roles import Roles, launch
+from rayrlhf.jobs.run_state import LearnerFailure, RunState, StopSignal, get_all, is_learner_failure, plan
 from rayrlhf.jobs.tracking import Tracker
 
 
@@ -44,7 +47,7 @@ class TrainResult:
 
 
 class PromptSampler:
-    """Epochs over the training prompts in a seeded order."""
+    """Epochs over the training prompts in a seeded order; its state is the rest of the epoch and the RNG."""
 
     def __init__(self, prompts: list[Prompt], seed: int) -> None:
         self.prompts = prompts
@@ -59,6 +62,15 @@ class PromptSampler:
                 self.rng.shuffle(self.order)
             batch.append(self.prompts[self.order.pop()])
         return batch
+
+    def state_dict(self) -> dict[str, Any]:
+        version, internal, gauss = self.rng.getstate()
+        return {"order": list(self.order), "rng": [version, list(internal), gauss]}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        version, internal, gauss = state["rng"]
+        self.rng.setstate((version, tuple(internal), gauss))
+        self.order = list(state["order"])
 
 
 def _shards(items: list, n: int) -> list[list]:
@@ -114,11 +126,16 @@ def rl_step(cfg: RunConfig, roles: Roles, prompts: list[Prompt]) -> dict[str, fl
         learner_batch(roles.learner, rank, traj_refs[rank::ranks], reward_refs[rank::ranks], ref_refs[rank::ranks])
         for rank in range(ranks)
     ]
-    learn_metrics = ray.get([learner.learn.remote(batch) for learner, batch in zip(roles.learner, batches)])
-    t4 = time.perf_counter()
-    weights = [learner.get_weights.remote() for learner in roles.learner]  # a collective: rank 0 returns them
-    version = int(learn_metrics[0]["version"])
-    rollout_versions = ray.get([worker.load_weights.remote(version, weights[0]) for worker in roles.rollout])
+    try:
+        learn_metrics = get_all([learner.learn.remote(batch) for learner, batch in zip(roles.learner, batches)])
+        t4 = time.perf_counter()
+        weights = [learner.get_weights.remote() for learner in roles.learner]  # a collective: rank 0 returns them
+        version = int(learn_metrics[0]["version"])
+        rollout_versions = ray.get([worker.load_weights.remote(version, weights[0]) for worker in roles.rollout])
+    except ray.exceptions.RayError as e:
+        if is_learner_failure(e, roles.learner):
+            raise LearnerFailure(str(e)) from e
+        raise
     t5 = time.perf_counter()
 
     # every rank returns the same all-reduced metrics ("tokens" is already the total over ranks)
@@ -194,12 +211,22 @@ def prepare(cfg: RunConfig) -> tuple[Path, list[Prompt], list[Prompt]]:
     return model_dir, train_set, eval_set
 
 
-def train(cfg: RunConfig, on_step: Callable[[int, dict[str, float]], None] | None = None) -> TrainResult:
-    """Run the RL loop; `on_step(step, metrics)` (optional) sees each step's metrics, eval ones included."""
+def train(
+    cfg: RunConfig, on_step: Callable[[int, dict[str, float]], None] | None = None, resume: str | Path = "auto",
+) -> TrainResult:
+    """Run the RL loop; `on_step(step, metrics)` (optional) sees each step's metrics, eval ones included,
+    after that step's checkpoint (if any) is written. `resume`: "auto" (continue from the latest
+    complete checkpoint in output_dir, if any), "never" (start over) or a checkpoint path."""
     model_dir, train_set, eval_set = prepare(cfg)
     output_dir = Path(cfg.output_dir).resolve()
+    start = plan(cfg, output_dir, str(resume))
+    if start.finished_step is not None:
+        print(f"the run in {output_dir} already finished ({start.finished_step} steps); final policy: "
+              f"{output_dir / 'final'} (--resume never starts it over)")
+        return finished_result(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     (output_dir / "config.yaml").write_text(yaml.safe_dump(cfg.model_dump(), sort_keys=False))
+    saved_state = checkpoint.read(start.checkpoint)[2] if start.checkpoint else None
     started_ray = not ray.is_initialized()
     init_ray(cfg.cluster.address, cfg.cluster.num_cpus, cfg.cluster.object_store_mb)
     roles = launch(cfg, model_dir)
@@ -207,35 +234,61 @@ def train(cfg: RunConfig, on_step: Callable[[int, dict[str, float]], None] | Non
         output_dir, run_name=cfg.name, config=cfg.model_dump(), total_steps=cfg.steps,
         wandb_mode=cfg.logging.wandb, wandb_project=cfg.logging.wandb_project,
         tensorboard=cfg.logging.tensorboard, progress_bar=cfg.logging.progress_bar,
+        resume=saved_state["tracker"] if saved_state else None,
     )
+    run = RunState(cfg, output_dir, model_dir, roles, PromptSampler(train_set, cfg.seed), tracker)
     try:
-        before, _ = evaluate(cfg, roles, eval_set)
-        tracker.log(0, before, advance=False)
-        sampler = PromptSampler(train_set, cfg.seed)
-        history = []
-        for step in range(1, cfg.steps + 1):
-            metrics = rl_step(cfg, roles, sampler.draw(cfg.prompts_per_step))
-            if cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.steps:
-                metrics.update(evaluate(cfg, roles, eval_set)[0])
-            if cfg.save_every and step % cfg.save_every == 0:
-                save(roles, output_dir / f"step_{step}")
-            tracker.log(step, metrics)
-            history.append({"step": step, **metrics})
-            if on_step is not None:
-                on_step(step, metrics)
+        with StopSignal() as stop:
+            if start.checkpoint:
+                run.restore(start.checkpoint)
+                tracker.write(f"resuming from {start.checkpoint} (step {run.step} of {cfg.steps})")
+            else:
+                run.before, _ = evaluate(cfg, roles, eval_set)
+                tracker.log(0, run.before, advance=False)
+                run.initial = run.driver_state()
+            while run.step < cfg.steps:
+                if stop.signum is not None:
+                    path = checkpoint.at_step(output_dir, run.step) if run.saved_step == run.step else run.save()
+                    tracker.write(f"stopped after step {run.step}; checkpoint: {path} (run the same command to resume)")
+                    raise Interrupted(stop.signum, path)
+                step = run.step + 1
+                try:
+                    metrics = rl_step(cfg, roles, run.sampler.draw(cfg.prompts_per_step))
+                    if cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.steps:
+                        metrics.update(evaluate(cfg, roles, eval_set)[0])
+                    metrics["restarts/learner"] = float(run.learner_restarts)
+                    run.step = step
+                    tracker.log(step, metrics)
+                    run.history.append({"step": step, **metrics})
+                    if cfg.checkpoint.every and step % cfg.checkpoint.every == 0:
+                        run.save()
+                except LearnerFailure as e:
+                    run.recover_learner(e)
+                    continue
+                if on_step is not None:
+                    on_step(step, metrics)
         after, examples = evaluate(cfg, roles, eval_set)
         tracker.log(cfg.steps, after, advance=False)
         final_dir = output_dir / "final"
         save(roles, final_dir)
-        (output_dir / "eval.json").write_text(json.dumps({"before": before, "after": after}, indent=2))
+        (output_dir / "eval.json").write_text(json.dumps({"before": run.before, "after": after}, indent=2))
         (output_dir / "examples.jsonl").write_text("".join(json.dumps(e) + "\n" for e in examples))
-        tracker.write("\n" + format_table(before, after) + f"\n\nfinal policy: {final_dir}")
+        checkpoint.mark_finished(output_dir, cfg.steps, cfg.model_dump())
+        tracker.write("\n" + format_table(run.before, after) + f"\n\nfinal policy: {final_dir}")
     finally:
         tracker.close()
         roles.shutdown()
         if started_ray:
             shutdown_ray()
-    return TrainResult(output_dir, final_dir, before, after, history)
+    return TrainResult(output_dir, final_dir, run.before, after, run.history)
+
+
+def finished_result(output_dir: Path) -> TrainResult:
+    """What a finished run left in output_dir, for a rerun of the same command."""
+    evaluated = json.loads((output_dir / "eval.json").read_text())
+    rows = [json.loads(line) for line in (output_dir / "metrics.jsonl").read_text().splitlines()]
+    history = [row for row in rows[1:-1]]  # step 0 is the eval before, the last line the eval after
+    return TrainResult(output_dir, output_dir / "final", evaluated["before"], evaluated["after"], history)
 
 
 if __name__ == "__main__":  # the same as `rayrlhf train ...`

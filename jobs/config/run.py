@@ -146,6 +146,22 @@ class LoggingConfig(StrictModel):
     progress_bar: bool = True
 
 
+class CheckpointConfig(StrictModel):
+    """The run checkpoint (jobs/checkpoint.py): everything exact resume needs, under output_dir/checkpoints."""
+
+    every: int = Field(0, ge=0)
+    """Write one every N steps (0: only when the driver gets SIGINT/SIGTERM). `save_every` sets this too."""
+    keep: int = Field(2, ge=1)
+    """The last N checkpoints are kept; older ones are deleted once a newer one is complete."""
+
+
+class FaultToleranceConfig(StrictModel):
+    """What the run survives inside the job."""
+
+    max_learner_restarts: int = Field(1, ge=0)
+    """A dead learner rank restarts the learner group from the latest checkpoint (or the start), at most N times."""
+
+
 class RunConfig(StrictModel):
     name: str = "rayrlhf"
     seed: int = 0
@@ -155,7 +171,6 @@ class RunConfig(StrictModel):
     eval_every: int = Field(0, ge=0)
     """Evaluate on held-out prompts every N steps (0: only before and after training)."""
     eval_max_new_tokens: int | None = None
-    save_every: int = Field(0, ge=0)
     output_dir: str = "outputs/rayrlhf"
     policy: PolicyConfig = PolicyConfig()
     data: DataConfig = DataConfig()
@@ -166,6 +181,21 @@ class RunConfig(StrictModel):
     learner: LearnerConfig = LearnerConfig()
     cluster: ClusterConfig = ClusterConfig()
     logging: LoggingConfig = LoggingConfig()
+    checkpoint: CheckpointConfig = CheckpointConfig()
+    fault_tolerance: FaultToleranceConfig = FaultToleranceConfig()
+
+    @model_validator(mode="before")
+    @classmethod
+    def _save_every(cls, data: object) -> object:
+        """`save_every: N` (the older spelling) means checkpoint.every = N."""
+        if isinstance(data, dict) and "save_every" in data:
+            data = dict(data)
+            every = data.pop("save_every")
+            section = dict(data.get("checkpoint") or {})
+            if "every" in section and section["every"] != every:
+                raise ValueError(f"save_every ({every}) and checkpoint.every ({section['every']}) disagree; give one")
+            data["checkpoint"] = {**section, "every": every}
+        return data
 
     @model_validator(mode="after")
     def _consistent(self) -> RunConfig:
