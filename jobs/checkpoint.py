@@ -102,7 +102,8 @@ def write(
     folder = root(output_dir)
     final = folder / f"step_{step:06d}"
     tmp = folder / f".tmp-step_{step:06d}"
-    shutil.rmtree(tmp, ignore_errors=True)
+    for stale in folder.glob(".tmp-step_*"):  # left by a crash while saving
+        shutil.rmtree(stale, ignore_errors=True)
     tmp.mkdir(parents=True)
     write_learner(tmp / LEARNER_DIR)
     (tmp / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))

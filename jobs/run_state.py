@@ -51,6 +51,16 @@ def get_all(refs: list) -> list:
     return ray.get(refs)
 
 
+def learner_get(refs: list, learner: ActorGroup) -> list:
+    """get_all for calls of the learner group: a failure of the group becomes a LearnerFailure."""
+    try:
+        return get_all(refs)
+    except ray.exceptions.RayError as e:
+        if is_learner_failure(e, learner):
+            raise LearnerFailure(str(e)) from e
+        raise
+
+
 @dataclass
 class Start:
     """Where a run starts: from a checkpoint, from scratch (None), or nowhere (it already finished)."""
@@ -149,7 +159,8 @@ class RunState:
         state = self.driver_state()
 
         def write_learner(folder: Path) -> None:
-            learner = get_all([rank.save_checkpoint.remote(str(folder)) for rank in self.roles.learner])
+            group = self.roles.learner
+            learner = learner_get([rank.save_checkpoint.remote(str(folder)) for rank in group], group)
             state["learner"] = learner[0]
 
         learner_cfg = self.cfg.learner
