@@ -114,7 +114,7 @@ def _wait_for(predicate, proc, timeout: float) -> None:
         time.sleep(0.2)
 
 
-def test_cli_sigint_writes_a_checkpoint_and_a_rerun_finishes(tmp_path):
+def test_cli_sigint_writes_a_checkpoint_and_a_rerun_finishes(tmp_path, request):
     # first in the file: its own Ray in a subprocess, before the module's Ray starts
     out = tmp_path / "run"
     args = ["train", "--config", "tiny", "--set", f"output_dir={out}", "--set", "steps=3",
@@ -137,7 +137,7 @@ def test_cli_sigint_writes_a_checkpoint_and_a_rerun_finishes(tmp_path):
     assert saved is not None and 1 <= checkpoint.step_of(saved) < 3, log.read_text()[-3000:]
     assert not (out / "final").exists()
 
-    init_ray(num_cpus=4, object_store_mb=512)  # the module's Ray from here on (see the fixture)
+    request.getfixturevalue("local_ray")  # the module's Ray from here on, for the reruns in this process
     assert main([*args, "--set", "learner.lr=0.5"]) == 2  # a changed field is refused, by name
     assert main(args) == 0
     steps = [row["step"] for row in metric_rows(out)]
