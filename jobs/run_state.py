@@ -142,6 +142,8 @@ class RunState:
     saved_step: int | None = None
     initial: dict[str, Any] | None = None
     """The driver state at step 0, for a learner restart before the first checkpoint."""
+    resumed_from: Path | None = None
+    """The checkpoint this job started from (in a Tune trial it lives in Tune's storage, not output_dir)."""
 
     def driver_state(self) -> dict[str, Any]:
         roles = self.roles
@@ -171,6 +173,10 @@ class RunState:
         self.saved_step = self.step
         return path
 
+    def resume(self, path: Path) -> None:
+        self.restore(path)
+        self.resumed_from = path
+
     def restore(self, path: Path | None) -> None:
         """Put a checkpoint back (None: the state at step 0, with the fresh learner group as it is)."""
         if path is None:
@@ -198,7 +204,7 @@ class RunState:
             raise RuntimeError(f"a learner rank failed after {self.learner_restarts} restart(s) "
                                f"(fault_tolerance.max_learner_restarts={limit})") from error
         self.learner_restarts += 1
-        path = checkpoint.latest(self.output_dir)
+        path = checkpoint.latest(self.output_dir) or self.resumed_from
         self.tracker.write(
             f"learner failure at step {self.step + 1} ({type(error.__cause__ or error).__name__}): restart "
             f"{self.learner_restarts}/{limit}, from {path or 'the start (no checkpoint yet)'}"

@@ -240,7 +240,7 @@ def train(
     try:
         with StopSignal() as stop:
             if start.checkpoint:
-                run.restore(start.checkpoint)
+                run.resume(start.checkpoint)
                 tracker.write(f"resuming from {start.checkpoint} (step {run.step} of {cfg.steps})")
             else:
                 run.before, _ = evaluate(cfg, roles, eval_set)

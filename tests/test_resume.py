@@ -26,6 +26,7 @@ from rayrlhf.jobs.checkpoint import Interrupted
 from rayrlhf.jobs.cli import main
 from rayrlhf.jobs.config.base import ConfigError
 from rayrlhf.jobs.config.run import load_config
+from rayrlhf.jobs.run_state import plan
 from rayrlhf.jobs.train import PromptSampler, train
 
 REPO = Path(__file__).resolve().parent.parent
@@ -98,6 +99,15 @@ def test_checkpoint_files_atomic_keep_and_config_check(tmp_path):
     assert [checkpoint.step_of(p) for p in checkpoint.complete(tmp_path)] == [4, 6]  # 8 never became one
     manifest, config, state = checkpoint.read(checkpoint.latest(tmp_path))
     assert manifest["step"] == 6 and state == {"step": 6} and config == cfg.model_dump()
+
+    # resume planning: the latest complete one; a changed field refused by name; never forgets them
+    assert plan(tiny(tmp_path, "save_every=2", "steps=9"), tmp_path, "auto").checkpoint == checkpoint.latest(tmp_path)
+    assert plan(cfg, tmp_path, str(tmp_path / "checkpoints" / "step_000004")).checkpoint.name == "step_000004"
+    with pytest.raises(ConfigError, match=r"differs from the checkpoint's in learner\.lr, seed"):
+        plan(tiny(tmp_path, "learner.lr=0.5", "seed=1"), tmp_path, "auto")
+    checkpoint.mark_finished(tmp_path, cfg.steps, cfg.model_dump())
+    assert plan(cfg, tmp_path, "auto").finished_step == cfg.steps
+    assert plan(cfg, tmp_path, "never").checkpoint is None and checkpoint.latest(tmp_path) is None
 
     other = tiny(tmp_path, "steps=9", "logging.wandb=offline", "reward.alpha=0.5", "learner.lr=0.1",
                  "rollout.num_cpus=1", "algorithm.name=ppo")
