@@ -33,8 +33,8 @@ LEARNER_DIR = "learner"
 FINISHED = "finished.json"
 
 FREE_FIELDS = (
-    "name", "steps", "output_dir", "eval_every", "eval_max_new_tokens", "checkpoint", "fault_tolerance",
-    "cluster", "logging", "data.eval", "data.num_eval", "reward.rm_batch_size",
+    "name", "steps", "output_dir", "eval_every", "eval_max_new_tokens", "eval", "monitor", "checkpoint",
+    "fault_tolerance", "cluster", "logging", "data.eval", "data.num_eval", "reward.rm_batch_size",
     "rollout.num_cpus", "rollout.num_gpus", "rollout.torch_threads", "reward.num_cpus", "reward.torch_threads",
     "kl.num_cpus", "kl.torch_threads", "learner.num_cpus", "learner.num_gpus", "learner.torch_threads",
     "learner.backend",
