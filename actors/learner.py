@@ -230,6 +230,23 @@ class Learner:
                 save_policy(self.policy, self.tokenizer, local)
             return str(destination)
 
+    # --- run checkpoint (jobs/checkpoint.py decides where) ---------------------------------
+
+    def save_checkpoint(self, folder: str) -> dict[str, Any]:
+        """Collective: every rank writes its DeepSpeed engine state (weights, optimizer, ZeRO
+        partitions, LR schedule) under `folder`; returns what the driver keeps beside it."""
+        self.engine.save_checkpoint(folder, tag="state", save_latest=False)
+        return {"version": self.version, "kl_coef": float(self.kl_ctl.value)}
+
+    def load_checkpoint(self, folder: str, state: dict[str, Any]) -> int:
+        """Collective: the inverse of save_checkpoint, on a group of the same size and ZeRO stage."""
+        path, _ = self.engine.load_checkpoint(folder, tag="state")
+        if path is None:
+            raise FileNotFoundError(f"no DeepSpeed checkpoint under {folder}")
+        self.version = int(state["version"])
+        self.kl_ctl.value = float(state["kl_coef"])
+        return self.version
+
     # --- training ------------------------------------------------------------------------
 
     def _forward(self, rows: dict[str, torch.Tensor], entropy_grad: bool) -> tuple[PolicyOutput, torch.Tensor | None]:

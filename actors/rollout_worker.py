@@ -172,12 +172,13 @@ class RolloutWorker:
 
     def state_dict(self) -> dict[str, int]:
         """What seeds the next call's samples: the policy version and the call counter. A restarted
-        worker gets the counter back (and the version with its weights, `load_weights`), so its
-        samples equal those the lost process would have drawn."""
+        worker (jobs/recovery.py) or a resumed run (jobs/run_state.py) gets both back, and the weights
+        of that version with load_weights, so its samples equal those the lost process would have drawn."""
         return {"version": self.version, "calls": self._calls}
 
     def load_state_dict(self, state: dict[str, int]) -> None:
-        self._calls = int(state["calls"])
+        """Rewind or restore the counters; the weights of that version come with load_weights."""
+        self.version, self._calls = int(state["version"]), int(state["calls"])
 
     def _prompt_ids(self, prompt: Prompt) -> list[int]:
         return prompt_token_ids(

@@ -13,6 +13,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from rayrlhf.jobs.checkpoint import Interrupted
 from rayrlhf.jobs.config.base import ConfigError
 
 
@@ -27,7 +28,7 @@ def _train(args: argparse.Namespace) -> Any:
     cfg = load_config(args.config, _overrides(args, "cluster.address"))
     from rayrlhf.jobs.train import train
 
-    return train(cfg)
+    return train(cfg, resume=args.resume)
 
 
 def _tune(args: argparse.Namespace) -> Any:
@@ -94,6 +95,9 @@ def address_option(parser: argparse.ArgumentParser) -> None:
 
 def _train_options(parser: argparse.ArgumentParser) -> None:
     config_options(parser, "default.yaml", "learner.zero_stage=3")
+    parser.add_argument("--resume", default="auto", metavar="auto|never|PATH",
+                        help="auto (default): continue from the latest complete checkpoint in output_dir, if any; "
+                        "never: start over; PATH: a checkpoint folder (or an output_dir) to continue from")
 
 
 def _tune_options(parser: argparse.ArgumentParser) -> None:
@@ -172,6 +176,9 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"rayrlhf {args.verb}: {e}", file=sys.stderr)
         return 2
+    except Interrupted as e:  # SIGINT/SIGTERM: a checkpoint was written; 130/143 as a shell expects
+        print(f"rayrlhf {args.verb}: {e}", file=sys.stderr)
+        return e.exit_code
     return result if isinstance(result, int) else 0  # submit/jobs return an exit status
 
 

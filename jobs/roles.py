@@ -134,6 +134,20 @@ class Roles:
             group.shutdown()
 
 
+def _start(cfg: RunConfig, role: Role) -> ActorGroup:
+    group = ActorGroup(role.count, name=role.name, resources=role.resources, strategy=cfg.cluster.placement_strategy)
+    try:
+        settings = role.settings
+        if role.rendezvous:
+            master_addr, master_port = group.rendezvous()
+            settings = lambda rank, s=role.settings: dict(s(rank), master_addr=master_addr, master_port=master_port)  # noqa: E731
+        group.start(role.cls, settings, max_restarts=role.max_restarts)
+    except BaseException:
+        group.shutdown()
+        raise
+    return group
+
+
 def launch(cfg: RunConfig) -> Roles:
     """Check that the run fits, start every role's replicas in its placement group, and wait until
     they are up: a replica that cannot start (a model missing on its node) fails the launch, by name."""
@@ -142,14 +156,7 @@ def launch(cfg: RunConfig) -> Roles:
     groups: dict[str, ActorGroup] = {}
     try:
         for role in table:
-            group = ActorGroup(role.count, name=role.name, resources=role.resources,
-                               strategy=cfg.cluster.placement_strategy)
-            groups[role.name] = group
-            settings = role.settings
-            if role.rendezvous:
-                master_addr, master_port = group.rendezvous()
-                settings = lambda rank, s=role.settings: dict(s(rank), master_addr=master_addr, master_port=master_port)  # noqa: E731
-            group.start(role.cls, settings, max_restarts=role.max_restarts)
+            groups[role.name] = _start(cfg, role)
         for group in groups.values():
             group.wait_started()
         roles = Roles(groups)
@@ -159,6 +166,15 @@ def launch(cfg: RunConfig) -> Roles:
         Roles(groups).shutdown()
         raise
     return roles
+
+
+def restart(roles: Roles, cfg: RunConfig, name: str) -> ActorGroup:
+    """Stop every replica of one role (a dead one included) and start the group anew, in place."""
+    roles.groups[name].shutdown()
+    role = next(r for r in role_table(cfg) if r.name == name)
+    group = roles.groups[name] = _start(cfg, role)
+    group.wait_started()
+    return group
 
 
 def uses_broadcast(cfg: RunConfig) -> bool:

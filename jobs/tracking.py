@@ -2,6 +2,9 @@
 
 One `log(step, metrics)` call feeds all of them, so a metric logged once is visible everywhere.
 wandb runs offline unless the config asks for online; it writes under the run's output dir.
+`state()` goes into the run checkpoint; a Tracker built with `resume=state` (or `rewind(state)`)
+continues from it: metrics.jsonl cut back to that point, TensorBoard events after it purged, and
+the same wandb run continued (its id).
 """
 
 from __future__ import annotations
@@ -28,34 +31,65 @@ class Tracker:
         wandb_project: str,
         tensorboard: bool,
         progress_bar: bool,
+        resume: dict[str, Any] | None = None,
     ) -> None:
         self.output_dir = output_dir
         output_dir.mkdir(parents=True, exist_ok=True)
-        self._jsonl = open(output_dir / "metrics.jsonl", "w")
+        self.step, self._lines = 0, 0
+        self._jsonl = open(output_dir / "metrics.jsonl", "a" if resume else "w")
         self._bar = tqdm(total=total_steps, desc="rl steps", unit="step", disable=not progress_bar)
+        self._tensorboard = tensorboard
         self._tb = None
-        if tensorboard:
-            from torch.utils.tensorboard import SummaryWriter
-
-            self._tb = SummaryWriter(log_dir=str(output_dir / "tensorboard"))
         self._wandb = None
+        if resume is not None:
+            self.rewind(resume)
+        elif tensorboard:
+            self._open_tensorboard(None)
         if wandb_mode != "disabled":
             import wandb
 
+            run_id = (resume or {}).get("wandb_id")
             self._wandb = wandb.init(
-                project=wandb_project, name=run_name, mode=wandb_mode, dir=str(output_dir), config=config
+                project=wandb_project, name=run_name, mode=wandb_mode, dir=str(output_dir), config=config,
+                id=run_id, resume="allow" if run_id else None,
             )
+
+    def _open_tensorboard(self, purge_step: int | None) -> None:
+        from torch.utils.tensorboard import SummaryWriter
+
+        if self._tb is not None:
+            self._tb.close()
+        self._tb = SummaryWriter(log_dir=str(self.output_dir / "tensorboard"), purge_step=purge_step)
+
+    def state(self) -> dict[str, Any]:
+        return {"step": self.step, "metrics_lines": self._lines, "wandb_id": self._wandb.id if self._wandb else None}
+
+    def rewind(self, state: dict[str, Any]) -> None:
+        """Continue from `state`: later lines of metrics.jsonl and later TensorBoard events are dropped.
+        (wandb keeps what it was sent; a step logged again there is ignored.)"""
+        path = self.output_dir / "metrics.jsonl"
+        self._jsonl.close()
+        kept = path.read_text().splitlines(keepends=True)[: state["metrics_lines"]] if path.exists() else []
+        path.write_text("".join(kept))
+        self._jsonl = open(path, "a")
+        self.step, self._lines = state["step"], len(kept)
+        self._bar.n = self.step
+        self._bar.refresh()
+        if self._tensorboard:
+            self._open_tensorboard(self.step + 1)
 
     def log(self, step: int, metrics: dict[str, float], advance: bool = True) -> None:
         clean = {k: float(v) for k, v in metrics.items() if v is not None and math.isfinite(float(v))}
         self._jsonl.write(json.dumps({"step": step, **clean}) + "\n")
         self._jsonl.flush()
+        self._lines += 1
         if self._tb is not None:
             for key, value in clean.items():
                 self._tb.add_scalar(key, value, step)
         if self._wandb is not None:
             self._wandb.log(clean, step=step)
         if advance:
+            self.step = step
             self._bar.set_postfix({k.split("/")[-1]: f"{clean[k]:.3g}" for k in CONSOLE_KEYS if k in clean})
             self._bar.update(1)
 

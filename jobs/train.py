@@ -31,12 +31,15 @@ from rayrlhf.actors.trajectory import LearnerBatch, Prompt, Rewards
 from rayrlhf.cluster.actor_group import ActorGroup
 from rayrlhf.cluster.local import init_ray, shutdown_ray
 from rayrlhf.cluster.storage import Storage
+from rayrlhf.jobs import checkpoint
+from rayrlhf.jobs.checkpoint import Interrupted
 from rayrlhf.jobs.config.base import ConfigError
 from rayrlhf.jobs.config.run import RunConfig
 from rayrlhf.jobs.data.prompts import load_task
 from rayrlhf.jobs.health import HealthMonitor, weighted_components
 from rayrlhf.jobs.recovery import Recovery
 from rayrlhf.jobs.roles import Roles, launch
+from rayrlhf.jobs.run_state import LearnerFailure, RunState, StopSignal, get_all, is_learner_failure, plan
 from rayrlhf.jobs.tracking import Tracker, format_table
 
 
@@ -53,7 +56,7 @@ class TrainResult:
 
 
 class PromptSampler:
-    """Epochs over the training prompts in a seeded order."""
+    """Epochs over the training prompts in a seeded order; its state is the rest of the epoch and the RNG."""
 
     def __init__(self, prompts: list[Prompt], seed: int) -> None:
         self.prompts = prompts
@@ -68,6 +71,15 @@ class PromptSampler:
                 self.rng.shuffle(self.order)
             batch.append(self.prompts[self.order.pop()])
         return batch
+
+    def state_dict(self) -> dict[str, Any]:
+        version, internal, gauss = self.rng.getstate()
+        return {"order": list(self.order), "rng": [version, list(internal), gauss]}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        version, internal, gauss = state["rng"]
+        self.rng.setstate((version, tuple(internal), gauss))
+        self.order = list(state["order"])
 
 
 def _shards(items: list, n: int) -> list[list]:
@@ -157,10 +169,15 @@ def rl_step(cfg: RunConfig, roles: Roles, prompts: list[Prompt], recovery: Recov
     t0 = time.perf_counter()
     experience = recovery.run("the rollout", lambda: collect(roles, prompts, recovery))
     t3 = time.perf_counter()
-    learn_metrics = ray.get([learner.learn.remote(batch) for learner, batch in zip(roles.learner, experience.batches)])
-    recovery.trained.append(experience.sample_ids)
-    t4 = time.perf_counter()
-    rollout_versions = sync_weights(roles, int(learn_metrics[0]["version"]), recovery)
+    try:  # a learner rank's death becomes a LearnerFailure: the run restarts the group from its checkpoint
+        learn_metrics = get_all([learner.learn.remote(b) for learner, b in zip(roles.learner, experience.batches)])
+        recovery.trained.append(experience.sample_ids)
+        t4 = time.perf_counter()
+        rollout_versions = sync_weights(roles, int(learn_metrics[0]["version"]), recovery)
+    except ray.exceptions.RayError as e:
+        if is_learner_failure(e, roles.learner):
+            raise LearnerFailure(str(e)) from e
+        raise
     t5 = time.perf_counter()
 
     # every rank returns the same all-reduced metrics ("tokens" is already the total over ranks)
@@ -267,14 +284,25 @@ def prepare(cfg: RunConfig) -> tuple[list[Prompt], list[Prompt]]:
     return train_set, eval_set
 
 
-def train(cfg: RunConfig, on_step: Callable[[int, dict[str, float]], None] | None = None) -> TrainResult:
-    """Run the RL loop; `on_step(step, metrics)` (optional) sees each step's metrics, eval ones included."""
+def train(
+    cfg: RunConfig, on_step: Callable[[int, dict[str, float]], None] | None = None, resume: str | Path = "auto",
+) -> TrainResult:
+    """Run the RL loop; `on_step(step, metrics)` (optional) sees each step's metrics, eval ones included,
+    after that step's checkpoint (if any) is written. `resume`: "auto" (continue from the latest
+    complete checkpoint in output_dir, if any), "never" (start over) or a checkpoint path."""
     train_set, eval_set = prepare(cfg)
     storage = Storage(cfg.output_dir)
-    # the driver's own files: written in place for a path, staged here and uploaded for a URI
+    # the driver's own files: written in place for a path, staged here and uploaded for a URI (run
+    # checkpoints need a path every node sees: on a URI a run cannot resume yet)
     output_dir = storage.local_path or Path(tempfile.mkdtemp(prefix="rayrlhf-driver-"))
+    start = plan(cfg, output_dir, str(resume))
+    if start.finished_step is not None:
+        print(f"the run in {output_dir} already finished ({start.finished_step} steps); final policy: "
+              f"{output_dir / 'final'} (--resume never starts it over)")
+        return finished_result(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     (output_dir / "config.yaml").write_text(yaml.safe_dump(cfg.model_dump(), sort_keys=False))
+    saved_state = checkpoint.read(start.checkpoint)[2] if start.checkpoint else None
     started_ray = not ray.is_initialized()
     init_ray(cfg.cluster.address, cfg.cluster.num_cpus, cfg.cluster.object_store_mb)
     try:
@@ -287,37 +315,54 @@ def train(cfg: RunConfig, on_step: Callable[[int, dict[str, float]], None] | Non
         output_dir, run_name=cfg.name, config=cfg.model_dump(), total_steps=cfg.steps,
         wandb_mode=cfg.logging.wandb, wandb_project=cfg.logging.wandb_project,
         tensorboard=cfg.logging.tensorboard, progress_bar=cfg.logging.progress_bar,
+        resume=saved_state["tracker"] if saved_state else None,
     )
     monitor = HealthMonitor(cfg.monitor.model_dump(), weighted_components(cfg.reward), tracker.write)
+    recovery = Recovery(roles, cfg.fault_tolerance, log=tracker.write)
+    run = RunState(cfg, output_dir, roles, PromptSampler(train_set, cfg.seed), tracker, recovery)
     try:
-        recovery = Recovery(roles, cfg.fault_tolerance, log=tracker.write)
-        before, _ = evaluate(cfg, roles, eval_set, recovery)
-        monitor.observe(0, dict(before))  # a copy: no health flags in the before/after table
-        tracker.log(0, before, advance=False)
-        sampler = PromptSampler(train_set, cfg.seed)
-        history = []
-        for step in range(1, cfg.steps + 1):
-            metrics = rl_step(cfg, roles, sampler.draw(cfg.prompts_per_step), recovery)
-            if cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.steps:
-                metrics.update(evaluate(cfg, roles, eval_set, recovery)[0])
-            stop = monitor.observe(step, metrics)  # adds health/* flags; True: a monitor.stop_on check failed
-            if cfg.save_every and step % cfg.save_every == 0:
-                save(roles, storage.child(f"step_{step}"))
-                storage.upload(output_dir)  # the logs so far, beside the checkpoint
-            tracker.log(step, metrics)
-            history.append({"step": step, **metrics})
-            if on_step is not None:
-                on_step(step, metrics)
-            if stop:
-                break
+        with StopSignal() as stop:
+            if start.checkpoint:
+                run.resume(start.checkpoint)
+                tracker.write(f"resuming from {start.checkpoint} (step {run.step} of {cfg.steps})")
+            else:
+                run.before, _ = evaluate(cfg, roles, eval_set, recovery)
+                tracker.log(0, run.before, advance=False)
+                run.initial = run.driver_state()
+            monitor.observe(0, dict(run.before))  # a copy: no health flags in the before/after table
+            stopped_early = False
+            while run.step < cfg.steps and not stopped_early:
+                if stop.signum is not None:
+                    path = checkpoint.at_step(output_dir, run.step) if run.saved_step == run.step else run.save()
+                    tracker.write(f"stopped after step {run.step}; checkpoint: {path} (run the same command to resume)")
+                    raise Interrupted(stop.signum, path)
+                step = run.step + 1
+                try:
+                    metrics = rl_step(cfg, roles, run.sampler.draw(cfg.prompts_per_step), recovery)
+                    if cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.steps:
+                        metrics.update(evaluate(cfg, roles, eval_set, recovery)[0])
+                    metrics["restarts/learner"] = float(run.learner_restarts)
+                    stopped_early = monitor.observe(step, metrics)  # adds health/*; True: a monitor.stop_on check failed
+                    run.step = step
+                    tracker.log(step, metrics)
+                    run.history.append({"step": step, **metrics})
+                    if cfg.checkpoint.every and step % cfg.checkpoint.every == 0:
+                        run.save()
+                        storage.upload(output_dir)  # the logs so far, beside the checkpoint
+                except LearnerFailure as e:
+                    run.recover_learner(e)
+                    continue
+                if on_step is not None:
+                    on_step(step, metrics)
         after, examples = evaluate(cfg, roles, eval_set, recovery)
-        monitor.observe(len(history), dict(after))
-        tracker.log(len(history), after, advance=False)  # the steps run: fewer if the monitor stopped
+        monitor.observe(run.step, dict(after))
+        tracker.log(run.step, after, advance=False)  # the steps run: fewer if the monitor stopped the run
         final_dir = storage.join("final")
         save(roles, storage.child("final"))
-        (output_dir / "eval.json").write_text(json.dumps({"before": before, "after": after}, indent=2))
+        (output_dir / "eval.json").write_text(json.dumps({"before": run.before, "after": after}, indent=2))
         (output_dir / "examples.jsonl").write_text("".join(json.dumps(e) + "\n" for e in examples))
-        tracker.write("\n" + format_table(before, after) + f"\n\nfinal policy: {final_dir}")
+        checkpoint.mark_finished(output_dir, cfg.steps, cfg.model_dump())  # also after a monitor stop: a rerun trains no further
+        tracker.write("\n" + format_table(run.before, after) + f"\n\nfinal policy: {final_dir}")
         if cfg.monitor.plot:
             monitor.plot(output_dir / "training.png")
     finally:
@@ -328,7 +373,15 @@ def train(cfg: RunConfig, on_step: Callable[[int, dict[str, float]], None] | Non
         if storage.local_path is None:
             storage.upload(output_dir)
             shutil.rmtree(output_dir, ignore_errors=True)
-    if storage.local_path is not None:
-        return TrainResult(storage.local_path, storage.local_path / "final", before, after, history, recovery.trained)
-    return TrainResult(storage.location, final_dir, before, after, history, recovery.trained)
+    location = storage.local_path if storage.local_path is not None else storage.location
+    final = storage.local_path / "final" if storage.local_path is not None else final_dir
+    return TrainResult(location, final, run.before, after, run.history, recovery.trained)
+
+
+def finished_result(output_dir: Path) -> TrainResult:
+    """What a finished run left in output_dir, for a rerun of the same command."""
+    evaluated = json.loads((output_dir / "eval.json").read_text())
+    rows = [json.loads(line) for line in (output_dir / "metrics.jsonl").read_text().splitlines()]
+    history = [row for row in rows[1:-1]]  # step 0 is the eval before, the last line the eval after
+    return TrainResult(output_dir, output_dir / "final", evaluated["before"], evaluated["after"], history)
 

@@ -9,6 +9,7 @@ reward; it is reported at every evaluation so ASHA can stop weak trials early.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 import os
@@ -22,6 +23,7 @@ from ray.tune.schedulers import ASHAScheduler
 from ray.tune.search import BasicVariantGenerator
 
 from rayrlhf.cluster.local import init_ray, shutdown_ray
+from rayrlhf.jobs import checkpoint
 from rayrlhf.jobs.config.run import RunConfig
 from rayrlhf.jobs.config.tune import (
     ObjectiveConfig,
@@ -51,10 +53,13 @@ def reports_per_trial(cfg: RunConfig) -> int:
 
 
 class ObjectiveReporter:
-    """Turns train()'s metrics into Tune reports: the objective, KL, components and weights."""
+    """Turns train()'s metrics into Tune reports: the objective, KL, components and weights; a run
+    checkpoint written at that step goes with the report (Tune copies it into the trial's storage,
+    so the run's own copy is removed)."""
 
-    def __init__(self, objective: ObjectiveConfig, fields: dict[str, float]) -> None:
+    def __init__(self, objective: ObjectiveConfig, fields: dict[str, float], run_dir: Path | None = None) -> None:
         self.objective = objective
+        self.run_dir = run_dir
         self.weights = {f"weight/{name}": value for name, value in fields.items()}
         self.kl = 0.0
 
@@ -73,7 +78,11 @@ class ObjectiveReporter:
     def on_step(self, step: int, metrics: dict[str, float]) -> None:
         self.kl = metrics.get("kl", 0.0)
         if any(k.startswith("eval/") for k in metrics):
-            tune.report({**self.metrics(metrics), "step": step, "final": 0.0})
+            saved = checkpoint.at_step(self.run_dir, step) if self.run_dir else None
+            report = tune.Checkpoint.from_directory(str(saved)) if saved else None
+            tune.report({**self.metrics(metrics), "step": step, "final": 0.0}, checkpoint=report)
+            if saved:
+                checkpoint.remove(saved)
 
     def final(self, result: TrainResult) -> None:
         """Report the last evaluation and the final policy's folder (inside the trial's folder).
@@ -91,7 +100,10 @@ class ObjectiveReporter:
 
 
 def run_trial(config: dict[str, Any], setup: TuneSetup, workdir: str) -> None:
-    """One trial: train() with the trial's weights, writing its run inside the trial's folder."""
+    """One trial: train() with the trial's weights, writing its run inside the trial's folder.
+
+    A trial checkpoints at every evaluation it reports (unless the run config says otherwise); a
+    retried or restored trial continues from its last reported checkpoint, not from step 0."""
     if os.path.isdir(workdir):
         os.chdir(workdir)  # relative paths in the run config mean what they meant to the user
     context = tune.get_context()
@@ -99,8 +111,12 @@ def run_trial(config: dict[str, Any], setup: TuneSetup, workdir: str) -> None:
     # get_trial_dir() is Tune's local staging copy; the run goes straight to the trial's folder in storage
     trial_dir = setup.cfg.experiment_dir() / Path(context.get_trial_dir()).name
     cfg = setup.run_config(fields, output_dir=str(trial_dir / "run"), name=f"{setup.cfg.name}-{context.get_trial_id()}")
-    reporter = ObjectiveReporter(setup.cfg.objective, fields)
-    reporter.final(train(cfg, on_step=reporter.on_step))
+    if cfg.eval_every and not cfg.checkpoint.every:
+        cfg.checkpoint.every = cfg.eval_every
+    reporter = ObjectiveReporter(setup.cfg.objective, fields, Path(cfg.output_dir))
+    last = tune.get_checkpoint()
+    with last.as_directory() if last else contextlib.nullcontext("never") as resume:
+        reporter.final(train(cfg, on_step=reporter.on_step, resume=resume))
 
 
 def param_space(spec: dict[str, ParamSpec], algorithm: str) -> dict[str, Any]:
@@ -141,6 +157,7 @@ def make_tuner(setup: TuneSetup, trainable: Any) -> tune.Tuner:
         run_config=tune.RunConfig(
             name=cfg.name, storage_path=str(cfg.experiment_dir().parent),
             failure_config=tune.FailureConfig(max_failures=cfg.max_failures), verbose=1,
+            checkpoint_config=tune.CheckpointConfig(num_to_keep=first.checkpoint.keep),
         ),
     )
 

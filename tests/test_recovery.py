@@ -9,7 +9,6 @@ import numpy as np
 import psutil
 import pytest
 
-from rayrlhf.actors.models import resolve_policy
 from rayrlhf.actors.rollout_worker import RolloutWorker
 from rayrlhf.actors.trajectory import Prompt
 from rayrlhf.cluster.faults import Fault
@@ -48,7 +47,7 @@ def planned(cfg) -> list[list[int]]:
 
 def test_a_fresh_worker_given_the_counter_samples_what_the_lost_one_would_have():
     settings = dict(
-        model_dir=str(resolve_policy("tiny-gpt2")), max_prompt_tokens=64, use_chat_template=True, system_prompt=None,
+        model="tiny-gpt2", max_prompt_tokens=64, use_chat_template=True, system_prompt=None,
         samples_per_prompt=4, max_new_tokens=6, temperature=1.0, top_p=1.0, torch_threads=1, seed=3,
     )  # fmt: skip
     prompts = [Prompt(id=5, text="What is 2 plus 3?", reference="5")]

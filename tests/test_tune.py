@@ -235,3 +235,46 @@ def test_search_interrupted_resumed_and_exported(tmp_path):
         shutdown_ray()
     assert result.final_dir == exp_dir / "best_run" / "final"
     assert (result.final_dir / "model.safetensors").exists()
+
+
+def _trial_driver_pids() -> list[int]:
+    """The Tune trial processes among this test's Ray workers (process title ray::ImplicitFunc...)."""
+    import psutil
+
+    mine = psutil.Process().children(recursive=True)
+    return [p.pid for p in mine if p.is_running() and " ".join(p.cmdline()).startswith("ray::ImplicitFunc")]
+
+
+def test_killed_trial_continues_from_its_checkpoint(tmp_path):
+    """kill -9 a trial's process after its first reported checkpoint: Tune retries the trial
+    (max_failures=1), and the retry continues from that checkpoint instead of step 0."""
+    import threading
+
+    path = tiny_search(tmp_path, name="killed", search={"algorithm": "grid", "simplex": {"share": {"values": [0.5]}}})
+    exp_dir = tmp_path / "store" / "killed"
+    killed: list[int] = []
+
+    def kill_after_first_checkpoint() -> None:
+        deadline = time.time() + 600
+        while time.time() < deadline and not list(exp_dir.glob("run_trial_*/checkpoint_000000/manifest.json")):
+            time.sleep(0.2)
+        pids = _trial_driver_pids()
+        if len(pids) == 1:
+            os.kill(pids[0], signal.SIGKILL)
+            killed.append(pids[0])
+
+    killer = threading.Thread(target=kill_after_first_checkpoint, daemon=True)
+    init_ray(num_cpus=4, object_store_mb=256)
+    try:
+        killer.start()
+        outcome = tune_weights(load_tune_config(path))
+        killer.join(timeout=5)
+    finally:
+        shutdown_ray()
+    assert killed, "the trial's process was not found"
+    assert [r["status"] for r in outcome.summary.rows] == ["done"]
+    trial = next(exp_dir.glob("run_trial_*"))
+    assert (trial / "error.txt").read_text().count("Failure # ") == 1
+    reported = [json.loads(line)["step"] for line in (trial / "result.json").read_text().splitlines()]
+    assert reported == [1, 2]  # step 1 was reported once: the retry resumed after it
+    assert [json.loads(line)["step"] for line in (trial / "run" / "metrics.jsonl").read_text().splitlines()] == [0, 1, 2, 2]

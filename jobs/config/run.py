@@ -251,6 +251,15 @@ class MonitorConfig(StrictModel):
     """Write training.png (reward components, length, KL and entropy, held-out metrics) at the end."""
 
 
+class CheckpointConfig(StrictModel):
+    """The run checkpoint (jobs/checkpoint.py): everything exact resume needs, under output_dir/checkpoints."""
+
+    every: int = Field(0, ge=0)
+    """Write one every N steps (0: only when the driver gets SIGINT/SIGTERM). `save_every` sets this too."""
+    keep: int = Field(2, ge=1)
+    """The last N checkpoints are kept; older ones are deleted once a newer one is complete."""
+
+
 class FaultToleranceConfig(StrictModel):
     """How a run survives failures inside the job (README: "Checkpoints, resume and failures")."""
 
@@ -264,6 +273,8 @@ class FaultToleranceConfig(StrictModel):
     restarted and the batch scored again."""
     score_retries: int = Field(2, ge=0)
     """Further attempts after a failed or timed-out scoring; then the step fails (never a reward of 0)."""
+    max_learner_restarts: int = Field(1, ge=0)
+    """A dead learner rank restarts the learner group from the latest checkpoint (or the start), at most N times."""
 
 
 class RunConfig(StrictModel):
@@ -275,7 +286,6 @@ class RunConfig(StrictModel):
     eval_every: int = Field(0, ge=0)
     """Evaluate on held-out prompts every N steps (0: only before and after training)."""
     eval_max_new_tokens: int | None = None
-    save_every: int = Field(0, ge=0)
     output_dir: str = "outputs/rayrlhf"
     """A local path, a path on a filesystem every node mounts, or a pyarrow.fs URI (s3://, gs://, file://):
     the driver writes logs there and learner rank 0 writes policies there, from whatever node it runs on."""
@@ -291,7 +301,21 @@ class RunConfig(StrictModel):
     monitor: MonitorConfig = MonitorConfig()
     eval: EvalConfig = EvalConfig()
     """How held-out answers are decoded (eval_every and eval_max_new_tokens say when and how long)."""
+    checkpoint: CheckpointConfig = CheckpointConfig()
     fault_tolerance: FaultToleranceConfig = FaultToleranceConfig()
+
+    @model_validator(mode="before")
+    @classmethod
+    def _save_every(cls, data: object) -> object:
+        """`save_every: N` (the older spelling) means checkpoint.every = N."""
+        if isinstance(data, dict) and "save_every" in data:
+            data = dict(data)
+            every = data.pop("save_every")
+            section = dict(data.get("checkpoint") or {})
+            if "every" in section and section["every"] != every:
+                raise ValueError(f"save_every ({every}) and checkpoint.every ({section['every']}) disagree; give one")
+            data["checkpoint"] = {**section, "every": every}
+        return data
 
     @model_validator(mode="after")
     def _consistent(self) -> RunConfig:

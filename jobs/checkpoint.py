@@ -1,0 +1,183 @@
+"""The run checkpoint on disk: layout, manifest, atomic write, keep-last-N, lookup, config check.
+
+Every file of a run checkpoint is written through this module (the learner ranks write their
+DeepSpeed state into the folder `write` hands them). Layout under the run's output_dir:
+
+    checkpoints/step_000004/      one complete checkpoint (a folder appears only once whole)
+        manifest.json             step, policy version, learner ranks, ZeRO stage, format, time
+        config.yaml               the run config that wrote it
+        driver.json               sampler, normaliser statistics, rollout counters, tracker, ...
+        learner/state/            every learner rank's DeepSpeed engine state (engine.save_checkpoint)
+    checkpoints/.tmp-step_000004/ a checkpoint being written: renamed to step_000004 when whole
+    checkpoints/finished.json     written when the run finished: its step and config
+
+Light to import (no Ray, no torch): the CLI uses `Interrupted` and the lookups.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+FORMAT = 1
+MANIFEST = "manifest.json"
+DRIVER_STATE = "driver.json"
+LEARNER_DIR = "learner"
+FINISHED = "finished.json"
+
+FREE_FIELDS = (
+    "name", "steps", "output_dir", "eval_every", "eval_max_new_tokens", "eval", "monitor", "checkpoint",
+    "fault_tolerance", "cluster", "logging", "data.eval", "data.num_eval", "reward.rm_batch_size",
+    "rollout.num_cpus", "rollout.num_gpus", "rollout.torch_threads", "reward.num_cpus", "reward.torch_threads",
+    "kl.num_cpus", "kl.torch_threads", "learner.num_cpus", "learner.num_gpus", "learner.torch_threads",
+    "learner.backend",
+)
+"""Config fields a resumed run may change: where and how it runs, how long, what it logs and
+evaluates; not what the training steps compute. Every other field must match the checkpoint's."""
+
+
+class Interrupted(Exception):
+    """The driver got SIGINT/SIGTERM and wrote a checkpoint; the process exits with 128 + signal."""
+
+    def __init__(self, signum: int, checkpoint: Path | None) -> None:
+        super().__init__(f"interrupted by signal {signum}; checkpoint: {checkpoint}")
+        self.exit_code = 128 + signum
+        self.checkpoint = checkpoint
+
+
+def root(output_dir: Path) -> Path:
+    return Path(output_dir) / "checkpoints"
+
+
+def step_of(path: Path) -> int:
+    return int(path.name.removeprefix("step_"))
+
+
+def complete(output_dir: Path) -> list[Path]:
+    """Complete checkpoints, oldest first (a folder named step_N with its manifest)."""
+    folder = root(output_dir)
+    if not folder.is_dir():
+        return []
+    found = [p for p in folder.glob("step_*") if p.name[5:].isdigit() and (p / MANIFEST).is_file()]
+    return sorted(found, key=step_of)
+
+
+def latest(output_dir: Path) -> Path | None:
+    found = complete(output_dir)
+    return found[-1] if found else None
+
+
+def at_step(output_dir: Path, step: int) -> Path | None:
+    path = root(output_dir) / f"step_{step:06d}"
+    return path if (path / MANIFEST).is_file() else None
+
+
+def resolve(path: str | Path) -> Path:
+    """A checkpoint folder, or the latest complete one of an output_dir."""
+    path = Path(path).expanduser().resolve()
+    if (path / MANIFEST).is_file():
+        return path
+    found = latest(path)
+    if found is None:
+        raise FileNotFoundError(f"no complete checkpoint at {path} (a checkpoint folder or an output_dir holding checkpoints/)")
+    return found
+
+
+def write(
+    output_dir: Path, step: int, config: dict[str, Any], driver_state: dict[str, Any],
+    write_learner: Callable[[Path], None], manifest: dict[str, Any], keep: int,
+) -> Path:
+    """Write a checkpoint into a temporary folder, then rename it into place; keep the last `keep`.
+
+    `write_learner(folder)` has the learner ranks save their engines into `folder` (a collective).
+    A crash at any point leaves either the previous checkpoints or the new one whole, never half of one.
+    """
+    folder = root(output_dir)
+    final = folder / f"step_{step:06d}"
+    tmp = folder / f".tmp-step_{step:06d}"
+    for stale in folder.glob(".tmp-step_*"):  # left by a crash while saving
+        shutil.rmtree(stale, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    write_learner(tmp / LEARNER_DIR)
+    (tmp / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+    _write_json(tmp / DRIVER_STATE, driver_state)
+    _write_json(tmp / MANIFEST, {"format": FORMAT, "step": step, "time": time.time(), **manifest})
+    if final.exists():  # the same step written again (a redone step after a learner restart)
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    _fsync_dir(folder)
+    for old in complete(output_dir)[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def remove(path: Path) -> None:
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def read(path: Path) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
+    """(manifest, config, driver state) of a checkpoint folder."""
+    manifest = json.loads((path / MANIFEST).read_text())
+    if manifest.get("format") != FORMAT:
+        raise ValueError(f"{path}: checkpoint format {manifest.get('format')}, this version reads {FORMAT}")
+    config = yaml.safe_load((path / "config.yaml").read_text())
+    return manifest, config, json.loads((path / DRIVER_STATE).read_text())
+
+
+def learner_dir(path: Path) -> Path:
+    return path / LEARNER_DIR
+
+
+def mark_finished(output_dir: Path, step: int, config: dict[str, Any]) -> None:
+    _write_json(root(output_dir) / FINISHED, {"step": step, "config": config})
+
+
+def finished(output_dir: Path) -> dict[str, Any] | None:
+    path = root(output_dir) / FINISHED
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def clear(output_dir: Path) -> None:
+    """Forget a previous run in this output_dir (`--resume never`): its checkpoints and finished mark."""
+    shutil.rmtree(root(output_dir), ignore_errors=True)
+
+
+def changed_fields(saved: dict[str, Any], current: dict[str, Any], prefix: str = "") -> list[str]:
+    """Dotted names of the fields that differ and would make a resume wrong (FREE_FIELDS may differ)."""
+    out = []
+    for key in sorted(set(saved) | set(current)):
+        name = prefix + key
+        if name in FREE_FIELDS:
+            continue
+        a, b = saved.get(key), current.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += changed_fields(a, b, f"{name}.")
+        elif a != b:
+            out.append(name)
+    return out
+
+
+def _write_json(path: Path, data: dict[str, Any]) -> None:
+    """Write-then-rename, so a reader never sees half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "w") as f:
+        json.dump(data, f, indent=1)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

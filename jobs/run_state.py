@@ -1,0 +1,227 @@
+"""The driver's side of a run checkpoint: what is collected from the actors, and how it is put back.
+
+`RunState` is the run between steps: the step, the prompt sampler, the held-out metrics before
+training and the history, plus the actors that hold the rest (learner ranks: DeepSpeed state,
+policy version, KL controller; rollout workers: version and sampling counter; reward scorers:
+normaliser statistics; the tracker: metrics lines, TensorBoard step, wandb run id). `save` writes a
+checkpoint through jobs/checkpoint.py, `restore` puts one back, in a fresh run or (after a learner
+rank died) in a running one; `plan` decides at start-up whether and from where a run resumes.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import sys
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import ray
+
+from rayrlhf.cluster.actor_group import ActorGroup
+from rayrlhf.jobs import checkpoint
+from rayrlhf.jobs.config.base import ConfigError
+from rayrlhf.jobs.config.run import RunConfig
+from rayrlhf.jobs.recovery import Recovery
+from rayrlhf.jobs.roles import Roles, restart
+from rayrlhf.jobs.tracking import Tracker
+
+
+class LearnerFailure(RuntimeError):
+    """A learner rank died (or its group broke): the group is restarted from the latest checkpoint."""
+
+
+def is_learner_failure(error: BaseException, learner: ActorGroup) -> bool:
+    """Whether a Ray error came from (or through) one of the learner's actors."""
+    ids = {actor._actor_id.hex() for actor in learner}
+    while error is not None:
+        if getattr(error, "actor_id", None) in ids or getattr(error, "_actor_id", None) in ids:
+            return True
+        error = getattr(error, "cause", None)
+    return False
+
+
+def get_all(refs: list) -> list:
+    """ray.get, but the first failure surfaces at once (a rank whose peer died may block in a collective)."""
+    pending = list(refs)
+    while pending:
+        ready, pending = ray.wait(pending, num_returns=1)
+        ray.get(ready)
+    return ray.get(refs)
+
+
+def learner_get(refs: list, learner: ActorGroup) -> list:
+    """get_all for calls of the learner group: a failure of the group becomes a LearnerFailure."""
+    try:
+        return get_all(refs)
+    except ray.exceptions.RayError as e:
+        if is_learner_failure(e, learner):
+            raise LearnerFailure(str(e)) from e
+        raise
+
+
+@dataclass
+class Start:
+    """Where a run starts: from a checkpoint, from scratch (None), or nowhere (it already finished)."""
+
+    checkpoint: Path | None = None
+    finished_step: int | None = None
+
+
+def plan(cfg: RunConfig, output_dir: Path, resume: str) -> Start:
+    """`resume`: "auto" (the latest complete checkpoint of output_dir, if any), "never" (start over,
+    forgetting earlier checkpoints) or a checkpoint path. Refuses a config that changed in a field
+    that would make the resume wrong, naming the fields."""
+    current = cfg.model_dump()
+    if resume == "never":
+        checkpoint.clear(output_dir)
+        return Start()
+    if resume != "auto":
+        try:
+            path: Path | None = checkpoint.resolve(resume)
+        except FileNotFoundError as e:
+            raise ConfigError(f"--resume: {e}") from None
+    else:
+        done = checkpoint.finished(output_dir)
+        if done is not None and done["step"] >= cfg.steps and not checkpoint.changed_fields(done["config"], current):
+            return Start(finished_step=done["step"])
+        path = checkpoint.latest(output_dir)
+        if path is None:
+            return Start()
+    _, saved, _ = checkpoint.read(path)
+    changed = checkpoint.changed_fields(saved, current)
+    if changed:
+        raise ConfigError(
+            f"cannot resume from {path}: the config differs from the checkpoint's in {', '.join(changed)} "
+            f"(restore them, or start over with --resume never or another output_dir)"
+        )
+    return Start(checkpoint=path)
+
+
+class StopSignal:
+    """SIGINT/SIGTERM ask the driver to stop after the current step, with a checkpoint; a second
+    one stops at once. Installed only in the main thread (a Tune trial runs train() in another)."""
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+        self._previous: dict[int, Any] = {}
+
+    def __enter__(self) -> StopSignal:
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.signum is not None:
+            raise KeyboardInterrupt
+        self.signum = signum
+        print(f"got {signal.Signals(signum).name}: finishing this step, then writing a checkpoint "
+              "(send it again to stop at once)", file=sys.stderr, flush=True)
+
+    def __exit__(self, *exc: Any) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+@dataclass
+class RunState:
+    cfg: RunConfig
+    output_dir: Path
+    roles: Roles
+    sampler: Any
+    """jobs/train.py PromptSampler (state_dict / load_state_dict)."""
+    tracker: Tracker
+    recovery: Recovery
+    """The stateless roles' recovery (jobs/recovery.py): it keeps the weights' ref and the trained sample ids."""
+    step: int = 0
+    before: dict[str, float] = field(default_factory=dict)
+    history: list[dict[str, float]] = field(default_factory=list)
+    learner_restarts: int = 0
+    """In this job (a resumed job starts again from 0)."""
+    saved_step: int | None = None
+    initial: dict[str, Any] | None = None
+    """The driver state at step 0, for a learner restart before the first checkpoint."""
+    resumed_from: Path | None = None
+    """The checkpoint this job started from (in a Tune trial it lives in Tune's storage, not output_dir)."""
+
+    def driver_state(self) -> dict[str, Any]:
+        roles = self.roles
+        return {
+            "step": self.step,
+            "before": self.before,
+            "sampler": self.sampler.state_dict(),
+            "scorers": ray.get([scorer.state_dict.remote() for scorer in roles.scorers]),
+            "rollout": ray.get([worker.state_dict.remote() for worker in roles.rollout]),
+            "tracker": self.tracker.state(),
+        }
+
+    def save(self) -> Path:
+        """A complete checkpoint of this step (a collective of the learner ranks)."""
+        state = self.driver_state()
+
+        def write_learner(folder: Path) -> None:
+            group = self.roles.learner
+            learner = learner_get([rank.save_checkpoint.remote(str(folder)) for rank in group], group)
+            state["learner"] = learner[0]
+
+        learner_cfg = self.cfg.learner
+        path = checkpoint.write(
+            self.output_dir, self.step, self.cfg.model_dump(), state, write_learner,
+            {"learner_ranks": learner_cfg.num_ranks, "zero_stage": learner_cfg.zero_stage}, self.cfg.checkpoint.keep,
+        )
+        self.saved_step = self.step
+        return path
+
+    def resume(self, path: Path) -> None:
+        self.restore(path)
+        self.resumed_from = path
+
+    def restore(self, path: Path | None) -> None:
+        """Put a checkpoint back (None: the state at step 0, with the fresh learner group as it is)."""
+        if path is None:
+            state = self.initial
+            assert state is not None, "no step-0 state to restore"
+        else:
+            _, _, state = checkpoint.read(path)
+            folder = str(checkpoint.learner_dir(path))
+            get_all([rank.load_checkpoint.remote(folder, state["learner"]) for rank in self.roles.learner])
+        roles = self.roles
+        ray.get([scorer.load_state_dict.remote(s) for scorer, s in zip(roles.scorers, state["scorers"], strict=True)])
+        ray.get([worker.load_state_dict.remote(s) for worker, s in zip(roles.rollout, state["rollout"], strict=True)])
+        # the checkpoint's policy to every rollout worker, through the recovery (it keeps the ref for
+        # workers that restart later); get_weights is a collective: rank 0 returns them
+        version = min(s["version"] for s in state["rollout"])
+        self.recovery.sync(version, lambda: [rank.get_weights.remote() for rank in roles.learner][0])
+        self.sampler.load_state_dict(state["sampler"])
+        self.step, self.before = state["step"], state["before"]
+        del self.recovery.trained[self.step:]  # the steps after the checkpoint are trained again
+        self.tracker.rewind(state["tracker"])
+        self.history = _history(self.output_dir / "metrics.jsonl", self.step)
+        self.saved_step = self.step if path is not None else None
+
+    def recover_learner(self, error: BaseException) -> None:
+        """Restart the learner group from the latest checkpoint (or step 0), rewinding the driver to it."""
+        limit = self.cfg.fault_tolerance.max_learner_restarts
+        if self.learner_restarts >= limit:
+            raise RuntimeError(f"a learner rank failed after {self.learner_restarts} restart(s) "
+                               f"(fault_tolerance.max_learner_restarts={limit})") from error
+        if self.roles.broadcast_dtypes is not None:
+            raise RuntimeError("a learner rank failed; an in-job restart cannot rejoin the NCCL weight-broadcast "
+                               "group yet: run the same command again to resume from the latest checkpoint") from error
+        self.learner_restarts += 1
+        path = checkpoint.latest(self.output_dir) or self.resumed_from
+        self.tracker.write(
+            f"learner failure at step {self.step + 1} ({type(error.__cause__ or error).__name__}): restart "
+            f"{self.learner_restarts}/{limit}, from {path or 'the start (no checkpoint yet)'}"
+        )
+        restart(self.roles, self.cfg, "learner")
+        self.restore(path)
+
+
+def _history(metrics_path: Path, step: int) -> list[dict[str, float]]:
+    """The per-step metrics of steps 1..step, read back from metrics.jsonl (step 0 is the eval before)."""
+    rows = [json.loads(line) for line in metrics_path.read_text().splitlines()] if metrics_path.exists() else []
+    return [row for row in rows if 1 <= row["step"] <= step][:step]

@@ -1,0 +1,229 @@
+"""Run checkpoints and resume (jobs/checkpoint.py, jobs/run_state.py): real Ray, DeepSpeed, tiny model.
+
+A run interrupted (SIGINT) after step k and resumed ends with the same per-step metrics and the
+same final weights as the same run uninterrupted; a learner rank killed with SIGKILL mid-run is
+restarted from the latest checkpoint and the run ends as if nothing happened; the CLI exits 130 on
+SIGINT with a checkpoint and a rerun finishes the run.
+"""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import psutil
+import pytest
+import yaml
+from safetensors.numpy import load_file
+
+from rayrlhf.cluster.local import init_ray, shutdown_ray
+from rayrlhf.jobs import checkpoint
+from rayrlhf.jobs.checkpoint import Interrupted
+from rayrlhf.jobs.cli import main
+from rayrlhf.jobs.config.base import ConfigError
+from rayrlhf.jobs.config.run import load_config
+from rayrlhf.jobs.run_state import plan
+from rayrlhf.jobs.train import PromptSampler, train
+
+REPO = Path(__file__).resolve().parent.parent
+VARYING = ("time/", "tokens_per_s", "learn_seconds")
+"""Wall-clock metrics: the only ones allowed to differ between two runs of the same config."""
+
+
+def tiny(out: Path, *overrides: str):
+    return load_config("tiny", [f"output_dir={out}", "logging.tensorboard=false", *overrides])
+
+
+def metric_rows(out: Path) -> list[dict]:
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    return [{k: v for k, v in row.items() if not k.startswith(VARYING)} for row in rows]
+
+
+def assert_same_run(a: Path, b: Path, skip: tuple[str, ...] = ()) -> None:
+    rows_a, rows_b = metric_rows(a), metric_rows(b)
+    assert [r["step"] for r in rows_a] == [r["step"] for r in rows_b]
+    for ra, rb in zip(rows_a, rows_b):
+        keys = {k for k in ra if k not in skip}
+        assert keys == {k for k in rb if k not in skip}, ra["step"]
+        for key in keys:
+            assert rb[key] == pytest.approx(ra[key], abs=1e-6, rel=1e-6), (ra["step"], key)
+    wa, wb = load_file(str(a / "final" / "model.safetensors")), load_file(str(b / "final" / "model.safetensors"))
+    assert wa.keys() == wb.keys()
+    for name in wa:
+        np.testing.assert_allclose(wb[name], wa[name], atol=1e-6, rtol=0, err_msg=name)
+
+
+def interrupt_at(k: int):
+    """An on_step callback that sends this process SIGINT after step k, as Ctrl-C would."""
+    def on_step(step: int, metrics: dict) -> None:
+        if step == k:
+            os.kill(os.getpid(), signal.SIGINT)
+    return on_step
+
+
+# --- no Ray ---------------------------------------------------------------------------------
+
+
+def test_sampler_state_roundtrip_at_epoch_boundary():
+    prompts = list(range(8))
+    a = PromptSampler(prompts, seed=3)
+    a.draw(8)  # exactly one epoch: the next draw reshuffles with the RNG
+    state = json.loads(json.dumps(a.state_dict()))
+    b = PromptSampler(prompts, seed=99)
+    b.load_state_dict(state)
+    assert state["order"] == []
+    assert b.draw(12) == a.draw(12)
+
+
+def test_checkpoint_files_atomic_keep_and_config_check(tmp_path):
+    cfg = tiny(tmp_path, "save_every=2", "checkpoint.keep=2")
+    assert cfg.checkpoint.every == 2  # the older spelling still works
+    with pytest.raises(ConfigError, match="disagree"):
+        tiny(tmp_path, "save_every=2", "checkpoint.every=3")
+
+    def write_learner(folder):
+        folder.mkdir()
+        (folder / "rank0").write_text("x")
+
+    def broken_learner(folder):
+        raise RuntimeError("a rank died while saving")
+
+    for step in (2, 4, 6):
+        checkpoint.write(tmp_path, step, cfg.model_dump(), {"step": step}, write_learner, {}, keep=2)
+    with pytest.raises(RuntimeError):
+        checkpoint.write(tmp_path, 8, cfg.model_dump(), {"step": 8}, broken_learner, {}, keep=2)
+    assert [checkpoint.step_of(p) for p in checkpoint.complete(tmp_path)] == [4, 6]  # 8 never became one
+    manifest, config, state = checkpoint.read(checkpoint.latest(tmp_path))
+    assert manifest["step"] == 6 and state == {"step": 6} and config == cfg.model_dump()
+
+    # resume planning: the latest complete one; a changed field refused by name; never forgets them
+    assert plan(tiny(tmp_path, "save_every=2", "steps=9"), tmp_path, "auto").checkpoint == checkpoint.latest(tmp_path)
+    assert plan(cfg, tmp_path, str(tmp_path / "checkpoints" / "step_000004")).checkpoint.name == "step_000004"
+    with pytest.raises(ConfigError, match=r"differs from the checkpoint's in learner\.lr, seed"):
+        plan(tiny(tmp_path, "learner.lr=0.5", "seed=1"), tmp_path, "auto")
+    checkpoint.mark_finished(tmp_path, cfg.steps, cfg.model_dump())
+    assert plan(cfg, tmp_path, "auto").finished_step == cfg.steps
+    assert plan(cfg, tmp_path, "never").checkpoint is None and checkpoint.latest(tmp_path) is None
+
+    other = tiny(tmp_path, "steps=9", "logging.wandb=offline", "reward.alpha=0.5", "learner.lr=0.1",
+                 "rollout.num_cpus=1", "algorithm.name=ppo")
+    assert checkpoint.changed_fields(cfg.model_dump(), other.model_dump()) == [
+        "algorithm.name", "learner.lr", "reward.alpha"]
+
+
+# --- real Ray -------------------------------------------------------------------------------
+
+
+def _wait_for(predicate, proc, timeout: float) -> None:
+    deadline = time.time() + timeout
+    while not predicate() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.2)
+
+
+def test_cli_sigint_writes_a_checkpoint_and_a_rerun_finishes(tmp_path, request):
+    # first in the file: its own Ray in a subprocess, before the module's Ray starts
+    out = tmp_path / "run"
+    args = ["train", "--config", "tiny", "--set", f"output_dir={out}", "--set", "steps=3",
+            "--set", "logging.tensorboard=false"]
+    log = tmp_path / "first.log"
+    with open(log, "w") as sink:
+        proc = subprocess.Popen([sys.executable, "-m", "rayrlhf.jobs.cli", *args], cwd=REPO,
+                                stdout=sink, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        metrics = out / "metrics.jsonl"
+        steps_done = lambda: metrics.exists() and len(metrics.read_text().splitlines()) >= 2  # noqa: E731
+        _wait_for(steps_done, proc, 300)
+        assert steps_done(), log.read_text()[-3000:]
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=120) == 130, log.read_text()[-3000:]
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    saved = checkpoint.latest(out)
+    assert saved is not None and 1 <= checkpoint.step_of(saved) < 3, log.read_text()[-3000:]
+    assert not (out / "final").exists()
+
+    request.getfixturevalue("local_ray")  # the module's Ray from here on, for the reruns in this process
+    assert main([*args, "--set", "learner.lr=0.5"]) == 2  # a changed field is refused, by name
+    assert main(args) == 0
+    steps = [row["step"] for row in metric_rows(out)]
+    assert steps == [0, 1, 2, 3, 3]  # the eval before, three steps, the eval after
+    assert (out / "final" / "model.safetensors").exists()
+    assert main(args) == 0  # already finished: says so, trains nothing
+    assert [row["step"] for row in metric_rows(out)] == steps
+
+
+@pytest.fixture(scope="module")
+def local_ray():
+    init_ray(num_cpus=4, object_store_mb=512)
+    yield
+    shutdown_ray()
+
+
+GRPO_ZERO2 = ("learner.num_ranks=2", "learner.zero_stage=2", "steps=3", "data.num_train=8")
+"""8 prompts, 4 per step: the sampler's first epoch ends exactly at step 2."""
+
+
+@pytest.fixture(scope="module")
+def grpo_reference(local_ray, tmp_path_factory):
+    out = tmp_path_factory.mktemp("grpo") / "uninterrupted"
+    train(tiny(out, *GRPO_ZERO2))
+    return out
+
+
+def test_grpo_zero2_resume_at_epoch_boundary_is_exact(grpo_reference, tmp_path):
+    out = tmp_path / "run"
+    cfg = tiny(out, *GRPO_ZERO2)
+    with pytest.raises(Interrupted) as stopped:
+        train(cfg, on_step=interrupt_at(2))
+    assert stopped.value.exit_code == 130
+    assert checkpoint.step_of(stopped.value.checkpoint) == 2
+    _, _, state = checkpoint.read(stopped.value.checkpoint)
+    assert state["sampler"]["order"] == []  # the epoch ended exactly here
+    assert len(list((stopped.value.checkpoint / "learner" / "state").glob("*optim_states.pt"))) == 2  # per rank
+
+    result = train(cfg)
+    assert [h["step"] for h in result.history] == [1, 2, 3]  # the resumed run trained step 3, not 0 steps
+    assert_same_run(grpo_reference, out)
+
+
+def _learner_pids() -> list[int]:
+    mine = psutil.Process().children(recursive=True)
+    return [p.pid for p in mine if p.is_running() and " ".join(p.cmdline()).startswith("ray::Learner")]
+
+
+def test_killed_learner_rank_restarts_from_checkpoint(grpo_reference, tmp_path):
+    out = tmp_path / "run"
+    killed = []
+
+    def kill_one_rank(step, metrics):
+        if step == 2:
+            pids = _learner_pids()
+            assert len(pids) == 2, pids
+            os.kill(max(pids), signal.SIGKILL)
+            killed.append(max(pids))
+
+    result = train(tiny(out, *GRPO_ZERO2, "checkpoint.every=1"), on_step=kill_one_rank)
+    assert killed and not psutil.pid_exists(killed[0])
+    assert [h["step"] for h in result.history] == [1, 2, 3]
+    assert [h["restarts/learner"] for h in result.history] == [0.0, 0.0, 1.0]
+    # restarted from step 2's checkpoint, the run ends exactly as the uninterrupted one
+    assert_same_run(grpo_reference, out, skip=("restarts/learner",))
+
+
+def test_ppo_zero3_adaptive_kl_resume_is_exact(local_ray, tmp_path):
+    setting = ("learner.num_ranks=2", "learner.zero_stage=3", "algorithm.name=ppo", "kl.adaptive=true",
+               "kl.horizon=10", "steps=2")
+    reference, out = tmp_path / "uninterrupted", tmp_path / "run"
+    train(tiny(reference, *setting))
+    with pytest.raises(Interrupted) as stopped:
+        train(tiny(out, *setting), on_step=interrupt_at(1))
+    _, _, state = checkpoint.read(stopped.value.checkpoint)
+    assert state["learner"]["kl_coef"] != 0.05  # the adaptive coefficient moved and was saved
+    assert yaml.safe_load((stopped.value.checkpoint / "config.yaml").read_text())["algorithm"]["name"] == "ppo"
+    train(tiny(out, *setting))
+    assert_same_run(reference, out)
