@@ -121,6 +121,14 @@ class StopSignal:
         print(f"got {signal.Signals(signum).name}: finishing this step, then writing a checkpoint "
               "(send it again to stop at once)", file=sys.stderr, flush=True)
 
+    def checkpoint_if_asked(self, run: RunState) -> None:
+        """After a signal: the last finished step's checkpoint (written now unless it exists), then Interrupted."""
+        if self.signum is None:
+            return
+        path = checkpoint.at_step(run.output_dir, run.step) if run.saved_step == run.step else run.save()
+        run.tracker.write(f"stopped after step {run.step}; checkpoint: {path} (run the same command to resume)")
+        raise checkpoint.Interrupted(self.signum, path)
+
     def __exit__(self, *exc: Any) -> None:
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)

@@ -32,7 +32,6 @@ from rayrlhf.cluster.actor_group import ActorGroup
 from rayrlhf.cluster.local import init_ray, shutdown_ray
 from rayrlhf.cluster.storage import Storage
 from rayrlhf.jobs import checkpoint
-from rayrlhf.jobs.checkpoint import Interrupted
 from rayrlhf.jobs.config.base import ConfigError
 from rayrlhf.jobs.config.run import RunConfig
 from rayrlhf.jobs.data.prompts import load_task
@@ -332,10 +331,7 @@ def train(
             monitor.observe(0, dict(run.before))  # a copy: no health flags in the before/after table
             stopped_early = False
             while run.step < cfg.steps and not stopped_early:
-                if stop.signum is not None:
-                    path = checkpoint.at_step(output_dir, run.step) if run.saved_step == run.step else run.save()
-                    tracker.write(f"stopped after step {run.step}; checkpoint: {path} (run the same command to resume)")
-                    raise Interrupted(stop.signum, path)
+                stop.checkpoint_if_asked(run)
                 step = run.step + 1
                 try:
                     metrics = rl_step(cfg, roles, run.sampler.draw(cfg.prompts_per_step), recovery)
@@ -354,6 +350,7 @@ def train(
                     continue
                 if on_step is not None:
                     on_step(step, metrics)
+            stop.checkpoint_if_asked(run)  # a signal during the last step: its checkpoint, not the end of the run
         after, examples = evaluate(cfg, roles, eval_set, recovery)
         monitor.observe(run.step, dict(after))
         tracker.log(run.step, after, advance=False)  # the steps run: fewer if the monitor stopped the run
