@@ -46,6 +46,7 @@ from rayrlhf.actors.losses import (
     make_kl_controller,
 )
 from rayrlhf.actors.models import load_policy, save_policy
+from rayrlhf.actors.plain_engine import PlainEngine
 from rayrlhf.actors.trajectory import LearnerBatch
 
 if TYPE_CHECKING:  # the schema's sections, checked before they get here; no runtime import of jobs/
@@ -102,6 +103,25 @@ def disable_dropout(model: nn.Module) -> None:
             module.attention_dropout = 0.0
 
 
+def use_plain_engine(world_size: int, learner: LearnerConfig) -> bool:
+    """One rank without offload or bf16: ZeRO would partition over one rank, i.e. do nothing but
+    copies, so the learner runs plain torch (PlainEngine) whatever zero_stage says."""
+    return world_size == 1 and not learner.offload and not learner.bf16
+
+
+def deepspeed_engine(module: nn.Module, optimizer, learner: LearnerConfig, world_size: int, accumulation: int):
+    import deepspeed  # imported here: it probes accelerators at import time
+
+    backend = learner.backend
+    if backend == "auto":
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+    deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, verbose=False)
+    engine, *_ = deepspeed.initialize(
+        model=module, optimizer=optimizer, config=deepspeed_config(learner.model_dump(), world_size, accumulation)
+    )
+    return engine
+
+
 def deepspeed_config(learner: dict[str, Any], world_size: int, accumulation: int) -> dict[str, Any]:
     stage = learner["zero_stage"]
     zero: dict[str, Any] = {"stage": stage}
@@ -147,13 +167,6 @@ class Learner:
         warnings.filterwarnings("ignore", message=r".*torch\.distributed\.\w+` is deprecated", category=FutureWarning)
         torch.set_num_threads(learner.torch_threads)
         torch.manual_seed(seed)
-        import deepspeed  # imported here: it probes accelerators at import time
-
-        backend = learner.backend
-        if backend == "auto":
-            backend = "nccl" if torch.cuda.is_available() else "gloo"
-        deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, verbose=False)
-
         self.rank, self.world_size = rank, world_size
         self.algorithm, self.temperature, self.rows_per_step = algorithm, temperature, rows_per_step
         self.kl_estimator = kl.estimator
@@ -161,16 +174,20 @@ class Learner:
         self.zero_stage = learner.zero_stage
         self.accumulation = math.ceil(rows_per_step / learner.micro_batch_size)
         self.micro_batch_size = learner.micro_batch_size
+        self.plain = use_plain_engine(world_size, learner)
 
         self.policy, self.tokenizer = load_policy(model_dir)
         disable_dropout(self.policy)
         if learner.gradient_checkpointing:
             self.policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         module = PolicyWithValue(self.policy, with_value=algorithm.name == "ppo").train()
-        optimizer = torch.optim.AdamW(module.parameters(), lr=learner.lr, weight_decay=learner.weight_decay)
-        self.engine, *_ = deepspeed.initialize(
-            model=module, optimizer=optimizer, config=deepspeed_config(learner.model_dump(), world_size, self.accumulation)
-        )
+        trainable = [p for p in module.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(trainable, lr=learner.lr, weight_decay=learner.weight_decay)
+        if self.plain:
+            module.to("cuda" if torch.cuda.is_available() else "cpu")
+            self.engine = PlainEngine(module, optimizer, self.accumulation, learner.grad_clip)
+        else:
+            self.engine = deepspeed_engine(module, optimizer, learner, world_size, self.accumulation)
         self.device = self.engine.device
         self.version = 0
 
@@ -178,7 +195,7 @@ class Learner:
 
     def _gathered(self) -> contextlib.AbstractContextManager:
         """Full parameters on every rank for the duration (a collective under ZeRO-3)."""
-        if self.zero_stage == 3:
+        if self.zero_stage == 3 and not self.plain:
             import deepspeed
 
             return deepspeed.zero.GatheredParameters(list(self.engine.module.parameters()), modifier_rank=None)
@@ -298,10 +315,11 @@ class Learner:
                 loss, stats = self._loss(rows, kl_coef)
                 self.engine.backward(loss)
                 boundary = self.engine.is_gradient_accumulation_boundary()
-                if boundary and self.zero_stage == 0:
+                norm_before_step = self.zero_stage == 0 and not self.plain
+                if boundary and norm_before_step:
                     grad_norms.append(self._grad_norm())  # before step() clears the grads
                 self.engine.step()
-                if boundary and self.zero_stage != 0:
+                if boundary and not norm_before_step:
                     grad_norms.append(self._grad_norm())
                 for key, value in stats.items():
                     sums[key] = sums.get(key, 0.0) + value

@@ -92,7 +92,9 @@ def policy_forward(
         use_cache=False,
         **keep,
     )
-    logits = out.logits[:, :-1].float() / temperature
+    logits = out.logits[:, :-1].float()  # a no-op on fp32 models
+    if temperature != 1.0:  # [B, T, vocab]: skip the copy when it changes nothing
+        logits = logits / temperature
     targets = input_ids[:, first_scored:].unsqueeze(-1)
     token_logp = logits.gather(-1, targets).squeeze(-1) - torch.logsumexp(logits, dim=-1)
     scored = scored_positions(attention_mask)

@@ -126,24 +126,14 @@ def test_generate_greedy_truncation_and_raw_text(model_dir):
 
 
 def script_responses(worker: RolloutWorker, monkeypatch, rows: list[list[int]]) -> None:
-    """Make the worker's HF generate return these response tokens (one list per output row)."""
-
-    def fake_generate(input_ids, attention_mask, num_return_sequences, logits_processor, **kwargs):
-        """Like HF: the processors see each step's real logits and the tokens chosen so far."""
-        seqs = input_ids.repeat_interleave(num_return_sequences, 0)
-        mask = attention_mask.repeat_interleave(num_return_sequences, 0)
-        for column in torch.tensor(rows).T:
-            logits = worker.model(input_ids=seqs, attention_mask=mask, position_ids=position_ids(mask)).logits
-            logits_processor(seqs, logits[:, -1])
-            seqs = torch.cat([seqs, column.unsqueeze(1)], dim=1)
-            mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
-        return seqs
-
-    monkeypatch.setattr(worker.model, "generate", fake_generate)
+    """Make the worker pick these response tokens (one list per output row) instead of sampling;
+    the recorded log-probs still come from the model's real logits at each step."""
+    script, step = torch.tensor(rows), iter(range(len(rows[0])))
+    monkeypatch.setattr(worker, "_choose", lambda logp, greedy, running: script[running, next(step)])
 
 
 def responses_of_lengths(lengths: list[int], width: int, eos: int) -> list[list[int]]:
-    """Distinct tokens, EOS last when shorter than width, then tokens a real model would add."""
+    """Distinct tokens, EOS last when shorter than width, then tokens a sampler could add (never read)."""
     return [[300 + 10 * i + t for t in range(n - 1)] + [eos if n < width else 399] + [400] * (width - n)
             for i, n in enumerate(lengths)]  # fmt: skip
 
@@ -151,9 +141,9 @@ def responses_of_lengths(lengths: list[int], width: int, eos: int) -> list[list[
 def test_generate_cuts_the_response_after_the_first_eos(model_dir, monkeypatch):
     worker = make_worker(model_dir)
     eos, pad = worker.tokenizer.eos_token_id, worker.tokenizer.pad_token_id  # 2 and 3 in tiny-gpt2
-    # Row 0 ends at its EOS (generate keeps writing after it); row 1 never ends.
+    # Row 0 ends at its EOS (the script goes on after it, the worker must not); row 1 never ends.
     script_responses(worker, monkeypatch, [[300, eos, 301, 302], [303, 304, 305, 306]])
-    traj = worker.generate(PROMPTS, greedy=True)
+    traj = worker.generate(PROMPTS, greedy=True, max_new_tokens=4)
     P = traj.input_ids.shape[1] - 4
     assert traj.input_ids[:, P:].tolist() == [[300, eos, pad, pad], [303, 304, 305, 306]]
     assert traj.response_mask[:, P:].tolist() == [[1, 1, 0, 0], [1, 1, 1, 1]]
