@@ -45,12 +45,12 @@ from rayrlhf.actors.losses import (
     kl_penalty,
     make_kl_controller,
 )
-from rayrlhf.actors.models import load_policy, save_policy
+from rayrlhf.actors.models import add_lora, load_policy, merged_state_dict, save_policy
 from rayrlhf.actors.plain_engine import PlainEngine
 from rayrlhf.actors.trajectory import LearnerBatch
 
 if TYPE_CHECKING:  # the schema's sections, checked before they get here; no runtime import of jobs/
-    from rayrlhf.jobs.config.run import AlgorithmConfig, KLConfig, LearnerConfig
+    from rayrlhf.jobs.config.run import AlgorithmConfig, KLConfig, LearnerConfig, LoraConfig
 
 
 class StaleTrajectoryError(RuntimeError):
@@ -158,6 +158,7 @@ class Learner:
         algorithm: AlgorithmConfig,
         kl: KLConfig,
         learner: LearnerConfig,
+        lora: LoraConfig | None = None,
     ):
         os.environ.update(
             MASTER_ADDR=master_addr, MASTER_PORT=str(master_port), RANK=str(rank),
@@ -180,6 +181,8 @@ class Learner:
         disable_dropout(self.policy)
         if learner.gradient_checkpointing:
             self.policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if lora is not None:  # only the adapters train; get_weights and save merge them in
+            self.policy = add_lora(self.policy, lora.rank, lora.alpha, lora.target_modules)
         module = PolicyWithValue(self.policy, with_value=algorithm.name == "ppo").train()
         trainable = [p for p in module.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(trainable, lr=learner.lr, weight_decay=learner.weight_decay)
@@ -206,7 +209,7 @@ class Learner:
         with self._gathered():
             if self.rank != 0:
                 return None
-            state = self.policy.state_dict()
+            state = merged_state_dict(self.policy)
             return {name: t.detach().to("cpu", torch.float32).numpy().copy() for name, t in state.items()}
 
     def save(self, path: str) -> str | None:

@@ -72,7 +72,7 @@ def role_table(cfg: RunConfig, model_dir: Path | str | None = None) -> list[Role
     roles.append(Role("learner", Learner, learner.num_ranks, learner.num_cpus, learner.num_gpus, lambda rank: dict(
         rank=rank, world_size=learner.num_ranks, model_dir=model, seed=cfg.seed, temperature=rollout.temperature,
         rows_per_step=cfg.prompts_per_step * rollout.samples_per_prompt // learner.num_ranks,
-        algorithm=cfg.algorithm, kl=kl, learner=learner,
+        algorithm=cfg.algorithm, kl=kl, learner=learner, lora=cfg.policy.lora,
     ), rendezvous=True))
     return roles
 

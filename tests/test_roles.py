@@ -19,7 +19,7 @@ from rayrlhf.actors.models import load_policy, resolve_policy
 from rayrlhf.actors.reference_policy import ReferencePolicy
 from rayrlhf.actors.rollout_worker import RolloutWorker
 from rayrlhf.actors.trajectory import LearnerBatch, Prompt, Rewards
-from rayrlhf.jobs.config.run import AlgorithmConfig, KLConfig, LearnerConfig
+from rayrlhf.jobs.config.run import AlgorithmConfig, KLConfig, LearnerConfig, LoraConfig
 
 K = 4  # samples per prompt
 PROMPTS = [Prompt(id=5, text="What is 2 plus 3?", reference="5"), Prompt(id=7, text="Hello! How are you?")]
@@ -200,7 +200,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def make_learner(model_dir: str, name: str):
+def make_learner(model_dir: str, name: str, lora: LoraConfig | None = None):
     from rayrlhf.actors.learner import Learner
 
     algorithm = AlgorithmConfig(name=name, clip_eps=0.2, epochs=1, gamma=1.0, lam=0.95, value_clip=0.2, vf_coef=0.5,
@@ -211,7 +211,7 @@ def make_learner(model_dir: str, name: str):
                             gradient_checkpointing=False)  # fmt: skip
     return Learner(
         rank=0, world_size=1, master_addr="127.0.0.1", master_port=free_port(), model_dir=model_dir, seed=0,
-        temperature=1.0, rows_per_step=len(PROMPTS) * K, algorithm=algorithm, kl=kl, learner=learner,
+        temperature=1.0, rows_per_step=len(PROMPTS) * K, algorithm=algorithm, kl=kl, learner=learner, lora=lora,
     )  # fmt: skip
 
 
@@ -281,3 +281,35 @@ def test_learner_step_sync_stale_and_save(model_dir, dist_env, tmp_path, monkeyp
     prompt = tokenizer("What is", return_tensors="pt")
     out = model.generate(**prompt, max_new_tokens=3, do_sample=False, pad_token_id=tokenizer.pad_token_id)
     assert out.shape[1] == prompt.input_ids.shape[1] + 3 or out[0, -1] == tokenizer.eos_token_id
+
+
+def scripted_batch(model_dir: str, monkeypatch) -> tuple[RolloutWorker, LearnerBatch]:
+    """The learner test's batch: 2 groups of K with LENGTHS, the first sample of each group wins."""
+    worker = make_worker(model_dir)
+    script_responses(worker, monkeypatch, responses_of_lengths(LENGTHS, 6, worker.tokenizer.eos_token_id))
+    traj = worker.generate(PROMPTS)
+    ref = ReferencePolicy(model_dir=model_dir, temperature=1.0, torch_threads=1).logprobs(traj)
+    scores = np.array([1, 0, 0, 0] * len(PROMPTS), dtype=np.float32)
+    return worker, LearnerBatch.join([traj], [Rewards(total=scores, raw_total=scores, components={})], [ref])
+
+
+def test_lora_learner_trains_adapters_only_and_syncs_merged_weights(model_dir, dist_env, tmp_path, monkeypatch):
+    worker, batch = scripted_batch(model_dir, monkeypatch)
+    learner = make_learner(model_dir, "grpo", lora=LoraConfig(rank=4, alpha=8.0, target_modules=["c_attn"]))
+    trainable = [name for name, p in learner.engine.module.named_parameters() if p.requires_grad]
+    assert len(trainable) == 4 and all(".lora_" in name for name in trainable)  # A and B of 2 layers
+
+    initial = learner.get_weights()  # B = 0: the merged weights are the base model's
+    assert set(initial) == set(worker.model.state_dict())
+    for key, value in worker.model.state_dict().items():
+        np.testing.assert_array_equal(initial[key], value.numpy())
+    metrics = learner.learn(batch)
+    assert metrics["pg_loss"] == pytest.approx(0.0095238, abs=1e-5)  # the full model's hand value
+
+    weights = learner.get_weights()
+    changed = {key for key in weights if not np.array_equal(weights[key], initial[key])}
+    assert changed == {"transformer.h.0.attn.c_attn.weight", "transformer.h.1.attn.c_attn.weight"}
+    worker.load_weights(learner.version, weights)  # the rollout takes merged weights by their HF names
+    saved = learner.save(str(tmp_path / "lora"))  # merged: plain from_pretrained, no peft needed
+    for key, value in AutoModelForCausalLM.from_pretrained(saved).state_dict().items():
+        np.testing.assert_allclose(value.numpy(), weights[key], atol=1e-6)
