@@ -313,3 +313,24 @@ def test_lora_learner_trains_adapters_only_and_syncs_merged_weights(model_dir, d
     saved = learner.save(str(tmp_path / "lora"))  # merged: plain from_pretrained, no peft needed
     for key, value in AutoModelForCausalLM.from_pretrained(saved).state_dict().items():
         np.testing.assert_allclose(value.numpy(), weights[key], atol=1e-6)
+
+
+def test_plain_engine_steps_like_deepspeed_zero2(model_dir, dist_env, monkeypatch):
+    """One rank skips DeepSpeed; the update must be the one DeepSpeed's ZeRO-2 makes (accumulation
+    over 2 micro-batches, clipping, AdamW)."""
+    import rayrlhf.actors.learner as learner_module
+
+    _, batch = scripted_batch(model_dir, monkeypatch)
+    plain = make_learner(model_dir, "grpo")
+    assert isinstance(plain.engine, learner_module.PlainEngine)
+    plain_metrics = plain.learn(batch)
+    monkeypatch.setattr(learner_module, "use_plain_engine", lambda world_size, learner: False)
+    deepspeed = make_learner(model_dir, "grpo")
+    assert not isinstance(deepspeed.engine, learner_module.PlainEngine)
+    ds_metrics = deepspeed.learn(batch)
+    for key in ("loss", "pg_loss", "kl", "grad_norm"):
+        assert plain_metrics[key] == pytest.approx(ds_metrics[key], rel=1e-5, abs=1e-7)
+    assert plain_metrics["grad_norm"] > 1.0  # clipping took part
+    ours, theirs = plain.get_weights(), deepspeed.get_weights()
+    for key in ours:
+        np.testing.assert_allclose(ours[key], theirs[key], atol=1e-6)
