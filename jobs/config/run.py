@@ -129,6 +129,8 @@ class AlgorithmConfig(StrictModel):
 class LearnerConfig(StrictModel):
     num_ranks: int = Field(1, ge=1)
     zero_stage: int = Field(2, ge=0, le=3)
+    """Used with 2+ ranks, offload or bf16; one plain rank runs torch directly (ZeRO over one rank
+    partitions nothing, it only copies), with the same update."""
     offload: bool = False
     """ZeRO CPU offload of optimizer states (and parameters at stage 3)."""
     backend: Literal["auto", "gloo", "nccl"] = "auto"
