@@ -4,7 +4,8 @@
 
 Two rows, each timed back to back in this one process on the same batch:
 - learn: `Learner.learn` on a real rollout batch vs a plain forward + backward + AdamW loop over the
-  same rows (one pass, logits only over the response columns, the same GRPO + k3 KL loss);
+  same rows (one pass, logits only over the response columns, the same GRPO + k3 KL loss), with
+  torch's default AdamW and with the fused one the learner uses;
 - generate: `RolloutWorker.generate` vs a bare `model.generate(num_return_sequences=k)` on the same
   prompts, as generated tokens per second (tokens actually kept: EOS cuts the rest).
 `--profile` prints the torch profiler's top operators of one learn call. Writes
@@ -46,11 +47,12 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def plain_loop(model_dir: str, cfg):
+def plain_loop(model_dir: str, cfg, fused: bool):
     """The bar: the same rows through one forward + backward + clip + AdamW, nothing else."""
     model, _ = load_policy(model_dir)
     model.train()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.learner.lr, weight_decay=cfg.learner.weight_decay)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.learner.lr, weight_decay=cfg.learner.weight_decay,
+                                  fused=fused)  # fmt: skip
     return lambda batch, repeats: plain_steps(model, optimizer, cfg, batch, repeats)
 
 
@@ -146,21 +148,26 @@ def main() -> None:
     batch = LearnerBatch.join([traj], [Rewards(rewards.total, rewards.raw_total, rewards.components)], [ref])
     learner = roles["learner"].instantiate(master_addr="127.0.0.1", master_port=free_port())
     torch.set_num_threads(cfg.learner.torch_threads)
-    plain = plain_loop(str(model_dir), cfg)
+    plain, fused = plain_loop(str(model_dir), cfg, False), plain_loop(str(model_dir), cfg, True)
     learner_times(learner, batch, 1, False)  # warm-up
     plain(batch, 1)
-    ours, bare = [], []
-    for _ in range(args.repeats):  # interleaved, so that load drifts hit both sides alike
+    fused(batch, 1)
+    ours, bare, bare_fused = [], [], []
+    for _ in range(args.repeats):  # interleaved, so that load drifts hit every side alike
         ours += learner_times(learner, batch, 1, False)
         bare += plain(batch, 1)
+        bare_fused += fused(batch, 1)
     if args.profile:
         learner_times(learner, batch, 1, True)
     learn = {"learner_s": statistics.median(ours), "plain_torch_s": statistics.median(bare),
-             "learner_over_plain": statistics.median(ours) / statistics.median(bare)}  # fmt: skip
+             "learner_over_plain": statistics.median(ours) / statistics.median(bare),
+             "plain_torch_fused_adamw_s": statistics.median(bare_fused),
+             "learner_over_plain_fused": statistics.median(ours) / statistics.median(bare_fused)}  # fmt: skip
     report = {"config": args.config, "overrides": args.overrides, "rows": len(traj),
               "response_tokens": kept_tokens(traj), "learn": learn, "generate": gen}  # fmt: skip
     print(f"learn:    learner {learn['learner_s']:.3f} s   plain torch {learn['plain_torch_s']:.3f} s   "
-          f"ratio {learn['learner_over_plain']:.2f}x")
+          f"ratio {learn['learner_over_plain']:.2f}x   (plain with fused AdamW {learn['plain_torch_fused_adamw_s']:.3f} s, "
+          f"ratio {learn['learner_over_plain_fused']:.2f}x)")
     print(f"generate: ours {gen['ours_tokens_per_s']:.1f} tok/s   bare generate {gen['bare_generate_tokens_per_s']:.1f} "
           f"tok/s   ratio {gen['ours_over_bare']:.2f}x")  # fmt: skip
     RESULTS.mkdir(exist_ok=True)
