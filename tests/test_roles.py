@@ -152,6 +152,26 @@ def test_generate_cuts_the_response_after_the_first_eos(model_dir, monkeypatch):
     assert (traj.old_logprobs[0, P + 2 :] == 0).all() and (traj.old_logprobs[0, P : P + 2] < 0).all()
 
 
+def test_rows_that_end_leave_the_batch_and_the_others_keep_their_logprobs(model_dir, monkeypatch):
+    """Sampled rows, but rows 1 and 4 are made to emit EOS at steps 2 and 4: they leave the decode
+    batch (and its KV cache); every row's recorded log-probs must still equal a full forward pass."""
+    worker = make_worker(model_dir, max_new_tokens=8)
+    eos, sample, step = worker.tokenizer.eos_token_id, worker._choose, iter(range(8))
+
+    def choose(logp, greedy, running):
+        tokens, t = sample(logp, greedy, running), next(step)
+        for row, at in ((1, 2), (4, 4)):
+            if t == at:
+                tokens[running == row] = eos
+        return tokens
+
+    monkeypatch.setattr(worker, "_choose", choose)
+    traj = worker.generate(PROMPTS)
+    assert traj.response_lengths[[1, 4]].tolist() == [3, 5]
+    full = token_logprobs(worker.model, torch.from_numpy(traj.input_ids), torch.from_numpy(traj.attention_mask), 1.0)
+    np.testing.assert_allclose(full.numpy() * traj.response_mask, traj.old_logprobs, atol=1e-5)
+
+
 def test_load_weights_changes_outputs_and_checks_versions(model_dir):
     worker = make_worker(model_dir)
     before = worker.generate(PROMPTS[:1], greedy=True)
