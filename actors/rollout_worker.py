@@ -156,7 +156,8 @@ class RolloutWorker:
     def _decode(
         self, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, k: int, greedy: bool, max_new_tokens: int
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """[B*k, N] response tokens (-1 after a row's EOS) and their log-probs (0 there).
+        """[B*k, P + N] prompt and response tokens (padding after a row's EOS) and [B*k, N] the
+        response tokens' log-probs (0 after EOS), like HF generate(num_return_sequences=k).
 
         Each prompt is prefilled once and its KV cache copied to its k samples; a row that emits
         EOS leaves the batch, so later steps only run the rows still writing. The log-probs are
@@ -170,7 +171,7 @@ class RolloutWorker:
             logits = logits.repeat_interleave(k, dim=0)
         mask = prompt_mask.repeat_interleave(k, dim=0)
         rows = torch.arange(len(mask))  # batch index of each row still writing
-        tokens_out = torch.full((len(mask), max_new_tokens), -1, dtype=torch.long)
+        tokens_out = torch.full((len(mask), max_new_tokens), self.pad_id, dtype=torch.long)
         logp_out = torch.zeros((len(mask), max_new_tokens), dtype=torch.float32)
         eos = torch.tensor(self.eos_ids)
         steps = 0
@@ -192,7 +193,7 @@ class RolloutWorker:
             out = self.model(input_ids=tokens.unsqueeze(-1), attention_mask=mask, position_ids=next_position,
                              cache=cache, use_cache=True)  # fmt: skip
             logits = out.logits[:, -1]
-        return tokens_out[:, :steps], logp_out[:, :steps]
+        return torch.cat([prompt_ids.repeat_interleave(k, dim=0), tokens_out[:, :steps]], dim=1), logp_out[:, :steps]
 
     @torch.no_grad()
     def generate(self, prompts: list[Prompt], greedy: bool = False, max_new_tokens: int | None = None) -> Trajectory:
@@ -205,15 +206,21 @@ class RolloutWorker:
         # Reproducible per (seed, version, call), independent of what else ran in this process.
         torch.manual_seed(int(np.random.SeedSequence([self.seed, self.version, self._calls]).generate_state(1)[0]))
         self._calls += 1
-        response, logprobs = self._decode(prompt_ids, prompt_mask, k, greedy, max_new_tokens or self.max_new_tokens)
+        sequences, recorded = self._decode(prompt_ids, prompt_mask, k, greedy, max_new_tokens or self.max_new_tokens)
+        width = prompt_ids.shape[1]
         prompt_ids, prompt_mask = prompt_ids.repeat_interleave(k, dim=0), prompt_mask.repeat_interleave(k, dim=0)
-        in_response = (response != -1).long()  # -1: the row had ended (EOS included in the row)
-        response = response.masked_fill(response == -1, self.pad_id)
+        if not torch.equal(sequences[:, :width], prompt_ids):
+            raise RuntimeError("generate() returned rows in an unexpected order")
+        response = sequences[:, width:]
+        is_eos = torch.isin(response, torch.tensor(self.eos_ids))
+        after_eos = (is_eos.long().cumsum(1) - is_eos.long()) > 0  # strictly after the first EOS
+        response = response.masked_fill(after_eos, self.pad_id)
+        in_response = (~after_eos).long()
 
         input_ids = torch.cat([prompt_ids, response], dim=1)
         attention_mask = torch.cat([prompt_mask, in_response], dim=1)
         response_mask = torch.cat([torch.zeros_like(prompt_mask), in_response], dim=1).float()
-        old_logprobs = torch.cat([torch.zeros_like(prompt_mask, dtype=torch.float32), logprobs], dim=1)
+        old_logprobs = torch.cat([torch.zeros_like(prompt_mask, dtype=torch.float32), recorded], dim=1) * response_mask
 
         group_ids = np.repeat(np.array([p.id for p in prompts], dtype=np.int64), k)
         return Trajectory(
