@@ -11,6 +11,8 @@ RewardScorer (same components, weights and running normalisation) wrapped as a T
 function. Both policies are then scored the same way: greedy answers on the held-out prompts,
 raw reward (alpha * r_freq + beta * r_sim), by one in-process evaluator. Seconds per step are
 medians over the steps after the first (warm-up). Writes benchmarks/results/vs_trl[_tiny].json.
+Left at TRL's defaults: its loss aggregation ("dapo": token mean over the whole batch; ours is the
+token mean of each micro-batch, averaged) and its prompt order (its own shuffled sampler).
 """
 
 from __future__ import annotations
