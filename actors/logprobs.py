@@ -50,6 +50,13 @@ def scored_positions(attention_mask: torch.Tensor) -> torch.Tensor:
     return scored
 
 
+def entropy_metric(logits: torch.Tensor, lse: torch.Tensor) -> torch.Tensor:
+    """Entropy as a metric (no gradient) of finite logits (the model's raw ones), from the logsumexp
+    the log-probs already needed: two [B, T, vocab] buffers instead of entropy_from_logits' four."""
+    logp = logits - lse.unsqueeze(-1)
+    return -logp.exp().mul_(logp).sum(dim=-1)
+
+
 @dataclass
 class PolicyOutput:
     """What the learner needs from one forward pass; all [B, T], aligned with input_ids."""
@@ -92,16 +99,23 @@ def policy_forward(
         use_cache=False,
         **keep,
     )
-    logits = out.logits[:, :-1].float() / temperature
+    logits = out.logits[:, :-1].float()  # a no-op on fp32 models
+    if temperature != 1.0:  # [B, T, vocab]: skip the copy when it changes nothing
+        logits = logits / temperature
     targets = input_ids[:, first_scored:].unsqueeze(-1)
-    token_logp = logits.gather(-1, targets).squeeze(-1) - torch.logsumexp(logits, dim=-1)
+    lse = torch.logsumexp(logits, dim=-1)
+    token_logp = logits.gather(-1, targets).squeeze(-1) - lse
     scored = scored_positions(attention_mask)
     skipped = token_logp.new_zeros(token_logp.shape[0], first_scored)
     logprobs = torch.where(scored, torch.cat([skipped, token_logp], dim=1), 0.0)
     entropy = None
     if with_entropy:
-        with torch.set_grad_enabled(torch.is_grad_enabled() and entropy_grad):
-            entropy = torch.where(scored, torch.cat([skipped, entropy_from_logits(logits)], dim=1), 0.0)
+        if torch.is_grad_enabled() and entropy_grad:
+            token_entropy = entropy_from_logits(logits)
+        else:
+            with torch.no_grad():
+                token_entropy = entropy_metric(logits, lse)
+        entropy = torch.where(scored, torch.cat([skipped, token_entropy], dim=1), 0.0)
     hidden = None
     if with_hidden:  # shift so that hidden[:, t] is the state in which token t is chosen
         last = out.hidden_states[-1]

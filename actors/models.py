@@ -12,6 +12,7 @@ atomic rename.
 
 from __future__ import annotations
 
+import copy
 import fcntl
 import importlib.metadata
 import os
@@ -121,12 +122,48 @@ def load_policy(
 def save_policy(
     model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, path: str | Path
 ) -> Path:
-    """Safetensors + tokenizer, loadable by plain `from_pretrained` (never pickled weights)."""
+    """Safetensors + tokenizer, loadable by plain `from_pretrained` (never pickled weights);
+    a model with LoRA adapters is saved with them merged, so it loads without peft too."""
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
+    if hasattr(model, "peft_config"):
+        model = copy.deepcopy(model).merge_and_unload()
     model.save_pretrained(path, safe_serialization=True)
     tokenizer.save_pretrained(path)
     return path
+
+
+def add_lora(model: PreTrainedModel, rank: int, alpha: float, target_modules: list[str]) -> PreTrainedModel:
+    """The model wrapped with fresh LoRA adapters (B = 0: same outputs); only they are trainable."""
+    from peft import LoraConfig, get_peft_model
+
+    config = LoraConfig(r=rank, lora_alpha=alpha, target_modules=target_modules, lora_dropout=0.0, bias="none")
+    try:
+        return get_peft_model(model, config)
+    except ValueError as err:
+        raise ValueError(f"policy.lora.target_modules={target_modules}: {err}") from err
+
+
+def merged_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The full state dict under the plain model's names; LoRA adapters are folded into their
+    layer's weight (W + scale * B @ A), without modifying the model."""
+    if not hasattr(model, "peft_config"):
+        return model.state_dict()
+    from peft.tuners.lora import LoraLayer
+
+    base = model.get_base_model()
+    deltas = {
+        f"{name}.weight": module.get_delta_weight(module.active_adapters[0])
+        for name, module in base.named_modules()
+        if isinstance(module, LoraLayer)
+    }
+    state = {}
+    for key, value in base.state_dict().items():
+        if ".lora_" in key:
+            continue
+        key = key.replace(".base_layer.", ".")
+        state[key] = value + deltas[key] if key in deltas else value
+    return state
 
 
 # --- caching: one conversion per machine, even with concurrent callers --------------------

@@ -2,8 +2,10 @@
 
 A plain class; the driver makes it a Ray actor. It returns a Trajectory of numpy arrays, so the
 batch crosses the object store zero-copy. Notes on what the learner can rely on:
-- Sampling is exactly softmax(logits / temperature), restricted by top_p: the model's own
-  generation_config (top_k, repetition penalty, ...) is replaced by a neutral one at load time.
+- Sampling is exactly softmax(logits / temperature), restricted by top_p, in the worker's own decode
+  loop (`_decode`): each prompt is prefilled once for its k samples and rows leave the batch at
+  their EOS. The model's generation_config (top_k, repetition penalty, ...) plays no part; it is
+  replaced by a neutral one at load time for anyone who calls HF generate on the model.
   old_logprobs are log softmax(logits / temperature) without the top_p cut (as OpenRLHF and
   verl do), so with top_p < 1 they are not the exact sampling probabilities. They are recorded
   while sampling, from the same logits (a second forward pass cost 40% of the rollout time);
@@ -17,9 +19,10 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList
+from transformers import GenerationConfig
 
 from rayrlhf.actors.devices import select_device, select_dtype
+from rayrlhf.actors.logprobs import position_ids
 from rayrlhf.actors.models import load_policy, resolve_policy_here
 from rayrlhf.actors.trajectory import Prompt, Trajectory
 from rayrlhf.actors.weight_sync import BroadcastGroup, Weights, check_names
@@ -70,36 +73,16 @@ def left_pad(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Te
     return input_ids, attention_mask
 
 
-class SampledLogprobs(LogitsProcessor):
-    """Records log p(sampled token) from the raw logits, step by step, in O(batch x vocab) memory.
-
-    HF runs custom processors before the sampling warpers, so `scores` are the model's logits.
-    The token sampled from step t's scores is the last column of input_ids at step t+1; the last
-    step's token is read from the finished sequences in `collect`.
-    """
-
-    def __init__(self, temperature: float):
-        self.temperature = temperature
-        self._pending: torch.Tensor | None = None  # [B, V] log-probs of the step not yet resolved
-        self._steps: list[torch.Tensor] = []
-
-    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
-        if self._pending is not None:
-            self._resolve(input_ids[:, -1])
-        self._pending = torch.log_softmax(scores.float() / self.temperature, dim=-1)
-        return scores
-
-    def _resolve(self, tokens: torch.Tensor) -> None:
-        self._steps.append(self._pending.gather(-1, tokens.unsqueeze(-1)).squeeze(-1))
-        self._pending = None
-
-    def collect(self, sequences: torch.Tensor, num_new: int) -> torch.Tensor:
-        """[B, num_new] log-probs of the generated columns of `sequences`."""
-        if self._pending is not None:
-            self._resolve(sequences[:, -1])
-        if len(self._steps) != num_new:
-            raise RuntimeError(f"recorded {len(self._steps)} sampling steps for {num_new} generated tokens")
-        return torch.stack(self._steps, dim=1) if self._steps else sequences.new_zeros((len(sequences), 0)).float()
+def nucleus(logp: torch.Tensor, top_p: float) -> torch.Tensor:
+    """[n, V] probabilities of exp(logp) cut to the smallest set of tokens holding top_p of the mass
+    (at least one token), unnormalised: torch.multinomial does not need it."""
+    probs = logp.exp()
+    if top_p >= 1.0:
+        return probs
+    sorted_probs, order = probs.sort(dim=-1, descending=True)
+    before = sorted_probs.cumsum(-1) - sorted_probs  # mass of the tokens ranked above each one
+    sorted_probs = sorted_probs.masked_fill(before >= top_p, 0.0)
+    return torch.zeros_like(probs).scatter_(-1, order, sorted_probs)
 
 
 class RolloutWorker:
@@ -189,6 +172,55 @@ class RolloutWorker:
     def _left_padded(self, prompts: list[Prompt]) -> tuple[torch.Tensor, torch.Tensor]:
         return left_pad([self._prompt_ids(p) for p in prompts], self.pad_id)
 
+    def _choose(self, logp: torch.Tensor, greedy: bool, rows: torch.Tensor) -> torch.Tensor:
+        """The next token of each still-running row (`rows`: their indices in the batch)."""
+        if greedy:
+            return logp.argmax(dim=-1)
+        return torch.multinomial(nucleus(logp, self.top_p), 1).squeeze(-1)
+
+    def _decode(
+        self, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, k: int, greedy: bool, max_new_tokens: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """[B*k, P + N] prompt and response tokens (padding after a row's EOS) and [B*k, N] the
+        response tokens' log-probs (0 after EOS), like HF generate(num_return_sequences=k).
+
+        Each prompt is prefilled once and its KV cache copied to its k samples; a row that emits
+        EOS leaves the batch, so later steps only run the rows still writing. The log-probs are
+        log softmax(logits / T) of the logits each token was sampled from (before the top_p cut).
+        """
+        dev = self.device  # the model and its cache live there; tokens are chosen on the CPU
+        out = self.model(input_ids=prompt_ids.to(dev), attention_mask=prompt_mask.to(dev),
+                         position_ids=position_ids(prompt_mask).to(dev), use_cache=True, logits_to_keep=1)  # fmt: skip
+        cache, logits = out.cache, out.logits[:, -1].cpu()  # `cache`: past_key_values renamed in transformers 5.2x
+        if k > 1:
+            cache.batch_repeat_interleave(k)
+            logits = logits.repeat_interleave(k, dim=0)
+        mask = prompt_mask.repeat_interleave(k, dim=0)
+        rows = torch.arange(len(mask))  # batch index of each row still writing
+        tokens_out = torch.full((len(mask), max_new_tokens), self.pad_id, dtype=torch.long)
+        logp_out = torch.zeros((len(mask), max_new_tokens), dtype=torch.float32)
+        eos = torch.tensor(self.eos_ids)
+        steps = 0
+        for step in range(max_new_tokens):
+            logp = torch.log_softmax(logits.float() / self.temperature, dim=-1)
+            tokens = self._choose(logp, greedy, rows)
+            tokens_out[rows, step] = tokens
+            logp_out[rows, step] = logp.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
+            steps = step + 1
+            running = ~torch.isin(tokens, eos)
+            if step + 1 == max_new_tokens or not running.any():
+                break
+            if not running.all():
+                keep = running.nonzero().squeeze(-1)
+                cache.batch_select_indices(keep)
+                rows, tokens, mask = rows[keep], tokens[keep], mask[keep]
+            next_position = mask.sum(dim=1, keepdim=True)  # positions count real tokens only
+            mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
+            out = self.model(input_ids=tokens.unsqueeze(-1).to(dev), attention_mask=mask.to(dev),
+                             position_ids=next_position.to(dev), cache=cache, use_cache=True)  # fmt: skip
+            logits = out.logits[:, -1].cpu()
+        return torch.cat([prompt_ids.repeat_interleave(k, dim=0), tokens_out[:, :steps]], dim=1), logp_out[:, :steps]
+
     @torch.no_grad()
     def generate(
         self, prompts: list[Prompt], greedy: bool = False, max_new_tokens: int | None = None, num_beams: int = 1
@@ -205,26 +237,18 @@ class RolloutWorker:
         k = 1 if greedy else self.samples_per_prompt
         prompt_ids, prompt_mask = self._left_padded(prompts)
         rendered = [self.tokenizer.decode(row[mask.bool()]) for row, mask in zip(prompt_ids, prompt_mask)]
-        sampling = {} if greedy else {"temperature": self.temperature, "top_p": self.top_p, "top_k": 0}
-        if num_beams > 1:
-            sampling = {"num_beams": num_beams, "early_stopping": True}
         # Reproducible per (seed, version, call), independent of what else ran in this process.
         torch.manual_seed(int(np.random.SeedSequence([self.seed, self.version, self._calls]).generate_state(1)[0]))
         self._calls += 1
-        recorder = SampledLogprobs(self.temperature)
         budget = max_new_tokens or self.max_new_tokens
-        sequences = self.model.generate(
-            input_ids=prompt_ids.to(self.device),
-            attention_mask=prompt_mask.to(self.device),
-            do_sample=not greedy,
-            num_return_sequences=k,
-            max_new_tokens=budget,
-            logits_processor=LogitsProcessorList([recorder] if num_beams == 1 else []),
-            **sampling,
-        )
-        n_new = sequences.shape[1] - prompt_ids.shape[1]
-        sampled_logprobs = recorder.collect(sequences, n_new).cpu() if num_beams == 1 else torch.zeros(len(sequences), n_new)
-        sequences = sequences.cpu()
+        if num_beams > 1:  # held-out evaluation only: HF's beam search, no log-probs (never trained on)
+            sequences = self.model.generate(
+                input_ids=prompt_ids.to(self.device), attention_mask=prompt_mask.to(self.device), do_sample=False,
+                max_new_tokens=budget, num_beams=num_beams, early_stopping=True,
+            ).cpu()
+            recorded = torch.zeros(len(sequences), sequences.shape[1] - prompt_ids.shape[1])
+        else:
+            sequences, recorded = self._decode(prompt_ids, prompt_mask, k, greedy, budget)
         width = prompt_ids.shape[1]
         prompt_ids, prompt_mask = prompt_ids.repeat_interleave(k, dim=0), prompt_mask.repeat_interleave(k, dim=0)
         if not torch.equal(sequences[:, :width], prompt_ids):
@@ -238,8 +262,7 @@ class RolloutWorker:
         input_ids = torch.cat([prompt_ids, response], dim=1)
         attention_mask = torch.cat([prompt_mask, in_response], dim=1)
         response_mask = torch.cat([torch.zeros_like(prompt_mask), in_response], dim=1).float()
-        old_logprobs = torch.cat([torch.zeros_like(prompt_mask, dtype=torch.float32),
-                                  sampled_logprobs], dim=1) * response_mask  # fmt: skip
+        old_logprobs = torch.cat([torch.zeros_like(prompt_mask, dtype=torch.float32), recorded], dim=1) * response_mask
 
         group_ids = np.repeat(np.array([p.id for p in prompts], dtype=np.int64), k)
         return Trajectory(

@@ -33,6 +33,7 @@ def main() -> None:
     parser.add_argument("--config", default="default")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="FIELD=VALUE")
+    parser.add_argument("--out", default="demo_seeds.json", help="file name under benchmarks/results/")
     args = parser.parse_args()
     runs = []
     for seed in args.seeds:
@@ -43,6 +44,7 @@ def main() -> None:
         start = time.perf_counter()
         result = train(cfg)
         runs.append({"seed": seed, "wall_s": time.perf_counter() - start, "load_average_1_5_15": os.getloadavg(),
+                     "median_step_s": statistics.median(h["time/step"] for h in result.history[1:] or result.history),
                      "before": result.before, "after": result.after})
         print(f"seed {seed}: {runs[-1]['wall_s']:.0f} s", flush=True)
 
@@ -65,7 +67,7 @@ def main() -> None:
         print(f"{key.removeprefix('eval/'):<18}{s['before_mean']:>9.4f}{s['after_mean']:>9.4f}"
               f"{s['delta_mean']:>+9.4f}{s['delta_std']:>8.4f}  {per_seed}")
     RESULTS.mkdir(exist_ok=True)
-    out = RESULTS / "demo_seeds.json"
+    out = RESULTS / args.out
     out.write_text(json.dumps(report, indent=2))
     print(f"\nwrote {out}")
 

@@ -99,6 +99,7 @@ def main() -> None:
             "samples_per_prompt": cfg.rollout.samples_per_prompt, "max_new_tokens": cfg.rollout.max_new_tokens,
             "ray_median_s": ray_med, "plain_median_s": plain_med,
             "ray_over_plain": ray_med["step"] / plain_med["step"],
+            "sync_fraction_of_step": ray_med["sync"] / ray_med["step"],
             "ray_steps": ray_rows, "plain_steps": plain_rows,
         }
         print(f"\n== {name} ({cfg.policy.model}), median of {args.steps} steps, seconds")
@@ -106,6 +107,7 @@ def main() -> None:
         for phase in PHASES:
             print(f"{phase:<10}{ray_med[phase]:>10.3f}{plain_med[phase]:>10.3f}")
         print(f"ray / plain step time: {ray_med['step'] / plain_med['step']:.3f}")
+        print(f"weight sync (learner -> rollout, through the object store): {ray_med['sync'] / ray_med['step']:.1%} of the step")
     RESULTS.mkdir(exist_ok=True)
     out = RESULTS / "step_time.json"
     out.write_text(json.dumps(report, indent=2))

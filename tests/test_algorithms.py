@@ -14,6 +14,7 @@ from rayrlhf.actors.advantages import (
     masked_whiten,
     reinforce_advantages,
 )
+from rayrlhf.actors.logprobs import entropy_metric
 from rayrlhf.actors.losses import (
     AdaptiveKLController,
     FixedKLController,
@@ -210,6 +211,9 @@ def test_entropy_from_logits():
     close(h, [[0.5623351]])
     h.sum().backward()
     assert torch.isfinite(masked.grad).all()
+    # The learner's metric-only path gives the same values from the logsumexp it already has.
+    for logits in (torch.zeros(2, 3, 7), two, two + 1000.0, torch.randn(2, 3, 50) * 5):
+        close(entropy_metric(logits, torch.logsumexp(logits, dim=-1)), entropy_from_logits(logits))
 
 
 def test_adaptive_kl_controller_above_and_below_target():

@@ -21,7 +21,7 @@ from rayrlhf.actors.rollout_worker import RolloutWorker
 from rayrlhf.actors.trajectory import LearnerBatch, Prompt, Rewards
 from rayrlhf.actors.weight_sync import Weights
 from rayrlhf.cluster.storage import Storage
-from rayrlhf.jobs.config.run import AlgorithmConfig, KLConfig, LearnerConfig
+from rayrlhf.jobs.config.run import AlgorithmConfig, KLConfig, LearnerConfig, LoraConfig
 
 K = 4  # samples per prompt
 PROMPTS = [Prompt(id=5, text="What is 2 plus 3?", reference="5"), Prompt(id=7, text="Hello! How are you?")]
@@ -128,24 +128,14 @@ def test_generate_greedy_truncation_and_raw_text(model_dir):
 
 
 def script_responses(worker: RolloutWorker, monkeypatch, rows: list[list[int]]) -> None:
-    """Make the worker's HF generate return these response tokens (one list per output row)."""
-
-    def fake_generate(input_ids, attention_mask, num_return_sequences, logits_processor, **kwargs):
-        """Like HF: the processors see each step's real logits and the tokens chosen so far."""
-        seqs = input_ids.repeat_interleave(num_return_sequences, 0)
-        mask = attention_mask.repeat_interleave(num_return_sequences, 0)
-        for column in torch.tensor(rows).T:
-            logits = worker.model(input_ids=seqs, attention_mask=mask, position_ids=position_ids(mask)).logits
-            logits_processor(seqs, logits[:, -1])
-            seqs = torch.cat([seqs, column.unsqueeze(1)], dim=1)
-            mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
-        return seqs
-
-    monkeypatch.setattr(worker.model, "generate", fake_generate)
+    """Make the worker pick these response tokens (one list per output row) instead of sampling;
+    the recorded log-probs still come from the model's real logits at each step."""
+    script, step = torch.tensor(rows), iter(range(len(rows[0])))
+    monkeypatch.setattr(worker, "_choose", lambda logp, greedy, running: script[running, next(step)])
 
 
 def responses_of_lengths(lengths: list[int], width: int, eos: int) -> list[list[int]]:
-    """Distinct tokens, EOS last when shorter than width, then tokens a real model would add."""
+    """Distinct tokens, EOS last when shorter than width, then tokens a sampler could add (never read)."""
     return [[300 + 10 * i + t for t in range(n - 1)] + [eos if n < width else 399] + [400] * (width - n)
             for i, n in enumerate(lengths)]  # fmt: skip
 
@@ -153,9 +143,9 @@ def responses_of_lengths(lengths: list[int], width: int, eos: int) -> list[list[
 def test_generate_cuts_the_response_after_the_first_eos(model_dir, monkeypatch):
     worker = make_worker(model_dir)
     eos, pad = worker.tokenizer.eos_token_id, worker.tokenizer.pad_token_id  # 2 and 3 in tiny-gpt2
-    # Row 0 ends at its EOS (generate keeps writing after it); row 1 never ends.
+    # Row 0 ends at its EOS (the script goes on after it, the worker must not); row 1 never ends.
     script_responses(worker, monkeypatch, [[300, eos, 301, 302], [303, 304, 305, 306]])
-    traj = worker.generate(PROMPTS, greedy=True)
+    traj = worker.generate(PROMPTS, greedy=True, max_new_tokens=4)
     P = traj.input_ids.shape[1] - 4
     assert traj.input_ids[:, P:].tolist() == [[300, eos, pad, pad], [303, 304, 305, 306]]
     assert traj.response_mask[:, P:].tolist() == [[1, 1, 0, 0], [1, 1, 1, 1]]
@@ -164,6 +154,26 @@ def test_generate_cuts_the_response_after_the_first_eos(model_dir, monkeypatch):
     assert (traj.old_logprobs[0, P + 2 :] == 0).all() and (traj.old_logprobs[0, P : P + 2] < 0).all()
     # row 1 ran out of tokens without EOS: cut at the limit (the budget it was sampled with is recorded)
     assert traj.truncated.tolist() == [False, True] and traj.max_new_tokens == 6
+
+
+def test_rows_that_end_leave_the_batch_and_the_others_keep_their_logprobs(model_dir, monkeypatch):
+    """Sampled rows, but rows 1 and 4 are made to emit EOS at steps 2 and 4: they leave the decode
+    batch (and its KV cache); every row's recorded log-probs must still equal a full forward pass."""
+    worker = make_worker(model_dir, max_new_tokens=8)
+    eos, sample, step = worker.tokenizer.eos_token_id, worker._choose, iter(range(8))
+
+    def choose(logp, greedy, running):
+        tokens, t = sample(logp, greedy, running), next(step)
+        for row, at in ((1, 2), (4, 4)):
+            if t == at:
+                tokens[running == row] = eos
+        return tokens
+
+    monkeypatch.setattr(worker, "_choose", choose)
+    traj = worker.generate(PROMPTS)
+    assert traj.response_lengths[[1, 4]].tolist() == [3, 5]
+    full = token_logprobs(worker.model, torch.from_numpy(traj.input_ids), torch.from_numpy(traj.attention_mask), 1.0)
+    np.testing.assert_allclose(full.numpy() * traj.response_mask, traj.old_logprobs, atol=1e-5)
 
 
 def test_load_weights_changes_outputs_and_checks_versions(model_dir):
@@ -215,7 +225,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def make_learner(model_dir: str, name: str):
+def make_learner(model_dir: str, name: str, lora: LoraConfig | None = None):
     from rayrlhf.actors.learner import Learner
 
     algorithm = AlgorithmConfig(name=name, clip_eps=0.2, epochs=1, gamma=1.0, lam=0.95, value_clip=0.2, vf_coef=0.5,
@@ -226,7 +236,7 @@ def make_learner(model_dir: str, name: str):
                             gradient_checkpointing=False)  # fmt: skip
     return Learner(
         rank=0, world_size=1, master_addr="127.0.0.1", master_port=free_port(), model=model_dir, seed=0,
-        temperature=1.0, rows_per_step=len(PROMPTS) * K, algorithm=algorithm, kl=kl, learner=learner,
+        temperature=1.0, rows_per_step=len(PROMPTS) * K, algorithm=algorithm, kl=kl, learner=learner, lora=lora,
     )  # fmt: skip
 
 
@@ -318,3 +328,57 @@ def test_beam_search_eval_is_hf_beam_search(model_dir):
     assert not np.array_equal(greedy.input_ids, beams.input_ids)  # a 3-beam search finds other answers here
     with pytest.raises(ValueError, match="num_beams > 1 is for greedy"):
         worker.generate(PROMPTS, num_beams=2)
+
+
+def scripted_batch(model_dir: str, monkeypatch) -> tuple[RolloutWorker, LearnerBatch]:
+    """The learner test's batch: 2 groups of K with LENGTHS, the first sample of each group wins."""
+    worker = make_worker(model_dir)
+    script_responses(worker, monkeypatch, responses_of_lengths(LENGTHS, 6, worker.tokenizer.eos_token_id))
+    traj = worker.generate(PROMPTS)
+    ref = ReferencePolicy(model_dir=model_dir, temperature=1.0, torch_threads=1).logprobs(traj)
+    scores = np.array([1, 0, 0, 0] * len(PROMPTS), dtype=np.float32)
+    return worker, LearnerBatch.join([traj], [Rewards(total=scores, raw_total=scores, components={})], [ref])
+
+
+def test_lora_learner_trains_adapters_only_and_syncs_merged_weights(model_dir, dist_env, tmp_path, monkeypatch):
+    worker, batch = scripted_batch(model_dir, monkeypatch)
+    learner = make_learner(model_dir, "grpo", lora=LoraConfig(rank=4, alpha=8.0, target_modules=["c_attn"]))
+    trainable = [name for name, p in learner.engine.module.named_parameters() if p.requires_grad]
+    assert len(trainable) == 4 and all(".lora_" in name for name in trainable)  # A and B of 2 layers
+
+    initial = learner.get_weights().arrays  # B = 0: the merged weights are the base model's
+    assert set(initial) == set(worker.model.state_dict())
+    for key, value in worker.model.state_dict().items():
+        np.testing.assert_array_equal(initial[key], value.numpy())
+    metrics = learner.learn(batch)
+    assert metrics["pg_loss"] == pytest.approx(0.0095238, abs=1e-5)  # the full model's hand value
+
+    sent = learner.get_weights()
+    weights = sent.arrays
+    changed = {key for key in weights if not np.array_equal(weights[key], initial[key])}
+    assert changed == {"transformer.h.0.attn.c_attn.weight", "transformer.h.1.attn.c_attn.weight"}
+    worker.load_weights(learner.version, sent)  # the rollout takes merged weights by their HF names
+    saved = learner.save(Storage(tmp_path / "lora"))  # merged: plain from_pretrained, no peft needed
+    for key, value in AutoModelForCausalLM.from_pretrained(saved).state_dict().items():
+        np.testing.assert_allclose(value.numpy(), weights[key], atol=1e-6)
+
+
+def test_plain_engine_steps_like_deepspeed_zero2(model_dir, dist_env, monkeypatch):
+    """One rank skips DeepSpeed; the update must be the one DeepSpeed's ZeRO-2 makes (accumulation
+    over 2 micro-batches, clipping, AdamW)."""
+    import rayrlhf.actors.learner as learner_module
+
+    _, batch = scripted_batch(model_dir, monkeypatch)
+    plain = make_learner(model_dir, "grpo")
+    assert isinstance(plain.engine, learner_module.PlainEngine)
+    plain_metrics = plain.learn(batch)
+    monkeypatch.setattr(learner_module, "use_plain_engine", lambda world_size, learner: False)
+    deepspeed = make_learner(model_dir, "grpo")
+    assert not isinstance(deepspeed.engine, learner_module.PlainEngine)
+    ds_metrics = deepspeed.learn(batch)
+    for key in ("loss", "pg_loss", "kl", "grad_norm"):
+        assert plain_metrics[key] == pytest.approx(ds_metrics[key], rel=1e-5, abs=1e-7)
+    assert plain_metrics["grad_norm"] > 1.0  # clipping took part
+    ours, theirs = plain.get_weights().arrays, deepspeed.get_weights().arrays
+    for key in ours:
+        np.testing.assert_allclose(ours[key], theirs[key], atol=1e-6)

@@ -24,6 +24,17 @@ from rayrlhf.jobs.config.base import (
 )
 
 
+class LoraConfig(StrictModel):
+    """Low-rank adapters (peft): the learner trains only these; rollout and saved models get them
+    merged into the weights, so everything downstream still loads a plain HF directory."""
+
+    rank: int = Field(16, ge=1)
+    alpha: float = Field(32.0, gt=0)
+    """Scale of the adapters' output is alpha / rank."""
+    target_modules: list[str] = Field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
+    """Names (or name suffixes) of the linear layers that get adapters; Llama's attention by default."""
+
+
 class PolicyConfig(StrictModel):
     model: str = "smollm2-135m-instruct"
     """A built-in name (smollm2-135m-instruct, tiny-gpt2), a local HF directory or a hub id."""
@@ -33,6 +44,8 @@ class PolicyConfig(StrictModel):
     max_prompt_tokens: int = Field(256, ge=8)
     cache_dir: str | None = None
     """Where each node keeps converted built-in models; default $RAYRLHF_CACHE, else ~/.cache/rayrlhf (on that node)."""
+    lora: LoraConfig | None = None
+    """None: full fine-tuning. Set any field (e.g. policy.lora.rank=16) to train LoRA adapters."""
 
 
 class DataConfig(StrictModel):
@@ -193,6 +206,8 @@ class AlgorithmConfig(StrictModel):
 class LearnerConfig(StrictModel):
     num_ranks: int = Field(1, ge=1)
     zero_stage: int = Field(2, ge=0, le=3)
+    """Used with 2+ ranks, offload or bf16; one plain rank runs torch directly (ZeRO over one rank
+    partitions nothing, it only copies), with the same update."""
     offload: bool = False
     """ZeRO CPU offload of optimizer states (and parameters at stage 3)."""
     backend: Literal["auto", "gloo", "nccl"] = "auto"
