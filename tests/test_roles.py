@@ -153,7 +153,7 @@ def test_generate_cuts_the_response_after_the_first_eos(model_dir, monkeypatch):
     assert traj.responses[0] == worker.tokenizer.decode([300])  # EOS is special: skipped in the text
     assert (traj.old_logprobs[0, P + 2 :] == 0).all() and (traj.old_logprobs[0, P : P + 2] < 0).all()
     # row 1 ran out of tokens without EOS: cut at the limit (the budget it was sampled with is recorded)
-    assert traj.truncated.tolist() == [False, True] and traj.max_new_tokens == 6
+    assert traj.truncated.tolist() == [False, True] and traj.max_new_tokens == 4
 
 
 def test_rows_that_end_leave_the_batch_and_the_others_keep_their_logprobs(model_dir, monkeypatch):
@@ -335,7 +335,7 @@ def scripted_batch(model_dir: str, monkeypatch) -> tuple[RolloutWorker, LearnerB
     worker = make_worker(model_dir)
     script_responses(worker, monkeypatch, responses_of_lengths(LENGTHS, 6, worker.tokenizer.eos_token_id))
     traj = worker.generate(PROMPTS)
-    ref = ReferencePolicy(model_dir=model_dir, temperature=1.0, torch_threads=1).logprobs(traj)
+    ref = ReferencePolicy(model=model_dir, temperature=1.0, torch_threads=1).logprobs(traj)
     scores = np.array([1, 0, 0, 0] * len(PROMPTS), dtype=np.float32)
     return worker, LearnerBatch.join([traj], [Rewards(total=scores, raw_total=scores, components={})], [ref])
 

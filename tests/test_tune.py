@@ -256,7 +256,12 @@ def test_killed_trial_continues_from_its_checkpoint(tmp_path):
 
     def kill_after_first_checkpoint() -> None:
         deadline = time.time() + 600
-        while time.time() < deadline and not list(exp_dir.glob("run_trial_*/checkpoint_000000/manifest.json")):
+        def reported() -> bool:  # Tune has the checkpoint and its result (it records them a moment apart)
+            results = list(exp_dir.glob("run_trial_*/result.json"))
+            return bool(list(exp_dir.glob("run_trial_*/checkpoint_000000/manifest.json"))) and bool(
+                results and results[0].read_text().strip())
+
+        while time.time() < deadline and not reported():
             time.sleep(0.2)
         pids = _trial_driver_pids()
         if len(pids) == 1:
