@@ -250,7 +250,9 @@ def test_killed_trial_continues_from_its_checkpoint(tmp_path):
     (max_failures=1), and the retry continues from that checkpoint instead of step 0."""
     import threading
 
-    path = tiny_search(tmp_path, name="killed", search={"algorithm": "grid", "simplex": {"share": {"values": [0.5]}}})
+    # six steps: the kill after the first report lands while the trial still has five to go
+    path = tiny_search(tmp_path, name="killed", search={"algorithm": "grid", "simplex": {"share": {"values": [0.5]}}},
+                       trial={"steps": 6, "eval_every": 1, "data": {"num_eval": 4}, "eval_max_new_tokens": 4})
     exp_dir = tmp_path / "store" / "killed"
     killed: list[int] = []
 
@@ -281,5 +283,6 @@ def test_killed_trial_continues_from_its_checkpoint(tmp_path):
     trial = next(exp_dir.glob("run_trial_*"))
     assert (trial / "error.txt").read_text().count("Failure # ") == 1
     reported = [json.loads(line)["step"] for line in (trial / "result.json").read_text().splitlines()]
-    assert reported == [1, 2]  # step 1 was reported once: the retry resumed after it
-    assert [json.loads(line)["step"] for line in (trial / "run" / "metrics.jsonl").read_text().splitlines()] == [0, 1, 2, 2]
+    assert reported == [1, 2, 3, 4, 5, 6]  # step 1 was reported once: the retry resumed after it
+    assert [json.loads(line)["step"] for line in (trial / "run" / "metrics.jsonl").read_text().splitlines()] == [
+        0, 1, 2, 3, 4, 5, 6, 6]
