@@ -32,7 +32,7 @@ import torch
 from rayrlhf.actors.advantages import expand_to_tokens, grpo_advantages, masked_mean
 from rayrlhf.actors.logprobs import first_response_column, position_ids
 from rayrlhf.actors.losses import kl_penalty
-from rayrlhf.actors.models import load_policy
+from rayrlhf.actors.models import load_policy, resolve_policy
 from rayrlhf.actors.trajectory import LearnerBatch, Rewards
 from rayrlhf.jobs.config.run import load_config
 from rayrlhf.jobs.roles import role_table
@@ -130,9 +130,10 @@ def main() -> None:
     parser.add_argument("overrides", nargs="*", help="config overrides, e.g. learner.zero_stage=2")
     args = parser.parse_args()
     cfg = load_config(args.config, ["logging.wandb=disabled", *args.overrides])
-    model_dir, train_set, _ = prepare(cfg)
+    train_set, _ = prepare(cfg)
+    model_dir = resolve_policy(cfg.policy.model, cfg.policy.cache_dir)
     single = cfg.model_copy(update={"learner": cfg.learner.model_copy(update={"num_ranks": 1})})
-    roles = {role.name: role for role in role_table(single, model_dir)}
+    roles = {role.name: role for role in role_table(single)}
     worker = roles["rollout"].instantiate()
     scorer = roles["reward"].instantiate()
     reference = roles["reference"].instantiate() if "reference" in roles else None

@@ -32,6 +32,7 @@ apply_offline_defaults()
 import numpy as np
 import torch
 
+from rayrlhf.actors.models import resolve_policy
 from rayrlhf.actors.reward_scorer import RewardScorer
 from rayrlhf.actors.rollout_worker import RolloutWorker
 from rayrlhf.jobs.config.run import RunConfig, load_config
@@ -45,7 +46,7 @@ PHASES = ("generate", "score", "reference", "learn", "sync")
 def held_out_reward(cfg: RunConfig, model_dir: str | Path, eval_set) -> float:
     """Mean raw reward of greedy answers on the held-out prompts (no normaliser involved)."""
     worker = RolloutWorker(
-        model_dir=str(model_dir), max_prompt_tokens=cfg.policy.max_prompt_tokens,
+        model=str(model_dir), max_prompt_tokens=cfg.policy.max_prompt_tokens,
         use_chat_template=cfg.data.use_chat_template, system_prompt=cfg.data.system_prompt, seed=cfg.seed,
         **actor_settings(cfg.rollout),
     )  # fmt: skip
@@ -142,7 +143,8 @@ def main() -> None:
     if args.steps is not None:
         overrides.append(f"steps={args.steps}")
     cfg = load_config("tiny" if args.tiny else "default", overrides)
-    model_dir, train_set, eval_set = prepare(cfg)
+    train_set, eval_set = prepare(cfg)
+    model_dir = resolve_policy(cfg.policy.model, cfg.policy.cache_dir)
 
     before = held_out_reward(cfg, model_dir, eval_set)
     t0 = time.perf_counter()
