@@ -86,7 +86,10 @@ def run_trl(cfg: RunConfig, model_dir: Path, train_set, out_dir: Path) -> dict:
 
     def reward(prompts, completions, reference, prompt_text, **_) -> list[float]:
         texts = [c[-1]["content"] if isinstance(c, list) else c for c in completions]
-        batch = SimpleNamespace(responses=texts, references=list(reference), prompt_texts=list(prompt_text))
+        n = len(texts)  # no token lengths here: the length controls (off by default) see an unknown budget
+        batch = SimpleNamespace(responses=texts, references=list(reference), prompt_texts=list(prompt_text),
+                                extras=[{}] * n, response_lengths=np.zeros(n), max_new_tokens=0,
+                                truncated=np.zeros(n, dtype=bool))  # fmt: skip
         return scorer.score(batch).total.tolist()
 
     rows = [{"prompt": ([{"role": "system", "content": cfg.data.system_prompt}] if cfg.data.system_prompt else [])
