@@ -23,7 +23,6 @@ import statistics
 import tempfile
 import time
 from pathlib import Path
-from types import SimpleNamespace
 
 from rayrlhf.cluster.offline import apply_offline_defaults
 
@@ -35,6 +34,7 @@ import torch
 from rayrlhf.actors.models import resolve_policy
 from rayrlhf.actors.reward_scorer import RewardScorer
 from rayrlhf.actors.rollout_worker import RolloutWorker
+from rayrlhf.actors.trajectory import Trajectory
 from rayrlhf.jobs.config.run import RunConfig, load_config
 from rayrlhf.jobs.roles import actor_settings
 from rayrlhf.jobs.train import prepare, train
@@ -86,10 +86,12 @@ def run_trl(cfg: RunConfig, model_dir: Path, train_set, out_dir: Path) -> dict:
 
     def reward(prompts, completions, reference, prompt_text, **_) -> list[float]:
         texts = [c[-1]["content"] if isinstance(c, list) else c for c in completions]
-        n = len(texts)  # no token lengths here: the length controls (off by default) see an unknown budget
-        batch = SimpleNamespace(responses=texts, references=list(reference), prompt_texts=list(prompt_text),
-                                extras=[{}] * n, response_lengths=np.zeros(n), max_new_tokens=0,
-                                truncated=np.zeros(n, dtype=bool))  # fmt: skip
+        n = len(texts)  # text only: no tokens, so the length controls (off by default) see an unknown budget
+        none = np.zeros((n, 1), dtype=np.int64)
+        batch = Trajectory(input_ids=none, attention_mask=none, response_mask=none.astype(np.float32),
+                           old_logprobs=none.astype(np.float32), group_ids=none[:, 0], sample_ids=none[:, 0],
+                           policy_version=0, responses=texts, references=list(reference),
+                           prompt_texts=list(prompt_text), extras=[{}] * n, truncated=np.zeros(n, dtype=bool))  # fmt: skip
         return scorer.score(batch).total.tolist()
 
     rows = [{"prompt": ([{"role": "system", "content": cfg.data.system_prompt}] if cfg.data.system_prompt else [])
