@@ -1,6 +1,9 @@
 """Test-wide settings: offline, loopback only, nothing sent off the machine."""
 
 import os
+from pathlib import Path
+
+import pytest
 
 from rayrlhf.cluster.offline import DEAD_END_PROXY, apply_offline_defaults
 
@@ -8,3 +11,19 @@ apply_offline_defaults()
 os.environ.update(DEAD_END_PROXY)  # tests never need the network: block it for the whole session
 os.environ.setdefault("WANDB_MODE", "disabled")
 os.environ.setdefault("DS_ACCELERATOR", "cpu")  # the machine has no GPU; DeepSpeed's probe stays quiet
+
+
+@pytest.fixture(scope="module")
+def tiny_dir() -> Path:
+    """The built-in tiny GPT-2, converted once into the model cache (the serving tests share it)."""
+    from rayrlhf.actors.models import resolve_policy  # after the offline settings above
+
+    return resolve_policy("tiny-gpt2")
+
+
+@pytest.fixture(scope="module")
+def gen(tiny_dir):
+    """A serving generator (actors/text_generator.py) over the tiny model, one torch thread."""
+    from rayrlhf.actors.text_generator import TextGenerator
+
+    return TextGenerator(tiny_dir, "float32", torch_threads=1)

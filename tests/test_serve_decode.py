@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import time
 import warnings
-from pathlib import Path
 
 import pytest
 import torch
@@ -14,7 +13,7 @@ from transformers import DynamicCache
 from rayrlhf.actors.batch_scheduler import ContinuousScheduler
 from rayrlhf.actors.decode_loop import DecodeLoop
 from rayrlhf.actors.kv_batch import KVBatch
-from rayrlhf.actors.models import load_policy, resolve_policy
+from rayrlhf.actors.models import load_policy
 from rayrlhf.actors.text_generator import (
     GenerationError,
     GenerationRequest,
@@ -28,16 +27,6 @@ from rayrlhf.actors.text_generator import (
 
 PROMPTS = ["What is 2 plus 3?", "Hello there, how many items are in the big box today?"]
 Texts = dict[GenerationRequest, dict[int, str]]
-
-
-@pytest.fixture(scope="module")
-def tiny_dir() -> Path:
-    return resolve_policy("tiny-gpt2")
-
-
-@pytest.fixture(scope="module")
-def gen(tiny_dir) -> TextGenerator:
-    return TextGenerator(tiny_dir, "float32", torch_threads=1)
 
 
 def params(max_tokens: int, temperature: float = 0.0, stop: tuple[str, ...] = (), seed: int | None = None,

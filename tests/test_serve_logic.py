@@ -4,13 +4,11 @@ from __future__ import annotations
 
 import json
 import time
-from pathlib import Path
 
 import pytest
 import ray
 from ray.serve.schema import ServeDeploySchema
 
-from rayrlhf.actors.models import resolve_policy
 from rayrlhf.actors.openai_engine import Job, Limits, OpenAIEngine
 from rayrlhf.actors.openai_schema import (
     ChatCompletionRequest,
@@ -22,23 +20,12 @@ from rayrlhf.actors.text_generator import (
     ChoiceDelta,
     GenerationRequest,
     SamplingParams,
-    TextGenerator,
     Update,
 )
 from rayrlhf.jobs.cli import main as cli_main
 from rayrlhf.jobs.config.base import CONFIG_DIR, ConfigError, load_yaml
 from rayrlhf.jobs.config.serve import IMPORT_PATH, ServeConfig, load_serve_config
 from rayrlhf.jobs.serve import app_builder
-
-
-@pytest.fixture(scope="module")
-def tiny_dir() -> Path:
-    return resolve_policy("tiny-gpt2")
-
-
-@pytest.fixture(scope="module")
-def gen(tiny_dir) -> TextGenerator:
-    return TextGenerator(tiny_dir, "float32", torch_threads=1)
 
 
 @pytest.fixture(scope="module")
