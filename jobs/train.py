@@ -27,8 +27,7 @@ from rayrlhf.actors.embeddings import resolve_embedding_model
 from rayrlhf.actors.models import resolve_policy
 from rayrlhf.actors.reward_functions import check_functions
 from rayrlhf.actors.reward_model import check_reward_model_dir
-from rayrlhf.actors.trajectory import LearnerBatch, Prompt, Rewards
-from rayrlhf.cluster.actor_group import ActorGroup
+from rayrlhf.actors.trajectory import Prompt, Rewards
 from rayrlhf.cluster.local import init_ray, shutdown_ray
 from rayrlhf.cluster.storage import Storage
 from rayrlhf.jobs import checkpoint
@@ -100,36 +99,20 @@ def reward_metrics(rewards: list[Rewards], prefix: str) -> dict[str, float]:
     return out
 
 
-def learner_batch(learner: ActorGroup, rank: int, trajectories: list, rewards: list, ref_logprobs: list) -> ray.ObjectRef:
-    """A rank's LearnerBatch, joined by a task in that rank's bundle: Ray resolves the parts there, so
-    the trajectories never pass through the driver."""
-    n = len(trajectories)
-    join = ray.remote(_join_parts).options(num_cpus=0, scheduling_strategy=learner.scheduling(rank))
-    return join.remote(n, *trajectories, *rewards, *ref_logprobs)
-
-
-def _join_parts(n: int, *parts: Any) -> LearnerBatch:
-    return LearnerBatch.join(list(parts[:n]), list(parts[n : 2 * n]), list(parts[2 * n :]))
-
-
-def _sample_ids(batch: LearnerBatch) -> list[int]:
-    return batch.trajectory.sample_ids.tolist()
-
-
 @dataclass
 class Experience:
-    """A step's scored samples, joined per learner rank: everything the learner needs, made by the
-    stateless roles (and redone whole if one of them dies)."""
+    """A step's scored samples: everything the learner needs, made by the stateless roles (and redone
+    whole if one of them dies), as refs of finished objects."""
 
-    batches: list[ray.ObjectRef]
+    parts: list[list[ray.ObjectRef]]
+    """Per learner rank: its shards' trajectories, then their rewards, then their reference log-probs
+    (what Learner.learn_parts takes; Ray resolves them in the rank's process, never in the driver's)."""
     rewards: list[Rewards]
-    sample_ids: list[int]
     times: dict[str, float]
 
 
 def collect(roles: Roles, prompts: list[Prompt], recovery: Recovery) -> Experience:
-    """Generate, score and take reference log-probs, then join each learner rank's batch beside it.
-    Returns once every part exists: the sample ids are read off the joined batches."""
+    """Generate, score and take reference log-probs; returns once every part exists."""
     n_shards = max(len(roles.rollout), len(roles.learner))
     t0 = time.perf_counter()
     traj_refs = [
@@ -138,24 +121,16 @@ def collect(roles: Roles, prompts: list[Prompt], recovery: Recovery) -> Experien
     ]
     _wait(traj_refs)
     t1 = time.perf_counter()
-    ref_refs = [roles.reference[0].logprobs.remote(t) for t in traj_refs] if roles.reference else [None] * n_shards
+    ref_refs = [roles.reference[0].logprobs.remote(t) for t in traj_refs] if roles.reference else [None] * len(traj_refs)
     reward_refs, rewards = recovery.score(traj_refs)
     t2 = time.perf_counter()
     if roles.reference:
         _wait(ref_refs)
     t3 = time.perf_counter()
     ranks = len(roles.learner)  # shard i goes to rank i % ranks
-    batches = [
-        learner_batch(roles.learner, rank, traj_refs[rank::ranks], reward_refs[rank::ranks], ref_refs[rank::ranks])
-        for rank in range(ranks)
-    ]
-    ids = ray.remote(_sample_ids)
-    sample_ids = ray.get([
-        ids.options(num_cpus=0, scheduling_strategy=roles.learner.scheduling(rank)).remote(batch)
-        for rank, batch in enumerate(batches)
-    ])
+    parts = [traj_refs[rank::ranks] + reward_refs[rank::ranks] + ref_refs[rank::ranks] for rank in range(ranks)]
     times = {"time/generate": t1 - t0, "time/score": t2 - t1, "time/reference": t3 - t1}
-    return Experience(batches, rewards, [i for rank_ids in sample_ids for i in rank_ids], times)
+    return Experience(parts, rewards, times)
 
 
 def rl_step(cfg: RunConfig, roles: Roles, prompts: list[Prompt], recovery: Recovery | None = None) -> dict[str, float]:
@@ -169,8 +144,10 @@ def rl_step(cfg: RunConfig, roles: Roles, prompts: list[Prompt], recovery: Recov
     experience = recovery.run("the rollout", lambda: collect(roles, prompts, recovery))
     t3 = time.perf_counter()
     try:  # a learner rank's death becomes a LearnerFailure: the run restarts the group from its checkpoint
-        learn_metrics = get_all([learner.learn.remote(b) for learner, b in zip(roles.learner, experience.batches)])
-        recovery.trained.append(experience.sample_ids)
+        results = get_all([learner.learn_parts.remote(*p) for learner, p in zip(roles.learner, experience.parts)])
+        learn_metrics = [metrics for metrics, _ in results]
+        sample_ids = [i for _, rank_ids in results for i in rank_ids]
+        recovery.trained.append(sample_ids)
         t4 = time.perf_counter()
         rollout_versions = sync_weights(roles, int(learn_metrics[0]["version"]), recovery)
     except ray.exceptions.RayError as e:
@@ -186,7 +163,7 @@ def rl_step(cfg: RunConfig, roles: Roles, prompts: list[Prompt], recovery: Recov
     metrics.update(experience.times)
     metrics.update({"time/learn": t4 - t3, "time/sync": t5 - t4, "time/step": t5 - t0})
     metrics["tokens_per_s"] = metrics["tokens"] / metrics["time/step"]
-    metrics["samples/trained"] = float(len(experience.sample_ids))
+    metrics["samples/trained"] = float(len(sample_ids))
     metrics.update(recovery.metrics())
     return metrics
 

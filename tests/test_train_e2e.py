@@ -14,7 +14,7 @@ from rayrlhf.cluster.local import init_ray, shutdown_ray
 from rayrlhf.jobs.config.run import load_config
 from rayrlhf.jobs.data.prompts import load_task
 from rayrlhf.jobs.roles import launch
-from rayrlhf.jobs.train import learner_batch, rl_step, train
+from rayrlhf.jobs.train import rl_step, train
 
 
 @pytest.fixture(scope="module")
@@ -100,6 +100,6 @@ def test_stale_trajectory_is_refused(local_ray, tmp_path):
         scored = roles.scorers[0].score.remote(stale)
         ref = roles.reference[0].logprobs.remote(stale)
         with pytest.raises(ray.exceptions.RayTaskError, match="StaleTrajectoryError"):
-            ray.get(roles.learner[0].learn.remote(learner_batch(roles.learner, 0, [stale], [scored], [ref])))
+            ray.get(roles.learner[0].learn_parts.remote(stale, scored, ref))
     finally:
         roles.shutdown()
