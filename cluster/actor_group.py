@@ -24,15 +24,9 @@ from ray.util.placement_group import (
 )
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
+from rayrlhf.cluster.errors import PlacementError, RoleStartError
+
 PLACEMENT_TIMEOUT_S = 120
-
-
-class PlacementError(RuntimeError):
-    """The cluster cannot hold the requested actors."""
-
-
-class RoleStartError(RuntimeError):
-    """A replica's constructor failed (for instance, its model is missing on its node)."""
 
 
 def check_fits(demands: dict[str, float]) -> None:

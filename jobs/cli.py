@@ -13,6 +13,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from rayrlhf.cluster.errors import LaunchError
 from rayrlhf.jobs.checkpoint import Interrupted
 from rayrlhf.jobs.config.base import ConfigError
 
@@ -175,6 +176,9 @@ def main(argv: list[str] | None = None) -> int:
         result = VERBS[args.verb].run(args)
     except ConfigError as e:
         print(f"rayrlhf {args.verb}: {e}", file=sys.stderr)
+        return 2
+    except LaunchError as e:  # the cluster lacks room, or a model is missing on a node: the user's to fix
+        print(f"rayrlhf {args.verb}: could not start the run: {e}", file=sys.stderr)
         return 2
     except Interrupted as e:  # SIGINT/SIGTERM: a checkpoint was written; 130/143 as a shell expects
         print(f"rayrlhf {args.verb}: {e}", file=sys.stderr)

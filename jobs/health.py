@@ -52,6 +52,17 @@ class HealthMonitor:
         self.last_eval: tuple[int, float] | None = None
         self.stop_reason: str | None = None
 
+    def state_dict(self) -> dict[str, Any]:
+        """What a resumed run needs to warn, stop and plot as the uninterrupted one would (JSON-friendly)."""
+        return {"history": [[s, m] for s, m in self.history], "failing": dict(self.failing),
+                "last_eval": self.last_eval, "stop_reason": self.stop_reason}  # fmt: skip
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.history = [(s, dict(m)) for s, m in state["history"]]
+        self.failing = dict(state["failing"])
+        self.last_eval = tuple(state["last_eval"]) if state["last_eval"] is not None else None
+        self.stop_reason = state["stop_reason"]
+
     def observe(self, step: int, metrics: dict[str, float]) -> bool:
         """Check one step's metrics (an evaluation's too); adds health/<check> flags; True: stop."""
         self.history.append((step, dict(metrics)))

@@ -24,6 +24,7 @@ from rayrlhf.cluster.actor_group import ActorGroup
 from rayrlhf.jobs import checkpoint
 from rayrlhf.jobs.config.base import ConfigError
 from rayrlhf.jobs.config.run import RunConfig
+from rayrlhf.jobs.health import HealthMonitor
 from rayrlhf.jobs.recovery import Recovery
 from rayrlhf.jobs.roles import Roles, restart
 from rayrlhf.jobs.tracking import Tracker
@@ -144,6 +145,7 @@ class RunState:
     tracker: Tracker
     recovery: Recovery
     """The stateless roles' recovery (jobs/recovery.py): it keeps the weights' ref and the trained sample ids."""
+    monitor: HealthMonitor
     step: int = 0
     before: dict[str, float] = field(default_factory=dict)
     history: list[dict[str, float]] = field(default_factory=list)
@@ -164,6 +166,7 @@ class RunState:
             "scorers": ray.get([scorer.state_dict.remote() for scorer in roles.scorers]),
             "rollout": ray.get([worker.state_dict.remote() for worker in roles.rollout]),
             "tracker": self.tracker.state(),
+            "monitor": self.monitor.state_dict(),
         }
 
     def save(self) -> Path:
@@ -205,6 +208,7 @@ class RunState:
         self.recovery.sync(version, lambda: [rank.get_weights.remote() for rank in roles.learner][0])
         self.sampler.load_state_dict(state["sampler"])
         self.step, self.before = state["step"], state["before"]
+        self.monitor.load_state_dict(state["monitor"])
         del self.recovery.trained[self.step:]  # the steps after the checkpoint are trained again
         self.tracker.rewind(state["tracker"])
         self.history = _history(self.output_dir / "metrics.jsonl", self.step)

@@ -295,7 +295,7 @@ def train(
     )
     monitor = HealthMonitor(cfg.monitor.model_dump(), weighted_components(cfg.reward), tracker.write)
     recovery = Recovery(roles, cfg.fault_tolerance, log=tracker.write)
-    run = RunState(cfg, output_dir, roles, PromptSampler(train_set, cfg.seed), tracker, recovery)
+    run = RunState(cfg, output_dir, roles, PromptSampler(train_set, cfg.seed), tracker, recovery, monitor)
     try:
         with StopSignal() as stop:
             if start.checkpoint:
@@ -304,8 +304,8 @@ def train(
             else:
                 run.before, _ = evaluate(cfg, roles, eval_set, recovery)
                 tracker.log(0, run.before, advance=False)
+                monitor.observe(0, dict(run.before))  # a copy: no health flags in the before/after table
                 run.initial = run.driver_state()
-            monitor.observe(0, dict(run.before))  # a copy: no health flags in the before/after table
             stopped_early = False
             while run.step < cfg.steps and not stopped_early:
                 stop.checkpoint_if_asked(run)

@@ -90,3 +90,12 @@ def test_cli_rejects_bad_config_before_ray_starts(capsys):
     assert cli_main(["train", "--config", "tiny", "--set", "policy.model=/no/such/model/dir"]) == 2
     assert "policy.model" in capsys.readouterr().err
     assert not ray.is_initialized()
+
+
+def test_cli_reports_a_run_the_cluster_cannot_hold(capsys, tmp_path):
+    """A launch failure is the user's to fix (here: a GPU this machine lacks): exit 2, no traceback, no Ray left."""
+    assert cli_main(["train", "--config", "tiny", "--set", "learner.num_gpus=1", "--set", f"output_dir={tmp_path}"]) == 2
+    err = capsys.readouterr().err
+    assert "could not start the run" in err and "GPU: needs 1, cluster has 0" in err, err
+    assert "Traceback" not in err
+    assert not ray.is_initialized()

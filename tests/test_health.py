@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import matplotlib.image
 import pytest
 
@@ -63,6 +65,26 @@ def test_hacking_a_weighted_component_rises_while_held_out_falls():
     recovered = {"reward/sim": 0.6, "eval/rouge_l": 0.47}
     mon.observe(6, recovered)
     assert recovered["health/hacking"] == 0.0 and len([p for p in printed if "hacking" in p]) == 1
+
+
+def test_a_resumed_monitor_warns_and_detects_as_the_uninterrupted_one():
+    """Its state goes into the run checkpoint as JSON: a resume neither repeats a warning nor forgets the
+    steps before it (the hacking check and training.png need them)."""
+    steps = [(0, {"eval/rouge_l": 0.50}), (1, {"reward/sim": 0.1, "kl": 1.5}), (2, {"reward/sim": 0.3, "kl": 1.6}),
+             (3, {"reward/sim": 0.5, "kl": 1.7, "eval/rouge_l": 0.45})]  # fmt: skip
+    whole, printed_whole = monitor()
+    for step, metrics in steps:
+        whole.observe(step, dict(metrics))
+    first, printed = monitor()
+    for step, metrics in steps[:2]:
+        first.observe(step, dict(metrics))
+    resumed, printed_after = monitor()
+    resumed.load_state_dict(json.loads(json.dumps(first.state_dict())))
+    for step, metrics in steps[2:]:
+        resumed.observe(step, dict(metrics))
+    assert printed + printed_after == printed_whole  # the KL warning once (step 1), hacking at step 3
+    assert [line.split(",")[1].split(")")[0] for line in printed_whole] == [" kl", " hacking"]
+    assert resumed.history == whole.history and resumed.failing == whole.failing
 
 
 def test_a_small_held_out_dip_is_within_tolerance():
