@@ -107,15 +107,19 @@ def sample_tokens(
     logits: torch.Tensor, temperature: torch.Tensor, top_p: torch.Tensor, generators: list[torch.Generator]
 ) -> torch.Tensor:
     """One token per row: argmax where temperature is 0, else nucleus sampling of softmax(logits / T)."""
+    tokens = logits.argmax(dim=-1)
+    sampled = torch.nonzero(temperature > 0).flatten()
+    if len(sampled) == 0:  # all greedy: no softmax, no sort (a sort of the vocabulary per row is not free)
+        return tokens
+    logits, temperature, top_p = logits[sampled], temperature[sampled], top_p[sampled]
     probs = torch.softmax(logits / temperature.clamp(min=1e-5)[:, None], dim=-1)
     sorted_p, order = probs.sort(dim=-1, descending=True)
     outside = (sorted_p.cumsum(-1) - sorted_p) >= top_p[:, None]  # mass before this token already >= top_p
     outside[:, 0] = False  # the most likely token is always kept (top_p = 0 keeps only it)
     sorted_p = sorted_p.masked_fill(outside, 0.0)
-    tokens = logits.argmax(dim=-1)
-    for row in torch.nonzero(temperature > 0).flatten().tolist():
-        pick = torch.multinomial(sorted_p[row], 1, generator=generators[row])
-        tokens[row] = order[row, pick[0]]
+    for i, row in enumerate(sampled.tolist()):
+        pick = torch.multinomial(sorted_p[i], 1, generator=generators[row])
+        tokens[row] = order[i, pick[0]]
     return tokens
 
 
@@ -175,7 +179,7 @@ class TextGenerator:
         device = self.device
         out = self.model(
             input_ids=input_ids.to(device), attention_mask=attention_mask.to(device),
-            position_ids=position_ids.to(device), cache=cache, use_cache=True,
+            position_ids=position_ids.to(device), cache=cache, use_cache=True, logits_to_keep=1,
         )
         logits = out.logits[:, -1, :].float().cpu()
         if not torch.isfinite(logits).all():

@@ -151,6 +151,28 @@ def test_a_request_joins_the_running_batch_and_its_text_does_not_depend_on_it(ge
     assert list(other_seed.values())[0][0] != texts[late_s][0]
 
 
+def test_requests_joining_at_one_step_share_one_prefill_forward(gen, tiny_dir, monkeypatch):
+    ids = [gen.encode_text(p) for p in PROMPTS]
+    seeded = params(6, temperature=1.0, seed=3)
+    joiners = [request(ids[1], params(6)), request(ids[0], seeded, n=3), request(ids[0], params(1))]
+    alone = {i: run(gen, {0: [request(r.prompts[0], r.params, r.n)]})[0] for i, r in enumerate(joiners)}
+    forwards: list[int] = []
+    real = gen.forward
+    def counted(input_ids, attention_mask, position_ids, cache):
+        forwards.append(input_ids.shape[0])
+        return real(input_ids, attention_mask, position_ids, cache)
+
+    monkeypatch.setattr(gen, "forward", counted)
+    running = request(ids[1], params(8))
+    texts, steps = run(gen, {0: [running], 2: joiners})
+    assert forwards[:4] == [1, 1, 1, 3]  # step 2: the running row's decode, then one prefill of 3 prompts
+    assert forwards[4] == 1 + 1 + 3  # the 1-token request left after its prefill; 3 samples share a prompt
+    assert steps[2][joiners[1]].batch_rows == 1 + 1 + 3 + 1
+    for i, r in enumerate(joiners):  # the same text as alone, whatever the padding and neighbours
+        assert texts[r] == list(alone[i].values())[0]
+    assert len(set(texts[joiners[1]].values())) == 3
+
+
 def test_finished_rows_free_their_slots_for_waiting_requests(gen):
     loop = DecodeLoop(gen, max_rows=3)
     ids = gen.encode_text(PROMPTS[0])
