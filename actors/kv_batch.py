@@ -6,6 +6,10 @@ left (masked out, so the padding changes nothing a row attends to). A row that f
 dropped at once, and padding columns that no remaining row needs are trimmed, so the batch is
 never longer than its longest row. Positions are counted per row, so a row's tokens sit at the
 same positions whatever it is batched with.
+
+The keys and values live in buffers with spare columns on the right (`RoomyLayer`): a decode step
+writes its token in place, where transformers' DynamicLayer copies the whole cache (torch.cat) at
+every step. The batch is copied only when rows join or leave, or every ROOM steps.
 """
 
 from __future__ import annotations
@@ -13,6 +17,10 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from transformers import DynamicCache
+from transformers.cache_utils import DynamicLayer
+
+ROOM = 64
+"""Spare columns a layer's buffers get each time they are (re)allocated."""
 
 
 def _left_pad(t: torch.Tensor, width: int, dim: int) -> torch.Tensor:
@@ -22,6 +30,46 @@ def _left_pad(t: torch.Tensor, width: int, dim: int) -> torch.Tensor:
         return t
     pad = [0, 0] * (-dim - 1) + [missing, 0]
     return F.pad(t, pad)
+
+
+def _stacked(parts: list[torch.Tensor], width: int) -> torch.Tensor:
+    """parts [rows_i, heads, length_i, dim] stacked on rows, each right-aligned (zeros on the left, masked)
+    in a buffer of width + ROOM columns: one copy of each part."""
+    rows = sum(p.shape[0] for p in parts)
+    heads, _, dim = parts[0].shape[1:]
+    out = parts[0].new_zeros(rows, heads, width + ROOM, dim)
+    start = 0
+    for p in parts:
+        out[start:start + p.shape[0], :, width - p.shape[2]:width] = p
+        start += p.shape[0]
+    return out
+
+
+class RoomyLayer(DynamicLayer):
+    """A DynamicLayer whose keys and values are views of the first `length` columns of larger buffers:
+    `update` writes new tokens into the spare columns (re-allocating ROOM more when they run out)."""
+
+    def __init__(self, keys: torch.Tensor, values: torch.Tensor, length: int) -> None:
+        super().__init__()
+        self._keys, self._values = keys, values
+        self.keys, self.values = keys[:, :, :length], values[:, :, :length]
+        self.device, self.is_initialized = keys.device, True
+
+    def update(self, key_states, value_states, *args, **kwargs):
+        start = self.keys.shape[-2]
+        end = start + key_states.shape[-2]
+        if end > self._keys.shape[-2] or self.keys.data_ptr() != self._keys.data_ptr():  # full, or replaced
+            self.__init__(_stacked([self.keys], start), _stacked([self.values], start), start)
+        self._keys[:, :, start:end] = key_states
+        self._values[:, :, start:end] = value_states
+        self.keys, self.values = self._keys[:, :, :end], self._values[:, :, :end]
+        return self.keys, self.values
+
+
+def _roomy_cache(layers: list[tuple[torch.Tensor, torch.Tensor]], length: int) -> DynamicCache:
+    cache = DynamicCache()
+    cache.layers = [RoomyLayer(k, v, length) for k, v in layers]
+    return cache
 
 
 class KVBatch:
@@ -40,15 +88,13 @@ class KVBatch:
 
     def join(self, cache: DynamicCache, mask: torch.Tensor, positions: torch.Tensor, next_ids: torch.Tensor) -> None:
         """Add rows (a prefill's cache and mask, their next positions and tokens) to the batch."""
-        if len(self) == 0:
-            self.cache, self.mask, self.positions, self.next_ids = cache, mask, positions, next_ids
-            return
         width = max(self.mask.shape[1], mask.shape[1])
-        layers = [
-            tuple(torch.cat([_left_pad(a, width, -2), _left_pad(b, width, -2)]) for a, b in ((ka, kb), (va, vb)))
-            for (ka, va, *_), (kb, vb, *_) in zip(self.cache, cache)
+        sources = [cache] if len(self) == 0 else [self.cache, cache]
+        layers = [  # per layer: (keys, values, ...) of each source
+            (_stacked([kv[0] for kv in layer], width), _stacked([kv[1] for kv in layer], width))
+            for layer in zip(*sources)
         ]
-        self.cache = DynamicCache(layers)
+        self.cache = _roomy_cache(layers, width)
         self.mask = torch.cat([_left_pad(self.mask, width, -1), _left_pad(mask, width, -1)])
         self.positions = torch.cat([self.positions, positions])
         self.next_ids = torch.cat([self.next_ids, next_ids])
@@ -64,7 +110,11 @@ class KVBatch:
         self.mask, self.positions, self.next_ids = self.mask[index], self.positions[index], self.next_ids[index]
         first = int(self.mask.any(dim=0).int().argmax())  # the first column some row attends to
         self.mask = self.mask[:, first:]
-        self.cache = DynamicCache([(k[index, :, first:], v[index, :, first:]) for k, v, *_ in self.cache])
+        width = self.mask.shape[1]
+        self.cache = _roomy_cache(
+            [(_stacked([k[index, :, first:]], width), _stacked([v[index, :, first:]], width)) for k, v, *_ in self.cache],
+            width,
+        )
 
     def inputs(self) -> dict[str, torch.Tensor | DynamicCache]:
         """The next decode step's model inputs: one token per row, the mask grown by one column."""

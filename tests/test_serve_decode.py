@@ -12,7 +12,7 @@ from transformers import DynamicCache
 
 from rayrlhf.actors.batch_scheduler import ContinuousScheduler
 from rayrlhf.actors.decode_loop import DecodeLoop
-from rayrlhf.actors.kv_batch import KVBatch
+from rayrlhf.actors.kv_batch import ROOM, KVBatch
 from rayrlhf.actors.models import load_policy
 from rayrlhf.actors.text_generator import (
     GenerationError,
@@ -107,6 +107,14 @@ def test_kv_batch_pads_joiners_and_trims_what_no_row_needs():
     assert batch.cache.layers[0].keys[:, 0, :, 0].tolist() == [[3, 4, 5], [0, 1, 2]]
     assert batch.cache.layers[0].values[:, 0, :, 0].tolist() == [[-3, -4, -5], [-0, -1, -2]]
     assert batch.next_ids.tolist() == [9, 8]
+    layer = batch.cache.layers[0]
+    buffer, step = layer._keys, torch.tensor([[[[10.0]]], [[[11.0]]]])
+    for _ in range(ROOM):  # decode steps write into the spare columns: no copy of the cache
+        keys, _ = layer.update(step, -step)
+    assert layer._keys is buffer and keys.shape[2] == 3 + ROOM and keys[:, 0, 2:4, 0].tolist() == [[5, 10], [2, 11]]
+    keys, values = layer.update(step + 1, -step - 1)  # out of room: copied once into a larger buffer
+    assert layer._keys is not buffer and keys[:, 0, -3:, 0].tolist() == [[10, 10, 11], [11, 11, 12]]
+    assert values[:, 0, :2, 0].tolist() == [[-3, -4], [-0, -1]] and keys.data_ptr() == layer._keys.data_ptr()
     batch.keep([])
     assert len(batch) == 0 and batch.cache is None
 
