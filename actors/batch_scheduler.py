@@ -2,9 +2,12 @@
 
 Why a loop of its own rather than `@serve.batch`: Serve hands over fixed batches, and a request
 that arrives while one decodes waits for the whole batch to end. Here a request joins the
-running batch at the next decode step as soon as `max_rows` has room for all its rows (first
-come, first served; a request is never split), and each request gets its Updates on its own
-queue. Pure asyncio, no Ray: the steps run in a worker thread so the event loop keeps serving.
+running batch at a decode step as soon as `max_rows` has room for all its rows (first come, first
+served; a request is never split), and each request gets its Updates on its own queue. While rows
+are decoding, arrivals are gathered for up to `join_wait_steps` steps (unless they already fill the
+free rows) so that they share one prefill: a prefill stalls every running row and costs about as
+much for a few short prompts as for one (TGI's router also holds joiners back for a few steps).
+Pure asyncio, no Ray: the steps run in a worker thread so the event loop keeps serving.
 """
 
 from __future__ import annotations
@@ -44,9 +47,12 @@ class BatchStats:
 
 
 class ContinuousScheduler:
-    def __init__(self, loop: DecodeLoop) -> None:
+    def __init__(self, loop: DecodeLoop, join_wait_steps: int) -> None:
         self.loop = loop
+        self.join_wait_steps = join_wait_steps
         self._waiting: deque[GenerationRequest] = deque()
+        self._arrived: dict[GenerationRequest, int] = {}
+        """The step count when each waiting request arrived."""
         self._queues: dict[GenerationRequest, asyncio.Queue] = {}
         self._wake: asyncio.Event | None = None
         self._task: asyncio.Task | None = None
@@ -62,6 +68,7 @@ class ContinuousScheduler:
         queue: asyncio.Queue = asyncio.Queue()
         self._queues[request] = queue
         self._waiting.append(request)
+        self._arrived[request] = self.stats.steps
         self._wake.set()
         done = False
         try:
@@ -79,6 +86,7 @@ class ContinuousScheduler:
             self._queues.pop(request, None)
             if request in self._waiting:
                 self._waiting.remove(request)
+            self._arrived.pop(request, None)
 
     async def _run_loop(self) -> None:
         while True:
@@ -86,8 +94,10 @@ class ContinuousScheduler:
                 await self._wake.wait()
                 self._wake.clear()
                 continue
-            while self._waiting and self._waiting[0].rows <= self.loop.free_rows:
+            join = self._join_now()
+            while join and self._waiting and self._waiting[0].rows <= self.loop.free_rows:
                 request = self._waiting.popleft()
+                del self._arrived[request]
                 self.loop.admit(request)
                 self.stats.requests += 1
                 self.stats.sequences += request.rows
@@ -101,6 +111,14 @@ class ContinuousScheduler:
             self._record()
             for request, update in updates:
                 self._send(request, update)
+
+    def _join_now(self) -> bool:
+        """Admit waiting requests before this step, or let them gather for a common prefill?"""
+        if not self._waiting:
+            return False
+        if not self.loop.running or sum(r.rows for r in self._waiting) >= self.loop.free_rows:
+            return True  # no running row to stall, or waiting longer cannot fill the prefill more
+        return self.stats.steps - self._arrived[self._waiting[0]] >= self.join_wait_steps
 
     def _send(self, request: GenerationRequest, item: Update | BaseException) -> None:
         queue = self._queues.get(request)

@@ -104,7 +104,7 @@ class OpenAIServer:
             request_timeout_s=cfg.request_timeout_s,
         )
         self.engine = OpenAIEngine(generator, cfg.model_name, limits)
-        self.scheduler = ContinuousScheduler(DecodeLoop(generator, cfg.max_batch_size))
+        self.scheduler = ContinuousScheduler(DecodeLoop(generator, cfg.max_batch_size), cfg.join_wait_steps)
         self._beam_lock = asyncio.Lock()
         """One beam search at a time, beside the decode loop."""
         self.token = os.environ.get(cfg.auth_env) if cfg.auth_env else None

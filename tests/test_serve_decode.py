@@ -262,7 +262,7 @@ def test_non_finite_weights_raise_generation_error(tiny_dir):
 
 def test_scheduler_admits_waiting_requests_as_rows_free_up(gen):
     ids = gen.encode_text(PROMPTS[0])
-    scheduler = ContinuousScheduler(DecodeLoop(gen, max_rows=2))
+    scheduler = ContinuousScheduler(DecodeLoop(gen, max_rows=2), join_wait_steps=0)
 
     async def consume(r: GenerationRequest) -> list[Update]:
         return [u async for u in scheduler.run(r)]
@@ -284,11 +284,40 @@ def test_scheduler_admits_waiting_requests_as_rows_free_up(gen):
     assert stats["steps"] == 30  # the short ones ran inside the long one's steps
 
 
+@pytest.mark.parametrize("wait", [0, 3])
+def test_arrivals_beside_running_rows_gather_for_one_prefill(gen, wait):
+    ids = gen.encode_text(PROMPTS[0])
+    scheduler = ContinuousScheduler(DecodeLoop(gen, max_rows=4), join_wait_steps=wait)
+
+    async def consume(r: GenerationRequest) -> tuple[int, list[Update]]:
+        """Steps from the request's arrival to its first update, and its updates."""
+        arrived, updates = scheduler.stats.steps, []
+        async for u in scheduler.run(r):
+            if not updates:
+                waited = scheduler.stats.steps - arrived
+            updates.append(u)
+        return waited, updates
+
+    async def main():
+        long = asyncio.create_task(consume(request(ids, params(30))))
+        while scheduler.stats.steps < 2:  # the long one is decoding
+            await asyncio.sleep(0.001)
+        short = [asyncio.create_task(consume(request(ids, params(3)))) for _ in range(2)]  # 2 of 3 free rows
+        return await long, await asyncio.gather(*short)
+
+    (_, long), short = asyncio.run(main())
+    assert long[-1].completion_tokens == 30 and all(u[-1].done for _, u in short)
+    assert all(u[0].batch_requests == 3 for _, u in short)  # prefilled together, beside the long one
+    # they arrive during a step; admitted before the step `wait` steps after it (the next one at least),
+    # and their first update comes from that step
+    assert [waited for waited, _ in short] == [max(wait, 1) + 1] * 2
+
+
 def test_scheduler_fails_the_requests_in_flight_not_itself(tiny_dir, gen):
     broken = TextGenerator(tiny_dir, "float32", torch_threads=1)
     with torch.no_grad():
         broken.model.transformer.h[0].mlp.c_fc.weight.fill_(float("nan"))
-    scheduler = ContinuousScheduler(DecodeLoop(broken, max_rows=2))
+    scheduler = ContinuousScheduler(DecodeLoop(broken, max_rows=2), join_wait_steps=0)
 
     async def main() -> int:
         failures = 0
@@ -303,7 +332,7 @@ def test_scheduler_fails_the_requests_in_flight_not_itself(tiny_dir, gen):
 
 
 def test_a_caller_that_stops_listening_frees_its_rows(gen):
-    scheduler = ContinuousScheduler(DecodeLoop(gen, max_rows=1))
+    scheduler = ContinuousScheduler(DecodeLoop(gen, max_rows=1), join_wait_steps=4)
     ids = gen.encode_text(PROMPTS[0])
 
     async def main() -> list[Update]:

@@ -66,6 +66,10 @@ class ServeConfig(StrictModel):
     max_batch_size: int = Field(8, ge=1)
     """Sequences (prompts x n) in flight at once: a request joins the running decode batch at the
     next step when its rows fit, and a finished row frees its slot at once; 1 turns batching off."""
+    join_wait_steps: int = Field(4, ge=0)
+    """While rows are decoding, new requests that do not fill the free rows wait up to this many decode
+    steps to be prefilled together: one prefill forward costs about as much for 1 as for 4 short
+    prompts, and every running row waits for it. 0 prefills each step's arrivals at the next step."""
     max_ongoing_requests: int = Field(32, ge=1)
     """Requests one replica accepts at once (the ones that do not fit in the batch wait for rows)."""
     default_max_tokens: int = Field(16, ge=1)
