@@ -2,8 +2,8 @@
 
     python benchmarks/serve_load.py --model tiny-gpt2 --clients 1 4 16 --requests 64
     python benchmarks/serve_load.py --model tiny-gpt2 --clients 1 4 16 --requests 64 --mixed
-    python benchmarks/serve_load.py --model smollm2-135m-instruct --clients 1 4 16 --requests 48
-    python benchmarks/serve_load.py --model smollm2-135m-instruct --clients 1 4 16 --requests 48 --mixed
+    python benchmarks/serve_load.py --model smollm2-135m-instruct --clients 1 4 16 --requests 64 --time-limit 600
+    python benchmarks/serve_load.py --model smollm2-135m-instruct --clients 1 4 16 --requests 64 --mixed --time-limit 600
 
 For each mode and each client count C, C concurrent closed-loop clients send greedy streaming
 /v1/completions requests (each client sends its next request when its previous one has ended)
@@ -155,6 +155,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--mixed", action="store_true", help="answer budgets spread over 8..64 tokens")
     parser.add_argument("--time-limit", type=float, default=300.0, help="seconds per run; the rest is cancelled")
     parser.add_argument("--modes", nargs="+", default=["batched", "unbatched"], choices=["batched", "unbatched"])
+    parser.add_argument("--join-wait-steps", type=int, help="the ServeConfig field (default: its default)")
     parser.add_argument("--output", type=Path, default=RESULTS / "serve_load.json")
     args = parser.parse_args(argv)
     budgets = [MIXED[i % len(MIXED)] if args.mixed else args.max_tokens for i in range(args.requests)]
@@ -164,9 +165,10 @@ def main(argv: list[str] | None = None) -> None:
     url = f"http://127.0.0.1:{port}"
     load_before = os.getloadavg()
     most = max(args.clients)
+    extra = {} if args.join_wait_steps is None else {"join_wait_steps": args.join_wait_steps}
     base = prepare(ServeConfig(model=args.model, port=port, auth_env=None, max_ongoing_requests=max(32, most),
                                max_tokens=max(64, args.max_tokens), num_cpus=1,
-                               request_timeout_s=args.time_limit), local=True)
+                               request_timeout_s=args.time_limit, **extra), local=True)
     init_ray(num_cpus=2, object_store_mb=256)
     runs = {}
     try:
@@ -182,7 +184,7 @@ def main(argv: list[str] | None = None) -> None:
 
     entry = {
         "command": "python benchmarks/serve_load.py " + " ".join(argv if argv is not None else sys.argv[1:]),
-        "requests": args.requests, "budgets": sorted(set(budgets)), "time_limit_s": args.time_limit,
+        "requests": args.requests, "join_wait_steps": base.join_wait_steps, "budgets": sorted(set(budgets)), "time_limit_s": args.time_limit,
         "cores": os.cpu_count(), "load_avg_1m_before": round(load_before[0], 2),
         "load_avg_1m_after": round(os.getloadavg()[0], 2), "runs": runs,
     }
