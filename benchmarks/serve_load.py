@@ -66,6 +66,13 @@ def _percentile(values: list[float], q: float) -> float | None:
     return round(ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))], 3)
 
 
+def _steady(ends: list[float], start: float, last_sent: float) -> float | None:
+    """Requests/s before the drain: those finished by the time the last request was sent, over that time.
+    After it the clients run out of work one by one, so the batch empties (requests_per_s includes that)."""
+    span = last_sent - start
+    return round(sum(end <= last_sent for end in ends) / span, 3) if span > 0 else None
+
+
 async def _request(http: httpx.AsyncClient, body: dict) -> tuple[float | None, float, int]:
     """(time to first text, latency, completion tokens) of one streamed completion."""
     start = time.perf_counter()
@@ -93,11 +100,14 @@ async def _load(url: str, model: str, clients: int, budgets: list[int], limit_s:
     latencies: list[float] = []
     tokens = errors = 0
     queue = list(enumerate(budgets))
+    ends: list[float] = []
+    last_sent = 0.0
 
     async def client(http: httpx.AsyncClient) -> None:
-        nonlocal tokens, errors
+        nonlocal tokens, errors, last_sent
         while queue:
             i, budget = queue.pop(0)
+            last_sent = time.perf_counter()
             body = {"model": model, "prompt": PROMPTS[i % len(PROMPTS)], "max_tokens": budget, "temperature": 0,
                     "stream": True, "stream_options": {"include_usage": True}}
             try:
@@ -107,6 +117,7 @@ async def _load(url: str, model: str, clients: int, budgets: list[int], limit_s:
                 print(f"  request {i} failed: {e}", flush=True)
                 continue
             latencies.append(latency)
+            ends.append(time.perf_counter())
             tokens += n
             if first is not None:
                 ttft.append(first)
@@ -121,7 +132,8 @@ async def _load(url: str, model: str, clients: int, budgets: list[int], limit_s:
     done = len(latencies)
     return {
         "completed": done, "errors": errors, "unfinished": len(budgets) - done - errors,
-        "wall_s": round(wall, 2), "requests_per_s": round(done / wall, 3), "tokens_per_s": round(tokens / wall, 1),
+        "wall_s": round(wall, 2), "requests_per_s": round(done / wall, 3),
+        "steady_requests_per_s": _steady(ends, start, last_sent), "tokens_per_s": round(tokens / wall, 1),
         "ttft_p50_s": _percentile(ttft, 0.5), "ttft_p99_s": _percentile(ttft, 0.99),
         "latency_p50_s": _percentile(latencies, 0.5), "latency_p99_s": _percentile(latencies, 0.99),
     }
@@ -208,6 +220,9 @@ def main(argv: list[str] | None = None) -> None:
         b, u = runs["batched"]["clients"][str(most)], runs["unbatched"]["clients"][str(most)]
         if u["requests_per_s"]:
             print(f"batched / unbatched requests/s at {most} clients: {b['requests_per_s'] / u['requests_per_s']:.2f}x")
+        if u["steady_requests_per_s"] and b["steady_requests_per_s"]:
+            print(f"  before the drain (steady_requests_per_s): "
+                  f"{b['steady_requests_per_s'] / u['steady_requests_per_s']:.2f}x")
     print(f"written to {args.output}")
 
 
