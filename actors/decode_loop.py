@@ -1,9 +1,9 @@
 """Iteration-level (continuous) batching: requests join the running batch at the next step.
 
 Each `step` ends the rows whose caller gave up or whose deadline passed, decodes one token for
-every running row, prefills the requests admitted since the last step (all together, in one
-left-padded forward: the padding is masked and positions are counted per row, so a prompt's first
-token does not depend on its neighbours) and moves their live rows into the batch. A row
+every running row, prefills the requests admitted since the last step (together, in left-padded
+forwards of similar lengths: the padding is masked and positions are counted per row, so a prompt's
+first token does not depend on its neighbours) and moves their live rows into the batch. A row
 that finishes leaves at once and frees its slot. Sampling is per row with the row's own seeded
 generator, so a greedy or seeded request gives the same text alone or in a busy batch.
 
@@ -32,6 +32,25 @@ from rayrlhf.actors.text_generator import (
     row_seed,
     sample_tokens,
 )
+
+PAD_SPLIT_TOKENS = 64
+"""Padding a longer prompt would add to a prefill group beyond which it starts a group of its own
+(about what one more forward costs here, in tokens of prefill work)."""
+
+
+def prefill_groups(prompts: list[tuple[GenerationRequest, int]]) -> list[list[tuple[GenerationRequest, int]]]:
+    """(request, prompt index) pairs in groups to prefill together, shortest first: a prompt joins the
+    current group unless padding the group's rows up to its length adds more than PAD_SPLIT_TOKENS."""
+    groups: list[list[tuple[GenerationRequest, int]]] = []
+    width = 0
+    for r, p in sorted(prompts, key=lambda pair: len(pair[0].prompts[pair[1]])):
+        length = len(r.prompts[p])
+        if groups and len(groups[-1]) * (length - width) <= PAD_SPLIT_TOKENS:
+            groups[-1].append((r, p))
+        else:
+            groups.append([(r, p)])
+        width = length
+    return groups
 
 
 @dataclass
@@ -116,17 +135,23 @@ class DecodeLoop:
         self.new = [r for r in self.new if any(row.finish is None for row in self.requests[r])]
 
     def _prefill(self, requests: list[GenerationRequest], deltas: dict[GenerationRequest, list[ChoiceDelta]]) -> None:
-        """The joining requests' prompts through the model in one forward, each prompt once whatever its n
-        (its cache is then repeated per sample); their first tokens sampled, their live rows joined.
-        One forward rather than one per request: a prefill costs about as much as several decode steps
-        at batch 1 and little more for 16 prompts, and the running rows wait for it."""
-        prompts = [p for r in requests for p in r.prompts]
-        ids, mask = left_pad(prompts, self.gen.pad_id)
+        """The joining requests' prompts through the model together: one forward per group of similar
+        lengths (usually one group). A prefill costs about as much as a 16-row decode step for one short
+        prompt and little more for several, and the running rows wait for it; but a long prompt padded
+        beside short ones would multiply the work, hence the groups (prefill_groups)."""
+        for group in prefill_groups([(r, p) for r in requests for p in range(len(r.prompts))]):
+            self._prefill_group(group, deltas)
+
+    def _prefill_group(
+        self, group: list[tuple[GenerationRequest, int]], deltas: dict[GenerationRequest, list[ChoiceDelta]]
+    ) -> None:
+        """(request, prompt index) pairs through the model in one left-padded forward, each prompt once
+        whatever its n (its cache is then repeated per sample); first tokens sampled, live rows joined."""
+        ids, mask = left_pad([r.prompts[p] for r, p in group], self.gen.pad_id)
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
         logits, cache = self.gen.forward(ids, mask, positions, DynamicCache())
-        samples = torch.tensor([r.n for r in requests for _ in r.prompts])
-        prompt_of_row = torch.arange(len(prompts)).repeat_interleave(samples)
-        rows = [row for r in requests for row in self.requests[r]]  # choice = prompt * n + sample, as prompt_of_row
+        prompt_of_row = torch.arange(len(group)).repeat_interleave(torch.tensor([r.n for r, _ in group]))
+        rows = [row for r, p in group for row in self.requests[r][p * r.n:(p + 1) * r.n]]  # choice = p * n + sample
         tokens = self._sample(rows, logits[prompt_of_row])
         self._take(rows, tokens, deltas)
         live = [i for i, row in enumerate(rows) if row.finish is None]

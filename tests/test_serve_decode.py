@@ -11,7 +11,7 @@ import torch
 from transformers import DynamicCache
 
 from rayrlhf.actors.batch_scheduler import ContinuousScheduler
-from rayrlhf.actors.decode_loop import DecodeLoop
+from rayrlhf.actors.decode_loop import PAD_SPLIT_TOKENS, DecodeLoop, prefill_groups
 from rayrlhf.actors.kv_batch import ROOM, KVBatch
 from rayrlhf.actors.models import load_policy
 from rayrlhf.actors.text_generator import (
@@ -179,6 +179,30 @@ def test_requests_joining_at_one_step_share_one_prefill_forward(gen, tiny_dir, m
     for i, r in enumerate(joiners):  # the same text as alone, whatever the padding and neighbours
         assert texts[r] == list(alone[i].values())[0]
     assert len(set(texts[joiners[1]].values())) == 3
+
+
+def test_a_long_prompt_is_prefilled_apart_from_short_ones(gen, monkeypatch):
+    short, long = gen.encode_text(PROMPTS[0]), gen.encode_text(PROMPTS[1] * 8)
+    assert len(long) - len(short) > PAD_SPLIT_TOKENS // 2  # padding two short rows to it would cost more
+    both = GenerationRequest([long, short], 2, params(5), time.monotonic() + 60)  # choices 0-1 long, 2-3 short
+    joiners = [request(short, params(5)), both, request(long[:-1], params(5))]
+    groups = prefill_groups([(r, p) for r in joiners for p in range(len(r.prompts))])
+    assert groups == [[(joiners[0], 0), (both, 1)], [(joiners[2], 0), (both, 0)]]  # by length; 1 token apart
+    forwards: list[int] = []
+    real = gen.forward
+
+    def counted(input_ids, attention_mask, position_ids, cache):
+        forwards.append(input_ids.shape[1])
+        return real(input_ids, attention_mask, position_ids, cache)
+
+    monkeypatch.setattr(gen, "forward", counted)
+    texts, _ = run(gen, {0: joiners})
+    assert forwards[:2] == [len(short), len(long)]  # two prefills, neither padded to the other's length
+    monkeypatch.undo()
+    alone = {name: list(run(gen, {0: [request(ids, params(5))]})[0].values())[0][0]
+             for name, ids in (("s", short), ("l", long))}
+    assert texts[both] == {0: alone["l"], 1: alone["l"], 2: alone["s"], 3: alone["s"]}
+    assert texts[joiners[0]] == {0: alone["s"]}
 
 
 def test_finished_rows_free_their_slots_for_waiting_requests(gen):
