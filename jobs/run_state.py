@@ -146,6 +146,8 @@ class RunState:
     recovery: Recovery
     """The stateless roles' recovery (jobs/recovery.py): it keeps the weights' ref and the trained sample ids."""
     monitor: HealthMonitor
+    pipeline: Any
+    """jobs/pipeline.py Pipeline: the batch it holds ahead of the learner is part of a checkpoint."""
     step: int = 0
     before: dict[str, float] = field(default_factory=dict)
     history: list[dict[str, float]] = field(default_factory=list)
@@ -177,6 +179,7 @@ class RunState:
             group = self.roles.learner
             learner = learner_get([rank.save_checkpoint.remote(str(folder)) for rank in group], group)
             state["learner"] = learner[0]
+            self.pipeline.save_ahead(folder.parent)
 
         learner_cfg = self.cfg.learner
         path = checkpoint.write(
@@ -207,6 +210,7 @@ class RunState:
         version = min(s["version"] for s in state["rollout"])
         self.recovery.sync(version, lambda: [rank.get_weights.remote() for rank in roles.learner][0])
         self.sampler.load_state_dict(state["sampler"])
+        self.pipeline.load_ahead(path)
         self.step, self.before = state["step"], state["before"]
         self.monitor.load_state_dict(state["monitor"])
         del self.recovery.trained[self.step:]  # the steps after the checkpoint are trained again
