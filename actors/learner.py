@@ -49,12 +49,13 @@ from rayrlhf.actors.losses import (
     make_kl_controller,
 )
 from rayrlhf.actors.models import add_lora, load_policy, merged_state_dict, resolve_policy_here, save_policy
+from rayrlhf.actors.offpolicy import decoupled_policy_loss, mismatch_kl
 from rayrlhf.actors.plain_engine import PlainEngine
 from rayrlhf.actors.trajectory import LearnerBatch
 from rayrlhf.actors.weight_sync import BroadcastGroup, Weights
 
 if TYPE_CHECKING:  # the schema's sections, checked before they get here; no runtime import of jobs/
-    from rayrlhf.jobs.config.run import AlgorithmConfig, KLConfig, LearnerConfig, LoraConfig
+    from rayrlhf.jobs.config.run import AlgorithmConfig, KLConfig, LearnerConfig, LoraConfig, PipelineConfig
 
 
 class Destination(Protocol):
@@ -65,7 +66,8 @@ class Destination(Protocol):
 
 
 class StaleTrajectoryError(RuntimeError):
-    """A trajectory sampled by another policy version than the one being trained."""
+    """A trajectory sampled by a policy version the learner may not train on: a newer one, or one more
+    than pipeline.max_staleness versions older than its own."""
 
 
 class PolicyWithValue(nn.Module):
@@ -174,6 +176,7 @@ class Learner:
         device: str = "cpu",
         cache_dir: str | None = None,
         lora: LoraConfig | None = None,
+        pipeline: PipelineConfig | None = None,
     ):
         os.environ.update(
             MASTER_ADDR=master_addr, MASTER_PORT=str(master_port), RANK=str(rank),
@@ -193,6 +196,8 @@ class Learner:
         self.accumulation = math.ceil(rows_per_step / learner.micro_batch_size)
         self.micro_batch_size = learner.micro_batch_size
         self.plain = use_plain_engine(world_size, learner)
+        self.max_staleness = pipeline.max_staleness if pipeline else 0
+        self.is_cap = pipeline.is_cap if pipeline else 1.0
 
         # fp32 master weights; DeepSpeed casts the module to bf16 itself when learner.bf16 is on
         self.policy, self.tokenizer = load_policy(resolve_policy_here(model, cache_dir), "float32", device_type)
@@ -311,16 +316,26 @@ class Learner:
     def _loss(self, rows: dict[str, torch.Tensor], kl_coef: float) -> tuple[torch.Tensor, dict[str, float]]:
         algo, mask = self.algorithm, rows["response_mask"]
         out, values = self._forward(rows, entropy_grad=algo.entropy_coef > 0)
-        pg_loss, clip_frac = clipped_policy_loss(
-            out.logprobs, rows["old_logprobs"], rows["advantages"], mask, algo.clip_eps
-        )
+        # the first pass runs under the pre-update weights (one step per pass): the proximal policy
+        prox = rows.setdefault("prox_logprobs", out.logprobs.detach())
+        if self.max_staleness == 0:  # on-policy: the rollout's log-probs are the pre-update policy's
+            pg_loss, clip_frac = clipped_policy_loss(
+                out.logprobs, rows["old_logprobs"], rows["advantages"], mask, algo.clip_eps
+            )
+            is_clip_frac = torch.zeros(())
+        else:  # actors/offpolicy.py: decoupled PPO with truncated importance weights, no extra forward
+            pg_loss, clip_frac, is_clip_frac = decoupled_policy_loss(
+                out.logprobs, prox, rows["old_logprobs"], rows["advantages"], mask, algo.clip_eps, self.is_cap
+            )
         if "ref_logprobs" in rows:
             kl = masked_mean(kl_penalty(out.logprobs, rows["ref_logprobs"], self.kl_estimator), mask)
         else:  # no reference policy: the run has no KL term
             kl = torch.zeros((), device=mask.device)
         entropy = masked_mean(out.entropy, mask)
         loss = pg_loss - algo.entropy_coef * entropy
-        stats = {"pg_loss": pg_loss.item(), "kl": kl.item(), "entropy": entropy.item(), "clip_frac": clip_frac.item()}
+        stats = {"pg_loss": pg_loss.item(), "kl": kl.item(), "entropy": entropy.item(), "clip_frac": clip_frac.item(),
+                 "pipeline/mismatch_kl": mismatch_kl(prox, rows["old_logprobs"], mask).item(),
+                 "pipeline/is_clip_frac": is_clip_frac.item()}
         if values is None:
             loss = loss + kl_coef * kl
         else:
@@ -348,10 +363,12 @@ class Learner:
     def learn(self, batch: LearnerBatch) -> dict[str, float]:
         """One RL step on this rank's share of the step; returns metrics averaged over ranks."""
         start = time.perf_counter()
-        if batch.trajectory.policy_version != self.version:
+        staleness = self.version - batch.trajectory.policy_version
+        if not 0 <= staleness <= self.max_staleness:
             raise StaleTrajectoryError(
-                f"trajectory sampled by policy version {batch.trajectory.policy_version}, "
-                f"but the learner is at version {self.version}"
+                f"trajectory sampled by policy version {batch.trajectory.policy_version}, but the learner is at "
+                f"version {self.version} and accepts versions {self.version - self.max_staleness}..{self.version} "
+                f"(pipeline.max_staleness={self.max_staleness})"
             )
         if len(batch) != self.rows_per_step:
             raise ValueError(f"this rank expects {self.rows_per_step} rows per step, got {len(batch)}")
@@ -396,6 +413,7 @@ class Learner:
         metrics = self._mean_over_ranks(metrics)
         metrics["tokens"] *= self.world_size  # the total over ranks
         metrics["kl_coef"] = kl_coef
+        metrics["pipeline/staleness"] = float(staleness)
         self.kl_ctl.update(metrics["kl"], len(traj) * self.world_size)
         self.version += 1
         metrics["version"] = float(self.version)

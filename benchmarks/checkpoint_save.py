@@ -24,6 +24,7 @@ apply_offline_defaults()
 from rayrlhf.cluster.local import init_ray, shutdown_ray
 from rayrlhf.jobs.config.run import load_config
 from rayrlhf.jobs.health import HealthMonitor, weighted_components
+from rayrlhf.jobs.pipeline import Pipeline
 from rayrlhf.jobs.recovery import Recovery
 from rayrlhf.jobs.roles import launch
 from rayrlhf.jobs.run_state import RunState
@@ -47,8 +48,9 @@ def measure(name: str, saves: int, overrides: list[str]) -> dict:
         tracker = Tracker(Path(tmp), run_name=cfg.name, config={}, total_steps=1, wandb_mode="disabled",
                           wandb_project="", tensorboard=False, progress_bar=False)
         monitor = HealthMonitor(cfg.monitor.model_dump(), weighted_components(cfg.reward))
-        run = RunState(cfg, Path(tmp), roles, PromptSampler(train_set, cfg.seed), tracker,
-                       Recovery(roles, cfg.fault_tolerance), monitor)
+        sampler, recovery = PromptSampler(train_set, cfg.seed), Recovery(roles, cfg.fault_tolerance)
+        pipeline = Pipeline(cfg, roles, recovery, lambda: sampler.draw(cfg.prompts_per_step))
+        run = RunState(cfg, Path(tmp), roles, sampler, tracker, recovery, monitor, pipeline)
         try:
             rl_step(cfg, roles, run.sampler.draw(cfg.prompts_per_step))
             run.step = 1

@@ -146,6 +146,8 @@ class RunState:
     recovery: Recovery
     """The stateless roles' recovery (jobs/recovery.py): it keeps the weights' ref and the trained sample ids."""
     monitor: HealthMonitor
+    pipeline: Any
+    """jobs/pipeline.py Pipeline: the batch it holds ahead of the learner is part of a checkpoint."""
     step: int = 0
     before: dict[str, float] = field(default_factory=dict)
     history: list[dict[str, float]] = field(default_factory=list)
@@ -156,6 +158,8 @@ class RunState:
     """The driver state at step 0, for a learner restart before the first checkpoint."""
     resumed_from: Path | None = None
     """The checkpoint this job started from (in a Tune trial it lives in Tune's storage, not output_dir)."""
+    first_step: int = 0
+    """The step this job started after: recovery.trained[i] is step first_step + i + 1."""
 
     def driver_state(self) -> dict[str, Any]:
         roles = self.roles
@@ -177,6 +181,7 @@ class RunState:
             group = self.roles.learner
             learner = learner_get([rank.save_checkpoint.remote(str(folder)) for rank in group], group)
             state["learner"] = learner[0]
+            self.pipeline.save_ahead(folder.parent)
 
         learner_cfg = self.cfg.learner
         path = checkpoint.write(
@@ -188,7 +193,7 @@ class RunState:
 
     def resume(self, path: Path) -> None:
         self.restore(path)
-        self.resumed_from = path
+        self.resumed_from, self.first_step = path, self.step
 
     def restore(self, path: Path | None) -> None:
         """Put a checkpoint back (None: the state at step 0, with the fresh learner group as it is)."""
@@ -207,9 +212,10 @@ class RunState:
         version = min(s["version"] for s in state["rollout"])
         self.recovery.sync(version, lambda: [rank.get_weights.remote() for rank in roles.learner][0])
         self.sampler.load_state_dict(state["sampler"])
+        self.pipeline.load_ahead(path)
         self.step, self.before = state["step"], state["before"]
         self.monitor.load_state_dict(state["monitor"])
-        del self.recovery.trained[self.step:]  # the steps after the checkpoint are trained again
+        del self.recovery.trained[self.step - self.first_step:]  # the steps after the checkpoint are trained again
         self.tracker.rewind(state["tracker"])
         self.history = _history(self.output_dir / "metrics.jsonl", self.step)
         self.saved_step = self.step if path is not None else None

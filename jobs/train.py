@@ -1,4 +1,5 @@
-"""`rayrlhf train`: the synchronous RL loop across rollout, reward, reference and learner actors.
+"""`rayrlhf train`: the RL loop across rollout, reward, reference and learner actors (the step itself,
+synchronous or pipelined, is jobs/pipeline.py).
 
 The driver only moves ObjectRefs: trajectories go from rollout workers to reward scorers, the
 reference policy and the learner ranks without passing through this process. What it does
@@ -13,7 +14,6 @@ import os
 import random
 import shutil
 import tempfile
-import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,7 +27,7 @@ from rayrlhf.actors.embeddings import resolve_embedding_model
 from rayrlhf.actors.models import resolve_policy
 from rayrlhf.actors.reward_functions import check_functions
 from rayrlhf.actors.reward_model import check_reward_model_dir
-from rayrlhf.actors.trajectory import Prompt, Rewards
+from rayrlhf.actors.trajectory import Prompt
 from rayrlhf.cluster.local import init_ray, shutdown_ray
 from rayrlhf.cluster.storage import Storage
 from rayrlhf.jobs import checkpoint
@@ -35,9 +35,10 @@ from rayrlhf.jobs.config.base import ConfigError
 from rayrlhf.jobs.config.run import RunConfig
 from rayrlhf.jobs.data.prompts import load_task
 from rayrlhf.jobs.health import HealthMonitor, weighted_components
+from rayrlhf.jobs.pipeline import Pipeline, reward_metrics, rl_step, shards  # noqa: F401 (rl_step: tests, benchmarks)
 from rayrlhf.jobs.recovery import Recovery
 from rayrlhf.jobs.roles import Roles, launch
-from rayrlhf.jobs.run_state import LearnerFailure, RunState, StopSignal, get_all, is_learner_failure, plan
+from rayrlhf.jobs.run_state import LearnerFailure, RunState, StopSignal, plan
 from rayrlhf.jobs.tracking import Tracker, format_table
 
 
@@ -80,110 +81,6 @@ class PromptSampler:
         self.order = list(state["order"])
 
 
-def _shards(items: list, n: int) -> list[list]:
-    size = -(-len(items) // n)
-    return [items[i * size:(i + 1) * size] for i in range(n) if items[i * size:(i + 1) * size]]
-
-
-def _wait(refs: list) -> None:
-    ray.wait(refs, num_returns=len(refs), fetch_local=False)
-
-
-def reward_metrics(rewards: list[Rewards], prefix: str) -> dict[str, float]:
-    out = {f"{prefix}/total": float(np.mean(np.concatenate([r.total for r in rewards])))}
-    out[f"{prefix}/raw"] = float(np.mean(np.concatenate([r.raw_total for r in rewards])))
-    for name in (*rewards[0].components, *rewards[0].info):  # info: truncated_frac, length_penalty, length_ratio
-        values = np.concatenate([r.components.get(name, r.info.get(name)) for r in rewards])
-        if np.isfinite(values).any():
-            out[f"{prefix}/{name}"] = float(np.nanmean(values))
-    return out
-
-
-@dataclass
-class Experience:
-    """A step's scored samples: everything the learner needs, made by the stateless roles (and redone
-    whole if one of them dies), as refs of finished objects."""
-
-    parts: list[list[ray.ObjectRef]]
-    """Per learner rank: its shards' trajectories, then their rewards, then their reference log-probs
-    (what Learner.learn_parts takes; Ray resolves them in the rank's process, never in the driver's)."""
-    rewards: list[Rewards]
-    times: dict[str, float]
-
-
-def collect(roles: Roles, prompts: list[Prompt], recovery: Recovery) -> Experience:
-    """Generate, score and take reference log-probs; returns once every part exists."""
-    n_shards = max(len(roles.rollout), len(roles.learner))
-    t0 = time.perf_counter()
-    traj_refs = [
-        roles.rollout[i % len(roles.rollout)].generate.remote(ray.put(shard))
-        for i, shard in enumerate(_shards(prompts, n_shards))
-    ]
-    _wait(traj_refs)
-    t1 = time.perf_counter()
-    ref_refs = [roles.reference[0].logprobs.remote(t) for t in traj_refs] if roles.reference else [None] * len(traj_refs)
-    reward_refs, rewards = recovery.score(traj_refs)
-    t2 = time.perf_counter()
-    if roles.reference:
-        _wait(ref_refs)
-    t3 = time.perf_counter()
-    ranks = len(roles.learner)  # shard i goes to rank i % ranks
-    parts = [traj_refs[rank::ranks] + reward_refs[rank::ranks] + ref_refs[rank::ranks] for rank in range(ranks)]
-    times = {"time/generate": t1 - t0, "time/score": t2 - t1, "time/reference": t3 - t1}
-    return Experience(parts, rewards, times)
-
-
-def rl_step(cfg: RunConfig, roles: Roles, prompts: list[Prompt], recovery: Recovery | None = None) -> dict[str, float]:
-    """Generate, score, take reference log-probs, learn and sync weights; returns metrics.
-
-    `recovery` (jobs/recovery.py) redoes the step's rollout if a stateless role dies during it; a
-    run passes its own, one call alone (tests, benchmarks) may leave it to a fresh one.
-    """
-    recovery = recovery or Recovery(roles, cfg.fault_tolerance)
-    t0 = time.perf_counter()
-    experience = recovery.run("the rollout", lambda: collect(roles, prompts, recovery))
-    t3 = time.perf_counter()
-    try:  # a learner rank's death becomes a LearnerFailure: the run restarts the group from its checkpoint
-        results = get_all([learner.learn_parts.remote(*p) for learner, p in zip(roles.learner, experience.parts)])
-        learn_metrics = [metrics for metrics, _ in results]
-        sample_ids = [i for _, rank_ids in results for i in rank_ids]
-        recovery.trained.append(sample_ids)
-        t4 = time.perf_counter()
-        rollout_versions = sync_weights(roles, int(learn_metrics[0]["version"]), recovery)
-    except ray.exceptions.RayError as e:
-        if is_learner_failure(e, roles.learner):
-            raise LearnerFailure(str(e)) from e
-        raise
-    t5 = time.perf_counter()
-
-    # every rank returns the same all-reduced metrics ("tokens" is already the total over ranks)
-    metrics = {k: float(np.mean([m[k] for m in learn_metrics])) for k in learn_metrics[0]}
-    metrics["rollout/version"] = float(min(rollout_versions))
-    metrics.update(reward_metrics(experience.rewards, "reward"))
-    metrics.update(experience.times)
-    metrics.update({"time/learn": t4 - t3, "time/sync": t5 - t4, "time/step": t5 - t0})
-    metrics["tokens_per_s"] = metrics["tokens"] / metrics["time/step"]
-    metrics["samples/trained"] = float(len(sample_ids))
-    metrics.update(recovery.metrics())
-    return metrics
-
-
-def sync_weights(roles: Roles, version: int, recovery: Recovery) -> list[int]:
-    """Learner rank 0's weights to every rollout worker, in the policy's dtype; returns their versions.
-
-    GPUs: a NCCL broadcast in buckets (roles.broadcast_dtypes is set at launch; a rollout worker that
-    restarts cannot rejoin that group, so there a rollout death fails the step). Otherwise rank 0 puts
-    the state dict once in the object store, and the recovery keeps its ref for workers that restart
-    later. Both are collectives over the learner ranks (ZeRO-3 gathers the full weights on every rank)."""
-    if roles.broadcast_dtypes is not None:
-        sends = [learner.broadcast_weights.remote(roles.broadcast_dtypes) for learner in roles.learner]
-        versions = [worker.receive_weights.remote(version) for worker in roles.rollout]
-        ray.get(sends)
-        return ray.get(versions)
-    # get_weights is a collective: rank 0 returns the weights, the others None
-    return recovery.sync(version, lambda: [learner.get_weights.remote() for learner in roles.learner][0])
-
-
 def save(roles: Roles, destination: Storage) -> None:
     """A Hugging Face directory of the policy (a collective: every rank joins, rank 0 writes, from its
     own node, straight to the user's storage)."""
@@ -204,7 +101,7 @@ def _evaluate(cfg: RunConfig, roles: Roles, prompts: list[Prompt], recovery: Rec
         roles.rollout[i].generate.remote(
             ray.put(shard), greedy=True, max_new_tokens=max_new, num_beams=cfg.eval.num_beams
         )
-        for i, shard in enumerate(_shards(prompts, len(roles.rollout)))
+        for i, shard in enumerate(shards(prompts, len(roles.rollout)))
     ]
     _, rewards = recovery.score(traj_refs, update_stats=False)
     trajectories = ray.get(traj_refs)
@@ -295,7 +192,9 @@ def train(
     )
     monitor = HealthMonitor(cfg.monitor.model_dump(), weighted_components(cfg.reward), tracker.write)
     recovery = Recovery(roles, cfg.fault_tolerance, log=tracker.write)
-    run = RunState(cfg, output_dir, roles, PromptSampler(train_set, cfg.seed), tracker, recovery, monitor)
+    sampler = PromptSampler(train_set, cfg.seed)
+    pipeline = Pipeline(cfg, roles, recovery, lambda: sampler.draw(cfg.prompts_per_step))
+    run = RunState(cfg, output_dir, roles, sampler, tracker, recovery, monitor, pipeline)
     try:
         with StopSignal() as stop:
             if start.checkpoint:
@@ -311,7 +210,7 @@ def train(
                 stop.checkpoint_if_asked(run)
                 step = run.step + 1
                 try:
-                    metrics = rl_step(cfg, roles, run.sampler.draw(cfg.prompts_per_step), recovery)
+                    metrics = pipeline.step(last=step == cfg.steps)
                     if cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.steps:
                         metrics.update(evaluate(cfg, roles, eval_set, recovery)[0])
                     metrics["restarts/learner"] = float(run.learner_restarts)

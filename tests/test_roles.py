@@ -21,7 +21,7 @@ from rayrlhf.actors.rollout_worker import RolloutWorker
 from rayrlhf.actors.trajectory import LearnerBatch, Prompt, Rewards
 from rayrlhf.actors.weight_sync import Weights
 from rayrlhf.cluster.storage import Storage
-from rayrlhf.jobs.config.run import AlgorithmConfig, KLConfig, LearnerConfig, LoraConfig
+from rayrlhf.jobs.config.run import AlgorithmConfig, KLConfig, LearnerConfig, LoraConfig, PipelineConfig
 
 K = 4  # samples per prompt
 PROMPTS = [Prompt(id=5, text="What is 2 plus 3?", reference="5"), Prompt(id=7, text="Hello! How are you?")]
@@ -225,7 +225,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def make_learner(model_dir: str, name: str, lora: LoraConfig | None = None):
+def make_learner(model_dir: str, name: str, lora: LoraConfig | None = None, pipeline: PipelineConfig | None = None):
     from rayrlhf.actors.learner import Learner
 
     algorithm = AlgorithmConfig(name=name, clip_eps=0.2, epochs=1, gamma=1.0, lam=0.95, value_clip=0.2, vf_coef=0.5,
@@ -237,10 +237,30 @@ def make_learner(model_dir: str, name: str, lora: LoraConfig | None = None):
     return Learner(
         rank=0, world_size=1, master_addr="127.0.0.1", master_port=free_port(), model=model_dir, seed=0,
         temperature=1.0, rows_per_step=len(PROMPTS) * K, algorithm=algorithm, kl=kl, learner=learner, lora=lora,
+        pipeline=pipeline,
     )  # fmt: skip
 
 
 LENGTHS = [2, 6, 4, 3, 5, 1, 6, 2]  # response lengths (EOS included) of the 2 groups of K=4
+
+
+def test_learner_trains_a_batch_within_max_staleness_with_the_off_policy_loss(model_dir, dist_env, monkeypatch):
+    from rayrlhf.actors.learner import StaleTrajectoryError
+
+    worker = make_worker(model_dir)
+    script_responses(worker, monkeypatch, responses_of_lengths(LENGTHS, 6, worker.tokenizer.eos_token_id))
+    traj = worker.generate(PROMPTS)  # policy version 0
+    scores = np.array([1, 0, 0, 0] * len(PROMPTS), dtype=np.float32)
+    batch = LearnerBatch.join([traj], [Rewards(total=scores, raw_total=scores, components={})], [None])
+    learner = make_learner(model_dir, "grpo", pipeline=PipelineConfig(max_staleness=1, is_cap=1.5))
+    fresh = learner.learn(batch)
+    assert fresh["pipeline/staleness"] == 0 and fresh["pipeline/mismatch_kl"] < 1e-6 and fresh["pipeline/is_clip_frac"] == 0
+    late = learner.learn(batch)  # the same samples, now one version old: accepted, and corrected for
+    assert late["pipeline/staleness"] == 1 and late["version"] == 2
+    assert late["pipeline/mismatch_kl"] > 1e-4 and 0 < late["pipeline/is_clip_frac"] < 1  # lr 1e-2 moved it far
+    with pytest.raises(StaleTrajectoryError, match=r"accepts versions 1\.\.2 \(pipeline.max_staleness=1\)"):
+        learner.learn(batch)
+    assert learner.version == 2
 
 
 @pytest.mark.parametrize("name", ["grpo", "ppo"])

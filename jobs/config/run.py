@@ -275,6 +275,21 @@ class CheckpointConfig(StrictModel):
     """The last N checkpoints are kept; older ones are deleted once a newer one is complete."""
 
 
+class PipelineConfig(StrictModel):
+    """Overlap of rollout and learning (jobs/pipeline.py) and the loss's off-policy correction
+    (actors/offpolicy.py)."""
+
+    max_staleness: int = Field(0, ge=0)
+    """0: the synchronous loop (generate, score, learn, sync, in turn). k >= 1: the next step's batch is
+    generated, scored and given reference log-probs while the learner trains the current one; the
+    learner accepts a batch sampled at most k policy versions ago (the driver never starts one that
+    would be older when trained). The driver runs one batch ahead and syncs after every update, so
+    staleness is at most 1 whatever k >= 1 says."""
+    is_cap: float = Field(2.0, gt=0)
+    """With max_staleness >= 1: the cap of the truncated importance weights pi_learner/pi_rollout
+    (per token) that correct the loss for samples drawn by an older policy."""
+
+
 class FaultToleranceConfig(StrictModel):
     """How a run survives failures inside the job (README: "Checkpoints, resume and failures")."""
 
@@ -318,6 +333,7 @@ class RunConfig(StrictModel):
     """How held-out answers are decoded (eval_every and eval_max_new_tokens say when and how long)."""
     checkpoint: CheckpointConfig = CheckpointConfig()
     fault_tolerance: FaultToleranceConfig = FaultToleranceConfig()
+    pipeline: PipelineConfig = PipelineConfig()
 
     @model_validator(mode="before")
     @classmethod

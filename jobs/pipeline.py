@@ -1,0 +1,210 @@
+"""The RL step across the roles, synchronous or pipelined (`pipeline.max_staleness`).
+
+Synchronous (max_staleness 0), one step: generate, score and take reference log-probs (`collect`),
+learn, sync the weights, in turn. Pipelined (max_staleness k >= 1): the driver keeps one scored batch
+ahead. A step hands the learner the batch collected during the previous step and, while the learner
+trains it, collects the next one with the weights the rollout workers hold; then it syncs the new
+weights. Generation, scoring and the reference overlap learning; a batch is trained one version after
+the one that sampled it (the first batch: none), and the loss corrects for that (actors/offpolicy.py).
+
+Admission control, as AReaL and SkyRL do it: the driver starts a batch ahead only if it will be at
+most k versions old when trained, else it syncs first and collects after the update. Running one
+batch ahead and syncing after every update keeps every batch within 1, so the check never fails
+here; it states the invariant the learner enforces (StaleTrajectoryError).
+
+The batch ahead is part of the run's state: a checkpoint holds it whole (`save_ahead`: trajectories,
+rewards, reference log-probs, a few hundred KB), beside the sampler, scorer statistics and rollout
+counters that already account for it, so a resumed run trains it next: no batch in flight is lost or
+trained twice. A learner restart rewinds it with the rest of the checkpoint.
+"""
+
+from __future__ import annotations
+
+import pickle
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TypeVar
+
+import numpy as np
+import ray
+
+from rayrlhf.actors.trajectory import Prompt, Rewards
+from rayrlhf.jobs.config.run import RunConfig
+from rayrlhf.jobs.recovery import Recovery
+from rayrlhf.jobs.roles import Roles
+from rayrlhf.jobs.run_state import LearnerFailure, get_all, is_learner_failure
+
+T = TypeVar("T")
+AHEAD_FILE = "ahead.pkl"
+"""In a run checkpoint's folder: the batch collected ahead of the learner (pipelined runs only)."""
+
+
+def shards(items: list, n: int) -> list[list]:
+    size = -(-len(items) // n)
+    return [items[i * size:(i + 1) * size] for i in range(n) if items[i * size:(i + 1) * size]]
+
+
+def _wait(refs: list) -> None:
+    ray.wait(refs, num_returns=len(refs), fetch_local=False)
+
+
+def reward_metrics(rewards: list[Rewards], prefix: str) -> dict[str, float]:
+    out = {f"{prefix}/total": float(np.mean(np.concatenate([r.total for r in rewards])))}
+    out[f"{prefix}/raw"] = float(np.mean(np.concatenate([r.raw_total for r in rewards])))
+    for name in (*rewards[0].components, *rewards[0].info):  # info: truncated_frac, length_penalty, length_ratio
+        values = np.concatenate([r.components.get(name, r.info.get(name)) for r in rewards])
+        if np.isfinite(values).any():
+            out[f"{prefix}/{name}"] = float(np.nanmean(values))
+    return out
+
+
+@dataclass
+class Experience:
+    """A step's scored samples: everything the learner needs, made by the stateless roles (and redone
+    whole if one of them dies), as refs of finished objects."""
+
+    parts: list[list[ray.ObjectRef | None]]
+    """Per learner rank: its shards' trajectories, then their rewards, then their reference log-probs
+    (None without a reference policy): what Learner.learn_parts takes; Ray resolves them in the
+    rank's process, never in the driver's."""
+    rewards: list[Rewards]
+    times: dict[str, float]
+
+
+def collect(roles: Roles, prompts: list[Prompt], recovery: Recovery) -> Experience:
+    """Generate, score and take reference log-probs; returns once every part exists."""
+    n_shards = max(len(roles.rollout), len(roles.learner))
+    t0 = time.perf_counter()
+    traj_refs = [
+        roles.rollout[i % len(roles.rollout)].generate.remote(ray.put(shard))
+        for i, shard in enumerate(shards(prompts, n_shards))
+    ]
+    _wait(traj_refs)
+    t1 = time.perf_counter()
+    ref_refs = [roles.reference[0].logprobs.remote(t) for t in traj_refs] if roles.reference else [None] * len(traj_refs)
+    reward_refs, rewards = recovery.score(traj_refs)
+    t2 = time.perf_counter()
+    if roles.reference:
+        _wait(ref_refs)
+    t3 = time.perf_counter()
+    ranks = len(roles.learner)  # shard i goes to rank i % ranks
+    parts = [traj_refs[rank::ranks] + reward_refs[rank::ranks] + ref_refs[rank::ranks] for rank in range(ranks)]
+    times = {"time/generate": t1 - t0, "time/score": t2 - t1, "time/reference": t3 - t1}
+    return Experience(parts, rewards, times)
+
+
+def rl_step(cfg: RunConfig, roles: Roles, prompts: list[Prompt], recovery: Recovery | None = None) -> dict[str, float]:
+    """One synchronous step: generate, score, take reference log-probs, learn and sync weights; returns metrics.
+
+    `recovery` (jobs/recovery.py) redoes the step's rollout if a stateless role dies during it; a
+    run passes its own, one call alone (tests, benchmarks) may leave it to a fresh one.
+    """
+    recovery = recovery or Recovery(roles, cfg.fault_tolerance)
+    t0 = time.perf_counter()
+    experience = recovery.run("the rollout", lambda: collect(roles, prompts, recovery))
+    return learn_and_sync(roles, experience, recovery, t0, lambda: None)[0]
+
+
+def learn_and_sync(
+    roles: Roles, experience: Experience, recovery: Recovery, t0: float, meanwhile: Callable[[], T]
+) -> tuple[dict[str, float], T]:
+    """Train `experience` on the learner ranks, run `meanwhile()` while they do, then sync the new
+    weights to the rollout workers; returns the step's metrics (timed from `t0`) and meanwhile's result."""
+    t3 = time.perf_counter()
+    try:  # a learner rank's death becomes a LearnerFailure: the run restarts the group from its checkpoint
+        learning = [learner.learn_parts.remote(*p) for learner, p in zip(roles.learner, experience.parts)]
+        result = meanwhile()
+        results = get_all(learning)
+        learn_metrics = [metrics for metrics, _ in results]
+        sample_ids = [i for _, rank_ids in results for i in rank_ids]
+        recovery.trained.append(sample_ids)
+        t4 = time.perf_counter()
+        rollout_versions = sync_weights(roles, int(learn_metrics[0]["version"]), recovery)
+    except ray.exceptions.RayError as e:
+        if is_learner_failure(e, roles.learner):
+            raise LearnerFailure(str(e)) from e
+        raise
+    t5 = time.perf_counter()
+
+    # every rank returns the same all-reduced metrics ("tokens" is already the total over ranks)
+    metrics = {k: float(np.mean([m[k] for m in learn_metrics])) for k in learn_metrics[0]}
+    metrics["rollout/version"] = float(min(rollout_versions))
+    metrics.update(reward_metrics(experience.rewards, "reward"))
+    metrics.update(experience.times)  # the trained batch's (pipelined: collected during the step before)
+    metrics.update({"time/learn": t4 - t3, "time/sync": t5 - t4, "time/step": t5 - t0})
+    metrics["tokens_per_s"] = metrics["tokens"] / metrics["time/step"]
+    metrics["samples/trained"] = float(len(sample_ids))
+    metrics.update(recovery.metrics())
+    return metrics, result
+
+
+def sync_weights(roles: Roles, version: int, recovery: Recovery) -> list[int]:
+    """Learner rank 0's weights to every rollout worker, in the policy's dtype; returns their versions.
+
+    GPUs: a NCCL broadcast in buckets (roles.broadcast_dtypes is set at launch; a rollout worker that
+    restarts cannot rejoin that group, so there a rollout death fails the step). Otherwise rank 0 puts
+    the state dict once in the object store, and the recovery keeps its ref for workers that restart
+    later. Both are collectives over the learner ranks (ZeRO-3 gathers the full weights on every rank)."""
+    if roles.broadcast_dtypes is not None:
+        sends = [learner.broadcast_weights.remote(roles.broadcast_dtypes) for learner in roles.learner]
+        versions = [worker.receive_weights.remote(version) for worker in roles.rollout]
+        ray.get(sends)
+        return ray.get(versions)
+    # get_weights is a collective: rank 0 returns the weights, the others None
+    return recovery.sync(version, lambda: [learner.get_weights.remote() for learner in roles.learner][0])
+
+
+def admitted(train_version: int, sample_version: int, max_staleness: int) -> bool:
+    """Whether a batch sampled by `sample_version` may be trained by the learner at `train_version`."""
+    return 0 <= train_version - sample_version <= max_staleness
+
+
+class Pipeline:
+    """The run's steps: synchronous `rl_step`s, or one scored batch ahead of the learner (module docstring)."""
+
+    def __init__(self, cfg: RunConfig, roles: Roles, recovery: Recovery, draw: Callable[[], list[Prompt]]) -> None:
+        self.cfg, self.roles, self.recovery, self.draw = cfg, roles, recovery, draw
+        self.max_staleness = cfg.pipeline.max_staleness
+        self.ahead: Experience | None = None
+        """The next step's batch, collected (pipelined runs, between steps)."""
+
+    def _collect(self) -> Experience:
+        prompts = self.draw()
+        return self.recovery.run("the rollout", lambda: collect(self.roles, prompts, self.recovery))
+
+    def step(self, last: bool) -> dict[str, float]:
+        """One step; `last`: no step follows in this run (so nothing is collected ahead)."""
+        if self.max_staleness == 0:
+            return rl_step(self.cfg, self.roles, self.draw(), self.recovery)
+        t0 = time.perf_counter()
+        experience, self.ahead = self.ahead or self._collect(), None
+        # the learner trains one batch per step and every step ends with a sync: it trains the next
+        # batch at the version the rollout workers will hold after this step's sync
+        overlap = not last and admitted(self.recovery.version + 1, self.recovery.version, self.max_staleness)
+        metrics, ahead = learn_and_sync(
+            self.roles, experience, self.recovery, t0, self._collect if overlap else lambda: None
+        )
+        if not last and not overlap:  # too stale if started now: after the update instead
+            ahead = self._collect()
+        self.ahead = ahead
+        return metrics
+
+    def save_ahead(self, folder: Path) -> None:
+        """The batch ahead, whole, into a checkpoint folder being written."""
+        if self.ahead is None:
+            return
+        parts = [[ray.get(ref) if ref is not None else None for ref in part] for part in self.ahead.parts]
+        with open(folder / AHEAD_FILE, "wb") as f:
+            pickle.dump({"parts": parts, "rewards": self.ahead.rewards, "times": self.ahead.times}, f)
+
+    def load_ahead(self, folder: Path | None) -> None:
+        """The checkpoint's batch ahead, if it has one (None: a run's start)."""
+        self.ahead = None
+        path = folder / AHEAD_FILE if folder is not None else None
+        if path is not None and path.is_file():
+            with open(path, "rb") as f:
+                saved = pickle.load(f)  # the run's own checkpoint, as trusted as its DeepSpeed state
+            parts = [[ray.put(x) if x is not None else None for x in part] for part in saved["parts"]]
+            self.ahead = Experience(parts, saved["rewards"], saved["times"])
