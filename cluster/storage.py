@@ -87,5 +87,13 @@ class Storage:
         with self.filesystem.open_input_stream(f"{self.root}/{name}") as stream:
             return stream.read().decode()
 
+    def remove(self, name: str) -> None:
+        """Delete a file or folder inside this location, if it is there."""
+        info = self.filesystem.get_file_info(f"{self.root}/{name}")
+        if info.type == pafs.FileType.Directory:
+            self.filesystem.delete_dir(info.path)
+        elif info.type == pafs.FileType.File:
+            self.filesystem.delete_file(info.path)
+
     def exists(self, name: str) -> bool:
         return self.filesystem.get_file_info(f"{self.root}/{name}").type != pafs.FileType.NotFound
