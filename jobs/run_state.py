@@ -27,7 +27,7 @@ from rayrlhf.jobs.config.base import ConfigError
 from rayrlhf.jobs.config.run import RunConfig
 from rayrlhf.jobs.health import HealthMonitor
 from rayrlhf.jobs.recovery import Recovery
-from rayrlhf.jobs.roles import Roles, restart
+from rayrlhf.jobs.roles import Roles, restart_learner
 from rayrlhf.jobs.tracking import Tracker
 
 
@@ -225,16 +225,14 @@ class RunState:
         if self.learner_restarts >= limit:
             raise RuntimeError(f"a learner rank failed after {self.learner_restarts} restart(s) "
                                f"(fault_tolerance.max_learner_restarts={limit})") from error
-        if self.roles.broadcast_dtypes is not None:
-            raise RuntimeError("a learner rank failed; an in-job restart cannot rejoin the NCCL weight-broadcast "
-                               "group yet: run the same command again to resume from the latest checkpoint") from error
         self.learner_restarts += 1
         path = checkpoint.latest(self.output_dir) or self.resumed_from
         self.tracker.write(
             f"learner failure at step {self.step + 1} ({type(error.__cause__ or error).__name__}): restart "
             f"{self.learner_restarts}/{limit}, from {path or 'the start (no checkpoint yet)'}"
         )
-        restart(self.roles, self.cfg, "learner")
+        restart_learner(self.roles, self.cfg)  # on the NCCL broadcast path, the rollout workers too
+        self.recovery.rebind()
         self.restore(path)
 
 
