@@ -137,11 +137,12 @@ def write(
 
 def _publish(final: Path, remote: Any, kept: set[str]) -> None:
     """The driver's files of a checkpoint whose learner state is in the bucket, the manifest last;
-    then every other step folder there goes (older ones past `keep`, and any never completed)."""
+    then every other step folder there goes (older ones past `keep`, any never completed, and a
+    `.tmp-` folder the driver's logs carried up after a crash while saving)."""
     for file in ("config.yaml", DRIVER_STATE, MANIFEST):
         remote.write_text(f"checkpoints/{final.name}/{file}", (final / file).read_text())
     for other in remote.list_dir("checkpoints"):
-        if other.startswith("step_") and other not in kept:
+        if (other.startswith("step_") and other not in kept) or other.startswith(".tmp-"):
             remote.remove(f"checkpoints/{other}")
 
 
