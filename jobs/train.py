@@ -272,9 +272,14 @@ def train(
     # driver files (its checkpoints are found there), uploaded as it goes (jobs/checkpoint.py)
     remote = None if storage.local_path is not None else storage
     output_dir = storage.local_path or Path(tempfile.mkdtemp(prefix="rayrlhf-driver-"))
-    if remote is not None:
-        checkpoint.mirror(remote, output_dir)
-    start = plan(cfg, output_dir, str(resume), remote)
+    try:
+        if remote is not None:
+            checkpoint.mirror(remote, output_dir)
+        start = plan(cfg, output_dir, str(resume), remote)
+    except BaseException:  # e.g. a config that differs from the checkpoint's: no local copy left behind
+        if remote is not None:
+            shutil.rmtree(output_dir, ignore_errors=True)
+        raise
     if start.finished_step is not None:
         print(f"the run in {storage} already finished ({start.finished_step} steps); final policy: "
               f"{storage.join('final')} (--resume never starts it over)")
