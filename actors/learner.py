@@ -65,6 +65,13 @@ class Destination(Protocol):
     def writable_dir(self) -> AbstractContextManager[Path]: ...
 
 
+class Source(Protocol):
+    """Where a saved state is read from (a Storage too): a local directory holding it for the block,
+    downloaded onto this node when the storage is not a path."""
+
+    def readable_dir(self) -> AbstractContextManager[Path]: ...
+
+
 class StaleTrajectoryError(RuntimeError):
     """A trajectory sampled by a policy version the learner may not train on: a newer one, or one more
     than pipeline.max_staleness versions older than its own."""
@@ -261,17 +268,21 @@ class Learner:
 
     # --- run checkpoint (jobs/checkpoint.py decides where) ---------------------------------
 
-    def save_checkpoint(self, folder: str) -> dict[str, Any]:
+    def save_checkpoint(self, destination: Destination) -> dict[str, Any]:
         """Collective: every rank writes its DeepSpeed engine state (weights, optimizer, ZeRO
-        partitions, LR schedule) under `folder`; returns what the driver keeps beside it."""
-        self.engine.save_checkpoint(folder, tag="state", save_latest=False)
+        partitions, LR schedule) to `destination` from its own node (the ranks' files merge there);
+        returns what the driver keeps beside it."""
+        with destination.writable_dir() as folder:
+            self.engine.save_checkpoint(str(folder), tag="state", save_latest=False)
         return {"version": self.version, "kl_coef": float(self.kl_ctl.value)}
 
-    def load_checkpoint(self, folder: str, state: dict[str, Any]) -> int:
-        """Collective: the inverse of save_checkpoint, on a group of the same size and ZeRO stage."""
-        path, _ = self.engine.load_checkpoint(folder, tag="state")
+    def load_checkpoint(self, source: Source, state: dict[str, Any]) -> int:
+        """Collective: the inverse of save_checkpoint, on a group of the same size and ZeRO stage
+        (each rank reads the saved state on its own node)."""
+        with source.readable_dir() as folder:
+            path, _ = self.engine.load_checkpoint(str(folder), tag="state")
         if path is None:
-            raise FileNotFoundError(f"no DeepSpeed checkpoint under {folder}")
+            raise FileNotFoundError(f"no DeepSpeed checkpoint under {source}")
         self.version = int(state["version"])
         self.kl_ctl.value = float(state["kl_coef"])
         return self.version

@@ -1,11 +1,14 @@
 """Run checkpoints: size on disk and seconds per save (and per restore) on a config's roles.
 
     python benchmarks/checkpoint_save.py --config default --saves 3
+    python benchmarks/checkpoint_save.py --config default --saves 3 --uri   # output_dir a file:// URI
 
 Launches the config's roles, takes one RL step (so the optimizer state exists, as in any real
 checkpoint), then writes `--saves` checkpoints through the same code as `rayrlhf train`
 (jobs/run_state.py RunState.save -> jobs/checkpoint.py) and restores the last one. Writes
-benchmarks/results/checkpoint_save.json and prints a table. Not a test: figures only.
+benchmarks/results/checkpoint_save.json and prints a table. Not a test: figures only. With --uri the
+run's output_dir is a file:// URI, which takes the road an object store does (each rank stages its
+state and uploads it; a restore downloads it on each rank's node).
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ from rayrlhf.cluster.offline import apply_offline_defaults
 apply_offline_defaults()
 
 from rayrlhf.cluster.local import init_ray, shutdown_ray
+from rayrlhf.cluster.storage import Storage
 from rayrlhf.jobs.config.run import load_config
 from rayrlhf.jobs.health import HealthMonitor, weighted_components
 from rayrlhf.jobs.pipeline import Pipeline
@@ -38,19 +42,22 @@ def folder_bytes(path: Path) -> int:
     return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
 
 
-def measure(name: str, saves: int, overrides: list[str]) -> dict:
+def measure(name: str, saves: int, overrides: list[str], uri: bool = False) -> dict:
     with tempfile.TemporaryDirectory(prefix="rayrlhf-ckpt-bench-") as tmp:
-        cfg = load_config(name, [f"output_dir={tmp}", "logging.wandb=disabled", "logging.tensorboard=false",
+        location = f"file://{tmp}/bucket" if uri else tmp
+        driver = Path(tmp) / "driver" if uri else Path(tmp)  # the driver's own copy of a URI run
+        cfg = load_config(name, [f"output_dir={location}", "logging.wandb=disabled", "logging.tensorboard=false",
                                  "logging.progress_bar=false", f"checkpoint.keep={saves}", *overrides])
         train_set, _ = prepare(cfg)
         init_ray(cfg.cluster.address, cfg.cluster.num_cpus, cfg.cluster.object_store_mb)
         roles = launch(cfg)
-        tracker = Tracker(Path(tmp), run_name=cfg.name, config={}, total_steps=1, wandb_mode="disabled",
+        tracker = Tracker(driver, run_name=cfg.name, config={}, total_steps=1, wandb_mode="disabled",
                           wandb_project="", tensorboard=False, progress_bar=False)
         monitor = HealthMonitor(cfg.monitor.model_dump(), weighted_components(cfg.reward))
         sampler, recovery = PromptSampler(train_set, cfg.seed), Recovery(roles, cfg.fault_tolerance)
         pipeline = Pipeline(cfg, roles, recovery, lambda: sampler.draw(cfg.prompts_per_step))
-        run = RunState(cfg, Path(tmp), roles, sampler, tracker, recovery, monitor, pipeline)
+        run = RunState(cfg, driver, roles, sampler, tracker, recovery, monitor, pipeline,
+                       remote=Storage(location) if uri else None)
         try:
             rl_step(cfg, roles, run.sampler.draw(cfg.prompts_per_step))
             run.step = 1
@@ -63,8 +70,9 @@ def measure(name: str, saves: int, overrides: list[str]) -> dict:
             start = time.perf_counter()
             run.restore(path)
             restore_s = time.perf_counter() - start
-            size = folder_bytes(path)
-            learner = folder_bytes(path / "learner")
+            stored = Path(tmp) / "bucket" / "checkpoints" / path.name if uri else path
+            size = folder_bytes(stored)
+            learner = folder_bytes(stored / "learner")
         finally:
             tracker.close()
             roles.shutdown()
@@ -72,7 +80,7 @@ def measure(name: str, saves: int, overrides: list[str]) -> dict:
     return {
         "model": cfg.policy.model, "learner_ranks": cfg.learner.num_ranks, "zero_stage": cfg.learner.zero_stage,
         "bytes": size, "learner_bytes": learner, "save_s": seconds, "save_median_s": statistics.median(seconds),
-        "restore_s": restore_s,
+        "restore_s": restore_s, "output_dir": "file:// URI" if uri else "path",
     }
 
 
@@ -81,14 +89,16 @@ def main() -> None:
     parser.add_argument("--config", default="default")
     parser.add_argument("--saves", type=int, default=3)
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="FIELD=VALUE")
+    parser.add_argument("--uri", action="store_true", help="output_dir as a file:// URI (staged and uploaded)")
     args = parser.parse_args()
-    row = measure(args.config, args.saves, args.overrides)
-    print(f"\n== {args.config} ({row['model']}, {row['learner_ranks']} rank(s), ZeRO-{row['zero_stage']})")
+    row = measure(args.config, args.saves, args.overrides, args.uri)
+    print(f"\n== {args.config} ({row['model']}, {row['learner_ranks']} rank(s), ZeRO-{row['zero_stage']}, "
+          f"output_dir a {row['output_dir']})")
     print(f"checkpoint size     {row['bytes'] / 2**20:10.1f} MiB (learner state {row['learner_bytes'] / 2**20:.1f} MiB)")
     print(f"seconds per save    {row['save_median_s']:10.2f} (median of {args.saves}: {row['save_s']})")
     print(f"seconds to restore  {row['restore_s']:10.2f}")
     RESULTS.mkdir(exist_ok=True)
-    out = RESULTS / "checkpoint_save.json"
+    out = RESULTS / ("checkpoint_save_uri.json" if args.uri else "checkpoint_save.json")
     out.write_text(json.dumps({args.config: row}, indent=2))
     print(f"\nwrote {out}")
 

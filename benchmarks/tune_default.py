@@ -73,7 +73,7 @@ def main(argv: list[str] | None = None) -> None:
     best = outcome.summary.best
     untrained = None
     if reference is not None:
-        eval_json = setup.cfg.experiment_dir() / reference["trial"] / "run" / "eval.json"
+        eval_json = Path(setup.cfg.experiment_dir()) / reference["trial"] / "run" / "eval.json"
         if eval_json.exists():
             untrained = json.loads(eval_json.read_text())["before"].get(setup.cfg.objective.metric)
     figures = {

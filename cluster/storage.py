@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -71,6 +71,38 @@ class Storage:
         finally:
             shutil.rmtree(staging, ignore_errors=True)
 
+    @contextmanager
+    def readable_dir(self) -> Iterator[Path]:
+        """A local directory holding this location's contents for the block: the place itself for a
+        path, a downloaded copy (removed afterwards) for a URI. Run on the node that reads it."""
+        if self.local_path is not None:
+            yield self.local_path
+            return
+        staging = Path(tempfile.mkdtemp(prefix="rayrlhf-in-"))
+        try:
+            self.download(staging)
+            yield staging
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+
+    def download(self, local_dir: Path, keep: Callable[[str], bool] = lambda relative: True) -> None:
+        """Copy the files here (those whose relative path `keep` accepts) into a local directory."""
+        selector = pafs.FileSelector(self.root, allow_not_found=True, recursive=True)
+        for info in self.filesystem.get_file_info(selector):
+            relative = info.path[len(self.root):].lstrip("/")
+            if info.type != pafs.FileType.File or not keep(relative):
+                continue
+            target = Path(local_dir) / relative
+            target.parent.mkdir(parents=True, exist_ok=True)
+            with self.filesystem.open_input_stream(info.path) as stream, open(target, "wb") as out:
+                shutil.copyfileobj(stream, out)
+
+    def list_dir(self, name: str = "") -> list[str]:
+        """Names of what is directly inside a folder of this location ([] if there is none)."""
+        folder = f"{self.root}/{name}".rstrip("/")
+        selector = pafs.FileSelector(folder, allow_not_found=True)
+        return sorted(info.base_name for info in self.filesystem.get_file_info(selector))
+
     def upload(self, local_dir: Path) -> None:
         """Copy a local directory's contents here (files already here and not in it stay)."""
         if self.local_path is not None and self.local_path.resolve() == Path(local_dir).resolve():
@@ -79,13 +111,25 @@ class Storage:
         pafs.copy_files(str(local_dir), self.root, destination_filesystem=self.filesystem)
 
     def write_text(self, name: str, text: str) -> None:
-        self.filesystem.create_dir(self.root, recursive=True)
-        with self.filesystem.open_output_stream(f"{self.root}/{name}") as out:
-            out.write(text.encode())
+        self.write_bytes(name, text.encode())
+
+    def write_bytes(self, name: str, data: bytes) -> None:
+        path = f"{self.root}/{name}"
+        self.filesystem.create_dir(path.rsplit("/", 1)[0], recursive=True)
+        with self.filesystem.open_output_stream(path) as out:
+            out.write(data)
 
     def read_text(self, name: str) -> str:
         with self.filesystem.open_input_stream(f"{self.root}/{name}") as stream:
             return stream.read().decode()
+
+    def remove(self, name: str) -> None:
+        """Delete a file or folder inside this location, if it is there."""
+        info = self.filesystem.get_file_info(f"{self.root}/{name}")
+        if info.type == pafs.FileType.Directory:
+            self.filesystem.delete_dir(info.path)
+        elif info.type == pafs.FileType.File:
+            self.filesystem.delete_file(info.path)
 
     def exists(self, name: str) -> bool:
         return self.filesystem.get_file_info(f"{self.root}/{name}").type != pafs.FileType.NotFound

@@ -11,7 +11,15 @@ DeepSpeed state into the folder `write` hands them). Layout under the run's outp
     checkpoints/.tmp-step_000004/ a checkpoint being written: renamed to step_000004 when whole
     checkpoints/finished.json     written when the run finished: its step and config
 
-Light to import (no Ray, no torch): the CLI uses `Interrupted` and the lookups.
+When output_dir is a pyarrow.fs URI (cluster/storage.py) the driver works on a local copy of the
+run's driver files (`mirror`: logs and checkpoints without their learner state), so every lookup
+here reads local files; `write` then has the learner ranks upload their state straight to
+`checkpoints/step_N/learner/` in the bucket from their own nodes, and puts the driver's files beside
+it, the manifest last: an object store has no rename, so there a checkpoint is complete when its
+manifest exists, and one without it (a crash while saving) is never taken and is removed later.
+
+Light to import (no Ray, no torch, no pyarrow): the CLI uses `Interrupted` and the lookups; a URI's
+`Storage` is handed in by the caller.
 """
 
 from __future__ import annotations
@@ -92,22 +100,33 @@ def resolve(path: str | Path) -> Path:
 
 def write(
     output_dir: Path, step: int, config: dict[str, Any], driver_state: dict[str, Any],
-    write_learner: Callable[[Path], None], manifest: dict[str, Any], keep: int,
+    write_learner: Callable[[str], None], manifest: dict[str, Any], keep: int, remote: Any = None,
+    write_extra: Callable[[Path], None] | None = None,
 ) -> Path:
     """Write a checkpoint into a temporary folder, then rename it into place; keep the last `keep`.
 
-    `write_learner(folder)` has the learner ranks save their engines into `folder` (a collective).
-    A crash at any point leaves either the previous checkpoints or the new one whole, never half of one.
+    `write_learner(location)` has the learner ranks save their engines to `location` (a collective):
+    a folder inside the temporary one, or with `remote` (the Storage of a URI output_dir) the
+    checkpoint's learner folder in the bucket. `write_extra(folder)` adds the driver's other files
+    (the pipeline's batch ahead). A crash at any point leaves either the previous
+    checkpoints or the new one whole, never half of one.
     """
     folder = root(output_dir)
-    final = folder / f"step_{step:06d}"
-    tmp = folder / f".tmp-step_{step:06d}"
+    name = f"step_{step:06d}"
+    final = folder / name
+    tmp = folder / f".tmp-{name}"
     for stale in folder.glob(".tmp-step_*"):  # left by a crash while saving
         shutil.rmtree(stale, ignore_errors=True)
     tmp.mkdir(parents=True)
-    write_learner(tmp / LEARNER_DIR)
+    if remote is not None:
+        remote.remove(f"checkpoints/{name}")  # the same step written again: its old manifest goes first
+        write_learner(remote.join("checkpoints", name, LEARNER_DIR))
+    else:
+        write_learner(str(tmp / LEARNER_DIR))
     (tmp / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
     _write_json(tmp / DRIVER_STATE, driver_state)
+    if write_extra is not None:
+        write_extra(tmp)
     _write_json(tmp / MANIFEST, {"format": FORMAT, "step": step, "time": time.time(), **manifest})
     if final.exists():  # the same step written again (a redone step after a learner restart)
         shutil.rmtree(final)
@@ -115,7 +134,40 @@ def write(
     _fsync_dir(folder)
     for old in complete(output_dir)[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
+    if remote is not None:
+        _publish(final, remote, {p.name for p in complete(output_dir)})
     return final
+
+
+def _publish(final: Path, remote: Any, kept: set[str]) -> None:
+    """The driver's files of a checkpoint whose learner state is in the bucket, the manifest last;
+    then every other step folder there goes (older ones past `keep`, any never completed, and a
+    `.tmp-` folder the driver's logs carried up after a crash while saving)."""
+    files = sorted(p.name for p in final.iterdir() if p.is_file() and p.name != MANIFEST)
+    for file in (*files, MANIFEST):
+        remote.write_bytes(f"checkpoints/{final.name}/{file}", (final / file).read_bytes())
+    for other in remote.list_dir("checkpoints"):
+        if (other.startswith("step_") and other not in kept) or other.startswith(".tmp-"):
+            remote.remove(f"checkpoints/{other}")
+
+
+def mirror(remote: Any, output_dir: Path) -> None:
+    """A URI run's driver files (logs, tracker state, checkpoints without their learner state) into the
+    driver's local copy `output_dir`, so a rerun finds, checks and rewinds to its checkpoints."""
+    def driver_part(relative: str) -> bool:
+        parts = relative.split("/")
+        if parts[0] == "final" or parts[0].startswith("step_"):  # policies: the learner writes them
+            return False
+        return not (parts[0] == "checkpoints" and parts[2:3] == [LEARNER_DIR])
+
+    remote.download(output_dir, keep=driver_part)
+
+
+def learner_location(path: Path, output_dir: Path, remote: Any = None) -> str:
+    """Where a checkpoint's learner state is: beside it, or in the bucket for a URI run's own checkpoint."""
+    if remote is not None and path.parent == root(output_dir):
+        return remote.join("checkpoints", path.name, LEARNER_DIR)
+    return str(learner_dir(path))
 
 
 def remove(path: Path) -> None:
@@ -144,9 +196,11 @@ def finished(output_dir: Path) -> dict[str, Any] | None:
     return json.loads(path.read_text()) if path.is_file() else None
 
 
-def clear(output_dir: Path) -> None:
+def clear(output_dir: Path, remote: Any = None) -> None:
     """Forget a previous run in this output_dir (`--resume never`): its checkpoints and finished mark."""
     shutil.rmtree(root(output_dir), ignore_errors=True)
+    if remote is not None:
+        remote.remove("checkpoints")
 
 
 def changed_fields(saved: dict[str, Any], current: dict[str, Any], prefix: str = "") -> list[str]:

@@ -57,11 +57,7 @@ class Recovery:
     def __init__(self, roles: Roles, ft: FaultToleranceConfig, log: Callable[[str], None] | None = None) -> None:
         self.roles, self.ft = roles, ft
         self.log = log or (lambda line: print(line, file=sys.stderr, flush=True))
-        self.replicas = [
-            (name, rank, actor)
-            for name in NAMES if roles.groups.get(name)
-            for rank, actor in enumerate(roles.groups[name])
-        ]
+        self.replicas = self._replicas()
         self.restarts: Counter[str] = Counter()
         self.redone = 0
         self.score_retries = 0
@@ -147,7 +143,16 @@ class Recovery:
         out["faults/score_retries"] = float(self.score_retries)
         return out
 
+    def rebind(self) -> None:
+        """Follow the driver's own restart of a role's group (new actors, not a fault to redo work for)."""
+        self.replicas = self._replicas()
+        self.pids, self.states = self._probe()
+
     # --- replicas --------------------------------------------------------------------------
+
+    def _replicas(self) -> list[tuple[str, int, Any]]:
+        groups = self.roles.groups
+        return [(name, rank, actor) for name in NAMES if groups.get(name) for rank, actor in enumerate(groups[name])]
 
     def _selected(self, only: str | None) -> list[tuple[str, int, Any]]:
         return [r for r in self.replicas if only is None or r[0] == only]

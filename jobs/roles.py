@@ -110,6 +110,8 @@ class Roles:
     groups: dict[str, ActorGroup]
     broadcast_dtypes: dict[str, str] | None = None
     """Set when the weights travel by NCCL broadcast (GPU learner and rollout): the receivers' dtypes."""
+    broadcast_backend: str = "nccl"
+    """The broadcast group's backend (gloo runs the same code on CPUs, in tests)."""
 
     @property
     def rollout(self) -> ActorGroup:
@@ -188,10 +190,21 @@ def connect_weight_broadcast(roles: Roles) -> dict[str, str]:
     """A NCCL group of learner rank 0 (rank 0) and every rollout worker, for weight sync between GPUs
     (actors/weight_sync.py); returns the dtypes the workers hold, which the broadcast sends."""
     master_addr, master_port = roles.learner.rendezvous()  # another free port on rank 0's node
-    world_size = 1 + len(roles.rollout)
+    world_size, backend = 1 + len(roles.rollout), roles.broadcast_backend
     ray.get([
-        roles.learner[0].join_weight_group.remote(master_addr, master_port, world_size, "nccl"),
-        *[worker.join_weight_group.remote(master_addr, master_port, 1 + i, world_size, "nccl")
+        roles.learner[0].join_weight_group.remote(master_addr, master_port, world_size, backend),
+        *[worker.join_weight_group.remote(master_addr, master_port, 1 + i, world_size, backend)
           for i, worker in enumerate(roles.rollout)],
     ])  # fmt: skip
     return ray.get(roles.rollout[0].weight_dtypes.remote())
+
+
+def restart_learner(roles: Roles, cfg: RunConfig) -> None:
+    """Start the learner group anew (a rank died). On the broadcast path the weight group died with
+    learner rank 0, and a rollout worker may be blocked for good in a broadcast it was receiving: the
+    rollout workers restart too (they hold nothing the driver cannot give back: jobs/run_state.py
+    restores them) and form a new group with the new rank 0."""
+    restart(roles, cfg, "learner")
+    if roles.broadcast_dtypes is not None:
+        restart(roles, cfg, "rollout")
+        roles.broadcast_dtypes = connect_weight_broadcast(roles)

@@ -21,12 +21,13 @@ from typing import Any
 import ray
 
 from rayrlhf.cluster.actor_group import ActorGroup
+from rayrlhf.cluster.storage import Storage
 from rayrlhf.jobs import checkpoint
 from rayrlhf.jobs.config.base import ConfigError
 from rayrlhf.jobs.config.run import RunConfig
 from rayrlhf.jobs.health import HealthMonitor
 from rayrlhf.jobs.recovery import Recovery
-from rayrlhf.jobs.roles import Roles, restart
+from rayrlhf.jobs.roles import Roles, restart_learner
 from rayrlhf.jobs.tracking import Tracker
 
 
@@ -71,13 +72,13 @@ class Start:
     finished_step: int | None = None
 
 
-def plan(cfg: RunConfig, output_dir: Path, resume: str) -> Start:
+def plan(cfg: RunConfig, output_dir: Path, resume: str, remote: Storage | None = None) -> Start:
     """`resume`: "auto" (the latest complete checkpoint of output_dir, if any), "never" (start over,
-    forgetting earlier checkpoints) or a checkpoint path. Refuses a config that changed in a field
-    that would make the resume wrong, naming the fields."""
+    forgetting earlier checkpoints, in `remote` too: a URI output_dir's storage) or a checkpoint path.
+    Refuses a config that changed in a field that would make the resume wrong, naming the fields."""
     current = cfg.model_dump()
     if resume == "never":
-        checkpoint.clear(output_dir)
+        checkpoint.clear(output_dir, remote)
         return Start()
     if resume != "auto":
         try:
@@ -160,6 +161,9 @@ class RunState:
     """The checkpoint this job started from (in a Tune trial it lives in Tune's storage, not output_dir)."""
     first_step: int = 0
     """The step this job started after: recovery.trained[i] is step first_step + i + 1."""
+    remote: Storage | None = None
+    """A URI output_dir's storage (output_dir is then the driver's local copy): the learner state of
+    the run's checkpoints is there (jobs/checkpoint.py)."""
 
     def driver_state(self) -> dict[str, Any]:
         roles = self.roles
@@ -177,16 +181,16 @@ class RunState:
         """A complete checkpoint of this step (a collective of the learner ranks)."""
         state = self.driver_state()
 
-        def write_learner(folder: Path) -> None:
+        def write_learner(location: str) -> None:
             group = self.roles.learner
-            learner = learner_get([rank.save_checkpoint.remote(str(folder)) for rank in group], group)
+            learner = learner_get([rank.save_checkpoint.remote(Storage(location)) for rank in group], group)
             state["learner"] = learner[0]
-            self.pipeline.save_ahead(folder.parent)
 
         learner_cfg = self.cfg.learner
         path = checkpoint.write(
             self.output_dir, self.step, self.cfg.model_dump(), state, write_learner,
             {"learner_ranks": learner_cfg.num_ranks, "zero_stage": learner_cfg.zero_stage}, self.cfg.checkpoint.keep,
+            self.remote, write_extra=self.pipeline.save_ahead,
         )
         self.saved_step = self.step
         return path
@@ -202,8 +206,8 @@ class RunState:
             assert state is not None, "no step-0 state to restore"
         else:
             _, _, state = checkpoint.read(path)
-            folder = str(checkpoint.learner_dir(path))
-            get_all([rank.load_checkpoint.remote(folder, state["learner"]) for rank in self.roles.learner])
+            source = Storage(checkpoint.learner_location(path, self.output_dir, self.remote))
+            get_all([rank.load_checkpoint.remote(source, state["learner"]) for rank in self.roles.learner])
         roles = self.roles
         ray.get([scorer.load_state_dict.remote(s) for scorer, s in zip(roles.scorers, state["scorers"], strict=True)])
         ray.get([worker.load_state_dict.remote(s) for worker, s in zip(roles.rollout, state["rollout"], strict=True)])
@@ -226,16 +230,14 @@ class RunState:
         if self.learner_restarts >= limit:
             raise RuntimeError(f"a learner rank failed after {self.learner_restarts} restart(s) "
                                f"(fault_tolerance.max_learner_restarts={limit})") from error
-        if self.roles.broadcast_dtypes is not None:
-            raise RuntimeError("a learner rank failed; an in-job restart cannot rejoin the NCCL weight-broadcast "
-                               "group yet: run the same command again to resume from the latest checkpoint") from error
         self.learner_restarts += 1
         path = checkpoint.latest(self.output_dir) or self.resumed_from
         self.tracker.write(
             f"learner failure at step {self.step + 1} ({type(error.__cause__ or error).__name__}): restart "
             f"{self.learner_restarts}/{limit}, from {path or 'the start (no checkpoint yet)'}"
         )
-        restart(self.roles, self.cfg, "learner")
+        restart_learner(self.roles, self.cfg)  # on the NCCL broadcast path, the rollout workers too
+        self.recovery.rebind()
         self.restore(path)
 
 

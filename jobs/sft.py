@@ -25,8 +25,9 @@ from rayrlhf.jobs.supervised import Worker, check_data_fills_a_step, run_job, to
 
 @dataclass
 class SFTResult:
-    output_dir: Path
-    final_dir: Path
+    output_dir: Path | str
+    """A path for a path output_dir, the URI for a URI (so is final_dir)."""
+    final_dir: Path | str
     before: dict[str, float]
     after: dict[str, float]
 
@@ -51,8 +52,8 @@ def sft(cfg: SFTConfig) -> SFTResult:
     model_dir, train_set, eval_set = prepare(cfg)
     # the name travels, not the driver's path: each worker resolves it on its own node
     inputs = {"model": cfg.policy.model, "cache_dir": cfg.policy.cache_dir, "train": train_set, "eval": eval_set}
-    output_dir, result = run_job(cfg, sft_loop, inputs, "final policy")
-    return SFTResult(output_dir, output_dir / "final", result["before"], result["after"])
+    output_dir, final_dir, result = run_job(cfg, sft_loop, inputs, "final policy")
+    return SFTResult(output_dir, final_dir, result["before"], result["after"])
 
 
 # --- inside each Ray Train worker --------------------------------------------------------------
@@ -94,5 +95,5 @@ def sft_loop(config: dict[str, Any]) -> None:
 
     worker.run(
         len(train_examples), cfg["seed"], micro_step, evaluate,
-        save_final=lambda after: save_policy(policy, tokenizer, Path(config["output_dir"]) / "final"),
+        save_final=lambda after, folder: save_policy(policy, tokenizer, folder),
     )

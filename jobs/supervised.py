@@ -4,6 +4,9 @@ engine, the per-step data schedule, sharded evaluation, checkpoints and resume.
 Ray Train V2 (the default in Ray 2.60) runs the loop on `trainer.num_workers` workers and sets up
 torch.distributed among them (gloo on CPU, NCCL on GPU); DeepSpeed finds that process group and
 uses it. Results and checkpoints go under `<output_dir>/ray_train/<name>`, never ~/ray_results.
+output_dir may be a path or a pyarrow.fs URI (cluster/storage.py): Ray Train writes its checkpoints
+there itself; rank 0 writes the job's files (metrics.jsonl, eval.json, final/) from its own node,
+staged locally and uploaded with every checkpoint and at the end when output_dir is a URI.
 A checkpoint holds every rank's DeepSpeed state (Ray Train merges the ranks' directories) and the
 number of optimizer steps done; re-running the same config finds the run's snapshot there and
 `ray.train.get_checkpoint()` returns its latest checkpoint, so the loop resumes at that step.
@@ -31,6 +34,7 @@ import yaml
 from rayrlhf.actors.learner import deepspeed_config
 from rayrlhf.cluster.actor_group import check_fits
 from rayrlhf.cluster.local import init_ray, shutdown_ray
+from rayrlhf.cluster.storage import Storage
 from rayrlhf.jobs.config.run import ClusterConfig
 from rayrlhf.jobs.config.supervised import TrainerConfig
 from rayrlhf.jobs.tracking import format_table
@@ -45,7 +49,7 @@ def fit(
     loop_config: dict[str, Any],
     trainer: TrainerConfig,
     cluster: ClusterConfig,
-    output_dir: Path,
+    storage: Storage,
     name: str,
     resume: bool,
 ) -> None:
@@ -53,9 +57,8 @@ def fit(
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    storage = output_dir / "ray_train"
     if not resume:
-        shutil.rmtree(storage / name, ignore_errors=True)
+        storage.remove(f"ray_train/{name}")
     started_ray = not ray.is_initialized()
     init_ray(cluster.address, cluster.num_cpus, cluster.object_store_mb)
     try:
@@ -69,7 +72,7 @@ def fit(
             ),
             run_config=RunConfig(
                 name=name,
-                storage_path=str(storage),
+                storage_path=storage.join("ray_train"),
                 checkpoint_config=CheckpointConfig(num_to_keep=1),
                 failure_config=FailureConfig(max_failures=0),
             ),
@@ -91,7 +94,9 @@ class Worker:
         ctx = ray.train.get_context()
         self.rank, self.world_size = ctx.get_world_rank(), ctx.get_world_size()
         self.trainer = trainer
-        self.output_dir = Path(output_dir)
+        self.storage = Storage(output_dir)
+        # rank 0's files: in place for a path; for a URI staged here and uploaded (see `publish`)
+        self.output_dir = self.storage.local_path or Path(tempfile.mkdtemp(prefix="rayrlhf-job-"))
         os.environ.update(RANK=str(self.rank), WORLD_SIZE=str(self.world_size), LOCAL_RANK=str(ctx.get_local_rank()))
         warnings.filterwarnings("ignore", message=r".*torch\.distributed\.\w+` is deprecated", category=FutureWarning)
         torch.set_num_threads(trainer["torch_threads"])
@@ -136,9 +141,11 @@ class Worker:
         import ray.train
 
         checkpoint = ray.train.get_checkpoint()
+        if self.rank == 0:  # a fresh run starts a fresh log; a resumed one continues the stored one
+            stored = checkpoint is not None and self.storage.local_path is None and self.storage.exists("metrics.jsonl")
+            if checkpoint is None or stored:
+                (self.output_dir / "metrics.jsonl").write_text(self.storage.read_text("metrics.jsonl") if stored else "")
         if checkpoint is None:
-            if self.rank == 0:
-                (self.output_dir / "metrics.jsonl").write_text("")  # a fresh run starts a fresh log
             return None
         with checkpoint.as_directory() as path:
             _, client_state = self.engine.load_checkpoint(path, tag=CHECKPOINT_TAG)
@@ -162,6 +169,12 @@ class Worker:
         with tempfile.TemporaryDirectory() as tmp:
             self.engine.save_checkpoint(tmp, tag=CHECKPOINT_TAG, client_state={JOB_STATE: state})
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
+        self.publish()
+
+    def publish(self) -> None:
+        """Rank 0's files so far to output_dir (nothing to do for a path: they are written in place)."""
+        if self.rank == 0 and self.storage.local_path is None:
+            self.storage.upload(self.output_dir)
 
     def all_sum(self, values: Sequence[float]) -> list[float]:
         """Element-wise sum over ranks."""
@@ -195,12 +208,13 @@ class Worker:
         seed: int,
         micro_step: Callable[[list[int]], float],
         evaluate: Callable[[], dict[str, float]],
-        save_final: Callable[[dict[str, float]], None],
+        save_final: Callable[[dict[str, float], Path], None],
     ) -> None:
         """The loop both jobs share: resume, optimizer steps (`micro_step(indices)` runs forward,
         backward and engine.step on one micro-batch and returns its loss), held-out metrics
         before, every `eval_every` steps and after, checkpoints every `checkpoint_every` steps
-        and at the end, then `save_final(after)` on rank 0 with full weights, and eval.json."""
+        and at the end, then `save_final(after, folder)` on rank 0 with full weights (a local folder that
+        becomes output_dir/final), and eval.json."""
         trainer = self.trainer
 
         def held_out() -> dict[str, float]:
@@ -229,20 +243,28 @@ class Worker:
         self.report(steps, after, {**state, "step": steps})
         with self.gathered():
             if self.rank == 0:
-                save_final(after)
+                with self.storage.child("final").writable_dir() as folder:
+                    save_final(after, folder)
         self.write_json("eval.json", {"before": state["before"], "after": after})
+        self.publish()
+        if self.storage.local_path is None:
+            shutil.rmtree(self.output_dir, ignore_errors=True)  # the staging copy, uploaded
 
 
-def run_job(cfg: Any, loop: Callable[[dict[str, Any]], None], inputs: dict[str, Any], final_label: str) -> tuple[Path, dict]:
-    """The driver side shared by sft and train-rm: record the config, fit, print before/after."""
-    output_dir = Path(cfg.output_dir).resolve()
-    output_dir.mkdir(parents=True, exist_ok=True)
-    (output_dir / "config.yaml").write_text(yaml.safe_dump(cfg.model_dump(), sort_keys=False))
-    loop_config = {"cfg": cfg.model_dump(), "output_dir": str(output_dir), **inputs}
-    fit(loop, loop_config, cfg.trainer, cfg.cluster, output_dir, cfg.name, cfg.resume)
-    result = json.loads((output_dir / "eval.json").read_text())
-    print("\n" + format_table(result["before"], result["after"]) + f"\n\n{final_label}: {output_dir / 'final'}")
-    return output_dir, result
+def run_job(
+    cfg: Any, loop: Callable[[dict[str, Any]], None], inputs: dict[str, Any], final_label: str
+) -> tuple[Path | str, Path | str, dict]:
+    """The driver side shared by sft and train-rm: record the config, fit, print before/after.
+    Returns output_dir and its final/ (paths for a path, locations for a URI) and eval.json."""
+    storage = Storage(cfg.output_dir)
+    storage.write_text("config.yaml", yaml.safe_dump(cfg.model_dump(), sort_keys=False))
+    loop_config = {"cfg": cfg.model_dump(), "output_dir": storage.location, **inputs}
+    fit(loop, loop_config, cfg.trainer, cfg.cluster, storage, cfg.name, cfg.resume)
+    result = json.loads(storage.read_text("eval.json"))
+    location = storage.local_path or storage.location
+    final = storage.local_path / "final" if storage.local_path is not None else storage.join("final")
+    print("\n" + format_table(result["before"], result["after"]) + f"\n\n{final_label}: {final}")
+    return location, final, result
 
 
 def to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:

@@ -165,14 +165,22 @@ def train(
     complete checkpoint in output_dir, if any), "never" (start over) or a checkpoint path."""
     train_set, eval_set = prepare(cfg)
     storage = Storage(cfg.output_dir)
-    # the driver's own files: written in place for a path, staged here and uploaded for a URI (run
-    # checkpoints need a path every node sees: on a URI a run cannot resume yet)
+    # the driver's own files: written in place for a path; for a URI, a local copy of the stored run's
+    # driver files (its checkpoints are found there), uploaded as it goes (jobs/checkpoint.py)
+    remote = None if storage.local_path is not None else storage
     output_dir = storage.local_path or Path(tempfile.mkdtemp(prefix="rayrlhf-driver-"))
-    start = plan(cfg, output_dir, str(resume))
+    try:
+        if remote is not None:
+            checkpoint.mirror(remote, output_dir)
+        start = plan(cfg, output_dir, str(resume), remote)
+    except BaseException:  # e.g. a config that differs from the checkpoint's: no local copy left behind
+        if remote is not None:
+            shutil.rmtree(output_dir, ignore_errors=True)
+        raise
     if start.finished_step is not None:
-        print(f"the run in {output_dir} already finished ({start.finished_step} steps); final policy: "
-              f"{output_dir / 'final'} (--resume never starts it over)")
-        return finished_result(output_dir)
+        print(f"the run in {storage} already finished ({start.finished_step} steps); final policy: "
+              f"{storage.join('final')} (--resume never starts it over)")
+        return finished_result(output_dir, storage)
     output_dir.mkdir(parents=True, exist_ok=True)
     (output_dir / "config.yaml").write_text(yaml.safe_dump(cfg.model_dump(), sort_keys=False))
     saved_state = checkpoint.read(start.checkpoint)[2] if start.checkpoint else None
@@ -194,7 +202,7 @@ def train(
     recovery = Recovery(roles, cfg.fault_tolerance, log=tracker.write)
     sampler = PromptSampler(train_set, cfg.seed)
     pipeline = Pipeline(cfg, roles, recovery, lambda: sampler.draw(cfg.prompts_per_step))
-    run = RunState(cfg, output_dir, roles, sampler, tracker, recovery, monitor, pipeline)
+    run = RunState(cfg, output_dir, roles, sampler, tracker, recovery, monitor, pipeline, remote=remote)
     try:
         with StopSignal() as stop:
             if start.checkpoint:
@@ -246,15 +254,22 @@ def train(
         if storage.local_path is None:
             storage.upload(output_dir)
             shutil.rmtree(output_dir, ignore_errors=True)
-    location = storage.local_path if storage.local_path is not None else storage.location
-    final = storage.local_path / "final" if storage.local_path is not None else final_dir
-    return TrainResult(location, final, run.before, after, run.history, recovery.trained)
+    return TrainResult(*_where(storage), run.before, after, run.history, recovery.trained)
 
 
-def finished_result(output_dir: Path) -> TrainResult:
-    """What a finished run left in output_dir, for a rerun of the same command."""
+def _where(storage: Storage) -> tuple[Path | str, Path | str]:
+    """output_dir and its final/ as a user opens them: paths for a path, locations for a URI."""
+    if storage.local_path is not None:
+        return storage.local_path, storage.local_path / "final"
+    return storage.location, storage.join("final")
+
+
+def finished_result(output_dir: Path, storage: Storage) -> TrainResult:
+    """What a finished run left in output_dir (the driver's copy of it, for a URI), for a rerun of the same command."""
     evaluated = json.loads((output_dir / "eval.json").read_text())
     rows = [json.loads(line) for line in (output_dir / "metrics.jsonl").read_text().splitlines()]
     history = [row for row in rows[1:-1]]  # step 0 is the eval before, the last line the eval after
-    return TrainResult(output_dir, output_dir / "final", evaluated["before"], evaluated["after"], history)
+    if storage.local_path is None:
+        shutil.rmtree(output_dir, ignore_errors=True)
+    return TrainResult(*_where(storage), evaluated["before"], evaluated["after"], history)
 

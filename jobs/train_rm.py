@@ -26,8 +26,9 @@ from rayrlhf.jobs.supervised import Worker, check_data_fills_a_step, run_job, to
 
 @dataclass
 class RMResult:
-    output_dir: Path
-    final_dir: Path
+    output_dir: Path | str
+    """A path for a path output_dir, the URI for a URI (so is final_dir)."""
+    final_dir: Path | str
     before: dict[str, float]
     after: dict[str, float]
 
@@ -74,8 +75,8 @@ def train_rm(cfg: RMConfig) -> RMResult:
     backbone, train_rows, eval_rows = prepare(cfg)
     # the name travels, not the driver's path: each worker resolves it on its own node
     inputs = {"backbone": cfg.model, "cache_dir": cfg.cache_dir, "train": train_rows, "eval": eval_rows}
-    output_dir, result = run_job(cfg, rm_loop, inputs, "reward model")
-    return RMResult(output_dir, output_dir / "final", result["before"], result["after"])
+    output_dir, final_dir, result = run_job(cfg, rm_loop, inputs, "reward model")
+    return RMResult(output_dir, final_dir, result["before"], result["after"])
 
 
 # --- inside each Ray Train worker --------------------------------------------------------------
@@ -104,9 +105,7 @@ def rm_loop(config: dict[str, Any]) -> None:
     worker.run(
         len(train_rows), cfg["seed"], micro_step,
         evaluate=lambda: held_out_metrics(worker, engine, model, eval_rows, cfg["score_batch_size"]),
-        save_final=lambda after: model.save(
-            Path(config["output_dir"]) / "final", {"loss": loss_cfg["name"], "held_out": after}
-        ),
+        save_final=lambda after, folder: model.save(folder, {"loss": loss_cfg["name"], "held_out": after}),
     )
 
 

@@ -23,6 +23,7 @@ from ray.tune.schedulers import ASHAScheduler
 from ray.tune.search import BasicVariantGenerator
 
 from rayrlhf.cluster.local import init_ray, shutdown_ray
+from rayrlhf.cluster.storage import Storage, is_uri
 from rayrlhf.jobs import checkpoint
 from rayrlhf.jobs.config.run import RunConfig
 from rayrlhf.jobs.config.tune import (
@@ -109,11 +110,12 @@ def run_trial(config: dict[str, Any], setup: TuneSetup, workdir: str) -> None:
     context = tune.get_context()
     fields = setup.cfg.search.field_values(config)
     # get_trial_dir() is Tune's local staging copy; the run goes straight to the trial's folder in storage
-    trial_dir = setup.cfg.experiment_dir() / Path(context.get_trial_dir()).name
-    cfg = setup.run_config(fields, output_dir=str(trial_dir / "run"), name=f"{setup.cfg.name}-{context.get_trial_id()}")
-    if cfg.eval_every and not cfg.checkpoint.every:
+    trial_dir = f"{setup.cfg.experiment_dir()}/{Path(context.get_trial_dir()).name}"
+    cfg = setup.run_config(fields, output_dir=f"{trial_dir}/run", name=f"{setup.cfg.name}-{context.get_trial_id()}")
+    on_uri = is_uri(cfg.output_dir)  # its run checkpoints live in the bucket, not where Tune can take them
+    if cfg.eval_every and not cfg.checkpoint.every and not on_uri:
         cfg.checkpoint.every = cfg.eval_every
-    reporter = ObjectiveReporter(setup.cfg.objective, fields, Path(cfg.output_dir))
+    reporter = ObjectiveReporter(setup.cfg.objective, fields, None if on_uri else Path(cfg.output_dir))
     last = tune.get_checkpoint()
     with last.as_directory() if last else contextlib.nullcontext("never") as resume:
         reporter.final(train(cfg, on_step=reporter.on_step, resume=resume))
@@ -155,7 +157,7 @@ def make_tuner(setup: TuneSetup, trainable: Any) -> tune.Tuner:
             num_samples=cfg.search.samples(), max_concurrent_trials=cfg.search.max_concurrent,
         ),
         run_config=tune.RunConfig(
-            name=cfg.name, storage_path=str(cfg.experiment_dir().parent),
+            name=cfg.name, storage_path=cfg.storage_location(),
             failure_config=tune.FailureConfig(max_failures=cfg.max_failures), verbose=1,
             checkpoint_config=tune.CheckpointConfig(num_to_keep=first.checkpoint.keep),
         ),
@@ -186,17 +188,17 @@ def tune_weights(setup: TuneSetup) -> TuneOutcome:
         tune.with_parameters(run_trial, setup=setup, workdir=os.getcwd()), functools.partial(trial_resources, setup)
     )
     try:
-        resumed = tune.Tuner.can_restore(str(exp_dir))
+        resumed = tune.Tuner.can_restore(exp_dir)
         if resumed:
             print(f"resuming the search in {exp_dir} (finished trials are kept; change `name` for a new search)")
-            tuner = tune.Tuner.restore(str(exp_dir), trainable, resume_unfinished=True, resume_errored=False)
+            tuner = tune.Tuner.restore(exp_dir, trainable, resume_unfinished=True, resume_errored=False)
         else:
             tuner = make_tuner(setup, trainable)
         grid = tuner.fit()
     finally:
         if started_ray:
             shutdown_ray()
-    summary = summarize(setup, grid, exp_dir)
+    summary = summarize(setup, grid, Storage(exp_dir))
     concluded = len(summary.rows)  # done, stopped early or failed
     interrupted = len(grid) > grid.num_terminated + grid.num_errors or concluded < expected_trials(setup)
     if interrupted:

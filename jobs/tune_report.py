@@ -17,6 +17,7 @@ from typing import Any
 
 import yaml
 
+from rayrlhf.cluster.storage import Storage
 from rayrlhf.jobs.config.tune import TuneSetup
 
 SHOWN = ("eval/rouge_l", "eval/sim", "eval/freq", "eval/bleu", "eval/length", "reward/sim", "reward/freq")
@@ -29,10 +30,11 @@ class TuneSummary:
     best: dict[str, Any] | None
     best_checkpoint: str | None
     metric: str
-    table_path: Path
-    json_path: Path
-    plot_path: Path
-    best_config_path: Path | None
+    table_path: Path | str
+    """A path when the experiment's folder is a path, else its location in the storage (a URI); so are the others."""
+    json_path: Path | str
+    plot_path: Path | str
+    best_config_path: Path | str | None
 
 
 def _status(result: Any) -> str:
@@ -121,45 +123,52 @@ def plot_objective(rows: list[dict[str, Any]], weights: list[str], best: dict | 
     plt.close(fig)
 
 
-def export_best(setup: TuneSetup, best: dict[str, Any], exp_dir: Path, metric: str) -> Path:
+def export_best(setup: TuneSetup, best: dict[str, Any], folder: Path, exp_dir: str, metric: str) -> Path:
     """The base run config + overrides + the best weights, ready for `rayrlhf train --config`."""
     fields = {name: best[name] for name in setup.cfg.search.weight_fields()}
     data = setup.export_data(fields)
     data["name"] = f"{data.get('name', 'rayrlhf')}-tuned"
-    data["output_dir"] = str(exp_dir / "best_run")
-    path = exp_dir / "best_config.yaml"
+    data["output_dir"] = f"{exp_dir}/best_run"
     header = (
         f"# Best weights of the search {exp_dir} (trial {best['trial']}, held-out {metric} = {best['objective']:.4f}).\n"
-        f"# Base run config {setup.base_path} plus the search's overrides; run: rayrlhf train --config {path}\n"
+        f"# Base run config {setup.base_path} plus the search's overrides; run: rayrlhf train --config {exp_dir}/best_config.yaml\n"
     )
+    path = folder / "best_config.yaml"
     path.write_text(header + yaml.safe_dump(data, sort_keys=False))
     return path
 
 
-def summarize(setup: TuneSetup, grid: Any, exp_dir: Path) -> TuneSummary:
-    exp_dir.mkdir(parents=True, exist_ok=True)
+def summarize(setup: TuneSetup, grid: Any, storage: Storage) -> TuneSummary:
+    """Write the summary files into the experiment's folder (staged and uploaded when it is a URI)."""
     metric, mode = setup.cfg.objective.metric, setup.cfg.objective.mode
     rows = trial_rows(setup, grid)
     weights = setup.cfg.search.weight_fields()
     best = best_row(rows, mode)
-    table_path, json_path, plot_path = exp_dir / "results.csv", exp_dir / "results.json", exp_dir / "objective.png"
-    columns = list(dict.fromkeys(k for r in rows for k in r))
-    with open(table_path, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=columns)
-        writer.writeheader()
-        writer.writerows({k: _finite(r.get(k)) for k in columns} for r in rows)
-    plot_objective(rows, weights, best, metric, plot_path)
-    best_config = export_best(setup, best, exp_dir, metric) if best else None
-    summary = TuneSummary(
-        rows, best, best["checkpoint"] if best else None, metric, table_path, json_path, plot_path, best_config
+    names = ("results.csv", "results.json", "objective.png", "best_config.yaml")
+    with storage.writable_dir() as folder:
+        columns = list(dict.fromkeys(k for r in rows for k in r))
+        with open(folder / names[0], "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=columns)
+            writer.writeheader()
+            writer.writerows({k: _finite(r.get(k)) for k in columns} for r in rows)
+        plot_objective(rows, weights, best, metric, folder / names[2])
+        if best:
+            export_best(setup, best, folder, storage.location, metric)
+        (folder / names[1]).write_text(json.dumps({
+            "metric": metric, "mode": mode, "weights": weights,
+            "rows": [{k: _finite(v) for k, v in r.items()} for r in rows],
+            "best": {k: _finite(v) for k, v in best.items()} if best else None,
+            "best_checkpoint": best["checkpoint"] if best else None,
+            "best_config": storage.join(names[3]) if best else None,
+        }, indent=2))
+    # where a user finds them: paths for a path, locations in the bucket for a URI
+    table_path, json_path, plot_path, best_config = (
+        storage.local_path / n if storage.local_path is not None else storage.join(n) for n in names
     )
-    json_path.write_text(json.dumps({
-        "metric": metric, "mode": mode, "weights": weights,
-        "rows": [{k: _finite(v) for k, v in r.items()} for r in rows],
-        "best": {k: _finite(v) for k, v in best.items()} if best else None,
-        "best_checkpoint": summary.best_checkpoint,
-        "best_config": str(best_config) if best_config else None,
-    }, indent=2))
+    summary = TuneSummary(
+        rows, best, best["checkpoint"] if best else None, metric, table_path, json_path, plot_path,
+        best_config if best else None,
+    )
     print(format_table(rows, weights))
     print(f"\nresults: {table_path}\nplot: {plot_path}")
     if best:

@@ -77,7 +77,7 @@ def test_each_node_resolves_the_policy_and_the_outputs_reach_storage(separate_no
     assert driver_model == separate_nodes["driver_home"] / "cache" / CONVERTED
     storage = separate_nodes["storage"]
 
-    result = train(tiny(separate_nodes["address"], f"file://{storage}/run"))
+    result = train(tiny(separate_nodes["address"], f"file://{storage}/run", "checkpoint.every=1"))
 
     # Both nodes hold replicas (SPREAD), and each converted the built-in model into its own cache.
     for cache in separate_nodes["caches"]:
@@ -89,6 +89,10 @@ def test_each_node_resolves_the_policy_and_the_outputs_reach_storage(separate_no
     assert [json.loads(line)["step"] for line in lines] == [0, 1, 1]
     assert json.loads((storage / "run" / "eval.json").read_text())["after"] == result.after
     assert (storage / "run" / "config.yaml").is_file()
+    # The run checkpoint: the ranks (one per node) uploaded their engine state, the driver its files.
+    saved = storage / "run" / "checkpoints" / "step_000001"
+    assert (saved / "manifest.json").is_file() and (saved / "driver.json").is_file()
+    assert (saved / "learner" / "state" / "mp_rank_00_model_states.pt").is_file()
 
 
 def test_a_path_only_the_driver_has_fails_the_launch_naming_the_node(separate_nodes, tmp_path):

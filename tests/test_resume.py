@@ -21,6 +21,7 @@ import yaml
 from safetensors.numpy import load_file
 
 from rayrlhf.cluster.local import init_ray, shutdown_ray
+from rayrlhf.cluster.storage import Storage
 from rayrlhf.jobs import checkpoint
 from rayrlhf.jobs.checkpoint import Interrupted
 from rayrlhf.jobs.cli import main
@@ -85,7 +86,8 @@ def test_checkpoint_files_atomic_keep_and_config_check(tmp_path):
     with pytest.raises(ConfigError, match="disagree"):
         tiny(tmp_path, "save_every=2", "checkpoint.every=3")
 
-    def write_learner(folder):
+    def write_learner(location):
+        folder = Path(location)
         folder.mkdir()
         (folder / "rank0").write_text("x")
 
@@ -113,6 +115,45 @@ def test_checkpoint_files_atomic_keep_and_config_check(tmp_path):
                  "rollout.num_cpus=1", "algorithm.name=ppo")
     assert checkpoint.changed_fields(cfg.model_dump(), other.model_dump()) == [
         "algorithm.name", "learner.lr", "reward.alpha"]
+
+
+def test_checkpoints_on_a_uri_complete_only_with_their_manifest(tmp_path):
+    """A URI output_dir (file:// takes the road s3:// takes): the learner state goes straight to the
+    bucket, the driver's files beside it, manifest last; a checkpoint cut off before its manifest is
+    never taken by a rerun (which finds the others from the bucket alone) and is removed later."""
+    bucket = Storage(f"file://{tmp_path}/bucket/run")
+    cfg = tiny(bucket.location, "save_every=2", "checkpoint.keep=2")
+    driver = tmp_path / "driver"  # the first driver's local copy
+
+    def write_learner(location):  # what each rank does from its own node
+        with Storage(location).writable_dir() as folder:
+            (folder / "rank0").write_text("x")
+
+    def dies_before_the_manifest(location):
+        write_learner(location)
+        raise RuntimeError("the driver died while saving")
+
+    for step in (2, 4, 6):
+        checkpoint.write(driver, step, cfg.model_dump(), {"step": step}, write_learner, {}, keep=2, remote=bucket)
+    with pytest.raises(RuntimeError):
+        checkpoint.write(driver, 8, cfg.model_dump(), {"step": 8}, dies_before_the_manifest, {}, keep=2, remote=bucket)
+    stored = tmp_path / "bucket" / "run" / "checkpoints"
+    assert sorted(p.name for p in stored.iterdir()) == ["step_000004", "step_000006", "step_000008"]
+    assert (stored / "step_000008" / "learner" / "rank0").is_file() and not (stored / "step_000008" / "manifest.json").exists()
+
+    rerun = tmp_path / "rerun"  # another driver, on another machine: only the bucket
+    checkpoint.mirror(bucket, rerun)
+    assert not list(rerun.glob("checkpoints/*/learner"))  # the learner state stays in the bucket
+    start = plan(tiny(bucket.location, "save_every=2", "steps=9"), rerun, "auto", bucket)
+    assert start.checkpoint == rerun / "checkpoints" / "step_000006"
+    assert checkpoint.learner_location(start.checkpoint, rerun, bucket) == bucket.join("checkpoints", "step_000006", "learner")
+    with Storage(checkpoint.learner_location(start.checkpoint, rerun, bucket)).readable_dir() as folder:
+        assert (folder / "rank0").read_text() == "x"
+    checkpoint.write(rerun, 8, cfg.model_dump(), {"step": 8}, write_learner, {}, keep=2, remote=bucket)
+    assert sorted(p.name for p in stored.iterdir()) == ["step_000006", "step_000008"]
+    assert json.loads((stored / "step_000008" / "manifest.json").read_text())["step"] == 8
+    plan(cfg, rerun, "never", bucket)
+    assert not stored.exists()
 
 
 # --- real Ray -------------------------------------------------------------------------------
@@ -227,3 +268,24 @@ def test_ppo_zero3_adaptive_kl_resume_is_exact(local_ray, tmp_path):
     assert yaml.safe_load((stopped.value.checkpoint / "config.yaml").read_text())["algorithm"]["name"] == "ppo"
     train(tiny(out, *setting))
     assert_same_run(reference, out)
+
+
+def test_grpo_zero2_resume_from_a_uri_output_dir_is_exact(grpo_reference, tmp_path):
+    """output_dir as a URI: each rank uploads its DeepSpeed state to the bucket, the rerun (a fresh
+    driver copy) finds the checkpoint there, each rank downloads it, and the run ends exactly as the
+    uninterrupted one on a local path."""
+    bucket = tmp_path / "bucket" / "run"
+    cfg = tiny(f"file://{bucket}", *GRPO_ZERO2)
+    with pytest.raises(Interrupted) as stopped:
+        train(cfg, on_step=interrupt_at(2))
+    assert checkpoint.step_of(stopped.value.checkpoint) == 2
+    saved = bucket / "checkpoints" / "step_000002"
+    assert (saved / "manifest.json").is_file()
+    assert len(list((saved / "learner" / "state").glob("*optim_states.pt"))) == 2  # one per rank
+    assert not (bucket / "final").exists()
+
+    result = train(cfg)
+    assert result.output_dir == f"file://{bucket}" and result.final_dir == f"file://{bucket}/final"
+    assert [h["step"] for h in result.history] == [1, 2, 3]  # resumed: step 3 only was trained here
+    assert_same_run(grpo_reference, bucket)
+    assert [h["step"] for h in train(cfg).history] == [1, 2, 3]  # finished: found so in the bucket, nothing trained

@@ -94,3 +94,22 @@ def test_rl_starts_from_sft_policy_with_learned_reward(rm_run, sft_run, tmp_path
     assert np.isfinite(step["reward/rm"])  # logged as its own component
     assert np.isfinite(result.after["eval/rm"]) and np.isfinite(result.before["eval/rm"])
     assert (result.final_dir / "model.safetensors").is_file()
+
+
+def test_sft_on_a_uri_output_dir_writes_and_resumes_there(local_ray, tmp_path):
+    """output_dir as a pyarrow.fs URI (file:// takes the road s3:// takes): Ray Train's checkpoints,
+    rank 0's metrics, eval.json and final/ land in the bucket; a rerun with more steps continues the
+    bucket's checkpoint and log."""
+    bucket = tmp_path / "bucket" / "sft"
+    overrides = [f"output_dir=file://{bucket}", "trainer.num_workers=1", "trainer.zero_stage=0"]
+    cfg = load_job_config(SFTConfig, "sft_tiny", overrides, "sft_tiny")
+    first = sft(cfg)
+    assert first.output_dir == f"file://{bucket}" and first.final_dir == f"file://{bucket}/final"
+    assert (bucket / "final" / "model.safetensors").is_file() and (bucket / "config.yaml").is_file()
+    assert steps_logged(bucket) == [1, 2, 2]
+    more = cfg.model_copy(update={"trainer": cfg.trainer.model_copy(update={"max_steps": 3})})
+    second = sft(more)
+    assert steps_logged(bucket) == [1, 2, 2, 3, 3]  # went on from the step-2 checkpoint in the bucket
+    assert second.before == first.before
+    assert json.loads((bucket / "eval.json").read_text())["after"] == second.after
+    assert list((bucket / "ray_train" / cfg.name).glob("checkpoint_*/engine/mp_rank_00_model_states.pt"))

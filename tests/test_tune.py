@@ -286,3 +286,30 @@ def test_killed_trial_continues_from_its_checkpoint(tmp_path):
     assert reported == [1, 2, 3, 4, 5, 6]  # step 1 was reported once: the retry resumed after it
     assert [json.loads(line)["step"] for line in (trial / "run" / "metrics.jsonl").read_text().splitlines()] == [
         0, 1, 2, 3, 4, 5, 6, 6]
+
+
+def test_search_on_a_uri_storage_path_writes_and_restores_there(tmp_path):
+    """storage_path as a pyarrow.fs URI (file:// takes the same road as s3://): Tune, the trial's run
+    and the summary all write into the bucket, and a second run restores the search from it."""
+    bucket = tmp_path / "bucket"
+    path = tiny_search(tmp_path, name="on_uri", storage_path=f"file://{bucket}/tune",
+                       search={"algorithm": "grid", "simplex": {"share": {"values": [0.5]}}},
+                       trial={"steps": 1, "data": {"num_eval": 4}, "eval_max_new_tokens": 4})
+    exp_dir = bucket / "tune" / "on_uri"
+    init_ray(num_cpus=4, object_store_mb=256)
+    try:
+        first = tune_weights(load_tune_config(path))
+        again = tune_weights(load_tune_config(path))  # finished: restored from the URI, nothing run again
+    finally:
+        shutdown_ray()
+    assert not first.resumed and again.resumed and not again.interrupted
+    summary = first.summary
+    assert [r["status"] for r in summary.rows] == ["done"]
+    assert summary.table_path == f"file://{exp_dir}/results.csv"
+    assert len((exp_dir / "results.csv").read_text().splitlines()) == 2
+    assert json.loads((exp_dir / "results.json").read_text())["best"]["trial"] == summary.rows[0]["trial"]
+    assert summary.best_checkpoint == f"file://{exp_dir}/{summary.rows[0]['trial']}/run/final"
+    assert (exp_dir / summary.rows[0]["trial"] / "run" / "final" / "model.safetensors").exists()
+    assert (exp_dir / summary.rows[0]["trial"] / "run" / "metrics.jsonl").exists()
+    assert load_config(exp_dir / "best_config.yaml").output_dir == f"file://{exp_dir}/best_run"
+    assert not Path("file:").exists()  # no URI taken for a relative path

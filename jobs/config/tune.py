@@ -187,10 +187,18 @@ class TuneConfig(StrictModel):
     max_failures: int = Field(1, ge=0)
     """Retries of a failed trial; a trial that still fails is reported and the search goes on."""
     storage_path: str = "outputs/tune"
-    """Where results go (relative to the working directory; never the home directory by default)."""
+    """Where results go: a path (relative to the working directory; never the home directory by default)
+    or a pyarrow.fs URI (`s3://bucket/tune`, `file:///shared/tune`), as Ray Tune's storage_path."""
 
-    def experiment_dir(self) -> Path:
-        return Path(self.storage_path).expanduser().resolve() / self.name
+    def storage_location(self) -> str:
+        """storage_path as Tune gets it: a URI as written, a path made absolute here."""
+        if "://" in self.storage_path:  # a URI (no pyarrow here: the CLI validates without it)
+            return self.storage_path.rstrip("/")
+        return str(Path(self.storage_path).expanduser().resolve())
+
+    def experiment_dir(self) -> str:
+        """The experiment's folder, storage_path/name: an absolute path or a URI."""
+        return f"{self.storage_location()}/{self.name}"
 
 
 def set_field(tree: dict[str, Any], dotted: str, value: Any) -> None:
