@@ -48,6 +48,7 @@ def run_once(config: str, seed: int, staleness: int, overrides: list[str]) -> di
         "median_step_s": statistics.median(steps[1:] or steps),
         "samples_per_s": samples / sum(steps),
         "held_out_raw_before": result.before["eval/raw"], "held_out_raw_after": result.after["eval/raw"],
+        "before": result.before, "after": result.after,  # every held-out metric (demo_seeds.py's table)
         "phases_mean_s": {k: statistics.mean(h[k] for h in result.history) for k in result.history[0] if k.startswith("time/")},
         "mismatch_kl_mean": statistics.mean(h["pipeline/mismatch_kl"] for h in result.history),
         "is_clip_frac_mean": statistics.mean(h["pipeline/is_clip_frac"] for h in result.history),
