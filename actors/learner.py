@@ -36,6 +36,7 @@ from rayrlhf.actors.advantages import (
     reinforce_advantages,
 )
 from rayrlhf.actors.devices import select_device, set_deepspeed_accelerator
+from rayrlhf.actors.engines import deepspeed_engine, use_plain_engine
 from rayrlhf.actors.logprobs import (
     PolicyOutput,
     first_response_column,
@@ -121,48 +122,6 @@ def disable_dropout(model: nn.Module) -> None:
             module.p = 0.0
         if isinstance(getattr(module, "attention_dropout", None), float):
             module.attention_dropout = 0.0
-
-
-def use_plain_engine(world_size: int, learner: LearnerConfig) -> bool:
-    """One rank without offload or bf16: ZeRO would partition over one rank, i.e. do nothing but
-    copies, so the learner runs plain torch (PlainEngine) whatever zero_stage says."""
-    return world_size == 1 and not learner.offload and not learner.bf16
-
-
-def deepspeed_engine(
-    module: nn.Module, optimizer, learner: LearnerConfig, world_size: int, accumulation: int, device: torch.device
-):
-    import deepspeed  # imported here: it picks its accelerator at import time (set_deepspeed_accelerator)
-
-    backend = learner.backend
-    if backend == "auto":
-        backend = "nccl" if device.type == "cuda" else "gloo"
-    deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, verbose=False)
-    engine, *_ = deepspeed.initialize(
-        model=module, optimizer=optimizer, config=deepspeed_config(learner.model_dump(), world_size, accumulation)
-    )
-    return engine
-
-
-def deepspeed_config(learner: dict[str, Any], world_size: int, accumulation: int) -> dict[str, Any]:
-    stage = learner["zero_stage"]
-    zero: dict[str, Any] = {"stage": stage}
-    if learner["offload"]:
-        if stage == 0:
-            raise ValueError("learner.offload needs learner.zero_stage >= 1")
-        zero["offload_optimizer"] = {"device": "cpu"}
-        if stage == 3:
-            zero["offload_param"] = {"device": "cpu"}
-    return {
-        "train_micro_batch_size_per_gpu": learner["micro_batch_size"],
-        "gradient_accumulation_steps": accumulation,
-        "train_batch_size": learner["micro_batch_size"] * accumulation * world_size,
-        "gradient_clipping": learner["grad_clip"],
-        "zero_optimization": zero,
-        "zero_force_ds_cpu_optimizer": False,  # keep torch AdamW: DeepSpeed's CPU Adam is a 50 s JIT build
-        "bf16": {"enabled": learner["bf16"]},
-        "steps_per_print": 1 << 30,
-    }
 
 
 class Learner:

@@ -31,7 +31,7 @@ import ray
 import torch
 import yaml
 
-from rayrlhf.actors.learner import deepspeed_config
+from rayrlhf.actors.engines import deepspeed_config
 from rayrlhf.cluster.actor_group import check_fits
 from rayrlhf.cluster.local import init_ray, shutdown_ray
 from rayrlhf.cluster.storage import Storage
