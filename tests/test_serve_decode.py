@@ -159,18 +159,25 @@ def test_a_request_joins_the_running_batch_and_its_text_does_not_depend_on_it(ge
     assert list(other_seed.values())[0][0] != texts[late_s][0]
 
 
+def count_forwards(gen, monkeypatch, dim: int) -> list[int]:
+    """The generator's forward calls from now on, each recorded by its input's size along `dim`."""
+    sizes: list[int] = []
+    real = gen.forward
+
+    def counted(input_ids, attention_mask, position_ids, cache):
+        sizes.append(input_ids.shape[dim])
+        return real(input_ids, attention_mask, position_ids, cache)
+
+    monkeypatch.setattr(gen, "forward", counted)
+    return sizes
+
+
 def test_requests_joining_at_one_step_share_one_prefill_forward(gen, tiny_dir, monkeypatch):
     ids = [gen.encode_text(p) for p in PROMPTS]
     seeded = params(6, temperature=1.0, seed=3)
     joiners = [request(ids[1], params(6)), request(ids[0], seeded, n=3), request(ids[0], params(1))]
     alone = {i: run(gen, {0: [request(r.prompts[0], r.params, r.n)]})[0] for i, r in enumerate(joiners)}
-    forwards: list[int] = []
-    real = gen.forward
-    def counted(input_ids, attention_mask, position_ids, cache):
-        forwards.append(input_ids.shape[0])
-        return real(input_ids, attention_mask, position_ids, cache)
-
-    monkeypatch.setattr(gen, "forward", counted)
+    forwards = count_forwards(gen, monkeypatch, dim=0)  # rows per forward
     running = request(ids[1], params(8))
     texts, steps = run(gen, {0: [running], 2: joiners})
     assert forwards[:4] == [1, 1, 1, 3]  # step 2: the running row's decode, then one prefill of 3 prompts
@@ -188,14 +195,7 @@ def test_a_long_prompt_is_prefilled_apart_from_short_ones(gen, monkeypatch):
     joiners = [request(short, params(5)), both, request(long[:-1], params(5))]
     groups = prefill_groups([(r, p) for r in joiners for p in range(len(r.prompts))])
     assert groups == [[(joiners[0], 0), (both, 1)], [(joiners[2], 0), (both, 0)]]  # by length; 1 token apart
-    forwards: list[int] = []
-    real = gen.forward
-
-    def counted(input_ids, attention_mask, position_ids, cache):
-        forwards.append(input_ids.shape[1])
-        return real(input_ids, attention_mask, position_ids, cache)
-
-    monkeypatch.setattr(gen, "forward", counted)
+    forwards = count_forwards(gen, monkeypatch, dim=1)  # columns per forward
     texts, _ = run(gen, {0: joiners})
     assert forwards[:2] == [len(short), len(long)]  # two prefills, neither padded to the other's length
     monkeypatch.undo()
