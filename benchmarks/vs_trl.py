@@ -86,7 +86,7 @@ def run_trl(cfg: RunConfig, model_dir: Path, train_set, out_dir: Path) -> dict:
 
     def reward(prompts, completions, reference, prompt_text, **_) -> list[float]:
         texts = [c[-1]["content"] if isinstance(c, list) else c for c in completions]
-        n = len(texts)  # text only: no tokens, so the length controls (off by default) see an unknown budget
+        n = len(texts)  # text only: no tokens, so the length controls (switched off in main) see an unknown budget
         none = np.zeros((n, 1), dtype=np.int64)
         batch = Trajectory(input_ids=none, attention_mask=none, response_mask=none.astype(np.float32),
                            old_logprobs=none.astype(np.float32), group_ids=none[:, 0], sample_ids=none[:, 0],
@@ -143,7 +143,9 @@ def main() -> None:
     parser.add_argument("overrides", nargs="*", help="config overrides for both sides, e.g. seed=1")
     args = parser.parse_args()
     work = Path(args.work_dir or tempfile.mkdtemp(prefix="vs_trl-"))
+    # TRL's reward function sees text only, so our length controls (token budget) are off: same reward
     overrides = ["logging.wandb=disabled", "logging.tensorboard=false", "logging.progress_bar=false",
+                 "reward.overlong_penalty=0", "reward.truncation=keep",
                  f"output_dir={work / 'rayrlhf'}", *args.overrides]  # fmt: skip
     if args.steps is not None:
         overrides.append(f"steps={args.steps}")
