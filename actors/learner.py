@@ -50,7 +50,7 @@ from rayrlhf.actors.losses import (
     make_kl_controller,
 )
 from rayrlhf.actors.models import add_lora, load_policy, merged_state_dict, resolve_policy_here, save_policy
-from rayrlhf.actors.offpolicy import decoupled_policy_loss, mismatch_kl
+from rayrlhf.actors.offpolicy import admitted, decoupled_policy_loss, mismatch_kl
 from rayrlhf.actors.plain_engine import PlainEngine
 from rayrlhf.actors.trajectory import LearnerBatch
 from rayrlhf.actors.weight_sync import BroadcastGroup, Weights
@@ -334,7 +334,7 @@ class Learner:
         """One RL step on this rank's share of the step; returns metrics averaged over ranks."""
         start = time.perf_counter()
         staleness = self.version - batch.trajectory.policy_version
-        if not 0 <= staleness <= self.max_staleness:
+        if not admitted(self.version, batch.trajectory.policy_version, self.max_staleness):
             raise StaleTrajectoryError(
                 f"trajectory sampled by policy version {batch.trajectory.policy_version}, but the learner is at "
                 f"version {self.version} and accepts versions {self.version - self.max_staleness}..{self.version} "

@@ -31,6 +31,12 @@ _MAX_LOG_WEIGHT = 20.0
 """log(pi_proximal / pi_behaviour) is clamped to +-20 before exp(), so padding cannot overflow."""
 
 
+def admitted(train_version: int, sample_version: int, max_staleness: int) -> bool:
+    """Whether a batch sampled by `sample_version` may be trained by the learner at `train_version`:
+    the one rule of the driver's admission control (jobs/pipeline.py) and the learner's check."""
+    return 0 <= train_version - sample_version <= max_staleness
+
+
 def importance_weights(prox_logp: Tensor, behav_logp: Tensor, mask: Tensor, cap: float) -> tuple[Tensor, Tensor]:
     """Per-token pi_proximal / pi_behaviour truncated at `cap` (1 outside the mask), no gradient;
     and the masked fraction of tokens whose weight was cut."""

@@ -30,6 +30,7 @@ from typing import TypeVar
 import numpy as np
 import ray
 
+from rayrlhf.actors.offpolicy import admitted
 from rayrlhf.actors.trajectory import Prompt, Rewards
 from rayrlhf.jobs.config.run import RunConfig
 from rayrlhf.jobs.recovery import Recovery
@@ -154,11 +155,6 @@ def sync_weights(roles: Roles, version: int, recovery: Recovery) -> list[int]:
         return ray.get(versions)
     # get_weights is a collective: rank 0 returns the weights, the others None
     return recovery.sync(version, lambda: [learner.get_weights.remote() for learner in roles.learner][0])
-
-
-def admitted(train_version: int, sample_version: int, max_staleness: int) -> bool:
-    """Whether a batch sampled by `sample_version` may be trained by the learner at `train_version`."""
-    return 0 <= train_version - sample_version <= max_staleness
 
 
 class Pipeline:

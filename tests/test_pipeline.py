@@ -10,12 +10,13 @@ import signal
 
 import pytest
 
+from rayrlhf.actors.offpolicy import admitted
 from rayrlhf.cluster.faults import Fault, actor_process
 from rayrlhf.cluster.local import init_ray, shutdown_ray
 from rayrlhf.jobs import checkpoint
 from rayrlhf.jobs.checkpoint import Interrupted
 from rayrlhf.jobs.config.run import load_config
-from rayrlhf.jobs.pipeline import AHEAD_FILE, admitted
+from rayrlhf.jobs.pipeline import AHEAD_FILE
 from rayrlhf.jobs.train import train
 from tests.test_recovery import SAME_AS_WITHOUT_FAULT, planned
 from tests.test_resume import assert_same_run, interrupt_at
