@@ -7,7 +7,8 @@ served; a request is never split), and each request gets its Updates on its own 
 are decoding, arrivals are gathered for up to `join_wait_steps` steps (unless they already fill the
 free rows) so that they share one prefill: a prefill stalls every running row and costs about as
 much for a few short prompts as for one (TGI's router also holds joiners back for a few steps).
-Pure asyncio, no Ray: the steps run in a worker thread so the event loop keeps serving.
+Pure asyncio, no Ray: the steps run on the replica's torch thread (actors/torch_thread.py) so the
+event loop keeps serving.
 """
 
 from __future__ import annotations
@@ -17,8 +18,11 @@ import logging
 from collections import deque
 from collections.abc import AsyncIterator
 
+import torch
+
 from rayrlhf.actors.decode_loop import DecodeLoop
 from rayrlhf.actors.text_generator import GenerationRequest, Update
+from rayrlhf.actors.torch_thread import TorchThread
 
 logger = logging.getLogger("ray.serve")
 
@@ -47,8 +51,10 @@ class BatchStats:
 
 
 class ContinuousScheduler:
-    def __init__(self, loop: DecodeLoop, join_wait_steps: int) -> None:
+    def __init__(self, loop: DecodeLoop, join_wait_steps: int, thread: TorchThread | None = None) -> None:
         self.loop = loop
+        self.thread = thread or TorchThread(torch.get_num_threads())
+        """Where the steps run: the thread that loaded the model (and runs all of its other work)."""
         self.join_wait_steps = join_wait_steps
         self._waiting: deque[GenerationRequest] = deque()
         self._arrived: dict[GenerationRequest, int] = {}
@@ -102,7 +108,7 @@ class ContinuousScheduler:
                 self.stats.requests += 1
                 self.stats.sequences += request.rows
             try:
-                updates = await asyncio.to_thread(self.loop.step)
+                updates = await self.thread.run(self.loop.step)
             except Exception as e:  # a failed step fails the requests in flight, not the server
                 logger.error("decode step failed; failing %d request(s)", len(self.loop.requests), exc_info=e)
                 for request in self.loop.reset():

@@ -13,7 +13,9 @@ fixed sequence spread over 8..64 tokens. "batched" serves with max_batch_size = 
 (continuous batching: a request joins the running decode batch at the next step), "unbatched"
 with max_batch_size 1 (one request at a time). Time to first token is measured to the first
 streamed text; latency to the end of the stream. The client runs in this process (asyncio,
-light) on the same cores as the server: the figures include that.
+light) on the same cores as the server: the figures include that. The replica reserves both cores
+of the local Ray (num_cpus 2, hence 2 torch threads); `--set FIELD=VALUE` changes any ServeConfig
+field for both modes (e.g. `--set num_cpus=1`).
 
 Writes benchmarks/results/serve_load.json (one entry per model and workload, merged with earlier
 runs) and prints a table. Not a test: figures only, on an idle machine. Traffic stays on 127.0.0.1.
@@ -38,6 +40,7 @@ import httpx
 from ray import serve
 
 from rayrlhf.cluster.local import init_ray, shutdown_ray
+from rayrlhf.jobs.config.base import merge, parse_overrides, validate
 from rayrlhf.jobs.config.serve import ServeConfig
 from rayrlhf.jobs.serve import build_app, prepare
 
@@ -167,7 +170,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--mixed", action="store_true", help="answer budgets spread over 8..64 tokens")
     parser.add_argument("--time-limit", type=float, default=300.0, help="seconds per run; the rest is cancelled")
     parser.add_argument("--modes", nargs="+", default=["batched", "unbatched"], choices=["batched", "unbatched"])
-    parser.add_argument("--join-wait-steps", type=int, help="the ServeConfig field (default: its default)")
+    parser.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
+                        help="a ServeConfig field for both modes, e.g. torch_threads=2 (repeatable)")
     parser.add_argument("--output", type=Path, default=RESULTS / "serve_load.json")
     args = parser.parse_args(argv)
     budgets = [MIXED[i % len(MIXED)] if args.mixed else args.max_tokens for i in range(args.requests)]
@@ -177,10 +181,9 @@ def main(argv: list[str] | None = None) -> None:
     url = f"http://127.0.0.1:{port}"
     load_before = os.getloadavg()
     most = max(args.clients)
-    extra = {} if args.join_wait_steps is None else {"join_wait_steps": args.join_wait_steps}
-    base = prepare(ServeConfig(model=args.model, port=port, auth_env=None, max_ongoing_requests=max(32, most),
-                               max_tokens=max(64, args.max_tokens), num_cpus=1,
-                               request_timeout_s=args.time_limit, **extra), local=True)
+    fields = {"model": args.model, "port": port, "auth_env": None, "max_ongoing_requests": max(32, most),
+              "max_tokens": max(64, args.max_tokens), "num_cpus": 2, "request_timeout_s": args.time_limit}
+    base = prepare(validate(ServeConfig, merge(fields, parse_overrides(args.set)), "--set"), local=True)
     init_ray(num_cpus=2, object_store_mb=256)
     runs = {}
     try:
@@ -196,7 +199,8 @@ def main(argv: list[str] | None = None) -> None:
 
     entry = {
         "command": "python benchmarks/serve_load.py " + " ".join(argv if argv is not None else sys.argv[1:]),
-        "requests": args.requests, "join_wait_steps": base.join_wait_steps, "budgets": sorted(set(budgets)), "time_limit_s": args.time_limit,
+        "requests": args.requests, "join_wait_steps": base.join_wait_steps, "torch_threads": base.threads,
+        "dtype": base.dtype, "num_cpus": base.num_cpus, "budgets": sorted(set(budgets)), "time_limit_s": args.time_limit,
         "cores": os.cpu_count(), "load_avg_1m_before": round(load_before[0], 2),
         "load_avg_1m_after": round(os.getloadavg()[0], 2), "runs": runs,
     }

@@ -4,8 +4,9 @@ One deployment is both the FastAPI ingress and the model: handlers parse and che
 (actors/openai_engine.py), then hand its GenerationRequest to a ContinuousScheduler
 (actors/batch_scheduler.py), which admits it into the running decode batch at the next step
 (continuous batching, actors/decode_loop.py) and yields the request's Updates as they come, so
-streaming and plain responses share one path. The decode steps run in a worker thread, so the
-event loop keeps accepting requests and health checks.
+streaming and plain responses share one path. All torch work (loading, decode steps, beam search)
+runs on one torch thread (actors/torch_thread.py), so the event loop keeps accepting requests and
+health checks, and OpenMP keeps one pool of threads.
 (No `from __future__ import annotations` here: FastAPI must see the real `Request` annotations
 of the methods that serve.ingress wraps.)
 
@@ -40,6 +41,7 @@ from rayrlhf.actors.models import resolve_policy, resolve_policy_here
 from rayrlhf.actors.openai_engine import Job, Kind, Limits, OpenAIEngine
 from rayrlhf.actors.openai_schema import OpenAIError, sse
 from rayrlhf.actors.text_generator import GenerationRequest, TextGenerator, Update, context_length
+from rayrlhf.actors.torch_thread import TorchThread
 from rayrlhf.cluster.local import init_ray, shutdown_ray
 from rayrlhf.jobs.config.base import ConfigError, validate
 from rayrlhf.jobs.config.serve import ServeConfig
@@ -95,8 +97,9 @@ async def _server_error(request: Request, err: Exception) -> JSONResponse:
 class OpenAIServer:
     def __init__(self, config: dict) -> None:
         self.cfg = cfg = ServeConfig.model_validate(config)
-        self.generator = generator = TextGenerator(  # resolved on this replica's node, on its device
-            resolve_policy_here(cfg.model, cfg.cache_dir), cfg.dtype, cfg.torch_threads, role_device(cfg.num_gpus),
+        self.torch = TorchThread(cfg.threads)
+        self.generator = generator = self.torch.call(  # resolved on this replica's node, on its device
+            TextGenerator, resolve_policy_here(cfg.model, cfg.cache_dir), cfg.dtype, cfg.threads, role_device(cfg.num_gpus)
         )
         limits = Limits(
             default_max_tokens=cfg.default_max_tokens, max_tokens=cfg.max_tokens,
@@ -104,7 +107,7 @@ class OpenAIServer:
             request_timeout_s=cfg.request_timeout_s,
         )
         self.engine = OpenAIEngine(generator, cfg.model_name, limits)
-        self.scheduler = ContinuousScheduler(DecodeLoop(generator, cfg.max_batch_size), cfg.join_wait_steps)
+        self.scheduler = ContinuousScheduler(DecodeLoop(generator, cfg.max_batch_size), cfg.join_wait_steps, self.torch)
         self._beam_lock = asyncio.Lock()
         """One beam search at a time, beside the decode loop."""
         self.token = os.environ.get(cfg.auth_env) if cfg.auth_env else None
@@ -120,7 +123,7 @@ class OpenAIServer:
 
     async def _beams(self, generation: GenerationRequest) -> AsyncIterator[Update]:
         async with self._beam_lock:
-            yield await asyncio.to_thread(beam_search, self.generator, generation)
+            yield await self.torch.run(beam_search, self.generator, generation)  # decode steps wait meanwhile
 
     async def _updates(self, job: Job, request: Request) -> AsyncIterator[Update]:
         """The job's Updates, with a hard deadline; its rows leave the batch if we stop."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import threading
 import time
 import warnings
 
@@ -24,6 +25,7 @@ from rayrlhf.actors.text_generator import (
     held_back,
     sample_tokens,
 )
+from rayrlhf.actors.torch_thread import TorchThread
 
 PROMPTS = ["What is 2 plus 3?", "Hello there, how many items are in the big box today?"]
 Texts = dict[GenerationRequest, dict[int, str]]
@@ -306,6 +308,40 @@ def test_scheduler_admits_waiting_requests_as_rows_free_up(gen):
     stats = scheduler.stats.as_dict()
     assert stats["requests"] == 4 and stats["max_rows_in_step"] == 2 and stats["running_rows"] == 0
     assert stats["steps"] == 30  # the short ones ran inside the long one's steps
+
+
+def test_torch_thread_runs_every_call_on_one_thread_with_its_torch_threads():
+    thread = TorchThread(torch_threads=3)
+    here = threading.get_ident()
+
+    async def main():
+        return [await thread.run(lambda: (threading.get_ident(), torch.get_num_threads())) for _ in range(3)]
+
+    seen = [thread.call(lambda: (threading.get_ident(), torch.get_num_threads()))] + asyncio.run(main())
+    assert len({ident for ident, _ in seen}) == 1 and seen[0][0] != here
+    assert {n for _, n in seen} == {3}
+
+
+def test_scheduler_runs_every_step_on_the_torch_thread(tiny_dir):
+    """The generator is built and every decode step runs on one thread (actors/torch_thread.py)."""
+    thread = TorchThread(torch_threads=1)
+    gen = thread.call(TextGenerator, tiny_dir, "float32", 1)
+    forward_threads = set()
+    forward = gen.forward
+
+    def recording(*args, **kwargs):
+        forward_threads.add(threading.get_ident())
+        return forward(*args, **kwargs)
+
+    gen.forward = recording
+    scheduler = ContinuousScheduler(DecodeLoop(gen, max_rows=2), join_wait_steps=0, thread=thread)
+
+    async def main():
+        return [u async for u in scheduler.run(request(gen.encode_text(PROMPTS[0]), params(5)))]
+
+    updates = asyncio.run(main())
+    assert updates[-1].done and updates[-1].completion_tokens == 5
+    assert forward_threads == {thread.call(threading.get_ident)}
 
 
 @pytest.mark.parametrize("wait", [0, 3])

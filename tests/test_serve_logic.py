@@ -196,6 +196,12 @@ def test_serve_yaml_is_a_serve_config_and_a_serve_config():
     assert cfg.host == "127.0.0.1" and cfg.model == "smollm2-135m-instruct"
 
 
+def test_replica_torch_threads_follow_its_cpu_reservation_unless_set():
+    assert ServeConfig().threads == 1
+    assert ServeConfig(num_cpus=2).threads == 2 and ServeConfig(num_cpus=0.5).threads == 1
+    assert ServeConfig(num_cpus=2, torch_threads=1).threads == 1
+
+
 @pytest.mark.parametrize(
     ("override", "field"),
     [("max_batch_size=0", "max_batch_size"), ("max_tokenz=3", "max_tokenz"),

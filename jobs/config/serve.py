@@ -60,9 +60,9 @@ class ServeConfig(StrictModel):
     """CPUs reserved per replica."""
     num_gpus: float = Field(0.0, ge=0)
     """GPUs reserved per replica (fractions share one GPU between replicas); > 0 puts the model on it."""
-    torch_threads: int = Field(1, ge=1)
-    """Per replica. One: the replica shares the cores with Serve's proxy and the event loop, and two
-    threads on two busy cores thrash (measured 10-15x slower decoding under load)."""
+    torch_threads: int | None = Field(None, ge=1)
+    """Per replica; default: the CPUs it reserves (num_cpus, at least 1). More threads than reserved
+    cores thrash when the node is busy (measured 10-15x slower decoding under load)."""
     max_batch_size: int = Field(8, ge=1)
     """Sequences (prompts x n) in flight at once: a request joins the running decode batch at the
     next step when its rows fit, and a finished row frees its slot at once; 1 turns batching off."""
@@ -95,6 +95,11 @@ class ServeConfig(StrictModel):
         if not self.route_prefix.startswith("/"):
             raise ValueError(f"route_prefix must start with '/': {self.route_prefix!r}")
         return self
+
+    @property
+    def threads(self) -> int:
+        """torch_threads, or the replica's CPU reservation."""
+        return self.torch_threads or max(1, int(self.num_cpus))
 
     @property
     def model_name(self) -> str:
