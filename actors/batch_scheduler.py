@@ -3,7 +3,8 @@
 Why a loop of its own rather than `@serve.batch`: Serve hands over fixed batches, and a request
 that arrives while one decodes waits for the whole batch to end. Here a request joins the
 running batch at a decode step as soon as `max_rows` has room for all its rows (first come, first
-served; a request is never split), and each request gets its Updates on its own queue. While rows
+served; a request is never split), and each request gets its Updates on its own queue; a reader that
+falls behind gets the steps it missed as one Update (fewer, longer stream chunks). While rows
 are decoding, arrivals are gathered for up to `join_wait_steps` steps (unless they already fill the
 free rows) so that they share one prefill: a prefill stalls every running row and costs about as
 much for a few short prompts as for one (TGI's router also holds joiners back for a few steps).
@@ -77,12 +78,19 @@ class ContinuousScheduler:
         self._arrived[request] = self.stats.steps
         self._wake.set()
         done = False
+        backlog: deque[Update | BaseException] = deque()
         try:
             while not done:
-                item = await queue.get()
+                if not backlog:
+                    backlog.append(await queue.get())
+                while not queue.empty():
+                    backlog.append(queue.get_nowait())
+                item = backlog.popleft()
                 if isinstance(item, BaseException):  # the step failed; the loop has dropped the request
                     done = True
                     raise item
+                while backlog and isinstance(backlog[0], Update):  # several steps' worth: one update
+                    item = item.then(backlog.popleft())
                 done = item.done
                 yield item
         finally:

@@ -85,6 +85,18 @@ class Update:
     batch_rows: int
     """Sequences that took part in this step."""
 
+    def then(self, later: Update) -> Update:
+        """This update and the request's next one as a single update (for a reader that fell behind)."""
+        choices = {c.index: c for c in self.choices}
+        for c in later.choices:
+            before = choices.get(c.index)
+            choices[c.index] = c if before is None else ChoiceDelta(c.index, before.text + c.text, c.finish_reason)
+        requests, rows = max((self.batch_requests, self.batch_rows), (later.batch_requests, later.batch_rows))
+        return Update(
+            choices=sorted(choices.values(), key=lambda c: c.index), prompt_tokens=later.prompt_tokens,
+            completion_tokens=later.completion_tokens, done=later.done, batch_requests=requests, batch_rows=rows,
+        )
+
 
 def find_stop(text: str, stops: tuple[str, ...], start: int = 0) -> int | None:
     """Index where the earliest stop string begins in text[start:], or None."""
@@ -133,6 +145,24 @@ def context_length(config) -> int:
     return int(getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None) or 2048)
 
 
+def transpose_output_head(model: torch.nn.Module) -> None:
+    """The LM head computes logits as (W @ h^T)^T, on this model only. For a few rows against a big
+    vocabulary, MKL's x @ W^T takes a path that grows with the rows: SmolLM2's 49k x 576 head took
+    16.4 ms for 11 rows against 8.5 ms transposed (2 threads; 2.9 vs 2.7 ms for 1 row, equal from 16)."""
+    head = model.get_output_embeddings()
+    if type(head) is not torch.nn.Linear:
+        return
+
+    def forward(hidden: torch.Tensor) -> torch.Tensor:
+        rows = hidden.reshape(-1, hidden.shape[-1])
+        logits = (head.weight @ rows.T).T
+        if head.bias is not None:
+            logits = logits + head.bias
+        return logits.reshape(*hidden.shape[:-1], -1)
+
+    head.forward = forward
+
+
 class TextGenerator:
     """A policy loaded for serving: tokenizer in and out, and forward passes that fail loudly."""
 
@@ -141,6 +171,8 @@ class TextGenerator:
         self.device = select_device(device)
         self.model, self.tokenizer = load_policy(model_dir, select_dtype(dtype, self.device), self.device)
         self.model.requires_grad_(False)
+        if self.device.type == "cpu":
+            transpose_output_head(self.model)
         self.eos_ids = eos_token_ids(self.model, self.tokenizer)
         self.pad_id = self.tokenizer.pad_token_id
         self.context_length = context_length(self.model.config)

@@ -16,6 +16,7 @@ from rayrlhf.actors.decode_loop import PAD_SPLIT_TOKENS, DecodeLoop, prefill_gro
 from rayrlhf.actors.kv_batch import ROOM, KVBatch
 from rayrlhf.actors.models import load_policy
 from rayrlhf.actors.text_generator import (
+    ChoiceDelta,
     GenerationError,
     GenerationRequest,
     SamplingParams,
@@ -24,6 +25,7 @@ from rayrlhf.actors.text_generator import (
     find_stop,
     held_back,
     sample_tokens,
+    transpose_output_head,
 )
 from rayrlhf.actors.torch_thread import TorchThread
 
@@ -66,6 +68,27 @@ def hf_greedy(tiny_dir, ids: list[int], n: int) -> str:
 
 
 # --- pure helpers ---------------------------------------------------------------------------
+
+
+def test_consecutive_updates_merge_into_one():
+    first = Update([ChoiceDelta(0, "Hel", None), ChoiceDelta(1, "A", None)], 5, 2, False, 3, 4)
+    second = Update([ChoiceDelta(0, "lo", "stop")], 5, 4, False, 2, 6)
+    third = Update([ChoiceDelta(1, "B", "length")], 5, 5, True, 1, 1)
+    merged = first.then(second).then(third)
+    assert merged.choices == [ChoiceDelta(0, "Hello", "stop"), ChoiceDelta(1, "AB", "length")]
+    assert (merged.prompt_tokens, merged.completion_tokens, merged.done) == (5, 5, True)
+    assert (merged.batch_requests, merged.batch_rows) == (3, 4)  # the busiest step, as Job.add keeps it
+
+
+def test_transposed_output_head_gives_the_same_logits(tiny_dir):
+    model, _ = load_policy(tiny_dir, torch.float32, "cpu")
+    ids = torch.randint(0, model.config.vocab_size, (5, 7))
+    with torch.no_grad():
+        before = model(input_ids=ids).logits
+        transpose_output_head(model)
+        after = model(input_ids=ids).logits
+    assert after.shape == before.shape and torch.allclose(after, before, atol=1e-5)
+    assert model.get_output_embeddings().weight is model.get_input_embeddings().weight  # still tied
 
 
 def test_stop_helpers():
@@ -342,6 +365,25 @@ def test_scheduler_runs_every_step_on_the_torch_thread(tiny_dir):
     updates = asyncio.run(main())
     assert updates[-1].done and updates[-1].completion_tokens == 5
     assert forward_threads == {thread.call(threading.get_ident)}
+
+
+def test_a_reader_that_falls_behind_gets_the_missed_steps_as_one_update(gen):
+    ids = gen.encode_text(PROMPTS[0])
+    scheduler = ContinuousScheduler(DecodeLoop(gen, max_rows=2), join_wait_steps=0)
+
+    async def read(slow: bool) -> list[Update]:
+        out = []
+        async for update in scheduler.run(request(ids, params(12))):
+            out.append(update)
+            if slow:  # e.g. a client that reads slowly: the steps go on meanwhile
+                await asyncio.sleep(0.05)
+        return out
+
+    prompt = asyncio.run(read(slow=False))
+    late = asyncio.run(read(slow=True))
+    assert len(prompt) == 12 and len(late) < len(prompt)
+    assert "".join(c.text for u in late for c in u.choices) == "".join(c.text for u in prompt for c in u.choices)
+    assert late[-1].done and late[-1].completion_tokens == 12
 
 
 @pytest.mark.parametrize("wait", [0, 3])
