@@ -11,8 +11,9 @@ RewardScorer (same components, weights and running normalisation) wrapped as a T
 function. Both policies are then scored the same way: greedy answers on the held-out prompts,
 raw reward (alpha * r_freq + beta * r_sim), by one in-process evaluator. Seconds per step are
 medians over the steps after the first (warm-up). Writes benchmarks/results/vs_trl[_tiny].json.
-Left at TRL's defaults: its loss aggregation ("dapo": token mean over the whole batch; ours is the
-token mean of each micro-batch, averaged) and its prompt order (its own shuffled sampler).
+TRL gets the same prompts in the same order as ours draws them (its shuffling off), so the two
+differ only in their sampling and their code. Left at TRL's default: its loss aggregation ("dapo":
+token mean over the whole batch, as ours with one micro-batch).
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ from rayrlhf.actors.rollout_worker import RolloutWorker
 from rayrlhf.actors.trajectory import Trajectory
 from rayrlhf.jobs.config.run import RunConfig, load_config
 from rayrlhf.jobs.roles import actor_settings
-from rayrlhf.jobs.train import prepare, train
+from rayrlhf.jobs.train import PromptSampler, prepare, train
 
 RESULTS = Path(__file__).resolve().parent / "results"
 PHASES = ("generate", "score", "reference", "learn", "sync")
@@ -71,15 +72,17 @@ def run_ours(cfg: RunConfig) -> dict:
         "step_times_s": steps,
         "final_dir": str(result.final_dir),
         "own_eval_raw_after": result.after.get("eval/raw"),
+        "kl_per_step": [h["kl"] for h in result.history],
     }
 
 
-def run_trl(cfg: RunConfig, model_dir: Path, train_set, out_dir: Path) -> dict:
+def run_trl(cfg: RunConfig, model_dir: Path, prompts, out_dir: Path) -> dict:
+    """TRL's GRPOTrainer on `prompts`, in that order (prompts_per_step of them per step)."""
     from datasets import Dataset
     from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
     from trl import GRPOConfig, GRPOTrainer
 
-    if not all(isinstance(p.text, str) for p in train_set):
+    if not all(isinstance(p.text, str) for p in prompts):
         raise ValueError("this benchmark wraps plain-text prompts in a user message; got chat messages")
     torch.set_num_threads(cfg.rollout.torch_threads)
     scorer = RewardScorer(**actor_settings(cfg.reward))
@@ -96,7 +99,7 @@ def run_trl(cfg: RunConfig, model_dir: Path, train_set, out_dir: Path) -> dict:
 
     rows = [{"prompt": ([{"role": "system", "content": cfg.data.system_prompt}] if cfg.data.system_prompt else [])
              + [{"role": "user", "content": p.text}], "reference": p.reference, "prompt_text": p.text}
-            for p in train_set]  # fmt: skip
+            for p in prompts]  # fmt: skip
     k = cfg.rollout.samples_per_prompt
     args = GRPOConfig(
         output_dir=str(out_dir), max_steps=cfg.steps, per_device_train_batch_size=cfg.prompts_per_step * k,
@@ -107,7 +110,7 @@ def run_trl(cfg: RunConfig, model_dir: Path, train_set, out_dir: Path) -> dict:
         learning_rate=cfg.learner.lr, lr_scheduler_type="constant", warmup_steps=0,
         weight_decay=cfg.learner.weight_decay, max_grad_norm=cfg.learner.grad_clip,
         use_cpu=True, bf16=False, fp16=False, seed=cfg.seed, report_to="none", logging_steps=1,
-        save_strategy="no", dataloader_num_workers=0, disable_tqdm=True,
+        save_strategy="no", dataloader_num_workers=0, disable_tqdm=True, shuffle_dataset=False,
     )  # fmt: skip
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
@@ -131,7 +134,8 @@ def run_trl(cfg: RunConfig, model_dir: Path, train_set, out_dir: Path) -> dict:
     trainer.save_model(str(final))
     tokenizer.save_pretrained(str(final))
     per_step = statistics.median(times[1:] or times)
-    return {"s_per_step": per_step, "samples_per_s": cfg.prompts_per_step * k / per_step,
+    kl = [log["kl"] for log in trainer.state.log_history if "kl" in log]
+    return {"s_per_step": per_step, "samples_per_s": cfg.prompts_per_step * k / per_step, "kl_per_step": kl,
             "step_times_s": times, "final_dir": str(final)}  # fmt: skip
 
 
@@ -159,7 +163,8 @@ def main() -> None:
     ours["wall_s"] = time.perf_counter() - t0
     ours["held_out_reward"] = held_out_reward(cfg, ours["final_dir"], eval_set)
     t0 = time.perf_counter()
-    trl = run_trl(cfg, model_dir, train_set, work / "trl")
+    sampler = PromptSampler(train_set, cfg.seed)  # the order `train` draws them in
+    trl = run_trl(cfg, model_dir, [p for _ in range(cfg.steps) for p in sampler.draw(cfg.prompts_per_step)], work / "trl")
     trl["wall_s"] = time.perf_counter() - t0
     trl["held_out_reward"] = held_out_reward(cfg, trl["final_dir"], eval_set)
 
