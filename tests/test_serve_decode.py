@@ -11,6 +11,7 @@ import pytest
 import torch
 from transformers import DynamicCache
 
+from rayrlhf.actors import text_generator
 from rayrlhf.actors.batch_scheduler import ContinuousScheduler
 from rayrlhf.actors.decode_loop import PAD_SPLIT_TOKENS, DecodeLoop, prefill_groups
 from rayrlhf.actors.kv_batch import ROOM, KVBatch
@@ -80,12 +81,16 @@ def test_consecutive_updates_merge_into_one():
     assert (merged.batch_requests, merged.batch_rows) == (3, 4)  # the busiest step, as Job.add keeps it
 
 
-def test_transposed_output_head_gives_the_same_logits(tiny_dir):
+def test_transposed_output_head_gives_the_same_logits(tiny_dir, monkeypatch):
     model, _ = load_policy(tiny_dir, torch.float32, "cpu")
     ids = torch.randint(0, model.config.vocab_size, (5, 7))
     with torch.no_grad():
         before = model(input_ids=ids).logits
+        transpose_output_head(model)  # tiny-gpt2's width (2) is below the threshold: left alone
+        assert "forward" not in vars(model.get_output_embeddings())
+        monkeypatch.setattr(text_generator, "TRANSPOSE_MIN_WIDTH", 1)
         transpose_output_head(model)
+        assert "forward" in vars(model.get_output_embeddings())
         after = model(input_ids=ids).logits
     assert after.shape == before.shape and torch.allclose(after, before, atol=1e-5)
     assert model.get_output_embeddings().weight is model.get_input_embeddings().weight  # still tied
