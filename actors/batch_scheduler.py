@@ -55,7 +55,7 @@ class ContinuousScheduler:
     def __init__(self, loop: DecodeLoop, join_wait_steps: int, thread: TorchThread | None = None) -> None:
         self.loop = loop
         self.thread = thread or TorchThread(torch.get_num_threads())
-        """Where the steps run: the thread that loaded the model (and runs all of its other work)."""
+        """Where the steps run: the replica's, which loaded the model (its own for a caller that gives none)."""
         self.join_wait_steps = join_wait_steps
         self._waiting: deque[GenerationRequest] = deque()
         self._arrived: dict[GenerationRequest, int] = {}

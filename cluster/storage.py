@@ -53,6 +53,10 @@ class Storage:
         pyarrow.fs (so `file://` behaves as `s3://` does, and tests can stand one in for the other)."""
         return None if is_uri(self.location) else Path(self.root)
 
+    def shown(self, *parts: str) -> Path | str:
+        """A place inside this one as a user opens it: a path for a plain path, the location for a URI."""
+        return self.local_path.joinpath(*parts) if self.local_path is not None else self.join(*parts)
+
     def join(self, *parts: str) -> str:
         """The location of a place inside this one, as a string another process can open with `Storage`."""
         return "/".join([self.location, *parts])

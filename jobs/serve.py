@@ -109,7 +109,7 @@ class OpenAIServer:
         self.engine = OpenAIEngine(generator, cfg.model_name, limits)
         self.scheduler = ContinuousScheduler(DecodeLoop(generator, cfg.max_batch_size), cfg.join_wait_steps, self.torch)
         self._beam_lock = asyncio.Lock()
-        """One beam search at a time, beside the decode loop."""
+        """One beam search at a time on the torch thread, so decode steps get their turns between them."""
         self.token = os.environ.get(cfg.auth_env) if cfg.auth_env else None
         if cfg.auth_env and not self.token:
             logger.warning("auth is off: $%s is not set on this replica", cfg.auth_env)

@@ -261,10 +261,8 @@ def run_job(
     loop_config = {"cfg": cfg.model_dump(), "output_dir": storage.location, **inputs}
     fit(loop, loop_config, cfg.trainer, cfg.cluster, storage, cfg.name, cfg.resume)
     result = json.loads(storage.read_text("eval.json"))
-    location = storage.local_path or storage.location
-    final = storage.local_path / "final" if storage.local_path is not None else storage.join("final")
-    print("\n" + format_table(result["before"], result["after"]) + f"\n\n{final_label}: {final}")
-    return location, final, result
+    print("\n" + format_table(result["before"], result["after"]) + f"\n\n{final_label}: {storage.shown('final')}")
+    return storage.shown(), storage.shown("final"), result
 
 
 def to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:

@@ -254,14 +254,7 @@ def train(
         if storage.local_path is None:
             storage.upload(output_dir)
             shutil.rmtree(output_dir, ignore_errors=True)
-    return TrainResult(*_where(storage), run.before, after, run.history, recovery.trained)
-
-
-def _where(storage: Storage) -> tuple[Path | str, Path | str]:
-    """output_dir and its final/ as a user opens them: paths for a path, locations for a URI."""
-    if storage.local_path is not None:
-        return storage.local_path, storage.local_path / "final"
-    return storage.location, storage.join("final")
+    return TrainResult(storage.shown(), storage.shown("final"), run.before, after, run.history, recovery.trained)
 
 
 def finished_result(output_dir: Path, storage: Storage) -> TrainResult:
@@ -271,5 +264,5 @@ def finished_result(output_dir: Path, storage: Storage) -> TrainResult:
     history = [row for row in rows[1:-1]]  # step 0 is the eval before, the last line the eval after
     if storage.local_path is None:
         shutil.rmtree(output_dir, ignore_errors=True)
-    return TrainResult(*_where(storage), evaluated["before"], evaluated["after"], history)
+    return TrainResult(storage.shown(), storage.shown("final"), evaluated["before"], evaluated["after"], history)
 

@@ -162,9 +162,7 @@ def summarize(setup: TuneSetup, grid: Any, storage: Storage) -> TuneSummary:
             "best_config": storage.join(names[3]) if best else None,
         }, indent=2))
     # where a user finds them: paths for a path, locations in the bucket for a URI
-    table_path, json_path, plot_path, best_config = (
-        storage.local_path / n if storage.local_path is not None else storage.join(n) for n in names
-    )
+    table_path, json_path, plot_path, best_config = (storage.shown(n) for n in names)
     summary = TuneSummary(
         rows, best, best["checkpoint"] if best else None, metric, table_path, json_path, plot_path,
         best_config if best else None,
