@@ -37,6 +37,7 @@ from rayrlhf.actors.advantages import (
 )
 from rayrlhf.actors.devices import select_device, set_deepspeed_accelerator
 from rayrlhf.actors.engines import deepspeed_engine, use_plain_engine
+from rayrlhf.actors.host_memory import keep_freed_memory
 from rayrlhf.actors.logprobs import (
     PolicyOutput,
     first_response_column,
@@ -153,6 +154,7 @@ class Learner:
         torch.set_num_threads(learner.torch_threads)
         torch.manual_seed(seed)
         device_type = select_device(device)
+        keep_freed_memory(device_type)
         set_deepspeed_accelerator(device_type)  # before DeepSpeed is first imported (deepspeed_engine)
         self.rank, self.world_size = rank, world_size
         self.algorithm, self.temperature, self.rows_per_step = algorithm, temperature, rows_per_step

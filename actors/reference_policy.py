@@ -6,6 +6,7 @@ import numpy as np
 import torch
 
 from rayrlhf.actors.devices import select_device, select_dtype
+from rayrlhf.actors.host_memory import keep_freed_memory
 from rayrlhf.actors.logprobs import first_response_column, from_numpy, token_logprobs
 from rayrlhf.actors.models import load_policy, resolve_policy_here
 from rayrlhf.actors.trajectory import Trajectory
@@ -16,6 +17,7 @@ class ReferencePolicy:
                  device: str = "cpu", cache_dir: str | None = None):  # fmt: skip
         torch.set_num_threads(torch_threads)
         self.device = select_device(device)
+        keep_freed_memory(self.device)
         path = resolve_policy_here(model, cache_dir)
         self.model, _ = load_policy(path, select_dtype(dtype, self.device), self.device)
         self.model.eval().requires_grad_(False)

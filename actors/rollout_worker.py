@@ -22,6 +22,7 @@ import torch
 from transformers import GenerationConfig
 
 from rayrlhf.actors.devices import select_device, select_dtype
+from rayrlhf.actors.host_memory import keep_freed_memory
 from rayrlhf.actors.logprobs import position_ids
 from rayrlhf.actors.models import load_policy, resolve_policy_here
 from rayrlhf.actors.trajectory import Prompt, Trajectory
@@ -105,6 +106,7 @@ class RolloutWorker:
     ):
         torch.set_num_threads(torch_threads)
         self.device = select_device(device)
+        keep_freed_memory(self.device)
         path = resolve_policy_here(model, cache_dir)  # on this node: the driver's paths mean nothing here
         self.model, self.tokenizer = load_policy(path, select_dtype(dtype, self.device), self.device)
         self.model.requires_grad_(False)

@@ -19,6 +19,7 @@ import torch
 from jinja2 import TemplateError
 
 from rayrlhf.actors.devices import select_device, select_dtype
+from rayrlhf.actors.host_memory import keep_freed_memory
 from rayrlhf.actors.models import load_policy
 from rayrlhf.actors.rollout_worker import eos_token_ids
 
@@ -174,6 +175,7 @@ class TextGenerator:
     def __init__(self, model_dir: str | Path, dtype: str, torch_threads: int, device: str = "cpu") -> None:
         torch.set_num_threads(torch_threads)
         self.device = select_device(device)
+        keep_freed_memory(self.device)
         self.model, self.tokenizer = load_policy(model_dir, select_dtype(dtype, self.device), self.device)
         self.model.requires_grad_(False)
         if self.device.type == "cpu":

@@ -32,6 +32,7 @@ import torch
 import yaml
 
 from rayrlhf.actors.engines import deepspeed_config
+from rayrlhf.actors.host_memory import keep_freed_memory
 from rayrlhf.cluster.actor_group import check_fits
 from rayrlhf.cluster.local import init_ray, shutdown_ray
 from rayrlhf.cluster.storage import Storage
@@ -100,6 +101,7 @@ class Worker:
         os.environ.update(RANK=str(self.rank), WORLD_SIZE=str(self.world_size), LOCAL_RANK=str(ctx.get_local_rank()))
         warnings.filterwarnings("ignore", message=r".*torch\.distributed\.\w+` is deprecated", category=FutureWarning)
         torch.set_num_threads(trainer["torch_threads"])
+        keep_freed_memory(torch.device("cuda" if trainer["use_gpu"] else "cpu"))
         torch.manual_seed(seed)
         if trainer["use_gpu"]:
             import ray.train.torch
