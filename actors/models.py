@@ -119,6 +119,29 @@ def load_policy(
     return model, tokenizer
 
 
+TRANSPOSE_MIN_WIDTH = 256
+"""Hidden sizes from which the transposed LM head pays (a toy width of 2 got slower with it)."""
+
+
+def transpose_output_head(model: torch.nn.Module) -> None:
+    """The LM head computes logits as (W @ h^T)^T, on this model only. For a few rows against a big
+    vocabulary, MKL's x @ W^T takes a path that grows with the rows: SmolLM2's 49k x 576 head took
+    16.4 ms for 11 rows against 8.5 ms transposed (2 threads; 2.9 vs 2.7 ms for 1 row, equal from 16).
+    Not for toy widths: tiny-gpt2's (2) served 18% fewer batched requests/s with it."""
+    head = model.get_output_embeddings()
+    if type(head) is not torch.nn.Linear or head.in_features < TRANSPOSE_MIN_WIDTH:
+        return
+
+    def forward(hidden: torch.Tensor) -> torch.Tensor:
+        rows = hidden.reshape(-1, hidden.shape[-1])
+        logits = (head.weight @ rows.T).T
+        if head.bias is not None:
+            logits = logits + head.bias
+        return logits.reshape(*hidden.shape[:-1], -1)
+
+    head.forward = forward
+
+
 def save_policy(
     model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, path: str | Path
 ) -> Path:

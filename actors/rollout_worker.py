@@ -24,7 +24,7 @@ from transformers import GenerationConfig
 from rayrlhf.actors.devices import select_device, select_dtype
 from rayrlhf.actors.host_memory import keep_freed_memory
 from rayrlhf.actors.logprobs import position_ids
-from rayrlhf.actors.models import load_policy, resolve_policy_here
+from rayrlhf.actors.models import load_policy, resolve_policy_here, transpose_output_head
 from rayrlhf.actors.trajectory import Prompt, Trajectory
 from rayrlhf.actors.weight_sync import BroadcastGroup, Weights, check_names
 
@@ -110,6 +110,8 @@ class RolloutWorker:
         path = resolve_policy_here(model, cache_dir)  # on this node: the driver's paths mean nothing here
         self.model, self.tokenizer = load_policy(path, select_dtype(dtype, self.device), self.device)
         self.model.requires_grad_(False)
+        if self.device.type == "cpu":  # decode steps drop finished rows: few rows against a big head
+            transpose_output_head(self.model)
         self.eos_ids = eos_token_ids(self.model, self.tokenizer)
         self.pad_id = self.tokenizer.pad_token_id
         self.model.generation_config = GenerationConfig(

@@ -20,7 +20,7 @@ from jinja2 import TemplateError
 
 from rayrlhf.actors.devices import select_device, select_dtype
 from rayrlhf.actors.host_memory import keep_freed_memory
-from rayrlhf.actors.models import load_policy
+from rayrlhf.actors.models import load_policy, transpose_output_head
 from rayrlhf.actors.rollout_worker import eos_token_ids
 
 
@@ -144,29 +144,6 @@ def row_seed(seed: int, choice: int) -> int:
 def context_length(config) -> int:
     """Positions the model can attend over (prompt + completion), from its HF config."""
     return int(getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None) or 2048)
-
-
-TRANSPOSE_MIN_WIDTH = 256
-"""Hidden sizes from which the transposed LM head pays (a toy width of 2 got slower with it)."""
-
-
-def transpose_output_head(model: torch.nn.Module) -> None:
-    """The LM head computes logits as (W @ h^T)^T, on this model only. For a few rows against a big
-    vocabulary, MKL's x @ W^T takes a path that grows with the rows: SmolLM2's 49k x 576 head took
-    16.4 ms for 11 rows against 8.5 ms transposed (2 threads; 2.9 vs 2.7 ms for 1 row, equal from 16).
-    Not for toy widths: tiny-gpt2's (2) served 18% fewer batched requests/s with it."""
-    head = model.get_output_embeddings()
-    if type(head) is not torch.nn.Linear or head.in_features < TRANSPOSE_MIN_WIDTH:
-        return
-
-    def forward(hidden: torch.Tensor) -> torch.Tensor:
-        rows = hidden.reshape(-1, hidden.shape[-1])
-        logits = (head.weight @ rows.T).T
-        if head.bias is not None:
-            logits = logits + head.bias
-        return logits.reshape(*hidden.shape[:-1], -1)
-
-    head.forward = forward
 
 
 class TextGenerator:

@@ -11,11 +11,11 @@ import pytest
 import torch
 from transformers import DynamicCache
 
-from rayrlhf.actors import text_generator
+from rayrlhf.actors import models
 from rayrlhf.actors.batch_scheduler import ContinuousScheduler
 from rayrlhf.actors.decode_loop import PAD_SPLIT_TOKENS, DecodeLoop, prefill_groups
 from rayrlhf.actors.kv_batch import ROOM, KVBatch
-from rayrlhf.actors.models import load_policy
+from rayrlhf.actors.models import load_policy, transpose_output_head
 from rayrlhf.actors.text_generator import (
     ChoiceDelta,
     GenerationError,
@@ -26,7 +26,6 @@ from rayrlhf.actors.text_generator import (
     find_stop,
     held_back,
     sample_tokens,
-    transpose_output_head,
 )
 from rayrlhf.actors.torch_thread import TorchThread
 
@@ -88,7 +87,7 @@ def test_transposed_output_head_gives_the_same_logits(tiny_dir, monkeypatch):
         before = model(input_ids=ids).logits
         transpose_output_head(model)  # tiny-gpt2's width (2) is below the threshold: left alone
         assert "forward" not in vars(model.get_output_embeddings())
-        monkeypatch.setattr(text_generator, "TRANSPOSE_MIN_WIDTH", 1)
+        monkeypatch.setattr(models, "TRANSPOSE_MIN_WIDTH", 1)
         transpose_output_head(model)
         assert "forward" in vars(model.get_output_embeddings())
         after = model(input_ids=ids).logits
