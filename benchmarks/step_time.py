@@ -30,6 +30,7 @@ from rayrlhf.jobs.train import PromptSampler, prepare, rl_step
 
 RESULTS = Path(__file__).resolve().parent / "results"
 PHASES = ("generate", "score", "reference", "learn", "sync", "step")
+"""Phases as the driver times them; "learn_compute" is the learner's own time inside its learn call."""
 
 
 class RaySide:
@@ -41,7 +42,7 @@ class RaySide:
 
     def step(self, prompts) -> dict:
         m = rl_step(self.cfg, self.roles, prompts)
-        return {p: m[f"time/{p}"] for p in PHASES} | {"tokens": m["tokens"]}
+        return {p: m[f"time/{p}"] for p in PHASES} | {"learn_compute": m["learn_seconds"], "tokens": m["tokens"]}
 
     def close(self) -> None:
         self.roles.shutdown()
@@ -76,7 +77,7 @@ class PlainSide:
         self.worker.load_weights(metrics["version"], self.learner.get_weights())
         t5 = time.perf_counter()
         return {"generate": t1 - t0, "score": t2 - t1, "reference": t3 - t2, "learn": t4 - t3,
-                "sync": t5 - t4, "step": t5 - t0, "tokens": metrics["tokens"]}
+                "sync": t5 - t4, "step": t5 - t0, "learn_compute": metrics["learn_seconds"], "tokens": metrics["tokens"]}
 
 
 def paired_steps(cfg, train_set, steps: int) -> tuple[list[dict], list[dict]]:
@@ -126,7 +127,7 @@ def main() -> None:
         }
         print(f"\n== {name} ({cfg.policy.model}), median of {args.steps} steps, seconds")
         print(f"{'phase':<10}{'ray':>10}{'plain':>10}")
-        for phase in PHASES:
+        for phase in (*PHASES, "learn_compute"):
             print(f"{phase:<10}{ray_med[phase]:>10.3f}{plain_med[phase]:>10.3f}")
         print(f"ray / plain step time: {statistics.median(step_ratios):.3f} (median of the {len(step_ratios)} paired steps: "
               f"{', '.join(f'{r:.3f}' for r in step_ratios)})")
