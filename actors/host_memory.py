@@ -3,12 +3,12 @@ computes on the CPU.
 
 A CPU learner step allocates and frees about a gigabyte in blocks over 32 MB (logits over a 49k
 vocabulary, their gradients, the activations of 16 rows). glibc maps each such block fresh from the
-kernel and unmaps it when freed, so every step faults ~300k zeroed pages back in: on SmolLM2 that was
-about a tenth of a learn call on 2 cores (benchmarks/README.md, "Host memory"). With mmap off and the
+kernel and unmaps it when freed, so every step faults ~310k zeroed pages back in: on SmolLM2 that was
+7-12% of a learn call on 2 cores (benchmarks/host_memory.py). With mmap off and the
 trim threshold at its maximum, freed blocks stay in the heap and the next step reuses them; after the
 first steps a learn call takes no page faults. The price: a process keeps its peak resident memory,
-which a long-lived role reaches again every step anyway. GPU roles keep their tensors on the device,
-so they are left as they are.
+which a long-lived role reaches again every step anyway, plus what the heap's layout wastes (the
+default learner: 13% more). GPU roles keep their tensors on the device, so they are left as they are.
 """
 
 from __future__ import annotations

@@ -110,8 +110,7 @@ class RolloutWorker:
         path = resolve_policy_here(model, cache_dir)  # on this node: the driver's paths mean nothing here
         self.model, self.tokenizer = load_policy(path, select_dtype(dtype, self.device), self.device)
         self.model.requires_grad_(False)
-        if self.device.type == "cpu":  # decode steps drop finished rows: few rows against a big head
-            transpose_output_head(self.model)
+        transpose_output_head(self.model)  # decode steps drop finished rows: few rows against a big head
         self.eos_ids = eos_token_ids(self.model, self.tokenizer)
         self.pad_id = self.tokenizer.pad_token_id
         self.model.generation_config = GenerationConfig(

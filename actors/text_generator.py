@@ -155,8 +155,7 @@ class TextGenerator:
         keep_freed_memory(self.device)
         self.model, self.tokenizer = load_policy(model_dir, select_dtype(dtype, self.device), self.device)
         self.model.requires_grad_(False)
-        if self.device.type == "cpu":
-            transpose_output_head(self.model)
+        transpose_output_head(self.model)
         self.eos_ids = eos_token_ids(self.model, self.tokenizer)
         self.pad_id = self.tokenizer.pad_token_id
         self.context_length = context_length(self.model.config)

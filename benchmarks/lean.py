@@ -6,8 +6,9 @@ Two rows, each timed back to back in this one process on the same batch:
 - learn: `Learner.learn` on a real rollout batch vs a plain forward + backward + AdamW loop over the
   same rows (one pass, logits only over the response columns, the same GRPO + k3 KL loss), with
   torch's default AdamW and with the fused one the learner uses;
-- generate: `RolloutWorker.generate` vs a bare `model.generate(num_return_sequences=k)` on the same
-  prompts, as generated tokens per second (tokens actually kept: EOS cuts the rest).
+- generate: `RolloutWorker.generate` vs a bare `model.generate(num_return_sequences=k)` of the stock
+  model on the same prompts, and vs the worker with HF's own LM head instead of the transposed one,
+  as generated tokens per second (tokens actually kept: EOS cuts the rest).
 `--profile` prints the torch profiler's top operators of one learn call. Writes
 benchmarks/results/lean.json. Not a test: figures only, and only on an idle machine.
 """
@@ -100,26 +101,35 @@ def kept_tokens(traj) -> int:
     return int(traj.response_mask.sum())
 
 
-def generate_rows(worker, prompts, repeats: int) -> dict:
-    """Tokens/s of the worker vs a bare HF generate (no log-prob recording) on the same prompts."""
-    ours, bare = [], []
+def bare_generate_tokens(model, worker, ids, mask) -> int:
+    with torch.no_grad():
+        seqs = model.generate(
+            input_ids=ids, attention_mask=mask, do_sample=True, temperature=worker.temperature, top_p=1.0,
+            top_k=0, num_return_sequences=worker.samples_per_prompt, max_new_tokens=worker.max_new_tokens,
+        )  # fmt: skip
+    response = seqs[:, ids.shape[1]:]
+    is_eos = torch.isin(response, torch.tensor(worker.eos_ids)).long()
+    return int(((is_eos.cumsum(1) - is_eos) == 0).sum())
+
+
+def generate_rows(worker, stock_head_worker, bare_model, prompts, repeats: int) -> dict:
+    """Tokens/s of the worker, of the worker with HF's own LM head (not transposed), and of a bare
+    HF generate (stock model, no log-prob recording) on the same prompts, interleaved."""
+    times = {"ours": [], "ours_stock_head": [], "bare_generate": []}
     ids, mask = worker._left_padded(prompts)
+    calls = {
+        "ours": lambda: kept_tokens(worker.generate(prompts)),
+        "ours_stock_head": lambda: kept_tokens(stock_head_worker.generate(prompts)),
+        "bare_generate": lambda: bare_generate_tokens(bare_model, worker, ids, mask),
+    }
     for _ in range(repeats):
-        t0 = time.perf_counter()
-        traj = worker.generate(prompts)
-        ours.append(kept_tokens(traj) / (time.perf_counter() - t0))
-        t0 = time.perf_counter()
-        with torch.no_grad():
-            seqs = worker.model.generate(
-                input_ids=ids, attention_mask=mask, do_sample=True, temperature=worker.temperature, top_p=1.0,
-                top_k=0, num_return_sequences=worker.samples_per_prompt, max_new_tokens=worker.max_new_tokens,
-            )  # fmt: skip
-        response = seqs[:, ids.shape[1]:]
-        is_eos = torch.isin(response, torch.tensor(worker.eos_ids)).long()
-        kept = int(((is_eos.cumsum(1) - is_eos) == 0).sum())
-        bare.append(kept / (time.perf_counter() - t0))
-    return {"ours_tokens_per_s": statistics.median(ours), "bare_generate_tokens_per_s": statistics.median(bare),
-            "ours_over_bare": statistics.median(ours) / statistics.median(bare)}  # fmt: skip
+        for name, call in calls.items():
+            t0 = time.perf_counter()
+            tokens = call()
+            times[name].append(tokens / (time.perf_counter() - t0))
+    rates = {f"{name}_tokens_per_s": statistics.median(t) for name, t in times.items()}
+    return rates | {"ours_over_bare": rates["ours_tokens_per_s"] / rates["bare_generate_tokens_per_s"],
+                    "ours_over_stock_head": rates["ours_tokens_per_s"] / rates["ours_stock_head_tokens_per_s"]}
 
 
 def main() -> None:
@@ -140,8 +150,13 @@ def main() -> None:
     torch.set_num_threads(cfg.rollout.torch_threads)
     prompts = PromptSampler(train_set, cfg.seed).draw(cfg.prompts_per_step)
 
-    worker.generate(prompts)  # warm-up
-    gen = generate_rows(worker, prompts, args.repeats)
+    stock_head_worker = roles["rollout"].instantiate()
+    vars(stock_head_worker.model.get_output_embeddings()).pop("forward", None)  # HF's x @ W^T (actors/models.py)
+    bare_model, _ = load_policy(model_dir)
+    for warm_up in (worker, stock_head_worker):
+        warm_up.generate(prompts)
+    gen = generate_rows(worker, stock_head_worker, bare_model, prompts, args.repeats)
+    del stock_head_worker, bare_model
 
     traj = worker.generate(prompts)
     rewards = scorer.score(traj)
@@ -170,7 +185,8 @@ def main() -> None:
           f"ratio {learn['learner_over_plain']:.2f}x   (plain with fused AdamW {learn['plain_torch_fused_adamw_s']:.3f} s, "
           f"ratio {learn['learner_over_plain_fused']:.2f}x)")
     print(f"generate: ours {gen['ours_tokens_per_s']:.1f} tok/s   bare generate {gen['bare_generate_tokens_per_s']:.1f} "
-          f"tok/s   ratio {gen['ours_over_bare']:.2f}x")  # fmt: skip
+          f"tok/s   ratio {gen['ours_over_bare']:.2f}x   (ours with HF's LM head {gen['ours_stock_head_tokens_per_s']:.1f} "
+          f"tok/s, ratio {gen['ours_over_stock_head']:.2f}x)")  # fmt: skip
     RESULTS.mkdir(exist_ok=True)
     out = RESULTS / f"lean_{args.config}.json"
     out.write_text(json.dumps(report, indent=2))
