@@ -37,7 +37,11 @@ def trend(points: list[tuple[int, float]]) -> float | None:
     steps = np.array([s for s, _ in points], dtype=float)
     if len(points) < 2 or np.ptp(steps) == 0:
         return None
-    slope = np.polyfit(steps, [v for _, v in points], 1)[0]
+    # the closed form, not np.polyfit: a flat series gets exactly 0 (LAPACK's solver left ~1e-16 on
+    # some CPUs, and a flat component then counted as rising)
+    values = np.array([v for _, v in points], dtype=float)
+    dx = steps - steps.mean()
+    slope = (dx * (values - values.mean())).sum() / (dx * dx).sum()
     return float(slope * np.ptp(steps))
 
 
