@@ -24,6 +24,7 @@ def test_trend_is_the_fitted_change_over_the_span():
     # slope of (1,0),(2,2),(3,1): 0.5 per step, over 2 steps -> +1.0
     assert trend([(1, 0.0), (2, 2.0), (3, 1.0)]) == pytest.approx(1.0)
     assert trend([(4, 1.0)]) is None
+    assert trend([(1, -3.0), (2, -3.0), (3, -3.0), (5, -3.0)]) == 0.0  # flat is exactly flat, on any CPU
 
 
 def test_a_warning_per_threshold_crossing_and_flags_every_step():
