@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from rayrlhf.actors.advantages import (
+from rayrlhf.actors.rl.advantages import (
     expand_to_tokens,
     final_token_rewards,
     gae,
@@ -35,26 +35,26 @@ from rayrlhf.actors.advantages import (
     masked_whiten,
     reinforce_advantages,
 )
-from rayrlhf.actors.devices import select_device, set_deepspeed_accelerator
-from rayrlhf.actors.engines import deepspeed_engine, use_plain_engine
-from rayrlhf.actors.host_memory import keep_freed_memory
-from rayrlhf.actors.logprobs import (
+from rayrlhf.actors.runtime.devices import select_device, set_deepspeed_accelerator
+from rayrlhf.actors.runtime.deepspeed_engine import deepspeed_engine, use_plain_engine
+from rayrlhf.actors.runtime.host_memory import keep_freed_memory
+from rayrlhf.actors.rl.logprobs import (
     PolicyOutput,
     first_response_column,
     from_numpy,
     policy_forward,
 )
-from rayrlhf.actors.losses import (
+from rayrlhf.actors.rl.losses import (
     clipped_policy_loss,
     clipped_value_loss,
     kl_penalty,
     make_kl_controller,
 )
-from rayrlhf.actors.models import add_lora, load_policy, merged_state_dict, resolve_policy_here, save_policy
-from rayrlhf.actors.offpolicy import admitted, decoupled_policy_loss, mismatch_kl
-from rayrlhf.actors.plain_engine import PlainEngine
-from rayrlhf.actors.trajectory import LearnerBatch
-from rayrlhf.actors.weight_sync import BroadcastGroup, Weights
+from rayrlhf.actors.runtime.models import add_lora, load_policy, merged_state_dict, resolve_policy_here, save_policy
+from rayrlhf.actors.rl.offpolicy import admitted, decoupled_policy_loss, mismatch_kl
+from rayrlhf.actors.runtime.plain_engine import PlainEngine
+from rayrlhf.actors.rl.trajectory import LearnerBatch
+from rayrlhf.actors.runtime.weight_sync import BroadcastGroup, Weights
 
 if TYPE_CHECKING:  # the schema's sections, checked before they get here; no runtime import of jobs/
     from rayrlhf.jobs.config.run import AlgorithmConfig, KLConfig, LearnerConfig, LoraConfig, PipelineConfig
@@ -227,7 +227,7 @@ class Learner:
                 save_policy(self.policy, self.tokenizer, local)
             return str(destination)
 
-    # --- run checkpoint (jobs/checkpoint.py decides where) ---------------------------------
+    # --- run checkpoint (jobs/run/checkpoint.py decides where) ---------------------------------
 
     def save_checkpoint(self, destination: Destination) -> dict[str, Any]:
         """Collective: every rank writes its DeepSpeed engine state (weights, optimizer, ZeRO
@@ -295,7 +295,7 @@ class Learner:
                 out.logprobs, rows["old_logprobs"], rows["advantages"], mask, algo.clip_eps
             )
             is_clip_frac = torch.zeros(())
-        else:  # actors/offpolicy.py: decoupled PPO with truncated importance weights, no extra forward
+        else:  # actors/rl/offpolicy.py: decoupled PPO with truncated importance weights, no extra forward
             pg_loss, clip_frac, is_clip_frac = decoupled_policy_loss(
                 out.logprobs, prox, rows["old_logprobs"], rows["advantages"], mask, algo.clip_eps, self.is_cap
             )

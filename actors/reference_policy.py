@@ -5,11 +5,11 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from rayrlhf.actors.devices import select_device, select_dtype
-from rayrlhf.actors.host_memory import keep_freed_memory
-from rayrlhf.actors.logprobs import first_response_column, from_numpy, token_logprobs
-from rayrlhf.actors.models import load_policy, resolve_policy_here
-from rayrlhf.actors.trajectory import Trajectory
+from rayrlhf.actors.runtime.devices import select_device, select_dtype
+from rayrlhf.actors.runtime.host_memory import keep_freed_memory
+from rayrlhf.actors.rl.logprobs import first_response_column, from_numpy, token_logprobs
+from rayrlhf.actors.runtime.models import load_policy, resolve_policy_here
+from rayrlhf.actors.rl.trajectory import Trajectory
 
 
 class ReferencePolicy:

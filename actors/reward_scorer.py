@@ -1,7 +1,7 @@
 """The reward role: r(y, y*) = α·r_freq(y) + β·r_sim(y, y*) + w_bleu·BLEU + w_rouge·ROUGE-L
 [+ γ·r_rm(x, y), a learned reward model, when reward.rm_weight != 0]
 [+ w_i·f_i(x, y, y*, extras) for each user function in reward.functions, + w·remote(...)]
-[- the length penalties of actors/length_control.py, added after normalisation].
+[- the length penalties of actors/rewards/length_control.py, added after normalisation].
 
 A plain class; the driver makes it a Ray actor with `ray.remote(RewardScorer)`. The constructor's
 defaults only switch the later additions off (for hand-made scorers in tests and benchmarks); a run
@@ -18,18 +18,18 @@ from typing import Any, Literal
 import numpy as np
 import wordfreq
 
-from rayrlhf.actors.devices import select_device
-from rayrlhf.actors.embeddings import Embedder, resolve_embedding_model
-from rayrlhf.actors.length_control import LengthControl
-from rayrlhf.actors.models import resolve_here
-from rayrlhf.actors.normalizer import RunningNormalizer
-from rayrlhf.actors.remote_reward import RemoteReward
-from rayrlhf.actors.reward_fns import bleu as bleu_score
-from rayrlhf.actors.reward_fns import freq_reward, words
-from rayrlhf.actors.reward_fns import rouge_l as rouge_l_score
-from rayrlhf.actors.reward_functions import batch_arguments, call_function, load_function
-from rayrlhf.actors.reward_model import RewardModel, check_reward_model_dir, prompt_as_text
-from rayrlhf.actors.trajectory import Rewards, Trajectory
+from rayrlhf.actors.runtime.devices import select_device
+from rayrlhf.actors.rewards.embeddings import Embedder, resolve_embedding_model
+from rayrlhf.actors.rewards.length_control import LengthControl
+from rayrlhf.actors.runtime.models import resolve_here
+from rayrlhf.actors.rewards.normalizer import RunningNormalizer
+from rayrlhf.actors.rewards.remote import RemoteReward
+from rayrlhf.actors.rewards.metrics import bleu as bleu_score
+from rayrlhf.actors.rewards.metrics import freq_reward, words
+from rayrlhf.actors.rewards.metrics import rouge_l as rouge_l_score
+from rayrlhf.actors.rewards.user_functions import batch_arguments, call_function, load_function
+from rayrlhf.actors.rewards.reward_model import RewardModel, check_reward_model_dir, prompt_as_text
+from rayrlhf.actors.rl.trajectory import Rewards, Trajectory
 
 COMPONENTS = ("freq", "sim", "bleu", "rouge_l")
 RM = "rm"

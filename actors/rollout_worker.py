@@ -21,57 +21,13 @@ import numpy as np
 import torch
 from transformers import GenerationConfig
 
-from rayrlhf.actors.devices import select_device, select_dtype
-from rayrlhf.actors.host_memory import keep_freed_memory
-from rayrlhf.actors.logprobs import position_ids
-from rayrlhf.actors.models import load_policy, resolve_policy_here, transpose_output_head
-from rayrlhf.actors.trajectory import Prompt, Trajectory
-from rayrlhf.actors.weight_sync import BroadcastGroup, Weights, check_names
-
-
-def eos_token_ids(model: torch.nn.Module, tokenizer) -> list[int]:
-    """Every id that ends a response: the generation config's (int or list) and the tokenizer's."""
-    ids = model.generation_config.eos_token_id
-    ids = [] if ids is None else [ids] if isinstance(ids, int) else list(ids)
-    if tokenizer.eos_token_id is not None:
-        ids.append(tokenizer.eos_token_id)
-    if not ids:
-        raise ValueError("the policy has no EOS token: responses could never end")
-    return sorted(set(ids))
-
-
-def prompt_token_ids(
-    tokenizer, prompt: Prompt, *, use_chat_template: bool, system_prompt: str | None, max_prompt_tokens: int
-) -> list[int]:
-    """The prompt as the policy sees it: chat template with the generation prompt (or plain text),
-    left-truncated to max_prompt_tokens. SFT renders its prompts with this too."""
-    if use_chat_template:
-        messages = prompt.text
-        if isinstance(messages, str):
-            messages = [{"role": "user", "content": messages}]
-            if system_prompt:
-                messages.insert(0, {"role": "system", "content": system_prompt})
-        text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-        ids = tokenizer(text, add_special_tokens=False).input_ids  # the template has its own
-    else:
-        if not isinstance(prompt.text, str):
-            raise ValueError(f"prompt {prompt.id}: chat messages need data.use_chat_template=true")
-        ids = tokenizer(prompt.text).input_ids
-    if not ids:
-        raise ValueError(f"prompt {prompt.id} is empty after tokenisation")
-    return ids[-max_prompt_tokens:]
-
-
-def left_pad(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Token rows right-aligned into one batch (input_ids, attention_mask): decoder-only models
-    generate from the last column, so every prompt must end there."""
-    width = max(len(r) for r in rows)
-    input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-    attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, row in enumerate(rows):
-        input_ids[i, width - len(row) :] = torch.tensor(row)
-        attention_mask[i, width - len(row) :] = 1
-    return input_ids, attention_mask
+from rayrlhf.actors.runtime.devices import select_device, select_dtype
+from rayrlhf.actors.runtime.host_memory import keep_freed_memory
+from rayrlhf.actors.rl.logprobs import position_ids
+from rayrlhf.actors.runtime.models import load_policy, resolve_policy_here, transpose_output_head
+from rayrlhf.actors.generation.tokens import eos_token_ids, left_pad, prompt_token_ids
+from rayrlhf.actors.rl.trajectory import Prompt, Trajectory
+from rayrlhf.actors.runtime.weight_sync import BroadcastGroup, Weights, check_names
 
 
 def nucleus(logp: torch.Tensor, top_p: float) -> torch.Tensor:
@@ -145,7 +101,7 @@ class RolloutWorker:
         return {name: str(t.dtype).removeprefix("torch.") for name, t in self.model.state_dict().items()}
 
     def join_weight_group(self, master_addr: str, master_port: int, rank: int, world_size: int, backend: str) -> None:
-        """Join the broadcast group of learner rank 0 (see actors/weight_sync.py); blocks until all joined."""
+        """Join the broadcast group of learner rank 0 (see actors/runtime/weight_sync.py); blocks until all joined."""
         self._weight_group = BroadcastGroup(master_addr=master_addr, master_port=master_port, rank=rank,
                                             world_size=world_size, backend=backend, device=self.device)  # fmt: skip
 
@@ -158,7 +114,7 @@ class RolloutWorker:
 
     def state_dict(self) -> dict[str, int]:
         """What seeds the next call's samples: the policy version and the call counter. A restarted
-        worker (jobs/recovery.py) or a resumed run (jobs/run_state.py) gets both back, and the weights
+        worker (jobs/run/recovery.py) or a resumed run (jobs/run/state.py) gets both back, and the weights
         of that version with load_weights, so its samples equal those the lost process would have drawn."""
         return {"version": self.version, "calls": self._calls}
 

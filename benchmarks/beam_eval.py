@@ -20,8 +20,9 @@ from rayrlhf.cluster.offline import apply_offline_defaults
 apply_offline_defaults()
 
 from rayrlhf.jobs.config.run import load_config
-from rayrlhf.jobs.roles import role_table
-from rayrlhf.jobs.train import prepare, reward_metrics
+from rayrlhf.jobs.run.roles import role_table
+from rayrlhf.jobs.run.pipeline import reward_metrics
+from rayrlhf.jobs.train import prepare
 
 RESULTS = Path(__file__).resolve().parent / "results"
 

@@ -5,7 +5,7 @@
 
 Launches the config's roles, takes one RL step (so the optimizer state exists, as in any real
 checkpoint), then writes `--saves` checkpoints through the same code as `rayrlhf train`
-(jobs/run_state.py RunState.save -> jobs/checkpoint.py) and restores the last one. Writes
+(jobs/run/state.py RunState.save -> jobs/run/checkpoint.py) and restores the last one. Writes
 benchmarks/results/checkpoint_save.json and prints a table. Not a test: figures only. With --uri the
 run's output_dir is a file:// URI, which takes the road an object store does (each rank stages its
 state and uploads it; a restore downloads it on each rank's node).
@@ -27,13 +27,15 @@ apply_offline_defaults()
 from rayrlhf.cluster.local import init_ray, shutdown_ray
 from rayrlhf.cluster.storage import Storage
 from rayrlhf.jobs.config.run import load_config
-from rayrlhf.jobs.health import HealthMonitor, weighted_components
-from rayrlhf.jobs.pipeline import Pipeline
-from rayrlhf.jobs.recovery import Recovery
-from rayrlhf.jobs.roles import launch
-from rayrlhf.jobs.run_state import RunState
-from rayrlhf.jobs.tracking import Tracker
-from rayrlhf.jobs.train import PromptSampler, prepare, rl_step
+from rayrlhf.jobs.run.health import HealthMonitor, weighted_components
+from rayrlhf.jobs.run.pipeline import Pipeline
+from rayrlhf.jobs.run.recovery import Recovery
+from rayrlhf.jobs.run.roles import launch
+from rayrlhf.jobs.run.state import RunState
+from rayrlhf.jobs.run.tracking import Tracker
+from rayrlhf.jobs.data.sampler import PromptSampler
+from rayrlhf.jobs.run.pipeline import rl_step
+from rayrlhf.jobs.train import prepare
 
 RESULTS = Path(__file__).resolve().parent / "results"
 

@@ -1,4 +1,4 @@
-"""What keeping freed host memory is worth (actors/host_memory.py): the learner's learn call with and
+"""What keeping freed host memory is worth (actors/runtime/host_memory.py): the learner's learn call with and
 without the allocator setting, on the same batch, in two Ray actors whose calls alternate.
 
     python benchmarks/host_memory.py --rounds 8
@@ -29,11 +29,12 @@ import ray
 
 import rayrlhf.actors.learner as learner_module
 from rayrlhf.actors.learner import Learner
-from rayrlhf.actors.trajectory import LearnerBatch
+from rayrlhf.actors.rl.trajectory import LearnerBatch
 from rayrlhf.cluster.local import init_ray, shutdown_ray
 from rayrlhf.jobs.config.run import load_config
-from rayrlhf.jobs.roles import role_table
-from rayrlhf.jobs.train import PromptSampler, prepare
+from rayrlhf.jobs.run.roles import role_table
+from rayrlhf.jobs.data.sampler import PromptSampler
+from rayrlhf.jobs.train import prepare
 
 RESULTS = Path(__file__).resolve().parent / "results"
 SETTLED = 2

@@ -30,14 +30,15 @@ apply_offline_defaults()
 import numpy as np
 import torch
 
-from rayrlhf.actors.advantages import expand_to_tokens, grpo_advantages, masked_mean
-from rayrlhf.actors.logprobs import first_response_column, position_ids
-from rayrlhf.actors.losses import kl_penalty
-from rayrlhf.actors.models import load_policy, resolve_policy
-from rayrlhf.actors.trajectory import LearnerBatch, Rewards
+from rayrlhf.actors.rl.advantages import expand_to_tokens, grpo_advantages, masked_mean
+from rayrlhf.actors.rl.logprobs import first_response_column, position_ids
+from rayrlhf.actors.rl.losses import kl_penalty
+from rayrlhf.actors.runtime.models import load_policy, resolve_policy
+from rayrlhf.actors.rl.trajectory import LearnerBatch, Rewards
 from rayrlhf.jobs.config.run import load_config
-from rayrlhf.jobs.roles import role_table
-from rayrlhf.jobs.train import PromptSampler, prepare
+from rayrlhf.jobs.run.roles import role_table
+from rayrlhf.jobs.data.sampler import PromptSampler
+from rayrlhf.jobs.train import prepare
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -151,7 +152,7 @@ def main() -> None:
     prompts = PromptSampler(train_set, cfg.seed).draw(cfg.prompts_per_step)
 
     stock_head_worker = roles["rollout"].instantiate()
-    vars(stock_head_worker.model.get_output_embeddings()).pop("forward", None)  # HF's x @ W^T (actors/models.py)
+    vars(stock_head_worker.model.get_output_embeddings()).pop("forward", None)  # HF's x @ W^T (actors/runtime/models.py)
     bare_model, _ = load_policy(model_dir)
     for warm_up in (worker, stock_head_worker):
         warm_up.generate(prompts)
@@ -165,7 +166,7 @@ def main() -> None:
     learner = roles["learner"].instantiate(master_addr="127.0.0.1", master_port=free_port())
     torch.set_num_threads(cfg.learner.torch_threads)
     plain, fused = plain_loop(str(model_dir), cfg, False), plain_loop(str(model_dir), cfg, True)
-    for _ in range(2):  # warm-up: the heap settles after two calls of each (actors/host_memory.py)
+    for _ in range(2):  # warm-up: the heap settles after two calls of each (actors/runtime/host_memory.py)
         learner_times(learner, batch, 1, False)
         plain(batch, 1)
         fused(batch, 1)

@@ -20,7 +20,7 @@ from rayrlhf.cluster.offline import apply_offline_defaults
 
 apply_offline_defaults()
 
-from rayrlhf.actors.rm_losses import LOSSES
+from rayrlhf.actors.supervised.rm_losses import LOSSES
 from rayrlhf.cluster.local import init_ray, shutdown_ray
 from rayrlhf.jobs.config.supervised import RMConfig, load_job_config
 from rayrlhf.jobs.train_rm import train_rm

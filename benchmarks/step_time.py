@@ -22,11 +22,13 @@ apply_offline_defaults()
 
 import torch
 
-from rayrlhf.actors.trajectory import LearnerBatch
+from rayrlhf.actors.rl.trajectory import LearnerBatch
 from rayrlhf.cluster.local import init_ray, shutdown_ray
 from rayrlhf.jobs.config.run import load_config
-from rayrlhf.jobs.roles import launch, role_table
-from rayrlhf.jobs.train import PromptSampler, prepare, rl_step
+from rayrlhf.jobs.run.roles import launch, role_table
+from rayrlhf.jobs.data.sampler import PromptSampler
+from rayrlhf.jobs.run.pipeline import rl_step
+from rayrlhf.jobs.train import prepare
 
 RESULTS = Path(__file__).resolve().parent / "results"
 PHASES = ("generate", "score", "reference", "learn", "sync", "step")

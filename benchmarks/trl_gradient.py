@@ -25,13 +25,14 @@ apply_offline_defaults()
 import numpy as np
 import torch
 
-from rayrlhf.actors.advantages import grpo_advantages
-from rayrlhf.actors.logprobs import from_numpy
-from rayrlhf.actors.models import resolve_policy
-from rayrlhf.actors.trajectory import LearnerBatch
+from rayrlhf.actors.rl.advantages import grpo_advantages
+from rayrlhf.actors.rl.logprobs import from_numpy
+from rayrlhf.actors.runtime.models import resolve_policy
+from rayrlhf.actors.rl.trajectory import LearnerBatch
 from rayrlhf.jobs.config.run import load_config
-from rayrlhf.jobs.roles import role_table
-from rayrlhf.jobs.train import PromptSampler, prepare
+from rayrlhf.jobs.run.roles import role_table
+from rayrlhf.jobs.data.sampler import PromptSampler
+from rayrlhf.jobs.train import prepare
 
 RESULTS = Path(__file__).resolve().parent / "results"
 

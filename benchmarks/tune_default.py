@@ -26,8 +26,9 @@ apply_offline_defaults()
 from rayrlhf.jobs.config.tune import load_tune_config
 from rayrlhf.jobs.data.prompts import load_task
 from rayrlhf.jobs.data.task import HELD_OUT_BLOCK
-from rayrlhf.jobs.roles import role_table
-from rayrlhf.jobs.train import prepare, reward_metrics
+from rayrlhf.jobs.run.roles import role_table
+from rayrlhf.jobs.run.pipeline import reward_metrics
+from rayrlhf.jobs.train import prepare
 from rayrlhf.jobs.tune import tune_weights
 
 RESULTS = Path(__file__).resolve().parent / "results"

@@ -32,13 +32,14 @@ apply_offline_defaults()
 import numpy as np
 import torch
 
-from rayrlhf.actors.models import resolve_policy
+from rayrlhf.actors.runtime.models import resolve_policy
 from rayrlhf.actors.reward_scorer import RewardScorer
 from rayrlhf.actors.rollout_worker import RolloutWorker
-from rayrlhf.actors.trajectory import Trajectory
+from rayrlhf.actors.rl.trajectory import Trajectory
 from rayrlhf.jobs.config.run import RunConfig, load_config
-from rayrlhf.jobs.roles import actor_settings
-from rayrlhf.jobs.train import PromptSampler, prepare, train
+from rayrlhf.jobs.run.roles import actor_settings
+from rayrlhf.jobs.data.sampler import PromptSampler
+from rayrlhf.jobs.train import prepare, train
 
 RESULTS = Path(__file__).resolve().parent / "results"
 PHASES = ("generate", "score", "reference", "learn", "sync")

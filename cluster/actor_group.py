@@ -75,7 +75,7 @@ class ActorGroup:
     def start(self, role: type, kwargs_for: Callable[[int], dict[str, Any]], max_restarts: int = 0) -> ActorGroup:
         """`max_restarts`: process deaths Ray restarts a replica after (in its bundle, constructor rerun).
         Ray never retries a call on the new process (max_task_retries=0): the driver restores the
-        replica's state first (jobs/recovery.py), or a restarted rollout worker would sample with
+        replica's state first (jobs/run/recovery.py), or a restarted rollout worker would sample with
         the initial weights."""
         remote_role = ray.remote(role)
         self.actors = [

@@ -22,7 +22,7 @@ OFFLINE_DEFAULTS = {
     "WANDB_SILENT": "true",
     "WANDB_DISABLE_GIT": "true",
 }
-"""No DS_ACCELERATOR here: each learner names the accelerator it really has (actors/devices.py)."""
+"""No DS_ACCELERATOR here: each learner names the accelerator it really has (actors/runtime/devices.py)."""
 
 _DEAD_END = "http://127.0.0.1:9"
 DEAD_END_PROXY = {

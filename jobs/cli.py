@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from rayrlhf.cluster.errors import LaunchError
-from rayrlhf.jobs.checkpoint import Interrupted
+from rayrlhf.jobs.run.checkpoint import Interrupted
 from rayrlhf.jobs.config.base import ConfigError
 
 

@@ -1,11 +1,11 @@
 """`rayrlhf serve`: a policy behind an OpenAI-compatible HTTP endpoint on Ray Serve.
 
 One deployment is both the FastAPI ingress and the model: handlers parse and check a request
-(actors/openai_engine.py), then hand its GenerationRequest to a ContinuousScheduler
-(actors/batch_scheduler.py), which admits it into the running decode batch at the next step
-(continuous batching, actors/decode_loop.py) and yields the request's Updates as they come, so
+(actors/serving/openai_requests.py), then hand its GenerationRequest to a ContinuousScheduler
+(actors/serving/scheduler.py), which admits it into the running decode batch at the next step
+(continuous batching, actors/generation/decode_loop.py) and yields the request's Updates as they come, so
 streaming and plain responses share one path. All torch work (loading, decode steps, beam search)
-runs on one torch thread (actors/torch_thread.py), so the event loop keeps accepting requests and
+runs on one torch thread (actors/runtime/torch_thread.py), so the event loop keeps accepting requests and
 health checks, and OpenMP keeps one pool of threads.
 (No `from __future__ import annotations` here: FastAPI must see the real `Request` annotations
 of the methods that serve.ingress wraps.)
@@ -33,15 +33,15 @@ from ray.serve.handle import DeploymentHandle
 from starlette.exceptions import HTTPException
 from transformers import AutoConfig
 
-from rayrlhf.actors.batch_scheduler import ContinuousScheduler
-from rayrlhf.actors.beam_search import beam_search
-from rayrlhf.actors.decode_loop import DecodeLoop
-from rayrlhf.actors.devices import role_device
-from rayrlhf.actors.models import resolve_policy, resolve_policy_here
-from rayrlhf.actors.openai_engine import Job, Kind, Limits, OpenAIEngine
-from rayrlhf.actors.openai_schema import OpenAIError, sse
-from rayrlhf.actors.text_generator import GenerationRequest, TextGenerator, Update, context_length
-from rayrlhf.actors.torch_thread import TorchThread
+from rayrlhf.actors.serving.scheduler import ContinuousScheduler
+from rayrlhf.actors.generation.beam_search import beam_search
+from rayrlhf.actors.generation.decode_loop import DecodeLoop
+from rayrlhf.actors.runtime.devices import role_device
+from rayrlhf.actors.runtime.models import resolve_policy, resolve_policy_here
+from rayrlhf.actors.serving.openai_requests import Job, Kind, Limits, OpenAIEngine
+from rayrlhf.actors.serving.openai_schema import OpenAIError, sse
+from rayrlhf.actors.serving.text_generator import GenerationRequest, TextGenerator, Update, context_length
+from rayrlhf.actors.runtime.torch_thread import TorchThread
 from rayrlhf.cluster.local import init_ray, shutdown_ray
 from rayrlhf.jobs.config.base import ConfigError, validate
 from rayrlhf.jobs.config.serve import ServeConfig

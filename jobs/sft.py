@@ -14,13 +14,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from rayrlhf.actors.models import load_policy, resolve_policy, resolve_policy_here, save_policy
-from rayrlhf.actors.sft import collate, encode_example, response_nll
-from rayrlhf.actors.trajectory import Prompt
+from rayrlhf.actors.runtime.models import load_policy, resolve_policy, resolve_policy_here, save_policy
+from rayrlhf.actors.supervised.sft import collate, encode_example, response_nll
+from rayrlhf.actors.rl.trajectory import Prompt
 from rayrlhf.jobs.config.base import ConfigError
 from rayrlhf.jobs.config.supervised import SFTConfig
 from rayrlhf.jobs.data.supervised import load_sft_data
-from rayrlhf.jobs.supervised import Worker, check_data_fills_a_step, run_job, to_device
+from rayrlhf.jobs.run.ray_trainer import Worker, check_data_fills_a_step, run_job, to_device
 
 
 @dataclass

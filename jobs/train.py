@@ -1,5 +1,5 @@
 """`rayrlhf train`: the RL loop across rollout, reward, reference and learner actors (the step itself,
-synchronous or pipelined, is jobs/pipeline.py).
+synchronous or pipelined, is jobs/run/pipeline.py).
 
 The driver only moves ObjectRefs: trajectories go from rollout workers to reward scorers, the
 reference policy and the learner ranks without passing through this process. What it does
@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import os
-import random
 import shutil
 import tempfile
 from collections.abc import Callable
@@ -23,23 +22,24 @@ import numpy as np
 import ray
 import yaml
 
-from rayrlhf.actors.embeddings import resolve_embedding_model
-from rayrlhf.actors.models import resolve_policy
-from rayrlhf.actors.reward_functions import check_functions
-from rayrlhf.actors.reward_model import check_reward_model_dir
-from rayrlhf.actors.trajectory import Prompt
+from rayrlhf.actors.rewards.embeddings import resolve_embedding_model
+from rayrlhf.actors.runtime.models import resolve_policy
+from rayrlhf.actors.rewards.user_functions import check_functions
+from rayrlhf.actors.rewards.reward_model import check_reward_model_dir
+from rayrlhf.actors.rl.trajectory import Prompt
 from rayrlhf.cluster.local import init_ray, shutdown_ray
 from rayrlhf.cluster.storage import Storage
-from rayrlhf.jobs import checkpoint
+from rayrlhf.jobs.run import checkpoint
 from rayrlhf.jobs.config.base import ConfigError
 from rayrlhf.jobs.config.run import RunConfig
 from rayrlhf.jobs.data.prompts import load_task
-from rayrlhf.jobs.health import HealthMonitor, weighted_components
-from rayrlhf.jobs.pipeline import Pipeline, reward_metrics, rl_step, shards  # noqa: F401 (rl_step: tests, benchmarks)
-from rayrlhf.jobs.recovery import Recovery
-from rayrlhf.jobs.roles import Roles, launch
-from rayrlhf.jobs.run_state import LearnerFailure, RunState, StopSignal, plan
-from rayrlhf.jobs.tracking import Tracker, format_table
+from rayrlhf.jobs.data.sampler import PromptSampler
+from rayrlhf.jobs.run.health import HealthMonitor, weighted_components
+from rayrlhf.jobs.run.pipeline import Pipeline, reward_metrics, shards
+from rayrlhf.jobs.run.recovery import Recovery
+from rayrlhf.jobs.run.roles import Roles, launch
+from rayrlhf.jobs.run.state import LearnerFailure, RunState, StopSignal, plan
+from rayrlhf.jobs.run.tracking import Tracker, format_table
 
 
 @dataclass
@@ -52,33 +52,6 @@ class TrainResult:
     history: list[dict[str, float]] = field(default_factory=list)
     trained_samples: list[list[int]] = field(default_factory=list)
     """Per step, the sample ids (prompt id x k + j) the learner trained on."""
-
-
-class PromptSampler:
-    """Epochs over the training prompts in a seeded order; its state is the rest of the epoch and the RNG."""
-
-    def __init__(self, prompts: list[Prompt], seed: int) -> None:
-        self.prompts = prompts
-        self.rng = random.Random(seed)
-        self.order: list[int] = []
-
-    def draw(self, n: int) -> list[Prompt]:
-        batch = []
-        for _ in range(n):
-            if not self.order:
-                self.order = list(range(len(self.prompts)))
-                self.rng.shuffle(self.order)
-            batch.append(self.prompts[self.order.pop()])
-        return batch
-
-    def state_dict(self) -> dict[str, Any]:
-        version, internal, gauss = self.rng.getstate()
-        return {"order": list(self.order), "rng": [version, list(internal), gauss]}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        version, internal, gauss = state["rng"]
-        self.rng.setstate((version, tuple(internal), gauss))
-        self.order = list(state["order"])
 
 
 def save(roles: Roles, destination: Storage) -> None:
@@ -130,7 +103,7 @@ def prepare(cfg: RunConfig) -> tuple[list[Prompt], list[Prompt]]:
 
     Models are checked here only when the run stays on this machine; on a cluster each node resolves
     (and, for built-in names, converts) the models its roles use, and a missing one fails the launch
-    with the node's name (see actors/models.py)."""
+    with the node's name (see actors/runtime/models.py)."""
     try:
         train_set, eval_set = load_task(
             cfg.data.train, cfg.data.eval, cfg.data.num_train, cfg.data.num_eval, cfg.seed
@@ -166,7 +139,7 @@ def train(
     train_set, eval_set = prepare(cfg)
     storage = Storage(cfg.output_dir)
     # the driver's own files: written in place for a path; for a URI, a local copy of the stored run's
-    # driver files (its checkpoints are found there), uploaded as it goes (jobs/checkpoint.py)
+    # driver files (its checkpoints are found there), uploaded as it goes (jobs/run/checkpoint.py)
     remote = None if storage.local_path is not None else storage
     output_dir = storage.local_path or Path(tempfile.mkdtemp(prefix="rayrlhf-driver-"))
     try:

@@ -1,7 +1,7 @@
 """`rayrlhf train-rm`: train a scalar reward model on Ray Train workers with DeepSpeed inside.
 
-The model is a pretrained backbone with a scalar head (actors/reward_model.py); the loss is one
-of actors/rm_losses.py. It reports held-out pairwise accuracy (per rejection kind when the data
+The model is a pretrained backbone with a scalar head (actors/rewards/reward_model.py); the loss is one
+of actors/supervised/rm_losses.py. It reports held-out pairwise accuracy (per rejection kind when the data
 says) or, on rated samples, MSE and label accuracy, before and after training, and writes the
 model as a Hugging Face directory (`<output_dir>/final`) that `reward.rm_model` accepts.
 """
@@ -14,14 +14,14 @@ from typing import Any
 
 import torch
 
-from rayrlhf.actors.models import resolve_here
-from rayrlhf.actors.reward_model import RewardModel, resolve_backbone
-from rayrlhf.actors.rm_losses import PAIRWISE, objective
+from rayrlhf.actors.runtime.models import resolve_here
+from rayrlhf.actors.rewards.reward_model import RewardModel, resolve_backbone
+from rayrlhf.actors.supervised.rm_losses import PAIRWISE, objective
 from rayrlhf.jobs.config.base import ConfigError
 from rayrlhf.jobs.config.supervised import RMConfig
 from rayrlhf.jobs.data.preferences import PreferencePair
 from rayrlhf.jobs.data.supervised import RMRow, is_pairs, load_rm_data
-from rayrlhf.jobs.supervised import Worker, check_data_fills_a_step, run_job, to_device
+from rayrlhf.jobs.run.ray_trainer import Worker, check_data_fills_a_step, run_job, to_device
 
 
 @dataclass

@@ -24,16 +24,16 @@ from ray.tune.search import BasicVariantGenerator
 
 from rayrlhf.cluster.local import init_ray, shutdown_ray
 from rayrlhf.cluster.storage import Storage, is_uri
-from rayrlhf.jobs import checkpoint
+from rayrlhf.jobs.run import checkpoint
 from rayrlhf.jobs.config.run import RunConfig
 from rayrlhf.jobs.config.tune import (
     ObjectiveConfig,
     ParamSpec,
     TuneSetup,
 )
-from rayrlhf.jobs.roles import bundles
+from rayrlhf.jobs.run.roles import bundles
 from rayrlhf.jobs.train import TrainResult, train
-from rayrlhf.jobs.tune_report import TuneSummary, summarize
+from rayrlhf.jobs.run.tune_report import TuneSummary, summarize
 
 OBJECTIVE = "objective"
 """The name Tune optimises: the chosen held-out metric, worst-valued when over the KL budget."""

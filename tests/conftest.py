@@ -16,14 +16,14 @@ os.environ.setdefault("DS_ACCELERATOR", "cpu")  # the machine has no GPU; DeepSp
 @pytest.fixture(scope="module")
 def tiny_dir() -> Path:
     """The built-in tiny GPT-2, converted once into the model cache (the serving tests share it)."""
-    from rayrlhf.actors.models import resolve_policy  # after the offline settings above
+    from rayrlhf.actors.runtime.models import resolve_policy  # after the offline settings above
 
     return resolve_policy("tiny-gpt2")
 
 
 @pytest.fixture(scope="module")
 def gen(tiny_dir):
-    """A serving generator (actors/text_generator.py) over the tiny model, one torch thread."""
-    from rayrlhf.actors.text_generator import TextGenerator
+    """A serving generator (actors/serving/text_generator.py) over the tiny model, one torch thread."""
+    from rayrlhf.actors.serving.text_generator import TextGenerator
 
     return TextGenerator(tiny_dir, "float32", torch_threads=1)

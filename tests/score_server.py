@@ -1,4 +1,4 @@
-"""A real HTTP reward server on 127.0.0.1 for the remote-reward tests (actors/remote_reward.py)."""
+"""A real HTTP reward server on 127.0.0.1 for the remote-reward tests (actors/rewards/remote.py)."""
 
 from __future__ import annotations
 

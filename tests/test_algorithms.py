@@ -1,11 +1,11 @@
-"""The learner's RL math (actors/advantages.py, actors/losses.py) against hand-computed values."""
+"""The learner's RL math (actors/rl/advantages.py, actors/rl/losses.py) against hand-computed values."""
 
 import math
 
 import pytest
 import torch
 
-from rayrlhf.actors.advantages import (
+from rayrlhf.actors.rl.advantages import (
     expand_to_tokens,
     final_token_rewards,
     gae,
@@ -14,8 +14,8 @@ from rayrlhf.actors.advantages import (
     masked_whiten,
     reinforce_advantages,
 )
-from rayrlhf.actors.logprobs import entropy_metric
-from rayrlhf.actors.losses import (
+from rayrlhf.actors.rl.logprobs import entropy_metric
+from rayrlhf.actors.rl.losses import (
     AdaptiveKLController,
     FixedKLController,
     clipped_policy_loss,

@@ -16,12 +16,12 @@ import ray
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel
 
-from rayrlhf.actors.devices import role_device, select_device, select_dtype, set_deepspeed_accelerator
-from rayrlhf.actors.models import ModelUnavailableError, resolve_policy_here
+from rayrlhf.actors.runtime.devices import role_device, select_device, select_dtype, set_deepspeed_accelerator
+from rayrlhf.actors.runtime.models import ModelUnavailableError, resolve_policy_here
 from rayrlhf.actors.rollout_worker import RolloutWorker
-from rayrlhf.actors.weight_sync import BroadcastGroup, Weights, buckets
+from rayrlhf.actors.runtime.weight_sync import BroadcastGroup, Weights, buckets
 from rayrlhf.jobs.config.run import load_config
-from rayrlhf.jobs.roles import role_table, uses_broadcast
+from rayrlhf.jobs.run.roles import role_table, uses_broadcast
 
 NO_CUDA = not torch.cuda.is_available()
 
@@ -135,9 +135,9 @@ def test_a_restarted_learner_forms_a_new_broadcast_group_with_restarted_rollout_
     reach the workers through it."""
     from rayrlhf.cluster.local import init_ray, shutdown_ray
     from rayrlhf.jobs.data.prompts import load_task
-    from rayrlhf.jobs.recovery import Recovery
-    from rayrlhf.jobs.roles import connect_weight_broadcast, launch, restart_learner
-    from rayrlhf.jobs.train import rl_step
+    from rayrlhf.jobs.run.recovery import Recovery
+    from rayrlhf.jobs.run.roles import connect_weight_broadcast, launch, restart_learner
+    from rayrlhf.jobs.run.pipeline import rl_step
 
     cfg = load_config("tiny", [f"output_dir={tmp_path}", "kl.coef=0", "rollout.num_workers=2"])
     train_set, _ = load_task(cfg.data.train, cfg.data.eval, cfg.data.num_train, cfg.data.num_eval, cfg.seed)
@@ -174,8 +174,8 @@ def test_a_restarted_learner_forms_a_new_broadcast_group_with_restarted_rollout_
 def test_gpu_grpo_step_with_rollout_and_learner_sharing_one_gpu(tmp_path, monkeypatch):
     from rayrlhf.cluster.local import init_ray, shutdown_ray
     from rayrlhf.jobs.data.prompts import load_task
-    from rayrlhf.jobs.roles import launch
-    from rayrlhf.jobs.train import rl_step
+    from rayrlhf.jobs.run.roles import launch
+    from rayrlhf.jobs.run.pipeline import rl_step
 
     monkeypatch.delenv("DS_ACCELERATOR", raising=False)  # the learner names its own
     cfg = load_config("tiny", [f"output_dir={tmp_path}", "rollout.num_gpus=0.5", "learner.num_gpus=0.5",

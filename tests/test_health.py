@@ -8,7 +8,7 @@ import matplotlib.image
 import pytest
 
 from rayrlhf.jobs.config.run import load_config
-from rayrlhf.jobs.health import HealthMonitor, trend, weighted_components
+from rayrlhf.jobs.run.health import HealthMonitor, trend, weighted_components
 
 CFG = dict(max_length_ratio=2.0, max_truncated_frac=0.5, min_entropy=0.1, max_kl=1.0, held_out="eval/rouge_l",
            hacking_tolerance=0.01, stop_on=[], plot=True)  # fmt: skip

@@ -9,13 +9,13 @@ import sys
 import pytest
 import torch
 
-from rayrlhf.actors.host_memory import keep_freed_memory
+from rayrlhf.actors.runtime.host_memory import keep_freed_memory
 
 # Page faults of the last of 8 rounds that allocate and free a 64 MB and a 12 MB tensor, as a training
 # step does with its large tensors (4 KB pages: 64 MB is 16k of them).
 LAST_ROUND_FAULTS = """
 import resource, sys, torch
-from rayrlhf.actors.host_memory import keep_freed_memory
+from rayrlhf.actors.runtime.host_memory import keep_freed_memory
 applied = keep_freed_memory(torch.device("cpu")) if sys.argv[1] == "keep" else None
 for _ in range(8):
     before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt

@@ -17,7 +17,7 @@ from ray.autoscaler._private.util import validate_config
 
 from rayrlhf.jobs.cli import build_parser
 from rayrlhf.jobs.config.run import load_config
-from rayrlhf.jobs.roles import resource_demands
+from rayrlhf.jobs.run.roles import resource_demands
 from rayrlhf.jobs.submit import check_command
 
 CLUSTER = Path(__file__).resolve().parent.parent / "cluster"

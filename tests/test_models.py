@@ -11,8 +11,8 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from rayrlhf.actors import models
-from rayrlhf.actors.models import (
+from rayrlhf.actors.runtime import models
+from rayrlhf.actors.runtime.models import (
     BUILTIN_POLICIES,
     load_policy,
     resolve_policy,

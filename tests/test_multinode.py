@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 import ray
 
-from rayrlhf.actors.models import TINY_GPT2, TINY_GPT2_VERSION, resolve_policy
+from rayrlhf.actors.runtime.models import TINY_GPT2, TINY_GPT2_VERSION, resolve_policy
 from rayrlhf.cluster.actor_group import RoleStartError
 from rayrlhf.jobs.config.run import load_config
 from rayrlhf.jobs.train import train

@@ -1,11 +1,11 @@
-"""The off-policy loss (actors/offpolicy.py) against numbers worked out by hand on a 1 x 3 example."""
+"""The off-policy loss (actors/rl/offpolicy.py) against numbers worked out by hand on a 1 x 3 example."""
 
 import math
 
 import pytest
 import torch
 
-from rayrlhf.actors.offpolicy import decoupled_policy_loss, importance_weights, mismatch_kl
+from rayrlhf.actors.rl.offpolicy import decoupled_policy_loss, importance_weights, mismatch_kl
 
 # one row of three tokens, the last one padding
 MASK = torch.tensor([[1.0, 1.0, 0.0]])

@@ -119,3 +119,10 @@ def test_no_import_cycles_and_actors_never_import_the_drivers():
     wrong = {m: t for m, deps in graph.items() if m.startswith("rayrlhf.actors")
              for t in deps if t.startswith(("rayrlhf.cluster", "rayrlhf.jobs")) and not t.startswith("rayrlhf.jobs.config")}
     assert not wrong, wrong
+    # the roles sit at the root of actors/ and are leaves: nothing below them (nor another role) imports one
+    roles = {f"rayrlhf.actors.{r}" for r in ("learner", "rollout_worker", "reference_policy", "reward_scorer")}
+    assert roles <= set(graph)
+    into_roles = {m: deps & roles for m, deps in graph.items() if m.startswith("rayrlhf.actors") and deps & roles}
+    assert not into_roles, into_roles
+    loose = {f"rayrlhf.actors.{p.stem}" for p in (REPO / "actors").glob("*.py") if p.stem != "__init__"} - roles
+    assert not loose, f"actors/ holds the four roles and subpackages only: {sorted(loose)}"

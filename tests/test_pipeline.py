@@ -1,4 +1,4 @@
-"""The pipelined loop (jobs/pipeline.py, pipeline.max_staleness=1) on real Ray with the tiny model:
+"""The pipelined loop (jobs/run/pipeline.py, pipeline.max_staleness=1) on real Ray with the tiny model:
 batches are trained one version after the one that sampled them, every planned sample once and in
 order; a run interrupted with a batch in flight resumes exactly, also through a learner restart; a
 rollout worker killed while it generates the batch ahead (during learning) is restarted and the run
@@ -10,13 +10,13 @@ import signal
 
 import pytest
 
-from rayrlhf.actors.offpolicy import admitted
+from rayrlhf.actors.rl.offpolicy import admitted
 from rayrlhf.cluster.faults import Fault, actor_process
 from rayrlhf.cluster.local import init_ray, shutdown_ray
-from rayrlhf.jobs import checkpoint
-from rayrlhf.jobs.checkpoint import Interrupted
+from rayrlhf.jobs.run import checkpoint
+from rayrlhf.jobs.run.checkpoint import Interrupted
 from rayrlhf.jobs.config.run import load_config
-from rayrlhf.jobs.pipeline import AHEAD_FILE
+from rayrlhf.jobs.run.pipeline import AHEAD_FILE
 from rayrlhf.jobs.train import train
 from tests.test_recovery import SAME_AS_WITHOUT_FAULT, planned
 from tests.test_resume import assert_same_run, interrupt_at

@@ -18,8 +18,8 @@ from ray.util.placement_group import placement_group_table
 
 from rayrlhf.jobs.config.run import load_config
 from rayrlhf.jobs.data.prompts import load_task
-from rayrlhf.jobs.roles import Roles, launch
-from rayrlhf.jobs.train import rl_step
+from rayrlhf.jobs.run.roles import Roles, launch
+from rayrlhf.jobs.run.pipeline import rl_step
 
 LOOPBACK = dict(node_ip_address="127.0.0.1", object_store_memory=192 << 20)
 

@@ -10,13 +10,14 @@ import psutil
 import pytest
 
 from rayrlhf.actors.rollout_worker import RolloutWorker
-from rayrlhf.actors.trajectory import Prompt
+from rayrlhf.actors.rl.trajectory import Prompt
 from rayrlhf.cluster.faults import Fault
 from rayrlhf.cluster.local import init_ray, shutdown_ray
 from rayrlhf.jobs.config.run import load_config
 from rayrlhf.jobs.data.prompts import load_task
-from rayrlhf.jobs.recovery import RecoveryError, ScoreError
-from rayrlhf.jobs.train import PromptSampler, train
+from rayrlhf.jobs.run.recovery import RecoveryError, ScoreError
+from rayrlhf.jobs.data.sampler import PromptSampler
+from rayrlhf.jobs.train import train
 
 STEPS = 3
 SAME_AS_WITHOUT_FAULT = ("reward/total", "reward/raw", "reward/sim", "loss", "kl", "response_length", "grad_norm")

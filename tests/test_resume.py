@@ -1,4 +1,4 @@
-"""Run checkpoints and resume (jobs/checkpoint.py, jobs/run_state.py): real Ray, DeepSpeed, tiny model.
+"""Run checkpoints and resume (jobs/run/checkpoint.py, jobs/run/state.py): real Ray, DeepSpeed, tiny model.
 
 A run interrupted (SIGINT) after step k and resumed ends with the same per-step metrics and the
 same final weights as the same run uninterrupted; a learner rank killed with SIGKILL mid-run is
@@ -22,13 +22,14 @@ from safetensors.numpy import load_file
 
 from rayrlhf.cluster.local import init_ray, shutdown_ray
 from rayrlhf.cluster.storage import Storage
-from rayrlhf.jobs import checkpoint
-from rayrlhf.jobs.checkpoint import Interrupted
+from rayrlhf.jobs.run import checkpoint
+from rayrlhf.jobs.run.checkpoint import Interrupted
 from rayrlhf.jobs.cli import main
 from rayrlhf.jobs.config.base import ConfigError
 from rayrlhf.jobs.config.run import load_config
-from rayrlhf.jobs.run_state import plan
-from rayrlhf.jobs.train import PromptSampler, train
+from rayrlhf.jobs.run.state import plan
+from rayrlhf.jobs.data.sampler import PromptSampler
+from rayrlhf.jobs.train import train
 
 REPO = Path(__file__).resolve().parent.parent
 VARYING = ("time/", "tokens_per_s", "learn_seconds")

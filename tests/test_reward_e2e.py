@@ -13,7 +13,7 @@ import pytest
 from safetensors.numpy import load_file
 from score_server import ScoreServer
 
-from rayrlhf.actors.models import resolve_policy
+from rayrlhf.actors.runtime.models import resolve_policy
 from rayrlhf.cluster.local import init_ray, shutdown_ray
 from rayrlhf.jobs.config.base import CONFIG_DIR
 from rayrlhf.jobs.config.run import load_config

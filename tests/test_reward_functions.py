@@ -15,11 +15,11 @@ import yaml
 from score_server import ScoreServer
 
 from rayrlhf.actors import reward_scorer
-from rayrlhf.actors.embeddings import Embedder
-from rayrlhf.actors.length_control import LengthControl, overlong_penalty
-from rayrlhf.actors.math_reward import final_number, math_exact_match
-from rayrlhf.actors.remote_reward import RemoteReward, RemoteRewardError
-from rayrlhf.actors.reward_functions import (
+from rayrlhf.actors.rewards.embeddings import Embedder
+from rayrlhf.actors.rewards.length_control import LengthControl, overlong_penalty
+from rayrlhf.actors.rewards.math_answers import final_number, math_exact_match
+from rayrlhf.actors.rewards.remote import RemoteReward, RemoteRewardError
+from rayrlhf.actors.rewards.user_functions import (
     RewardFunctionError,
     batch_arguments,
     call_function,
@@ -27,7 +27,7 @@ from rayrlhf.actors.reward_functions import (
     load_function,
 )
 from rayrlhf.actors.reward_scorer import RewardScorer
-from rayrlhf.actors.trajectory import Rewards, Trajectory, loss_rows
+from rayrlhf.actors.rl.trajectory import Rewards, Trajectory, loss_rows
 from rayrlhf.jobs.config.base import ConfigError
 from rayrlhf.jobs.config.run import load_config
 from rayrlhf.jobs.config.tune import load_tune_config
@@ -85,7 +85,7 @@ def test_math_exact_match_hand_checked():
 
 def test_load_function_by_file_module_and_builtin(rewards_file):
     assert load_function("math_exact_match") is math_exact_match
-    assert load_function("rayrlhf.actors.math_reward:math_exact_match") is math_exact_match
+    assert load_function("rayrlhf.actors.rewards.math_answers:math_exact_match") is math_exact_match
     fn = load_function(f"{rewards_file}:exact_match")
     assert fn([None], ["4"], ["4 "]) == [1.0]
     assert load_function(f"{rewards_file}:exact_match") is fn  # the file is imported once

@@ -11,11 +11,11 @@ import torch
 import wordfreq
 
 from rayrlhf.actors import reward_scorer
-from rayrlhf.actors.embeddings import Embedder, resolve_embedding_model
-from rayrlhf.actors.normalizer import RunningNormalizer
-from rayrlhf.actors.reward_fns import bleu, freq_reward, rouge_l, words
+from rayrlhf.actors.rewards.embeddings import Embedder, resolve_embedding_model
+from rayrlhf.actors.rewards.normalizer import RunningNormalizer
+from rayrlhf.actors.rewards.metrics import bleu, freq_reward, rouge_l, words
 from rayrlhf.actors.reward_scorer import RewardScorer
-from rayrlhf.actors.trajectory import Trajectory
+from rayrlhf.actors.rl.trajectory import Trajectory
 
 # ---------------------------------------------------------------- reward_fns
 

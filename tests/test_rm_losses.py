@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from rayrlhf.actors.rm_losses import (
+from rayrlhf.actors.supervised.rm_losses import (
     LOSSES,
     bradley_terry,
     cross_entropy,

@@ -14,12 +14,12 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from rayrlhf.actors.logprobs import position_ids, token_logprobs
-from rayrlhf.actors.models import load_policy, resolve_policy
+from rayrlhf.actors.rl.logprobs import position_ids, token_logprobs
+from rayrlhf.actors.runtime.models import load_policy, resolve_policy
 from rayrlhf.actors.reference_policy import ReferencePolicy
 from rayrlhf.actors.rollout_worker import RolloutWorker
-from rayrlhf.actors.trajectory import LearnerBatch, Prompt, Rewards
-from rayrlhf.actors.weight_sync import Weights
+from rayrlhf.actors.rl.trajectory import LearnerBatch, Prompt, Rewards
+from rayrlhf.actors.runtime.weight_sync import Weights
 from rayrlhf.cluster.storage import Storage
 from rayrlhf.jobs.config.run import AlgorithmConfig, KLConfig, LearnerConfig, LoraConfig, PipelineConfig
 

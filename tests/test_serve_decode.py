@@ -11,12 +11,12 @@ import pytest
 import torch
 from transformers import DynamicCache
 
-from rayrlhf.actors import models
-from rayrlhf.actors.batch_scheduler import ContinuousScheduler
-from rayrlhf.actors.decode_loop import PAD_SPLIT_TOKENS, DecodeLoop, prefill_groups
-from rayrlhf.actors.kv_batch import ROOM, KVBatch
-from rayrlhf.actors.models import load_policy, transpose_output_head
-from rayrlhf.actors.text_generator import (
+from rayrlhf.actors.runtime import models
+from rayrlhf.actors.serving.scheduler import ContinuousScheduler
+from rayrlhf.actors.generation.decode_loop import PAD_SPLIT_TOKENS, DecodeLoop, prefill_groups
+from rayrlhf.actors.generation.kv_batch import ROOM, KVBatch
+from rayrlhf.actors.runtime.models import load_policy, transpose_output_head
+from rayrlhf.actors.serving.text_generator import (
     ChoiceDelta,
     GenerationError,
     GenerationRequest,
@@ -27,7 +27,7 @@ from rayrlhf.actors.text_generator import (
     held_back,
     sample_tokens,
 )
-from rayrlhf.actors.torch_thread import TorchThread
+from rayrlhf.actors.runtime.torch_thread import TorchThread
 
 PROMPTS = ["What is 2 plus 3?", "Hello there, how many items are in the big box today?"]
 Texts = dict[GenerationRequest, dict[int, str]]
@@ -350,7 +350,7 @@ def test_torch_thread_runs_every_call_on_one_thread_with_its_torch_threads():
 
 
 def test_scheduler_runs_every_step_on_the_torch_thread(tiny_dir):
-    """The generator is built and every decode step runs on one thread (actors/torch_thread.py)."""
+    """The generator is built and every decode step runs on one thread (actors/runtime/torch_thread.py)."""
     thread = TorchThread(torch_threads=1)
     gen = thread.call(TextGenerator, tiny_dir, "float32", 1)
     forward_threads = set()

@@ -25,7 +25,7 @@ import torch
 from ray import serve
 from ray.serve import RunTarget
 
-from rayrlhf.actors.models import load_policy, resolve_policy, save_policy
+from rayrlhf.actors.runtime.models import load_policy, resolve_policy, save_policy
 from rayrlhf.cluster.local import init_ray, shutdown_ray
 from rayrlhf.jobs.config.serve import ServeConfig
 from rayrlhf.jobs.serve import build_app

@@ -9,14 +9,14 @@ import pytest
 import ray
 from ray.serve.schema import ServeDeploySchema
 
-from rayrlhf.actors.openai_engine import Job, Limits, OpenAIEngine
-from rayrlhf.actors.openai_schema import (
+from rayrlhf.actors.serving.openai_requests import Job, Limits, OpenAIEngine
+from rayrlhf.actors.serving.openai_schema import (
     ChatCompletionRequest,
     CompletionRequest,
     OpenAIError,
     parse_request,
 )
-from rayrlhf.actors.text_generator import (
+from rayrlhf.actors.serving.text_generator import (
     ChoiceDelta,
     GenerationRequest,
     SamplingParams,

@@ -26,7 +26,7 @@ from ray.job_submission import JobStatus, JobSubmissionClient
 from safetensors.numpy import load_file
 from sockets import is_loopback, listening
 
-from rayrlhf.actors.models import resolve_policy
+from rayrlhf.actors.runtime.models import resolve_policy
 from rayrlhf.cluster.offline import DEAD_END_PROXY, OFFLINE_DEFAULTS
 from rayrlhf.jobs.cli import main
 from rayrlhf.jobs.submit import EXCLUDES, connect, wait_until_done

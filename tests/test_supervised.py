@@ -13,16 +13,16 @@ import torch
 import torch.nn.functional as F
 from transformers import AutoModelForSequenceClassification
 
-from rayrlhf.actors.models import load_policy, resolve_policy
-from rayrlhf.actors.reward_model import (
+from rayrlhf.actors.runtime.models import load_policy, resolve_policy
+from rayrlhf.actors.rewards.reward_model import (
     RewardModel,
     check_reward_model_dir,
     resolve_backbone,
 )
 from rayrlhf.actors.reward_scorer import RewardScorer
-from rayrlhf.actors.rollout_worker import prompt_token_ids
-from rayrlhf.actors.sft import collate, encode_example, response_nll
-from rayrlhf.actors.trajectory import Prompt, Trajectory
+from rayrlhf.actors.generation.tokens import prompt_token_ids
+from rayrlhf.actors.supervised.sft import collate, encode_example, response_nll
+from rayrlhf.actors.rl.trajectory import Prompt, Trajectory
 from rayrlhf.jobs.cli import main as cli_main
 from rayrlhf.jobs.config.base import CONFIG_DIR, ConfigError, load_yaml
 from rayrlhf.jobs.config.run import load_config
@@ -35,7 +35,7 @@ from rayrlhf.jobs.data.preferences import (
 from rayrlhf.jobs.data.prompts import DataError
 from rayrlhf.jobs.data.supervised import RatedSample, load_rm_data, load_sft_data
 from rayrlhf.jobs.data.task import builtin_task, family_stream
-from rayrlhf.jobs.supervised import step_indices, total_steps
+from rayrlhf.jobs.run.ray_trainer import step_indices, total_steps
 from rayrlhf.jobs.train import prepare as rl_prepare
 from rayrlhf.jobs.train_rm import prepare as rm_prepare
 from rayrlhf.jobs.train_rm import rm_inputs

@@ -9,8 +9,8 @@ import torch
 from safetensors.numpy import load_file
 from transformers import AutoModelForCausalLM
 
-from rayrlhf.actors.models import resolve_policy
-from rayrlhf.actors.reward_model import RewardModel
+from rayrlhf.actors.runtime.models import resolve_policy
+from rayrlhf.actors.rewards.reward_model import RewardModel
 from rayrlhf.cluster.local import init_ray, shutdown_ray
 from rayrlhf.jobs.config.run import load_config
 from rayrlhf.jobs.config.supervised import RMConfig, SFTConfig, load_job_config

@@ -9,12 +9,13 @@ import torch
 from safetensors.numpy import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from rayrlhf.actors.models import resolve_policy
+from rayrlhf.actors.runtime.models import resolve_policy
 from rayrlhf.cluster.local import init_ray, shutdown_ray
 from rayrlhf.jobs.config.run import load_config
 from rayrlhf.jobs.data.prompts import load_task
-from rayrlhf.jobs.roles import launch
-from rayrlhf.jobs.train import rl_step, train
+from rayrlhf.jobs.run.roles import launch
+from rayrlhf.jobs.run.pipeline import rl_step
+from rayrlhf.jobs.train import train
 
 
 @pytest.fixture(scope="module")

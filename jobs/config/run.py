@@ -84,7 +84,7 @@ def function_name(path: str) -> str:
 
 
 class RewardFunctionConfig(StrictModel):
-    """A user reward function (actors/reward_functions.py says how it is called)."""
+    """A user reward function (actors/rewards/user_functions.py says how it is called)."""
 
     path: str = Field(min_length=1)
     """FILE.py:FUNCTION (relative to the working directory), MODULE:FUNCTION, or a built-in name
@@ -114,7 +114,7 @@ class RewardFunctionConfig(StrictModel):
 
 
 class RemoteRewardConfig(StrictModel):
-    """A reward served over HTTP (actors/remote_reward.py: the request and response format)."""
+    """A reward served over HTTP (actors/rewards/remote.py: the request and response format)."""
 
     url: str = Field(pattern=r"^https?://")
     timeout_s: float = Field(30.0, gt=0)
@@ -246,7 +246,7 @@ class EvalConfig(StrictModel):
 
 
 class MonitorConfig(StrictModel):
-    """Training-health checks (jobs/health.py), each step; a threshold of None turns its check off.
+    """Training-health checks (jobs/run/health.py), each step; a threshold of None turns its check off.
     A warning is printed when a check starts failing (once per crossing), and its flag health/<check>
     (0/1) is logged with the step's metrics."""
 
@@ -269,7 +269,7 @@ class MonitorConfig(StrictModel):
 
 
 class CheckpointConfig(StrictModel):
-    """The run checkpoint (jobs/checkpoint.py): everything exact resume needs, under output_dir/checkpoints."""
+    """The run checkpoint (jobs/run/checkpoint.py): everything exact resume needs, under output_dir/checkpoints."""
 
     every: int = Field(0, ge=0)
     """Write one every N steps (0: only when the driver gets SIGINT/SIGTERM). `save_every` sets this too."""
@@ -278,8 +278,8 @@ class CheckpointConfig(StrictModel):
 
 
 class PipelineConfig(StrictModel):
-    """Overlap of rollout and learning (jobs/pipeline.py) and the loss's off-policy correction
-    (actors/offpolicy.py)."""
+    """Overlap of rollout and learning (jobs/run/pipeline.py) and the loss's off-policy correction
+    (actors/rl/offpolicy.py)."""
 
     max_staleness: int = Field(0, ge=0)
     """0: the synchronous loop (generate, score, learn, sync, in turn). k >= 1: the next step's batch is

@@ -23,7 +23,7 @@ from rayrlhf.jobs.config.run import ClusterConfig, DataConfig, PolicyConfig
 M = TypeVar("M", bound=BaseModel)
 
 LossName = Literal["bradley_terry", "hinge", "triplet", "mse", "cross_entropy", "focal"]
-"""actors/rm_losses.py LOSSES, written out so that validating a config never imports torch."""
+"""actors/supervised/rm_losses.py LOSSES, written out so that validating a config never imports torch."""
 
 
 class TrainerConfig(StrictModel):

@@ -14,7 +14,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
-from rayrlhf.actors.trajectory import Prompt
+from rayrlhf.actors.rl.trajectory import Prompt
 from rayrlhf.jobs.data.task import builtin_task
 
 JSONL_SUFFIXES = (".jsonl", ".json")

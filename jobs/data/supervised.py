@@ -15,8 +15,8 @@ import random
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
-from rayrlhf.actors.reward_model import prompt_as_text
-from rayrlhf.actors.trajectory import Prompt
+from rayrlhf.actors.rewards.reward_model import prompt_as_text
+from rayrlhf.actors.rl.trajectory import Prompt
 from rayrlhf.jobs.data.preferences import PreferencePair, builtin_preferences
 from rayrlhf.jobs.data.prompts import DataError, load_task, read_records, to_prompt
 

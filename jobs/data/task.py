@@ -17,7 +17,7 @@ from collections.abc import Callable
 from itertools import combinations
 from typing import Any
 
-from rayrlhf.actors.trajectory import Prompt
+from rayrlhf.actors.rl.trajectory import Prompt
 
 DAYS = "Monday Tuesday Wednesday Thursday Friday Saturday Sunday".split()
 MONTHS = (

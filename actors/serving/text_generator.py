@@ -2,7 +2,7 @@
 
 Why not `model.generate`: it takes one temperature / top_p / length for the whole batch and
 returns only at the end. A server decodes requests with different settings side by side and
-streams text as it comes, so actors/decode_loop.py runs its own decode loop with per-row
+streams text as it comes, so actors/generation/decode_loop.py runs its own decode loop with per-row
 temperature (0 means greedy), top_p, max_tokens, stop strings, seed and deadline; this module
 holds what it is made of: the request and update types, stop-string helpers, the sampler, and
 the model with its tokenizer.
@@ -18,10 +18,10 @@ import numpy as np
 import torch
 from jinja2 import TemplateError
 
-from rayrlhf.actors.devices import select_device, select_dtype
-from rayrlhf.actors.host_memory import keep_freed_memory
-from rayrlhf.actors.models import load_policy, transpose_output_head
-from rayrlhf.actors.rollout_worker import eos_token_ids
+from rayrlhf.actors.runtime.devices import select_device, select_dtype
+from rayrlhf.actors.runtime.host_memory import keep_freed_memory
+from rayrlhf.actors.runtime.models import load_policy, transpose_output_head
+from rayrlhf.actors.generation.tokens import eos_token_ids
 
 
 class GenerationError(RuntimeError):
@@ -51,7 +51,7 @@ class GenerationRequest:
     cancelled: bool = False
     """Set by a caller that stopped listening; its rows leave the batch at the next step."""
     num_beams: int = 1
-    """Above 1: beam search (actors/beam_search.py) instead of the decode loop; n <= num_beams."""
+    """Above 1: beam search (actors/generation/beam_search.py) instead of the decode loop; n <= num_beams."""
 
     @property
     def rows(self) -> int:

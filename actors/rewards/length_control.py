@@ -19,8 +19,8 @@ from typing import Literal
 
 import numpy as np
 
-from rayrlhf.actors.reward_fns import words
-from rayrlhf.actors.trajectory import Trajectory
+from rayrlhf.actors.rewards.metrics import words
+from rayrlhf.actors.rl.trajectory import Trajectory
 
 
 def overlong_penalty(lengths: np.ndarray, budget: int, penalty: float, buffer_frac: float) -> np.ndarray:

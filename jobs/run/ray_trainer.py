@@ -31,14 +31,14 @@ import ray
 import torch
 import yaml
 
-from rayrlhf.actors.engines import deepspeed_config
-from rayrlhf.actors.host_memory import keep_freed_memory
+from rayrlhf.actors.runtime.deepspeed_engine import deepspeed_config
+from rayrlhf.actors.runtime.host_memory import keep_freed_memory
 from rayrlhf.cluster.actor_group import check_fits
 from rayrlhf.cluster.local import init_ray, shutdown_ray
 from rayrlhf.cluster.storage import Storage
 from rayrlhf.jobs.config.run import ClusterConfig
 from rayrlhf.jobs.config.supervised import TrainerConfig
-from rayrlhf.jobs.tracking import format_table
+from rayrlhf.jobs.run.tracking import format_table
 
 CHECKPOINT_TAG = "engine"
 JOB_STATE = "rayrlhf_job_state"

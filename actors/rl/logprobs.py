@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from rayrlhf.actors.losses import entropy_from_logits
+from rayrlhf.actors.rl.losses import entropy_from_logits
 
 
 def from_numpy(array: np.ndarray) -> torch.Tensor:

@@ -8,7 +8,7 @@ that finishes leaves at once and frees its slot. Sampling is per row with the ro
 generator, so a greedy or seeded request gives the same text alone or in a busy batch.
 
 Text is streamed safely: a delta never contains part of a stop string that may still complete,
-nor half of a multi-byte character. Pure torch, no Ray and no asyncio: actors/batch_scheduler.py
+nor half of a multi-byte character. Pure torch, no Ray and no asyncio: actors/serving/scheduler.py
 drives it from the server's event loop.
 """
 
@@ -20,9 +20,9 @@ from dataclasses import dataclass, field
 import torch
 from transformers import DynamicCache
 
-from rayrlhf.actors.kv_batch import KVBatch
-from rayrlhf.actors.rollout_worker import left_pad
-from rayrlhf.actors.text_generator import (
+from rayrlhf.actors.generation.kv_batch import KVBatch
+from rayrlhf.actors.generation.tokens import left_pad
+from rayrlhf.actors.serving.text_generator import (
     ChoiceDelta,
     GenerationRequest,
     TextGenerator,

@@ -4,7 +4,7 @@
 training and the history, plus the actors that hold the rest (learner ranks: DeepSpeed state,
 policy version, KL controller; rollout workers: version and sampling counter; reward scorers:
 normaliser statistics; the tracker: metrics lines, TensorBoard step, wandb run id). `save` writes a
-checkpoint through jobs/checkpoint.py, `restore` puts one back, in a fresh run or (after a learner
+checkpoint through jobs/run/checkpoint.py, `restore` puts one back, in a fresh run or (after a learner
 rank died) in a running one; `plan` decides at start-up whether and from where a run resumes.
 """
 
@@ -22,13 +22,13 @@ import ray
 
 from rayrlhf.cluster.actor_group import ActorGroup
 from rayrlhf.cluster.storage import Storage
-from rayrlhf.jobs import checkpoint
+from rayrlhf.jobs.run import checkpoint
 from rayrlhf.jobs.config.base import ConfigError
 from rayrlhf.jobs.config.run import RunConfig
-from rayrlhf.jobs.health import HealthMonitor
-from rayrlhf.jobs.recovery import Recovery
-from rayrlhf.jobs.roles import Roles, restart_learner
-from rayrlhf.jobs.tracking import Tracker
+from rayrlhf.jobs.run.health import HealthMonitor
+from rayrlhf.jobs.run.recovery import Recovery
+from rayrlhf.jobs.run.roles import Roles, restart_learner
+from rayrlhf.jobs.run.tracking import Tracker
 
 
 class LearnerFailure(RuntimeError):
@@ -145,10 +145,10 @@ class RunState:
     """jobs/train.py PromptSampler (state_dict / load_state_dict)."""
     tracker: Tracker
     recovery: Recovery
-    """The stateless roles' recovery (jobs/recovery.py): it keeps the weights' ref and the trained sample ids."""
+    """The stateless roles' recovery (jobs/run/recovery.py): it keeps the weights' ref and the trained sample ids."""
     monitor: HealthMonitor
     pipeline: Any
-    """jobs/pipeline.py Pipeline: the batch it holds ahead of the learner is part of a checkpoint."""
+    """jobs/run/pipeline.py Pipeline: the batch it holds ahead of the learner is part of a checkpoint."""
     step: int = 0
     before: dict[str, float] = field(default_factory=dict)
     history: list[dict[str, float]] = field(default_factory=list)
@@ -163,7 +163,7 @@ class RunState:
     """The step this job started after: recovery.trained[i] is step first_step + i + 1."""
     remote: Storage | None = None
     """A URI output_dir's storage (output_dir is then the driver's local copy): the learner state of
-    the run's checkpoints is there (jobs/checkpoint.py)."""
+    the run's checkpoints is there (jobs/run/checkpoint.py)."""
 
     def driver_state(self) -> dict[str, Any]:
         roles = self.roles

@@ -19,8 +19,8 @@ import torch
 from torch import nn
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-from rayrlhf.actors.embeddings import BUILTIN_MODELS, resolve_embedding_model
-from rayrlhf.actors.models import BUILTIN_POLICIES, resolve_policy
+from rayrlhf.actors.rewards.embeddings import BUILTIN_MODELS, resolve_embedding_model
+from rayrlhf.actors.runtime.models import BUILTIN_POLICIES, resolve_policy
 
 MARKER = "reward_model.json"
 

@@ -1,5 +1,5 @@
 """Which engine steps the policy: DeepSpeed ZeRO across ranks (and for offload or bf16), or the
-plain one-rank engine (actors/plain_engine.py) where ZeRO would have nothing to partition. Shared by
+plain one-rank engine (actors/runtime/plain_engine.py) where ZeRO would have nothing to partition. Shared by
 the RL learner and the supervised (SFT, reward-model) workers."""
 
 from __future__ import annotations

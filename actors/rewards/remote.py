@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from rayrlhf.actors.reward_functions import RewardFunctionError, as_scores
+from rayrlhf.actors.rewards.user_functions import RewardFunctionError, as_scores
 
 BACKOFF_S = 0.2
 """The first retry waits this long, each next one twice as long (capped at 5 s)."""

@@ -14,7 +14,7 @@ from typing import Any
 
 import ray
 
-from rayrlhf.actors.devices import role_device
+from rayrlhf.actors.runtime.devices import role_device
 from rayrlhf.actors.learner import Learner
 from rayrlhf.actors.reference_policy import ReferencePolicy
 from rayrlhf.actors.reward_scorer import RewardScorer
@@ -43,7 +43,7 @@ class Role:
     rendezvous: bool = False
     """Replicas meet through torch.distributed: they also get master_addr/master_port of replica 0."""
     max_restarts: int = 0
-    """Process deaths Ray restarts a replica after (jobs/recovery.py then restores its state)."""
+    """Process deaths Ray restarts a replica after (jobs/run/recovery.py then restores its state)."""
 
     def instantiate(self, rank: int = 0, **extra: Any) -> Any:
         """Replica `rank` as a plain object in this process (benchmarks, offline scoring): no Ray."""
@@ -61,7 +61,7 @@ def uses_reference(cfg: RunConfig) -> bool:
 def role_table(cfg: RunConfig) -> list[Role]:
     """The roles this run needs, in launch order (Tune's bundles follow the same order).
 
-    Actors get the policy's name, never a path: each resolves it on its own node (see actors/models.py).
+    Actors get the policy's name, never a path: each resolves it on its own node (see actors/runtime/models.py).
     """
     rollout, reward, kl, learner = cfg.rollout, cfg.reward, cfg.kl, cfg.learner
     model = dict(model=cfg.policy.model, cache_dir=cfg.policy.cache_dir)
@@ -188,7 +188,7 @@ def uses_broadcast(cfg: RunConfig) -> bool:
 
 def connect_weight_broadcast(roles: Roles) -> dict[str, str]:
     """A NCCL group of learner rank 0 (rank 0) and every rollout worker, for weight sync between GPUs
-    (actors/weight_sync.py); returns the dtypes the workers hold, which the broadcast sends."""
+    (actors/runtime/weight_sync.py); returns the dtypes the workers hold, which the broadcast sends."""
     master_addr, master_port = roles.learner.rendezvous()  # another free port on rank 0's node
     world_size, backend = 1 + len(roles.rollout), roles.broadcast_backend
     ray.get([
@@ -202,7 +202,7 @@ def connect_weight_broadcast(roles: Roles) -> dict[str, str]:
 def restart_learner(roles: Roles, cfg: RunConfig) -> None:
     """Start the learner group anew (a rank died). On the broadcast path the weight group died with
     learner rank 0, and a rollout worker may be blocked for good in a broadcast it was receiving: the
-    rollout workers restart too (they hold nothing the driver cannot give back: jobs/run_state.py
+    rollout workers restart too (they hold nothing the driver cannot give back: jobs/run/state.py
     restores them) and form a new group with the new rank 0."""
     restart(roles, cfg, "learner")
     if roles.broadcast_dtypes is not None:

@@ -8,7 +8,7 @@ falls behind gets the steps it missed as one Update (fewer, longer stream chunks
 are decoding, arrivals are gathered for up to `join_wait_steps` steps (unless they already fill the
 free rows) so that they share one prefill: a prefill stalls every running row and costs about as
 much for a few short prompts as for one (TGI's router also holds joiners back for a few steps).
-Pure asyncio, no Ray: the steps run on the replica's torch thread (actors/torch_thread.py) so the
+Pure asyncio, no Ray: the steps run on the replica's torch thread (actors/runtime/torch_thread.py) so the
 event loop keeps serving.
 """
 
@@ -21,9 +21,9 @@ from collections.abc import AsyncIterator
 
 import torch
 
-from rayrlhf.actors.decode_loop import DecodeLoop
-from rayrlhf.actors.text_generator import GenerationRequest, Update
-from rayrlhf.actors.torch_thread import TorchThread
+from rayrlhf.actors.generation.decode_loop import DecodeLoop
+from rayrlhf.actors.serving.text_generator import GenerationRequest, Update
+from rayrlhf.actors.runtime.torch_thread import TorchThread
 
 logger = logging.getLogger("ray.serve")
 

@@ -24,8 +24,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from rayrlhf.actors.advantages import masked_mean
-from rayrlhf.actors.losses import kl_penalty
+from rayrlhf.actors.rl.advantages import masked_mean
+from rayrlhf.actors.rl.losses import kl_penalty
 
 _MAX_LOG_WEIGHT = 20.0
 """log(pi_proximal / pi_behaviour) is clamped to +-20 before exp(), so padding cannot overflow."""
@@ -33,7 +33,7 @@ _MAX_LOG_WEIGHT = 20.0
 
 def admitted(train_version: int, sample_version: int, max_staleness: int) -> bool:
     """Whether a batch sampled by `sample_version` may be trained by the learner at `train_version`:
-    the one rule of the driver's admission control (jobs/pipeline.py) and the learner's check."""
+    the one rule of the driver's admission control (jobs/run/pipeline.py) and the learner's check."""
     return 0 <= train_version - sample_version <= max_staleness
 
 

@@ -5,7 +5,7 @@ learn, sync the weights, in turn. Pipelined (max_staleness k >= 1): the driver k
 ahead. A step hands the learner the batch collected during the previous step and, while the learner
 trains it, collects the next one with the weights the rollout workers hold; then it syncs the new
 weights. Generation, scoring and the reference overlap learning; a batch is trained one version after
-the one that sampled it (the first batch: none), and the loss corrects for that (actors/offpolicy.py).
+the one that sampled it (the first batch: none), and the loss corrects for that (actors/rl/offpolicy.py).
 
 Admission control, as AReaL and SkyRL do it: the driver starts a batch ahead only if it will be at
 most k versions old when trained, else it syncs first and collects after the update. Running one
@@ -30,12 +30,12 @@ from typing import TypeVar
 import numpy as np
 import ray
 
-from rayrlhf.actors.offpolicy import admitted
-from rayrlhf.actors.trajectory import Prompt, Rewards
+from rayrlhf.actors.rl.offpolicy import admitted
+from rayrlhf.actors.rl.trajectory import Prompt, Rewards
 from rayrlhf.jobs.config.run import RunConfig
-from rayrlhf.jobs.recovery import Recovery
-from rayrlhf.jobs.roles import Roles
-from rayrlhf.jobs.run_state import LearnerFailure, get_all, is_learner_failure
+from rayrlhf.jobs.run.recovery import Recovery
+from rayrlhf.jobs.run.roles import Roles
+from rayrlhf.jobs.run.state import LearnerFailure, get_all, is_learner_failure
 
 T = TypeVar("T")
 AHEAD_FILE = "ahead.pkl"
@@ -99,7 +99,7 @@ def collect(roles: Roles, prompts: list[Prompt], recovery: Recovery) -> Experien
 def rl_step(cfg: RunConfig, roles: Roles, prompts: list[Prompt], recovery: Recovery | None = None) -> dict[str, float]:
     """One synchronous step: generate, score, take reference log-probs, learn and sync weights; returns metrics.
 
-    `recovery` (jobs/recovery.py) redoes the step's rollout if a stateless role dies during it; a
+    `recovery` (jobs/run/recovery.py) redoes the step's rollout if a stateless role dies during it; a
     run passes its own, one call alone (tests, benchmarks) may leave it to a fresh one.
     """
     recovery = recovery or Recovery(roles, cfg.fault_tolerance)

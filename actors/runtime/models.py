@@ -31,7 +31,7 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
-from rayrlhf.actors.devices import node_description
+from rayrlhf.actors.runtime.devices import node_description
 
 SMOLLM2 = "smollm2-135m-instruct"
 TINY_GPT2 = "tiny-gpt2"

@@ -17,7 +17,7 @@ from datetime import timedelta
 import numpy as np
 import torch
 
-from rayrlhf.actors.logprobs import from_numpy
+from rayrlhf.actors.rl.logprobs import from_numpy
 
 _RAW = {torch.bfloat16: torch.int16}
 """dtypes numpy cannot hold, carried as same-width integers."""

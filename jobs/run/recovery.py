@@ -29,9 +29,9 @@ from typing import Any, TypeVar
 import ray
 from ray.exceptions import ActorDiedError, ActorUnavailableError, GetTimeoutError, RayActorError, RayTaskError
 
-from rayrlhf.actors.trajectory import Rewards
+from rayrlhf.actors.rl.trajectory import Rewards
 from rayrlhf.jobs.config.run import FaultToleranceConfig
-from rayrlhf.jobs.roles import Roles
+from rayrlhf.jobs.run.roles import Roles
 
 T = TypeVar("T")
 NAMES = {"rollout": "rollout worker", "reward": "reward scorer", "reference": "reference policy"}

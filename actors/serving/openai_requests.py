@@ -13,8 +13,8 @@ import uuid
 from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
-from rayrlhf.actors import openai_schema as oa
-from rayrlhf.actors.text_generator import (
+from rayrlhf.actors.serving import openai_schema as oa
+from rayrlhf.actors.serving.text_generator import (
     GenerationRequest,
     SamplingParams,
     TextGenerator,

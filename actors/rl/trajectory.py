@@ -111,7 +111,7 @@ def concat(batches: list[Trajectory]) -> Trajectory:
 
 def loss_rows(rewards: list[Rewards], n: int) -> np.ndarray:
     """[n] float32: the rows of a learner's batch that enter the loss (Rewards.loss_mask joined;
-    reward.truncation: mask drops cut answers, actors/length_control.py)."""
+    reward.truncation: mask drops cut answers, actors/rewards/length_control.py)."""
     if all(r.loss_mask is None for r in rewards):
         return np.ones(n, dtype=np.float32)
     out = np.concatenate([np.ones(len(r.total), np.float32) if r.loss_mask is None else r.loss_mask for r in rewards])

@@ -27,7 +27,7 @@ from typing import Any
 
 import numpy as np
 
-from rayrlhf.actors.math_reward import math_exact_match
+from rayrlhf.actors.rewards.math_answers import math_exact_match
 
 BUILTINS: dict[str, Callable[..., Sequence[float | None]]] = {"math_exact_match": math_exact_match}
 BATCH_ARGS = ("prompts", "completions", "references")

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor
 
-from rayrlhf.actors.advantages import masked_mean
+from rayrlhf.actors.rl.advantages import masked_mean
 
 _MAX_LOG_RATIO = 20.0
 """k3 clamps log(ref/policy) to +-20 so exp() cannot overflow on far-off (e.g. padding) tokens."""

@@ -11,9 +11,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from rayrlhf.actors.logprobs import policy_forward
-from rayrlhf.actors.rollout_worker import prompt_token_ids
-from rayrlhf.actors.trajectory import Prompt
+from rayrlhf.actors.rl.logprobs import policy_forward
+from rayrlhf.actors.generation.tokens import prompt_token_ids
+from rayrlhf.actors.rl.trajectory import Prompt
 
 
 def encode_example(

@@ -12,8 +12,8 @@ import time
 
 import torch
 
-from rayrlhf.actors.rollout_worker import left_pad
-from rayrlhf.actors.text_generator import ChoiceDelta, GenerationRequest, TextGenerator, Update, find_stop
+from rayrlhf.actors.generation.tokens import left_pad
+from rayrlhf.actors.serving.text_generator import ChoiceDelta, GenerationRequest, TextGenerator, Update, find_stop
 
 
 @torch.no_grad()
