@@ -48,12 +48,19 @@ class PolicyConfig(StrictModel):
     """None: full fine-tuning. Set any field (e.g. policy.lora.rank=16) to train LoRA adapters."""
 
 
+BUILTIN_NUM_TRAIN = 512
+"""Training items drawn from a built-in task when data.num_train is not set."""
+
+
 class DataConfig(StrictModel):
     train: str = "builtin"
-    """"builtin" or a JSONL/Parquet file with `prompt` and optional `reference` fields."""
+    """"builtin" (short factual questions), "builtin_math" (arithmetic word problems in GSM8K's
+    format), or a JSONL/Parquet file with `prompt` and optional `reference` fields (or GSM8K's
+    `question` and `answer`)."""
     eval: str | None = None
-    """Held-out file; with train="builtin" the built-in held-out split is used."""
-    num_train: int = Field(512, ge=1)
+    """Held-out file; with a built-in train task its own held-out split is used."""
+    num_train: int | None = Field(None, ge=1)
+    """At most this many training prompts; unset: every row of a file, BUILTIN_NUM_TRAIN of a built-in task."""
     num_eval: int = Field(100, ge=1)
     use_chat_template: bool = True
     system_prompt: str | None = None

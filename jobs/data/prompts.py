@@ -1,7 +1,8 @@
-"""Prompt sets for a run: the built-in task, or the user's JSONL / Parquet files.
+"""Prompt sets for a run: a built-in task (text or math), or the user's JSONL / Parquet files.
 
 A user row has a `prompt` (a string, or chat messages [{"role", "content"}, ...]) and an optional
-`reference` string; its other fields travel with it (Prompt.extra) to the user reward functions. Bad input fails before any Ray resource is claimed,
+`reference` string, or GSM8K's `question` and `answer`; its other fields travel with it
+(Prompt.extra) to the user reward functions. Bad input fails before any Ray resource is claimed,
 with the file and the line (JSONL, counted from 1) or row (Parquet, counted from 0) named.
 """
 
@@ -15,6 +16,8 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from rayrlhf.actors.rl.trajectory import Prompt
+from rayrlhf.jobs.config.run import BUILTIN_NUM_TRAIN
+from rayrlhf.jobs.data.math_task import math_task
 from rayrlhf.jobs.data.task import builtin_task
 
 JSONL_SUFFIXES = (".jsonl", ".json")
@@ -41,6 +44,9 @@ def to_prompt(row: Any, index: int, where: str) -> Prompt:
     """One validated Prompt from a parsed row."""
     if not isinstance(row, dict):
         raise DataError(f"{where}: expected an object with a 'prompt' field, got {type(row).__name__}")
+    if "prompt" not in row and "question" in row:  # GSM8K's own fields: question, answer ("... #### N")
+        row = {"prompt": row["question"], "reference": row.get("answer"),
+               **{k: v for k, v in row.items() if k not in ("question", "answer")}}  # fmt: skip
     if "prompt" not in row or row["prompt"] is None:
         raise DataError(f"{where}: missing 'prompt' field")
     prompt = row["prompt"]
@@ -138,16 +144,22 @@ def _renumber(prompts: list[Prompt], start: int) -> list[Prompt]:
     return [Prompt(id=start + i, text=p.text, reference=p.reference, extra=p.extra) for i, p in enumerate(prompts)]
 
 
+BUILTIN_TASKS = {"builtin": builtin_task, "builtin_math": math_task}
+"""data.train names that code generates instead of a file."""
+
+
 def load_task(
-    train: str, eval: str | None, num_train: int, num_eval: int, seed: int
+    train: str, eval: str | None, num_train: int | None, num_eval: int, seed: int
 ) -> tuple[list[Prompt], list[Prompt]]:
     """Train and held-out prompts for the `data` config section; ids: train 0.., held-out after.
 
     A user train file without an eval file is shuffled by seed and its last 10% (at least one
-    prompt) held out. num_train / num_eval cap the counts.
+    prompt) held out. num_train / num_eval cap the counts; num_train None takes every row of a file
+    and BUILTIN_NUM_TRAIN items of a built-in task.
     """
-    if train == "builtin":
-        train_set, eval_set = builtin_task(num_train, 0 if eval else num_eval, seed)
+    if train in BUILTIN_TASKS:
+        make = BUILTIN_TASKS[train]
+        train_set, eval_set = make(num_train or BUILTIN_NUM_TRAIN, 0 if eval else num_eval, seed)
         if eval:
             eval_set = load_prompts(eval, limit=num_eval)
     elif eval:
