@@ -182,9 +182,13 @@ class RolloutWorker:
 
     @torch.no_grad()
     def generate(
-        self, prompts: list[Prompt], greedy: bool = False, max_new_tokens: int | None = None, num_beams: int = 1
+        self, prompts: list[Prompt], greedy: bool = False, max_new_tokens: int | None = None, num_beams: int = 1,
+        samples: int | None = None, seed: int | None = None,
     ) -> Trajectory:
-        """k samples per prompt (1 if greedy), rows ordered prompt by prompt.
+        """k samples per prompt (1 if greedy; `samples` instead of rollout.samples_per_prompt for a
+        sampled evaluation), rows ordered prompt by prompt. `seed` (evaluation): draw from it alone,
+        not from this worker's (seed, version, call) stream, which it leaves untouched, so an evaluation
+        of the same weights samples the same answers in training and in `rayrlhf eval`.
 
         greedy with num_beams > 1 is beam search (held-out evaluation): the best beam per prompt. Its
         old_logprobs are all 0: beams are reordered while decoding, and evaluation never trains on them.
@@ -193,12 +197,15 @@ class RolloutWorker:
             raise ValueError("generate() needs at least one prompt")
         if num_beams > 1 and not greedy:
             raise ValueError("num_beams > 1 is for greedy (evaluation) decoding, not for sampling")
-        k = 1 if greedy else self.samples_per_prompt
+        k = 1 if greedy else samples or self.samples_per_prompt
         prompt_ids, prompt_mask = self._left_padded(prompts)
         rendered = [self.tokenizer.decode(row[mask.bool()]) for row, mask in zip(prompt_ids, prompt_mask)]
         # Reproducible per (seed, version, call), independent of what else ran in this process.
-        torch.manual_seed(int(np.random.SeedSequence([self.seed, self.version, self._calls]).generate_state(1)[0]))
-        self._calls += 1
+        if seed is None:
+            torch.manual_seed(int(np.random.SeedSequence([self.seed, self.version, self._calls]).generate_state(1)[0]))
+            self._calls += 1
+        else:
+            torch.manual_seed(int(np.random.SeedSequence([seed]).generate_state(1)[0]))
         budget = max_new_tokens or self.max_new_tokens
         if num_beams > 1:  # held-out evaluation only: HF's beam search, no log-probs (never trained on)
             sequences = self.model.generate(

@@ -32,6 +32,16 @@ def _train(args: argparse.Namespace) -> Any:
     return train(cfg, resume=args.resume)
 
 
+def _eval(args: argparse.Namespace) -> Any:
+    from rayrlhf.jobs.config.run import load_config
+
+    extra = [f"policy.model={args.model}"] + ([f"data.eval={args.data}"] if args.data else [])
+    cfg = load_config(args.config, _overrides(args, "cluster.address") + extra)
+    from rayrlhf.jobs.eval import run_eval
+
+    return run_eval(cfg, args.output)
+
+
 def _tune(args: argparse.Namespace) -> Any:
     from rayrlhf.jobs.config.tune import load_tune_config
 
@@ -101,6 +111,15 @@ def _train_options(parser: argparse.ArgumentParser) -> None:
                         "never: start over; PATH: a checkpoint folder (or an output_dir) to continue from")
 
 
+def _eval_options(parser: argparse.ArgumentParser) -> None:
+    config_options(parser, "default.yaml", "eval.samples_per_prompt=8", what="run config (rewards, data, eval)")
+    parser.add_argument("--model", required=True, help="policy to evaluate: a Hugging Face directory (a run's "
+                        "final/ or best/) or a built-in name")
+    parser.add_argument("--data", help="held-out prompt file (JSONL/Parquet; default: the config's held-out split)")
+    parser.add_argument("--output", help="JSON file (path or URI) for the metrics and answers "
+                        "(default: <output_dir>/eval_<model name>.json)")
+
+
 def _tune_options(parser: argparse.ArgumentParser) -> None:
     config_options(parser, "tune.yaml", "search.num_samples=4", what="tune-config")
 
@@ -130,7 +149,7 @@ def _submit_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--working-dir", help="a folder of your files (data, configs) to upload as the job's "
                         "working directory")
     parser.add_argument("command", nargs=argparse.REMAINDER, metavar="-- VERB [ARGS]",
-                        help="the rayrlhf verb to run: train, sft, train-rm, tune, serve")
+                        help="the rayrlhf verb to run: train, eval, sft, train-rm, tune, serve")
 
 
 def _jobs_options(parser: argparse.ArgumentParser) -> None:
@@ -155,6 +174,7 @@ VERBS = {
     "train": Verb("RL-train a policy (GRPO, PPO, REINFORCE)", _train_options, _train),
     "sft": Verb("supervised fine-tuning of the policy (Ray Train + DeepSpeed)", _sft_options, _sft),
     "train-rm": Verb("train a scalar reward model (Ray Train + DeepSpeed)", _rm_options, _train_rm),
+    "eval": Verb("evaluate a policy on held-out prompts as training does (pass@k, mean@n)", _eval_options, _eval),
     "tune": Verb("search the reward weights (alpha, beta, ...) with Ray Tune", _tune_options, _tune),
     "serve": Verb("serve a policy behind an OpenAI-compatible endpoint (Ray Serve)", _serve_options, _serve),
     "submit": Verb("run a verb on a Ray cluster as a Ray Job", _submit_options, _submit),

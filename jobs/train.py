@@ -18,7 +18,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import ray
 import yaml
 
@@ -35,7 +34,8 @@ from rayrlhf.jobs.config.run import RunConfig
 from rayrlhf.jobs.data.prompts import load_task
 from rayrlhf.jobs.data.sampler import PromptSampler
 from rayrlhf.jobs.run.health import HealthMonitor, weighted_components
-from rayrlhf.jobs.run.pipeline import Pipeline, reward_metrics, shards
+from rayrlhf.jobs.run.evaluation import evaluate
+from rayrlhf.jobs.run.pipeline import Pipeline
 from rayrlhf.jobs.run.recovery import Recovery
 from rayrlhf.jobs.run.roles import Roles, launch
 from rayrlhf.jobs.run.state import LearnerFailure, RunState, StopSignal, plan
@@ -60,35 +60,21 @@ def save(roles: Roles, destination: Storage) -> None:
     ray.get([learner.save.remote(destination) for learner in roles.learner])
 
 
-def evaluate(
-    cfg: RunConfig, roles: Roles, prompts: list[Prompt], recovery: Recovery | None = None
-) -> tuple[dict[str, float], list[dict]]:
-    """Greedy (or beam-search) answers on held-out prompts, scored without touching the normaliser statistics."""
-    recovery = recovery or Recovery(roles, cfg.fault_tolerance)
-    return recovery.run("the evaluation", lambda: _evaluate(cfg, roles, prompts, recovery))
-
-
-def _evaluate(cfg: RunConfig, roles: Roles, prompts: list[Prompt], recovery: Recovery) -> tuple[dict[str, float], list[dict]]:
-    max_new = cfg.eval_max_new_tokens or cfg.rollout.max_new_tokens
-    traj_refs = [
-        roles.rollout[i].generate.remote(
-            ray.put(shard), greedy=True, max_new_tokens=max_new, num_beams=cfg.eval.num_beams
-        )
-        for i, shard in enumerate(shards(prompts, len(roles.rollout)))
-    ]
-    _, rewards = recovery.score(traj_refs, update_stats=False)
-    trajectories = ray.get(traj_refs)
-    metrics = reward_metrics(rewards, "eval")
-    metrics.pop("eval/total")  # normalised total is not comparable across time; eval/raw is
-    lengths = np.concatenate([t.response_lengths for t in trajectories])
-    responses = [r for t in trajectories for r in t.responses]
-    metrics["eval/length"] = float(lengths.mean())
-    metrics["eval/empty_frac"] = float(np.mean([not r.strip() for r in responses]))
-    examples = [
-        {"prompt": p, "response": r, "reference": ref}
-        for t in trajectories for p, r, ref in zip(t.prompts, t.responses, t.references)
-    ]
-    return metrics, examples
+def keep_if_best(run: RunState, storage: Storage, metrics: dict[str, float]) -> None:
+    """Save the policy to <output_dir>/best when this evaluation beats the best one so far."""
+    name, mode = run.cfg.eval.best_metric, run.cfg.eval.best_mode
+    if name is None:
+        return
+    if name not in metrics:
+        raise ConfigError(f"eval.best_metric: {name!r} is not a held-out metric of this run; "
+                          f"it has {sorted(k for k in metrics if k.startswith('eval/'))}")  # fmt: skip
+    value = metrics[name]
+    if run.best is not None and not (value > run.best["value"] if mode == "max" else value < run.best["value"]):
+        return
+    save(run.roles, storage.child("best"))
+    run.best = {"step": run.step, "value": value}
+    storage.write_text("best.json", json.dumps({"metric": name, **run.best}))
+    run.tracker.write(f"best {name} so far ({value:.4f}) at step {run.step}: policy saved to {storage.shown('best')}")
 
 
 def runs_on_this_machine(cfg: RunConfig) -> bool:
@@ -183,6 +169,7 @@ def train(
                 tracker.write(f"resuming from {start.checkpoint} (step {run.step} of {cfg.steps})")
             else:
                 run.before, _ = evaluate(cfg, roles, eval_set, recovery)
+                keep_if_best(run, storage, run.before)
                 tracker.log(0, run.before, advance=False)
                 monitor.observe(0, dict(run.before))  # a copy: no health flags in the before/after table
                 run.initial = run.driver_state()
@@ -192,11 +179,14 @@ def train(
                 step = run.step + 1
                 try:
                     metrics = pipeline.step(last=step == cfg.steps)
-                    if cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.steps:
+                    evaluated = cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.steps
+                    if evaluated:
                         metrics.update(evaluate(cfg, roles, eval_set, recovery)[0])
                     metrics["restarts/learner"] = float(run.learner_restarts)
                     stopped_early = monitor.observe(step, metrics)  # adds health/*; True: a monitor.stop_on check failed
                     run.step = step
+                    if evaluated:
+                        keep_if_best(run, storage, metrics)
                     tracker.log(step, metrics)
                     run.history.append({"step": step, **metrics})
                     if cfg.checkpoint.every and step % cfg.checkpoint.every == 0:
@@ -210,13 +200,15 @@ def train(
             stop.checkpoint_if_asked(run)  # a signal during the last step: its checkpoint, not the end of the run
         after, examples = evaluate(cfg, roles, eval_set, recovery)
         monitor.observe(run.step, dict(after))
+        keep_if_best(run, storage, after)
         tracker.log(run.step, after, advance=False)  # the steps run: fewer if the monitor stopped the run
         final_dir = storage.join("final")
         save(roles, storage.child("final"))
         (output_dir / "eval.json").write_text(json.dumps({"before": run.before, "after": after}, indent=2))
         (output_dir / "examples.jsonl").write_text("".join(json.dumps(e) + "\n" for e in examples))
         checkpoint.mark_finished(output_dir, cfg.steps, cfg.model_dump())  # also after a monitor stop: a rerun trains no further
-        tracker.write("\n" + format_table(run.before, after) + f"\n\nfinal policy: {final_dir}")
+        best = f"\nbest policy ({cfg.eval.best_metric} at step {run.best['step']}): {storage.shown('best')}" if run.best else ""
+        tracker.write("\n" + format_table(run.before, after) + f"\n\nfinal policy: {final_dir}{best}")
         if cfg.monitor.plot:
             monitor.plot(output_dir / "training.png")
     finally:

@@ -250,6 +250,14 @@ class LoggingConfig(StrictModel):
 class EvalConfig(StrictModel):
     num_beams: int = Field(1, ge=1)
     """Held-out answers by beam search with this many beams (1: greedy)."""
+    samples_per_prompt: int = Field(0, ge=0)
+    """n > 0: also n sampled answers per held-out prompt (at rollout.temperature / top_p), reported as
+    eval/<component>/mean@n, and eval/<component>/pass@k (k = 1, 2, 4, ... <= n) for 0/1 components."""
+    best_metric: str | None = None
+    """A held-out metric (eval/math_exact_match, eval/rouge_l, ...): the policy of the evaluation that
+    scored best on it is kept in <output_dir>/best, beside final/ (the last). Evaluations run before and
+    after training and every eval_every steps."""
+    best_mode: Literal["max", "min"] = "max"
 
 
 class MonitorConfig(StrictModel):

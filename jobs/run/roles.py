@@ -91,8 +91,12 @@ def role_table(cfg: RunConfig) -> list[Role]:
 
 def resource_demands(cfg: RunConfig) -> dict[str, float]:
     """What the run's actors reserve in all, for the check before anything is reserved."""
+    return demands(role_table(cfg))
+
+
+def demands(table: list[Role]) -> dict[str, float]:
     total: dict[str, float] = {}
-    for role in role_table(cfg):
+    for role in table:
         for key, value in role.resources.items():
             total[key] = total.get(key, 0.0) + role.count * value
     return total
@@ -151,11 +155,12 @@ def _start(cfg: RunConfig, role: Role) -> ActorGroup:
     return group
 
 
-def launch(cfg: RunConfig) -> Roles:
+def launch(cfg: RunConfig, only: tuple[str, ...] | None = None) -> Roles:
     """Check that the run fits, start every role's replicas in its placement group, and wait until
-    they are up: a replica that cannot start (a model missing on its node) fails the launch, by name."""
-    table = role_table(cfg)
-    check_fits(resource_demands(cfg))
+    they are up: a replica that cannot start (a model missing on its node) fails the launch, by name.
+    `only`: just these roles (`rayrlhf eval` needs no learner)."""
+    table = [role for role in role_table(cfg) if only is None or role.name in only]
+    check_fits(demands(table))
     groups: dict[str, ActorGroup] = {}
     try:
         for role in table:

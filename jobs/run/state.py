@@ -161,6 +161,8 @@ class RunState:
     """The checkpoint this job started from (in a Tune trial it lives in Tune's storage, not output_dir)."""
     first_step: int = 0
     """The step this job started after: recovery.trained[i] is step first_step + i + 1."""
+    best: dict[str, float] | None = None
+    """{"step", "value"} of the evaluation whose policy is in <output_dir>/best (eval.best_metric)."""
     remote: Storage | None = None
     """A URI output_dir's storage (output_dir is then the driver's local copy): the learner state of
     the run's checkpoints is there (jobs/run/checkpoint.py)."""
@@ -175,6 +177,7 @@ class RunState:
             "rollout": ray.get([worker.state_dict.remote() for worker in roles.rollout]),
             "tracker": self.tracker.state(),
             "monitor": self.monitor.state_dict(),
+            "best": self.best,
         }
 
     def save(self) -> Path:
@@ -219,6 +222,7 @@ class RunState:
         self.pipeline.load_ahead(path)
         self.step, self.before = state["step"], state["before"]
         self.monitor.load_state_dict(state["monitor"])
+        self.best = state.get("best")  # absent in checkpoints written before eval.best_metric existed
         del self.recovery.trained[self.step - self.first_step:]  # the steps after the checkpoint are trained again
         self.tracker.rewind(state["tracker"])
         self.history = _history(self.output_dir / "metrics.jsonl", self.step)

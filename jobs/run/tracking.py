@@ -108,8 +108,9 @@ class Tracker:
 
 def format_table(before: dict[str, float], after: dict[str, float]) -> str:
     """The held-out before/after table that ends every run (RL, SFT, reward model)."""
-    rows = [f"{'held-out metric':<18}{'before':>10}{'after':>10}{'change':>10}"]
+    width = max([18] + [len(key) - 3 for key in before])  # eval/ dropped, two spaces kept
+    rows = [f"{'held-out metric':<{width}}{'before':>10}{'after':>10}{'change':>10}"]
     for key in before:
         name = key.removeprefix("eval/")
-        rows.append(f"{name:<18}{before[key]:>10.4f}{after[key]:>10.4f}{after[key] - before[key]:>+10.4f}")
+        rows.append(f"{name:<{width}}{before[key]:>10.4f}{after[key]:>10.4f}{after[key] - before[key]:>+10.4f}")
     return "\n".join(rows)

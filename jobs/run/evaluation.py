@@ -1,0 +1,64 @@
+"""Held-out evaluation across the roles, as the field reports it: greedy (or beam) answers, and with
+eval.samples_per_prompt = n also n sampled answers per prompt (jobs/run/eval_metrics.py: mean@n and
+pass@k). Scoring never touches the normaliser statistics; `train`, `tune` and `rayrlhf eval` call this.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import ray
+
+from rayrlhf.actors.rl.trajectory import Prompt, Rewards
+from rayrlhf.jobs.config.run import RunConfig
+from rayrlhf.jobs.run.eval_metrics import sampled_metrics
+from rayrlhf.jobs.run.pipeline import reward_metrics, shards
+from rayrlhf.jobs.run.recovery import Recovery
+from rayrlhf.jobs.run.roles import Roles
+
+
+def evaluate(
+    cfg: RunConfig, roles: Roles, prompts: list[Prompt], recovery: Recovery | None = None
+) -> tuple[dict[str, float], list[dict]]:
+    """Held-out metrics and the greedy answers as examples; a dead replica redoes the whole evaluation."""
+    recovery = recovery or Recovery(roles, cfg.fault_tolerance)
+    return recovery.run("the evaluation", lambda: _evaluate(cfg, roles, prompts, recovery))
+
+
+def _generate(cfg: RunConfig, roles: Roles, prompts: list[Prompt], samples: int) -> list:
+    max_new = cfg.eval_max_new_tokens or cfg.rollout.max_new_tokens
+    if samples == 0:
+        options = dict(greedy=True, num_beams=cfg.eval.num_beams)
+    else:  # drawn from the run's seed alone: the same weights give the same answers in train and in eval
+        options = dict(greedy=False, samples=samples, seed=cfg.seed)
+    return [
+        roles.rollout[i].generate.remote(ray.put(shard), max_new_tokens=max_new, **options)
+        for i, shard in enumerate(shards(prompts, len(roles.rollout)))
+    ]
+
+
+def _evaluate(cfg: RunConfig, roles: Roles, prompts: list[Prompt], recovery: Recovery) -> tuple[dict[str, float], list[dict]]:
+    traj_refs = _generate(cfg, roles, prompts, samples=0)
+    _, rewards = recovery.score(traj_refs, update_stats=False)
+    trajectories = ray.get(traj_refs)
+    metrics = reward_metrics(rewards, "eval")
+    metrics.pop("eval/total")  # normalised total is not comparable across time; eval/raw is
+    lengths = np.concatenate([t.response_lengths for t in trajectories])
+    responses = [r for t in trajectories for r in t.responses]
+    metrics["eval/length"] = float(lengths.mean())
+    metrics["eval/empty_frac"] = float(np.mean([not r.strip() for r in responses]))
+    if cfg.eval.samples_per_prompt:
+        n = cfg.eval.samples_per_prompt
+        _, sampled = recovery.score(_generate(cfg, roles, prompts, samples=n), update_stats=False)
+        metrics.update(sampled_metrics(_joined(sampled), n))
+    examples = [
+        {"prompt": p, "response": r, "reference": ref}
+        for t in trajectories for p, r, ref in zip(t.prompts, t.responses, t.references)
+    ]
+    return metrics, examples
+
+
+def _joined(rewards: list[Rewards]) -> dict[str, np.ndarray]:
+    """Each component's scores over all shards, in prompt order (shards are contiguous runs of prompts)."""
+    joined = {name: np.concatenate([r.components[name] for r in rewards]) for name in rewards[0].components}
+    joined["raw"] = np.concatenate([r.raw_total for r in rewards])
+    return joined
