@@ -22,7 +22,7 @@ import ray
 import yaml
 
 from rayrlhf.actors.rewards.embeddings import resolve_embedding_model
-from rayrlhf.actors.runtime.models import resolve_policy
+from rayrlhf.actors.runtime.models import missing_lora_targets, resolve_policy
 from rayrlhf.actors.rewards.user_functions import check_functions
 from rayrlhf.actors.rewards.reward_model import check_reward_model_dir
 from rayrlhf.actors.rl.trajectory import Prompt
@@ -105,9 +105,12 @@ def prepare(cfg: RunConfig) -> tuple[list[Prompt], list[Prompt]]:
         except ValueError as e:
             raise ConfigError(str(e)) from e
         try:
-            resolve_policy(cfg.policy.model, cfg.policy.cache_dir)  # built-in ones are converted once, here
+            policy_dir = resolve_policy(cfg.policy.model, cfg.policy.cache_dir)  # built-in ones: converted once, here
         except (ValueError, FileNotFoundError) as e:
             raise ConfigError(f"policy.model: {e}") from e
+        if cfg.policy.lora and (missing := missing_lora_targets(policy_dir, cfg.policy.lora.target_modules)):
+            raise ConfigError(f"policy.lora.target_modules: {missing} match no layer of {cfg.policy.model}; "
+                              'name its layers (e.g. c_attn for GPT-2, q_proj for Llama) or use "all-linear"')
         if cfg.reward.rm_weight != 0:
             try:
                 check_reward_model_dir(cfg.reward.rm_model or "")

@@ -157,7 +157,20 @@ def save_policy(
     return path
 
 
-def add_lora(model: PreTrainedModel, rank: int, alpha: float, target_modules: list[str]) -> PreTrainedModel:
+def missing_lora_targets(model_dir: str | Path, target_modules: list[str] | str) -> list[str]:
+    """The target names that match no module of the model (built on the meta device: no weights read),
+    so a wrong name fails before any actor starts."""
+    if isinstance(target_modules, str):  # "all-linear" fits any model
+        return []
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(model_dir))
+    names = [name for name, _ in model.named_modules()]
+    return [t for t in target_modules if not any(n == t or n.endswith("." + t) for n in names)]
+
+
+def add_lora(model: PreTrainedModel, rank: int, alpha: float, target_modules: list[str] | str) -> PreTrainedModel:
     """The model wrapped with fresh LoRA adapters (B = 0: same outputs); only they are trainable."""
     from peft import LoraConfig, get_peft_model
 

@@ -31,8 +31,9 @@ class LoraConfig(StrictModel):
     rank: int = Field(16, ge=1)
     alpha: float = Field(32.0, gt=0)
     """Scale of the adapters' output is alpha / rank."""
-    target_modules: list[str] = Field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
-    """Names (or name suffixes) of the linear layers that get adapters; Llama's attention by default."""
+    target_modules: list[str] | Literal["all-linear"] = "all-linear"
+    """Names (or name suffixes) of the layers that get adapters, or "all-linear" (peft: every linear
+    layer but the output head), which fits any architecture."""
 
 
 class PolicyConfig(StrictModel):
