@@ -27,7 +27,7 @@ from collections.abc import Callable, Mapping
 from datetime import datetime
 from pathlib import Path
 
-from ray.exceptions import RayError
+from ray.exceptions import AuthenticationError, RayError
 from ray.job_submission import JobDetails, JobStatus, JobSubmissionClient
 
 from rayrlhf.jobs.config.base import ConfigError
@@ -46,28 +46,48 @@ def auth_headers(environ: Mapping[str, str] = os.environ) -> dict[str, str]:
     """A Bearer token header when token auth is asked for, else nothing.
 
     Ray's own clients send a token only with RAY_AUTH_MODE=token; setting RAY_AUTH_TOKEN or
-    RAY_AUTH_TOKEN_PATH is taken as asking for it too. The token is looked up by Ray's loader, in
-    Ray's order: $RAY_AUTH_TOKEN, the file $RAY_AUTH_TOKEN_PATH, ~/.ray/auth_token.
+    RAY_AUTH_TOKEN_PATH is taken as asking for it too.
     """
     wanted = environ.get("RAY_AUTH_MODE", "").lower() == "token" or any(
         environ.get(k) for k in ("RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH")
     )
     if not wanted:
         return {}
-    from ray._raylet import (
-        AuthenticationTokenLoader,  # Ray's token lookup (C++), not public API
-    )
+    token = local_token()
+    if token is None:
+        raise ConfigError("token auth is on but no token was found: set RAY_AUTH_TOKEN or RAY_AUTH_TOKEN_PATH")
+    return {"Authorization": "Bearer " + token}
+
+
+def local_token() -> str | None:
+    """The token Ray's own loader finds, in Ray's order: $RAY_AUTH_TOKEN, the file $RAY_AUTH_TOKEN_PATH,
+    ~/.ray/auth_token (where `ray start --head` writes it)."""
+    from ray._raylet import AuthenticationTokenLoader  # Ray's token lookup (C++), not public API
 
     loader = AuthenticationTokenLoader.instance()
     loader.reset_cache()  # the environment may have changed since the last lookup
-    if not loader.has_token(ignore_auth_mode=True):
-        raise ConfigError("token auth is on but no token was found: set RAY_AUTH_TOKEN or RAY_AUTH_TOKEN_PATH")
-    return {"Authorization": "Bearer " + loader.get_raw_token(ignore_auth_mode=True)}
+    return loader.get_raw_token(ignore_auth_mode=True) if loader.has_token(ignore_auth_mode=True) else None
 
 
 def connect(address: str | None) -> JobSubmissionClient:
-    """A client for the dashboard at `address` (default: $RAY_API_SERVER_ADDRESS or $RAY_ADDRESS)."""
-    return JobSubmissionClient(address, headers=auth_headers())
+    """A client for the dashboard at `address` (default: $RAY_API_SERVER_ADDRESS or $RAY_ADDRESS).
+
+    A cluster that asks for a token gets the one Ray keeps locally, even without RAY_AUTH_MODE=token
+    (Ray 2.60's `ray start --head` turns token auth on and writes ~/.ray/auth_token); with none to
+    send, the error says exactly what to set."""
+    headers = auth_headers()
+    try:
+        return JobSubmissionClient(address, headers=headers)
+    except AuthenticationError:
+        if headers:  # the token we sent was refused: Ray's own message says so
+            raise
+        token = local_token()
+        if token is None:
+            raise ConfigError(
+                f"the cluster at {address or 'RAY_ADDRESS'} asks for a token: set RAY_AUTH_TOKEN=<its token> "
+                "(or RAY_AUTH_TOKEN_PATH=<file>); on the head node `ray get-auth-token` prints it"
+            ) from None
+        return JobSubmissionClient(address, headers={"Authorization": "Bearer " + token})
 
 
 def project_dependencies() -> list[str]:

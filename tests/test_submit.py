@@ -173,6 +173,19 @@ def test_head_is_loopback_only_and_refuses_requests_without_the_token(head, caps
     assert code == 1 and "Invalid authentication token" in err
 
 
+def test_the_token_ray_keeps_locally_is_used_without_ray_auth_mode(head, capsys, monkeypatch, tmp_path):
+    """`ray start --head` writes ~/.ray/auth_token; a user who set nothing else still gets in."""
+    for name in ("RAY_AUTH_TOKEN", "RAY_AUTH_MODE", "RAY_AUTH_TOKEN_PATH"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path))
+    code, _, err = rayrlhf(capsys, "jobs", "list", "--address", head.address)
+    assert code == 2 and "asks for a token: set RAY_AUTH_TOKEN" in err  # no token anywhere: what to set
+    (tmp_path / ".ray").mkdir()
+    (tmp_path / ".ray" / "auth_token").write_text(head.token)
+    code, out, err = rayrlhf(capsys, "jobs", "list", "--address", head.address)
+    assert code == 0, err
+
+
 def test_bad_input_is_refused_before_anything_is_submitted(head, capsys):
     before = len(connect(head.address).list_jobs())
     code, _, err = rayrlhf(capsys, "submit", "--address", head.address, "--", "train", "--set", "learner.zero_stage=9")
