@@ -60,11 +60,17 @@ def test_wheel_holds_one_import_root_and_the_configs(wheel):
     assert "rayrlhf = rayrlhf.jobs.cli:main" in zipfile.ZipFile(wheel).read(entry_points).decode()
 
 
-def test_installed_wheel_finds_its_configs_from_any_directory(wheel, tmp_path):
-    target = tmp_path / "site"
+@pytest.fixture(scope="module")
+def installed(wheel, tmp_path_factory) -> Path:
+    target = tmp_path_factory.mktemp("site")
     done = subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", str(target),
                            str(wheel)], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
+    return target
+
+
+def test_installed_wheel_finds_its_configs_from_any_directory(installed, tmp_path):
+    target = installed
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
     code = (
@@ -126,3 +132,29 @@ def test_no_import_cycles_and_actors_never_import_the_drivers():
     assert not into_roles, into_roles
     loose = {f"rayrlhf.actors.{p.stem}" for p in (REPO / "actors").glob("*.py") if p.stem != "__init__"} - roles
     assert not loose, f"actors/ holds the four roles and subpackages only: {sorted(loose)}"
+
+
+def test_every_tiny_config_and_the_files_it_names_work_from_an_installed_wheel(installed, tmp_path):
+    """Data files and reward functions a shipped config names are read beside it, not in the working
+    directory: each CPU config's data and functions load from the wheel, and math_tiny (which names
+    both) trains there."""
+    code = (
+        "from rayrlhf.jobs.config.run import load_config\n"
+        "from rayrlhf.jobs.config.supervised import RMConfig, SFTConfig, load_job_config\n"
+        "from rayrlhf.jobs.train import prepare\n"
+        "from rayrlhf.jobs import sft, train_rm\n"
+        "for name in ('tiny', 'math_tiny', 'math', 'default'):\n"
+        "    train_set, eval_set = prepare(load_config(name, ['output_dir=out/' + name]))\n"
+        "    print(name, len(train_set), len(eval_set))\n"
+        "print('sft_tiny', len(sft.prepare(load_job_config(SFTConfig, 'sft_tiny', [], 'sft.yaml'))[1]))\n"
+        "print('rm_tiny', len(train_rm.prepare(load_job_config(RMConfig, 'rm_tiny', [], 'rm.yaml'))[1]))\n"
+    )
+    done = run_python(code, tmp_path, PYTHONPATH=str(installed))
+    assert done.returncode == 0, done.stderr[-3000:]
+    counts = dict(line.split(" ", 1) for line in done.stdout.strip().splitlines())
+    assert counts["math_tiny"] == "36 4" and set(counts) == {"tiny", "math_tiny", "math", "default", "sft_tiny", "rm_tiny"}
+    done = subprocess.run([sys.executable, "-m", "rayrlhf.jobs.cli", "train", "--config", "math_tiny",
+                           "--set", "steps=1", "--set", "output_dir=run"], cwd=tmp_path, capture_output=True,
+                          text=True, timeout=600, env={**__import__("os").environ, "PYTHONPATH": str(installed)})
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert (tmp_path / "run" / "final" / "model.safetensors").is_file()

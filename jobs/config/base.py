@@ -77,13 +77,32 @@ def resolve_config_path(path: str | Path | None, default: str = "default.yaml") 
 
 
 def load_yaml(path: Path) -> dict[str, Any]:
+    """A config file's mapping, its relative paths anchored to the file's folder (see `anchored`)."""
     try:
         data = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as e:
         raise ConfigError(f"{path}: not valid YAML: {e}") from e
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a mapping at the top level")
-    return data
+    return anchored(data, path.resolve().parent)
+
+
+def anchored(value: Any, folder: Path) -> Any:
+    """Relative paths written in a config file name files beside it: a string that names an existing
+    file or folder relative to `folder` (for FILE.py:FUNCTION, the FILE part) becomes absolute, so a
+    config and its files work from any working directory and from an installed wheel. Other strings
+    (built-in names, paths relative to the working directory, --set values) are left as they are."""
+    if isinstance(value, dict):
+        return {k: anchored(v, folder) for k, v in value.items()}
+    if isinstance(value, list):
+        return [anchored(v, folder) for v in value]
+    if not isinstance(value, str) or not value or "://" in value or Path(value).is_absolute():
+        return value
+    file, sep, function = value.partition(".py:")
+    candidate = folder / (file + ".py" if sep else value)
+    if not candidate.exists():
+        return value
+    return str(candidate) + (":" + function if sep else "")
 
 
 def validate(model: type[BaseModel], data: dict[str, Any], source: str) -> Any:
