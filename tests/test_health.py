@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 
 import matplotlib.image
 import pytest
@@ -108,3 +109,23 @@ def test_weighted_components_and_plot(tmp_path):
     mon.observe(3, {"eval/rouge_l": 0.55, "eval/sim": 0.72, "eval/length": 13.0})
     image = matplotlib.image.imread(mon.plot(tmp_path / "training.png"))
     assert image.shape[0] > 400 and image.shape[1] > 700
+
+
+def test_non_finite_values_fail_their_checks_and_are_logged_as_such(tmp_path):
+    """NaN compares false with any threshold: it must fail the check, not pass it, and reach the logs."""
+    from rayrlhf.jobs.config.run import MonitorConfig
+    from rayrlhf.jobs.run.tracking import Tracker
+
+    warnings: list[str] = []
+    monitor = HealthMonitor(MonitorConfig().model_dump(), ["sim"], warnings.append)
+    metrics = {"kl": float("nan"), "entropy": float("inf"), "reward/length_ratio": 1.0, "eval/rouge_l": float("nan")}
+    monitor.observe(1, metrics)
+    assert metrics["health/kl"] == 1.0 and metrics["health/entropy"] == 1.0  # inf fails too, though above the minimum
+    assert metrics["health/length"] == 0.0 and metrics["health/hacking"] == 1.0
+    assert any("kl is nan" in w for w in warnings) and any("eval/rouge_l is nan" in w for w in warnings)
+    tracker = Tracker(tmp_path, run_name="t", config={}, total_steps=1, wandb_mode="disabled",
+                      wandb_project="p", tensorboard=False, progress_bar=False)
+    tracker.log(1, metrics)
+    tracker.close()
+    row = json.loads((tmp_path / "metrics.jsonl").read_text())
+    assert math.isnan(row["kl"]) and row["entropy"] == math.inf and row["health/kl"] == 1.0

@@ -94,13 +94,19 @@ class HealthMonitor:
             ("kl", "kl", c["max_kl"], 1, "KL to the reference {v:.4f} > {t}"),
         ]  # fmt: skip
         for check, key, limit, side, message in limits:
-            if limit is not None and key in m:
+            if limit is None or key not in m:
+                continue
+            if not np.isfinite(m[key]):  # NaN compares false with any limit: it must fail, not pass
+                out[check] = f"{key} is {m[key]} (the run is diverging)"
+            else:
                 out[check] = message.format(v=m[key], t=limit) if side * (m[key] - limit) > 0 else None
         if c["held_out"] in m:
             out["hacking"] = self._hacking(step, m[c["held_out"]])
         return out
 
     def _hacking(self, step: int, held_out: float) -> str | None:
+        if not np.isfinite(held_out):
+            return f"{self.cfg['held_out']} is {held_out}: the policy no longer answers sensibly"
         previous, self.last_eval = self.last_eval, (step, held_out)
         if previous is None:
             return None

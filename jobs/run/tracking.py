@@ -10,7 +10,6 @@ the same wandb run continued (its id).
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 from typing import Any
 
@@ -79,7 +78,9 @@ class Tracker:
             self._open_tensorboard(self.step + 1)
 
     def log(self, step: int, metrics: dict[str, float], advance: bool = True) -> None:
-        clean = {k: float(v) for k, v in metrics.items() if v is not None and math.isfinite(float(v))}
+        # a NaN or inf is logged as it is (metrics.jsonl writes NaN / Infinity, as Python's json reads
+        # them): a diverging run must show, not vanish from the logs
+        clean = {k: float(v) for k, v in metrics.items() if v is not None}
         self._jsonl.write(json.dumps({"step": step, **clean}) + "\n")
         self._jsonl.flush()
         self._lines += 1
