@@ -180,6 +180,7 @@ def train(
             while run.step < cfg.steps and not stopped_early:
                 stop.checkpoint_if_asked(run)
                 step = run.step + 1
+                before_step = run.driver_state()  # small: what a checkpoint needs if this step fails
                 try:
                     metrics = pipeline.step(last=step == cfg.steps)
                     evaluated = cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.steps
@@ -198,6 +199,9 @@ def train(
                 except LearnerFailure as e:
                     run.recover_learner(e)
                     continue
+                except Exception as e:  # bad data, a reward failing every retry, recovery giving up, ...
+                    run.save_after_error(before_step, e)
+                    raise
                 if on_step is not None:
                     on_step(step, metrics)
             stop.checkpoint_if_asked(run)  # a signal during the last step: its checkpoint, not the end of the run

@@ -180,9 +180,10 @@ class RunState:
             "best": self.best,
         }
 
-    def save(self) -> Path:
-        """A complete checkpoint of this step (a collective of the learner ranks)."""
-        state = self.driver_state()
+    def save(self, state: dict[str, Any] | None = None) -> Path:
+        """A complete checkpoint of this step (a collective of the learner ranks); `state`: the driver
+        state to store instead of the current one (taken before a step that then failed)."""
+        state = dict(state) if state is not None else self.driver_state()
 
         def write_learner(location: str) -> None:
             group = self.roles.learner
@@ -196,6 +197,27 @@ class RunState:
             self.remote, write_extra=self.pipeline.save_ahead,
         )
         self.saved_step = self.step
+        return path
+
+    def save_after_error(self, before: dict[str, Any], error: BaseException) -> Path | None:
+        """After `error` inside step self.step + 1: a checkpoint of the last finished step, with the
+        driver state taken before the failed step, so that nothing done since the last checkpoint is
+        lost. None where that state cannot be had: the learner already trained the failed step (its
+        version is past the step), or the run is pipelined (the batch ahead belongs to the failed step)."""
+        if self.saved_step == self.step or self.cfg.pipeline.max_staleness > 0:
+            return checkpoint.at_step(self.output_dir, self.step) if self.saved_step == self.step else None
+        try:
+            path = self.save(before)
+            version = checkpoint.read(path)[2]["learner"]["version"]
+        except Exception as failure:  # the error may have broken what a save needs: say so, keep the first error
+            self.tracker.write(f"could not write a checkpoint after the error: {type(failure).__name__}: {failure}")
+            return None
+        if version != self.step:  # the learner had trained the failed step: not the state of step self.step
+            checkpoint.remove(path)
+            self.saved_step = None
+            return None
+        self.tracker.write(f"error in step {self.step + 1} ({type(error).__name__}): checkpoint of step "
+                           f"{self.step} written to {path} (fix the cause and run the same command to resume)")
         return path
 
     def resume(self, path: Path) -> None:
