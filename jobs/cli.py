@@ -148,6 +148,9 @@ def _submit_options(parser: argparse.ArgumentParser) -> None:
                         "whose image lacks them")
     parser.add_argument("--working-dir", help="a folder of your files (data, configs) to upload as the job's "
                         "working directory")
+    parser.add_argument("--stop-wait", type=int, metavar="SECONDS",
+                        help="on `jobs stop` the run gets this long after SIGTERM to finish its step and write a "
+                        "checkpoint before Ray's SIGKILL (default: 5 minutes; Ray's own is 3 s)")
     parser.add_argument("command", nargs=argparse.REMAINDER, metavar="-- VERB [ARGS]",
                         help="the rayrlhf verb to run: train, eval, sft, train-rm, tune, serve")
 

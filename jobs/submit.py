@@ -39,6 +39,9 @@ EXCLUDES = [".venv", ".git", "outputs", "wandb", ".pytest_cache", "**/__pycache_
 """Never uploaded with a working_dir: environments, VCS data and run outputs."""
 NOT_SUBMITTABLE = {"submit", "jobs"}
 STOP_TIMEOUT_S = 60
+STOP_WAIT_S = 300
+"""Seconds between Ray's SIGTERM and its SIGKILL of a stopped job (Ray's own default, 3 s, kills a run
+before it can finish its step and write a checkpoint): sent as the job's RAY_JOB_STOP_WAIT_TIME_S."""
 _ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 
 
@@ -106,7 +109,7 @@ def stage_package(into: Path) -> Path:
 
 def build_runtime_env(
     env_names: list[str], pip: bool, package: Path, working_dir: str | None = None,
-    environ: Mapping[str, str] = os.environ,
+    environ: Mapping[str, str] = os.environ, stop_wait_s: int = STOP_WAIT_S,
 ) -> dict:
     for name in env_names:
         if not _ENV_NAME.fullmatch(name):
@@ -119,8 +122,8 @@ def build_runtime_env(
         if not Path(working_dir).is_dir():
             raise ConfigError(f"--working-dir {working_dir}: not a directory")
         runtime_env.update(working_dir=str(Path(working_dir).resolve()), excludes=EXCLUDES)
-    if env_names:
-        runtime_env["env_vars"] = {name: environ[name] for name in env_names}
+    # Ray's job supervisor reads the stop wait from the job's own environment
+    runtime_env["env_vars"] = {"RAY_JOB_STOP_WAIT_TIME_S": str(stop_wait_s), **{name: environ[name] for name in env_names}}
     if pip:
         runtime_env["pip"] = project_dependencies()
     return runtime_env
@@ -186,7 +189,8 @@ def _guarded(action: Callable[[], int]) -> int:
 def run_submit(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     command = check_command(args.command, parser)
     with tempfile.TemporaryDirectory(prefix="rayrlhf-submit-") as staging:
-        runtime_env = build_runtime_env(args.env, args.pip, stage_package(Path(staging)), args.working_dir)
+        runtime_env = build_runtime_env(args.env, args.pip, stage_package(Path(staging)), args.working_dir,
+                                        stop_wait_s=args.stop_wait or STOP_WAIT_S)
         return _guarded(lambda: _submit(args, command, runtime_env))
 
 

@@ -29,6 +29,7 @@ from sockets import is_loopback, listening
 from rayrlhf.actors.runtime.models import resolve_policy
 from rayrlhf.cluster.offline import DEAD_END_PROXY, OFFLINE_DEFAULTS
 from rayrlhf.jobs.cli import main
+from rayrlhf.jobs.run import checkpoint
 from rayrlhf.jobs.submit import EXCLUDES, connect, wait_until_done
 
 VENV_BIN = Path(sys.executable).parent
@@ -210,7 +211,8 @@ def test_tiny_training_job_through_the_api_and_through_ray_job_submit(head, tmp_
     client = connect(head.address)
     info = client.get_job_info(api_id)
     assert info.status == JobStatus.SUCCEEDED and info.driver_exit_code == 0
-    assert info.runtime_env["env_vars"] == {SECRET_NAME: secret}  # reached the job, by name only
+    assert info.runtime_env["env_vars"] == {SECRET_NAME: secret,  # reached the job, by name only
+                                            "RAY_JOB_STOP_WAIT_TIME_S": "300"}  # time to checkpoint on a stop
     assert info.entrypoint.startswith("python -m rayrlhf.jobs.cli train --config tiny")
 
     assert wait_until_done(client, cli_id, timeout=300).status == JobStatus.SUCCEEDED
@@ -245,22 +247,39 @@ def test_a_failing_job_reports_failed_with_its_error(head, tmp_path, capsys):
     assert code == 0 and out.startswith(f"{job_id} FAILED") and "file not found" in out
 
 
-def test_a_stopped_job_stops(head, tmp_path, capsys):
+def test_a_stopped_job_checkpoints_and_a_resubmitted_one_continues_exactly(head, tmp_path, capsys):
+    """`rayrlhf jobs stop` sends SIGTERM; the job's stop wait (set by submit) lets the driver finish its
+    step and write a checkpoint before Ray's SIGKILL; the same command, resubmitted, trains the rest."""
     marker = f"stopme-{uuid.uuid4().hex[:6]}"
-    code, out, _ = rayrlhf(capsys, "submit", "--address", head.address, "--", "train", "--config", "tiny",
-                           "--set", "steps=100000", "--set", f"output_dir={tmp_path / marker}")
+    output_dir = tmp_path / marker
+    command = ["--", "train", "--config", "tiny", "--set", "steps=30", "--set", f"output_dir={output_dir}"]
+    code, out, _ = rayrlhf(capsys, "submit", "--address", head.address, *command)
     job_id = out.strip()
     assert code == 0
 
     def driver() -> list[psutil.Process]:
         return [p for p in head.processes() if marker in " ".join(_cmdline(p))]
 
-    deadline = time.monotonic() + 60
-    while not driver() and time.monotonic() < deadline:
+    def steps_logged() -> list[int]:
+        path = output_dir / "metrics.jsonl"
+        return [json.loads(line)["step"] for line in path.read_text().splitlines()] if path.exists() else []
+
+    deadline = time.monotonic() + 120
+    while max(steps_logged(), default=0) < 2 and time.monotonic() < deadline:
         time.sleep(0.2)
-    assert driver(), "the job's driver never started"
+    assert max(steps_logged(), default=0) >= 2, "the job never trained two steps"
     code, _, err = rayrlhf(capsys, "jobs", "stop", job_id, "--address", head.address)
     assert code == 0 and f"job {job_id} STOPPED" in err
     assert connect(head.address).get_job_status(job_id) == JobStatus.STOPPED
-    _, alive = psutil.wait_procs(driver(), timeout=15)
+    _, alive = psutil.wait_procs(driver(), timeout=60)
     assert alive == []
+    saved = checkpoint.latest(output_dir)
+    assert saved is not None, "the stopped run left no checkpoint"
+    stopped_at = checkpoint.step_of(saved)
+    assert 2 <= stopped_at < 30
+
+    code, out, err = rayrlhf(capsys, "submit", "--address", head.address, "--wait", *command)
+    assert code == 0, err
+    logged = steps_logged()
+    assert logged == [0, *range(1, 31), 30]  # every step once: none lost, none trained twice
+    trained_checkpoint(output_dir)
