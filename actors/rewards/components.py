@@ -47,11 +47,6 @@ class RewardBatch:
         return cls(list(traj.prompt_texts or traj.prompts), responses, references, extras)
 
     @cached_property
-    def referenced(self) -> list[int]:
-        """The rows that have a reference answer."""
-        return [i for i, ref in enumerate(self.references) if ref is not None]
-
-    @cached_property
     def arguments(self) -> dict[str, list[Any]]:
         """The keyword lists user functions get (user_functions.py), built once per batch."""
         return batch_arguments(self.prompts, self.responses, self.references, self.extras)
@@ -71,7 +66,7 @@ class RewardComponent(Protocol):
 def on_referenced(batch: RewardBatch, score_pairs: Callable[[list[str], list[str]], Any]) -> np.ndarray:
     """score_pairs(responses, references) over the rows with a reference, in one call; NaN elsewhere."""
     out = np.full(len(batch.responses), np.nan, dtype=np.float32)
-    rows = batch.referenced
+    rows = [i for i, ref in enumerate(batch.references) if ref is not None]
     if rows:
         out[rows] = score_pairs([batch.responses[i] for i in rows], [batch.references[i] for i in rows])
     return out
