@@ -14,10 +14,12 @@ import torch
 import yaml
 from score_server import ScoreServer
 
-from rayrlhf.actors import reward_scorer
+from rayrlhf.actors.rewards import components
+from rayrlhf.actors.rewards.components import RewardBatch
 from rayrlhf.actors.rewards.embeddings import Embedder
 from rayrlhf.actors.rewards.length_control import LengthControl, overlong_penalty
 from rayrlhf.actors.rewards.math_answers import final_number, math_exact_match
+from rayrlhf.actors.rewards.names import RESERVED
 from rayrlhf.actors.rewards.remote import RemoteReward, RemoteRewardError
 from rayrlhf.actors.rewards.user_functions import (
     RewardFunctionError,
@@ -31,6 +33,7 @@ from rayrlhf.actors.rl.trajectory import Rewards, Trajectory, loss_rows
 from rayrlhf.jobs.config.base import ConfigError
 from rayrlhf.jobs.config.run import load_config
 from rayrlhf.jobs.config.tune import load_tune_config
+from rayrlhf.jobs.run.roles import actor_settings
 from rayrlhf.jobs.train import prepare
 
 USER_REWARDS = '''
@@ -181,6 +184,9 @@ def test_length_control_penalize_mask_keep():
 # ---------------------------------------------------------------- remote reward: a real server on 127.0.0.1
 
 
+ONE_ROW = RewardBatch(["q"], ["a"], ["r"], [{}])
+
+
 @pytest.fixture
 def server(request):
     srv = ScoreServer(**getattr(request, "param", {}))
@@ -191,7 +197,8 @@ def server(request):
 @pytest.mark.parametrize("server", [{"fail_first": 2}], indirect=True)
 def test_remote_reward_retries_then_scores(server):
     remote = RemoteReward(server.url, timeout_s=5, retries=2)
-    scores = remote.score(["q1", [{"role": "user", "content": "q2"}]], ["abc", "de"], ["x", None], [{"n": 1}, {}])
+    scores = remote.score(RewardBatch(["q1", [{"role": "user", "content": "q2"}]], ["abc", "de"], ["x", None],
+                                      [{"n": 1}, {}]))
     np.testing.assert_array_equal(scores, np.array([3.0, np.nan], np.float32))
     assert len(server.requests) == 3  # two 500s, then the answer
     assert server.requests[-1]["prompts"][1] == [{"role": "user", "content": "q2"}]
@@ -201,17 +208,17 @@ def test_remote_reward_retries_then_scores(server):
 @pytest.mark.parametrize("server", [{"fail_first": 99}], indirect=True)
 def test_remote_reward_fails_after_the_last_retry(server):
     with pytest.raises(RemoteRewardError, match=r"failed 2 time\(s\).*HTTP 500; HTTP 500"):
-        RemoteReward(server.url, timeout_s=5, retries=1).score(["q"], ["a"], ["r"], [{}])
+        RemoteReward(server.url, timeout_s=5, retries=1).score(ONE_ROW)
     assert len(server.requests) == 2
 
 
 @pytest.mark.parametrize("server", [{"delay_s": 1.0}], indirect=True)
 def test_remote_reward_timeout_and_dead_port_fail(server):
     with pytest.raises(RemoteRewardError, match=r"failed 1 time\(s\).*timed out"):
-        RemoteReward(server.url, timeout_s=0.2, retries=0).score(["q"], ["a"], ["r"], [{}])
+        RemoteReward(server.url, timeout_s=0.2, retries=0).score(ONE_ROW)
     dead = server.url.replace(str(server.httpd.server_address[1]), "9")  # the dead-end loopback port
     with pytest.raises(RemoteRewardError, match=r"URLError"):
-        RemoteReward(dead, timeout_s=1, retries=0).score(["q"], ["a"], ["r"], [{}])
+        RemoteReward(dead, timeout_s=1, retries=0).score(ONE_ROW)
 
 
 # ---------------------------------------------------------------- inside the scorer
@@ -225,7 +232,7 @@ def embedder():
 
 
 def make_scorer(embedder, monkeypatch, **overrides) -> RewardScorer:
-    monkeypatch.setattr(reward_scorer, "Embedder", lambda name, torch_threads, device: embedder)
+    monkeypatch.setattr(components, "Embedder", lambda name, torch_threads, device: embedder)
     kwargs = dict(alpha=0.0, beta=0.0, bleu=0.0, rouge_l=0.0, freq_mode="mean", empty_reward=-1.0,
                   embedding_model="all-minilm-l6-v2", normalize="none", torch_threads=1, rm_weight=0.0,
                   rm_model=None, rm_batch_size=8)  # fmt: skip
@@ -256,6 +263,27 @@ def test_scorer_weighs_user_functions_remote_and_length(embedder, monkeypatch, r
     assert normed.normalizers["em"].count == 2  # the not-applicable row stays out of the statistics
     with pytest.raises(ValueError, match=r"the name 'sim' is taken"):
         make_scorer(embedder, monkeypatch, functions=[{"path": "math_exact_match", "name": "sim", "weight": 1}])
+
+
+def test_scorer_builds_the_components_the_config_names(embedder, monkeypatch, rewards_file, server):
+    monkeypatch.setattr(components, "Embedder", lambda name, torch_threads, device: embedder)
+    cfg = load_config("tiny", [
+        "reward.alpha=0.25", "reward.bleu=0.5",
+        f"reward.functions=[{{path: '{rewards_file}:exact_match', name: em, weight: 2}}, {{path: math_exact_match}}]",
+        f"reward.remote={{url: '{server.url}', timeout_s: 3, retries: 1, weight: 0.1}}",
+    ])  # fmt: skip
+    scorer = RewardScorer(**actor_settings(cfg.reward))  # as the reward role is launched
+    built = [(name, type(c).__name__, c.weight) for name, c in scorer.components.items()]
+    assert built == [("freq", "Frequency", 0.25), ("sim", "Similarity", 1.0), ("bleu", "PairMetric", 0.5),
+                     ("rouge_l", "PairMetric", 0.0), ("em", "UserFunction", 2.0),
+                     ("math_exact_match", "UserFunction", 1.0), ("remote", "RemoteReward", 0.1)]  # fmt: skip
+    assert set(scorer.components) - {"em", "math_exact_match"} <= RESERVED  # the built-ins' names are reserved
+    assert scorer.components["em"].fn is load_function(f"{rewards_file}:exact_match")
+    assert scorer.components["math_exact_match"].fn is math_exact_match
+    remote = scorer.components["remote"]
+    assert (remote.url, remote.timeout_s, remote.retries) == (server.url, 3, 1)
+    assert scorer.state_dict().keys() == {*scorer.components, "total"}
+    assert "rm" not in scorer.components  # rm_weight 0: no model loaded
 
 
 @pytest.mark.parametrize("server", [{"fail_first": 99}], indirect=True)

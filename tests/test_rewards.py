@@ -10,11 +10,14 @@ import pytest
 import torch
 import wordfreq
 
-from rayrlhf.actors import reward_scorer
+from rayrlhf.actors.rewards import components
+from rayrlhf.actors.rewards.components import RewardBatch
 from rayrlhf.actors.rewards.embeddings import Embedder, resolve_embedding_model
+from rayrlhf.actors.rewards.length_control import LengthControl
 from rayrlhf.actors.rewards.normalizer import RunningNormalizer
 from rayrlhf.actors.rewards.metrics import bleu, freq_reward, rouge_l, words
 from rayrlhf.actors.reward_scorer import RewardScorer
+from rayrlhf.actors.rewards.scoring import ComponentScorer
 from rayrlhf.actors.rl.trajectory import Trajectory
 
 # ---------------------------------------------------------------- reward_fns
@@ -136,7 +139,7 @@ def shared_embedder():
     threads = torch.get_num_threads()
     embedder = Embedder("all-minilm-l6-v2", torch_threads=1)
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(reward_scorer, "Embedder", lambda name, torch_threads, device: embedder)
+        mp.setattr(components, "Embedder", lambda name, torch_threads, device: embedder)
         yield embedder
     torch.set_num_threads(threads)
 
@@ -194,7 +197,7 @@ def test_similarity_identical_vs_unrelated(scorer: RewardScorer) -> None:
     assert sim[2] > 0.8  # a paraphrase
     assert sim[1] < sim[3] < sim[2]
     # references come from the cache the second time (two distinct ones in BATCH): same values
-    embedder = scorer.embedder
+    embedder = scorer.components["sim"].embedder
     assert set(embedder._ref_cache) >= {REF, "The stock market crashed in 1929."}
     again = embedder.similarity(BATCH.responses, BATCH.references)
     assert again == pytest.approx(sim, abs=1e-5)
@@ -280,3 +283,63 @@ def test_total_normalisation_and_state_resume() -> None:
     assert resumed.score(probe, update_stats=False).total == pytest.approx(
         sc.score(probe, update_stats=False).total
     )
+
+
+# ---------------------------------------------------------------- the component protocol
+
+
+class WordCount:
+    """A component written here: the response's word count; it does not apply past 3 words (NaN)."""
+
+    name = "words"
+
+    def __init__(self, weight: float) -> None:
+        self.weight = weight
+
+    def score(self, batch: RewardBatch) -> np.ndarray:
+        counts = [len(words(r)) for r in batch.responses]
+        return np.array([c if c <= 3 else np.nan for c in counts], dtype=np.float32)
+
+
+class Constant:
+    def __init__(self, name: str, weight: float, value: float) -> None:
+        self.name, self.weight, self.value = name, weight, value
+
+    def score(self, batch: RewardBatch) -> list[float]:
+        return [self.value] * len(batch.responses)
+
+
+class OneValue(Constant):
+    def score(self, batch: RewardBatch) -> list[float]:
+        return [self.value]  # whatever the batch size
+
+
+def test_a_component_written_elsewhere_is_scored_by_the_loop() -> None:
+    parts = [WordCount(2.0), Constant("one", 0.5, 1.0), Constant("unweighted", 0.0, 7.0)]
+    keep = LengthControl(0.0, 0.25, "keep", 0.0)
+    traj = make_traj(["red", "red green blue", "red green blue black white", ""], [None, REF, None, REF])
+    out = ComponentScorer(parts, "none", -1.5, keep).score(traj)
+    # raw values, every component (the weight-0 one too): words [1, 3, NaN, 0], a list turned into float32
+    np.testing.assert_array_equal(out.components["words"], np.array([1, 3, np.nan, 0], np.float32))
+    assert out.components["unweighted"].tolist() == [7.0] * 4 and out.components["one"].dtype == np.float32
+    # total = 2 * words (NaN counts 0) + 0.5 * 1; the empty answer gets empty_reward
+    assert out.total.tolist() == [2.5, 6.5, 0.5, -1.5] and out.raw_total.tolist() == [2.5, 6.5, 0.5, -1.5]
+
+    normed = ComponentScorer(parts, "components", -1.5, keep)
+    out = normed.score(traj)
+    # words over the real answers: [1, 3] (NaN and the empty answer left out): mean 2, std 1 -> z = -1, 1, NaN;
+    # "one" has no spread: (1 - 1) / (0 + eps) = 0. total = 2 * z(words) + 0.5 * 0
+    np.testing.assert_allclose(out.total, [-2.0, 2.0, 0.0, -1.5], atol=1e-6)
+    np.testing.assert_allclose(out.raw_total, [2.5, 6.5, 0.5, -1.5])
+    state = normed.state_dict()
+    assert state.keys() == {"words", "one", "unweighted", "total"}
+    assert (state["words"]["count"], state["one"]["count"], state["unweighted"]["count"]) == (2, 3, 0)
+
+
+def test_the_loop_refuses_clashing_names_and_wrong_lengths() -> None:
+    keep = LengthControl(0.0, 0.25, "keep", 0.0)
+    for parts in ([WordCount(1.0), WordCount(2.0)], [Constant("total", 1.0, 0.0)]):
+        with pytest.raises(ValueError, match=r"the name '(words|total)' is taken"):
+            ComponentScorer(parts, "none", -1.0, keep)
+    with pytest.raises(ValueError, match=r"'one' gave \(1,\) values for 2 rows"):
+        ComponentScorer([OneValue("one", 1.0, 0.0)], "none", -1.0, keep).score(make_traj(["a"] * 2, [None] * 2))

@@ -299,7 +299,7 @@ def test_learned_reward_is_a_weighted_component(tiny_rm_dir):
     batch = traj(["What is 2 plus 3?", "What is 2 plus 3?", "Name a day."],
                  ["2 plus 3 is 5.", "It is 7.", "Monday."], ["2 plus 3 is 5.", "2 plus 3 is 5.", "Monday is a day."])
     plain = RewardScorer(**scorer_kwargs(rm_model="/not/loaded/at/weight/0"))
-    assert plain.reward_model is None and "rm" not in plain.score(batch).components
+    assert "rm" not in plain.components and "rm" not in plain.score(batch).components
 
     scorer = RewardScorer(**scorer_kwargs(rm_weight=2.0, rm_model=str(tiny_rm_dir)))
     out = scorer.score(batch)

@@ -13,11 +13,15 @@ import json
 import time
 import urllib.error
 import urllib.request
-from typing import Any
+from typing import TYPE_CHECKING
 
 import numpy as np
 
+from rayrlhf.actors.rewards.names import REMOTE
 from rayrlhf.actors.rewards.user_functions import RewardFunctionError, as_scores
+
+if TYPE_CHECKING:
+    from rayrlhf.actors.rewards.components import RewardBatch
 
 BACKOFF_S = 0.2
 """The first retry waits this long, each next one twice as long (capped at 5 s)."""
@@ -28,8 +32,14 @@ class RemoteRewardError(RuntimeError):
 
 
 class RemoteReward:
-    def __init__(self, url: str, timeout_s: float, retries: int, headers: dict[str, str] | None = None) -> None:
-        self.url, self.timeout_s, self.retries = url, timeout_s, retries
+    """A reward component (actors/rewards/components.py) named `remote`."""
+
+    name = REMOTE
+
+    def __init__(
+        self, url: str, timeout_s: float, retries: int, weight: float = 1.0, headers: dict[str, str] | None = None
+    ) -> None:
+        self.url, self.timeout_s, self.retries, self.weight = url, timeout_s, retries, weight
         self.headers = {"Content-Type": "application/json", **(headers or {})}
 
     def _post(self, body: bytes, n: int) -> np.ndarray:
@@ -39,19 +49,16 @@ class RemoteReward:
         scores = payload.get("scores") if isinstance(payload, dict) else payload
         return as_scores(scores, n, f"remote reward {self.url}")
 
-    def score(
-        self, prompts: list[Any], completions: list[str], references: list[str | None], extras: list[dict[str, Any]]
-    ) -> np.ndarray:
+    def score(self, batch: RewardBatch) -> np.ndarray:
         """float32 scores of the batch (NaN where the server said null); raises after the last retry."""
-        body = json.dumps(
-            {"prompts": prompts, "completions": completions, "references": references, "extras": extras}
-        ).encode()
+        body = json.dumps({"prompts": batch.prompts, "completions": batch.responses,
+                           "references": batch.references, "extras": batch.extras}).encode()  # fmt: skip
         errors = []
         for attempt in range(self.retries + 1):
             if attempt:
                 time.sleep(min(BACKOFF_S * 2 ** (attempt - 1), 5.0))
             try:
-                return self._post(body, len(completions))
+                return self._post(body, len(batch.responses))
             except (OSError, ValueError, RewardFunctionError) as e:  # URLError, HTTPError, timeouts, bad JSON
                 detail = f"HTTP {e.code}" if isinstance(e, urllib.error.HTTPError) else f"{type(e).__name__}: {e}"
                 errors.append(detail)

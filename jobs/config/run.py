@@ -14,6 +14,7 @@ from typing import Any, Literal
 
 from pydantic import Field, model_validator
 
+from rayrlhf.actors.rewards.names import RESERVED
 from rayrlhf.jobs.config.base import (
     StrictModel,
     load_yaml,
@@ -80,9 +81,6 @@ class RolloutConfig(StrictModel):
     torch_threads: int = Field(2, ge=1)
 
 
-RESERVED_COMPONENTS = {"freq", "sim", "bleu", "rouge_l", "rm", "remote", "total", "raw", "length", "empty_frac",
-                       "truncated_frac", "length_penalty", "length_ratio"}
-"""Names the built-in components and the logged reward metrics use; a user function cannot take them."""
 _NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 
 
@@ -116,7 +114,7 @@ class RewardFunctionConfig(StrictModel):
             data["name"] = function_name(data["path"])
         if not _NAME.fullmatch(data["name"]):
             raise ValueError(f"name {data['name']!r} must be a Python-style identifier (letters, digits, _)")
-        if data["name"] in RESERVED_COMPONENTS:
+        if data["name"] in RESERVED:
             raise ValueError(f"name {data['name']!r} is taken by a built-in reward metric; give another `name`")
         return data
 
@@ -173,7 +171,7 @@ class RewardConfig(StrictModel):
     truncation_penalty: float = Field(1.0, ge=0)
 
     @model_validator(mode="after")
-    def _rm_needs_model(self) -> RewardConfig:
+    def _rm_model_and_unique_names(self) -> RewardConfig:
         if self.rm_weight != 0 and not self.rm_model:
             raise ValueError("reward.rm_weight != 0 needs reward.rm_model (a directory from `rayrlhf train-rm`)")
         names = [f.name for f in self.functions]
