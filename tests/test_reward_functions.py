@@ -23,6 +23,7 @@ from rayrlhf.actors.rewards.names import RESERVED
 from rayrlhf.actors.rewards.remote import RemoteReward, RemoteRewardError
 from rayrlhf.actors.rewards.user_functions import (
     RewardFunctionError,
+    as_scores,
     batch_arguments,
     call_function,
     check_functions,
@@ -353,3 +354,13 @@ def test_tune_searches_a_function_weight(tmp_path):
     path.write_text(yaml.safe_dump(spec))
     with pytest.raises(ConfigError, match=r"no entry named 'nope'.*\['math_exact_match', 'm2'\]"):
         load_tune_config(path)
+
+
+def test_nan_or_inf_from_a_function_or_a_server_fails_naming_it():
+    """None says "does not apply"; a NaN would drop the component out of the reward and the logs unseen."""
+    assert np.isnan(as_scores([1.0, None], 2, "f")[1])
+    for bad in (float("nan"), np.float32("nan"), float("inf"), -np.inf):
+        with pytest.raises(RewardFunctionError, match=r"reward function 'all_nan': row 1 is .*or None for a row"):
+            as_scores([0.5, bad], 2, "reward function 'all_nan'")
+    with pytest.raises(RewardFunctionError, match=r"remote reward http://x: row 0 is nan"):
+        as_scores(json.loads("[NaN, 1.0]"), 2, "remote reward http://x")  # a server's JSON NaN literal

@@ -134,7 +134,9 @@ def call_function(fn: Callable[..., Any], name: str, kwargs: dict[str, list[Any]
 
 
 def as_scores(result: Any, n: int, who: str) -> np.ndarray:
-    """A list of n floats / None (or a 1-D array) as float32 with NaN for None; anything else is an error."""
+    """A list of n floats / None (or a 1-D array) as float32 with NaN for None; anything else, a NaN or an
+    infinity included, is an error naming `who` (a function returning NaN would otherwise drop out of
+    the reward and the logs in silence)."""
     if isinstance(result, (str, bytes, dict)) or not hasattr(result, "__len__"):
         raise RewardFunctionError(f"{who} returned {type(result).__name__}; expected a list of {n} floats or None")
     if len(result) != n:
@@ -148,6 +150,7 @@ def as_scores(result: Any, n: int, who: str) -> np.ndarray:
             out[i] = float(value)
         except (TypeError, ValueError):
             raise RewardFunctionError(f"{who}: row {i} is {value!r:.40}, not a number or None") from None
-        if math.isinf(out[i]):
-            raise RewardFunctionError(f"{who}: row {i} is infinite")
+        if not math.isfinite(out[i]):  # NaN is no "does not apply": that is None, said on purpose
+            raise RewardFunctionError(f"{who}: row {i} is {value}; return a finite number, or None for a row "
+                                      "it does not score")
     return out
