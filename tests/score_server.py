@@ -12,6 +12,7 @@ class ScoreServer:
 
     def __init__(self, fail_first: int = 0, delay_s: float = 0.0) -> None:
         self.requests: list[dict] = []
+        self.headers: list[dict[str, str]] = []
         self.fail_first, self.delay_s = fail_first, delay_s
         outer = self
 
@@ -19,6 +20,7 @@ class ScoreServer:
             def do_POST(self):
                 body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
                 outer.requests.append(body)
+                outer.headers.append(dict(self.headers))
                 if len(outer.requests) <= outer.fail_first:
                     self.send_response(500)
                     self.end_headers()

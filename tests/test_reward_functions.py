@@ -222,6 +222,24 @@ def test_remote_reward_timeout_and_dead_port_fail(server):
         RemoteReward(dead, timeout_s=1, retries=0).score(ONE_ROW)
 
 
+def test_remote_reward_headers_from_the_environment_and_a_response_size_cap(server, monkeypatch, tmp_path):
+    monkeypatch.setenv("SCORER_AUTH", "Bearer s3cret")
+    remote = RemoteReward(server.url, timeout_s=5, retries=0, headers_env={"Authorization": "SCORER_AUTH"})
+    np.testing.assert_array_equal(remote.score(ONE_ROW), [1.0])
+    assert server.headers[-1]["Authorization"] == "Bearer s3cret"
+    with pytest.raises(RemoteRewardError, match=r"larger than reward.remote.max_response_bytes=8"):
+        RemoteReward(server.url, timeout_s=5, retries=0, max_response_bytes=8).score(ONE_ROW)  # {"scores": [1.0]}
+    monkeypatch.delenv("SCORER_AUTH")
+    with pytest.raises(RemoteRewardError, match="reward.remote.headers_env: SCORER_AUTH not set"):
+        RemoteReward(server.url, timeout_s=5, retries=0, headers_env={"Authorization": "SCORER_AUTH"})
+    # before Ray starts: an unset variable and retries that outlast the scorer's timeout are config errors
+    remote_cfg = f"reward.remote={{url: '{server.url}', headers_env: {{Authorization: SCORER_AUTH}}}}"
+    with pytest.raises(ConfigError, match="SCORER_AUTH not set"):
+        prepare(load_config("tiny", [remote_cfg, f"output_dir={tmp_path}"]))
+    with pytest.raises(ConfigError, match=r"3 tries of timeout_s=50 do not fit in fault_tolerance.score_timeout_s=120"):
+        load_config("tiny", [f"reward.remote={{url: '{server.url}', timeout_s: 50}}"])
+
+
 # ---------------------------------------------------------------- inside the scorer
 
 

@@ -10,9 +10,11 @@ batch fails with the last error, so a step is never trained on a silently missin
 from __future__ import annotations
 
 import json
+import os
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Mapping
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -31,21 +33,34 @@ class RemoteRewardError(RuntimeError):
     """The remote reward could not score a batch after every retry."""
 
 
+def env_headers(headers_env: dict[str, str], environ: Mapping[str, str] = os.environ) -> dict[str, str]:
+    """{header: value} from {header: VARIABLE}; a variable that is not set is an error naming it."""
+    missing = sorted(var for var in headers_env.values() if var not in environ)
+    if missing:
+        raise RemoteRewardError(f"reward.remote.headers_env: {', '.join(missing)} not set in this environment")
+    return {header: environ[var] for header, var in headers_env.items()}
+
+
 class RemoteReward:
     """A reward component (actors/rewards/components.py) named `remote`."""
 
     name = REMOTE
 
     def __init__(
-        self, url: str, timeout_s: float, retries: int, weight: float = 1.0, headers: dict[str, str] | None = None
+        self, url: str, timeout_s: float, retries: int, weight: float = 1.0, headers: dict[str, str] | None = None,
+        headers_env: dict[str, str] | None = None, max_response_bytes: int = 1 << 20,
     ) -> None:
         self.url, self.timeout_s, self.retries, self.weight = url, timeout_s, retries, weight
-        self.headers = {"Content-Type": "application/json", **(headers or {})}
+        self.max_response_bytes = max_response_bytes
+        self.headers = {"Content-Type": "application/json", **(headers or {}), **env_headers(headers_env or {})}
 
     def _post(self, body: bytes, n: int) -> np.ndarray:
         request = urllib.request.Request(self.url, data=body, headers=self.headers, method="POST")
         with urllib.request.urlopen(request, timeout=self.timeout_s) as response:
-            payload = json.loads(response.read())
+            data = response.read(self.max_response_bytes + 1)
+        if len(data) > self.max_response_bytes:
+            raise ValueError(f"the response is larger than reward.remote.max_response_bytes={self.max_response_bytes}")
+        payload = json.loads(data)
         scores = payload.get("scores") if isinstance(payload, dict) else payload
         return as_scores(scores, n, f"remote reward {self.url}")
 

@@ -127,6 +127,12 @@ class RemoteRewardConfig(StrictModel):
     retries: int = Field(2, ge=0)
     """Retries of a failed call; after the last one the step fails (never a silent 0)."""
     weight: float = 1.0
+    headers_env: dict[str, str] = {}
+    """HTTP headers whose values come from environment variables, {header: VARIABLE}, e.g.
+    {Authorization: SCORER_AUTH}: secrets stay out of config files and logs. The variable must be set
+    where the run starts (`rayrlhf submit --env VARIABLE` carries it to a cluster's job)."""
+    max_response_bytes: int = Field(1 << 20, ge=1)
+    """A larger response is an error (a misbehaving server cannot fill the scorer's memory)."""
 
 
 class RewardConfig(StrictModel):
@@ -383,6 +389,12 @@ class RunConfig(StrictModel):
             )
         if self.algorithm.name == "grpo" and self.rollout.samples_per_prompt < 2:
             raise ValueError("algorithm.name=grpo needs rollout.samples_per_prompt >= 2")
+        remote = self.reward.remote
+        if remote is not None and (remote.retries + 1) * remote.timeout_s >= self.fault_tolerance.score_timeout_s:
+            raise ValueError(
+                f"reward.remote: {remote.retries + 1} tries of timeout_s={remote.timeout_s:g} do not fit in "
+                f"fault_tolerance.score_timeout_s={self.fault_tolerance.score_timeout_s:g}: lower them or raise it"
+            )
         if self.learner.backend == "nccl" and self.learner.num_gpus <= 0:
             raise ValueError("learner.backend=nccl needs learner.num_gpus > 0")
         return self
