@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import sys
 import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -20,6 +21,7 @@ from typing import Any
 
 import ray
 import yaml
+from transformers import AutoTokenizer
 
 from rayrlhf.actors.rewards.embeddings import resolve_embedding_model
 from rayrlhf.actors.runtime.models import missing_lora_targets, resolve_policy
@@ -32,7 +34,7 @@ from rayrlhf.cluster.storage import Storage
 from rayrlhf.jobs.run import checkpoint
 from rayrlhf.jobs.config.base import ConfigError
 from rayrlhf.jobs.config.run import RunConfig
-from rayrlhf.jobs.data.prompts import load_task
+from rayrlhf.jobs.data.prompts import check_prompt_lengths, load_task
 from rayrlhf.jobs.data.sampler import PromptSampler
 from rayrlhf.jobs.run.health import HealthMonitor, weighted_components
 from rayrlhf.jobs.run.evaluation import evaluate
@@ -111,6 +113,14 @@ def prepare(cfg: RunConfig) -> tuple[list[Prompt], list[Prompt]]:
             policy_dir = resolve_policy(cfg.policy.model, cfg.policy.cache_dir)  # built-in ones: converted once, here
         except (ValueError, FileNotFoundError) as e:
             raise ConfigError(f"policy.model: {e}") from e
+        try:
+            cut = check_prompt_lengths(AutoTokenizer.from_pretrained(policy_dir), train_set + eval_set, cfg.data,
+                                       cfg.policy.max_prompt_tokens)
+        except ValueError as e:
+            raise ConfigError(f"data: {e}") from e
+        if cut:
+            print(f"data: {cut} prompts are longer than policy.max_prompt_tokens={cfg.policy.max_prompt_tokens}; "
+                  "they are cut from the left (data.overlong_prompts=truncate)", file=sys.stderr)
         if cfg.policy.lora and (missing := missing_lora_targets(policy_dir, cfg.policy.lora.target_modules)):
             raise ConfigError(f"policy.lora.target_modules: {missing} match no layer of {cfg.policy.model}; "
                               'name its layers (e.g. c_attn for GPT-2, q_proj for Llama) or use "all-linear"')

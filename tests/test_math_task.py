@@ -61,3 +61,27 @@ def test_gsm8k_fields_are_read_and_a_whole_file_is_used(tmp_path):
     assert p.text == "What is 3 + 1?" and p.reference.endswith("#### 4") and p.extra == {"source": "x"}
     with pytest.raises(DataError, match="x:1: 'reference' must be a string"):
         to_prompt({"question": "q", "answer": 4}, 0, "x:1")
+
+
+def test_a_file_that_is_not_utf8_names_its_line(tmp_path):
+    path = tmp_path / "latin1.jsonl"
+    path.write_bytes(b'{"prompt": "ok"}\n{"prompt": "caf\xe9"}\n')
+    with pytest.raises(DataError, match=r"latin1.jsonl: line 2: not UTF-8 \(byte 15: b'\\xe9'\)"):
+        load_task(str(path), None, None, 1, seed=0)
+
+
+def test_overlong_prompts_are_found_before_ray_starts(tmp_path, capsys):
+    from rayrlhf.jobs.config.base import ConfigError
+    from rayrlhf.jobs.config.run import load_config
+    from rayrlhf.jobs.train import prepare
+
+    path = tmp_path / "long.jsonl"
+    rows = [{"prompt": "short question?"}] * 9 + [{"prompt": "word " * 60}]
+    path.write_text("\n".join(json.dumps(r) for r in rows))
+    base = ["data.train=" + str(path), "policy.max_prompt_tokens=32", f"output_dir={tmp_path / 'run'}",
+            "data.eval=" + str(path)]
+    with pytest.raises(ConfigError, match=r"data: 1 of \d+ prompts are longer than policy.max_prompt_tokens=32 "
+                                          r"once rendered; the first: prompt 9 \(\d+ tokens\)"):
+        prepare(load_config("tiny", base))
+    prepare(load_config("tiny", [*base, "data.overlong_prompts=truncate"]))
+    assert "data: 1 prompts are longer than policy.max_prompt_tokens=32" in capsys.readouterr().err

@@ -66,6 +66,9 @@ class DataConfig(StrictModel):
     num_eval: int = Field(100, ge=1)
     use_chat_template: bool = True
     system_prompt: str | None = None
+    overlong_prompts: Literal["error", "truncate"] = "error"
+    """A prompt longer than policy.max_prompt_tokens once rendered (chat template, system prompt):
+    "error" stops before Ray starts, naming it; "truncate" cuts it from the left and says how many were."""
 
 
 class RolloutConfig(StrictModel):

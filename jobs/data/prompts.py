@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from rayrlhf.actors.rl.trajectory import Prompt
-from rayrlhf.jobs.config.run import BUILTIN_NUM_TRAIN
+from rayrlhf.jobs.config.run import BUILTIN_NUM_TRAIN, DataConfig
 from rayrlhf.jobs.data.math_task import math_task
 from rayrlhf.jobs.data.task import builtin_task
 
@@ -73,10 +73,15 @@ def _is_nan(value: Any) -> bool:
 
 def _read_jsonl(path: Path, limit: int | None, convert: Callable[[Any, int, str], T]) -> list[T]:
     prompts: list[T] = []
-    with path.open(encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
+    with path.open("rb") as f:
+        for lineno, raw in enumerate(f, start=1):
             if limit is not None and len(prompts) >= limit:
                 break
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise DataError(f"{path}: line {lineno}: not UTF-8 (byte {e.start}: {raw[e.start:e.start + 1]!r}); "
+                                "save the file as UTF-8") from None
             if not line.strip():
                 continue
             where = f"{path}: line {lineno}"
@@ -172,3 +177,24 @@ def load_task(
         held = max(1, len(rows) // 10)
         train_set, eval_set = rows[:-held][:num_train], rows[-held:][:num_eval]
     return _renumber(train_set, 0), _renumber(eval_set, len(train_set))
+
+
+def check_prompt_lengths(tokenizer: Any, prompts: list[Prompt], data: DataConfig, max_prompt_tokens: int) -> int:
+    """Render every prompt as the rollout will (chat template, system prompt) and count those over
+    max_prompt_tokens; under data.overlong_prompts=error the first one is an error naming it."""
+    from rayrlhf.actors.generation.tokens import prompt_token_ids
+
+    over = []
+    for p in prompts:
+        n = len(prompt_token_ids(tokenizer, p, use_chat_template=data.use_chat_template,
+                                 system_prompt=data.system_prompt, max_prompt_tokens=1 << 30))  # fmt: skip
+        if n > max_prompt_tokens:
+            over.append((p, n))
+    if over and data.overlong_prompts == "error":
+        p, n = over[0]
+        raise DataError(
+            f"{len(over)} of {len(prompts)} prompts are longer than policy.max_prompt_tokens={max_prompt_tokens} "
+            f"once rendered; the first: prompt {p.id} ({n} tokens): {str(p.text)[:60]!r}...; raise "
+            "policy.max_prompt_tokens, shorten them, or set data.overlong_prompts=truncate (cut from the left)"
+        )
+    return len(over)
