@@ -14,6 +14,7 @@ import os
 import shutil
 import sys
 import tempfile
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -61,6 +62,12 @@ def save(roles: Roles, destination: Storage) -> None:
     """A Hugging Face directory of the policy (a collective: every rank joins, rank 0 writes, from its
     own node, straight to the user's storage)."""
     ray.get([learner.save.remote(destination) for learner in roles.learner])
+
+
+def checkpoint_due(cfg: RunConfig, step: int, saved_at: float) -> bool:
+    """Every checkpoint.every steps, and once checkpoint.every_minutes have passed since the last save."""
+    every, minutes = cfg.checkpoint.every, cfg.checkpoint.every_minutes
+    return bool(every and step % every == 0) or (minutes is not None and time.monotonic() - saved_at >= 60 * minutes)
 
 
 def keep_if_best(run: RunState, storage: Storage, metrics: dict[str, float]) -> None:
@@ -206,7 +213,7 @@ def train(
                         keep_if_best(run, storage, metrics)
                     tracker.log(step, metrics)
                     run.history.append({"step": step, **metrics})
-                    if cfg.checkpoint.every and step % cfg.checkpoint.every == 0:
+                    if checkpoint_due(cfg, step, run.saved_at):
                         run.save()
                         storage.upload(output_dir)  # the logs so far, beside the checkpoint
                 except LearnerFailure as e:

@@ -2,6 +2,7 @@
 of the last finished step, and the same command resumes from it once the cause is fixed."""
 
 import json
+import time
 
 import pytest
 
@@ -9,7 +10,7 @@ from rayrlhf.cluster.local import init_ray, shutdown_ray
 from rayrlhf.jobs.config.run import load_config
 from rayrlhf.jobs.run import checkpoint
 from rayrlhf.jobs.run.recovery import ScoreError
-from rayrlhf.jobs.train import train
+from rayrlhf.jobs.train import checkpoint_due, train
 
 FLAKY = '''
 import pathlib
@@ -53,3 +54,14 @@ def test_a_step_that_fails_leaves_the_last_finished_step_and_the_run_resumes(loc
     assert [h["step"] for h in result.history] == [1, 2, 3]
     assert [row["step"] for row in map(json.loads, (tmp_path / "run" / "metrics.jsonl").read_text().splitlines())
             ] == [0, 1, 2, 3, 3]
+
+
+def test_checkpoints_are_due_by_steps_and_by_time():
+    cfg = load_config("tiny", ["checkpoint.every=3", "checkpoint.every_minutes=2"])
+    now = time.monotonic()
+    assert checkpoint_due(cfg, 3, now) and checkpoint_due(cfg, 6, now)  # by steps
+    assert not checkpoint_due(cfg, 4, now) and not checkpoint_due(cfg, 5, now - 119)
+    assert checkpoint_due(cfg, 5, now - 121)  # by time since the last save
+    off = load_config("tiny", ["checkpoint.every=0", "checkpoint.every_minutes=null"])
+    assert not checkpoint_due(off, 3, now - 10**6)
+    assert load_config("default").checkpoint.every_minutes == 30  # the default bounds what a death can lose

@@ -295,7 +295,10 @@ class CheckpointConfig(StrictModel):
     """The run checkpoint (jobs/run/checkpoint.py): everything exact resume needs, under output_dir/checkpoints."""
 
     every: int = Field(0, ge=0)
-    """Write one every N steps (0: only when the driver gets SIGINT/SIGTERM). `save_every` sets this too."""
+    """Write one every N steps (0: off). `save_every` sets this too."""
+    every_minutes: float | None = Field(30.0, gt=0)
+    """Also write one when this much time has passed since the last (None: off), so a driver or machine
+    death loses at most that much work. A stop (SIGINT/SIGTERM) or an error always writes one."""
     keep: int = Field(2, ge=1)
     """The last N checkpoints are kept; older ones are deleted once a newer one is complete."""
 

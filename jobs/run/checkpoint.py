@@ -45,7 +45,7 @@ FREE_FIELDS = (
     "fault_tolerance", "cluster", "logging", "data.eval", "data.num_eval", "reward.rm_batch_size",
     "rollout.num_cpus", "rollout.num_gpus", "rollout.torch_threads", "reward.num_cpus", "reward.torch_threads",
     "kl.num_cpus", "kl.torch_threads", "learner.num_cpus", "learner.num_gpus", "learner.torch_threads",
-    "learner.backend",
+    "learner.backend", "data.overlong_prompts",
 )
 """Config fields a resumed run may change: where and how it runs, how long, what it logs and
 evaluates; not what the training steps compute. Every other field must match the checkpoint's."""

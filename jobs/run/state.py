@@ -14,6 +14,7 @@ import json
 import signal
 import sys
 import threading
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -155,6 +156,8 @@ class RunState:
     learner_restarts: int = 0
     """In this job (a resumed job starts again from 0)."""
     saved_step: int | None = None
+    saved_at: float = field(default_factory=time.monotonic)
+    """time.monotonic() of the last checkpoint written (or of the start): checkpoint.every_minutes counts from it."""
     initial: dict[str, Any] | None = None
     """The driver state at step 0, for a learner restart before the first checkpoint."""
     resumed_from: Path | None = None
@@ -196,7 +199,7 @@ class RunState:
             {"learner_ranks": learner_cfg.num_ranks, "zero_stage": learner_cfg.zero_stage}, self.cfg.checkpoint.keep,
             self.remote, write_extra=self.pipeline.save_ahead,
         )
-        self.saved_step = self.step
+        self.saved_step, self.saved_at = self.step, time.monotonic()
         return path
 
     def save_after_error(self, before: dict[str, Any], error: BaseException) -> Path | None:
