@@ -38,7 +38,7 @@ def scaled_logprobs(logits: torch.Tensor, temperature: torch.Tensor) -> torch.Te
 
 def nucleus(probs: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
     """[n, V] probabilities cut to the smallest set of tokens holding top_p of each row's mass (at least
-    its most likely token; top_p = 0 keeps only it), in vocabulary order, unnormalised."""
+    its most likely token), in vocabulary order, unnormalised."""
     sorted_probs, order = probs.sort(dim=-1, descending=True)
     outside = (sorted_probs.cumsum(-1) - sorted_probs) >= top_p[:, None]  # the mass ranked above is enough
     outside[:, 0] = False
@@ -48,11 +48,12 @@ def nucleus(probs: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
 def sample_tokens(
     scores: torch.Tensor, temperature: torch.Tensor, top_p: torch.Tensor, generators: list[torch.Generator]
 ) -> torch.Tensor:
-    """One token per row: argmax where temperature is 0, else a draw from exp(scores) cut to top_p, with
-    the row's own generator. scores: scaled_logprobs of the logits (a batch of greedy rows needs only
-    their argmax: the raw logits do). A row's draw depends on its own scores and generator only."""
+    """One token per row: argmax where temperature is 0 (or top_p is: it keeps only the top token),
+    else a draw from exp(scores) cut to top_p, with the row's own generator. scores: scaled_logprobs of
+    the logits (a batch of greedy rows needs only their argmax: the raw logits do). A row's draw
+    depends on its own scores and generator only."""
     tokens = scores.argmax(dim=-1)
-    sampled = torch.nonzero(temperature > 0).flatten()
+    sampled = torch.nonzero((temperature > 0) & (top_p > 0)).flatten()
     if len(sampled) == 0:
         return tokens
     probs, top_p = scores[sampled].exp(), top_p[sampled]
