@@ -2,15 +2,16 @@
 
 A plain class; the driver makes it a Ray actor. It returns a Trajectory of numpy arrays, so the
 batch crosses the object store zero-copy. Notes on what the learner can rely on:
-- Sampling is exactly softmax(logits / temperature), restricted by top_p, in the worker's own decode
-  loop (`_decode`): each prompt is prefilled once for its k samples and rows leave the batch at
-  their EOS. The model's generation_config (top_k, repetition penalty, ...) plays no part; it is
-  replaced by a neutral one at load time for anyone who calls HF generate on the model.
+- Sampling is exactly softmax(logits / temperature), restricted by top_p, in the generation engine
+  that Serve uses too (actors/generation/engine.py): each prompt is prefilled once for its k
+  samples and rows leave the batch at their EOS. The model's generation_config (top_k, repetition
+  penalty, ...) plays no part. Each row draws from its own generator, seeded from (seed, policy
+  version, call counter, row): see actors/generation/sampler.py for the scheme resume relies on.
   old_logprobs are log softmax(logits / temperature) without the top_p cut (as OpenRLHF and
   verl do), so with top_p < 1 they are not the exact sampling probabilities. They are recorded
   while sampling, from the same logits (a second forward pass cost 40% of the rollout time);
   a KV-cached decode differs from a full forward pass by 1e-6 to 1e-5, far below what the
-  PPO ratio's clip sees.
+  PPO ratio's clip sees. Greedy (evaluation) rows record log softmax(logits), at temperature 1.
 - `Trajectory.prompts` holds the prompt as the policy saw it: after the chat template and the
   left truncation to max_prompt_tokens, decoded with special tokens kept.
 """
@@ -19,27 +20,16 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-from transformers import GenerationConfig
 
+from rayrlhf.actors.generation.engine import GenerationEngine, LocalEngine
+from rayrlhf.actors.generation.requests import SamplingParams
+from rayrlhf.actors.generation.sampler import mix_seed
+from rayrlhf.actors.generation.tokens import left_pad, prompt_token_ids
+from rayrlhf.actors.rl.trajectory import Prompt, Trajectory
 from rayrlhf.actors.runtime.devices import select_device, select_dtype
 from rayrlhf.actors.runtime.host_memory import keep_freed_memory
-from rayrlhf.actors.rl.logprobs import position_ids
-from rayrlhf.actors.runtime.models import load_policy, resolve_policy_here, transpose_output_head
-from rayrlhf.actors.generation.tokens import eos_token_ids, left_pad, prompt_token_ids
-from rayrlhf.actors.rl.trajectory import Prompt, Trajectory
+from rayrlhf.actors.runtime.models import load_policy, resolve_policy_here
 from rayrlhf.actors.runtime.weight_sync import BroadcastGroup, Weights, check_names
-
-
-def nucleus(logp: torch.Tensor, top_p: float) -> torch.Tensor:
-    """[n, V] probabilities of exp(logp) cut to the smallest set of tokens holding top_p of the mass
-    (at least one token), unnormalised: torch.multinomial does not need it."""
-    probs = logp.exp()
-    if top_p >= 1.0:
-        return probs
-    sorted_probs, order = probs.sort(dim=-1, descending=True)
-    before = sorted_probs.cumsum(-1) - sorted_probs  # mass of the tokens ranked above each one
-    sorted_probs = sorted_probs.masked_fill(before >= top_p, 0.0)
-    return torch.zeros_like(probs).scatter_(-1, order, sorted_probs)
 
 
 class RolloutWorker:
@@ -64,14 +54,10 @@ class RolloutWorker:
         self.device = select_device(device)
         keep_freed_memory(self.device)
         path = resolve_policy_here(model, cache_dir)  # on this node: the driver's paths mean nothing here
-        self.model, self.tokenizer = load_policy(path, select_dtype(dtype, self.device), self.device)
-        self.model.requires_grad_(False)
-        transpose_output_head(self.model)  # decode steps drop finished rows: few rows against a big head
-        self.eos_ids = eos_token_ids(self.model, self.tokenizer)
-        self.pad_id = self.tokenizer.pad_token_id
-        self.model.generation_config = GenerationConfig(
-            eos_token_id=self.eos_ids, pad_token_id=self.pad_id, bos_token_id=self.tokenizer.bos_token_id
-        )
+        local = LocalEngine(*load_policy(path, select_dtype(dtype, self.device), self.device))
+        self.engine: GenerationEngine = local
+        self.model, self.tokenizer = local.model, local.tokenizer  # weights are loaded into this model
+        self.eos_ids, self.pad_id = local.eos_ids, local.pad_id
         self.max_prompt_tokens = max_prompt_tokens
         self.use_chat_template = use_chat_template
         self.system_prompt = system_prompt
@@ -131,55 +117,6 @@ class RolloutWorker:
     def _left_padded(self, prompts: list[Prompt]) -> tuple[torch.Tensor, torch.Tensor]:
         return left_pad([self._prompt_ids(p) for p in prompts], self.pad_id)
 
-    def _choose(self, logp: torch.Tensor, greedy: bool, rows: torch.Tensor) -> torch.Tensor:
-        """The next token of each still-running row (`rows`: their indices in the batch)."""
-        if greedy:
-            return logp.argmax(dim=-1)
-        return torch.multinomial(nucleus(logp, self.top_p), 1).squeeze(-1)
-
-    def _decode(
-        self, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, k: int, greedy: bool, max_new_tokens: int
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """[B*k, P + N] prompt and response tokens (padding after a row's EOS) and [B*k, N] the
-        response tokens' log-probs (0 after EOS), like HF generate(num_return_sequences=k).
-
-        Each prompt is prefilled once and its KV cache copied to its k samples; a row that emits
-        EOS leaves the batch, so later steps only run the rows still writing. The log-probs are
-        log softmax(logits / T) of the logits each token was sampled from (before the top_p cut).
-        """
-        dev = self.device  # the model and its cache live there; tokens are chosen on the CPU
-        out = self.model(input_ids=prompt_ids.to(dev), attention_mask=prompt_mask.to(dev),
-                         position_ids=position_ids(prompt_mask).to(dev), use_cache=True, logits_to_keep=1)  # fmt: skip
-        cache, logits = out.cache, out.logits[:, -1].cpu()  # `cache`: past_key_values renamed in transformers 5.2x
-        if k > 1:
-            cache.batch_repeat_interleave(k)
-            logits = logits.repeat_interleave(k, dim=0)
-        mask = prompt_mask.repeat_interleave(k, dim=0)
-        rows = torch.arange(len(mask))  # batch index of each row still writing
-        tokens_out = torch.full((len(mask), max_new_tokens), self.pad_id, dtype=torch.long)
-        logp_out = torch.zeros((len(mask), max_new_tokens), dtype=torch.float32)
-        eos = torch.tensor(self.eos_ids)
-        steps = 0
-        for step in range(max_new_tokens):
-            logp = torch.log_softmax(logits.float() / self.temperature, dim=-1)
-            tokens = self._choose(logp, greedy, rows)
-            tokens_out[rows, step] = tokens
-            logp_out[rows, step] = logp.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
-            steps = step + 1
-            running = ~torch.isin(tokens, eos)
-            if step + 1 == max_new_tokens or not running.any():
-                break
-            if not running.all():
-                keep = running.nonzero().squeeze(-1)
-                cache.batch_select_indices(keep)
-                rows, tokens, mask = rows[keep], tokens[keep], mask[keep]
-            next_position = mask.sum(dim=1, keepdim=True)  # positions count real tokens only
-            mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
-            out = self.model(input_ids=tokens.unsqueeze(-1).to(dev), attention_mask=mask.to(dev),
-                             position_ids=next_position.to(dev), cache=cache, use_cache=True)  # fmt: skip
-            logits = out.logits[:, -1].cpu()
-        return torch.cat([prompt_ids.repeat_interleave(k, dim=0), tokens_out[:, :steps]], dim=1), logp_out[:, :steps]
-
     @torch.no_grad()
     def generate(
         self, prompts: list[Prompt], greedy: bool = False, max_new_tokens: int | None = None, num_beams: int = 1,
@@ -198,28 +135,21 @@ class RolloutWorker:
         if num_beams > 1 and not greedy:
             raise ValueError("num_beams > 1 is for greedy (evaluation) decoding, not for sampling")
         k = 1 if greedy else samples or self.samples_per_prompt
-        prompt_ids, prompt_mask = self._left_padded(prompts)
-        rendered = [self.tokenizer.decode(row[mask.bool()]) for row, mask in zip(prompt_ids, prompt_mask)]
-        # Reproducible per (seed, version, call), independent of what else ran in this process.
-        if seed is None:
-            torch.manual_seed(int(np.random.SeedSequence([self.seed, self.version, self._calls]).generate_state(1)[0]))
+        ids = [self._prompt_ids(p) for p in prompts]
+        prompt_ids, prompt_mask = left_pad(ids, self.pad_id)
+        rendered = [self.tokenizer.decode(row) for row in ids]
+        if seed is None:  # the sampler's RNG scheme (actors/generation/sampler.py): rows add their index
+            seed = mix_seed(self.seed, self.version, self._calls)
             self._calls += 1
-        else:
-            torch.manual_seed(int(np.random.SeedSequence([seed]).generate_state(1)[0]))
         budget = max_new_tokens or self.max_new_tokens
-        if num_beams > 1:  # held-out evaluation only: HF's beam search, no log-probs (never trained on)
-            sequences = self.model.generate(
-                input_ids=prompt_ids.to(self.device), attention_mask=prompt_mask.to(self.device), do_sample=False,
-                max_new_tokens=budget, num_beams=num_beams, early_stopping=True,
-            ).cpu()
-            recorded = torch.zeros(len(sequences), sequences.shape[1] - prompt_ids.shape[1])
+        if num_beams > 1:  # held-out evaluation only: beam search, no log-probs (never trained on)
+            out = self.engine.beam_search(ids, 1, num_beams, budget)
         else:
-            sequences, recorded = self._decode(prompt_ids, prompt_mask, k, greedy, budget)
-        width = prompt_ids.shape[1]
+            params = SamplingParams(max_tokens=budget, temperature=0.0 if greedy else self.temperature,
+                                    top_p=self.top_p, stop=(), seed=seed)  # fmt: skip
+            out = self.engine.generate(ids, k, params)
+        response, recorded = out.tokens, out.logprobs
         prompt_ids, prompt_mask = prompt_ids.repeat_interleave(k, dim=0), prompt_mask.repeat_interleave(k, dim=0)
-        if not torch.equal(sequences[:, :width], prompt_ids):
-            raise RuntimeError("generate() returned rows in an unexpected order")
-        response = sequences[:, width:]
         is_eos = torch.isin(response, torch.tensor(self.eos_ids))
         after_eos = (is_eos.long().cumsum(1) - is_eos.long()) > 0  # strictly after the first EOS
         response = response.masked_fill(after_eos, self.pad_id)

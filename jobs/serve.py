@@ -34,13 +34,14 @@ from starlette.exceptions import HTTPException
 from transformers import AutoConfig
 
 from rayrlhf.actors.serving.scheduler import ContinuousScheduler
-from rayrlhf.actors.generation.beam_search import beam_search
+from rayrlhf.actors.generation.beam_search import beam_update
 from rayrlhf.actors.generation.decode_loop import DecodeLoop
 from rayrlhf.actors.runtime.devices import role_device
 from rayrlhf.actors.runtime.models import resolve_policy, resolve_policy_here
 from rayrlhf.actors.serving.openai_requests import Job, Kind, Limits, OpenAIEngine
 from rayrlhf.actors.serving.openai_schema import OpenAIError, sse
-from rayrlhf.actors.serving.text_generator import GenerationRequest, TextGenerator, Update, context_length
+from rayrlhf.actors.generation.requests import GenerationRequest, Update
+from rayrlhf.actors.serving.text_generator import TextGenerator, context_length
 from rayrlhf.actors.runtime.torch_thread import TorchThread
 from rayrlhf.cluster.local import init_ray, shutdown_ray
 from rayrlhf.jobs.config.base import ConfigError, validate
@@ -123,7 +124,7 @@ class OpenAIServer:
 
     async def _beams(self, generation: GenerationRequest) -> AsyncIterator[Update]:
         async with self._beam_lock:
-            yield await self.torch.run(beam_search, self.generator, generation)  # decode steps wait meanwhile
+            yield await self.torch.run(beam_update, self.generator, generation)  # decode steps wait meanwhile
 
     async def _updates(self, job: Job, request: Request) -> AsyncIterator[Update]:
         """The job's Updates, with a hard deadline; its rows leave the batch if we stop."""

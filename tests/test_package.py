@@ -130,6 +130,10 @@ def test_no_import_cycles_and_actors_never_import_the_drivers():
     assert roles <= set(graph)
     into_roles = {m: deps & roles for m, deps in graph.items() if m.startswith("rayrlhf.actors") and deps & roles}
     assert not into_roles, into_roles
+    # the generation engine serves both the rollout and Serve: it imports neither (serving imports it)
+    upward = {m: t for m, deps in graph.items() if m.startswith("rayrlhf.actors.generation")
+              for t in deps if t.startswith("rayrlhf.actors.serving")}
+    assert not upward, upward
     loose = {f"rayrlhf.actors.{p.stem}" for p in (REPO / "actors").glob("*.py") if p.stem != "__init__"} - roles
     assert not loose, f"actors/ holds the four roles and subpackages only: {sorted(loose)}"
 

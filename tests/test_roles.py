@@ -14,6 +14,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from rayrlhf.actors.generation.decode_loop import DecodeLoop
 from rayrlhf.actors.rl.logprobs import position_ids, token_logprobs
 from rayrlhf.actors.runtime.models import load_policy, resolve_policy
 from rayrlhf.actors.reference_policy import ReferencePolicy
@@ -106,8 +107,8 @@ def test_generate_shapes_masks_ids_and_text(model_dir):
         expected = unpadded_logprobs(model, full, temperature=0.7)[-int(resp.sum()) :]
         np.testing.assert_allclose(traj.old_logprobs[i][resp], expected, atol=1e-5)
 
-    # Seeded: a fresh worker repeats the first call; the next call samples something else.
-    again = make_worker(model_dir).generate(PROMPTS)
+    # Seeded: a fresh worker with the same settings repeats the first call; the next call samples something else.
+    again = make_worker(model_dir, temperature=0.7).generate(PROMPTS)
     np.testing.assert_array_equal(again.input_ids, traj.input_ids)
     assert not np.array_equal(worker.generate(PROMPTS).input_ids, traj.input_ids)
 
@@ -127,11 +128,15 @@ def test_generate_greedy_truncation_and_raw_text(model_dir):
                                   greedy.input_ids)  # fmt: skip
 
 
-def script_responses(worker: RolloutWorker, monkeypatch, rows: list[list[int]]) -> None:
-    """Make the worker pick these response tokens (one list per output row) instead of sampling;
+def script_responses(monkeypatch, rows: list[list[int]]) -> None:
+    """Make the engine pick these response tokens (one list per output row) instead of sampling;
     the recorded log-probs still come from the model's real logits at each step."""
-    script, step = torch.tensor(rows), iter(range(len(rows[0])))
-    monkeypatch.setattr(worker, "_choose", lambda logp, greedy, running: script[running, next(step)])
+    script = torch.tensor(rows)
+
+    def choose(loop, running, scores, temperature, top_p):
+        return script[[row.choice for row in running], [len(row.tokens) for row in running]]
+
+    monkeypatch.setattr(DecodeLoop, "_choose", choose)
 
 
 def responses_of_lengths(lengths: list[int], width: int, eos: int) -> list[list[int]]:
@@ -144,7 +149,7 @@ def test_generate_cuts_the_response_after_the_first_eos(model_dir, monkeypatch):
     worker = make_worker(model_dir)
     eos, pad = worker.tokenizer.eos_token_id, worker.tokenizer.pad_token_id  # 2 and 3 in tiny-gpt2
     # Row 0 ends at its EOS (the script goes on after it, the worker must not); row 1 never ends.
-    script_responses(worker, monkeypatch, [[300, eos, 301, 302], [303, 304, 305, 306]])
+    script_responses(monkeypatch, [[300, eos, 301, 302], [303, 304, 305, 306]])
     traj = worker.generate(PROMPTS, greedy=True, max_new_tokens=4)
     P = traj.input_ids.shape[1] - 4
     assert traj.input_ids[:, P:].tolist() == [[300, eos, pad, pad], [303, 304, 305, 306]]
@@ -160,16 +165,16 @@ def test_rows_that_end_leave_the_batch_and_the_others_keep_their_logprobs(model_
     """Sampled rows, but rows 1 and 4 are made to emit EOS at steps 2 and 4: they leave the decode
     batch (and its KV cache); every row's recorded log-probs must still equal a full forward pass."""
     worker = make_worker(model_dir, max_new_tokens=8)
-    eos, sample, step = worker.tokenizer.eos_token_id, worker._choose, iter(range(8))
+    eos, sample = worker.tokenizer.eos_token_id, DecodeLoop._choose
 
-    def choose(logp, greedy, running):
-        tokens, t = sample(logp, greedy, running), next(step)
-        for row, at in ((1, 2), (4, 4)):
-            if t == at:
-                tokens[running == row] = eos
+    def choose(loop, running, scores, temperature, top_p):
+        tokens = sample(loop, running, scores, temperature, top_p)
+        for i, row in enumerate(running):
+            if (row.choice, len(row.tokens)) in ((1, 2), (4, 4)):  # row 1 at its step 2, row 4 at its step 4
+                tokens[i] = eos
         return tokens
 
-    monkeypatch.setattr(worker, "_choose", choose)
+    monkeypatch.setattr(DecodeLoop, "_choose", choose)
     traj = worker.generate(PROMPTS)
     assert traj.response_lengths[[1, 4]].tolist() == [3, 5]
     full = token_logprobs(worker.model, torch.from_numpy(traj.input_ids), torch.from_numpy(traj.attention_mask), 1.0)
@@ -248,7 +253,7 @@ def test_learner_trains_a_batch_within_max_staleness_with_the_off_policy_loss(mo
     from rayrlhf.actors.learner import StaleTrajectoryError
 
     worker = make_worker(model_dir)
-    script_responses(worker, monkeypatch, responses_of_lengths(LENGTHS, 6, worker.tokenizer.eos_token_id))
+    script_responses(monkeypatch, responses_of_lengths(LENGTHS, 6, worker.tokenizer.eos_token_id))
     traj = worker.generate(PROMPTS)  # policy version 0
     scores = np.array([1, 0, 0, 0] * len(PROMPTS), dtype=np.float32)
     batch = LearnerBatch.join([traj], [Rewards(total=scores, raw_total=scores, components={})], [None])
@@ -268,7 +273,7 @@ def test_learner_step_sync_stale_and_save(model_dir, dist_env, tmp_path, monkeyp
     from rayrlhf.actors.learner import StaleTrajectoryError
 
     worker = make_worker(model_dir)
-    script_responses(worker, monkeypatch, responses_of_lengths(LENGTHS, 6, worker.tokenizer.eos_token_id))
+    script_responses(monkeypatch, responses_of_lengths(LENGTHS, 6, worker.tokenizer.eos_token_id))
     traj = worker.generate(PROMPTS)
     assert traj.response_lengths.tolist() == LENGTHS
     ref = ReferencePolicy(model=model_dir, temperature=1.0, torch_threads=1).logprobs(traj)
@@ -353,7 +358,7 @@ def test_beam_search_eval_is_hf_beam_search(model_dir):
 def scripted_batch(model_dir: str, monkeypatch) -> tuple[RolloutWorker, LearnerBatch]:
     """The learner test's batch: 2 groups of K with LENGTHS, the first sample of each group wins."""
     worker = make_worker(model_dir)
-    script_responses(worker, monkeypatch, responses_of_lengths(LENGTHS, 6, worker.tokenizer.eos_token_id))
+    script_responses(monkeypatch, responses_of_lengths(LENGTHS, 6, worker.tokenizer.eos_token_id))
     traj = worker.generate(PROMPTS)
     ref = ReferencePolicy(model=model_dir, temperature=1.0, torch_threads=1).logprobs(traj)
     scores = np.array([1, 0, 0, 0] * len(PROMPTS), dtype=np.float32)

@@ -11,23 +11,17 @@ import pytest
 import torch
 from transformers import DynamicCache
 
-from rayrlhf.actors.runtime import models
-from rayrlhf.actors.serving.scheduler import ContinuousScheduler
 from rayrlhf.actors.generation.decode_loop import PAD_SPLIT_TOKENS, DecodeLoop, prefill_groups
 from rayrlhf.actors.generation.kv_batch import ROOM, KVBatch
+from rayrlhf.actors.generation.model_runner import GenerationError
+from rayrlhf.actors.generation.requests import ChoiceDelta, GenerationRequest, SamplingParams, Update
+from rayrlhf.actors.generation.sampler import row_generator, sample_tokens, scaled_logprobs
+from rayrlhf.actors.generation.text_stream import find_stop, held_back
+from rayrlhf.actors.runtime import models
 from rayrlhf.actors.runtime.models import load_policy, transpose_output_head
-from rayrlhf.actors.serving.text_generator import (
-    ChoiceDelta,
-    GenerationError,
-    GenerationRequest,
-    SamplingParams,
-    TextGenerator,
-    Update,
-    find_stop,
-    held_back,
-    sample_tokens,
-)
 from rayrlhf.actors.runtime.torch_thread import TorchThread
+from rayrlhf.actors.serving.scheduler import ContinuousScheduler
+from rayrlhf.actors.serving.text_generator import TextGenerator
 
 PROMPTS = ["What is 2 plus 3?", "Hello there, how many items are in the big box today?"]
 Texts = dict[GenerationRequest, dict[int, str]]
@@ -71,11 +65,12 @@ def hf_greedy(tiny_dir, ids: list[int], n: int) -> str:
 
 
 def test_consecutive_updates_merge_into_one():
-    first = Update([ChoiceDelta(0, "Hel", None), ChoiceDelta(1, "A", None)], 5, 2, False, 3, 4)
-    second = Update([ChoiceDelta(0, "lo", "stop")], 5, 4, False, 2, 6)
+    first = Update([ChoiceDelta(0, "Hel", None, [7], [-0.5]), ChoiceDelta(1, "A", None)], 5, 2, False, 3, 4)
+    second = Update([ChoiceDelta(0, "lo", "stop", [8, 2], [-1.0, -2.0])], 5, 4, False, 2, 6)
     third = Update([ChoiceDelta(1, "B", "length")], 5, 5, True, 1, 1)
     merged = first.then(second).then(third)
-    assert merged.choices == [ChoiceDelta(0, "Hello", "stop"), ChoiceDelta(1, "AB", "length")]
+    assert merged.choices == [ChoiceDelta(0, "Hello", "stop", [7, 8, 2], [-0.5, -1.0, -2.0]),
+                              ChoiceDelta(1, "AB", "length")]
     assert (merged.prompt_tokens, merged.completion_tokens, merged.done) == (5, 5, True)
     assert (merged.batch_requests, merged.batch_rows) == (3, 4)  # the busiest step, as Job.add keeps it
 
@@ -107,14 +102,37 @@ def test_stop_helpers():
 
 def test_sample_tokens_greedy_and_top_p():
     # probabilities 0.5, 0.3, 0.2: top_p=0.6 keeps tokens 0 and 1 (mass before token 2 is 0.8 >= 0.6)
-    logits = torch.log(torch.tensor([[0.5, 0.3, 0.2]] * 3))
-    gens = [torch.Generator().manual_seed(i) for i in range(3)]
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.2]] * 4))
+    temperature = torch.tensor([0.0, 1.0, 1.0, 1.0])
+    scores = scaled_logprobs(logits, temperature)
+    gens = [torch.Generator().manual_seed(i) for i in range(4)]
     seen: set[int] = set()
-    for _ in range(200):
-        out = sample_tokens(logits, torch.tensor([0.0, 1.0, 1.0]), torch.tensor([1.0, 0.6, 0.0]), gens).tolist()
+    counts = [0, 0, 0]
+    for _ in range(2000):
+        out = sample_tokens(scores, temperature, torch.tensor([1.0, 0.6, 0.0, 1.0]), gens).tolist()
         assert out[0] == 0 and out[2] == 0  # greedy row; top_p=0 keeps only the top token
         seen.add(out[1])
+        counts[out[3]] += 1
     assert seen == {0, 1}
+    assert [round(c / 2000, 1) for c in counts] == [0.5, 0.3, 0.2]  # top_p=1: softmax(logits / T) itself
+
+
+def test_a_rows_draws_depend_on_its_own_scores_and_generator_only():
+    """The sampler's half of batch independence: a row draws the same tokens alone or beside rows that
+    are greedy, cut by top_p (sorted) or not, at other temperatures."""
+    logits = torch.randn(4, 50, generator=torch.Generator().manual_seed(0)) * 2
+    temperature, top_p = torch.tensor([0.7, 1.0, 0.0, 1.3]), torch.tensor([1.0, 0.8, 1.0, 0.5])
+
+    def draws(rows: list[int]) -> list[list[int]]:
+        gens = [row_generator(5, r) for r in rows]
+        scores = scaled_logprobs(logits[rows], temperature[rows])
+        return [sample_tokens(scores, temperature[rows], top_p[rows], gens).tolist() for _ in range(30)]
+
+    together = draws([0, 1, 2, 3])
+    for r in range(4):
+        assert [d[r] for d in together] == [d[0] for d in draws([r])]
+    assert len({d[0] for d in together}) > 3 and {d[2] for d in together} == {int(logits[2].argmax())}
+    assert torch.allclose(scaled_logprobs(logits, temperature)[2], torch.log_softmax(logits[2], -1))  # greedy: T=1
 
 
 def test_kv_batch_pads_joiners_and_trims_what_no_row_needs():
@@ -186,6 +204,36 @@ def test_a_request_joins_the_running_batch_and_its_text_does_not_depend_on_it(ge
     assert steps[6][late_s].batch_rows == 2 + 1 + 2 + 1  # busy[0], busy[1] (1 row each) and late_g running
     other_seed = run(gen, {0: [request(ids[0], params(12, temperature=1.0, top_p=0.9, seed=6))]})[0]
     assert list(other_seed.values())[0][0] != texts[late_s][0]
+
+
+def test_token_ids_and_logprobs_on_request_and_the_rollouts_batch_runs_the_same_loop(gen):
+    ids = [gen.encode_text(p) for p in PROMPTS]
+    seeded = params(10, temperature=0.8, top_p=0.9, seed=7)
+    asked = GenerationRequest([ids[0]], 2, seeded, time.monotonic() + 60, logprobs=True)
+    plain = request(ids[0], seeded, n=2)
+    texts, steps = run(gen, {0: [request(ids[1], params(20)), asked], 2: [plain]})
+    tokens: dict[int, list[int]] = {0: [], 1: []}
+    logprobs: dict[int, list[float]] = {0: [], 1: []}
+    for c in (c for step in steps if asked in step for c in step[asked].choices):
+        tokens[c.index] += c.token_ids
+        logprobs[c.index] += c.logprobs
+    assert texts[asked] == texts[plain]  # asking for log-probs changes nothing else
+    assert not any(c.token_ids or c.logprobs for step in steps if plain in step for c in step[plain].choices)
+    for choice in (0, 1):
+        assert gen.decode([t for t in tokens[choice] if t not in gen.eos_ids]) == texts[asked][choice]
+        with torch.no_grad():  # log softmax(logits / T) of a full forward pass, by hand
+            logits = gen.model(torch.tensor([ids[0] + tokens[choice]])).logits[0, len(ids[0]) - 1:-1] / 0.8
+        expected = torch.log_softmax(logits, -1).gather(-1, torch.tensor(tokens[choice])[:, None]).squeeze(-1)
+        assert torch.allclose(torch.tensor(logprobs[choice]), expected, atol=1e-5)
+    # the rollout's call: one request stepped to its end in the same loop, so the same tokens and log-probs
+    batch = gen.generate([ids[0]], 2, seeded)
+    for choice in (0, 1):
+        n = len(tokens[choice])
+        assert batch.tokens[choice, :n].tolist() == tokens[choice] and (batch.tokens[choice, n:] == gen.pad_id).all()
+        assert torch.allclose(batch.logprobs[choice, :n], torch.tensor(logprobs[choice]), atol=1e-6)
+        assert (batch.logprobs[choice, n:] == 0).all()
+    with pytest.raises(ValueError, match="stop strings"):
+        gen.generate([ids[0]], 1, params(4, stop=("x",)))
 
 
 def count_forwards(gen, monkeypatch, dim: int) -> list[int]:

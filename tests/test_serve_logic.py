@@ -9,18 +9,13 @@ import pytest
 import ray
 from ray.serve.schema import ServeDeploySchema
 
+from rayrlhf.actors.generation.requests import ChoiceDelta, GenerationRequest, SamplingParams, Update
 from rayrlhf.actors.serving.openai_requests import Job, Limits, OpenAIEngine
 from rayrlhf.actors.serving.openai_schema import (
     ChatCompletionRequest,
     CompletionRequest,
     OpenAIError,
     parse_request,
-)
-from rayrlhf.actors.serving.text_generator import (
-    ChoiceDelta,
-    GenerationRequest,
-    SamplingParams,
-    Update,
 )
 from rayrlhf.jobs.cli import main as cli_main
 from rayrlhf.jobs.config.base import CONFIG_DIR, ConfigError, load_yaml

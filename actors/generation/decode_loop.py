@@ -1,15 +1,17 @@
-"""Iteration-level (continuous) batching: requests join the running batch at the next step.
+"""Iteration-level (continuous) batching: the engine's one decode loop.
 
 Each `step` ends the rows whose caller gave up or whose deadline passed, decodes one token for
 every running row, prefills the requests admitted since the last step (together, in left-padded
 forwards of similar lengths: the padding is masked and positions are counted per row, so a prompt's
-first token does not depend on its neighbours) and moves their live rows into the batch. A row
-that finishes leaves at once and frees its slot. Sampling is per row with the row's own seeded
-generator, so a greedy or seeded request gives the same text alone or in a busy batch.
+first token does not depend on its neighbours) and moves their live rows into the batch. Each
+prompt is prefilled once and its cache repeated for its n samples. A row that finishes (EOS,
+max_tokens, a stop string) leaves at once and frees its slot. Sampling is per row with the row's
+own seeded generator (actors/generation/sampler.py), so a row's tokens do not depend on the batch.
 
-Text is streamed safely: a delta never contains part of a stop string that may still complete,
-nor half of a multi-byte character. Pure torch, no Ray and no asyncio: actors/serving/scheduler.py
-drives it from the server's event loop.
+Serve admits requests and steps this loop as they come (actors/serving/scheduler.py); the rollout
+submits one request and steps it to the end (LocalEngine.generate). A request asks for what it
+needs back: streamed text (actors/generation/text_stream.py) and/or each token's id and log-prob;
+one that wants no text pays no detokenisation. Pure torch, no Ray and no asyncio.
 """
 
 from __future__ import annotations
@@ -21,17 +23,11 @@ import torch
 from transformers import DynamicCache
 
 from rayrlhf.actors.generation.kv_batch import KVBatch
+from rayrlhf.actors.generation.model_runner import ModelRunner
+from rayrlhf.actors.generation.requests import ChoiceDelta, GenerationRequest, Update
+from rayrlhf.actors.generation.sampler import row_generator, sample_tokens, scaled_logprobs
+from rayrlhf.actors.generation.text_stream import safe_end
 from rayrlhf.actors.generation.tokens import left_pad
-from rayrlhf.actors.serving.text_generator import (
-    ChoiceDelta,
-    GenerationRequest,
-    TextGenerator,
-    Update,
-    find_stop,
-    held_back,
-    row_seed,
-    sample_tokens,
-)
 
 PAD_SPLIT_TOKENS = 64
 """Padding a longer prompt would add to a prefill group beyond which it starts a group of its own
@@ -59,16 +55,19 @@ class _Row:
     choice: int
     generator: torch.Generator
     tokens: list[int] = field(default_factory=list)
-    sampled: int = 0
+    """Every sampled id, a final EOS included."""
+    logprobs: list[float] = field(default_factory=list)
+    """log softmax(logits / T) of each sampled id, if the request asked for them."""
     emitted: int = 0
+    """Characters of its text already streamed."""
     finish: str | None = None
 
 
 class DecodeLoop:
     """The rows in flight (at most max_rows) and the requests they belong to."""
 
-    def __init__(self, generator: TextGenerator, max_rows: int) -> None:
-        self.gen = generator
+    def __init__(self, runner: ModelRunner, max_rows: int) -> None:
+        self.runner = runner
         self.max_rows = max_rows
         self.requests: dict[GenerationRequest, list[_Row]] = {}
         """Every admitted request that is not done, with all its rows (finished ones included)."""
@@ -84,33 +83,33 @@ class DecodeLoop:
     def free_rows(self) -> int:
         return self.max_rows - len(self.running) - sum(r.rows for r in self.new)
 
-    def admit(self, request: GenerationRequest) -> None:
-        """Take a request in; it is prefilled at the next step. The caller checks free_rows first."""
+    def admit(self, request: GenerationRequest) -> list[_Row]:
+        """Take a request in (it is prefilled at the next step); its rows, which hold the tokens sampled.
+        The caller checks free_rows first."""
         if request.rows > self.free_rows:
             raise ValueError(f"{request.rows} sequences do not fit in {self.free_rows} free rows")
-        seed = request.params.seed if request.params.seed is not None else self.gen.random_seed()
-        self.requests[request] = [
-            _Row(request, choice, torch.Generator().manual_seed(row_seed(seed, choice))) for choice in range(request.rows)
-        ]
+        seed = request.params.seed if request.params.seed is not None else self.runner.random_seed()
+        rows = [_Row(request, choice, row_generator(seed, choice)) for choice in range(request.rows)]
+        self.requests[request] = rows
         self.new.append(request)
+        return rows
 
     def reset(self) -> list[GenerationRequest]:
         """Forget everything (after a failed step); returns the requests that were in flight."""
         dropped = list(self.requests)
-        self.__init__(self.gen, self.max_rows)
+        self.__init__(self.runner, self.max_rows)
         return dropped
 
     def step(self) -> list[tuple[GenerationRequest, Update]]:
-        """One iteration; an Update for each request with new text or a finish in it."""
+        """One iteration; an Update for each request with new text, tokens or a finish in it."""
         deltas: dict[GenerationRequest, list[ChoiceDelta]] = {}
         self._expire(deltas)
         self._drop_finished()
         touched = {row.request for row in self.running} | set(self.new)
         self.step_rows = len(self.running) + sum(r.rows for r in self.new)
         if self.running:
-            logits, cache = self.gen.forward(**self.batch.inputs())
-            tokens = self._sample(self.running, logits)
-            self._take(self.running, tokens, deltas)
+            logits, cache = self.runner.forward(**self.batch.inputs())
+            tokens = self._sample(self.running, logits, deltas)
             self.batch.advance(cache, tokens)
         if self.new:
             self._prefill(self.new, deltas)
@@ -147,13 +146,12 @@ class DecodeLoop:
     ) -> None:
         """(request, prompt index) pairs through the model in one left-padded forward, each prompt once
         whatever its n (its cache is then repeated per sample); first tokens sampled, live rows joined."""
-        ids, mask = left_pad([r.prompts[p] for r, p in group], self.gen.pad_id)
+        ids, mask = left_pad([r.prompts[p] for r, p in group], self.runner.pad_id)
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
-        logits, cache = self.gen.forward(ids, mask, positions, DynamicCache())
+        logits, cache = self.runner.forward(ids, mask, positions, DynamicCache())
         prompt_of_row = torch.arange(len(group)).repeat_interleave(torch.tensor([r.n for r, _ in group]))
         rows = [row for r, p in group for row in self.requests[r][p * r.n:(p + 1) * r.n]]  # choice = p * n + sample
-        tokens = self._sample(rows, logits[prompt_of_row])
-        self._take(rows, tokens, deltas)
+        tokens = self._sample(rows, logits[prompt_of_row], deltas)
         live = [i for i, row in enumerate(rows) if row.finish is None]
         if live:
             index = prompt_of_row[live]
@@ -162,43 +160,47 @@ class DecodeLoop:
             self.batch.join(cache, mask, mask.sum(-1), tokens[live])
             self.running += [rows[i] for i in live]
 
-    @staticmethod
-    def _sample(rows: list[_Row], logits: torch.Tensor) -> torch.Tensor:
-        temperature = torch.tensor([r.request.params.temperature for r in rows])
-        top_p = torch.tensor([r.request.params.top_p for r in rows])
-        return sample_tokens(logits, temperature, top_p, [r.generator for r in rows])
+    def _sample(self, rows: list[_Row], logits: torch.Tensor, deltas: dict[GenerationRequest, list[ChoiceDelta]]
+                ) -> torch.Tensor:
+        """The next token of each row, taken into the rows; its log-prob recorded from the same logits
+        for the requests that asked (no softmax at all when every row is greedy and none asked)."""
+        temperature = torch.tensor([row.request.params.temperature for row in rows])
+        top_p = torch.tensor([row.request.params.top_p for row in rows])
+        record = any(row.request.logprobs for row in rows)
+        scores = scaled_logprobs(logits, temperature) if record or bool((temperature > 0).any()) else logits
+        tokens = self._choose(rows, scores, temperature, top_p)
+        logprobs = scores.gather(-1, tokens[:, None]).squeeze(-1).tolist() if record else [0.0] * len(rows)
+        for row, token, logprob in zip(rows, tokens.tolist(), logprobs):
+            delta = self._advance(row, token, logprob) if row.finish is None else None
+            if delta is not None:
+                deltas.setdefault(row.request, []).append(delta)
+        return tokens
 
-    def _take(self, rows: list[_Row], tokens: torch.Tensor, deltas: dict[GenerationRequest, list[ChoiceDelta]]) -> None:
-        for row, token in zip(rows, tokens.tolist()):
-            if row.finish is None:
-                delta = self._advance(row, token)
-                if delta is not None:
-                    deltas.setdefault(row.request, []).append(delta)
+    def _choose(self, rows: list[_Row], scores: torch.Tensor, temperature: torch.Tensor, top_p: torch.Tensor
+                ) -> torch.Tensor:
+        """The sampler's pick for each row (the one seam tests replace to script responses)."""
+        return sample_tokens(scores, temperature, top_p, [row.generator for row in rows])
 
-    def _advance(self, row: _Row, token: int) -> ChoiceDelta | None:
-        """Take one sampled token into the row; the text that is safe to emit, if any."""
-        params = row.request.params
-        row.sampled += 1
-        if token in self.gen.eos_ids:
+    def _advance(self, row: _Row, token: int, logprob: float) -> ChoiceDelta | None:
+        """Take one sampled token into the row; the delta to send, if any."""
+        request, params = row.request, row.request.params
+        row.tokens.append(token)
+        if request.logprobs:
+            row.logprobs.append(logprob)
+        if token in self.runner.eos_ids:
             row.finish = "stop"
-        else:
-            row.tokens.append(token)
-        text = self.gen.decode(row.tokens)
-        stops = params.stop
-        longest = max((len(s) for s in stops), default=0)
-        cut = find_stop(text, stops, max(0, row.emitted - longest)) if stops else None
-        if cut is not None:
-            row.finish, end = "stop", max(cut, row.emitted)
-        else:
-            if row.finish is None and row.sampled >= params.max_tokens:
-                row.finish = "length"
-            end = len(text)
-            if row.finish is None:
-                end -= held_back(text, stops)
-                if text.endswith("\ufffd"):  # an incomplete multi-byte character: wait for the rest
-                    end = min(end, len(text) - 1)
-        delta = text[row.emitted:end] if end > row.emitted else ""
-        row.emitted = max(row.emitted, end)
+        elif len(row.tokens) >= params.max_tokens:
+            row.finish = "length"
+        delta = ""
+        if request.text:
+            text = self.runner.decode(row.tokens[:-1] if row.finish == "stop" else row.tokens)  # EOS has no text
+            end, stopped = safe_end(text, row.emitted, params.stop, finished=row.finish is not None)
+            if stopped:
+                row.finish = "stop"
+            delta = text[row.emitted:end] if end > row.emitted else ""
+            row.emitted = max(row.emitted, end)
+        if request.logprobs:
+            return ChoiceDelta(row.choice, delta, row.finish, [token], [logprob])
         if delta or row.finish:
             return ChoiceDelta(row.choice, delta, row.finish)
         return None
@@ -214,7 +216,7 @@ class DecodeLoop:
                 del self.requests[request]
             out.append((request, Update(
                 choices=sorted(choices, key=lambda c: c.index), prompt_tokens=request.prompt_tokens,
-                completion_tokens=sum(row.sampled for row in rows), done=done,
+                completion_tokens=sum(len(row.tokens) for row in rows), done=done,
                 batch_requests=requests_in_step, batch_rows=rows_in_step,
             )))
         return out

@@ -13,13 +13,9 @@ import uuid
 from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
+from rayrlhf.actors.generation.requests import GenerationRequest, SamplingParams, Update
 from rayrlhf.actors.serving import openai_schema as oa
-from rayrlhf.actors.serving.text_generator import (
-    GenerationRequest,
-    SamplingParams,
-    TextGenerator,
-    Update,
-)
+from rayrlhf.actors.serving.text_generator import TextGenerator
 
 Kind = Literal["completion", "chat"]
 

@@ -22,7 +22,7 @@ from collections.abc import AsyncIterator
 import torch
 
 from rayrlhf.actors.generation.decode_loop import DecodeLoop
-from rayrlhf.actors.serving.text_generator import GenerationRequest, Update
+from rayrlhf.actors.generation.requests import GenerationRequest, Update
 from rayrlhf.actors.runtime.torch_thread import TorchThread
 
 logger = logging.getLogger("ray.serve")
