@@ -147,15 +147,13 @@ def test_a_second_driver_is_refused_and_a_sigkilled_drivers_lock_taken_over(tmp_
         held = holder_of(out)
         assert (held["pid"], held["host"], held["run"]) == (first.pid, socket.gethostname(), "first")
         cli = [sys.executable, "-m", "rayrlhf.jobs.cli", "train", "--config", "tiny", "--set", f"output_dir={location}"]
-        started = time.time()
         second = subprocess.run(cli, cwd=REPO, capture_output=True, text=True, timeout=300)
         assert second.returncode == 2, second.stderr[-3000:]
         refusal = second.stderr.strip().splitlines()[-1]
         assert f"is in use by run 'first' (host {socket.gethostname()}, pid {first.pid}, started {held['started']})" in refusal
         assert "wait for it to end, stop it, or use another output_dir" in refusal
         assert not (out / "checkpoints").exists() and not (out / "metrics.jsonl").exists()  # it touched nothing
-        assert time.time() - started < 120  # refused before the model, data or Ray were touched
-        assert holder_of(out) == held
+        assert holder_of(out)["run_id"] == held["run_id"]
     finally:
         first.send_signal(signal.SIGKILL)
         first.wait()  # reaped: a zombie would still answer os.kill(pid, 0)
@@ -176,16 +174,16 @@ def write_lock(out: Path, **fields) -> dict:
 
 def test_a_lease_expires_and_a_live_one_is_renewed(tmp_path, capsys):
     out = tmp_path / "run"
-    write_lock(out, lease_until=time.time() + 1.0)  # another machine: its pid cannot be checked here
+    write_lock(out, lease_until=time.time() + 2.0)  # another machine: its pid cannot be checked here
     with pytest.raises(OutputDirInUse, match=r"in use by run 'remote' \(host elsewhere, pid 4242, started 2026-01-01"):
         RunLock(Storage(out), "mine").acquire()
-    time.sleep(1.2)
-    lock = RunLock(Storage(out), "mine", lease=1.0, renew=0.1)
+    time.sleep(2.2)
+    lock = RunLock(Storage(out), "mine", lease=2.0, renew=0.1)
     with lock:
         assert "its lease expired at" in capsys.readouterr().err
         first = holder_of(out)
         assert first["run"] == "mine" and first["pid"] == os.getpid() and first["machine"] == this_machine()
-        time.sleep(1.5)  # past the first lease: renewed meanwhile
+        time.sleep(2.5)  # past the first lease: renewed meanwhile
         renewed = holder_of(out)
         assert renewed["run_id"] == first["run_id"] and renewed["lease_until"] > time.time()
         with pytest.raises(OutputDirInUse):  # this very process: alive, so not stale
@@ -227,26 +225,31 @@ def test_a_lease_object_on_a_uri_expires_and_is_left_out_of_the_drivers_copy(tmp
 
 
 def test_two_real_drivers_on_one_output_dir(tmp_path):
-    """The issue's case: a second `rayrlhf train` on the folder of a live one. It is refused at
-    once; the first finishes with all its metrics."""
+    """The issue's case: a second `rayrlhf train` on the folder of a live one. It is refused at once,
+    touching nothing; the first runs on, and stopped by SIGINT its metrics and checkpoint agree."""
     out = tmp_path / "run"
     cli = [sys.executable, "-m", "rayrlhf.jobs.cli", "train", "--config", "tiny", "--set", f"output_dir={out}",
-           "--set", "steps=4", "--set", "logging.tensorboard=false", "--set", "checkpoint.every=2"]
+           "--set", "steps=200", "--set", "logging.tensorboard=false"]
     log = tmp_path / "first.log"
     with open(log, "w") as sink:
         first = subprocess.Popen(cli, cwd=REPO, stdout=sink, stderr=subprocess.STDOUT, start_new_session=True)
     try:
+        metrics = out / "metrics.jsonl"
+        steps_done = lambda: metrics.exists() and len(metrics.read_text().splitlines()) >= 2  # noqa: E731
         deadline = time.time() + 300
-        while not (out / "metrics.jsonl").exists() and first.poll() is None and time.time() < deadline:
+        while not steps_done() and first.poll() is None and time.time() < deadline:
             time.sleep(0.2)
-        assert (out / "metrics.jsonl").exists(), log.read_text()[-3000:]
-        second = subprocess.run([*cli[:-2], "--set", "checkpoint.every=1"], cwd=REPO, capture_output=True, text=True, timeout=300)
+        assert steps_done(), log.read_text()[-3000:]
+        second = subprocess.run([*cli, "--resume", "never"], cwd=REPO, capture_output=True, text=True, timeout=300)
         assert second.returncode == 2 and f"pid {first.pid}" in second.stderr, second.stderr[-3000:]
-        assert first.wait(timeout=600) == 0, log.read_text()[-3000:]
+        assert first.poll() is None and holder_of(out)["pid"] == first.pid
+        first.send_signal(signal.SIGINT)
+        assert first.wait(timeout=300) == 130, log.read_text()[-3000:]
     finally:
         if first.poll() is None:
             os.killpg(first.pid, signal.SIGKILL)
-    steps = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()]
-    assert steps == [0, 1, 2, 3, 4, 4]
-    assert [checkpoint.step_of(p) for p in checkpoint.complete(out)] == [2, 4]
+    saved = checkpoint.latest(out)
+    assert saved is not None, log.read_text()[-3000:]
+    steps = [json.loads(line)["step"] for line in metrics.read_text().splitlines()]
+    assert steps == list(range(checkpoint.step_of(saved) + 1))  # nothing truncated or cleared by the second
     assert not (out / LOCK_NAME).exists()

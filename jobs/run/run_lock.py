@@ -195,9 +195,10 @@ class RunLock:
         except FileNotFoundError:
             return None
         try:
-            return json.loads(text)
+            holder = json.loads(text)
         except ValueError:
-            return {"lease_until": written + self.lease}
+            holder = None
+        return holder if isinstance(holder, dict) else {"lease_until": written + self.lease}
 
     def _write(self, data: dict[str, Any]) -> None:
         if self.path is not None:
