@@ -167,4 +167,3 @@ class Storage:
 
     def exists(self, name: str) -> bool:
         return self.filesystem.get_file_info(f"{self.root}/{name}").type != pafs.FileType.NotFound
-
