@@ -12,6 +12,7 @@ one uploaded when it is closed.
 
 from __future__ import annotations
 
+import os
 import shutil
 import tempfile
 from collections.abc import Callable, Iterator
@@ -19,6 +20,8 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import pyarrow.fs as pafs
+
+from rayrlhf.cluster.durable import fsync_tree
 
 
 def is_uri(location: str) -> bool:
@@ -29,6 +32,8 @@ class Storage:
     """One output location: `join` names places inside it, `writable_dir` writes them."""
 
     def __init__(self, location: str | Path) -> None:
+        self.keep: Callable[[str], bool] | None = None
+        """Which files `readable_dir` downloads (None: all); see `only`."""
         location = str(location)
         if is_uri(location):
             self.location = location.rstrip("/")
@@ -42,6 +47,14 @@ class Storage:
 
     def __str__(self) -> str:
         return self.location
+
+    def only(self, keep: Callable[[str], bool]) -> Storage:
+        """This location, of which `readable_dir` downloads only the files whose relative path `keep`
+        accepts (a picklable callable: the copy travels to the node that reads it). A path is read in
+        place, whole: nothing to leave out there."""
+        narrowed = Storage(self.location)
+        narrowed.keep = keep
+        return narrowed
 
     def child(self, *parts: str) -> Storage:
         """The storage of a place inside this one (`final`, `step_3`)."""
@@ -84,21 +97,31 @@ class Storage:
             return
         staging = Path(tempfile.mkdtemp(prefix="rayrlhf-in-"))
         try:
-            self.download(staging)
+            self.download(staging, keep=self.keep)
             yield staging
         finally:
             shutil.rmtree(staging, ignore_errors=True)
 
-    def download(self, local_dir: Path, keep: Callable[[str], bool] = lambda relative: True) -> None:
-        """Copy the files here (those whose relative path `keep` accepts) into a local directory."""
+    def download(self, local_dir: Path, keep: Callable[[str], bool] | None = None) -> None:
+        """Copy the files here (those whose relative path `keep` accepts) into a local directory.
+
+        A listed key that would land outside `local_dir` (`..` in it, or absolute: an object store
+        stores such keys as they are) is refused, naming it, before anything is written."""
         selector = pafs.FileSelector(self.root, allow_not_found=True, recursive=True)
+        inside = os.path.abspath(local_dir)
+        copies = []
         for info in self.filesystem.get_file_info(selector):
-            relative = info.path[len(self.root):].lstrip("/")
-            if info.type != pafs.FileType.File or not keep(relative):
+            relative = info.path.removeprefix(self.root).lstrip("/")
+            if info.type != pafs.FileType.File or (keep is not None and not keep(relative)):
                 continue
-            target = Path(local_dir) / relative
+            target = os.path.normpath(os.path.join(inside, relative))
+            if not info.path.startswith(f"{self.root}/") or os.path.commonpath([inside, target]) != inside or target == inside:
+                raise ValueError(f"{self.location}: the stored key {info.path!r} would be written outside "
+                                 f"{local_dir}: refusing to download it")
+            copies.append((info.path, Path(target)))
+        for key, target in copies:
             target.parent.mkdir(parents=True, exist_ok=True)
-            with self.filesystem.open_input_stream(info.path) as stream, open(target, "wb") as out:
+            with self.filesystem.open_input_stream(key) as stream, open(target, "wb") as out:
                 shutil.copyfileobj(stream, out)
 
     def list_dir(self, name: str = "") -> list[str]:
@@ -134,6 +157,13 @@ class Storage:
             self.filesystem.delete_dir(info.path)
         elif info.type == pafs.FileType.File:
             self.filesystem.delete_file(info.path)
+
+    def sync(self, name: str = "") -> None:
+        """fsync every file and folder under a place here, when this location is a filesystem (a path,
+        or a file:// URI); nothing for an object store, where an upload is durable once it returns."""
+        place = Path(f"{self.root}/{name}".rstrip("/"))
+        if isinstance(self.filesystem, pafs.LocalFileSystem) and place.exists():
+            fsync_tree(place)
 
     def exists(self, name: str) -> bool:
         return self.filesystem.get_file_info(f"{self.root}/{name}").type != pafs.FileType.NotFound

@@ -42,6 +42,7 @@ from rayrlhf.jobs.run.evaluation import evaluate
 from rayrlhf.jobs.run.pipeline import Pipeline
 from rayrlhf.jobs.run.recovery import Recovery
 from rayrlhf.jobs.run.roles import Roles, launch
+from rayrlhf.jobs.run.run_lock import RunLock
 from rayrlhf.jobs.run.state import LearnerFailure, RunState, StopSignal, plan
 from rayrlhf.jobs.run.tracking import Tracker, format_table
 
@@ -145,6 +146,11 @@ def train(
     """Run the RL loop; `on_step(step, metrics)` (optional) sees each step's metrics, eval ones included,
     after that step's checkpoint (if any) is written. `resume`: "auto" (continue from the latest
     complete checkpoint in output_dir, if any), "never" (start over) or a checkpoint path."""
+    with RunLock(Storage(cfg.output_dir), cfg.name):  # one driver per output_dir: a second is refused here
+        return _train(cfg, on_step, resume)
+
+
+def _train(cfg: RunConfig, on_step: Callable[[int, dict[str, float]], None] | None, resume: str | Path) -> TrainResult:
     train_set, eval_set = prepare(cfg)
     storage = Storage(cfg.output_dir)
     # the driver's own files: written in place for a path; for a URI, a local copy of the stored run's

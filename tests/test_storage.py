@@ -47,3 +47,58 @@ def test_a_failed_write_uploads_nothing(tmp_path):
         (staging / "half.bin").write_bytes(b"x")
         raise RuntimeError("the writer died")
     assert pafs.LocalFileSystem().get_file_info(str(tmp_path / "run" / "half.bin")).type == pafs.FileType.NotFound
+
+
+class ListsAHostileKey:
+    """A stand-in for an object store whose listing holds keys a path could not: S3 stores
+    `run/../../evil` as it is. It wraps a real local filesystem and adds the keys `extra` names."""
+
+    def __init__(self, real: pafs.FileSystem, extra: list[str]) -> None:
+        self.real, self.extra = real, extra
+
+    def get_file_info(self, selector):
+        return [*self.real.get_file_info(selector), *(pafs.FileInfo(key, type=pafs.FileType.File) for key in self.extra)]
+
+    def open_input_stream(self, path):
+        import io
+        return io.BytesIO(b"planted") if path in self.extra else self.real.open_input_stream(path)
+
+
+@pytest.mark.parametrize("hostile", ["run/../../evil", "run/sub/../../../evil", "elsewhere/evil"])
+def test_a_listed_key_outside_the_folder_is_refused_by_name(tmp_path, hostile):
+    storage = Storage(f"file://{tmp_path}/bucket/run")
+    storage.write_text("good.txt", "ok")
+    key = f"{tmp_path}/bucket/{hostile}"
+    storage.filesystem = ListsAHostileKey(storage.filesystem, [key])
+    local = tmp_path / "a" / "b" / "local"
+    with pytest.raises(ValueError, match="would be written outside") as refused:
+        storage.download(local)
+    assert repr(key) in str(refused.value)
+    assert not list(tmp_path.rglob("evil")) and not local.exists()  # refused before anything was written
+    with pytest.raises(ValueError, match="would be written outside"), storage.readable_dir():
+        pass
+
+
+def test_a_learner_rank_downloads_only_its_own_deepspeed_files(tmp_path):
+    """DeepSpeed's names (ZeRO 1-2: one model file all ranks load, one optimizer shard per rank; ZeRO 3:
+    the weights sharded too; bf16 shards carry a prefix); rank 1 must not take rank 10's shard."""
+    from rayrlhf.jobs.run.checkpoint import RankFiles
+
+    shared = ["state/mp_rank_00_model_states.pt", "zero_to_fp32.py", "latest"]
+    per_rank = {rank: [f"state/zero_pp_rank_{rank}_mp_rank_00_optim_states.pt",
+                       f"state/zero_pp_rank_{rank}_mp_rank_00_model_states.pt",
+                       f"state/bf16_zero_pp_rank_{rank}_mp_rank_00_optim_states.pt"] for rank in (0, 1, 10)}
+    storage = Storage(f"file://{tmp_path}/bucket/run/learner")
+    for name in [*shared, *(f for files in per_rank.values() for f in files)]:
+        storage.write_text(name, name)
+    for rank in (0, 1, 10):
+        source = pickle.loads(pickle.dumps(storage.only(RankFiles(rank))))  # as it travels to the rank
+        with source.readable_dir() as folder:
+            got = sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file())
+            assert got == sorted([*shared, *per_rank[rank]])
+            assert (folder / per_rank[rank][0]).read_text() == per_rank[rank][0]
+    with storage.readable_dir() as folder:  # unnarrowed: everything
+        assert len([p for p in folder.rglob("*") if p.is_file()]) == len(shared) + 9
+    local = Storage(tmp_path / "bucket" / "run" / "learner").only(RankFiles(0))
+    with local.readable_dir() as folder:  # a path is read in place
+        assert folder == tmp_path / "bucket" / "run" / "learner"

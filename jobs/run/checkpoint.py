@@ -9,7 +9,14 @@ DeepSpeed state into the folder `write` hands them). Layout under the run's outp
         driver.json               sampler, normaliser statistics, rollout counters, tracker, ...
         learner/state/            every learner rank's DeepSpeed engine state (engine.save_checkpoint)
     checkpoints/.tmp-step_000004/ a checkpoint being written: renamed to step_000004 when whole
+    checkpoints/.old-step_000004/ the previous copy of a step written again, until the new one is in place
     checkpoints/finished.json     written when the run finished: its step and config
+
+Durable on a path: every file and folder of a new checkpoint (the learner ranks' included, as the
+driver sees them) is fsynced before the rename that completes it, and the parent folder after it.
+Writing a step that exists moves the old copy aside, renames the new one in, then deletes the old
+one, so a crash at any moment leaves a complete copy of it; a lookup takes a lone aside copy for
+its step, and the next write removes what a crash left.
 
 When output_dir is a pyarrow.fs URI (cluster/storage.py) the driver works on a local copy of the
 run's driver files (`mirror`: logs and checkpoints without their learner state), so every lookup
@@ -26,13 +33,17 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import yaml
+
+from rayrlhf.cluster.durable import fsync_path, fsync_tree, write_atomic
 
 FORMAT = 1
 MANIFEST = "manifest.json"
@@ -65,16 +76,18 @@ def root(output_dir: Path) -> Path:
 
 
 def step_of(path: Path) -> int:
-    return int(path.name.removeprefix("step_"))
+    return int(path.name.rsplit("step_", 1)[1])
 
 
 def complete(output_dir: Path) -> list[Path]:
-    """Complete checkpoints, oldest first (a folder named step_N with its manifest)."""
+    """Complete checkpoints, oldest first: a folder named step_N with its manifest, or its aside copy
+    `.old-step_N` when a crash during a rewrite of step N left only that one."""
     folder = root(output_dir)
     if not folder.is_dir():
         return []
-    found = [p for p in folder.glob("step_*") if p.name[5:].isdigit() and (p / MANIFEST).is_file()]
-    return sorted(found, key=step_of)
+    found = {step_of(p): p for p in folder.glob(".old-step_*") if p.name[10:].isdigit() and (p / MANIFEST).is_file()}
+    found |= {step_of(p): p for p in folder.glob("step_*") if p.name[5:].isdigit() and (p / MANIFEST).is_file()}
+    return [found[step] for step in sorted(found)]
 
 
 def latest(output_dir: Path) -> Path | None:
@@ -83,8 +96,7 @@ def latest(output_dir: Path) -> Path | None:
 
 
 def at_step(output_dir: Path, step: int) -> Path | None:
-    path = root(output_dir) / f"step_{step:06d}"
-    return path if (path / MANIFEST).is_file() else None
+    return next((path for path in complete(output_dir) if step_of(path) == step), None)
 
 
 def resolve(path: str | Path) -> Path:
@@ -109,14 +121,16 @@ def write(
     a folder inside the temporary one, or with `remote` (the Storage of a URI output_dir) the
     checkpoint's learner folder in the bucket. `write_extra(folder)` adds the driver's other files
     (the pipeline's batch ahead). A crash at any point leaves either the previous
-    checkpoints or the new one whole, never half of one.
+    checkpoints or the new one whole, never half of one (in the bucket, a step written again is
+    the exception: its old copy goes before the new one is written, see `_publish`).
     """
     folder = root(output_dir)
     name = f"step_{step:06d}"
     final = folder / name
     tmp = folder / f".tmp-{name}"
-    for stale in folder.glob(".tmp-step_*"):  # left by a crash while saving
-        shutil.rmtree(stale, ignore_errors=True)
+    for stale in folder.glob(".*-step_*"):  # left by a crash while saving: not a copy lookups take
+        if stale.name.startswith(".tmp-") or (folder / stale.name.removeprefix(".old-") / MANIFEST).is_file():
+            shutil.rmtree(stale, ignore_errors=True)
     tmp.mkdir(parents=True)
     if remote is not None:
         remote.remove(f"checkpoints/{name}")  # the same step written again: its old manifest goes first
@@ -128,24 +142,42 @@ def write(
     if write_extra is not None:
         write_extra(tmp)
     _write_json(tmp / MANIFEST, {"format": FORMAT, "step": step, "time": time.time(), **manifest})
-    if final.exists():  # the same step written again (a redone step after a learner restart)
-        shutil.rmtree(final)
-    os.replace(tmp, final)
-    _fsync_dir(folder)
+    # the learner ranks' files as this machine sees them: on a shared filesystem, a rank on another
+    # node has closed them, which (NFS: close-to-open) hands their data to the server; the driver's
+    # fsync then covers the server's copy only as far as the filesystem lets one client flush another's
+    fsync_tree(tmp)
+    _move_in(tmp, final)
     for old in complete(output_dir)[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
     if remote is not None:
-        _publish(final, remote, {p.name for p in complete(output_dir)})
+        _publish(final, remote, {f"step_{step_of(p):06d}" for p in complete(output_dir)})
     return final
+
+
+def _move_in(tmp: Path, final: Path) -> None:
+    """Rename a written checkpoint into place; an existing copy of the step (written again after a
+    learner restart or a resume from an earlier step) goes aside first and is deleted last."""
+    aside = final.with_name(f".old-{final.name}")
+    if (final / MANIFEST).is_file():
+        shutil.rmtree(aside, ignore_errors=True)  # a crash's leftover: `final` is the complete copy
+        os.replace(final, aside)
+        fsync_path(final.parent)
+    os.replace(tmp, final)
+    fsync_path(final.parent)
+    shutil.rmtree(aside, ignore_errors=True)
 
 
 def _publish(final: Path, remote: Any, kept: set[str]) -> None:
     """The driver's files of a checkpoint whose learner state is in the bucket, the manifest last;
     then every other step folder there goes (older ones past `keep`, any never completed, and a
-    `.tmp-` folder the driver's logs carried up after a crash while saving)."""
+    `.tmp-` folder the driver's logs carried up after a crash while saving). On a file:// URI
+    everything is fsynced before the manifest is written, and the manifest after."""
     files = sorted(p.name for p in final.iterdir() if p.is_file() and p.name != MANIFEST)
-    for file in (*files, MANIFEST):
+    for file in files:
         remote.write_bytes(f"checkpoints/{final.name}/{file}", (final / file).read_bytes())
+    remote.sync(f"checkpoints/{final.name}")
+    remote.write_bytes(f"checkpoints/{final.name}/{MANIFEST}", (final / MANIFEST).read_bytes())
+    remote.sync(f"checkpoints/{final.name}/{MANIFEST}")
     for other in remote.list_dir("checkpoints"):
         if (other.startswith("step_") and other not in kept) or other.startswith(".tmp-"):
             remote.remove(f"checkpoints/{other}")
@@ -157,6 +189,8 @@ def mirror(remote: Any, output_dir: Path) -> None:
     def driver_part(relative: str) -> bool:
         parts = relative.split("/")
         if parts[0] == "final" or parts[0].startswith("step_"):  # policies: the learner writes them
+            return False
+        if parts[0].startswith(".rayrlhf"):  # the run lock (jobs/run/run_lock.py): the bucket's alone
             return False
         return not (parts[0] == "checkpoints" and parts[2:3] == [LEARNER_DIR])
 
@@ -185,6 +219,25 @@ def read(path: Path) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
 
 def learner_dir(path: Path) -> Path:
     return path / LEARNER_DIR
+
+
+_PARTITION = re.compile(r"(?:bf16_)?zero_pp_rank_(\d+)_")
+
+
+@dataclass(frozen=True)
+class RankFiles:
+    """Which files of a checkpoint's learner state learner rank `rank` loads (Storage.only: what it
+    downloads from a bucket). DeepSpeed names each rank's ZeRO partition
+    `[bf16_]zero_pp_rank_<rank>_mp_rank_00_{optim,model}_states.pt` (the optimizer's on stages 1-3,
+    the weights' too on stage 3) and writes the rest once (`mp_rank_00_model_states.pt` on stages
+    0-2, which every rank loads; PlainEngine's one file); a rank reads no other rank's partition as
+    long as ZeRO's elastic_checkpoint is off (never set: actors/runtime/deepspeed_engine.py)."""
+
+    rank: int
+
+    def __call__(self, relative: str) -> bool:
+        partition = _PARTITION.match(relative.rsplit("/", 1)[-1])
+        return partition is None or int(partition[1]) == self.rank
 
 
 def mark_finished(output_dir: Path, step: int, config: dict[str, Any]) -> None:
@@ -220,18 +273,4 @@ def changed_fields(saved: dict[str, Any], current: dict[str, Any], prefix: str =
 
 def _write_json(path: Path, data: dict[str, Any]) -> None:
     """Write-then-rename, so a reader never sees half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w") as f:
-        json.dump(data, f, indent=1)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    write_atomic(path, json.dumps(data, indent=1).encode())

@@ -38,6 +38,7 @@ from rayrlhf.cluster.local import init_ray, shutdown_ray
 from rayrlhf.cluster.storage import Storage
 from rayrlhf.jobs.config.run import ClusterConfig
 from rayrlhf.jobs.config.supervised import TrainerConfig
+from rayrlhf.jobs.run.run_lock import RunLock
 from rayrlhf.jobs.run.tracking import format_table
 
 CHECKPOINT_TAG = "engine"
@@ -259,9 +260,10 @@ def run_job(
     """The driver side shared by sft and train-rm: record the config, fit, print before/after.
     Returns output_dir and its final/ (paths for a path, locations for a URI) and eval.json."""
     storage = Storage(cfg.output_dir)
-    storage.write_text("config.yaml", yaml.safe_dump(cfg.model_dump(), sort_keys=False))
-    loop_config = {"cfg": cfg.model_dump(), "output_dir": storage.location, **inputs}
-    fit(loop, loop_config, cfg.trainer, cfg.cluster, storage, cfg.name, cfg.resume)
+    with RunLock(storage, cfg.name):  # one job per output_dir (jobs/run/run_lock.py)
+        storage.write_text("config.yaml", yaml.safe_dump(cfg.model_dump(), sort_keys=False))
+        loop_config = {"cfg": cfg.model_dump(), "output_dir": storage.location, **inputs}
+        fit(loop, loop_config, cfg.trainer, cfg.cluster, storage, cfg.name, cfg.resume)
     result = json.loads(storage.read_text("eval.json"))
     print("\n" + format_table(result["before"], result["after"]) + f"\n\n{final_label}: {storage.shown('final')}")
     return storage.shown(), storage.shown("final"), result

@@ -235,7 +235,8 @@ class RunState:
         else:
             _, _, state = checkpoint.read(path)
             source = Storage(checkpoint.learner_location(path, self.output_dir, self.remote))
-            get_all([rank.load_checkpoint.remote(source, state["learner"]) for rank in self.roles.learner])
+            get_all([rank.load_checkpoint.remote(source.only(checkpoint.RankFiles(i)), state["learner"])
+                     for i, rank in enumerate(self.roles.learner)])  # from a bucket, each rank downloads its own files
         roles = self.roles
         ray.get([scorer.load_state_dict.remote(s) for scorer, s in zip(roles.scorers, state["scorers"], strict=True)])
         ray.get([worker.load_state_dict.remote(s) for worker, s in zip(roles.rollout, state["rollout"], strict=True)])
