@@ -10,7 +10,7 @@ OFFLINE := RAY_USAGE_STATS_ENABLED=0 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_
 	HTTP_PROXY=http://127.0.0.1:9 HTTPS_PROXY=http://127.0.0.1:9 \
 	no_proxy=127.0.0.1,localhost,::1 NO_PROXY=127.0.0.1,localhost,::1
 
-.PHONY: install demo test bench clean
+.PHONY: install demo test test-quick typecheck bench clean
 
 install: $(VENV)/.installed
 
@@ -27,8 +27,16 @@ $(VENV)/.installed: pyproject.toml
 demo: install
 	$(OFFLINE) $(VENV)/bin/rayrlhf train
 
-test: install
+# The type check first (mypy, pinned in the dev extra; settings in pyproject.toml), then every test.
+test: typecheck
 	$(OFFLINE) $(PY) -m pytest -q tests
+
+# The inner loop: unit and integration tests, no whole runs (tests/e2e/).
+test-quick: install
+	$(OFFLINE) $(PY) -m pytest -q -m "not e2e" tests
+
+typecheck: install
+	$(PY) -m mypy
 
 bench: install
 	$(OFFLINE) $(PY) benchmarks/step_time.py
