@@ -35,11 +35,13 @@ test: typecheck
 test-quick: install
 	$(OFFLINE) $(PY) -m pytest -q -m "not e2e" tests
 
+# mypy reads the package under its import names (rayrlhf.*): build/mypy/rayrlhf links the folders.
 typecheck: install
+	@mkdir -p build/mypy/rayrlhf && for d in actors cluster jobs; do ln -sfn ../../../$$d build/mypy/rayrlhf/$$d; done
 	$(PY) -m mypy
 
 bench: install
 	$(OFFLINE) $(PY) benchmarks/step_time.py
 
 clean:
-	rm -rf $(VENV)
+	rm -rf $(VENV) build/mypy .mypy_cache

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -22,6 +22,9 @@ from rayrlhf.jobs.config.supervised import RMConfig
 from rayrlhf.jobs.data.preferences import PreferencePair
 from rayrlhf.jobs.data.supervised import RMRow, is_pairs, load_rm_data
 from rayrlhf.jobs.run.ray_trainer import Worker, check_data_fills_a_step, run_job, to_device
+
+if TYPE_CHECKING:
+    from deepspeed import DeepSpeedEngine
 
 
 @dataclass
@@ -109,7 +112,9 @@ def rm_loop(config: dict[str, Any]) -> None:
     )
 
 
-def held_out_metrics(worker: Worker, engine: Any, model: RewardModel, rows: list[RMRow], batch_size: int) -> dict[str, float]:
+def held_out_metrics(
+    worker: Worker, engine: DeepSpeedEngine, model: RewardModel, rows: list[RMRow], batch_size: int
+) -> dict[str, float]:
     """Pairs: pairwise accuracy, mean margin r_c - r_r, and accuracy per rejection kind.
     Rated samples: MSE to the scores and accuracy of sign(r) against the labels, where given."""
     pairs = is_pairs(rows)

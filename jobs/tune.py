@@ -132,7 +132,7 @@ def param_space(spec: dict[str, ParamSpec], algorithm: str) -> dict[str, Any]:
     return {name: domain(p) for name, p in spec.items()}
 
 
-def make_tuner(setup: TuneSetup, trainable: Any) -> tune.Tuner:
+def make_tuner(setup: TuneSetup, trainable: type[tune.Trainable]) -> tune.Tuner:
     cfg = setup.cfg
     first = setup.check()
     searcher = None

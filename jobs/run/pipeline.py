@@ -42,12 +42,12 @@ AHEAD_FILE = "ahead.pkl"
 """In a run checkpoint's folder: the batch collected ahead of the learner (pipelined runs only)."""
 
 
-def shards(items: list, n: int) -> list[list]:
+def shards(items: list[T], n: int) -> list[list[T]]:
     size = -(-len(items) // n)
     return [items[i * size:(i + 1) * size] for i in range(n) if items[i * size:(i + 1) * size]]
 
 
-def _wait(refs: list) -> None:
+def _wait(refs: list[ray.ObjectRef]) -> None:
     ray.wait(refs, num_returns=len(refs), fetch_local=False)
 
 

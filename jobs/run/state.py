@@ -14,9 +14,11 @@ import json
 import signal
 import sys
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from types import FrameType
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import ray
 
@@ -25,10 +27,17 @@ from rayrlhf.cluster.storage import Storage
 from rayrlhf.jobs.run import checkpoint
 from rayrlhf.jobs.config.base import ConfigError
 from rayrlhf.jobs.config.run import RunConfig
+from rayrlhf.jobs.data.sampler import PromptSampler
 from rayrlhf.jobs.run.health import HealthMonitor
 from rayrlhf.jobs.run.recovery import Recovery
 from rayrlhf.jobs.run.roles import Roles, restart_learner
 from rayrlhf.jobs.run.tracking import Tracker
+
+if TYPE_CHECKING:  # pipeline.py imports this module
+    from rayrlhf.jobs.run.pipeline import Pipeline
+
+T = TypeVar("T")
+SignalHandler = Callable[[int, FrameType | None], object] | int | None
 
 
 class LearnerFailure(RuntimeError):
@@ -45,7 +54,7 @@ def is_learner_failure(error: BaseException, learner: ActorGroup) -> bool:
     return False
 
 
-def get_all(refs: list) -> list:
+def get_all(refs: list[ray.ObjectRef[T]]) -> list[T]:
     """ray.get, but the first failure surfaces at once (a rank whose peer died may block in a collective)."""
     pending = list(refs)
     while pending:
@@ -54,7 +63,7 @@ def get_all(refs: list) -> list:
     return ray.get(refs)
 
 
-def learner_get(refs: list, learner: ActorGroup) -> list:
+def learner_get(refs: list[ray.ObjectRef[T]], learner: ActorGroup) -> list[T]:
     """get_all for calls of the learner group: a failure of the group becomes a LearnerFailure."""
     try:
         return get_all(refs)
@@ -108,7 +117,7 @@ class StopSignal:
 
     def __init__(self) -> None:
         self.signum: int | None = None
-        self._previous: dict[int, Any] = {}
+        self._previous: dict[int, SignalHandler] = {}
 
     def __enter__(self) -> StopSignal:
         if threading.current_thread() is threading.main_thread():
@@ -116,7 +125,7 @@ class StopSignal:
                 self._previous[sig] = signal.signal(sig, self._handle)
         return self
 
-    def _handle(self, signum: int, frame: Any) -> None:
+    def _handle(self, signum: int, frame: FrameType | None) -> None:
         if self.signum is not None:
             raise KeyboardInterrupt
         self.signum = signum
@@ -131,7 +140,7 @@ class StopSignal:
         run.tracker.write(f"stopped after step {run.step}; checkpoint: {path} (run the same command to resume)")
         raise checkpoint.Interrupted(self.signum, path)
 
-    def __exit__(self, *exc: Any) -> None:
+    def __exit__(self, *exc: object) -> None:
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
 
@@ -141,14 +150,13 @@ class RunState:
     cfg: RunConfig
     output_dir: Path
     roles: Roles
-    sampler: Any
-    """jobs/train.py PromptSampler (state_dict / load_state_dict)."""
+    sampler: PromptSampler
     tracker: Tracker
     recovery: Recovery
     """The stateless roles' recovery (jobs/run/recovery.py): it keeps the weights' ref and the trained sample ids."""
     monitor: HealthMonitor
-    pipeline: Any
-    """jobs/run/pipeline.py Pipeline: the batch it holds ahead of the learner is part of a checkpoint."""
+    pipeline: Pipeline
+    """The batch it holds ahead of the learner is part of a checkpoint."""
     step: int = 0
     before: dict[str, float] = field(default_factory=dict)
     history: list[dict[str, float]] = field(default_factory=list)

@@ -13,12 +13,15 @@ import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import yaml
 
 from rayrlhf.cluster.storage import Storage
 from rayrlhf.jobs.config.tune import TuneSetup
+
+if TYPE_CHECKING:
+    from ray.tune import Result, ResultGrid
 
 SHOWN = ("eval/rouge_l", "eval/sim", "eval/freq", "eval/bleu", "eval/length", "reward/sim", "reward/freq")
 """Columns of the console table besides the weights, objective and KL (the files have them all)."""
@@ -37,7 +40,7 @@ class TuneSummary:
     best_config_path: Path | str | None
 
 
-def _status(result: Any) -> str:
+def _status(result: Result) -> str:
     metrics = result.metrics or {}
     if result.error is not None:
         return "error"
@@ -46,7 +49,7 @@ def _status(result: Any) -> str:
     return "stopped"
 
 
-def trial_rows(setup: TuneSetup, grid: Any) -> list[dict[str, Any]]:
+def trial_rows(setup: TuneSetup, grid: ResultGrid) -> list[dict[str, Any]]:
     rows = []
     for result in grid:
         metrics = result.metrics or {}
@@ -138,7 +141,7 @@ def export_best(setup: TuneSetup, best: dict[str, Any], folder: Path, exp_dir: s
     return path
 
 
-def summarize(setup: TuneSetup, grid: Any, storage: Storage) -> TuneSummary:
+def summarize(setup: TuneSetup, grid: ResultGrid, storage: Storage) -> TuneSummary:
     """Write the summary files into the experiment's folder (staged and uploaded when it is a URI)."""
     metric, mode = setup.cfg.objective.metric, setup.cfg.objective.mode
     rows = trial_rows(setup, grid)
