@@ -47,7 +47,8 @@ def _serve(args: argparse.Namespace) -> object:
     cfg = load_serve_config(args.config, list(args.overrides) + extra)
     from rayrlhf.jobs.serve import run
 
-    return run(cfg, args.address)
+    run(cfg, args.address)
+    return 0
 
 
 def _sft(args: argparse.Namespace) -> object:

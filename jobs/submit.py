@@ -54,7 +54,7 @@ def auth_headers(environ: Mapping[str, str] = os.environ) -> dict[str, str]:
     )
     if not wanted:
         return {}
-    from ray._raylet import (
+    from ray._raylet import (  # type: ignore[attr-defined]  # compiled: its stub does not list it
         AuthenticationTokenLoader,  # Ray's token lookup (C++), not public API
     )
 

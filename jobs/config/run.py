@@ -90,9 +90,9 @@ class RewardFunctionConfig(StrictModel):
     """FILE.py:FUNCTION (relative to the working directory), MODULE:FUNCTION, or a built-in name
     (math_exact_match)."""
     weight: float = 1.0
-    name: str | None = None
+    name: str = ""
     """Its component name in the logs (reward/<name>, eval/<name>) and in a tune search space
-    (reward.functions.<name>.weight); default: the function's name."""
+    (reward.functions.<name>.weight); empty (the default): the function's name."""
 
     @model_validator(mode="before")
     @classmethod
@@ -104,7 +104,7 @@ class RewardFunctionConfig(StrictModel):
         where, colon, fn = data["path"].rpartition(":")
         if colon and where.endswith(".py"):
             data["path"] = f"{Path(where).expanduser().resolve()}:{fn}"
-        if data.get("name") is None:
+        if not data.get("name"):
             data["name"] = function_name(data["path"])
         if not _NAME.fullmatch(data["name"]):
             raise ValueError(f"name {data['name']!r} must be a Python-style identifier (letters, digits, _)")

@@ -88,7 +88,7 @@ def collect(roles: Roles, prompts: list[Prompt], recovery: Recovery) -> Experien
     reward_refs, rewards = recovery.score(traj_refs)
     t2 = time.perf_counter()
     if roles.reference:
-        _wait(ref_refs)
+        _wait([ref for ref in ref_refs if ref is not None])
     t3 = time.perf_counter()
     ranks = len(roles.learner)  # shard i goes to rank i % ranks
     parts = [traj_refs[rank::ranks] + reward_refs[rank::ranks] + ref_refs[rank::ranks] for rank in range(ranks)]

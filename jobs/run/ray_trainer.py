@@ -215,7 +215,7 @@ class Worker:
         seed: int,
         micro_step: Callable[[list[int]], float],
         evaluate: Callable[[], dict[str, float]],
-        save_final: Callable[[dict[str, float], Path], None],
+        save_final: Callable[[dict[str, float], Path], object],
     ) -> None:
         """The loop both jobs share: resume, optimizer steps (`micro_step(indices)` runs forward,
         backward and engine.step on one micro-batch and returns its loss), held-out metrics

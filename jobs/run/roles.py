@@ -144,10 +144,10 @@ class Roles:
 def _start(cfg: RunConfig, role: Role) -> ActorGroup:
     group = ActorGroup(role.count, name=role.name, resources=role.resources, strategy=cfg.cluster.placement_strategy)
     try:
-        settings = role.settings
+        settings: Callable[[int], dict[str, Any]] = role.settings
         if role.rendezvous:
             master_addr, master_port = group.rendezvous()
-            settings = lambda rank, s=role.settings: dict(s(rank), master_addr=master_addr, master_port=master_port)  # noqa: E731
+            settings = lambda rank: dict(role.settings(rank), master_addr=master_addr, master_port=master_port)  # noqa: E731
         group.start(role.cls, settings, max_restarts=role.max_restarts)
     except BaseException:
         group.shutdown()

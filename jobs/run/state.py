@@ -47,10 +47,11 @@ class LearnerFailure(RuntimeError):
 def is_learner_failure(error: BaseException, learner: ActorGroup) -> bool:
     """Whether a Ray error came from (or through) one of the learner's actors."""
     ids = {actor._actor_id.hex() for actor in learner}
-    while error is not None:
-        if getattr(error, "actor_id", None) in ids or getattr(error, "_actor_id", None) in ids:
+    cause: BaseException | None = error
+    while cause is not None:
+        if getattr(cause, "actor_id", None) in ids or getattr(cause, "_actor_id", None) in ids:
             return True
-        error = getattr(error, "cause", None)
+        cause = getattr(cause, "cause", None)
     return False
 
 
@@ -91,16 +92,17 @@ def plan(cfg: RunConfig, output_dir: Path, resume: str, remote: Storage | None =
         return Start()
     if resume != "auto":
         try:
-            path: Path | None = checkpoint.resolve(resume)
+            path = checkpoint.resolve(resume)
         except FileNotFoundError as e:
             raise ConfigError(f"--resume: {e}") from None
     else:
         done = checkpoint.finished(output_dir)
         if done is not None and done["step"] >= cfg.steps and not checkpoint.changed_fields(done["config"], current):
             return Start(finished_step=done["step"])
-        path = checkpoint.latest(output_dir)
-        if path is None:
+        latest = checkpoint.latest(output_dir)
+        if latest is None:
             return Start()
+        path = latest
     _, saved, _ = checkpoint.read(path)
     changed = checkpoint.changed_fields(saved, current)
     if changed:

@@ -51,11 +51,12 @@ def _status(result: Result) -> str:
 
 def trial_rows(setup: TuneSetup, grid: ResultGrid) -> list[dict[str, Any]]:
     rows = []
-    for result in grid:
+    for i in range(len(grid)):  # a ResultGrid is indexed (its types declare no __iter__)
+        result = grid[i]
         metrics = result.metrics or {}
         if "objective" not in metrics and result.error is None:
             continue  # not run yet (an interrupted search): nothing to show
-        row = {"trial": Path(result.path).name, "status": _status(result)}
+        row: dict[str, Any] = {"trial": Path(result.path).name, "status": _status(result)}
         row.update(setup.cfg.search.field_values(result.config) if result.config else {})
         row["objective"] = metrics.get("objective")
         row["kl"] = metrics.get("kl")
@@ -74,14 +75,14 @@ def best_row(rows: list[dict[str, Any]], mode: str) -> dict[str, Any] | None:
     return (max if mode == "max" else min)(done, key=lambda r: r["objective"])
 
 
-def _finite(value: Any) -> Any:
+def _finite(value: object) -> object:
     return None if isinstance(value, float) and not math.isfinite(value) else value
 
 
 def format_table(rows: list[dict[str, Any]], weights: list[str]) -> str:
     cols = ["trial", "status", *weights, "objective", "kl", *[c for c in SHOWN if any(c in r for r in rows)]]
 
-    def cell(value: Any) -> str:
+    def cell(value: object) -> str:
         return f"{value:.4f}" if isinstance(value, float) else ("-" if value is None else str(value))
 
     widths = [max([len(c), *(len(cell(r.get(c))) for r in rows)]) for c in cols]
@@ -90,7 +91,9 @@ def format_table(rows: list[dict[str, Any]], weights: list[str]) -> str:
     return "\n".join(lines)
 
 
-def plot_objective(rows: list[dict[str, Any]], weights: list[str], best: dict | None, metric: str, path: Path) -> None:
+def plot_objective(
+    rows: list[dict[str, Any]], weights: list[str], best: dict[str, Any] | None, metric: str, path: Path
+) -> None:
     """Scatter of the objective over the first two weights (or over one weight), best starred."""
     import matplotlib
 
