@@ -34,10 +34,11 @@ from rayrlhf.jobs.config.run import RunConfig
 from rayrlhf.jobs.data.prompts import load_task
 from rayrlhf.jobs.data.sampler import PromptSampler
 from rayrlhf.jobs.run.health import HealthMonitor, weighted_components
+from rayrlhf.jobs.run.learner_failure import LearnerFailure
 from rayrlhf.jobs.run.pipeline import Pipeline, reward_metrics, shards
 from rayrlhf.jobs.run.recovery import Recovery
 from rayrlhf.jobs.run.roles import Roles, launch
-from rayrlhf.jobs.run.state import LearnerFailure, RunState, StopSignal, plan
+from rayrlhf.jobs.run.state import RunState, StopSignal, plan
 from rayrlhf.jobs.run.tracking import Tracker, format_table
 
 

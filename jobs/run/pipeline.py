@@ -35,7 +35,7 @@ from rayrlhf.actors.rl.trajectory import Prompt, Rewards
 from rayrlhf.jobs.config.run import RunConfig
 from rayrlhf.jobs.run.recovery import Recovery
 from rayrlhf.jobs.run.roles import Roles
-from rayrlhf.jobs.run.state import LearnerFailure, get_all, is_learner_failure
+from rayrlhf.jobs.run.learner_failure import LearnerFailure, get_all, is_learner_failure
 
 T = TypeVar("T")
 AHEAD_FILE = "ahead.pkl"

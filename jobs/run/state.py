@@ -18,60 +18,23 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import Any
 
 import ray
 
-from rayrlhf.cluster.actor_group import ActorGroup
 from rayrlhf.cluster.storage import Storage
 from rayrlhf.jobs.run import checkpoint
 from rayrlhf.jobs.config.base import ConfigError
 from rayrlhf.jobs.config.run import RunConfig
 from rayrlhf.jobs.data.sampler import PromptSampler
 from rayrlhf.jobs.run.health import HealthMonitor
+from rayrlhf.jobs.run.learner_failure import get_all, learner_get
+from rayrlhf.jobs.run.pipeline import Pipeline
 from rayrlhf.jobs.run.recovery import Recovery
 from rayrlhf.jobs.run.roles import Roles, restart_learner
 from rayrlhf.jobs.run.tracking import Tracker
 
-if TYPE_CHECKING:  # pipeline.py imports this module
-    from rayrlhf.jobs.run.pipeline import Pipeline
-
-T = TypeVar("T")
 SignalHandler = Callable[[int, FrameType | None], object] | int | None
-
-
-class LearnerFailure(RuntimeError):
-    """A learner rank died (or its group broke): the group is restarted from the latest checkpoint."""
-
-
-def is_learner_failure(error: BaseException, learner: ActorGroup) -> bool:
-    """Whether a Ray error came from (or through) one of the learner's actors."""
-    ids = {actor._actor_id.hex() for actor in learner}
-    cause: BaseException | None = error
-    while cause is not None:
-        if getattr(cause, "actor_id", None) in ids or getattr(cause, "_actor_id", None) in ids:
-            return True
-        cause = getattr(cause, "cause", None)
-    return False
-
-
-def get_all(refs: list[ray.ObjectRef[T]]) -> list[T]:
-    """ray.get, but the first failure surfaces at once (a rank whose peer died may block in a collective)."""
-    pending = list(refs)
-    while pending:
-        ready, pending = ray.wait(pending, num_returns=1)
-        ray.get(ready)
-    return ray.get(refs)
-
-
-def learner_get(refs: list[ray.ObjectRef[T]], learner: ActorGroup) -> list[T]:
-    """get_all for calls of the learner group: a failure of the group becomes a LearnerFailure."""
-    try:
-        return get_all(refs)
-    except ray.exceptions.RayError as e:
-        if is_learner_failure(e, learner):
-            raise LearnerFailure(str(e)) from e
-        raise
 
 
 @dataclass
