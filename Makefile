@@ -31,9 +31,10 @@ demo: install
 test: typecheck
 	$(OFFLINE) $(PY) -m pytest -q tests
 
-# The inner loop: unit and integration tests, no whole runs (tests/e2e/).
+# The inner loop: the unit tests (a few minutes at most on 2 cores). `-m "not e2e"` adds the
+# integration tests (Ray clusters, Serve, DeepSpeed engines), `-m e2e` runs the whole runs.
 test-quick: install
-	$(OFFLINE) $(PY) -m pytest -q -m "not e2e" tests
+	$(OFFLINE) $(PY) -m pytest -q -m unit tests
 
 # mypy reads the package under its import names (rayrlhf.*): build/mypy/rayrlhf links the folders.
 typecheck: install

@@ -1,5 +1,6 @@
 """Test-wide settings: offline, loopback only, nothing sent off the machine; and a test's folder
-(unit/, integration/, e2e/) is its marker, so `pytest -m "not e2e"` is the inner loop."""
+(unit/, integration/, e2e/) is its marker: `pytest -m unit` is the inner loop, `-m "not e2e"` adds
+the integration tests."""
 
 import os
 from pathlib import Path
