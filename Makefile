@@ -10,7 +10,7 @@ OFFLINE := RAY_USAGE_STATS_ENABLED=0 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_
 	HTTP_PROXY=http://127.0.0.1:9 HTTPS_PROXY=http://127.0.0.1:9 \
 	no_proxy=127.0.0.1,localhost,::1 NO_PROXY=127.0.0.1,localhost,::1
 
-.PHONY: install demo test bench clean
+.PHONY: install demo test test-quick typecheck bench clean
 
 install: $(VENV)/.installed
 
@@ -27,11 +27,22 @@ $(VENV)/.installed: pyproject.toml
 demo: install
 	$(OFFLINE) $(VENV)/bin/rayrlhf train
 
-test: install
+# The type check first (mypy, pinned in the dev extra; settings in pyproject.toml), then every test.
+test: typecheck
 	$(OFFLINE) $(PY) -m pytest -q tests
+
+# The inner loop: the unit tests (a few minutes at most on 2 cores). `-m "not e2e"` adds the
+# integration tests (Ray clusters, Serve, DeepSpeed engines), `-m e2e` runs the whole runs.
+test-quick: install
+	$(OFFLINE) $(PY) -m pytest -q -m unit tests
+
+# mypy reads the package under its import names (rayrlhf.*): build/mypy/rayrlhf links the folders.
+typecheck: install
+	@mkdir -p build/mypy/rayrlhf && for d in actors cluster jobs; do ln -sfn ../../../$$d build/mypy/rayrlhf/$$d; done
+	$(PY) -m mypy
 
 bench: install
 	$(OFFLINE) $(PY) benchmarks/step_time.py
 
 clean:
-	rm -rf $(VENV)
+	rm -rf $(VENV) build/mypy .mypy_cache

@@ -327,7 +327,7 @@ class Learner:
     def learn_parts(self, *parts: Any) -> tuple[dict[str, float], list[int]]:
         """`learn` on this rank's shards as the driver sends them: trajectories, then their rewards, then
         their reference log-probs. Joined here, where Ray resolved them (a separate join task cost a worker
-        start, ~3.5 s, every step). Also returns the sample ids trained."""
+        start every step). Also returns the sample ids trained."""
         n = len(parts) // 3
         batch = LearnerBatch.join(list(parts[:n]), list(parts[n : 2 * n]), list(parts[2 * n :]))
         return self.learn(batch), batch.trajectory.sample_ids.tolist()

@@ -15,20 +15,15 @@ Writes benchmarks/results/async_vs_sync.json (or --out). Timings mean something 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import time
-from pathlib import Path
 
-from rayrlhf.cluster.offline import apply_offline_defaults
-
-apply_offline_defaults()
+import common  # first: the offline defaults, before Ray, torch and transformers load
 
 from rayrlhf.jobs.config.run import load_config
 from rayrlhf.jobs.train import train
 
-RESULTS = Path(__file__).resolve().parent / "results"
 FIGURES = ("s_per_step", "median_step_s", "samples_per_s", "held_out_raw_after")
 
 
@@ -94,10 +89,7 @@ def main() -> None:
           f"held-out raw {ratios['held_out_raw_after_diff']:+.4f}")
     report = {"config": args.config, "overrides": overrides, "seeds": args.seeds, "runs": runs[0] + runs[1],
               "summary": table, "ratio_pipelined_over_sync": ratios}
-    RESULTS.mkdir(exist_ok=True)
-    out = RESULTS / args.out
-    out.write_text(json.dumps(report, indent=2))
-    print(f"wrote {out}")
+    common.write_results(args.out, report)
 
 
 if __name__ == "__main__":

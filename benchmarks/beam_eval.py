@@ -10,21 +10,15 @@ Ray): one rollout worker and one reward scorer, built exactly as the RL job buil
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import time
-from pathlib import Path
 
-from rayrlhf.cluster.offline import apply_offline_defaults
-
-apply_offline_defaults()
+import common  # first: the offline defaults, before Ray, torch and transformers load
 
 from rayrlhf.jobs.config.run import load_config
 from rayrlhf.jobs.run.roles import role_table
 from rayrlhf.jobs.run.pipeline import reward_metrics
 from rayrlhf.jobs.train import prepare
-
-RESULTS = Path(__file__).resolve().parent / "results"
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -54,12 +48,9 @@ def main(argv: list[str] | None = None) -> None:
     for key in keys:
         values = "".join(f"{columns[b].get(key, float('nan')):>12.4f}" for b in args.beams)
         print(f"{key.removeprefix('eval/'):<22}{values}")
-    RESULTS.mkdir(exist_ok=True)
-    out = RESULTS / "beam_eval.json"
-    out.write_text(json.dumps({"config": args.config, "policy": args.policy, "overrides": args.overrides,
-                               "prompts": len(held_out), "load_average_1_5_15": os.getloadavg(),
-                               "columns": columns}, indent=2))  # fmt: skip
-    print(f"\nwrote {out}")
+    report = {"config": args.config, "policy": args.policy, "overrides": args.overrides, "prompts": len(held_out),
+              "load_average_1_5_15": os.getloadavg(), "columns": columns}
+    common.write_results("beam_eval.json", report)
 
 
 if __name__ == "__main__":

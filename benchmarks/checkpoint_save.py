@@ -14,15 +14,12 @@ state and uploads it; a restore downloads it on each rank's node).
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import tempfile
 import time
 from pathlib import Path
 
-from rayrlhf.cluster.offline import apply_offline_defaults
-
-apply_offline_defaults()
+import common  # first: the offline defaults, before Ray, torch and transformers load
 
 from rayrlhf.cluster.local import init_ray, shutdown_ray
 from rayrlhf.cluster.storage import Storage
@@ -36,8 +33,6 @@ from rayrlhf.jobs.run.tracking import Tracker
 from rayrlhf.jobs.data.sampler import PromptSampler
 from rayrlhf.jobs.run.pipeline import rl_step
 from rayrlhf.jobs.train import prepare
-
-RESULTS = Path(__file__).resolve().parent / "results"
 
 
 def folder_bytes(path: Path) -> int:
@@ -99,10 +94,7 @@ def main() -> None:
     print(f"checkpoint size     {row['bytes'] / 2**20:10.1f} MiB (learner state {row['learner_bytes'] / 2**20:.1f} MiB)")
     print(f"seconds per save    {row['save_median_s']:10.2f} (median of {args.saves}: {row['save_s']})")
     print(f"seconds to restore  {row['restore_s']:10.2f}")
-    RESULTS.mkdir(exist_ok=True)
-    out = RESULTS / ("checkpoint_save_uri.json" if args.uri else "checkpoint_save.json")
-    out.write_text(json.dumps({args.config: row}, indent=2))
-    print(f"\nwrote {out}")
+    common.write_results("checkpoint_save_uri.json" if args.uri else "checkpoint_save.json", {args.config: row})
 
 
 if __name__ == "__main__":

@@ -12,20 +12,14 @@ noise that the mean improvement must clear.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import time
-from pathlib import Path
 
-from rayrlhf.cluster.offline import apply_offline_defaults
-
-apply_offline_defaults()
+import common  # first: the offline defaults, before Ray, torch and transformers load
 
 from rayrlhf.jobs.config.run import load_config
 from rayrlhf.jobs.train import train
-
-RESULTS = Path(__file__).resolve().parent / "results"
 
 
 def main() -> None:
@@ -66,10 +60,7 @@ def main() -> None:
         per_seed = " ".join(f"{d:+.3f}" for d in s["deltas"])
         print(f"{key.removeprefix('eval/'):<18}{s['before_mean']:>9.4f}{s['after_mean']:>9.4f}"
               f"{s['delta_mean']:>+9.4f}{s['delta_std']:>8.4f}  {per_seed}")
-    RESULTS.mkdir(exist_ok=True)
-    out = RESULTS / args.out
-    out.write_text(json.dumps(report, indent=2))
-    print(f"\nwrote {out}")
+    common.write_results(args.out, report)
 
 
 if __name__ == "__main__":

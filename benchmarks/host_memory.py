@@ -12,18 +12,14 @@ benchmarks/results/host_memory.json. Not a test: figures only, and only on an id
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import resource
-import socket
 import statistics
 import time
 from dataclasses import replace
 from pathlib import Path
 
-from rayrlhf.cluster.offline import apply_offline_defaults
-
-apply_offline_defaults()
+import common  # first: the offline defaults, before Ray, torch and transformers load
 
 import ray
 
@@ -36,7 +32,6 @@ from rayrlhf.jobs.run.roles import role_table
 from rayrlhf.jobs.data.sampler import PromptSampler
 from rayrlhf.jobs.train import prepare
 
-RESULTS = Path(__file__).resolve().parent / "results"
 SETTLED = 2
 """Rounds left out of the medians: the first calls fault their working set in either way."""
 
@@ -80,9 +75,7 @@ def main() -> None:
         remote = ray.remote(MeasuredLearner).options(num_cpus=learner.num_cpus)
         sides = {}
         for name, keep in (("kept", True), ("glibc_default", False)):
-            with socket.socket() as s:  # each learner is a world of one: its own port for its gloo group
-                s.bind(("127.0.0.1", 0))
-                port = s.getsockname()[1]
+            port = common.free_port()  # each learner is a world of one: its own port for its gloo group
             sides[name] = remote.remote(keep, **learner.settings(0), master_addr="127.0.0.1", master_port=port)
         batch_ref = ray.put(batch)
         rows = {name: [] for name in sides}
@@ -100,10 +93,7 @@ def main() -> None:
     for name, m in median.items():
         print(f"{name:<14} {m['s']:7.2f} s  {m['page_faults']:>9.0f} page faults  {m['rss_mb']:7.0f} MB resident")
     print(f"kept / default learn time (median of paired rounds): {report['kept_over_default_s']:.3f}")
-    RESULTS.mkdir(exist_ok=True)
-    out = RESULTS / "host_memory.json"
-    out.write_text(json.dumps(report, indent=2))
-    print(f"wrote {out}")
+    common.write_results("host_memory.json", report)
 
 
 if __name__ == "__main__":

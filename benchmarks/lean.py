@@ -16,16 +16,11 @@ benchmarks/results/lean.json. Not a test: figures only, and only on an idle mach
 from __future__ import annotations
 
 import argparse
-import json
-import socket
 import statistics
 import time
 from dataclasses import replace
-from pathlib import Path
 
-from rayrlhf.cluster.offline import apply_offline_defaults
-
-apply_offline_defaults()
+import common  # first: the offline defaults, before Ray, torch and transformers load
 
 import numpy as np
 import torch
@@ -39,14 +34,6 @@ from rayrlhf.jobs.config.run import load_config
 from rayrlhf.jobs.run.roles import role_table
 from rayrlhf.jobs.data.sampler import PromptSampler
 from rayrlhf.jobs.train import prepare
-
-RESULTS = Path(__file__).resolve().parent / "results"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def plain_loop(model_dir: str, cfg, fused: bool):
@@ -163,7 +150,7 @@ def main() -> None:
     rewards = scorer.score(traj)
     ref = reference.logprobs(traj) if reference else np.zeros_like(traj.old_logprobs)
     batch = LearnerBatch.join([traj], [Rewards(rewards.total, rewards.raw_total, rewards.components)], [ref])
-    learner = roles["learner"].instantiate(master_addr="127.0.0.1", master_port=free_port())
+    learner = roles["learner"].instantiate(master_addr="127.0.0.1", master_port=common.free_port())
     torch.set_num_threads(cfg.learner.torch_threads)
     plain, fused = plain_loop(str(model_dir), cfg, False), plain_loop(str(model_dir), cfg, True)
     for _ in range(2):  # warm-up: the heap settles after two calls of each (actors/runtime/host_memory.py)
@@ -189,10 +176,7 @@ def main() -> None:
     print(f"generate: ours {gen['ours_tokens_per_s']:.1f} tok/s   bare generate {gen['bare_generate_tokens_per_s']:.1f} "
           f"tok/s   ratio {gen['ours_over_bare']:.2f}x   (ours with HF's LM head {gen['ours_stock_head_tokens_per_s']:.1f} "
           f"tok/s, ratio {gen['ours_over_stock_head']:.2f}x)")  # fmt: skip
-    RESULTS.mkdir(exist_ok=True)
-    out = RESULTS / f"lean_{args.config}.json"
-    out.write_text(json.dumps(report, indent=2))
-    print(f"wrote {out}")
+    common.write_results(f"lean_{args.config}.json", report)
 
 
 if __name__ == "__main__":

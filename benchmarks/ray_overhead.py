@@ -12,19 +12,14 @@ before/after `torch.set_num_threads`, and its niceness. Writes benchmarks/result
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import time
-from pathlib import Path
 
-from rayrlhf.cluster.offline import apply_offline_defaults, dead_end_proxy
-
-apply_offline_defaults()
-
+import common  # first: the offline defaults, before Ray, torch and transformers load
 import ray
 
-RESULTS = Path(__file__).resolve().parent / "results"
+from rayrlhf.cluster.offline import dead_end_proxy
 
 
 def workload(threads: int) -> float:
@@ -78,10 +73,7 @@ def main() -> None:
     for name, r in report.items():
         print(f"{name:<18} actor sees {r['actor_sees']}   plain {r['plain_s']:.2f} s   actor {r['actor_s']:.2f} s   "
               f"ratio {r['actor_over_plain']:.2f}x")  # fmt: skip
-    RESULTS.mkdir(exist_ok=True)
-    out = RESULTS / "ray_overhead.json"
-    out.write_text(json.dumps(report, indent=2))
-    print(f"wrote {out}")
+    common.write_results("ray_overhead.json", report)
 
 
 if __name__ == "__main__":

@@ -14,21 +14,15 @@ Writes benchmarks/results/recovery_time_<config>.json. Not a test: figures only,
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import time
-from pathlib import Path
 
-from rayrlhf.cluster.offline import apply_offline_defaults
-
-apply_offline_defaults()
+import common  # first: the offline defaults, before Ray, torch and transformers load
 
 from rayrlhf.cluster.faults import Fault
 from rayrlhf.jobs.config.run import load_config
 from rayrlhf.jobs.train import train
-
-RESULTS = Path(__file__).resolve().parent / "results"
 
 
 def main() -> None:
@@ -67,10 +61,7 @@ def main() -> None:
     print(f"kill -> end of that step   {recovered_s:8.2f} s")
     print(f"other steps (median)       {normal_s:8.2f} s   (step 1, the warm-up, left out)")
     print(f"cost of the fault          {recovered_s - normal_s:8.2f} s")
-    RESULTS.mkdir(exist_ok=True)
-    out = RESULTS / f"recovery_time_{args.config}.json"
-    out.write_text(json.dumps(report, indent=2))
-    print(f"wrote {out}")
+    common.write_results(f"recovery_time_{args.config}.json", report)
 
 
 if __name__ == "__main__":

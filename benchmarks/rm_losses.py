@@ -11,21 +11,16 @@ Writes benchmarks/results/rm_losses.json and prints a table. Not a test: figures
 from __future__ import annotations
 
 import argparse
-import json
 import tempfile
 import time
-from pathlib import Path
 
-from rayrlhf.cluster.offline import apply_offline_defaults
-
-apply_offline_defaults()
+import common  # first: the offline defaults, before Ray, torch and transformers load
 
 from rayrlhf.actors.supervised.rm_losses import LOSSES
 from rayrlhf.cluster.local import init_ray, shutdown_ray
 from rayrlhf.jobs.config.supervised import RMConfig, load_job_config
 from rayrlhf.jobs.train_rm import train_rm
 
-RESULTS = Path(__file__).resolve().parent / "results"
 KINDS = ("wrong", "truncated", "off_topic", "corrupted")
 
 
@@ -61,10 +56,7 @@ def main() -> None:
         kinds = "".join(f"{r['after'].get(f'eval/accuracy_{k}', float('nan')):>11.3f}" for k in KINDS)
         before, after = r["before"]["eval/pairwise_accuracy"], r["after"]["eval/pairwise_accuracy"]
         print(f"{loss:<15}{before:>8.3f}{after:>8.3f}{kinds}{r['seconds']:>9.0f}")
-    RESULTS.mkdir(exist_ok=True)
-    out = RESULTS / "rm_losses.json"
-    out.write_text(json.dumps(report, indent=2))
-    print(f"\nwrote {out}")
+    common.write_results("rm_losses.json", report)
 
 
 if __name__ == "__main__":

@@ -27,14 +27,11 @@ import argparse
 import asyncio
 import json
 import os
-import socket
 import sys
 import time
 from pathlib import Path
 
-from rayrlhf.cluster.offline import apply_offline_defaults
-
-apply_offline_defaults()
+import common  # first: the offline defaults, before Ray, torch and transformers load
 
 import httpx
 from ray import serve
@@ -44,7 +41,6 @@ from rayrlhf.jobs.config.base import merge, parse_overrides, validate
 from rayrlhf.jobs.config.serve import ServeConfig
 from rayrlhf.jobs.serve import build_app, prepare
 
-RESULTS = Path(__file__).resolve().parent / "results"
 PROMPTS = [
     "Write a short story about a robot who learns to paint.",
     "Explain how a bicycle works to a child.",
@@ -54,12 +50,6 @@ PROMPTS = [
 ]
 MIXED = (8, 64, 16, 40, 24, 56, 12, 32)
 """--mixed answer budgets, in turn (mean 31.5 tokens, about the fixed default's 32)."""
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _percentile(values: list[float], q: float) -> float | None:
@@ -172,12 +162,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--modes", nargs="+", default=["batched", "unbatched"], choices=["batched", "unbatched"])
     parser.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
                         help="a ServeConfig field for both modes, e.g. torch_threads=2 (repeatable)")
-    parser.add_argument("--output", type=Path, default=RESULTS / "serve_load.json")
+    parser.add_argument("--output", type=Path, default=common.RESULTS / "serve_load.json")
     args = parser.parse_args(argv)
     budgets = [MIXED[i % len(MIXED)] if args.mixed else args.max_tokens for i in range(args.requests)]
     workload = "mixed_8_64" if args.mixed else f"fixed_{args.max_tokens}"
 
-    port = _free_port()
+    port = common.free_port()
     url = f"http://127.0.0.1:{port}"
     load_before = os.getloadavg()
     most = max(args.clients)
@@ -204,13 +194,12 @@ def main(argv: list[str] | None = None) -> None:
         "cores": os.cpu_count(), "load_avg_1m_before": round(load_before[0], 2),
         "load_avg_1m_after": round(os.getloadavg()[0], 2), "runs": runs,
     }
-    args.output.parent.mkdir(parents=True, exist_ok=True)
     results = json.loads(args.output.read_text()) if args.output.exists() else {}
     per_model = results.get(args.model, {})
     if "runs" in per_model:  # the layout before workloads (one-batch-at-a-time figures): replaced
         per_model = {}
     results[args.model] = {**per_model, workload: entry}
-    args.output.write_text(json.dumps(results, indent=2) + "\n")
+    common.write_results(args.output, results)
 
     print(f"\n{args.model}, {workload}: {args.requests} requests per run")
     print(f"{'mode':<10}{'C':>4}{'req/s':>8}{'tok/s':>8}{'ttft50':>8}{'ttft99':>8}{'p50 s':>8}{'p99 s':>8}"

@@ -10,15 +10,10 @@ Writes benchmarks/results/step_time.json and prints a table. Not a test: figures
 from __future__ import annotations
 
 import argparse
-import json
-import socket
 import statistics
 import time
-from pathlib import Path
 
-from rayrlhf.cluster.offline import apply_offline_defaults
-
-apply_offline_defaults()
+import common  # first: the offline defaults, before Ray, torch and transformers load
 
 import torch
 
@@ -30,7 +25,6 @@ from rayrlhf.jobs.data.sampler import PromptSampler
 from rayrlhf.jobs.run.pipeline import rl_step
 from rayrlhf.jobs.train import prepare
 
-RESULTS = Path(__file__).resolve().parent / "results"
 PHASES = ("generate", "score", "reference", "learn", "sync", "step")
 """Phases as the driver times them; "learn_compute" is the learner's own time inside its learn call."""
 
@@ -55,9 +49,7 @@ class PlainSide:
     """The same roles as plain objects in this process: the computation without Ray."""
 
     def __init__(self, cfg):
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
+        port = common.free_port()
         single = cfg.model_copy(update={"learner": cfg.learner.model_copy(update={"num_ranks": 1})})
         roles = {role.name: role for role in role_table(single)}
         self.learner = roles["learner"].instantiate(master_addr="127.0.0.1", master_port=port)
@@ -134,10 +126,7 @@ def main() -> None:
         print(f"ray / plain step time: {statistics.median(step_ratios):.3f} (median of the {len(step_ratios)} paired steps: "
               f"{', '.join(f'{r:.3f}' for r in step_ratios)})")
         print(f"weight sync (learner -> rollout, through the object store): {ray_med['sync'] / ray_med['step']:.1%} of the step")
-    RESULTS.mkdir(exist_ok=True)
-    out = RESULTS / "step_time.json"
-    out.write_text(json.dumps(report, indent=2))
-    print(f"\nwrote {out}")
+    common.write_results("step_time.json", report)
 
 
 if __name__ == "__main__":

@@ -14,13 +14,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import socket
 import tempfile
 from pathlib import Path
 
-from rayrlhf.cluster.offline import apply_offline_defaults
-
-apply_offline_defaults()
+import common  # first: the offline defaults, before Ray, torch and transformers load
 
 import numpy as np
 import torch
@@ -33,8 +30,6 @@ from rayrlhf.jobs.config.run import load_config
 from rayrlhf.jobs.run.roles import role_table
 from rayrlhf.jobs.data.sampler import PromptSampler
 from rayrlhf.jobs.train import prepare
-
-RESULTS = Path(__file__).resolve().parent / "results"
 
 
 def our_gradient(learner, lb: LearnerBatch, kl_coef: float) -> dict[str, torch.Tensor]:
@@ -85,10 +80,7 @@ def main() -> None:
                                   "learner.micro_batch_size=16", *args.overrides])  # fmt: skip
     train_set, _ = prepare(cfg)
     roles = {role.name: role for role in role_table(cfg)}
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    learner = roles["learner"].instantiate(master_addr="127.0.0.1", master_port=port)
+    learner = roles["learner"].instantiate(master_addr="127.0.0.1", master_port=common.free_port())
     worker, scorer, reference = (roles[name].instantiate() for name in ("rollout", "reward", "reference"))
     traj = worker.generate(PromptSampler(train_set, cfg.seed).draw(cfg.prompts_per_step))
     lb = LearnerBatch.join([traj], [scorer.score(traj)], [reference.logprobs(traj)])
@@ -103,8 +95,7 @@ def main() -> None:
               "grad_norm_ours": norm_ours, "grad_norm_trl": norm_trl, "max_abs_diff": max(
                   float((g - theirs[name]).abs().max()) for name, g in ours.items())}  # fmt: skip
     print(json.dumps(report, indent=2))
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "trl_gradient.json").write_text(json.dumps(report, indent=2) + "\n")
+    common.write_results("trl_gradient.json", report)
 
 
 if __name__ == "__main__":

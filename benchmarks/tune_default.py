@@ -19,9 +19,7 @@ import os
 import time
 from pathlib import Path
 
-from rayrlhf.cluster.offline import apply_offline_defaults
-
-apply_offline_defaults()
+import common  # first: the offline defaults, before Ray, torch and transformers load
 
 from rayrlhf.jobs.config.tune import load_tune_config
 from rayrlhf.jobs.data.prompts import load_task
@@ -30,8 +28,6 @@ from rayrlhf.jobs.run.roles import role_table
 from rayrlhf.jobs.run.pipeline import reward_metrics
 from rayrlhf.jobs.train import prepare
 from rayrlhf.jobs.tune import tune_weights
-
-RESULTS = Path(__file__).resolve().parent / "results"
 
 
 def score_on_unseen(setup, policies: dict[str, str]) -> dict[str, float]:
@@ -95,8 +91,7 @@ def main(argv: list[str] | None = None) -> None:
         "trials": [{k: v for k, v in r.items() if k not in ("checkpoint",)} for r in rows],
         "trial_budget": setup.cfg.trial,
     }
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "tune_default.json").write_text(json.dumps(figures, indent=2, default=str))
+    common.write_results("tune_default.json", figures)
     print(json.dumps({k: figures[k] for k in ("wall_s", "untrained_policy", "reference_alpha_beta_0.5", "best",
                                               "best_beats_reference", "unseen_held_out",
                                               "load_average_1_5_15_before")}, indent=2))

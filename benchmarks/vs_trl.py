@@ -19,15 +19,12 @@ token mean over the whole batch, as ours with one micro-batch).
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import tempfile
 import time
 from pathlib import Path
 
-from rayrlhf.cluster.offline import apply_offline_defaults
-
-apply_offline_defaults()
+import common  # first: the offline defaults, before Ray, torch and transformers load
 
 import numpy as np
 import torch
@@ -41,7 +38,6 @@ from rayrlhf.jobs.run.roles import actor_settings
 from rayrlhf.jobs.data.sampler import PromptSampler
 from rayrlhf.jobs.train import prepare, train
 
-RESULTS = Path(__file__).resolve().parent / "results"
 PHASES = ("generate", "score", "reference", "learn", "sync")
 
 
@@ -188,10 +184,7 @@ def main() -> None:
         print(f"{name:<10}{r['s_per_step']:>10.2f}{r['samples_per_s']:>12.3f}{r['held_out_reward']:>10.4f}")
     print("rayrlhf phases (s): " + ", ".join(f"{p} {ours['phases_s'][p]:.2f}" for p in PHASES))
     print(f"samples/s, rayrlhf / trl: {report['samples_per_s_ratio']:.2f}x")
-    RESULTS.mkdir(exist_ok=True)
-    out = RESULTS / ("vs_trl_tiny.json" if args.tiny else "vs_trl.json")
-    out.write_text(json.dumps(report, indent=2))
-    print(f"wrote {out}")
+    common.write_results("vs_trl_tiny.json" if args.tiny else "vs_trl.json", report)
 
 
 if __name__ == "__main__":

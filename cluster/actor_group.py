@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import socket
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import Any, TypeAlias, TypeVar
 
 import ray
 from ray.util.placement_group import (
@@ -27,6 +27,11 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 from rayrlhf.cluster.errors import PlacementError, RoleStartError
 
 PLACEMENT_TIMEOUT_S = 120
+T = TypeVar("T")
+
+Actor: TypeAlias = Any
+"""A Ray actor handle. Its methods are looked up at run time, and Ray types that lookup as returning
+`Never`, which would make mypy skip every line after a call: so the handle stays dynamic."""
 
 
 def check_fits(demands: dict[str, float]) -> None:
@@ -58,7 +63,7 @@ class ActorGroup:
         self.name = name
         self.size = size
         self.resources = dict(resources)
-        self.actors: list[Any] = []
+        self.actors: list[Actor] = []
         enclosing = get_current_placement_group()
         self.owns_placement = enclosing is None
         if enclosing is not None:
@@ -72,7 +77,7 @@ class ActorGroup:
             remove_placement_group(self.placement)
             raise PlacementError(f"{name}: {size} x {self.resources} could not be placed within {PLACEMENT_TIMEOUT_S}s")
 
-    def start(self, role: type, kwargs_for: Callable[[int], dict[str, Any]], max_restarts: int = 0) -> ActorGroup:
+    def start(self, role: type[T], kwargs_for: Callable[[int], dict[str, Any]], max_restarts: int = 0) -> ActorGroup:
         """`max_restarts`: process deaths Ray restarts a replica after (in its bundle, constructor rerun).
         Ray never retries a call on the new process (max_task_retries=0): the driver restores the
         replica's state first (jobs/run/recovery.py), or a restarted rollout worker would sample with
@@ -112,13 +117,13 @@ class ActorGroup:
         probe = ray.remote(_free_port).options(num_cpus=0, scheduling_strategy=self.scheduling(0))
         return ray.get(probe.remote())
 
-    def __iter__(self) -> Iterator[Any]:
+    def __iter__(self) -> Iterator[Actor]:
         return iter(self.actors)
 
     def __len__(self) -> int:
         return len(self.actors)
 
-    def __getitem__(self, rank: int) -> Any:
+    def __getitem__(self, rank: int) -> Actor:
         return self.actors[rank]
 
     def shutdown(self) -> None:

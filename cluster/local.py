@@ -40,7 +40,7 @@ def init_ray(
                     log_to_driver=True,
                     # Ray starts workers at nice 15 so that its daemons stay responsive; here every
                     # actor is a compute role, and at 15 each loses the cores to any nice-0 process
-                    # (the driver, other jobs): 1.7-2x slower on a loaded 2-core machine.
+                    # (the driver, other jobs) and runs clearly slower on a loaded machine.
                     _system_config={"worker_niceness": 0},
                 )
     return ray.cluster_resources()

@@ -11,7 +11,6 @@ import argparse
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
 
 from rayrlhf.cluster.errors import LaunchError
 from rayrlhf.jobs.run.checkpoint import Interrupted
@@ -23,7 +22,7 @@ def _overrides(args: argparse.Namespace, address_field: str) -> list[str]:
     return list(args.overrides) + ([f"{address_field}={args.address}"] if args.address else [])
 
 
-def _train(args: argparse.Namespace) -> Any:
+def _train(args: argparse.Namespace) -> object:
     from rayrlhf.jobs.config.run import load_config
 
     cfg = load_config(args.config, _overrides(args, "cluster.address"))
@@ -32,7 +31,7 @@ def _train(args: argparse.Namespace) -> Any:
     return train(cfg, resume=args.resume)
 
 
-def _eval(args: argparse.Namespace) -> Any:
+def _eval(args: argparse.Namespace) -> object:
     from rayrlhf.jobs.config.run import load_config
 
     extra = [f"policy.model={args.model}"] + ([f"data.eval={args.data}"] if args.data else [])
@@ -42,7 +41,7 @@ def _eval(args: argparse.Namespace) -> Any:
     return run_eval(cfg, args.output)
 
 
-def _tune(args: argparse.Namespace) -> Any:
+def _tune(args: argparse.Namespace) -> object:
     from rayrlhf.jobs.config.tune import load_tune_config
 
     setup = load_tune_config(args.config, _overrides(args, "trial.cluster.address"))
@@ -51,17 +50,18 @@ def _tune(args: argparse.Namespace) -> Any:
     return tune_weights(setup)
 
 
-def _serve(args: argparse.Namespace) -> Any:
+def _serve(args: argparse.Namespace) -> object:
     from rayrlhf.jobs.config.serve import load_serve_config
 
     extra = [f"{field}={value}" for field, value in (("model", args.model), ("port", args.port)) if value]
     cfg = load_serve_config(args.config, list(args.overrides) + extra)
     from rayrlhf.jobs.serve import run
 
-    return run(cfg, args.address)
+    run(cfg, args.address)
+    return 0
 
 
-def _sft(args: argparse.Namespace) -> Any:
+def _sft(args: argparse.Namespace) -> object:
     from rayrlhf.jobs.config.supervised import SFTConfig, load_job_config
 
     cfg = load_job_config(SFTConfig, args.config, _overrides(args, "cluster.address"), "sft.yaml")
@@ -70,7 +70,7 @@ def _sft(args: argparse.Namespace) -> Any:
     return sft(cfg)
 
 
-def _train_rm(args: argparse.Namespace) -> Any:
+def _train_rm(args: argparse.Namespace) -> object:
     from rayrlhf.jobs.config.supervised import RMConfig, load_job_config
 
     cfg = load_job_config(RMConfig, args.config, _overrides(args, "cluster.address"), "rm.yaml")
@@ -170,7 +170,8 @@ def _jobs_options(parser: argparse.ArgumentParser) -> None:
 class Verb:
     help: str
     options: Callable[[argparse.ArgumentParser], None]
-    run: Callable[[argparse.Namespace], Any]
+    run: Callable[[argparse.Namespace], object]
+    """Returns an exit status (an int) or a result the CLI does not use."""
 
 
 VERBS = {

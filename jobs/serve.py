@@ -23,7 +23,7 @@ import os
 import socket
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 from pathlib import Path
 
 from fastapi import FastAPI, Request
@@ -122,11 +122,11 @@ class OpenAIServer:
         if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), self.token.encode()):
             raise OpenAIError(401, "missing or wrong API key: send 'Authorization: Bearer <key>'", code="invalid_api_key")
 
-    async def _beams(self, generation: GenerationRequest) -> AsyncIterator[Update]:
+    async def _beams(self, generation: GenerationRequest) -> AsyncGenerator[Update, None]:
         async with self._beam_lock:
             yield await self.torch.run(beam_update, self.generator, generation)  # decode steps wait meanwhile
 
-    async def _updates(self, job: Job, request: Request) -> AsyncIterator[Update]:
+    async def _updates(self, job: Job, request: Request) -> AsyncGenerator[Update, None]:
         """The job's Updates, with a hard deadline; its rows leave the batch if we stop."""
         generation = job.generation
         stream = self._beams(generation) if generation.num_beams > 1 else self.scheduler.run(generation)
@@ -178,7 +178,7 @@ class OpenAIServer:
         return JSONResponse(job.response(), headers=self._headers(job))
 
     @staticmethod
-    async def _sse(job: Job, first: list[dict], updates: AsyncIterator) -> AsyncIterator[str]:
+    async def _sse(job: Job, first: list[dict], updates: AsyncGenerator[Update, None]) -> AsyncIterator[str]:
         """The events of a stream; if the client goes away, closing this closes `updates` (rows freed)."""
         try:
             for event in first:
@@ -230,7 +230,8 @@ def build_app(cfg: ServeConfig) -> serve.Application:
         options["autoscaling_config"] = cfg.autoscaling.model_dump()
     else:
         options["num_replicas"] = cfg.num_replicas
-    return OpenAIServer.options(**options).bind(cfg.model_dump())
+    # @serve.deployment made the class a Deployment; Serve's types still call it the class
+    return OpenAIServer.options(**options).bind(cfg.model_dump())  # type: ignore[attr-defined]
 
 
 def _absolute_model(cfg: ServeConfig) -> ServeConfig:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from rayrlhf.actors.runtime.models import load_policy, resolve_policy, resolve_policy_here, save_policy
 from rayrlhf.actors.supervised.sft import collate, encode_example, response_nll
@@ -21,6 +21,9 @@ from rayrlhf.jobs.config.base import ConfigError
 from rayrlhf.jobs.config.supervised import SFTConfig
 from rayrlhf.jobs.data.supervised import load_sft_data
 from rayrlhf.jobs.run.ray_trainer import Worker, check_data_fills_a_step, run_job, to_device
+
+if TYPE_CHECKING:
+    import torch
 
 
 @dataclass
@@ -76,7 +79,7 @@ def sft_loop(config: dict[str, Any]) -> None:
     train_examples = [encode(p) for p in config["train"]]
     eval_examples = [encode(p) for p in config["eval"]]
 
-    def nll(rows: list[tuple[list[int], list[int]]]) -> tuple[Any, Any]:
+    def nll(rows: list[tuple[list[int], list[int]]]) -> tuple[torch.Tensor, torch.Tensor]:
         return response_nll(engine, to_device(collate(rows, tokenizer.pad_token_id), worker.device))
 
     def micro_step(indices: list[int]) -> float:

@@ -65,7 +65,9 @@ def auth_headers(environ: Mapping[str, str] = os.environ) -> dict[str, str]:
 def local_token() -> str | None:
     """The token Ray's own loader finds, in Ray's order: $RAY_AUTH_TOKEN, the file $RAY_AUTH_TOKEN_PATH,
     ~/.ray/auth_token (where `ray start --head` writes it)."""
-    from ray._raylet import AuthenticationTokenLoader  # Ray's token lookup (C++), not public API
+    from ray._raylet import (  # type: ignore[attr-defined]  # compiled: its stub does not list it
+        AuthenticationTokenLoader,  # Ray's token lookup (C++), not public API
+    )
 
     loader = AuthenticationTokenLoader.instance()
     loader.reset_cache()  # the environment may have changed since the last lookup

@@ -18,7 +18,6 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import ray
 import yaml
@@ -39,11 +38,12 @@ from rayrlhf.jobs.data.prompts import check_prompt_lengths, load_task
 from rayrlhf.jobs.data.sampler import PromptSampler
 from rayrlhf.jobs.run.health import HealthMonitor, weighted_components
 from rayrlhf.jobs.run.evaluation import evaluate
+from rayrlhf.jobs.run.learner_failure import LearnerFailure
 from rayrlhf.jobs.run.pipeline import Pipeline
 from rayrlhf.jobs.run.recovery import Recovery
 from rayrlhf.jobs.run.roles import Roles, launch
 from rayrlhf.jobs.run.run_lock import RunLock
-from rayrlhf.jobs.run.state import LearnerFailure, RunState, StopSignal, plan
+from rayrlhf.jobs.run.state import RunState, StopSignal, plan
 from rayrlhf.jobs.run.tracking import Tracker, format_table
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 
@@ -20,8 +20,11 @@ from rayrlhf.actors.supervised.rm_losses import PAIRWISE, objective
 from rayrlhf.jobs.config.base import ConfigError
 from rayrlhf.jobs.config.supervised import RMConfig
 from rayrlhf.jobs.data.preferences import PreferencePair
-from rayrlhf.jobs.data.supervised import RMRow, is_pairs, load_rm_data
+from rayrlhf.jobs.data.supervised import RatedSample, RMRow, is_pairs, load_rm_data
 from rayrlhf.jobs.run.ray_trainer import Worker, check_data_fills_a_step, run_job, to_device
+
+if TYPE_CHECKING:
+    from deepspeed import DeepSpeedEngine
 
 
 @dataclass
@@ -37,16 +40,19 @@ def rm_inputs(rows: list[RMRow], loss: str) -> tuple[list[str], list[str], torch
     """(prompts, responses, targets, num_pairs) in the layout `rm_losses.objective` expects:
     pairs as all chosen rows then all rejected ones (targets 1 and 0); rated rows in order,
     targets their labels (cross_entropy, focal) or scores (mse; the label if a row has none)."""
-    if isinstance(rows[0], PreferencePair):
-        n = len(rows)
-        prompts = [r.prompt for r in rows] * 2
-        responses = [r.chosen for r in rows] + [r.rejected for r in rows]
+    if is_pairs(rows):
+        pairs = cast(list[PreferencePair], rows)  # a data set is all pairs or all rated samples
+        n = len(pairs)
+        prompts = [r.prompt for r in pairs] * 2
+        responses = [r.chosen for r in pairs] + [r.rejected for r in pairs]
         return prompts, responses, torch.tensor([1.0] * n + [0.0] * n), n
+    rated = cast(list[RatedSample], rows)
+    # every rated row has a score or a label (the loader), and a label where the loss needs one (prepare)
     if loss == "mse":
-        targets = [r.score if r.score is not None else float(r.label) for r in rows]
+        targets = [r.score if r.score is not None else float(cast(int, r.label)) for r in rated]
     else:
-        targets = [float(r.label) for r in rows]
-    return [r.prompt for r in rows], [r.response for r in rows], torch.tensor(targets), 0
+        targets = [float(cast(int, r.label)) for r in rated]
+    return [r.prompt for r in rated], [r.response for r in rated], torch.tensor(targets), 0
 
 
 def prepare(cfg: RMConfig) -> tuple[Path, list[RMRow], list[RMRow]]:
@@ -65,7 +71,7 @@ def prepare(cfg: RMConfig) -> tuple[Path, list[RMRow], list[RMRow]]:
     if not is_pairs(train_rows):
         if loss in PAIRWISE:
             raise ConfigError(f"loss.name={loss} needs preference pairs, but data.train holds rated samples")
-        if loss != "mse" and any(r.label is None for r in train_rows):
+        if loss != "mse" and any(r.label is None for r in cast(list[RatedSample], train_rows)):
             raise ConfigError(f"loss.name={loss} needs a 'label' (0 or 1) on every row of data.train")
     check_data_fills_a_step(len(train_rows), cfg.trainer, "rows")
     return backbone, train_rows, eval_rows
@@ -109,11 +115,13 @@ def rm_loop(config: dict[str, Any]) -> None:
     )
 
 
-def held_out_metrics(worker: Worker, engine: Any, model: RewardModel, rows: list[RMRow], batch_size: int) -> dict[str, float]:
+def held_out_metrics(
+    worker: Worker, engine: DeepSpeedEngine, model: RewardModel, rows: list[RMRow], batch_size: int
+) -> dict[str, float]:
     """Pairs: pairwise accuracy, mean margin r_c - r_r, and accuracy per rejection kind.
     Rated samples: MSE to the scores and accuracy of sign(r) against the labels, where given."""
     pairs = is_pairs(rows)
-    kinds = sorted({r.kind for r in rows if r.kind is not None}) if pairs else []
+    kinds = sorted({r.kind for r in cast(list[PreferencePair], rows) if r.kind is not None}) if pairs else []
 
     def sums(batch_rows: list[RMRow]) -> list[float]:
         prompts, responses, _, n = rm_inputs(batch_rows, "mse")
@@ -122,11 +130,12 @@ def held_out_metrics(worker: Worker, engine: Any, model: RewardModel, rows: list
             right = (rewards[:n] > rewards[n:]).float()
             per_kind = []
             for kind in kinds:
-                mine = [i for i, r in enumerate(batch_rows) if r.kind == kind]
+                mine = [i for i, r in enumerate(cast(list[PreferencePair], batch_rows)) if r.kind == kind]
                 per_kind += [float(right[mine].sum()), float(len(mine))]
             return [float(right.sum()), float(n), float((rewards[:n] - rewards[n:]).sum()), *per_kind]
-        scored = [(float(rw), r.score) for rw, r in zip(rewards, batch_rows) if r.score is not None]
-        labelled = [(float(rw), r.label) for rw, r in zip(rewards, batch_rows) if r.label is not None]
+        rated = cast(list[RatedSample], batch_rows)
+        scored = [(float(rw), r.score) for rw, r in zip(rewards, rated) if r.score is not None]
+        labelled = [(float(rw), r.label) for rw, r in zip(rewards, rated) if r.label is not None]
         return [
             sum((rw - s) ** 2 for rw, s in scored), float(len(scored)),
             sum(float((rw > 0) == bool(lb)) for rw, lb in labelled), float(len(labelled)),

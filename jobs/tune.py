@@ -20,7 +20,7 @@ from typing import Any
 import ray
 from ray import tune
 from ray.tune.schedulers import ASHAScheduler
-from ray.tune.search import BasicVariantGenerator
+from ray.tune.search import BasicVariantGenerator, SearchAlgorithm, Searcher
 
 from rayrlhf.cluster.local import init_ray, shutdown_ray
 from rayrlhf.cluster.storage import Storage, is_uri
@@ -122,20 +122,20 @@ def run_trial(config: dict[str, Any], setup: TuneSetup, workdir: str) -> None:
 
 
 def param_space(spec: dict[str, ParamSpec], algorithm: str) -> dict[str, Any]:
-    def domain(p: ParamSpec):
-        if algorithm == "grid":
-            return tune.grid_search(p.values)
+    def domain(p: ParamSpec) -> Any:
+        if algorithm == "grid":  # the schema gives every dimension of a grid its values
+            return tune.grid_search(p.bounds())
         if p.values is not None:
             return tune.choice(p.values)
-        return (tune.loguniform if p.log else tune.uniform)(p.low, p.high)
+        return (tune.loguniform if p.log else tune.uniform)(*p.bounds())
 
     return {name: domain(p) for name, p in spec.items()}
 
 
-def make_tuner(setup: TuneSetup, trainable: Any) -> tune.Tuner:
+def make_tuner(setup: TuneSetup, trainable: type[tune.Trainable]) -> tune.Tuner:
     cfg = setup.cfg
     first = setup.check()
-    searcher = None
+    searcher: Searcher | SearchAlgorithm | None = None
     if cfg.search.algorithm == "optuna":
         from optuna.samplers import TPESampler
         from ray.tune.search.optuna import OptunaSearch
@@ -168,7 +168,7 @@ def expected_trials(setup: TuneSetup) -> int:
     search = setup.cfg.search
     if search.algorithm != "grid":
         return search.samples()
-    return search.samples() * math.prod(len(spec.values) for spec in search.dimensions().values())
+    return search.samples() * math.prod(len(spec.bounds()) for spec in search.dimensions().values())
 
 
 @dataclass

@@ -1,4 +1,6 @@
-"""Test-wide settings: offline, loopback only, nothing sent off the machine."""
+"""Test-wide settings: offline, loopback only, nothing sent off the machine; and a test's folder
+(unit/, integration/, e2e/) is its marker: `pytest -m unit` is the inner loop, `-m "not e2e"` adds
+the integration tests."""
 
 import os
 from pathlib import Path
@@ -11,6 +13,19 @@ apply_offline_defaults()
 os.environ.update(DEAD_END_PROXY)  # tests never need the network: block it for the whole session
 os.environ.setdefault("WANDB_MODE", "disabled")
 os.environ.setdefault("DS_ACCELERATOR", "cpu")  # the machine has no GPU; DeepSpeed's probe stays quiet
+
+FOLDERS = ("unit", "integration", "e2e")
+"""The markers registered in pyproject.toml, one per folder under tests/."""
+
+
+@pytest.hookimpl(tryfirst=True)  # before `-m` deselects by these markers
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    here = Path(__file__).parent
+    for item in items:
+        folder = item.path.relative_to(here).parts[0]
+        if folder not in FOLDERS:
+            raise pytest.UsageError(f"{item.nodeid}: a test lives in one of tests/{{{','.join(FOLDERS)}}}/")
+        item.add_marker(folder)
 
 
 @pytest.fixture(scope="module")

@@ -1,10 +1,18 @@
-"""Which addresses a process tree listens on: shared by the loopback-only checks of the tests."""
+"""Sockets in tests: a free loopback port, and which addresses a process tree listens on (the
+loopback-only checks)."""
 
 from __future__ import annotations
 
 import ipaddress
+import socket
 
 import psutil
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def is_loopback(ip: str) -> bool:

@@ -49,7 +49,7 @@ def deepspeed_config(learner: dict[str, Any], world_size: int, accumulation: int
         "train_batch_size": learner["micro_batch_size"] * accumulation * world_size,
         "gradient_clipping": learner["grad_clip"],
         "zero_optimization": zero,
-        "zero_force_ds_cpu_optimizer": False,  # keep torch AdamW: DeepSpeed's CPU Adam is a 50 s JIT build
+        "zero_force_ds_cpu_optimizer": False,  # keep torch AdamW: DeepSpeed's CPU Adam is a slow JIT build
         "bf16": {"enabled": learner["bf16"]},
         "steps_per_print": 1 << 30,
     }

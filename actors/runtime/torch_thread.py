@@ -4,10 +4,9 @@ Why: the replica's event loop must stay free, so the model runs in another threa
 matters on a CPU. OpenMP (torch's intra-op pool) keeps a pool of helper threads per calling thread.
 A second calling thread (the loader, then `asyncio.to_thread`'s workers) adds a second pool, and once
 pooled threads outnumber the cores libgomp throttles their spin-waiting, so every small parallel region
-of a decode step waits for a thread to wake up. Measured on 2 cores with SmolLM2-135M and 2 threads:
-a 1-row decode step took 61 ms from a worker thread against 36 ms from the thread that loaded the
-model, and a 16-row step 97 ms against 70 ms; with every call on this one thread, 36 and 70 ms.
-Pure Python, no Ray.
+of a decode step waits for a thread to wake up: a decode step from a worker thread is clearly slower
+than from the thread that loaded the model, and with every call on this one thread it is not
+(figures: benchmarks/README.md, "Figures from code comments"). Pure Python, no Ray.
 """
 
 from __future__ import annotations

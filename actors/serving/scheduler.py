@@ -17,7 +17,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import deque
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 
 import torch
 
@@ -65,7 +65,7 @@ class ContinuousScheduler:
         self._task: asyncio.Task | None = None
         self.stats = BatchStats()
 
-    async def run(self, request: GenerationRequest) -> AsyncIterator[Update]:
+    async def run(self, request: GenerationRequest) -> AsyncGenerator[Update, None]:
         """The request's Updates as its steps produce them; closing the iterator frees its rows."""
         if request.rows > self.loop.max_rows:
             raise ValueError(f"{request.rows} sequences exceed max_rows={self.loop.max_rows}")

@@ -99,9 +99,9 @@ class RewardFunctionConfig(StrictModel):
     """FILE.py:FUNCTION (relative to the working directory), MODULE:FUNCTION, or a built-in name
     (math_exact_match)."""
     weight: float = 1.0
-    name: str | None = None
+    name: str = ""
     """Its component name in the logs (reward/<name>, eval/<name>) and in a tune search space
-    (reward.functions.<name>.weight); default: the function's name."""
+    (reward.functions.<name>.weight); empty (the default): the function's name."""
 
     @model_validator(mode="before")
     @classmethod
@@ -113,7 +113,7 @@ class RewardFunctionConfig(StrictModel):
         where, colon, fn = data["path"].rpartition(":")
         if colon and where.endswith(".py"):
             data["path"] = f"{Path(where).expanduser().resolve()}:{fn}"
-        if data.get("name") is None:
+        if not data.get("name"):
             data["name"] = function_name(data["path"])
         if not _NAME.fullmatch(data["name"]):
             raise ValueError(f"name {data['name']!r} must be a Python-style identifier (letters, digits, _)")
@@ -231,8 +231,8 @@ class LearnerConfig(StrictModel):
     weight_decay: float = Field(0.0, ge=0)
     grad_clip: float = Field(1.0, gt=0)
     micro_batch_size: int = Field(16, ge=1)
-    """Rows per forward/backward: the default's 16 rows per step in one pass (idle 2 cores: learn took
-    5.0 s per step, against 7.7 s in two passes of 8; benchmarks/README.md)."""
+    """Rows per forward/backward: the default's 16 rows per step in one pass (faster on CPU than two
+    passes of 8: benchmarks/README.md)."""
     bf16: bool = False
     num_cpus: float = Field(0.5, gt=0)
     num_gpus: float = Field(0.0, ge=0)
@@ -340,7 +340,7 @@ class RunConfig(StrictModel):
     seed: int = 0
     steps: int = Field(24, ge=0)
     prompts_per_step: int = Field(4, ge=1)
-    """x rollout.samples_per_prompt rows per step; 4 x 4 keeps the default at ~10 s per step on 2 cores."""
+    """x rollout.samples_per_prompt rows per step; 4 x 4 keeps the default's steps short on 2 CPU cores."""
     eval_every: int = Field(0, ge=0)
     """Evaluate on held-out prompts every N steps (0: only before and after training)."""
     eval_max_new_tokens: int | None = None

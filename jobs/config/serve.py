@@ -62,7 +62,7 @@ class ServeConfig(StrictModel):
     """GPUs reserved per replica (fractions share one GPU between replicas); > 0 puts the model on it."""
     torch_threads: int | None = Field(None, ge=1)
     """Per replica; default: the CPUs it reserves (num_cpus, at least 1). More threads than reserved
-    cores thrash when the node is busy (measured 10-15x slower decoding under load)."""
+    cores thrash when the node is busy (decoding many times slower under load: benchmarks/README.md)."""
     max_batch_size: int = Field(8, ge=1)
     """Sequences (prompts x n) in flight at once: a request joins the running decode batch at the
     next step when its rows fit, and a finished row frees its slot at once; 1 turns batching off."""

@@ -52,7 +52,10 @@ class ParamSpec(StrictModel):
         return self
 
     def bounds(self) -> list[float]:
-        return list(self.values) if self.values is not None else [self.low, self.high]
+        if self.values is not None:
+            return list(self.values)
+        assert self.low is not None and self.high is not None  # _one_kind
+        return [self.low, self.high]
 
 
 class SimplexSpec(StrictModel):
@@ -253,6 +256,7 @@ class TuneSetup:
             if self.cfg.objective.kl_budget is not None and not (cfg.kl.coef > 0 or cfg.kl.adaptive):
                 raise ConfigError(f"{self.source}: objective.kl_budget needs the KL term on (kl.coef > 0 or kl.adaptive)")
         validate(RunConfig, self.base_data, f"{self.source} (base {self.base_path.name} + overrides)")
+        assert first is not None  # product() yields at least one corner, the empty one without dimensions
         return first
 
 

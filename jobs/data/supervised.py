@@ -86,10 +86,10 @@ def _split(rows: list[T], seed: int, path: str) -> tuple[list[T], list[T]]:
 
 def load_rm_data(train: str, eval: str | None, num_train: int, num_eval: int, seed: int) -> tuple[list[RMRow], list[RMRow]]:
     """Train and held-out rows for the RM job's `data` section."""
-    if train == "builtin":
-        if eval:
-            return builtin_preferences(num_train, 1, seed)[0], _load_rm_file(eval, num_eval)
-        return builtin_preferences(num_train, num_eval, seed)
+    if train == "builtin":  # pairs derived from the task; an eval file replaces their held-out part
+        pairs, held_out = builtin_preferences(num_train, 1 if eval else num_eval, seed)
+        rows: list[RMRow] = [*pairs]
+        return rows, _load_rm_file(eval, num_eval) if eval else [*held_out]
     if eval:
         train_rows, eval_rows = _load_rm_file(train, num_train), _load_rm_file(eval, num_eval)
     else:
@@ -116,9 +116,6 @@ def _to_sft(row: Any, index: int, where: str) -> Prompt:
 
 def load_sft_data(train: str, eval: str | None, num_train: int, num_eval: int, seed: int) -> tuple[list[Prompt], list[Prompt]]:
     """Prompts with their target responses (in `reference`); built-in: the task's references."""
-    if train == "builtin" and not eval:
-        return load_task(train, eval, num_train, num_eval, seed)
-
     def load(path: str, limit: int | None = None) -> list[Prompt]:
         rows = read_records(path, _to_sft, limit)
         if not rows:
@@ -126,6 +123,8 @@ def load_sft_data(train: str, eval: str | None, num_train: int, num_eval: int, s
         return rows
 
     if train == "builtin":
+        if not eval:
+            return load_task(train, eval, num_train, num_eval, seed)
         return load_task(train, None, num_train, 1, seed)[0], load(eval, num_eval)
     if eval:
         return load(train, num_train), load(eval, num_eval)

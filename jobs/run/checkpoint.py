@@ -39,11 +39,13 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import yaml
 
 from rayrlhf.cluster.durable import fsync_path, fsync_tree, write_atomic
+if TYPE_CHECKING:  # pyarrow stays unimported for the CLI's lookups
+    from rayrlhf.cluster.storage import Storage
 
 FORMAT = 1
 MANIFEST = "manifest.json"
@@ -112,7 +114,7 @@ def resolve(path: str | Path) -> Path:
 
 def write(
     output_dir: Path, step: int, config: dict[str, Any], driver_state: dict[str, Any],
-    write_learner: Callable[[str], None], manifest: dict[str, Any], keep: int, remote: Any = None,
+    write_learner: Callable[[str], None], manifest: dict[str, Any], keep: int, remote: Storage | None = None,
     write_extra: Callable[[Path], None] | None = None,
 ) -> Path:
     """Write a checkpoint into a temporary folder, then rename it into place; keep the last `keep`.
@@ -167,7 +169,7 @@ def _move_in(tmp: Path, final: Path) -> None:
     shutil.rmtree(aside, ignore_errors=True)
 
 
-def _publish(final: Path, remote: Any, kept: set[str]) -> None:
+def _publish(final: Path, remote: Storage, kept: set[str]) -> None:
     """The driver's files of a checkpoint whose learner state is in the bucket, the manifest last;
     then every other step folder there goes (older ones past `keep`, any never completed, and a
     `.tmp-` folder the driver's logs carried up after a crash while saving). On a file:// URI
@@ -183,7 +185,7 @@ def _publish(final: Path, remote: Any, kept: set[str]) -> None:
             remote.remove(f"checkpoints/{other}")
 
 
-def mirror(remote: Any, output_dir: Path) -> None:
+def mirror(remote: Storage, output_dir: Path) -> None:
     """A URI run's driver files (logs, tracker state, checkpoints without their learner state) into the
     driver's local copy `output_dir`, so a rerun finds, checks and rewinds to its checkpoints."""
     def driver_part(relative: str) -> bool:
@@ -197,7 +199,7 @@ def mirror(remote: Any, output_dir: Path) -> None:
     remote.download(output_dir, keep=driver_part)
 
 
-def learner_location(path: Path, output_dir: Path, remote: Any = None) -> str:
+def learner_location(path: Path, output_dir: Path, remote: Storage | None = None) -> str:
     """Where a checkpoint's learner state is: beside it, or in the bucket for a URI run's own checkpoint."""
     if remote is not None and path.parent == root(output_dir):
         return remote.join("checkpoints", path.name, LEARNER_DIR)
@@ -249,7 +251,7 @@ def finished(output_dir: Path) -> dict[str, Any] | None:
     return json.loads(path.read_text()) if path.is_file() else None
 
 
-def clear(output_dir: Path, remote: Any = None) -> None:
+def clear(output_dir: Path, remote: Storage | None = None) -> None:
     """Forget a previous run in this output_dir (`--resume never`): its checkpoints and finished mark."""
     shutil.rmtree(root(output_dir), ignore_errors=True)
     if remote is not None:

@@ -20,10 +20,12 @@ from typing import Any
 
 import numpy as np
 
+from rayrlhf.jobs.config.run import RewardConfig
+
 CHECKS = ("length", "truncation", "entropy", "kl", "hacking")
 
 
-def weighted_components(reward: Any) -> list[str]:
+def weighted_components(reward: RewardConfig) -> list[str]:
     """The reward components the policy is trained on (weight != 0), by their logged names."""
     weights = {"freq": reward.alpha, "sim": reward.beta, "bleu": reward.bleu, "rouge_l": reward.rouge_l,
                "rm": reward.rm_weight, **{f.name: f.weight for f in reward.functions}}  # fmt: skip

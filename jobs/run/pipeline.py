@@ -35,19 +35,19 @@ from rayrlhf.actors.rl.trajectory import Prompt, Rewards
 from rayrlhf.jobs.config.run import RunConfig
 from rayrlhf.jobs.run.recovery import Recovery
 from rayrlhf.jobs.run.roles import Roles
-from rayrlhf.jobs.run.state import LearnerFailure, get_all, is_learner_failure
+from rayrlhf.jobs.run.learner_failure import LearnerFailure, get_all, is_learner_failure
 
 T = TypeVar("T")
 AHEAD_FILE = "ahead.pkl"
 """In a run checkpoint's folder: the batch collected ahead of the learner (pipelined runs only)."""
 
 
-def shards(items: list, n: int) -> list[list]:
+def shards(items: list[T], n: int) -> list[list[T]]:
     size = -(-len(items) // n)
     return [items[i * size:(i + 1) * size] for i in range(n) if items[i * size:(i + 1) * size]]
 
 
-def _wait(refs: list) -> None:
+def _wait(refs: list[ray.ObjectRef]) -> None:
     ray.wait(refs, num_returns=len(refs), fetch_local=False)
 
 
@@ -88,7 +88,7 @@ def collect(roles: Roles, prompts: list[Prompt], recovery: Recovery) -> Experien
     reward_refs, rewards = recovery.score(traj_refs)
     t2 = time.perf_counter()
     if roles.reference:
-        _wait(ref_refs)
+        _wait([ref for ref in ref_refs if ref is not None])
     t3 = time.perf_counter()
     ranks = len(roles.learner)  # shard i goes to rank i % ranks
     parts = [traj_refs[rank::ranks] + reward_refs[rank::ranks] + ref_refs[rank::ranks] for rank in range(ranks)]

@@ -25,7 +25,7 @@ import time
 import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import ray
 import torch
@@ -37,9 +37,14 @@ from rayrlhf.cluster.actor_group import check_fits
 from rayrlhf.cluster.local import init_ray, shutdown_ray
 from rayrlhf.cluster.storage import Storage
 from rayrlhf.jobs.config.run import ClusterConfig
-from rayrlhf.jobs.config.supervised import TrainerConfig
+from rayrlhf.jobs.config.supervised import RMConfig, SFTConfig, TrainerConfig
 from rayrlhf.jobs.run.run_lock import RunLock
 from rayrlhf.jobs.run.tracking import format_table
+
+if TYPE_CHECKING:  # deepspeed probes accelerators at import: imported where a worker needs it
+    from deepspeed import DeepSpeedEngine
+
+T = TypeVar("T")
 
 CHECKPOINT_TAG = "engine"
 JOB_STATE = "rayrlhf_job_state"
@@ -47,7 +52,7 @@ JOB_STATE = "rayrlhf_job_state"
 
 
 def fit(
-    loop: Callable[[dict], None],
+    loop: Callable[[dict[str, Any]], None],
     loop_config: dict[str, Any],
     trainer: TrainerConfig,
     cluster: ClusterConfig,
@@ -113,9 +118,9 @@ class Worker:
         deepspeed.init_distributed(
             dist_backend="nccl" if trainer["use_gpu"] else "gloo", auto_mpi_discovery=False, verbose=False
         )
-        self.engine: Any = None
+        self.engine: DeepSpeedEngine  # set by engine_for
 
-    def engine_for(self, module: torch.nn.Module) -> Any:
+    def engine_for(self, module: torch.nn.Module) -> DeepSpeedEngine:
         """DeepSpeed engine with torch AdamW (DeepSpeed's CPU Adam would be a long JIT build)."""
         import deepspeed
 
@@ -130,7 +135,7 @@ class Worker:
     def device(self) -> torch.device:
         return self.engine.device
 
-    def gathered(self) -> Any:
+    def gathered(self) -> contextlib.AbstractContextManager[object]:
         """Full parameters on every rank for the duration (a collective under ZeRO-3)."""
         if self.trainer["zero_stage"] == 3:
             import deepspeed
@@ -186,7 +191,7 @@ class Worker:
             torch.distributed.all_reduce(tensor)
         return tensor.tolist()
 
-    def sharded_sums(self, items: Sequence[Any], batch_size: int, fn: Callable[[list[Any]], list[float]]) -> list[float]:
+    def sharded_sums(self, items: Sequence[T], batch_size: int, fn: Callable[[list[T]], list[float]]) -> list[float]:
         """Sum of fn(batch) over this rank's share of items, then over ranks. Every rank runs the
         same number of forward passes (ZeRO-3 gathers parameters collectively): a rank with
         fewer items runs its last batches on items[:1] and drops the result."""
@@ -211,7 +216,7 @@ class Worker:
         seed: int,
         micro_step: Callable[[list[int]], float],
         evaluate: Callable[[], dict[str, float]],
-        save_final: Callable[[dict[str, float], Path], None],
+        save_final: Callable[[dict[str, float], Path], object],
     ) -> None:
         """The loop both jobs share: resume, optimizer steps (`micro_step(indices)` runs forward,
         backward and engine.step on one micro-batch and returns its loss), held-out metrics
@@ -255,8 +260,8 @@ class Worker:
 
 
 def run_job(
-    cfg: Any, loop: Callable[[dict[str, Any]], None], inputs: dict[str, Any], final_label: str
-) -> tuple[Path | str, Path | str, dict]:
+    cfg: SFTConfig | RMConfig, loop: Callable[[dict[str, Any]], None], inputs: dict[str, Any], final_label: str
+) -> tuple[Path | str, Path | str, dict[str, Any]]:
     """The driver side shared by sft and train-rm: record the config, fit, print before/after.
     Returns output_dir and its final/ (paths for a path, locations for a URI) and eval.json."""
     storage = Storage(cfg.output_dir)

@@ -29,7 +29,12 @@ from typing import Any, TypeVar
 import ray
 from ray.exceptions import ActorDiedError, ActorUnavailableError, GetTimeoutError, RayActorError, RayTaskError
 
-from rayrlhf.actors.rl.trajectory import Rewards
+from rayrlhf.actors.reference_policy import ReferencePolicy
+from rayrlhf.actors.reward_scorer import RewardScorer
+from rayrlhf.actors.rl.trajectory import Rewards, Trajectory
+from rayrlhf.actors.rollout_worker import RolloutWorker
+from rayrlhf.actors.runtime.weight_sync import Weights
+from rayrlhf.cluster.actor_group import Actor
 from rayrlhf.jobs.config.run import FaultToleranceConfig
 from rayrlhf.jobs.run.roles import Roles
 
@@ -47,8 +52,11 @@ class ScoreError(RuntimeError):
     """Scoring failed or timed out on every attempt; the step is not trained."""
 
 
-def _pid_and_state(replica: Any, with_state: bool) -> tuple[int, Any]:
-    return os.getpid(), replica.state_dict() if with_state else None
+def _pid_and_state(
+    replica: RolloutWorker | RewardScorer | ReferencePolicy, with_state: bool
+) -> tuple[int, dict[str, Any] | None]:
+    """Runs in the replica's process: its process id, and its state if asked (the STATEFUL roles)."""
+    return os.getpid(), replica.state_dict() if with_state and not isinstance(replica, ReferencePolicy) else None
 
 
 class Recovery:
@@ -65,7 +73,7 @@ class Recovery:
         """The sample ids of every learner step, in order: what the learner has trained."""
         self.pids, self.states = self._probe()
         self.version = min(state["version"] for (name, _), state in self.states.items() if name == "rollout")
-        self.weights: ray.ObjectRef | None = None
+        self.weights: ray.ObjectRef[Weights] | None = None
         """The weights of `version` (None: the initial ones, which a restarted worker loads by itself)."""
 
     def run(self, phase: str, work: Callable[[], T]) -> T:
@@ -88,7 +96,7 @@ class Recovery:
             restore = True
             self.redone += 1
 
-    def sync(self, version: int, publish: Callable[[], ray.ObjectRef]) -> list[int]:
+    def sync(self, version: int, publish: Callable[[], ray.ObjectRef[Weights]]) -> list[int]:
         """Load the learner's new weights on every rollout worker; returns the versions they hold.
         The ref stays with the driver for workers that restart later: one copy of the policy in the
         object store, as the old one is released before `publish` makes the new one."""
@@ -100,7 +108,9 @@ class Recovery:
 
         return self.run("the weight sync", load)
 
-    def score(self, traj_refs: list, update_stats: bool = True) -> tuple[list, list[Rewards]]:
+    def score(
+        self, traj_refs: list[ray.ObjectRef[Trajectory]], update_stats: bool = True
+    ) -> tuple[list[ray.ObjectRef[Rewards]], list[Rewards]]:
         """Rewards of each trajectory batch (scorer i % n scores batch i), as refs and values.
 
         An attempt that fails or passes fault_tolerance.score_timeout_s is retried from the
@@ -150,14 +160,14 @@ class Recovery:
 
     # --- replicas --------------------------------------------------------------------------
 
-    def _replicas(self) -> list[tuple[str, int, Any]]:
+    def _replicas(self) -> list[tuple[str, int, Actor]]:
         groups = self.roles.groups
         return [(name, rank, actor) for name in NAMES if groups.get(name) for rank, actor in enumerate(groups[name])]
 
-    def _selected(self, only: str | None) -> list[tuple[str, int, Any]]:
+    def _selected(self, only: str | None) -> list[tuple[str, int, Actor]]:
         return [r for r in self.replicas if only is None or r[0] == only]
 
-    def _probe(self) -> tuple[dict[tuple[str, int], int], dict[tuple[str, int], Any]]:
+    def _probe(self) -> tuple[dict[tuple[str, int], int], dict[tuple[str, int], dict[str, Any]]]:
         """Every replica's process id, and the state of those that hold one."""
         answers = ray.get([
             actor.__ray_call__.remote(_pid_and_state, name in STATEFUL) for name, _, actor in self.replicas

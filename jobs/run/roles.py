@@ -20,21 +20,25 @@ from rayrlhf.actors.reference_policy import ReferencePolicy
 from rayrlhf.actors.reward_scorer import RewardScorer
 from rayrlhf.actors.rollout_worker import RolloutWorker
 from rayrlhf.cluster.actor_group import ActorGroup, check_fits
-from rayrlhf.jobs.config.run import RunConfig
+from rayrlhf.jobs.config.run import RewardConfig, RolloutConfig, RunConfig
 
 LAUNCH_FIELDS = {"num_workers", "num_scorers", "num_ranks", "num_cpus", "num_gpus"}
 """Fields of a config section that say where a role runs, not how: the launch reads them, the actor does not."""
 
 
-def actor_settings(section: Any) -> dict[str, Any]:
+def actor_settings(section: RolloutConfig | RewardConfig) -> dict[str, Any]:
     """A section's constructor settings, plus the device its reservation gives it (cuda iff num_gpus > 0)."""
     return dict(section.model_dump(exclude=LAUNCH_FIELDS), device=role_device(section.num_gpus))
+
+
+Replica = RolloutWorker | RewardScorer | ReferencePolicy | Learner
+"""An instance of a role's class (in an actor, or plain in this process)."""
 
 
 @dataclass(frozen=True)
 class Role:
     name: str
-    cls: type
+    cls: type[Replica]
     count: int
     num_cpus: float
     num_gpus: float
@@ -45,7 +49,7 @@ class Role:
     max_restarts: int = 0
     """Process deaths Ray restarts a replica after (jobs/run/recovery.py then restores its state)."""
 
-    def instantiate(self, rank: int = 0, **extra: Any) -> Any:
+    def instantiate(self, rank: int = 0, **extra: Any) -> Replica:
         """Replica `rank` as a plain object in this process (benchmarks, offline scoring): no Ray."""
         return self.cls(**self.settings(rank), **extra)
 
@@ -144,10 +148,10 @@ class Roles:
 def _start(cfg: RunConfig, role: Role) -> ActorGroup:
     group = ActorGroup(role.count, name=role.name, resources=role.resources, strategy=cfg.cluster.placement_strategy)
     try:
-        settings = role.settings
+        settings: Callable[[int], dict[str, Any]] = role.settings
         if role.rendezvous:
             master_addr, master_port = group.rendezvous()
-            settings = lambda rank, s=role.settings: dict(s(rank), master_addr=master_addr, master_port=master_port)  # noqa: E731
+            settings = lambda rank: dict(role.settings(rank), master_addr=master_addr, master_port=master_port)  # noqa: E731
         group.start(role.cls, settings, max_restarts=role.max_restarts)
     except BaseException:
         group.shutdown()

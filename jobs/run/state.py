@@ -15,54 +15,27 @@ import signal
 import sys
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import FrameType
 from typing import Any
 
 import ray
 
-from rayrlhf.cluster.actor_group import ActorGroup
 from rayrlhf.cluster.storage import Storage
 from rayrlhf.jobs.run import checkpoint
 from rayrlhf.jobs.config.base import ConfigError
 from rayrlhf.jobs.config.run import RunConfig
+from rayrlhf.jobs.data.sampler import PromptSampler
 from rayrlhf.jobs.run.health import HealthMonitor
+from rayrlhf.jobs.run.learner_failure import get_all, learner_get
+from rayrlhf.jobs.run.pipeline import Pipeline
 from rayrlhf.jobs.run.recovery import Recovery
 from rayrlhf.jobs.run.roles import Roles, restart_learner
 from rayrlhf.jobs.run.tracking import Tracker
 
-
-class LearnerFailure(RuntimeError):
-    """A learner rank died (or its group broke): the group is restarted from the latest checkpoint."""
-
-
-def is_learner_failure(error: BaseException, learner: ActorGroup) -> bool:
-    """Whether a Ray error came from (or through) one of the learner's actors."""
-    ids = {actor._actor_id.hex() for actor in learner}
-    while error is not None:
-        if getattr(error, "actor_id", None) in ids or getattr(error, "_actor_id", None) in ids:
-            return True
-        error = getattr(error, "cause", None)
-    return False
-
-
-def get_all(refs: list) -> list:
-    """ray.get, but the first failure surfaces at once (a rank whose peer died may block in a collective)."""
-    pending = list(refs)
-    while pending:
-        ready, pending = ray.wait(pending, num_returns=1)
-        ray.get(ready)
-    return ray.get(refs)
-
-
-def learner_get(refs: list, learner: ActorGroup) -> list:
-    """get_all for calls of the learner group: a failure of the group becomes a LearnerFailure."""
-    try:
-        return get_all(refs)
-    except ray.exceptions.RayError as e:
-        if is_learner_failure(e, learner):
-            raise LearnerFailure(str(e)) from e
-        raise
+SignalHandler = Callable[[int, FrameType | None], object] | int | None
 
 
 @dataclass
@@ -83,16 +56,17 @@ def plan(cfg: RunConfig, output_dir: Path, resume: str, remote: Storage | None =
         return Start()
     if resume != "auto":
         try:
-            path: Path | None = checkpoint.resolve(resume)
+            path = checkpoint.resolve(resume)
         except FileNotFoundError as e:
             raise ConfigError(f"--resume: {e}") from None
     else:
         done = checkpoint.finished(output_dir)
         if done is not None and done["step"] >= cfg.steps and not checkpoint.changed_fields(done["config"], current):
             return Start(finished_step=done["step"])
-        path = checkpoint.latest(output_dir)
-        if path is None:
+        latest = checkpoint.latest(output_dir)
+        if latest is None:
             return Start()
+        path = latest
     _, saved, _ = checkpoint.read(path)
     changed = checkpoint.changed_fields(saved, current)
     if changed:
@@ -109,7 +83,7 @@ class StopSignal:
 
     def __init__(self) -> None:
         self.signum: int | None = None
-        self._previous: dict[int, Any] = {}
+        self._previous: dict[int, SignalHandler] = {}
 
     def __enter__(self) -> StopSignal:
         if threading.current_thread() is threading.main_thread():
@@ -117,7 +91,7 @@ class StopSignal:
                 self._previous[sig] = signal.signal(sig, self._handle)
         return self
 
-    def _handle(self, signum: int, frame: Any) -> None:
+    def _handle(self, signum: int, frame: FrameType | None) -> None:
         if self.signum is not None:
             raise KeyboardInterrupt
         self.signum = signum
@@ -132,7 +106,7 @@ class StopSignal:
         run.tracker.write(f"stopped after step {run.step}; checkpoint: {path} (run the same command to resume)")
         raise checkpoint.Interrupted(self.signum, path)
 
-    def __exit__(self, *exc: Any) -> None:
+    def __exit__(self, *exc: object) -> None:
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
 
@@ -142,14 +116,13 @@ class RunState:
     cfg: RunConfig
     output_dir: Path
     roles: Roles
-    sampler: Any
-    """jobs/train.py PromptSampler (state_dict / load_state_dict)."""
+    sampler: PromptSampler
     tracker: Tracker
     recovery: Recovery
     """The stateless roles' recovery (jobs/run/recovery.py): it keeps the weights' ref and the trained sample ids."""
     monitor: HealthMonitor
-    pipeline: Any
-    """jobs/run/pipeline.py Pipeline: the batch it holds ahead of the learner is part of a checkpoint."""
+    pipeline: Pipeline
+    """The batch it holds ahead of the learner is part of a checkpoint."""
     step: int = 0
     before: dict[str, float] = field(default_factory=dict)
     history: list[dict[str, float]] = field(default_factory=list)

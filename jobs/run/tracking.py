@@ -11,9 +11,12 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, Literal
 
 from tqdm import tqdm
+
+if TYPE_CHECKING:
+    from torch.utils.tensorboard import SummaryWriter
 
 CONSOLE_KEYS = ("reward/total", "reward/sim", "reward/freq", "kl", "response_length", "time/step")
 
@@ -26,7 +29,7 @@ class Tracker:
         run_name: str,
         config: dict[str, Any],
         total_steps: int,
-        wandb_mode: str,
+        wandb_mode: Literal["offline", "online", "disabled"],
         wandb_project: str,
         tensorboard: bool,
         progress_bar: bool,
@@ -38,7 +41,7 @@ class Tracker:
         self._jsonl = open(output_dir / "metrics.jsonl", "a" if resume else "w")
         self._bar = tqdm(total=total_steps, desc="rl steps", unit="step", disable=not progress_bar)
         self._tensorboard = tensorboard
-        self._tb = None
+        self._tb: SummaryWriter | None = None
         self._wandb = None
         if resume is not None:
             self.rewind(resume)

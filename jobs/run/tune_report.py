@@ -13,12 +13,15 @@ import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import yaml
 
 from rayrlhf.cluster.storage import Storage
 from rayrlhf.jobs.config.tune import TuneSetup
+
+if TYPE_CHECKING:
+    from ray.tune import Result, ResultGrid
 
 SHOWN = ("eval/rouge_l", "eval/sim", "eval/freq", "eval/bleu", "eval/length", "reward/sim", "reward/freq")
 """Columns of the console table besides the weights, objective and KL (the files have them all)."""
@@ -37,7 +40,7 @@ class TuneSummary:
     best_config_path: Path | str | None
 
 
-def _status(result: Any) -> str:
+def _status(result: Result) -> str:
     metrics = result.metrics or {}
     if result.error is not None:
         return "error"
@@ -46,13 +49,14 @@ def _status(result: Any) -> str:
     return "stopped"
 
 
-def trial_rows(setup: TuneSetup, grid: Any) -> list[dict[str, Any]]:
+def trial_rows(setup: TuneSetup, grid: ResultGrid) -> list[dict[str, Any]]:
     rows = []
-    for result in grid:
+    for i in range(len(grid)):  # a ResultGrid is indexed (its types declare no __iter__)
+        result = grid[i]
         metrics = result.metrics or {}
         if "objective" not in metrics and result.error is None:
             continue  # not run yet (an interrupted search): nothing to show
-        row = {"trial": Path(result.path).name, "status": _status(result)}
+        row: dict[str, Any] = {"trial": Path(result.path).name, "status": _status(result)}
         row.update(setup.cfg.search.field_values(result.config) if result.config else {})
         row["objective"] = metrics.get("objective")
         row["kl"] = metrics.get("kl")
@@ -71,14 +75,14 @@ def best_row(rows: list[dict[str, Any]], mode: str) -> dict[str, Any] | None:
     return (max if mode == "max" else min)(done, key=lambda r: r["objective"])
 
 
-def _finite(value: Any) -> Any:
+def _finite(value: object) -> object:
     return None if isinstance(value, float) and not math.isfinite(value) else value
 
 
 def format_table(rows: list[dict[str, Any]], weights: list[str]) -> str:
     cols = ["trial", "status", *weights, "objective", "kl", *[c for c in SHOWN if any(c in r for r in rows)]]
 
-    def cell(value: Any) -> str:
+    def cell(value: object) -> str:
         return f"{value:.4f}" if isinstance(value, float) else ("-" if value is None else str(value))
 
     widths = [max([len(c), *(len(cell(r.get(c))) for r in rows)]) for c in cols]
@@ -87,7 +91,9 @@ def format_table(rows: list[dict[str, Any]], weights: list[str]) -> str:
     return "\n".join(lines)
 
 
-def plot_objective(rows: list[dict[str, Any]], weights: list[str], best: dict | None, metric: str, path: Path) -> None:
+def plot_objective(
+    rows: list[dict[str, Any]], weights: list[str], best: dict[str, Any] | None, metric: str, path: Path
+) -> None:
     """Scatter of the objective over the first two weights (or over one weight), best starred."""
     import matplotlib
 
@@ -138,7 +144,7 @@ def export_best(setup: TuneSetup, best: dict[str, Any], folder: Path, exp_dir: s
     return path
 
 
-def summarize(setup: TuneSetup, grid: Any, storage: Storage) -> TuneSummary:
+def summarize(setup: TuneSetup, grid: ResultGrid, storage: Storage) -> TuneSummary:
     """Write the summary files into the experiment's folder (staged and uploaded when it is a URI)."""
     metric, mode = setup.cfg.objective.metric, setup.cfg.objective.mode
     rows = trial_rows(setup, grid)

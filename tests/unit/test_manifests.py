@@ -20,7 +20,7 @@ from rayrlhf.jobs.config.run import load_config
 from rayrlhf.jobs.run.roles import resource_demands
 from rayrlhf.jobs.submit import check_command
 
-CLUSTER = Path(__file__).resolve().parent.parent / "cluster"
+CLUSTER = Path(__file__).resolve().parents[2] / "cluster"
 SCHEMA = yaml.safe_load((CLUSTER / "schemas" / "kuberay-v1.schema.yaml").read_text())
 
 

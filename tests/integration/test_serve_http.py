@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -24,6 +23,7 @@ import ray
 import torch
 from ray import serve
 from ray.serve import RunTarget
+from sockets import free_port
 
 from rayrlhf.actors.runtime.models import load_policy, resolve_policy, save_policy
 from rayrlhf.cluster.local import init_ray, shutdown_ray
@@ -34,12 +34,6 @@ KEY_ENV = "RAYRLHF_TEST_SERVE_KEY"
 KEY = "sk-test-0123456789"
 PROMPT = "What is 2 plus 3?"
 COMMON = dict(model="tiny-gpt2", num_cpus=0.5, torch_threads=1, max_tokens=32, max_prompt_tokens=48)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -56,7 +50,7 @@ def client(tmp_path_factory):
         ServeConfig(**{**COMMON, "max_tokens": 400}, app_name="victim", route_prefix="/victim", auth_env=None),
     ]
     os.environ[KEY_ENV] = KEY  # before Ray starts: the replicas inherit the driver's environment
-    port = _free_port()
+    port = free_port()
     init_ray(num_cpus=4, object_store_mb=256)
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": port})

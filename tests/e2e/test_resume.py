@@ -31,7 +31,7 @@ from rayrlhf.jobs.run.state import plan
 from rayrlhf.jobs.data.sampler import PromptSampler
 from rayrlhf.jobs.train import train
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 VARYING = ("time/", "tokens_per_s", "learn_seconds")
 """Wall-clock metrics: the only ones allowed to differ between two runs of the same config."""
 

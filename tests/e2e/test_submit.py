@@ -10,7 +10,6 @@ import json
 import os
 import secrets
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -24,7 +23,7 @@ import requests
 from ray._raylet import AuthenticationTokenLoader
 from ray.job_submission import JobStatus, JobSubmissionClient
 from safetensors.numpy import load_file
-from sockets import is_loopback, listening
+from sockets import free_port, is_loopback, listening
 
 from rayrlhf.actors.runtime.models import resolve_policy
 from rayrlhf.cluster.offline import DEAD_END_PROXY, OFFLINE_DEFAULTS
@@ -33,16 +32,10 @@ from rayrlhf.jobs.run import checkpoint
 from rayrlhf.jobs.submit import EXCLUDES, connect, wait_until_done
 
 VENV_BIN = Path(sys.executable).parent
-PROJECT_DIR = Path(__file__).resolve().parent.parent
+PROJECT_DIR = Path(__file__).resolve().parents[2]
 TINY_RUN = ["--set", "steps=1", "--set", "data.num_eval=4", "--set", "eval_max_new_tokens=4", "--set", "kl.coef=0"]
 """One step, a small eval, no reference actor (kl.coef=0): the cheapest real training job."""
 SECRET_NAME = "RAYRLHF_TEST_SECRET"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class LocalHead:
@@ -51,7 +44,7 @@ class LocalHead:
     def __init__(self, num_cpus: int) -> None:
         self.token = secrets.token_hex(16)
         self.temp_dir = tempfile.mkdtemp(prefix="rrhead", dir="/tmp")  # short: Ray's socket paths have a limit
-        self.dashboard_port = _free_port()
+        self.dashboard_port = free_port()
         self.address = f"http://127.0.0.1:{self.dashboard_port}"
         env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
         env.update(OFFLINE_DEFAULTS, **DEAD_END_PROXY, WANDB_MODE="disabled", RAY_AUTH_MODE="token",
@@ -61,7 +54,7 @@ class LocalHead:
         cmd = [str(VENV_BIN / "ray"), "start", "--head", "--block", "--node-ip-address", "127.0.0.1",
                "--dashboard-host", "127.0.0.1", "--dashboard-port", str(self.dashboard_port),
                "--num-cpus", str(num_cpus), "--object-store-memory", str(512 << 20), "--temp-dir", self.temp_dir,
-               "--disable-usage-stats", *[a for flag in ports for a in (flag, str(_free_port()))]]
+               "--disable-usage-stats", *[a for flag in ports for a in (flag, str(free_port()))]]
         self.log = Path(self.temp_dir) / "head.log"
         with self.log.open("w") as log:
             self.proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)

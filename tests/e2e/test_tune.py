@@ -17,14 +17,8 @@ import pytest
 import ray
 import yaml
 from ray import tune
-from ray.util.placement_group import (
-    placement_group,
-    placement_group_table,
-    remove_placement_group,
-)
-from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+from ray.util.placement_group import placement_group_table
 
-from rayrlhf.cluster.actor_group import ActorGroup, PlacementError, check_fits
 from rayrlhf.cluster.local import init_ray, shutdown_ray
 from rayrlhf.jobs.config.base import CONFIG_DIR, ConfigError
 from rayrlhf.jobs.config.run import load_config
@@ -32,7 +26,7 @@ from rayrlhf.jobs.config.tune import SearchConfig, SimplexSpec, load_tune_config
 from rayrlhf.jobs.train import train
 from rayrlhf.jobs.tune import reports_per_trial, trial_resources, tune_weights
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 ROLE_GROUP_NAMES = {"rollout", "reward", "reference", "learner"}
 
 
@@ -96,53 +90,6 @@ def test_trial_resources_reserve_every_role(tmp_path):
         {"CPU": 0.25}, {"CPU": cfg.rollout.num_cpus}, {"CPU": cfg.reward.num_cpus}, {"CPU": cfg.learner.num_cpus},
     ]
     assert reports_per_trial(cfg) == 2  # the eval after step 1, then the final one
-
-
-def test_actor_groups_use_the_enclosing_placement_group():
-    init_ray(num_cpus=4, object_store_mb=256)
-    try:
-        class Where:
-            def pg(self) -> str:
-                return ray.get_runtime_context().get_placement_group_id()
-
-        @ray.remote(num_cpus=0.25)
-        class TrialDriver:
-            def launch(self):
-                groups_before = len(placement_group_table())
-                a = ActorGroup(1, name="rollout", resources={"CPU": 0.5}).start(Where, lambda rank: {})
-                b = ActorGroup(1, name="reward", resources={"CPU": 0.25}).start(Where, lambda rank: {})
-                where = ray.get([a[0].pg.remote(), b[0].pg.remote()])
-                try:
-                    ActorGroup(1, name="learner", resources={"CPU": 0.5})
-                    extra = None
-                except PlacementError as e:
-                    extra = str(e)
-                try:
-                    check_fits({"CPU": 1.0})  # the cluster has 4 CPUs, the group's role bundles 0.75
-                    refused = None
-                except PlacementError as e:
-                    refused = str(e)
-                check_fits({"CPU": 0.75})
-                a.shutdown()
-                b.shutdown()
-                again = ActorGroup(1, name="rollout", resources={"CPU": 0.5})  # freed bundles are taken again
-                return a.bundles, b.bundles, again.bundles, where, len(placement_group_table()) - groups_before, extra, refused
-
-        pg = placement_group([{"CPU": 0.25}, {"CPU": 0.5}, {"CPU": 0.25}])
-        ray.get(pg.ready())
-        driver = TrialDriver.options(
-            scheduling_strategy=PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=0)
-        ).remote()
-        a, b, again, where, new_groups, extra, refused = ray.get(driver.launch.remote())
-        assert (a, b, again) == ([1], [2], [1])
-        assert where == [pg.id.hex(), pg.id.hex()]
-        assert new_groups == 0
-        assert extra is not None and "needs 1" in extra
-        assert refused is not None and "placement group has 0.75" in refused
-        ray.kill(driver)
-        remove_placement_group(pg)
-    finally:
-        shutdown_ray()
 
 
 def _finished_trials(exp_dir: Path) -> list[Path]:

@@ -9,7 +9,7 @@ from rayrlhf.jobs.cli import main as cli_main
 from rayrlhf.jobs.config.base import CONFIG_DIR, ConfigError, load_yaml, parse_overrides
 from rayrlhf.jobs.config.run import RewardFunctionConfig, RunConfig, load_config
 
-SUPERVISED_CONFIGS = {"rm.yaml", "rm_tiny.yaml", "sft.yaml", "sft_tiny.yaml"}  # tests/test_supervised.py
+SUPERVISED_CONFIGS = {"rm.yaml", "rm_tiny.yaml", "sft.yaml", "sft_tiny.yaml"}  # tests/unit/test_supervised.py
 RUN_CONFIGS = sorted(
     p for p in CONFIG_DIR.glob("*.yaml") if p.name not in {"serve.yaml", "tune.yaml", *SUPERVISED_CONFIGS}
 )

@@ -38,7 +38,7 @@ def separate_nodes():
         folder.mkdir()
     env = dict(os.environ, RAY_TMPDIR=str(root / "ray"))
     address_file = root / "address"
-    script = f"mount -t tmpfs none {driver_home} && exec {sys.executable} {HERE / 'separate_nodes.py'} {address_file} {caches[0]} {caches[1]}"
+    script = f"mount -t tmpfs none {driver_home} && exec {sys.executable} {HERE.parent / 'separate_nodes.py'} {address_file} {caches[0]} {caches[1]}"
     proc = subprocess.Popen(["unshare", "-m", "sh", "-c", script], stdin=subprocess.PIPE, env=env)
     saved = {key: os.environ.get(key) for key in ("RAY_TMPDIR", "RAYRLHF_CACHE")}
     os.environ.update(RAY_TMPDIR=env["RAY_TMPDIR"], RAYRLHF_CACHE=str(driver_home / "cache"))

@@ -18,8 +18,8 @@ from rayrlhf.jobs.run.checkpoint import Interrupted
 from rayrlhf.jobs.config.run import load_config
 from rayrlhf.jobs.run.pipeline import AHEAD_FILE
 from rayrlhf.jobs.train import train
-from tests.test_recovery import SAME_AS_WITHOUT_FAULT, planned
-from tests.test_resume import assert_same_run, interrupt_at
+from tests.e2e.test_recovery import SAME_AS_WITHOUT_FAULT, planned
+from tests.e2e.test_resume import assert_same_run, interrupt_at
 
 STEPS = 3
 

@@ -1,7 +1,7 @@
 """Outputs on the user's storage: a plain path is written in place, a URI through pyarrow.fs.
 
 `file://` URIs take the same road as `s3://` (stage locally, upload), so they stand in for an
-object store here; tests/test_multinode.py writes a whole run to one from another node.
+object store here; tests/e2e/test_multinode.py writes a whole run to one from another node.
 """
 
 import pickle
