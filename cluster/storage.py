@@ -119,9 +119,9 @@ class Storage:
                 raise ValueError(f"{self.location}: the stored key {info.path!r} would be written outside "
                                  f"{local_dir}: refusing to download it")
             copies.append((info.path, Path(target)))
-        for key, target in copies:
-            target.parent.mkdir(parents=True, exist_ok=True)
-            with self.filesystem.open_input_stream(key) as stream, open(target, "wb") as out:
+        for key, dest in copies:
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            with self.filesystem.open_input_stream(key) as stream, open(dest, "wb") as out:
                 shutil.copyfileobj(stream, out)
 
     def list_dir(self, name: str = "") -> list[str]:

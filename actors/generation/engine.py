@@ -70,7 +70,7 @@ class LocalEngine(ModelRunner):
         self, prompts: list[list[int]], n: int, num_beams: int, max_tokens: int, max_time: float | None = None
     ) -> Generation:
         ids, mask = left_pad(prompts, self.pad_id)
-        out = self.model.generate(  # the neutral generation_config of ModelRunner: EOS ids and padding only
+        out = self.model.generate(  # type: ignore[operator]  # nn.Module.__getattr__ hides GenerationMixin; the neutral generation_config of ModelRunner
             input_ids=ids.to(self.device), attention_mask=mask.to(self.device), do_sample=False, num_beams=num_beams,
             num_return_sequences=n, max_new_tokens=max_tokens, early_stopping=True, max_time=max_time,
         )

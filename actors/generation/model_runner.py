@@ -12,7 +12,7 @@ import threading
 
 import numpy as np
 import torch
-from transformers import GenerationConfig
+from transformers import GenerationConfig, PreTrainedModel
 
 from rayrlhf.actors.generation.tokens import eos_token_ids
 from rayrlhf.actors.runtime.models import transpose_output_head
@@ -25,7 +25,7 @@ class GenerationError(RuntimeError):
 class ModelRunner:
     """The policy on its device: one forward at a time, ids to text."""
 
-    def __init__(self, model: torch.nn.Module, tokenizer) -> None:
+    def __init__(self, model: PreTrainedModel, tokenizer) -> None:
         model.requires_grad_(False)
         transpose_output_head(model)  # decode steps run few rows against a big head
         self.model, self.tokenizer = model, tokenizer

@@ -66,9 +66,10 @@ class RewardComponent(Protocol):
 def on_referenced(batch: RewardBatch, score_pairs: Callable[[list[str], list[str]], Any]) -> np.ndarray:
     """score_pairs(responses, references) over the rows with a reference, in one call; NaN elsewhere."""
     out = np.full(len(batch.responses), np.nan, dtype=np.float32)
-    rows = [i for i, ref in enumerate(batch.references) if ref is not None]
-    if rows:
-        out[rows] = score_pairs([batch.responses[i] for i in rows], [batch.references[i] for i in rows])
+    pairs = [(i, ref) for i, ref in enumerate(batch.references) if ref is not None]
+    if pairs:
+        rows = [i for i, _ in pairs]
+        out[rows] = score_pairs([batch.responses[i] for i in rows], [ref for _, ref in pairs])
     return out
 
 

@@ -114,7 +114,7 @@ def _to_sft(row: Any, index: int, where: str) -> Prompt:
     return prompt
 
 
-def load_sft_data(train: str, eval: str | None, num_train: int, num_eval: int, seed: int) -> tuple[list[Prompt], list[Prompt]]:
+def load_sft_data(train: str, eval: str | None, num_train: int | None, num_eval: int, seed: int) -> tuple[list[Prompt], list[Prompt]]:
     """Prompts with their target responses (in `reference`); built-in: the task's references."""
     def load(path: str, limit: int | None = None) -> list[Prompt]:
         rows = read_records(path, _to_sft, limit)

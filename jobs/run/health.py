@@ -86,7 +86,7 @@ class HealthMonitor:
 
     def _problems(self, step: int, m: dict[str, float]) -> dict[str, str | None]:
         """What is wrong, per check evaluated on these metrics (checks whose inputs are absent are skipped)."""
-        c, out = self.cfg, {}
+        c, out = self.cfg, dict[str, str | None]()
         limits = [  # check, metric, limit, +1: fails above the limit / -1: below it, message
             ("length", "reward/length_ratio", c["max_length_ratio"], 1,
              "answers are {v:.2f}x as long as their references (limit {t})"),

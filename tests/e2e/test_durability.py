@@ -17,7 +17,7 @@ from rayrlhf.cluster.storage import Storage
 from rayrlhf.jobs.run import checkpoint
 from rayrlhf.jobs.run.run_lock import LOCK_NAME, OutputDirInUse, RunLock, this_machine
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 
 
 def python(code: str, *args: str, **popen) -> subprocess.Popen:
@@ -85,7 +85,7 @@ def test_a_rewrite_of_a_step_killed_at_any_stage_leaves_a_complete_copy(tmp_path
     """Rewriting step 2 (copy 1 -> copy 2): the old copy goes aside (rename 1), the new one in
     (rename 2), the old one is deleted. The writer is SIGKILLed around each rename."""
     write_copy(tmp_path, 2, 1)
-    proc = python(KILLED_WRITER.format(tests=str(REPO / "tests")), str(tmp_path), kill_at)
+    proc = python(KILLED_WRITER.format(tests=str(REPO / "tests" / "e2e")), str(tmp_path), kill_at)
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == (0 if kill_at == "never" else -signal.SIGKILL), err
     found = checkpoint.at_step(tmp_path, 2)
