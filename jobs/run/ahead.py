@@ -40,11 +40,15 @@ def save(folder: Path, ahead: Ahead) -> None:
             arrays[f"{i}.ref_logprobs"] = ref
         shards.append({"trajectory": _split(traj, f"{i}.trajectory", arrays),
                        "rewards": _split(rewards, f"{i}.rewards", arrays), "ref_logprobs": ref is not None})  # fmt: skip
+    meta = json.dumps({"times": ahead.times, "shards": shards}, default=_plain)  # fails before anything is written
     with open(folder / ARRAYS, "wb") as f:
         np.savez(f, allow_pickle=False, **arrays)
         f.flush()
         os.fsync(f.fileno())
-    (folder / META).write_text(json.dumps({"times": ahead.times, "shards": shards}, default=_plain))
+    with open(folder / META, "w") as f:
+        f.write(meta)
+        f.flush()
+        os.fsync(f.fileno())
 
 
 def load(folder: Path) -> Ahead | None:
