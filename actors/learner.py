@@ -5,10 +5,11 @@ rendezvous through torch.distributed. Each rank receives its own shard of whole 
 (`rows_per_step` rows); one optimizer step happens per pass over them (gradient accumulation
 over micro-batches), `epochs` passes per RL step.
 
-Algorithms: "grpo" and "reinforce" put per-sequence advantages on every response token and the
-KL to the reference in the loss; "ppo" adds a value head on the shared backbone, puts the KL in
-the per-token reward, and uses whitened GAE advantages (whitened per rank). The reported `kl`
-uses kl.estimator for every algorithm (PPO's reward always uses k1).
+Algorithms come from the tables of actors/rl/algorithms.py: algorithm.name picks the advantage
+estimator ("grpo" and "reinforce" put per-sequence advantages on every response token and the KL to
+the reference in the loss; "ppo" adds a value head on the shared backbone, puts the KL in the
+per-token reward, and uses whitened GAE advantages, whitened per rank), algorithm.policy_loss the
+policy loss. The reported `kl` uses kl.estimator for every algorithm (PPO's reward always uses k1).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import os
 import time
 import warnings
 from contextlib import AbstractContextManager
+from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -26,32 +28,17 @@ import numpy as np
 import torch
 from torch import nn
 
-from rayrlhf.actors.rl.advantages import (
-    expand_to_tokens,
-    final_token_rewards,
-    gae,
-    grpo_advantages,
-    masked_mean,
-    masked_whiten,
-    reinforce_advantages,
-)
+from rayrlhf.actors.rl.algorithms import ADVANTAGE_ESTIMATORS, load
 from rayrlhf.actors.runtime.devices import select_device, set_deepspeed_accelerator
 from rayrlhf.actors.runtime.deepspeed_engine import deepspeed_engine, use_plain_engine
 from rayrlhf.actors.runtime.host_memory import keep_freed_memory
-from rayrlhf.actors.rl.logprobs import (
-    PolicyOutput,
-    first_response_column,
-    from_numpy,
-    policy_forward,
-)
-from rayrlhf.actors.rl.losses import (
-    clipped_policy_loss,
-    clipped_value_loss,
-    kl_penalty,
-    make_kl_controller,
-)
+from rayrlhf.actors.rl.logprobs import PolicyOutput, first_response_column, policy_forward
+from rayrlhf.actors.rl.losses import make_kl_controller
 from rayrlhf.actors.runtime.models import add_lora, load_policy, merged_state_dict, resolve_policy_here, save_policy
-from rayrlhf.actors.rl.offpolicy import admitted, decoupled_policy_loss, mismatch_kl
+from rayrlhf.actors.rl.objective import Objective
+from rayrlhf.actors.rl.offpolicy import admitted
+from rayrlhf.actors.rl.shard import unpack
+from rayrlhf.actors.rl.token_batch import TokenBatch
 from rayrlhf.actors.runtime.plain_engine import PlainEngine
 from rayrlhf.actors.rl.trajectory import LearnerBatch
 from rayrlhf.actors.runtime.weight_sync import BroadcastGroup, Weights
@@ -158,14 +145,15 @@ class Learner:
         set_deepspeed_accelerator(device_type)  # before DeepSpeed is first imported (deepspeed_engine)
         self.rank, self.world_size = rank, world_size
         self.algorithm, self.temperature, self.rows_per_step = algorithm, temperature, rows_per_step
-        self.kl_estimator = kl.estimator
         self.kl_ctl = make_kl_controller(kl)
         self.zero_stage = learner.zero_stage
         self.accumulation = math.ceil(rows_per_step / learner.micro_batch_size)
         self.micro_batch_size = learner.micro_batch_size
         self.plain = use_plain_engine(world_size, learner)
         self.max_staleness = pipeline.max_staleness if pipeline else 0
-        self.is_cap = pipeline.is_cap if pipeline else 1.0
+        self.estimator = ADVANTAGE_ESTIMATORS[algorithm.name]
+        self.estimate_advantages = load(self.estimator.function)
+        self.objective = Objective(algorithm, kl.estimator, pipeline.is_cap if self.max_staleness else None)
 
         # fp32 master weights; DeepSpeed casts the module to bf16 itself when learner.bf16 is on
         self.policy, self.tokenizer = load_policy(resolve_policy_here(model, cache_dir), "float32", device_type)
@@ -174,7 +162,7 @@ class Learner:
             self.policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         if lora is not None:  # only the adapters train; get_weights and save merge them in
             self.policy = add_lora(self.policy, lora.rank, lora.alpha, lora.target_modules)
-        module = PolicyWithValue(self.policy, with_value=algorithm.name == "ppo").train()
+        module = PolicyWithValue(self.policy, with_value=self.estimator.critic).train()
         trainable = [p for p in module.parameters() if p.requires_grad]
         # fused: one kernel per tensor instead of ~10 passes over it (the default on CPU); the same
         # update up to float rounding, and a quarter of the learn phase less on this CPU.
@@ -250,72 +238,34 @@ class Learner:
 
     # --- training ------------------------------------------------------------------------
 
-    def _forward(self, rows: dict[str, torch.Tensor], entropy_grad: bool) -> tuple[PolicyOutput, torch.Tensor | None]:
-        first = first_response_column(rows["response_mask"])
-        return self.engine(rows["input_ids"], rows["attention_mask"], self.temperature, entropy_grad, first)
+    def _forward(self, rows: TokenBatch, entropy_grad: bool) -> tuple[PolicyOutput, torch.Tensor | None]:
+        first = first_response_column(rows.response_mask)
+        return self.engine(rows.input_ids, rows.attention_mask, self.temperature, entropy_grad, first)
 
-    def _micro_batches(self, batch: dict[str, torch.Tensor]) -> list[dict[str, torch.Tensor]]:
-        """Row slices, each cut to the columns where it has any real token (saves compute)."""
-        out = []
-        for start in range(0, len(batch["input_ids"]), self.micro_batch_size):
-            rows = {k: v[start : start + self.micro_batch_size] for k, v in batch.items()}
-            used = rows["attention_mask"].any(dim=0).nonzero().squeeze(-1)
-            lo, hi = int(used.min()), int(used.max()) + 1
-            out.append({k: v[:, lo:hi] if v.dim() == 2 else v for k, v in rows.items()})
-        return out
+    @torch.no_grad()
+    def _values(self, batch: TokenBatch) -> torch.Tensor:
+        """The critic's values under the weights that sampled, before any update (row slices, whole width)."""
+        values = torch.zeros_like(batch.response_mask)
+        for start in range(0, len(batch), self.micro_batch_size):
+            rows = batch.rows(start, start + self.micro_batch_size)
+            _, rows_values = self._forward(rows, entropy_grad=False)
+            values[start : start + self.micro_batch_size] = rows_values * rows.response_mask
+        return values
 
-    def _advantages(self, batch: dict[str, torch.Tensor], kl_coef: float) -> None:
-        """Adds "advantages" (and for PPO "old_values", "returns") to the batch, in place."""
-        algo, mask = self.algorithm, batch["response_mask"]
-        if algo.name == "grpo":
-            seq = grpo_advantages(batch["scores"], batch["group_ids"], algo.normalize_std)
-            batch["advantages"] = expand_to_tokens(seq, mask)
-        elif algo.name == "reinforce":
-            batch["advantages"] = expand_to_tokens(reinforce_advantages(batch["scores"], batch["group_ids"]), mask)
-        else:
-            with torch.no_grad():  # values of the policy that sampled, before any update
-                batch["old_values"] = torch.zeros_like(mask)
-                for start in range(0, len(mask), self.micro_batch_size):
-                    rows = {k: v[start : start + self.micro_batch_size] for k, v in batch.items()}
-                    _, values = self._forward(rows, entropy_grad=False)
-                    batch["old_values"][start : start + self.micro_batch_size] = values * rows["response_mask"]
-            rewards = final_token_rewards(batch["scores"], mask)
-            if "ref_logprobs" in batch:
-                rewards = rewards - kl_coef * kl_penalty(batch["old_logprobs"], batch["ref_logprobs"], "k1") * mask
-            advantages, batch["returns"] = gae(rewards, batch["old_values"], mask, algo.gamma, algo.lam)
-            batch["advantages"] = masked_whiten(advantages, mask)
+    def _with_advantages(self, batch: TokenBatch, kl_coef: float) -> TokenBatch:
+        """The batch with the estimator's advantages (and a critic's pre-update values and returns)."""
+        if self.estimator.critic:
+            batch = replace(batch, old_values=self._values(batch))
+        advantages, returns = self.estimate_advantages(batch, kl_coef, self.algorithm)
+        return replace(batch, advantages=advantages, returns=returns)
 
-    def _loss(self, rows: dict[str, torch.Tensor], kl_coef: float) -> tuple[torch.Tensor, dict[str, float]]:
-        algo, mask = self.algorithm, rows["response_mask"]
-        out, values = self._forward(rows, entropy_grad=algo.entropy_coef > 0)
+    def _loss(self, rows: TokenBatch, kl_coef: float) -> tuple[torch.Tensor, dict[str, float], torch.Tensor]:
+        """The micro-batch's loss and metrics, and the proximal log-probs to keep for later epochs."""
+        out, values = self._forward(rows, entropy_grad=self.algorithm.entropy_coef > 0)
         # the first pass runs under the pre-update weights (one step per pass): the proximal policy
-        prox = rows.setdefault("prox_logprobs", out.logprobs.detach())
-        if self.max_staleness == 0:  # on-policy: the rollout's log-probs are the pre-update policy's
-            pg_loss, clip_frac = clipped_policy_loss(
-                out.logprobs, rows["old_logprobs"], rows["advantages"], mask, algo.clip_eps
-            )
-            is_clip_frac = torch.zeros(())
-        else:  # actors/rl/offpolicy.py: decoupled PPO with truncated importance weights, no extra forward
-            pg_loss, clip_frac, is_clip_frac = decoupled_policy_loss(
-                out.logprobs, prox, rows["old_logprobs"], rows["advantages"], mask, algo.clip_eps, self.is_cap
-            )
-        if "ref_logprobs" in rows:
-            kl = masked_mean(kl_penalty(out.logprobs, rows["ref_logprobs"], self.kl_estimator), mask)
-        else:  # no reference policy: the run has no KL term
-            kl = torch.zeros((), device=mask.device)
-        entropy = masked_mean(out.entropy, mask)
-        loss = pg_loss - algo.entropy_coef * entropy
-        stats = {"pg_loss": pg_loss.item(), "kl": kl.item(), "entropy": entropy.item(), "clip_frac": clip_frac.item(),
-                 "pipeline/mismatch_kl": mismatch_kl(prox, rows["old_logprobs"], mask).item(),
-                 "pipeline/is_clip_frac": is_clip_frac.item()}
-        if values is None:
-            loss = loss + kl_coef * kl
-        else:
-            value_loss = clipped_value_loss(values, rows["old_values"], rows["returns"], mask, algo.value_clip)
-            loss = loss + algo.vf_coef * value_loss
-            stats["value_loss"] = value_loss.item()
-        stats["loss"] = loss.item()
-        return loss, stats
+        proximal = out.logprobs.detach() if rows.proximal_logprobs is None else rows.proximal_logprobs
+        loss, stats = self.objective(rows, out.logprobs, out.entropy, values, proximal, kl_coef)
+        return loss, stats, proximal
 
     def _grad_norm(self) -> float:
         norm = self.engine.get_global_grad_norm()
@@ -325,47 +275,35 @@ class Learner:
         return float(norm)
 
     def learn_parts(self, *parts: Any) -> tuple[dict[str, float], list[int]]:
-        """`learn` on this rank's shards as the driver sends them: trajectories, then their rewards, then
-        their reference log-probs. Joined here, where Ray resolved them (a separate join task cost a worker
-        start every step). Also returns the sample ids trained."""
-        n = len(parts) // 3
-        batch = LearnerBatch.join(list(parts[:n]), list(parts[n : 2 * n]), list(parts[2 * n :]))
+        """`learn` on this rank's shards as the driver sends them (actors/rl/shard.py). Joined here, where Ray
+        resolved them (a separate join task cost a worker start every step). Also returns the sample ids trained."""
+        batch = LearnerBatch.join(*unpack(parts))
         return self.learn(batch), batch.trajectory.sample_ids.tolist()
 
-    def learn(self, batch: LearnerBatch) -> dict[str, float]:
+    def learn(self, shard: LearnerBatch) -> dict[str, float]:
         """One RL step on this rank's share of the step; returns metrics averaged over ranks."""
         start = time.perf_counter()
-        staleness = self.version - batch.trajectory.policy_version
-        if not admitted(self.version, batch.trajectory.policy_version, self.max_staleness):
+        traj = shard.trajectory
+        staleness = self.version - traj.policy_version
+        if not admitted(self.version, traj.policy_version, self.max_staleness):
             raise StaleTrajectoryError(
-                f"trajectory sampled by policy version {batch.trajectory.policy_version}, but the learner is at "
+                f"trajectory sampled by policy version {traj.policy_version}, but the learner is at "
                 f"version {self.version} and accepts versions {self.version - self.max_staleness}..{self.version} "
                 f"(pipeline.max_staleness={self.max_staleness})"
             )
-        if len(batch) != self.rows_per_step:
-            raise ValueError(f"this rank expects {self.rows_per_step} rows per step, got {len(batch)}")
-        traj, scores, raw_scores, ref = batch.trajectory, batch.scores, batch.raw_scores, batch.ref_logprobs
-        keep = batch.loss_mask  # 0: a row the reward drops from the loss (truncation: mask)
-        batch = {
-            "input_ids": from_numpy(traj.input_ids).long(),
-            "attention_mask": from_numpy(traj.attention_mask).long(),
-            "response_mask": from_numpy(traj.response_mask * keep[:, None]).float(),
-            "old_logprobs": from_numpy(traj.old_logprobs).float(),
-            "scores": from_numpy(scores),
-            "group_ids": from_numpy(traj.group_ids).long(),
-        }
-        if ref is not None:
-            batch["ref_logprobs"] = from_numpy(ref).float()
-        batch = {k: v.to(self.device) for k, v in batch.items()}
+        if len(shard) != self.rows_per_step:
+            raise ValueError(f"this rank expects {self.rows_per_step} rows per step, got {len(shard)}")
         kl_coef = float(self.kl_ctl.value)
-        self._advantages(batch, kl_coef)
+        batch = self._with_advantages(TokenBatch.from_shard(shard, self.device), kl_coef)
 
         sums: dict[str, float] = {}
         grad_norms = []
-        micro = self._micro_batches(batch)
+        micro = batch.micro_batches(self.micro_batch_size)
         for _ in range(self.algorithm.epochs):
-            for rows in micro:
-                loss, stats = self._loss(rows, kl_coef)
+            for i, rows in enumerate(micro):
+                loss, stats, proximal = self._loss(rows, kl_coef)
+                if rows.proximal_logprobs is None:  # kept from the first epoch for the later ones
+                    micro[i] = replace(rows, proximal_logprobs=proximal)
                 self.engine.backward(loss)
                 boundary = self.engine.is_gradient_accumulation_boundary()
                 norm_before_step = self.zero_stage == 0 and not self.plain
@@ -379,7 +317,7 @@ class Learner:
         n = self.algorithm.epochs * len(micro)
         metrics = {key: value / n for key, value in sums.items()}
         metrics["grad_norm"] = float(np.mean(grad_norms))
-        metrics["reward_mean"] = float(raw_scores.mean())  # unnormalised: comparable across steps
+        metrics["reward_mean"] = float(shard.raw_scores.mean())  # unnormalised: comparable across steps
         metrics["response_length"] = float(traj.response_lengths.mean())
         metrics["tokens"] = float(traj.response_mask.sum())
         metrics = self._mean_over_ranks(metrics)

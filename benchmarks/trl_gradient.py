@@ -23,8 +23,8 @@ import numpy as np
 import torch
 
 from rayrlhf.actors.rl.advantages import grpo_advantages
-from rayrlhf.actors.rl.logprobs import from_numpy
 from rayrlhf.actors.runtime.models import resolve_policy
+from rayrlhf.actors.rl.token_batch import TokenBatch
 from rayrlhf.actors.rl.trajectory import LearnerBatch
 from rayrlhf.jobs.config.run import load_config
 from rayrlhf.jobs.run.roles import role_table
@@ -34,14 +34,9 @@ from rayrlhf.jobs.train import prepare
 
 def our_gradient(learner, lb: LearnerBatch, kl_coef: float) -> dict[str, torch.Tensor]:
     """The learner's own advantage and loss code on the batch (one micro-batch), backward only."""
-    traj = lb.trajectory
-    batch = {"input_ids": from_numpy(traj.input_ids).long(), "attention_mask": from_numpy(traj.attention_mask).long(),
-             "response_mask": from_numpy(traj.response_mask).float(), "old_logprobs": from_numpy(traj.old_logprobs).float(),
-             "scores": from_numpy(lb.scores), "group_ids": from_numpy(traj.group_ids).long(),
-             "ref_logprobs": from_numpy(lb.ref_logprobs).float()}  # fmt: skip
-    learner._advantages(batch, kl_coef)
-    (rows,) = learner._micro_batches(batch)
-    loss, _ = learner._loss(rows, kl_coef)
+    batch = learner._with_advantages(TokenBatch.from_shard(lb, learner.device), kl_coef)
+    (rows,) = batch.micro_batches(len(lb))
+    loss, _, _ = learner._loss(rows, kl_coef)
     loss.backward()
     return {name: p.grad.detach().clone() for name, p in learner.policy.named_parameters()}
 

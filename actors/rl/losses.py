@@ -1,4 +1,5 @@
-"""Per-token RL losses, the KL penalty and its coefficient controllers.
+"""Per-token RL losses (the policy losses of actors/rl/algorithms.py's table, the value loss), the KL
+penalty and its coefficient controllers.
 
 Tensors are [B, T], aligned to token positions, with a float response `mask` (see advantages.py).
 """
@@ -16,7 +17,7 @@ _MAX_LOG_RATIO = 20.0
 """k3 clamps log(ref/policy) to +-20 so exp() cannot overflow on far-off (e.g. padding) tokens."""
 
 if TYPE_CHECKING:
-    from rayrlhf.jobs.config.run import KLConfig
+    from rayrlhf.jobs.config.run import AlgorithmConfig, KLConfig
 
 
 def kl_penalty(logp: Tensor, ref_logp: Tensor, estimator: str) -> Tensor:
@@ -33,23 +34,23 @@ def kl_penalty(logp: Tensor, ref_logp: Tensor, estimator: str) -> Tensor:
     raise ValueError(f"unknown kl.estimator {estimator!r}: expected 'k1' or 'k3'")
 
 
-def clipped_policy_loss(
-    logp: Tensor, old_logp: Tensor, advantages: Tensor, mask: Tensor, clip_eps: float
-) -> tuple[Tensor, Tensor]:
-    """PPO clipped surrogate loss and the fraction of clipped tokens.
+def ppo_clip(
+    logp: Tensor, anchor_logp: Tensor, advantages: Tensor, mask: Tensor, algo: AlgorithmConfig
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """The PPO clipped surrogate, per token: -min(r * A, clip(r, 1 - eps, 1 + eps) * A) with
+    r = pi_theta / pi_anchor; and the fraction of clipped tokens.
 
     clip_frac is the masked fraction of tokens where the clipped term is strictly smaller than
     the unclipped one, so min() takes it and the token's gradient is zero: ratio > 1 + eps with
     A > 0, or ratio < 1 - eps with A < 0. Tokens outside the range on the other side (where
     clipping would be optimistic) keep their gradient and do not count. It carries no gradient.
     """
-    log_ratio = torch.where(mask != 0, logp - old_logp, torch.zeros_like(logp))
+    log_ratio = torch.where(mask != 0, logp - anchor_logp.detach(), torch.zeros_like(logp))
     ratio = torch.exp(log_ratio)
     unclipped = ratio * advantages
-    clipped = ratio.clamp(1 - clip_eps, 1 + clip_eps) * advantages
-    loss = masked_mean(-torch.minimum(unclipped, clipped), mask)
+    clipped = ratio.clamp(1 - algo.clip_eps, 1 + algo.clip_eps) * advantages
     clip_frac = masked_mean((clipped < unclipped).to(mask.dtype), mask).detach()
-    return loss, clip_frac
+    return -torch.minimum(unclipped, clipped), {"clip_frac": clip_frac}
 
 
 def clipped_value_loss(values: Tensor, old_values: Tensor, returns: Tensor, mask: Tensor, clip: float) -> Tensor:

@@ -1,4 +1,5 @@
-"""The policy loss for samples drawn by an older policy (the asynchronous pipeline), and its diagnostics.
+"""The correction of the policy loss for samples drawn by an older policy (the asynchronous pipeline),
+and its diagnostics.
 
 Three policies meet in an asynchronous step: the behaviour policy that sampled (its log-probs are
 the trajectory's `old_logprobs`, from the rollout workers, up to `pipeline.max_staleness` versions
@@ -17,6 +18,9 @@ a truncated (clamped, not dropped) weight: one epoch gives exactly the truncated
 -min(w, cap) * A * grad log pi_theta, and the PPO clip acts only from the second epoch on, around
 the step's starting weights rather than around a stale behaviour policy. Clamping keeps every
 token's gradient (bounded) where dropping would silently lose samples.
+
+actors/rl/objective.py applies it to any policy loss of the table: the loss's ratio is taken against
+the proximal log-probs, and `importance_weights` multiply its per-token values.
 """
 
 from __future__ import annotations
@@ -43,21 +47,6 @@ def importance_weights(prox_logp: Tensor, behav_logp: Tensor, mask: Tensor, cap:
     log_w = torch.where(mask != 0, prox_logp - behav_logp, torch.zeros_like(prox_logp))
     raw = torch.exp(log_w.detach().clamp(-_MAX_LOG_WEIGHT, _MAX_LOG_WEIGHT))
     return raw.clamp(max=cap), masked_mean((raw > cap).to(mask.dtype), mask)
-
-
-def decoupled_policy_loss(
-    logp: Tensor, prox_logp: Tensor, behav_logp: Tensor, advantages: Tensor, mask: Tensor, clip_eps: float, cap: float
-) -> tuple[Tensor, Tensor, Tensor]:
-    """Loss = masked mean of -w * min(r * A, clip(r, 1 - eps, 1 + eps) * A), r = pi_theta / pi_proximal,
-    w = min(pi_proximal / pi_behaviour, cap). Returns (loss, PPO clip fraction, IS clip fraction);
-    the fractions carry no gradient, and only `logp` does."""
-    weights, is_clip_frac = importance_weights(prox_logp.detach(), behav_logp, mask, cap)
-    ratio = torch.exp(torch.where(mask != 0, logp - prox_logp.detach(), torch.zeros_like(logp)))
-    unclipped = ratio * advantages
-    clipped = ratio.clamp(1 - clip_eps, 1 + clip_eps) * advantages
-    loss = masked_mean(-weights * torch.minimum(unclipped, clipped), mask)
-    clip_frac = masked_mean((clipped < unclipped).to(mask.dtype), mask).detach()
-    return loss, clip_frac, is_clip_frac
 
 
 def mismatch_kl(prox_logp: Tensor, behav_logp: Tensor, mask: Tensor) -> Tensor:

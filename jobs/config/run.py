@@ -15,6 +15,7 @@ from typing import Any, Literal
 from pydantic import Field, model_validator
 
 from rayrlhf.actors.rewards.names import RESERVED
+from rayrlhf.actors.rl.algorithms import ADVANTAGE_ESTIMATORS, LOSS_AGGREGATIONS, POLICY_LOSSES
 from rayrlhf.jobs.config.base import (
     StrictModel,
     load_yaml,
@@ -204,8 +205,19 @@ class KLConfig(StrictModel):
     """It overlaps the reward scorers, but they finish in a second or two; then it runs alone."""
 
 
+EstimatorName = Literal[tuple(ADVANTAGE_ESTIMATORS)]
+PolicyLossName = Literal[tuple(POLICY_LOSSES)]
+AggregationName = Literal[tuple(LOSS_AGGREGATIONS)]
+"""The names the algorithm tables hold (actors/rl/algorithms.py: torch-free, so validation stays light)."""
+
+
 class AlgorithmConfig(StrictModel):
-    name: Literal["grpo", "ppo", "reinforce"] = "grpo"
+    name: EstimatorName = "grpo"
+    """The advantage estimator: grpo, reinforce (leave-one-out baseline) or ppo (GAE with a value head)."""
+    policy_loss: PolicyLossName = "ppo_clip"
+    """ppo_clip: the clipped surrogate (a pipelined run takes its ratio to the proximal policy)."""
+    loss_aggregation: AggregationName = "token-mean"
+    """How a micro-batch's per-token losses become one: token-mean averages over its response tokens."""
     clip_eps: float = Field(0.2, gt=0)
     epochs: int = Field(1, ge=1)
     """Passes over each rollout batch."""

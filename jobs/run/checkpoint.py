@@ -44,10 +44,12 @@ from typing import TYPE_CHECKING, Any
 import yaml
 
 from rayrlhf.cluster.durable import fsync_path, fsync_tree, write_atomic
+from rayrlhf.jobs.config.base import ConfigError
+
 if TYPE_CHECKING:  # pyarrow stays unimported for the CLI's lookups
     from rayrlhf.cluster.storage import Storage
 
-FORMAT = 1
+FORMAT = 2
 MANIFEST = "manifest.json"
 DRIVER_STATE = "driver.json"
 LEARNER_DIR = "learner"
@@ -213,8 +215,13 @@ def remove(path: Path) -> None:
 def read(path: Path) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
     """(manifest, config, driver state) of a checkpoint folder."""
     manifest = json.loads((path / MANIFEST).read_text())
-    if manifest.get("format") != FORMAT:
-        raise ValueError(f"{path}: checkpoint format {manifest.get('format')}, this version reads {FORMAT}")
+    found = manifest.get("format")
+    if found != FORMAT:
+        by = "an older" if isinstance(found, int) and found < FORMAT else "another"
+        raise ConfigError(
+            f"{path}: checkpoint format {found} was written by {by} rayrlhf; this version reads format {FORMAT}. "
+            "Resume it with the rayrlhf version that wrote it, or start over with --resume never (or another output_dir)"
+        )
     config = yaml.safe_load((path / "config.yaml").read_text())
     return manifest, config, json.loads((path / DRIVER_STATE).read_text())
 

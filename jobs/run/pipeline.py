@@ -12,15 +12,14 @@ most k versions old when trained, else it syncs first and collects after the upd
 batch ahead and syncing after every update keeps every batch within 1, so the check never fails
 here; it states the invariant the learner enforces (StaleTrajectoryError).
 
-The batch ahead is part of the run's state: a checkpoint holds it whole (`save_ahead`: trajectories,
-rewards, reference log-probs, a few hundred KB), beside the sampler, scorer statistics and rollout
-counters that already account for it, so a resumed run trains it next: no batch in flight is lost or
-trained twice. A learner restart rewinds it with the rest of the checkpoint.
+The batch ahead is part of the run's state: a checkpoint holds it whole (jobs/run/ahead.py: trajectories,
+rewards, reference log-probs as arrays and JSON, a few hundred KB), beside the sampler, scorer
+statistics and rollout counters that already account for it, so a resumed run trains it next: no
+batch in flight is lost or trained twice. A learner restart rewinds it with the rest of the checkpoint.
 """
 
 from __future__ import annotations
 
-import pickle
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -31,15 +30,15 @@ import numpy as np
 import ray
 
 from rayrlhf.actors.rl.offpolicy import admitted
+from rayrlhf.actors.rl.shard import pack
 from rayrlhf.actors.rl.trajectory import Prompt, Rewards
 from rayrlhf.jobs.config.run import RunConfig
+from rayrlhf.jobs.run import ahead as ahead_file
 from rayrlhf.jobs.run.recovery import Recovery
 from rayrlhf.jobs.run.roles import Roles
 from rayrlhf.jobs.run.learner_failure import LearnerFailure, get_all, is_learner_failure
 
 T = TypeVar("T")
-AHEAD_FILE = "ahead.pkl"
-"""In a run checkpoint's folder: the batch collected ahead of the learner (pipelined runs only)."""
 
 
 def shards(items: list[T], n: int) -> list[list[T]]:
@@ -64,13 +63,15 @@ def reward_metrics(rewards: list[Rewards], prefix: str) -> dict[str, float]:
 @dataclass
 class Experience:
     """A step's scored samples: everything the learner needs, made by the stateless roles (and redone
-    whole if one of them dies), as refs of finished objects."""
+    whole if one of them dies), as refs of finished objects; one entry per shard. Shard i goes to
+    learner rank i % ranks (actors/rl/shard.py), which resolves the refs itself."""
 
-    parts: list[list[ray.ObjectRef | None]]
-    """Per learner rank: its shards' trajectories, then their rewards, then their reference log-probs
-    (None without a reference policy): what Learner.learn_parts takes; Ray resolves them in the
-    rank's process, never in the driver's."""
+    trajectories: list[ray.ObjectRef]
+    reward_refs: list[ray.ObjectRef]
     rewards: list[Rewards]
+    """The values of reward_refs (the driver logs them)."""
+    ref_logprobs: list[ray.ObjectRef | None]
+    """None without a reference policy."""
     times: dict[str, float]
 
 
@@ -90,10 +91,8 @@ def collect(roles: Roles, prompts: list[Prompt], recovery: Recovery) -> Experien
     if roles.reference:
         _wait([ref for ref in ref_refs if ref is not None])
     t3 = time.perf_counter()
-    ranks = len(roles.learner)  # shard i goes to rank i % ranks
-    parts = [traj_refs[rank::ranks] + reward_refs[rank::ranks] + ref_refs[rank::ranks] for rank in range(ranks)]
     times = {"time/generate": t1 - t0, "time/score": t2 - t1, "time/reference": t3 - t1}
-    return Experience(parts, rewards, times)
+    return Experience(traj_refs, reward_refs, rewards, ref_refs, times)
 
 
 def rl_step(cfg: RunConfig, roles: Roles, prompts: list[Prompt], recovery: Recovery | None = None) -> dict[str, float]:
@@ -115,7 +114,8 @@ def learn_and_sync(
     weights to the rollout workers; returns the step's metrics (timed from `t0`) and meanwhile's result."""
     t3 = time.perf_counter()
     try:  # a learner rank's death becomes a LearnerFailure: the run restarts the group from its checkpoint
-        learning = [learner.learn_parts.remote(*p) for learner, p in zip(roles.learner, experience.parts)]
+        parts = pack(experience.trajectories, experience.reward_refs, experience.ref_logprobs, len(roles.learner))
+        learning = [learner.learn_parts.remote(*p) for learner, p in zip(roles.learner, parts)]
         result = meanwhile()
         results = get_all(learning)
         learn_metrics = [metrics for metrics, _ in results]
@@ -189,18 +189,17 @@ class Pipeline:
 
     def save_ahead(self, folder: Path) -> None:
         """The batch ahead, whole, into a checkpoint folder being written."""
-        if self.ahead is None:
-            return
-        parts = [[ray.get(ref) if ref is not None else None for ref in part] for part in self.ahead.parts]
-        with open(folder / AHEAD_FILE, "wb") as f:
-            pickle.dump({"parts": parts, "rewards": self.ahead.rewards, "times": self.ahead.times}, f)
+        if self.ahead is not None:
+            refs = self.ahead.ref_logprobs
+            ref_logprobs = [ray.get(ref) if ref is not None else None for ref in refs]
+            saved = ahead_file.Ahead(ray.get(self.ahead.trajectories), self.ahead.rewards, ref_logprobs, self.ahead.times)
+            ahead_file.save(folder, saved)
 
     def load_ahead(self, folder: Path | None) -> None:
         """The checkpoint's batch ahead, if it has one (None: a run's start)."""
+        saved = ahead_file.load(folder) if folder is not None else None
         self.ahead = None
-        path = folder / AHEAD_FILE if folder is not None else None
-        if path is not None and path.is_file():
-            with open(path, "rb") as f:
-                saved = pickle.load(f)  # the run's own checkpoint, as trusted as its DeepSpeed state
-            parts = [[ray.put(x) if x is not None else None for x in part] for part in saved["parts"]]
-            self.ahead = Experience(parts, saved["rewards"], saved["times"])
+        if saved is not None:
+            refs = [ray.put(x) if x is not None else None for x in saved.ref_logprobs]
+            self.ahead = Experience([ray.put(t) for t in saved.trajectories], [ray.put(r) for r in saved.rewards],
+                                    saved.rewards, refs, saved.times)  # fmt: skip

@@ -118,6 +118,22 @@ def test_checkpoint_files_atomic_keep_and_config_check(tmp_path):
         "algorithm.name", "learner.lr", "reward.alpha"]
 
 
+def test_a_checkpoint_of_an_older_format_is_refused_saying_what_to_do(tmp_path):
+    """Format 1 kept a pipelined run's batch ahead as a pickle; this version never reads one."""
+    cfg = tiny(tmp_path)
+    path = checkpoint.write(tmp_path, 1, cfg.model_dump(), {"step": 1}, lambda loc: Path(loc).mkdir(), {}, keep=1)
+    assert checkpoint.read(path)[0]["format"] == checkpoint.FORMAT == 2
+    manifest = json.loads((path / "manifest.json").read_text())
+    (path / "manifest.json").write_text(json.dumps({**manifest, "format": 1}))
+    (path / "ahead.pkl").write_bytes(b"not to be unpickled")
+    expected = r"format 1 was written by an older rayrlhf.*the rayrlhf version that wrote it.*--resume never"
+    with pytest.raises(ConfigError, match=expected):  # the CLI prints a ConfigError and exits 2
+        plan(cfg, tmp_path, "auto")
+    with pytest.raises(ConfigError, match=expected):
+        plan(cfg, tmp_path, str(path))
+    assert plan(cfg, tmp_path, "never").checkpoint is None and checkpoint.latest(tmp_path) is None
+
+
 def test_checkpoints_on_a_uri_complete_only_with_their_manifest(tmp_path):
     """A URI output_dir (file:// takes the road s3:// takes): the learner state goes straight to the
     bucket, the driver's files beside it, manifest last; a checkpoint cut off before its manifest is

@@ -1,9 +1,14 @@
-"""The learner's RL math (actors/rl/advantages.py, actors/rl/losses.py) against hand-computed values."""
+"""The learner's RL math (actors/rl/advantages.py, losses.py, estimators.py, objective.py) against
+hand-computed values, and the algorithm tables (actors/rl/algorithms.py) against the config."""
 
 import math
+from dataclasses import FrozenInstanceError, replace
+from typing import get_args
 
+import numpy as np
 import pytest
 import torch
+from pydantic import ValidationError
 
 from rayrlhf.actors.rl.advantages import (
     expand_to_tokens,
@@ -15,16 +20,20 @@ from rayrlhf.actors.rl.advantages import (
     reinforce_advantages,
 )
 from rayrlhf.actors.rl.logprobs import entropy_metric
+from rayrlhf.actors.rl.algorithms import ADVANTAGE_ESTIMATORS, LOSS_AGGREGATIONS, POLICY_LOSSES, load
 from rayrlhf.actors.rl.losses import (
     AdaptiveKLController,
     FixedKLController,
-    clipped_policy_loss,
     clipped_value_loss,
     entropy_from_logits,
     kl_penalty,
     make_kl_controller,
+    ppo_clip,
 )
-from rayrlhf.jobs.config.run import KLConfig
+from rayrlhf.actors.rl.objective import Objective
+from rayrlhf.actors.rl.token_batch import TokenBatch
+from rayrlhf.actors.rl.trajectory import LearnerBatch, Rewards, Trajectory
+from rayrlhf.jobs.config.run import AlgorithmConfig, KLConfig
 
 
 def close(actual, expected, tol=1e-5):
@@ -148,7 +157,8 @@ def _policy_batch():
 
 def test_clipped_policy_loss_values():
     logp, old_logp, advantages, mask = _policy_batch()
-    loss, clip_frac = clipped_policy_loss(logp, old_logp, advantages, mask, clip_eps=0.2)
+    per_token, stats = ppo_clip(logp, old_logp, advantages, mask, AlgorithmConfig(clip_eps=0.2))
+    loss, clip_frac = masked_mean(per_token, mask), stats["clip_frac"]  # aggregated as token-mean
     # min(ratio*A, clip(ratio, 0.8, 1.2)*A) per token:
     #   a: r=1.1, A=+1 -> min(1.1, 1.1)  = 1.1   inside the range
     #   b: r=1.5, A=+1 -> min(1.5, 1.2)  = 1.2   clipped (gradient 0)
@@ -164,8 +174,8 @@ def test_clipped_policy_loss_values():
 
 def test_clipped_policy_loss_gradient_is_zero_on_clipped_tokens():
     logp, old_logp, advantages, mask = _policy_batch()
-    loss, _ = clipped_policy_loss(logp, old_logp, advantages, mask, clip_eps=0.2)
-    loss.backward()
+    per_token, _ = ppo_clip(logp, old_logp, advantages, mask, AlgorithmConfig(clip_eps=0.2))
+    masked_mean(per_token, mask).backward()
     # d/dlogp of -ratio*A/6 is -ratio*A/6 on unclipped tokens:
     #   a: -1.1/6, c: -0.5/6, e: +1.5/6, f: -(0.9*-2)/6 = 1.8/6; clipped b, d and masked tokens: 0
     close(logp.grad, [[0.0, -1.1 / 6, 0.0, -0.5 / 6], [0.0, 1.5 / 6, 1.8 / 6, 0.0]])
@@ -236,3 +246,102 @@ def test_make_kl_controller_from_config():
     assert isinstance(adaptive, AdaptiveKLController)
     adaptive.update(current_kl=1.0, n_steps=1)
     close(adaptive.value, 0.306)  # err = clip(1.0/0.5 - 1) = 0.2; 0.3 * (1 + 0.2*1/10) = 0.306
+
+
+# --- the tables, the typed batch and the whole micro-batch loss ---------------------------------
+
+
+def test_the_config_accepts_exactly_the_tables_names_and_every_entry_loads():
+    for field, table in (("name", ADVANTAGE_ESTIMATORS), ("policy_loss", POLICY_LOSSES),
+                         ("loss_aggregation", LOSS_AGGREGATIONS)):  # fmt: skip
+        assert get_args(AlgorithmConfig.model_fields[field].annotation) == tuple(table), field
+        for entry in table.values():
+            assert callable(load(getattr(entry, "function", entry))), entry
+    assert list(ADVANTAGE_ESTIMATORS) == ["grpo", "ppo", "reinforce"]  # old configs and checkpoints name these
+    assert [n for n, e in ADVANTAGE_ESTIMATORS.items() if e.critic] == ["ppo"]
+    with pytest.raises(ValidationError, match="policy_loss"):
+        AlgorithmConfig(policy_loss="nope")
+
+
+def learner_batch(loss_mask: list[float]) -> LearnerBatch:
+    """3 rows: row 0 uses columns 1-3, row 1 columns 2-3, row 2 columns 3-4 of 6 (0 and 5 are padding)."""
+    attention = np.array([[0, 1, 1, 1, 0, 0], [0, 0, 1, 1, 0, 0], [0, 0, 0, 1, 1, 0]])
+    response = np.array([[0, 0, 1, 1, 0, 0], [0, 0, 0, 1, 0, 0], [0, 0, 0, 0, 1, 0]], dtype=np.float32)
+    traj = Trajectory(input_ids=np.arange(18).reshape(3, 6), attention_mask=attention, response_mask=response,
+                      old_logprobs=-np.arange(18, dtype=np.float32).reshape(3, 6), group_ids=np.array([4, 4, 9]),
+                      sample_ids=np.array([0, 1, 2]), policy_version=0)  # fmt: skip
+    scores = np.array([1.0, 2.0, 3.0], dtype=np.float32)
+    rewards = Rewards(total=scores, raw_total=scores, components={}, loss_mask=np.array(loss_mask, dtype=np.float32))
+    return LearnerBatch.join([traj], [rewards], [None])
+
+
+def test_token_batch_drops_masked_rows_from_the_loss_and_micro_batches_are_cut_slices():
+    batch = TokenBatch.from_shard(learner_batch([1.0, 0.0, 1.0]), "cpu")
+    assert batch.input_ids.dtype == torch.long and batch.response_mask.dtype == torch.float32
+    assert batch.response_mask.tolist() == [[0, 0, 1, 1, 0, 0], [0] * 6, [0, 0, 0, 0, 1, 0]]  # row 1 dropped
+    assert batch.ref_logprobs is None and batch.advantages is None and batch.proximal_logprobs is None
+    first, second = batch.micro_batches(2)
+    # rows 0-1 use columns 1..3; row 2 alone columns 3..4; per-row fields are sliced by row only
+    assert first.input_ids.tolist() == [[1, 2, 3], [7, 8, 9]] and first.group_ids.tolist() == [4, 4]
+    assert second.input_ids.tolist() == [[15, 16]] and second.old_logprobs.tolist() == [[-15.0, -16.0]]
+    assert second.scores.tolist() == [3.0] and second.ref_logprobs is None
+    with pytest.raises(FrozenInstanceError):
+        batch.advantages = torch.zeros(3, 6)
+
+
+def pin_batch() -> TokenBatch:
+    """Two groups of two (scores 1, 0 and 3, 1), 7 response tokens, old log-probs -1, reference -1.2."""
+    mask = torch.tensor([[0.0, 1.0, 1.0], [0.0, 1.0, 1.0], [0.0, 1.0, 0.0], [0.0, 1.0, 1.0]])
+    return TokenBatch(input_ids=torch.zeros(4, 3, dtype=torch.long), attention_mask=torch.ones(4, 3, dtype=torch.long),
+                      response_mask=mask, old_logprobs=torch.full((4, 3), -1.0), scores=torch.tensor([1.0, 0.0, 3.0, 1.0]),
+                      group_ids=torch.tensor([0, 0, 1, 1]), ref_logprobs=torch.full((4, 3), -1.2))  # fmt: skip
+
+
+# the current policy's ratios to the old one: 1.5 at (0, 1), 0.5 at (1, 2), 1 elsewhere
+RATIOS = torch.tensor([[1.0, 1.5, 1.0], [1.0, 1.0, 0.5], [1.0, 1.0, 1.0], [1.0, 1.0, 1.0]])
+# k1 KL of the loss, (logp - ref) on the 7 tokens: five 0.2, 0.2 + ln 1.5, 0.2 + ln 0.5 -> 1.1123179 / 7
+KL = 0.1589026
+
+
+@pytest.mark.parametrize(
+    "name, pg_loss, value_loss, loss",
+    [
+        # A = +-0.5 / (0.7071068 + 1e-6) = +-0.7071058 (group 0), +-1 / (1.4142136 + 1e-6) = +-0.7071063 (group 1).
+        # min(r A, clip(r) A) summed: row 0: 1.2 a0 + a0; row 1: -a0 - 0.8 a0; row 2: a1; row 3: -2 a1
+        # = 0.4 a0 - a1 = -0.4242640; pg_loss = 0.4242640 / 7 = 0.0606091;
+        # loss = pg_loss - 0.1 * entropy 2 + 0.5 * KL = 0.0606091 - 0.2 + 0.0794513
+        ("grpo", 0.0606091, None, -0.0599396),
+        # RLOO: A = 1, -1 (group 0), 2, -2 (group 1); summed: 2.2 - 1.8 + 2 - 4 = -1.6; pg_loss = 1.6 / 7
+        ("reinforce", 1.6 / 7, None, 1.6 / 7 - 0.2 + 0.0794513),
+        # GAE, gamma = lam = 1, old values 0: the returns-to-go of the score minus 0.5 * k1(old, ref) = 0.1 per
+        # token: 0.8, 0.9 | -0.2, -0.1 | 2.9 | 0.8, 0.9; mean 6/7, population variance 0.8881633, std 0.9424241:
+        # whitened -0.0606339, 0.0454754 | -1.1217273, -1.0156179 | 2.1676621 | -0.0606339, 0.0454754.
+        # min(r A, clip(r) A): (0, 1) r 1.5, A < 0: 1.5 A = -0.0909509; (1, 2) r 0.5, A < 0: 0.8 A = -0.8124943;
+        # the rest r = 1; sum = -0.0909509 + 0.0454754 - 1.1217273 - 0.8124943 + 2.1676621 - 0.0606339 + 0.0454754
+        # = 0.1728066; pg_loss = -0.1728066 / 7 = -0.0246867.
+        # Value loss, values 0.5 against returns R, old 0 (clipped to 0.2): 0.5 * mean(max((0.5 - R)^2, (0.2 - R)^2))
+        # = 0.5 * (0.36 + 0.49 + 0.49 + 0.36 + 7.29 + 0.36 + 0.49) / 7 = 0.5 * 9.84 / 7 = 0.7028571;
+        # loss = pg_loss - 0.2 + 0.5 * value_loss (the KL is in the reward, not the loss)
+        ("ppo", -0.0246867, 0.7028571, -0.0246867 - 0.2 + 0.5 * 0.7028571),
+    ],
+)
+def test_each_algorithms_loss_on_a_small_batch(name, pg_loss, value_loss, loss):
+    algo = AlgorithmConfig(name=name, entropy_coef=0.1, gamma=1.0, lam=1.0)
+    estimator = ADVANTAGE_ESTIMATORS[name]
+    batch = pin_batch()
+    if estimator.critic:
+        batch = replace(batch, old_values=torch.zeros(4, 3))
+    advantages, returns = load(estimator.function)(batch, 0.5, algo)
+    rows = replace(batch, advantages=advantages, returns=returns)
+    logp = (rows.old_logprobs + RATIOS.log()).requires_grad_(True)
+    values = torch.full((4, 3), 0.5) if estimator.critic else None
+    got, stats = Objective(algo, "k1", off_policy_cap=None)(rows, logp, torch.full((4, 3), 2.0), values, logp.detach(), 0.5)
+    assert stats["pg_loss"] == pytest.approx(pg_loss, abs=1e-6)
+    assert stats["kl"] == pytest.approx(KL, abs=1e-6) and stats["entropy"] == pytest.approx(2.0)
+    assert stats["clip_frac"] == pytest.approx(2 / 7 if name != "ppo" else 1 / 7)  # ppo: only (1, 2) has r A clipped
+    assert stats.get("value_loss") == (None if value_loss is None else pytest.approx(value_loss, abs=1e-6))
+    assert stats["pipeline/is_clip_frac"] == 0.0 and got.item() == pytest.approx(loss, abs=1e-6)
+    if name == "reinforce":
+        got.backward()
+        # -r A / 7 on unclipped tokens (0 on the clipped (0, 1) and (1, 2)), + 0.5 / 7 from the KL on every token
+        close(logp.grad * 7, [[0.0, 0.5, -0.5], [0.0, 1.5, 0.5], [0.0, -1.5, 0.0], [0.0, 2.5, 2.5]])

@@ -1,17 +1,33 @@
-"""The off-policy loss (actors/rl/offpolicy.py) against numbers worked out by hand on a 1 x 3 example."""
+"""The off-policy loss (actors/rl/offpolicy.py, as actors/rl/objective.py applies it to the policy loss)
+against numbers worked out by hand on a 1 x 3 example."""
 
 import math
 
 import pytest
 import torch
 
-from rayrlhf.actors.rl.offpolicy import decoupled_policy_loss, importance_weights, mismatch_kl
+from rayrlhf.actors.rl.objective import Objective
+from rayrlhf.actors.rl.offpolicy import importance_weights, mismatch_kl
+from rayrlhf.actors.rl.token_batch import TokenBatch
+from rayrlhf.jobs.config.run import AlgorithmConfig
 
 # one row of three tokens, the last one padding
 MASK = torch.tensor([[1.0, 1.0, 0.0]])
 BEHAV = torch.log(torch.tensor([[0.5, 0.2, 0.7]]))  # the rollout's log-probs (a stale policy)
 PROX = torch.log(torch.tensor([[0.25, 0.6, 0.1]]))  # the learner's, before this step's update
 ADV = torch.tensor([[1.0, 1.0, 1.0]])
+
+
+def decoupled_policy_loss(logp, prox, behav, advantages, mask, clip_eps, cap):
+    """The learner's loss of a pipelined run (no reference, no entropy bonus: the policy loss alone):
+    (loss, PPO clip fraction, IS clip fraction)."""
+    rows = TokenBatch(input_ids=torch.zeros_like(mask, dtype=torch.long), attention_mask=torch.ones_like(mask, dtype=torch.long),
+                      response_mask=mask, old_logprobs=behav, scores=torch.zeros(1), group_ids=torch.zeros(1, dtype=torch.long),
+                      advantages=advantages)  # fmt: skip
+    objective = Objective(AlgorithmConfig(clip_eps=clip_eps), "k3", off_policy_cap=cap)
+    loss, stats = objective(rows, logp, torch.zeros_like(mask), None, prox, kl_coef=0.0)
+    assert stats["loss"] == stats["pg_loss"]
+    return loss, torch.tensor(stats["clip_frac"]), torch.tensor(stats["pipeline/is_clip_frac"])
 
 
 def test_importance_weights_are_truncated_at_the_cap_and_padding_counts_nothing():

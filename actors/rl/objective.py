@@ -1,0 +1,65 @@
+"""The learner's loss on one micro-batch, given the policy's forward pass over it.
+
+The configured policy loss (actors/rl/algorithms.py), corrected for a pipelined run's stale samples
+(actors/rl/offpolicy.py) and aggregated; minus the entropy bonus; plus the KL to the reference
+(estimators that put it in the reward leave it out) or, with a critic, the value loss. Pure tensor
+code, so tests pin its numbers without a model.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+from torch import Tensor
+
+from rayrlhf.actors.rl.advantages import masked_mean
+from rayrlhf.actors.rl.algorithms import ADVANTAGE_ESTIMATORS, LOSS_AGGREGATIONS, POLICY_LOSSES, load
+from rayrlhf.actors.rl.losses import clipped_value_loss, kl_penalty
+from rayrlhf.actors.rl.offpolicy import importance_weights, mismatch_kl
+from rayrlhf.actors.rl.token_batch import TokenBatch
+
+if TYPE_CHECKING:
+    from rayrlhf.jobs.config.run import AlgorithmConfig
+
+
+class Objective:
+    def __init__(self, algorithm: AlgorithmConfig, kl_estimator: str, off_policy_cap: float | None):
+        """`off_policy_cap`: the importance-weight cap of a pipelined run (pipeline.is_cap); None on-policy."""
+        self.algorithm, self.kl_estimator, self.off_policy_cap = algorithm, kl_estimator, off_policy_cap
+        estimator = ADVANTAGE_ESTIMATORS[algorithm.name]
+        self.critic, self.kl_in_reward = estimator.critic, estimator.kl_in_reward
+        self.policy_loss = load(POLICY_LOSSES[algorithm.policy_loss])
+        self.aggregate = load(LOSS_AGGREGATIONS[algorithm.loss_aggregation])
+
+    def __call__(
+        self, rows: TokenBatch, logprobs: Tensor, entropy: Tensor, values: Tensor | None, proximal: Tensor,
+        kl_coef: float,
+    ) -> tuple[Tensor, dict[str, float]]:
+        """`proximal`: the learner's log-probs under the step's starting weights (detached)."""
+        algo, mask = self.algorithm, rows.response_mask
+        if self.off_policy_cap is None:  # on-policy: the rollout's log-probs are the pre-update policy's
+            anchor, weights, is_clip_frac = rows.old_logprobs, None, torch.zeros(())
+        else:  # decoupled PPO with truncated importance weights, no extra forward (actors/rl/offpolicy.py)
+            anchor = proximal
+            weights, is_clip_frac = importance_weights(proximal, rows.old_logprobs, mask, self.off_policy_cap)
+        per_token, policy_stats = self.policy_loss(logprobs, anchor, rows.advantages, mask, algo)
+        pg_loss = self.aggregate(per_token if weights is None else weights * per_token, mask)
+        if rows.ref_logprobs is not None:
+            kl = masked_mean(kl_penalty(logprobs, rows.ref_logprobs, self.kl_estimator), mask)
+        else:  # no reference policy: the run has no KL term
+            kl = torch.zeros((), device=mask.device)
+        mean_entropy = masked_mean(entropy, mask)
+        loss = pg_loss - algo.entropy_coef * mean_entropy
+        stats = {"pg_loss": pg_loss.item(), "kl": kl.item(), "entropy": mean_entropy.item(),
+                 **{k: v.item() for k, v in policy_stats.items()},
+                 "pipeline/mismatch_kl": mismatch_kl(proximal, rows.old_logprobs, mask).item(),
+                 "pipeline/is_clip_frac": is_clip_frac.item()}  # fmt: skip
+        if not self.kl_in_reward:
+            loss = loss + kl_coef * kl
+        if self.critic:
+            value_loss = clipped_value_loss(values, rows.old_values, rows.returns, mask, algo.value_clip)
+            loss = loss + algo.vf_coef * value_loss
+            stats["value_loss"] = value_loss.item()
+        stats["loss"] = loss.item()
+        return loss, stats
