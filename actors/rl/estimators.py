@@ -44,5 +44,6 @@ def ppo_gae(batch: TokenBatch, kl_coef: float, algo: AlgorithmConfig) -> tuple[T
     rewards = final_token_rewards(batch.scores, mask)
     if batch.ref_logprobs is not None:
         rewards = rewards - kl_coef * kl_penalty(batch.old_logprobs, batch.ref_logprobs, "k1") * mask
+    assert batch.old_values is not None, "ppo needs the value head's estimates"
     advantages, returns = gae(rewards, batch.old_values, mask, algo.gamma, algo.lam)
     return masked_whiten(advantages, mask), returns

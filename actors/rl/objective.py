@@ -58,6 +58,7 @@ class Objective:
         if not self.kl_in_reward:
             loss = loss + kl_coef * kl
         if self.critic:
+            assert values is not None and rows.old_values is not None and rows.returns is not None  # a critic's batch
             value_loss = clipped_value_loss(values, rows.old_values, rows.returns, mask, algo.value_clip)
             loss = loss + algo.vf_coef * value_loss
             stats["value_loss"] = value_loss.item()

@@ -74,5 +74,5 @@ class TokenBatch:
             rows = self.rows(start, start + size)
             used = rows.attention_mask.any(dim=0).nonzero().squeeze(-1)
             lo, hi = int(used.min()), int(used.max()) + 1
-            out.append(rows._map(lambda t, lo=lo, hi=hi: t[:, lo:hi] if t.dim() == 2 else t))
+            out.append(rows._map(lambda t, lo=lo, hi=hi: t[:, lo:hi] if t.dim() == 2 else t))  # type: ignore[misc]
         return out

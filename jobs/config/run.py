@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import Field, model_validator
 
@@ -205,9 +205,14 @@ class KLConfig(StrictModel):
     """It overlaps the reward scorers, but they finish in a second or two; then it runs alone."""
 
 
-EstimatorName = Literal[tuple(ADVANTAGE_ESTIMATORS)]
-PolicyLossName = Literal[tuple(POLICY_LOSSES)]
-AggregationName = Literal[tuple(LOSS_AGGREGATIONS)]
+if TYPE_CHECKING:  # a Literal built from a table is pydantic's to check; the type checker sees a str
+    EstimatorName = str
+    PolicyLossName = str
+    AggregationName = str
+else:
+    EstimatorName = Literal[tuple(ADVANTAGE_ESTIMATORS)]
+    PolicyLossName = Literal[tuple(POLICY_LOSSES)]
+    AggregationName = Literal[tuple(LOSS_AGGREGATIONS)]
 """The names the algorithm tables hold (actors/rl/algorithms.py: torch-free, so validation stays light)."""
 
 
