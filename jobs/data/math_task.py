@@ -18,6 +18,7 @@ from collections.abc import Callable
 from typing import Any
 
 from rayrlhf.actors.rl.trajectory import Prompt
+from rayrlhf.jobs.data.task import round_robin, split_stream
 
 NAMES = "Sam Ana Tom Mia Omar Lena Ravi Zoe Ben Ida Kofi Yuki".split()
 ITEMS = "apples marbles stickers books pencils cookies stamps shells cards coins".split()
@@ -83,19 +84,9 @@ HELD_OUT_BLOCK = 200
 
 
 def problem_stream(seed: int) -> list[tuple[str, Problem]]:
-    """Every problem once as (family, problem): each family shuffled, then round-robin."""
+    """Every problem once as (family, problem), families round-robin."""
     rng = random.Random(seed)
-    queues = []
-    for name, (pool, render) in FAMILIES.items():
-        facts = list(pool)
-        rng.shuffle(facts)
-        queues.append((name, facts, render))
-    out: list[tuple[str, Problem]] = []
-    for i in range(max(len(facts) for _, facts, _ in queues)):
-        for name, facts, render in queues:
-            if i < len(facts):
-                out.append((name, render(facts[i], rng)))
-    return out
+    return [(name, render(fact, rng)) for name, fact, render in round_robin(FAMILIES, rng)]
 
 
 def _prompt(index: int, family: str, problem: Problem) -> Prompt:
@@ -106,16 +97,7 @@ def _prompt(index: int, family: str, problem: Problem) -> Prompt:
 
 def math_task(num_train: int, num_eval: int, seed: int) -> tuple[list[Prompt], list[Prompt]]:
     """Train and held-out word problems; the same seed gives the same lists (ids: train first)."""
-    if num_train < 0 or num_eval < 0:
-        raise ValueError(f"num_train and num_eval must be >= 0, got {num_train} and {num_eval}")
-    stream = problem_stream(seed)
-    start = max(HELD_OUT_BLOCK, num_eval)
-    if start + num_train > len(stream):
-        raise ValueError(
-            f"the built-in math task has {len(stream)} distinct problems; asked for {num_train} training "
-            f"problems after {start} held-out ones"
-        )
-    held_out, train = stream[:num_eval], stream[start : start + num_train]
+    train, held_out = split_stream(problem_stream(seed), num_train, num_eval, HELD_OUT_BLOCK, "the built-in math task")
     return (
         [_prompt(i, family, problem) for i, (family, problem) in enumerate(train)],
         [_prompt(num_train + i, family, problem) for i, (family, problem) in enumerate(held_out)],

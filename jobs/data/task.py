@@ -156,41 +156,45 @@ HELD_OUT_BLOCK = 100
 """Items at the head of the stream that training never uses."""
 
 
-def family_stream(seed: int) -> list[tuple[str, str, str]]:
-    """Every fact once as (family, question, reference): each family shuffled, then round-robin."""
-    rng = random.Random(seed)
+def round_robin(families: dict[str, tuple[list[Any], Any]], rng: random.Random) -> list[tuple[str, Any, Any]]:
+    """(family, item, render) for every item once: each family's pool shuffled, then taken in turn, so
+    any prefix mixes the families evenly."""
     queues = []
-    for name, (pool, render) in FAMILIES.items():
-        facts = list(pool)
-        rng.shuffle(facts)
-        queues.append((name, facts, render))
+    for name, (pool, render) in families.items():
+        items = list(pool)
+        rng.shuffle(items)
+        queues.append((name, items, render))
+    longest = max(len(items) for _, items, _ in queues)
+    return [(name, items[i], render) for i in range(longest) for name, items, render in queues if i < len(items)]
+
+
+def split_stream(stream: list[Any], num_train: int, num_eval: int, held_out_block: int, what: str) -> tuple[list, list]:
+    """(train, held-out) of a stream of distinct items: held-out from its head, training after the
+    first held_out_block items, so a smaller num_eval is a prefix of a larger one and no training set
+    ever shares an item with any held-out set."""
+    if num_train < 0 or num_eval < 0:
+        raise ValueError(f"num_train and num_eval must be >= 0, got {num_train} and {num_eval}")
+    start = max(held_out_block, num_eval)
+    if start + num_train > len(stream):
+        raise ValueError(f"{what} has {len(stream)} distinct items; asked for {num_train} training items "
+                         f"after {start} held-out ones")  # fmt: skip
+    return stream[start : start + num_train], stream[:num_eval]
+
+
+def family_stream(seed: int) -> list[tuple[str, str, str]]:
+    """Every fact once as (family, question, reference), families round-robin."""
+    rng = random.Random(seed)
     out: list[tuple[str, str, str]] = []
-    for i in range(max(len(facts) for _, facts, _ in queues)):
-        for name, facts, render in queues:
-            if i < len(facts):
-                question, reference = render(facts[i], rng)
-                out.append((name, question + rng.choice(SUFFIXES), reference))
+    for name, fact, render in round_robin(FAMILIES, rng):
+        question, reference = render(fact, rng)
+        out.append((name, question + rng.choice(SUFFIXES), reference))
     return out
 
 
 def builtin_task(num_train: int, num_eval: int, seed: int) -> tuple[list[Prompt], list[Prompt]]:
-    """Train and held-out prompts; the same seed gives the same lists.
-
-    The first HELD_OUT_BLOCK items of the stream are reserved for held-out use and training starts
-    after them, so a smaller num_eval is a prefix of the full held-out split and never shares an
-    item with any training set (a search ranks on 16 prompts; the other 84 stay unseen).
-    Ids: train 0..num_train-1, held-out from num_train on.
-    """
-    if num_train < 0 or num_eval < 0:
-        raise ValueError(f"num_train and num_eval must be >= 0, got {num_train} and {num_eval}")
-    stream = family_stream(seed)
-    start = max(HELD_OUT_BLOCK, num_eval)
-    if start + num_train > len(stream):
-        raise ValueError(
-            f"the built-in task has {len(stream)} distinct items; asked for {num_train} training items "
-            f"after {start} held-out ones"
-        )
-    held_out, train = stream[:num_eval], stream[start : start + num_train]
+    """Train and held-out prompts; the same seed gives the same lists (split_stream: a search ranks on
+    16 held-out prompts, the other 84 stay unseen). Ids: train 0..num_train-1, held-out from num_train on."""
+    train, held_out = split_stream(family_stream(seed), num_train, num_eval, HELD_OUT_BLOCK, "the built-in task")
     train_prompts = [Prompt(id=i, text=q, reference=r) for i, (_, q, r) in enumerate(train)]
     eval_prompts = [Prompt(id=num_train + i, text=q, reference=r) for i, (_, q, r) in enumerate(held_out)]
     return train_prompts, eval_prompts

@@ -40,7 +40,7 @@ def test_splits_are_disjoint_and_stable_and_the_reference_checks():
     assert final_number(p.reference) == p.extra["answer"]
     assert p.reference.endswith(f"#### {p.extra['answer']}")
     assert math_exact_match([p.text], [f"So the answer is {p.extra['answer']}."], [p.reference]) == [1.0]
-    with pytest.raises(ValueError, match="distinct problems"):
+    with pytest.raises(ValueError, match="distinct items"):
         math_task(len(problem_stream(0)), 0, seed=0)
     assert HELD_OUT_BLOCK >= 100
 
