@@ -32,6 +32,13 @@ def grpo(batch: TokenBatch, kl_coef: float, algo: AlgorithmConfig) -> tuple[Tens
     return expand_to_tokens(seq, batch.response_mask), None
 
 
+def dr_grpo(batch: TokenBatch, kl_coef: float, algo: AlgorithmConfig) -> tuple[Tensor, None]:
+    """Dr. GRPO's advantage (Liu et al. 2025): reward minus the group mean, never over the group std
+    (whatever normalize_std says), on each response token."""
+    seq = grpo_advantages(batch.scores, batch.group_ids, normalize_std=False)
+    return expand_to_tokens(seq, batch.response_mask), None
+
+
 def rloo(batch: TokenBatch, kl_coef: float, algo: AlgorithmConfig) -> tuple[Tensor, None]:
     """REINFORCE with the leave-one-out baseline, on each response token."""
     return expand_to_tokens(reinforce_advantages(batch.scores, batch.group_ids), batch.response_mask), None

@@ -87,7 +87,8 @@ def role_table(cfg: RunConfig) -> list[Role]:
     roles.append(Role("learner", Learner, learner.num_ranks, learner.num_cpus, learner.num_gpus, lambda rank: dict(
         **model, rank=rank, world_size=learner.num_ranks, seed=cfg.seed, temperature=rollout.temperature,
         rows_per_step=cfg.prompts_per_step * rollout.samples_per_prompt // learner.num_ranks,
-        algorithm=cfg.algorithm, kl=kl, learner=learner, device=role_device(learner.num_gpus),
+        algorithm=cfg.algorithm if cfg.algorithm.loss_scale_tokens else cfg.algorithm.model_copy(
+            update={"loss_scale_tokens": rollout.max_new_tokens}), kl=kl, learner=learner, device=role_device(learner.num_gpus),
         lora=cfg.policy.lora, pipeline=cfg.pipeline,
     ), rendezvous=True))
     return roles

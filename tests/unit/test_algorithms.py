@@ -257,7 +257,7 @@ def test_the_config_accepts_exactly_the_tables_names_and_every_entry_loads():
         assert get_args(AlgorithmConfig.model_fields[field].annotation) == tuple(table), field
         for entry in table.values():
             assert callable(load(getattr(entry, "function", entry))), entry
-    assert list(ADVANTAGE_ESTIMATORS) == ["grpo", "ppo", "reinforce"]  # old configs and checkpoints name these
+    assert list(ADVANTAGE_ESTIMATORS)[:3] == ["grpo", "ppo", "reinforce"]  # old configs and checkpoints name these
     assert [n for n, e in ADVANTAGE_ESTIMATORS.items() if e.critic] == ["ppo"]
     with pytest.raises(ValidationError, match="policy_loss"):
         AlgorithmConfig(policy_loss="nope")
@@ -345,3 +345,70 @@ def test_each_algorithms_loss_on_a_small_batch(name, pg_loss, value_loss, loss):
         got.backward()
         # -r A / 7 on unclipped tokens (0 on the clipped (0, 1) and (1, 2)), + 0.5 / 7 from the KL on every token
         close(logp.grad * 7, [[0.0, 0.5, -0.5], [0.0, 1.5, 0.5], [0.0, -1.5, 0.0], [0.0, 2.5, 2.5]])
+
+
+# --- loss aggregations (actors/rl/aggregation.py) -------------------------------------------------
+
+# per-token losses of 4 answers: 1, 2 | 3 | 4, 5, 6 | (dropped by the reward: no tokens)
+AGG_LOSS = torch.tensor([[1.0, 2.0, 9.0], [3.0, 9.0, 9.0], [4.0, 5.0, 6.0], [9.0, 9.0, 9.0]])
+AGG_MASK = torch.tensor([[1.0, 1.0, 0.0], [1.0, 0.0, 0.0], [1.0, 1.0, 1.0], [0.0, 0.0, 0.0]])
+
+
+@pytest.mark.parametrize("name, expected", [
+    ("token-mean", 21 / 6),                          # (1 + 2 + 3 + 4 + 5 + 6) / 6 tokens
+    ("seq-mean-token-mean", (1.5 + 3 + 5) / 3),      # the token means 1.5, 3, 5 over the 3 answers with tokens
+    ("seq-mean-token-sum", (3 + 3 + 15) / 3),        # the token sums 3, 3, 15 over 3 answers
+    ("seq-mean-token-sum-norm", 21 / (3 * 4)),       # the sums over loss_scale_tokens = 4, over 3 answers
+])  # fmt: skip
+def test_each_aggregation_against_its_formula(name, expected):
+    algo = AlgorithmConfig(loss_aggregation=name, loss_scale_tokens=4)
+    total, units = load(LOSS_AGGREGATIONS[name])(AGG_LOSS, AGG_MASK, algo)
+    assert (total / units).item() == pytest.approx(expected, abs=1e-6)
+
+
+def uneven_batch() -> TokenBatch:
+    """6 answers of 5, 1, 3, 0 (dropped), 2, 4 response tokens in 5 columns, two groups."""
+    lengths = torch.tensor([5, 1, 3, 0, 2, 4])
+    mask = (torch.arange(5) < lengths[:, None]).float()
+    g = torch.Generator().manual_seed(0)
+    return TokenBatch(input_ids=torch.zeros(6, 5, dtype=torch.long), attention_mask=torch.ones(6, 5, dtype=torch.long),
+                      response_mask=mask, old_logprobs=-torch.rand(6, 5, generator=g), scores=torch.rand(6, generator=g),
+                      group_ids=torch.tensor([0, 0, 0, 1, 1, 1]), advantages=torch.randn(6, 5, generator=g) * mask)  # fmt: skip
+
+
+@pytest.mark.parametrize("aggregation", list(LOSS_AGGREGATIONS))
+@pytest.mark.parametrize("policy_loss", list(POLICY_LOSSES))
+def test_the_gradient_does_not_depend_on_the_micro_batch_size(aggregation, policy_loss):
+    """Micro-batches of 2 rows, each loss averaged as the engine does (1 / accumulation), give the
+    gradient of one micro-batch of all rows; a token mean per micro-batch would weigh row 1's lone
+    token 5 times more than row 0's tokens."""
+    batch = uneven_batch()
+    algo = AlgorithmConfig(policy_loss=policy_loss, loss_aggregation=aggregation, loss_scale_tokens=5)
+    objective = Objective(algo, "k1", off_policy_cap=None)
+    start = (batch.old_logprobs + 0.3 * torch.randn(6, 5, generator=torch.Generator().manual_seed(1))).detach()
+
+    def gradient(size: int) -> torch.Tensor:
+        logp = start.clone().requires_grad_(True)
+        accumulation = len(batch) // size
+        units = objective.units(batch.response_mask) / accumulation
+        for lo in range(0, len(batch), size):
+            rows, part = batch.rows(lo, lo + size), logp[lo : lo + size]
+            loss, _ = objective(rows, part, torch.zeros_like(part), None, part.detach(), 0.0, units)
+            (loss / accumulation).backward()
+        assert logp.grad is not None
+        return logp.grad
+
+    whole = gradient(6)
+    assert whole.abs().sum() > 0
+    close(gradient(2), whole, tol=1e-6)
+    close(gradient(3), whole, tol=1e-6)
+
+
+def test_dr_grpo_is_the_group_mean_baseline_with_its_unbiased_loss():
+    algo = AlgorithmConfig(name="dr_grpo")  # normalize_std (True) is ignored
+    assert algo.loss_aggregation == "seq-mean-token-sum-norm"
+    assert AlgorithmConfig(name="dr_grpo", loss_aggregation="token-mean").loss_aggregation == "token-mean"
+    assert AlgorithmConfig().loss_aggregation == "token-mean"  # the default run is unchanged
+    advantages, _ = load(ADVANTAGE_ESTIMATORS["dr_grpo"].function)(pin_batch(), 0.0, algo)
+    # scores 1, 0 (group 0, mean 0.5) and 3, 1 (group 1, mean 2): 0.5, -0.5, 1, -1 on each response token
+    close(advantages, [[0.0, 0.5, 0.5], [0.0, -0.5, -0.5], [0.0, 1.0, 0.0], [0.0, -1.0, -1.0]])
