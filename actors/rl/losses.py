@@ -37,8 +37,9 @@ def kl_penalty(logp: Tensor, ref_logp: Tensor, estimator: str) -> Tensor:
 def ppo_clip(
     logp: Tensor, anchor_logp: Tensor, advantages: Tensor, mask: Tensor, algo: AlgorithmConfig
 ) -> tuple[Tensor, dict[str, Tensor]]:
-    """The PPO clipped surrogate, per token: -min(r * A, clip(r, 1 - eps, 1 + eps) * A) with
-    r = pi_theta / pi_anchor; and the fraction of clipped tokens.
+    """The PPO clipped surrogate, per token: -min(r * A, clip(r, 1 - eps_low, 1 + eps_high) * A) with
+    r = pi_theta / pi_anchor; and the fraction of clipped tokens. eps_high > eps_low is DAPO's
+    clip-higher (algorithm.clip_eps_low / clip_eps_high; both clip_eps by default).
 
     clip_frac is the masked fraction of tokens where the clipped term is strictly smaller than
     the unclipped one, so min() takes it and the token's gradient is zero: ratio > 1 + eps with
@@ -48,7 +49,7 @@ def ppo_clip(
     log_ratio = torch.where(mask != 0, logp - anchor_logp.detach(), torch.zeros_like(logp))
     ratio = torch.exp(log_ratio)
     unclipped = ratio * advantages
-    clipped = ratio.clamp(1 - algo.clip_eps, 1 + algo.clip_eps) * advantages
+    clipped = ratio.clamp(1 - algo.eps_low, 1 + algo.eps_high) * advantages
     clip_frac = masked_mean((clipped < unclipped).to(mask.dtype), mask).detach()
     return -torch.minimum(unclipped, clipped), {"clip_frac": clip_frac}
 

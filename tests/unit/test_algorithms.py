@@ -412,3 +412,21 @@ def test_dr_grpo_is_the_group_mean_baseline_with_its_unbiased_loss():
     advantages, _ = load(ADVANTAGE_ESTIMATORS["dr_grpo"].function)(pin_batch(), 0.0, algo)
     # scores 1, 0 (group 0, mean 0.5) and 3, 1 (group 1, mean 2): 0.5, -0.5, 1, -1 on each response token
     close(advantages, [[0.0, 0.5, 0.5], [0.0, -0.5, -0.5], [0.0, 1.0, 0.0], [0.0, -1.0, -1.0]])
+
+
+def test_ppo_clip_with_clip_higher_and_its_config():
+    ratio = torch.tensor([[0.7, 1.25, 1.3, 1.4]])
+    advantages, mask = torch.tensor([[1.0, 1.0, -1.0, 1.0]]), torch.ones(1, 4)
+    algo = AlgorithmConfig(clip_eps_low=0.2, clip_eps_high=0.28)  # DAPO
+    per_token, stats = ppo_clip(ratio.log(), torch.zeros(1, 4), advantages, mask, algo)
+    # -min(r A, clip(r, 0.8, 1.28) A): min(0.7, 0.8) = 0.7; 1.25 is inside [0.8, 1.28] (clip_eps 0.2 would
+    # cut it to 1.2); min(-1.3, -1.28) = -1.3 (pessimistic side: kept); min(1.4, 1.28) = 1.28, clipped
+    close(per_token, [[-0.7, -1.25, 1.3, -1.28]])
+    assert stats["clip_frac"].item() == pytest.approx(1 / 4)
+    symmetric, _ = ppo_clip(ratio.log(), torch.zeros(1, 4), advantages, mask, AlgorithmConfig(clip_eps=0.2))
+    close(symmetric, [[-0.7, -1.2, 1.3, -1.2]])
+    assert (AlgorithmConfig(clip_eps=0.3).eps_low, AlgorithmConfig(clip_eps=0.3).eps_high) == (0.3, 0.3)
+    with pytest.raises(ValidationError, match="clip_eps_high"):
+        AlgorithmConfig(clip_eps_low=0.3, clip_eps_high=0.2)
+    with pytest.raises(ValidationError, match="must be < 1"):
+        AlgorithmConfig(clip_eps_low=1.0, clip_eps_high=2.0)
