@@ -46,6 +46,7 @@ ADVANTAGE_ESTIMATORS = {
 
 POLICY_LOSSES = {
     "ppo_clip": "rayrlhf.actors.rl.losses:ppo_clip",
+    "cispo": "rayrlhf.actors.rl.losses:cispo",
 }
 """algorithm.policy_loss."""
 

@@ -54,6 +54,21 @@ def ppo_clip(
     return -torch.minimum(unclipped, clipped), {"clip_frac": clip_frac}
 
 
+def cispo(
+    logp: Tensor, anchor_logp: Tensor, advantages: Tensor, mask: Tensor, algo: AlgorithmConfig
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """CISPO (MiniMax-M1, 2025), per token: -sg(clip(r, 1 - eps_low, 1 + eps_high)) * A * log pi_theta.
+
+    The importance weight is clipped and carries no gradient, so every token keeps the gradient
+    -w A grad log pi (PPO's clip zeroes it); at r = 1 that is PPO's. clip_frac: the fraction of tokens
+    whose weight was clipped.
+    """
+    ratio = torch.exp(torch.where(mask != 0, logp - anchor_logp, torch.zeros_like(logp))).detach()
+    weight = ratio.clamp(1 - algo.eps_low, 1 + algo.eps_high)
+    clip_frac = masked_mean((weight != ratio).to(mask.dtype), mask)
+    return -weight * advantages * logp, {"clip_frac": clip_frac}
+
+
 def clipped_value_loss(values: Tensor, old_values: Tensor, returns: Tensor, mask: Tensor, clip: float) -> Tensor:
     """PPO value loss: the worse of the plain and the clipped squared error, so the value head
     cannot move further than `clip` from the rollout-time value in one update to fit the return."""

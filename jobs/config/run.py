@@ -222,7 +222,8 @@ class AlgorithmConfig(StrictModel):
     seq-mean-token-sum-norm), reinforce (RLOO, leave-one-out baseline), reinforce_pp (REINFORCE++: KL in
     the per-token reward, batch-whitened returns) or ppo (GAE with a value head)."""
     policy_loss: PolicyLossName = "ppo_clip"
-    """ppo_clip: the clipped surrogate (a pipelined run takes its ratio to the proximal policy)."""
+    """ppo_clip: the clipped surrogate (a pipelined run takes its ratio to the proximal policy); cispo:
+    the clipped, stop-gradient importance weight times A log pi (MiniMax-M1)."""
     loss_aggregation: AggregationName = "token-mean"
     """How the step's per-token losses become one (the same whatever learner.micro_batch_size):
     token-mean over all its response tokens, seq-mean-token-mean (each answer's token mean, averaged),

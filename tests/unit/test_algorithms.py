@@ -27,6 +27,7 @@ from rayrlhf.actors.rl.losses import (
     clipped_value_loss,
     entropy_from_logits,
     kl_penalty,
+    cispo,
     make_kl_controller,
     ppo_clip,
 )
@@ -430,3 +431,15 @@ def test_ppo_clip_with_clip_higher_and_its_config():
         AlgorithmConfig(clip_eps_low=0.3, clip_eps_high=0.2)
     with pytest.raises(ValidationError, match="must be < 1"):
         AlgorithmConfig(clip_eps_low=1.0, clip_eps_high=2.0)
+
+
+def test_cispo_against_its_formula():
+    logp = torch.tensor([[-1.0, -2.0, -0.5]], requires_grad=True)
+    ratio, advantages = torch.tensor([[1.5, 0.5, 1.1]]), torch.tensor([[1.0, -1.0, 2.0]])
+    algo = AlgorithmConfig(clip_eps_low=0.2, clip_eps_high=0.28)
+    per_token, stats = cispo(logp, logp.detach() - ratio.log(), advantages, torch.ones(1, 3), algo)
+    # w = sg(clip(r, 0.8, 1.28)) = 1.28, 0.8, 1.1; -w A log pi = -1.28 * 1 * -1, -0.8 * -1 * -2, -1.1 * 2 * -0.5
+    close(per_token, [[1.28, -1.6, 1.1]])
+    assert stats["clip_frac"].item() == pytest.approx(2 / 3)
+    per_token.sum().backward()
+    close(logp.grad, [[-1.28, 0.8, -2.2]])  # -w A: the clipped tokens keep their gradient
