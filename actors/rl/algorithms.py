@@ -47,6 +47,7 @@ ADVANTAGE_ESTIMATORS = {
 POLICY_LOSSES = {
     "ppo_clip": "rayrlhf.actors.rl.losses:ppo_clip",
     "cispo": "rayrlhf.actors.rl.losses:cispo",
+    "gspo": "rayrlhf.actors.rl.losses:gspo",
 }
 """algorithm.policy_loss."""
 

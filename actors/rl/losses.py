@@ -69,6 +69,27 @@ def cispo(
     return -weight * advantages * logp, {"clip_frac": clip_frac}
 
 
+def gspo(
+    logp: Tensor, anchor_logp: Tensor, advantages: Tensor, mask: Tensor, algo: AlgorithmConfig
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """GSPO (Zheng et al. 2025), in its GSPO-token form: on every token of answer i,
+    -min(s * A, clip(s, 1 - eps_low, 1 + eps_high) * A) with s = sg(s_i) * pi_theta / sg(pi_theta) and
+    s_i = exp(mean over the answer of log(pi_theta / pi_anchor)), the sequence-level ratio.
+
+    Its value is s_i and its gradient s_i grad log pi on each token, so averaged by
+    seq-mean-token-mean (the paper's 1/G sum_i 1/|y_i| sum_t, which `policy_loss: gspo` chooses by
+    default) it is GSPO's gradient s_i A_i grad log s_i, clipped per sequence. The paper's clip
+    range is tiny (clip_eps_low 3e-4, clip_eps_high 4e-4). clip_frac: the fraction of tokens in clipped answers.
+    """
+    log_ratio = torch.where(mask != 0, logp - anchor_logp.detach(), torch.zeros_like(logp))
+    seq_log_ratio = masked_mean(log_ratio, mask, dim=-1).detach().clamp(max=_MAX_LOG_RATIO)
+    ratio = torch.exp(seq_log_ratio[:, None] + logp - logp.detach())
+    unclipped = ratio * advantages
+    clipped = ratio.clamp(1 - algo.eps_low, 1 + algo.eps_high) * advantages
+    clip_frac = masked_mean((clipped < unclipped).to(mask.dtype), mask).detach()
+    return -torch.minimum(unclipped, clipped), {"clip_frac": clip_frac}
+
+
 def clipped_value_loss(values: Tensor, old_values: Tensor, returns: Tensor, mask: Tensor, clip: float) -> Tensor:
     """PPO value loss: the worse of the plain and the clipped squared error, so the value head
     cannot move further than `clip` from the rollout-time value in one update to fit the return."""

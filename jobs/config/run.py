@@ -223,7 +223,8 @@ class AlgorithmConfig(StrictModel):
     the per-token reward, batch-whitened returns) or ppo (GAE with a value head)."""
     policy_loss: PolicyLossName = "ppo_clip"
     """ppo_clip: the clipped surrogate (a pipelined run takes its ratio to the proximal policy); cispo:
-    the clipped, stop-gradient importance weight times A log pi (MiniMax-M1)."""
+    the clipped, stop-gradient importance weight times A log pi (MiniMax-M1); gspo: the sequence-level
+    ratio and clip (it defaults loss_aggregation to seq-mean-token-mean)."""
     loss_aggregation: AggregationName = "token-mean"
     """How the step's per-token losses become one (the same whatever learner.micro_batch_size):
     token-mean over all its response tokens, seq-mean-token-mean (each answer's token mean, averaged),
@@ -248,11 +249,15 @@ class AlgorithmConfig(StrictModel):
 
     @model_validator(mode="before")
     @classmethod
-    def _dr_grpo_preset(cls, data: Any) -> Any:
-        """Dr. GRPO (Liu et al. 2025) is two changes: no std in the advantage (the dr_grpo estimator)
-        and no 1/|o_i| in the loss; one name chooses both, and an explicit loss_aggregation still wins."""
-        if isinstance(data, dict) and data.get("name") == "dr_grpo" and "loss_aggregation" not in data:
-            data = {**data, "loss_aggregation": "seq-mean-token-sum-norm"}
+    def _paper_aggregations(cls, data: Any) -> Any:
+        """The aggregation each paper defines its method with, unless loss_aggregation is given.
+        Dr. GRPO (Liu et al. 2025) is two changes: no std in the advantage (the dr_grpo estimator) and
+        no 1/|o_i| in the loss, so one name chooses both; GSPO averages each answer's token mean."""
+        if isinstance(data, dict) and "loss_aggregation" not in data:
+            if data.get("name") == "dr_grpo":
+                data = {**data, "loss_aggregation": "seq-mean-token-sum-norm"}
+            elif data.get("policy_loss") == "gspo":
+                data = {**data, "loss_aggregation": "seq-mean-token-mean"}
         return data
 
     @model_validator(mode="after")

@@ -28,6 +28,7 @@ from rayrlhf.actors.rl.losses import (
     entropy_from_logits,
     kl_penalty,
     cispo,
+    gspo,
     make_kl_controller,
     ppo_clip,
 )
@@ -443,3 +444,31 @@ def test_cispo_against_its_formula():
     assert stats["clip_frac"].item() == pytest.approx(2 / 3)
     per_token.sum().backward()
     close(logp.grad, [[-1.28, 0.8, -2.2]])  # -w A: the clipped tokens keep their gradient
+
+
+def test_gspo_against_its_sequence_level_formula():
+    # answers of 2, 3, 1 tokens; log ratios 0.1, 0.3 | 0, 0.6, 0.3 | -0.1; advantages 1, 1, -1
+    mask = torch.tensor([[1.0, 1.0, 0.0], [1.0, 1.0, 1.0], [1.0, 0.0, 0.0]])
+    log_ratio = torch.tensor([[0.1, 0.3, 0.0], [0.0, 0.6, 0.3], [-0.1, 0.0, 0.0]])
+    advantages = torch.tensor([[1.0], [1.0], [-1.0]]) * mask
+    anchor = torch.full((3, 3), -1.0)
+    algo = AlgorithmConfig(policy_loss="gspo", clip_eps_low=0.2, clip_eps_high=0.28)
+    assert algo.loss_aggregation == "seq-mean-token-mean"
+    logp = (anchor + log_ratio).requires_grad_(True)
+    per_token, stats = gspo(logp, anchor, advantages, mask, algo)
+    # s_i = exp(mean log ratio) = e^0.2 = 1.2214028 (inside [0.8, 1.28]), e^0.3 = 1.3498588 (A > 0: clipped
+    # to 1.28), e^-0.1 = 0.9048374 (A < 0, inside): -min(s A, clip(s) A) on each token of the answer
+    close(per_token * mask, [[-1.2214028, -1.2214028, 0.0], [-1.28, -1.28, -1.28], [0.9048374, 0.0, 0.0]])
+    assert stats["clip_frac"].item() == pytest.approx(3 / 6)  # the 3 tokens of answer 1
+    total, units = load(LOSS_AGGREGATIONS[algo.loss_aggregation])(per_token, mask, algo)
+    loss = total / units
+    assert loss.item() == pytest.approx((-1.2214028 - 1.28 + 0.9048374) / 3, abs=1e-6)
+    loss.backward()
+    # d/dlogp_t: -s_i A_i / (|y_i| G) where unclipped: -1.2214028 / 6 on answer 0, 0 on 1, 0.9048374 / 3 on 2
+    close(logp.grad, [[-0.2035671, -0.2035671, 0.0], [0.0, 0.0, 0.0], [0.3016125, 0.0, 0.0]])
+    # the same as the paper's sequence objective -1/G sum_i min(s_i A_i, clip(s_i) A_i), by autograd
+    direct = (anchor + log_ratio).requires_grad_(True)
+    s = torch.exp(masked_mean(direct - anchor, mask, dim=-1))
+    a = advantages[:, 0]
+    (-torch.minimum(s * a, s.clamp(0.8, 1.28) * a).mean()).backward()
+    close(direct.grad * mask, logp.grad)
