@@ -41,6 +41,7 @@ ADVANTAGE_ESTIMATORS = {
     "ppo": Estimator("rayrlhf.actors.rl.estimators:ppo_gae", critic=True, kl_in_reward=True),
     "reinforce": Estimator("rayrlhf.actors.rl.estimators:rloo"),
     "dr_grpo": Estimator("rayrlhf.actors.rl.estimators:dr_grpo"),
+    "reinforce_pp": Estimator("rayrlhf.actors.rl.estimators:reinforce_pp", kl_in_reward=True),
 }
 """algorithm.name: the advantage estimator (and with it the value head and where the KL goes)."""
 

@@ -472,3 +472,14 @@ def test_gspo_against_its_sequence_level_formula():
     a = advantages[:, 0]
     (-torch.minimum(s * a, s.clamp(0.8, 1.28) * a).mean()).backward()
     close(direct.grad * mask, logp.grad)
+
+
+def test_reinforce_pp_whitens_the_kl_shaped_returns_over_the_batch():
+    batch = pin_batch()  # scores 1, 0, 3, 1; 7 tokens; k1(old -1, ref -1.2) = 0.2 per token
+    assert ADVANTAGE_ESTIMATORS["reinforce_pp"].kl_in_reward and not ADVANTAGE_ESTIMATORS["reinforce_pp"].critic
+    advantages, returns = load(ADVANTAGE_ESTIMATORS["reinforce_pp"].function)(batch, 0.5, AlgorithmConfig(name="reinforce_pp"))
+    # rewards: -0.1 per token, + the score on the last; returns to go (gamma 1): 0.8, 0.9 | -0.2, -0.1 | 2.9 |
+    # 0.8, 0.9; over the 7 tokens mean 6/7, population std 0.9424241 (no groups: the batch is the baseline)
+    close(advantages, [[0.0, -0.0606339, 0.0454754], [0.0, -1.1217273, -1.0156179], [0.0, 2.1676621, 0.0],
+                       [0.0, -0.0606339, 0.0454754]])  # fmt: skip
+    assert returns is None
