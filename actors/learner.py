@@ -6,10 +6,11 @@ rendezvous through torch.distributed. Each rank receives its own shard of whole 
 over micro-batches), `epochs` passes per RL step.
 
 Algorithms come from the tables of actors/rl/algorithms.py: algorithm.name picks the advantage
-estimator ("grpo" and "reinforce" put per-sequence advantages on every response token and the KL to
-the reference in the loss; "ppo" adds a value head on the shared backbone, puts the KL in the
-per-token reward, and uses whitened GAE advantages, whitened per rank), algorithm.policy_loss the
-policy loss. The reported `kl` uses kl.estimator for every algorithm (PPO's reward always uses k1).
+estimator ("grpo", "dr_grpo" and "reinforce" put per-sequence advantages on every response token and
+the KL to the reference in the loss; "ppo" adds a value head on the shared backbone, puts the KL in the
+per-token reward, and uses whitened GAE advantages, whitened per rank; "reinforce_pp" whitens the
+returns of that reward, without a critic), algorithm.policy_loss the policy loss, and
+algorithm.loss_aggregation its normaliser, taken over the whole step (all micro-batches and ranks). The reported `kl` uses kl.estimator for every algorithm (PPO's reward always uses k1).
 """
 
 from __future__ import annotations

@@ -452,8 +452,8 @@ class RunConfig(StrictModel):
                 f"prompts_per_step ({self.prompts_per_step}) must be a multiple of "
                 f"learner.num_ranks ({self.learner.num_ranks})"
             )
-        if self.algorithm.name == "grpo" and self.rollout.samples_per_prompt < 2:
-            raise ValueError("algorithm.name=grpo needs rollout.samples_per_prompt >= 2")
+        if self.algorithm.name in ("grpo", "dr_grpo") and self.rollout.samples_per_prompt < 2:
+            raise ValueError(f"algorithm.name={self.algorithm.name} needs rollout.samples_per_prompt >= 2")
         remote = self.reward.remote
         if remote is not None and (remote.retries + 1) * remote.timeout_s >= self.fault_tolerance.score_timeout_s:
             raise ValueError(
