@@ -10,7 +10,8 @@ estimator ("grpo", "dr_grpo" and "reinforce" put per-sequence advantages on ever
 the KL to the reference in the loss; "ppo" adds a value head on the shared backbone, puts the KL in the
 per-token reward, and uses whitened GAE advantages, whitened per rank; "reinforce_pp" whitens the
 returns of that reward, without a critic), algorithm.policy_loss the policy loss, and
-algorithm.loss_aggregation its normaliser, taken over the whole step (all micro-batches and ranks). The reported `kl` uses kl.estimator for every algorithm (PPO's reward always uses k1).
+algorithm.loss_aggregation its normaliser, taken over the whole step (all micro-batches and ranks).
+The reported `kl` uses kl.estimator for every algorithm (PPO's reward always uses k1).
 """
 
 from __future__ import annotations
@@ -260,7 +261,9 @@ class Learner:
         advantages, returns = self.estimate_advantages(batch, kl_coef, self.algorithm)
         return replace(batch, advantages=advantages, returns=returns)
 
-    def _loss(self, rows: TokenBatch, kl_coef: float, units: float) -> tuple[torch.Tensor, dict[str, float], torch.Tensor]:
+    def _loss(
+        self, rows: TokenBatch, kl_coef: float, units: float
+    ) -> tuple[torch.Tensor, dict[str, float], torch.Tensor]:
         """The micro-batch's loss and metrics, and the proximal log-probs to keep for later epochs."""
         out, values = self._forward(rows, entropy_grad=self.algorithm.entropy_coef > 0)
         # the first pass runs under the pre-update weights (one step per pass): the proximal policy

@@ -239,8 +239,8 @@ def make_learner(model_dir: str, name: str, lora: LoraConfig | None = None, pipe
                                 entropy_coef=0.0, normalize_std=True, **algorithm_fields)  # fmt: skip
     kl = KLConfig(coef=0.05, estimator="k3", adaptive=False, target=0.1, horizon=1000)
     learner = LearnerConfig(num_ranks=1, zero_stage=2, offload=False, backend="auto", lr=1e-2, weight_decay=0.0,
-                            grad_clip=1.0, micro_batch_size=micro_batch_size, bf16=False, num_cpus=1, num_gpus=0, torch_threads=1,
-                            gradient_checkpointing=False)  # fmt: skip
+                            grad_clip=1.0, micro_batch_size=micro_batch_size, bf16=False, num_cpus=1, num_gpus=0,
+                            torch_threads=1, gradient_checkpointing=False)  # fmt: skip
     return Learner(
         rank=0, world_size=1, master_addr="127.0.0.1", master_port=free_port(), model=model_dir, seed=0,
         temperature=1.0, rows_per_step=len(PROMPTS) * K, algorithm=algorithm, kl=kl, learner=learner, lora=lora,

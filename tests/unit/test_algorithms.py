@@ -374,8 +374,9 @@ def uneven_batch() -> TokenBatch:
     mask = (torch.arange(5) < lengths[:, None]).float()
     g = torch.Generator().manual_seed(0)
     return TokenBatch(input_ids=torch.zeros(6, 5, dtype=torch.long), attention_mask=torch.ones(6, 5, dtype=torch.long),
-                      response_mask=mask, old_logprobs=-torch.rand(6, 5, generator=g), scores=torch.rand(6, generator=g),
-                      group_ids=torch.tensor([0, 0, 0, 1, 1, 1]), advantages=torch.randn(6, 5, generator=g) * mask)  # fmt: skip
+                      response_mask=mask, old_logprobs=-torch.rand(6, 5, generator=g),
+                      scores=torch.rand(6, generator=g), group_ids=torch.tensor([0, 0, 0, 1, 1, 1]),
+                      advantages=torch.randn(6, 5, generator=g) * mask)  # fmt: skip
 
 
 @pytest.mark.parametrize("aggregation", list(LOSS_AGGREGATIONS))
@@ -477,7 +478,8 @@ def test_gspo_against_its_sequence_level_formula():
 def test_reinforce_pp_whitens_the_kl_shaped_returns_over_the_batch():
     batch = pin_batch()  # scores 1, 0, 3, 1; 7 tokens; k1(old -1, ref -1.2) = 0.2 per token
     assert ADVANTAGE_ESTIMATORS["reinforce_pp"].kl_in_reward and not ADVANTAGE_ESTIMATORS["reinforce_pp"].critic
-    advantages, returns = load(ADVANTAGE_ESTIMATORS["reinforce_pp"].function)(batch, 0.5, AlgorithmConfig(name="reinforce_pp"))
+    estimate = load(ADVANTAGE_ESTIMATORS["reinforce_pp"].function)
+    advantages, returns = estimate(batch, 0.5, AlgorithmConfig(name="reinforce_pp"))
     # rewards: -0.1 per token, + the score on the last; returns to go (gamma 1): 0.8, 0.9 | -0.2, -0.1 | 2.9 |
     # 0.8, 0.9; over the 7 tokens mean 6/7, population std 0.9424241 (no groups: the batch is the baseline)
     close(advantages, [[0.0, -0.0606339, 0.0454754], [0.0, -1.1217273, -1.0156179], [0.0, 2.1676621, 0.0],
