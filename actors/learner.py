@@ -6,10 +6,12 @@ rendezvous through torch.distributed. Each rank receives its own shard of whole 
 over micro-batches), `epochs` passes per RL step.
 
 Algorithms come from the tables of actors/rl/algorithms.py: algorithm.name picks the advantage
-estimator ("grpo" and "reinforce" put per-sequence advantages on every response token and the KL to
-the reference in the loss; "ppo" adds a value head on the shared backbone, puts the KL in the
-per-token reward, and uses whitened GAE advantages, whitened per rank), algorithm.policy_loss the
-policy loss. The reported `kl` uses kl.estimator for every algorithm (PPO's reward always uses k1).
+estimator ("grpo", "dr_grpo" and "reinforce" put per-sequence advantages on every response token and
+the KL to the reference in the loss; "ppo" adds a value head on the shared backbone, puts the KL in the
+per-token reward, and uses whitened GAE advantages, whitened per rank; "reinforce_pp" whitens the
+returns of that reward, without a critic), algorithm.policy_loss the policy loss, and
+algorithm.loss_aggregation its normaliser, taken over the whole step (all micro-batches and ranks).
+The reported `kl` uses kl.estimator for every algorithm (PPO's reward always uses k1).
 """
 
 from __future__ import annotations
@@ -259,12 +261,14 @@ class Learner:
         advantages, returns = self.estimate_advantages(batch, kl_coef, self.algorithm)
         return replace(batch, advantages=advantages, returns=returns)
 
-    def _loss(self, rows: TokenBatch, kl_coef: float) -> tuple[torch.Tensor, dict[str, float], torch.Tensor]:
+    def _loss(
+        self, rows: TokenBatch, kl_coef: float, units: float
+    ) -> tuple[torch.Tensor, dict[str, float], torch.Tensor]:
         """The micro-batch's loss and metrics, and the proximal log-probs to keep for later epochs."""
         out, values = self._forward(rows, entropy_grad=self.algorithm.entropy_coef > 0)
         # the first pass runs under the pre-update weights (one step per pass): the proximal policy
         proximal = out.logprobs.detach() if rows.proximal_logprobs is None else rows.proximal_logprobs
-        loss, stats = self.objective(rows, out.logprobs, out.entropy, values, proximal, kl_coef)
+        loss, stats = self.objective(rows, out.logprobs, out.entropy, values, proximal, kl_coef, units)
         return loss, stats, proximal
 
     def _grad_norm(self) -> float:
@@ -299,9 +303,11 @@ class Learner:
         sums: dict[str, float] = {}
         grad_norms = []
         micro = batch.micro_batches(self.micro_batch_size)
+        # the engine averages the micro-batch losses over micro-batches and ranks (actors/rl/aggregation.py)
+        units = self._sum_over_ranks(self.objective.units(batch.response_mask)) / (len(micro) * self.world_size)
         for _ in range(self.algorithm.epochs):
             for i, rows in enumerate(micro):
-                loss, stats, proximal = self._loss(rows, kl_coef)
+                loss, stats, proximal = self._loss(rows, kl_coef, units)
                 if rows.proximal_logprobs is None:  # kept from the first epoch for the later ones
                     micro[i] = replace(rows, proximal_logprobs=proximal)
                 self.engine.backward(loss)
@@ -329,6 +335,13 @@ class Learner:
         metrics["version"] = float(self.version)
         metrics["learn_seconds"] = time.perf_counter() - start
         return metrics
+
+    def _sum_over_ranks(self, value: float) -> float:
+        if self.world_size == 1:
+            return value
+        total = torch.tensor([value], dtype=torch.float64, device=self.device)
+        torch.distributed.all_reduce(total)
+        return float(total)
 
     def _mean_over_ranks(self, metrics: dict[str, float]) -> dict[str, float]:
         """Every rank must see the same KL so that their KL controllers stay identical."""

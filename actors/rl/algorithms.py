@@ -14,7 +14,8 @@ The signatures, all tensors [B, T] aligned to token positions (actors/rl/advanta
 - policy loss: (logprobs, anchor log-probs, advantages, response mask, algorithm section) ->
   (per-token loss, metrics); the anchor is what the ratio is taken against (the rollout's log-probs,
   or a pipelined run's proximal ones, whose importance weights then multiply the per-token loss).
-- loss aggregation: (per-token loss, response mask) -> the scalar loss of a micro-batch.
+- loss aggregation: (per-token loss, response mask, algorithm section) -> (total, units) of the rows
+  given; the step's loss is the sum of the totals over the sum of the units (actors/rl/aggregation.py).
 """
 
 from __future__ import annotations
@@ -39,18 +40,25 @@ ADVANTAGE_ESTIMATORS = {
     "grpo": Estimator("rayrlhf.actors.rl.estimators:grpo"),
     "ppo": Estimator("rayrlhf.actors.rl.estimators:ppo_gae", critic=True, kl_in_reward=True),
     "reinforce": Estimator("rayrlhf.actors.rl.estimators:rloo"),
+    "dr_grpo": Estimator("rayrlhf.actors.rl.estimators:dr_grpo"),
+    "reinforce_pp": Estimator("rayrlhf.actors.rl.estimators:reinforce_pp", kl_in_reward=True),
 }
 """algorithm.name: the advantage estimator (and with it the value head and where the KL goes)."""
 
 POLICY_LOSSES = {
     "ppo_clip": "rayrlhf.actors.rl.losses:ppo_clip",
+    "cispo": "rayrlhf.actors.rl.losses:cispo",
+    "gspo": "rayrlhf.actors.rl.losses:gspo",
 }
 """algorithm.policy_loss."""
 
 LOSS_AGGREGATIONS = {
-    "token-mean": "rayrlhf.actors.rl.advantages:masked_mean",
+    "token-mean": "rayrlhf.actors.rl.aggregation:token_mean",
+    "seq-mean-token-mean": "rayrlhf.actors.rl.aggregation:seq_mean_token_mean",
+    "seq-mean-token-sum": "rayrlhf.actors.rl.aggregation:seq_mean_token_sum",
+    "seq-mean-token-sum-norm": "rayrlhf.actors.rl.aggregation:seq_mean_token_sum_norm",
 }
-"""algorithm.loss_aggregation: how a micro-batch's per-token losses become one number."""
+"""algorithm.loss_aggregation: how the step's per-token losses become one number."""
 
 
 def load(path: str) -> Callable[..., Any]:

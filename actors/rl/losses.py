@@ -37,8 +37,9 @@ def kl_penalty(logp: Tensor, ref_logp: Tensor, estimator: str) -> Tensor:
 def ppo_clip(
     logp: Tensor, anchor_logp: Tensor, advantages: Tensor, mask: Tensor, algo: AlgorithmConfig
 ) -> tuple[Tensor, dict[str, Tensor]]:
-    """The PPO clipped surrogate, per token: -min(r * A, clip(r, 1 - eps, 1 + eps) * A) with
-    r = pi_theta / pi_anchor; and the fraction of clipped tokens.
+    """The PPO clipped surrogate, per token: -min(r * A, clip(r, 1 - eps_low, 1 + eps_high) * A) with
+    r = pi_theta / pi_anchor; and the fraction of clipped tokens. eps_high > eps_low is DAPO's
+    clip-higher (algorithm.clip_eps_low / clip_eps_high; both clip_eps by default).
 
     clip_frac is the masked fraction of tokens where the clipped term is strictly smaller than
     the unclipped one, so min() takes it and the token's gradient is zero: ratio > 1 + eps with
@@ -48,7 +49,43 @@ def ppo_clip(
     log_ratio = torch.where(mask != 0, logp - anchor_logp.detach(), torch.zeros_like(logp))
     ratio = torch.exp(log_ratio)
     unclipped = ratio * advantages
-    clipped = ratio.clamp(1 - algo.clip_eps, 1 + algo.clip_eps) * advantages
+    clipped = ratio.clamp(1 - algo.eps_low, 1 + algo.eps_high) * advantages
+    clip_frac = masked_mean((clipped < unclipped).to(mask.dtype), mask).detach()
+    return -torch.minimum(unclipped, clipped), {"clip_frac": clip_frac}
+
+
+def cispo(
+    logp: Tensor, anchor_logp: Tensor, advantages: Tensor, mask: Tensor, algo: AlgorithmConfig
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """CISPO (MiniMax-M1, 2025), per token: -sg(clip(r, 1 - eps_low, 1 + eps_high)) * A * log pi_theta.
+
+    The importance weight is clipped and carries no gradient, so every token keeps the gradient
+    -w A grad log pi (PPO's clip zeroes it); at r = 1 that is PPO's. clip_frac: the fraction of tokens
+    whose weight was clipped.
+    """
+    ratio = torch.exp(torch.where(mask != 0, logp - anchor_logp, torch.zeros_like(logp))).detach()
+    weight = ratio.clamp(1 - algo.eps_low, 1 + algo.eps_high)
+    clip_frac = masked_mean((weight != ratio).to(mask.dtype), mask)
+    return -weight * advantages * logp, {"clip_frac": clip_frac}
+
+
+def gspo(
+    logp: Tensor, anchor_logp: Tensor, advantages: Tensor, mask: Tensor, algo: AlgorithmConfig
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """GSPO (Zheng et al. 2025), in its GSPO-token form: on every token of answer i,
+    -min(s * A, clip(s, 1 - eps_low, 1 + eps_high) * A) with s = sg(s_i) * pi_theta / sg(pi_theta) and
+    s_i = exp(mean over the answer of log(pi_theta / pi_anchor)), the sequence-level ratio.
+
+    Its value is s_i and its gradient s_i grad log pi on each token, so averaged by
+    seq-mean-token-mean (the paper's 1/G sum_i 1/|y_i| sum_t, which `policy_loss: gspo` chooses by
+    default) it is GSPO's gradient s_i A_i grad log s_i, clipped per sequence. The paper's clip
+    range is tiny (clip_eps_low 3e-4, clip_eps_high 4e-4). clip_frac: the fraction of tokens in clipped answers.
+    """
+    log_ratio = torch.where(mask != 0, logp - anchor_logp.detach(), torch.zeros_like(logp))
+    seq_log_ratio = masked_mean(log_ratio, mask, dim=-1).detach().clamp(max=_MAX_LOG_RATIO)
+    ratio = torch.exp(seq_log_ratio[:, None] + logp - logp.detach())
+    unclipped = ratio * advantages
+    clipped = ratio.clamp(1 - algo.eps_low, 1 + algo.eps_high) * advantages
     clip_frac = masked_mean((clipped < unclipped).to(mask.dtype), mask).detach()
     return -torch.minimum(unclipped, clipped), {"clip_frac": clip_frac}
 

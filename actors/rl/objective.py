@@ -32,11 +32,18 @@ class Objective:
         self.policy_loss = load(POLICY_LOSSES[algorithm.policy_loss])
         self.aggregate = load(LOSS_AGGREGATIONS[algorithm.loss_aggregation])
 
+    def units(self, mask: Tensor) -> float:
+        """The aggregation's normaliser (tokens, answers, ...) of the rows of `mask`."""
+        return float(self.aggregate(mask, mask, self.algorithm)[1])
+
     def __call__(
         self, rows: TokenBatch, logprobs: Tensor, entropy: Tensor, values: Tensor | None, proximal: Tensor,
-        kl_coef: float,
+        kl_coef: float, units: float | None = None,
     ) -> tuple[Tensor, dict[str, float]]:
-        """`proximal`: the learner's log-probs under the step's starting weights (detached)."""
+        """`proximal`: the learner's log-probs under the step's starting weights (detached). `units`: the
+        step's aggregation normaliser over the number of micro-batch losses the engine averages (micro-
+        batches x data-parallel ranks), so that average is the step's policy loss; None: these rows
+        are the whole step. The KL and entropy terms stay token means over these rows."""
         algo, mask = self.algorithm, rows.response_mask
         if self.off_policy_cap is None:  # on-policy: the rollout's log-probs are the pre-update policy's
             anchor, weights, is_clip_frac = rows.old_logprobs, None, torch.zeros(())
@@ -44,7 +51,8 @@ class Objective:
             anchor = proximal
             weights, is_clip_frac = importance_weights(proximal, rows.old_logprobs, mask, self.off_policy_cap)
         per_token, policy_stats = self.policy_loss(logprobs, anchor, rows.advantages, mask, algo)
-        pg_loss = self.aggregate(per_token if weights is None else weights * per_token, mask)
+        total, rows_units = self.aggregate(per_token if weights is None else weights * per_token, mask, algo)
+        pg_loss = total / max(float(rows_units) if units is None else units, 1e-12)  # an empty step's total is 0
         if rows.ref_logprobs is not None:
             kl = masked_mean(kl_penalty(logprobs, rows.ref_logprobs, self.kl_estimator), mask)
         else:  # no reference policy: the run has no KL term

@@ -218,12 +218,25 @@ else:
 
 class AlgorithmConfig(StrictModel):
     name: EstimatorName = "grpo"
-    """The advantage estimator: grpo, reinforce (leave-one-out baseline) or ppo (GAE with a value head)."""
+    """The advantage estimator: grpo, dr_grpo (group mean baseline, no std; it defaults loss_aggregation to
+    seq-mean-token-sum-norm), reinforce (RLOO, leave-one-out baseline), reinforce_pp (REINFORCE++: KL in
+    the per-token reward, batch-whitened returns) or ppo (GAE with a value head)."""
     policy_loss: PolicyLossName = "ppo_clip"
-    """ppo_clip: the clipped surrogate (a pipelined run takes its ratio to the proximal policy)."""
+    """ppo_clip: the clipped surrogate (a pipelined run takes its ratio to the proximal policy); cispo:
+    the clipped, stop-gradient importance weight times A log pi (MiniMax-M1); gspo: the sequence-level
+    ratio and clip (it defaults loss_aggregation to seq-mean-token-mean)."""
     loss_aggregation: AggregationName = "token-mean"
-    """How a micro-batch's per-token losses become one: token-mean averages over its response tokens."""
+    """How the step's per-token losses become one (the same whatever learner.micro_batch_size):
+    token-mean over all its response tokens, seq-mean-token-mean (each answer's token mean, averaged),
+    seq-mean-token-sum (each answer's token sum, averaged), seq-mean-token-sum-norm (the sum over
+    loss_scale_tokens, averaged: Dr. GRPO)."""
+    loss_scale_tokens: int | None = Field(None, ge=1)
+    """seq-mean-token-sum-norm's constant; None: rollout.max_new_tokens."""
     clip_eps: float = Field(0.2, gt=0)
+    clip_eps_low: float | None = Field(None, gt=0)
+    """The ratio's lower clip, 1 - clip_eps_low; None: clip_eps."""
+    clip_eps_high: float | None = Field(None, gt=0)
+    """The ratio's upper clip, 1 + clip_eps_high; None: clip_eps. DAPO's clip-higher: 0.2 / 0.28."""
     epochs: int = Field(1, ge=1)
     """Passes over each rollout batch."""
     gamma: float = Field(1.0, ge=0, le=1)
@@ -233,6 +246,35 @@ class AlgorithmConfig(StrictModel):
     entropy_coef: float = Field(0.0, ge=0)
     normalize_std: bool = True
     """GRPO: divide group-centred rewards by the group std."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _paper_aggregations(cls, data: Any) -> Any:
+        """The aggregation each paper defines its method with, unless loss_aggregation is given.
+        Dr. GRPO (Liu et al. 2025) is two changes: no std in the advantage (the dr_grpo estimator) and
+        no 1/|o_i| in the loss, so one name chooses both; GSPO averages each answer's token mean."""
+        if isinstance(data, dict) and "loss_aggregation" not in data:
+            if data.get("name") == "dr_grpo":
+                data = {**data, "loss_aggregation": "seq-mean-token-sum-norm"}
+            elif data.get("policy_loss") == "gspo":
+                data = {**data, "loss_aggregation": "seq-mean-token-mean"}
+        return data
+
+    @model_validator(mode="after")
+    def _clip_range(self) -> AlgorithmConfig:
+        if self.eps_high < self.eps_low:
+            raise ValueError(f"algorithm.clip_eps_high ({self.eps_high}) must be >= clip_eps_low ({self.eps_low})")
+        if self.eps_low >= 1:
+            raise ValueError(f"algorithm.clip_eps_low ({self.eps_low}) must be < 1: the ratio's lower clip is 1 - it")
+        return self
+
+    @property
+    def eps_low(self) -> float:
+        return self.clip_eps if self.clip_eps_low is None else self.clip_eps_low
+
+    @property
+    def eps_high(self) -> float:
+        return self.clip_eps if self.clip_eps_high is None else self.clip_eps_high
 
 
 class LearnerConfig(StrictModel):
@@ -410,8 +452,8 @@ class RunConfig(StrictModel):
                 f"prompts_per_step ({self.prompts_per_step}) must be a multiple of "
                 f"learner.num_ranks ({self.learner.num_ranks})"
             )
-        if self.algorithm.name == "grpo" and self.rollout.samples_per_prompt < 2:
-            raise ValueError("algorithm.name=grpo needs rollout.samples_per_prompt >= 2")
+        if self.algorithm.name in ("grpo", "dr_grpo") and self.rollout.samples_per_prompt < 2:
+            raise ValueError(f"algorithm.name={self.algorithm.name} needs rollout.samples_per_prompt >= 2")
         remote = self.reward.remote
         if remote is not None and (remote.retries + 1) * remote.timeout_s >= self.fault_tolerance.score_timeout_s:
             raise ValueError(

@@ -84,10 +84,13 @@ def role_table(cfg: RunConfig) -> list[Role]:
             **model, dtype=cfg.policy.dtype, temperature=rollout.temperature, torch_threads=kl.torch_threads,
             device=role_device(kl.num_gpus),
         ), max_restarts=restarts))
+    algorithm = cfg.algorithm  # seq-mean-token-sum-norm's constant defaults to the longest answer
+    if algorithm.loss_scale_tokens is None:
+        algorithm = algorithm.model_copy(update={"loss_scale_tokens": rollout.max_new_tokens})
     roles.append(Role("learner", Learner, learner.num_ranks, learner.num_cpus, learner.num_gpus, lambda rank: dict(
         **model, rank=rank, world_size=learner.num_ranks, seed=cfg.seed, temperature=rollout.temperature,
         rows_per_step=cfg.prompts_per_step * rollout.samples_per_prompt // learner.num_ranks,
-        algorithm=cfg.algorithm, kl=kl, learner=learner, device=role_device(learner.num_gpus),
+        algorithm=algorithm, kl=kl, learner=learner, device=role_device(learner.num_gpus),
         lora=cfg.policy.lora, pipeline=cfg.pipeline,
     ), rendezvous=True))
     return roles

@@ -86,6 +86,18 @@ def test_reinforce_without_reference_zero0(local_ray, tmp_path):
     assert result.history[0]["kl"] == 0.0
 
 
+@pytest.mark.parametrize("overrides", [
+    ("algorithm.name=dr_grpo", "learner.num_ranks=2", "rollout.num_workers=2"),  # the step's normaliser over ranks
+    ("algorithm.policy_loss=cispo", "algorithm.clip_eps_high=0.28"),
+    ("algorithm.policy_loss=gspo", "algorithm.clip_eps_low=3e-4", "algorithm.clip_eps_high=4e-4"),
+    ("algorithm.name=reinforce_pp",),
+])  # fmt: skip
+def test_each_new_loss_trains(local_ray, tmp_path, overrides):
+    result = train(tiny(tmp_path, *overrides, "steps=1"))
+    assert changed_fraction(result.final_dir) > 0.5
+    assert np.isfinite(result.history[0]["pg_loss"]) and np.isfinite(result.history[0]["loss"])
+
+
 def test_stale_trajectory_is_refused(local_ray, tmp_path):
     cfg = tiny(tmp_path)
     train_set, _ = load_task(cfg.data.train, cfg.data.eval, cfg.data.num_train, cfg.data.num_eval, cfg.seed)

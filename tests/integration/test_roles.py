@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import socket
+from typing import Any
 
 import numpy as np
 import pytest
@@ -230,15 +231,16 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def make_learner(model_dir: str, name: str, lora: LoraConfig | None = None, pipeline: PipelineConfig | None = None):
+def make_learner(model_dir: str, name: str, lora: LoraConfig | None = None, pipeline: PipelineConfig | None = None,
+                 micro_batch_size: int = 4, **algorithm_fields: Any):
     from rayrlhf.actors.learner import Learner
 
     algorithm = AlgorithmConfig(name=name, clip_eps=0.2, epochs=1, gamma=1.0, lam=0.95, value_clip=0.2, vf_coef=0.5,
-                                entropy_coef=0.0, normalize_std=True)  # fmt: skip
+                                entropy_coef=0.0, normalize_std=True, **algorithm_fields)  # fmt: skip
     kl = KLConfig(coef=0.05, estimator="k3", adaptive=False, target=0.1, horizon=1000)
     learner = LearnerConfig(num_ranks=1, zero_stage=2, offload=False, backend="auto", lr=1e-2, weight_decay=0.0,
-                            grad_clip=1.0, micro_batch_size=4, bf16=False, num_cpus=1, num_gpus=0, torch_threads=1,
-                            gradient_checkpointing=False)  # fmt: skip
+                            grad_clip=1.0, micro_batch_size=micro_batch_size, bf16=False, num_cpus=1, num_gpus=0,
+                            torch_threads=1, gradient_checkpointing=False)  # fmt: skip
     return Learner(
         rank=0, world_size=1, master_addr="127.0.0.1", master_port=free_port(), model=model_dir, seed=0,
         temperature=1.0, rows_per_step=len(PROMPTS) * K, algorithm=algorithm, kl=kl, learner=learner, lora=lora,
@@ -268,6 +270,21 @@ def test_learner_trains_a_batch_within_max_staleness_with_the_off_policy_loss(mo
     assert learner.version == 2
 
 
+@pytest.mark.parametrize("aggregation", ["token-mean", "seq-mean-token-mean"])
+def test_learner_step_does_not_depend_on_the_micro_batch_size(model_dir, dist_env, monkeypatch, aggregation):
+    """Uneven lengths (2..6 tokens): 2 micro-batches of 4 rows and 1 of 8 give the same loss and gradient."""
+    worker = make_worker(model_dir)
+    script_responses(monkeypatch, responses_of_lengths(LENGTHS, 6, worker.tokenizer.eos_token_id))
+    traj = worker.generate(PROMPTS)
+    scores = np.array([1, 0, 0, 0] * len(PROMPTS), dtype=np.float32)
+    batch = LearnerBatch.join([traj], [Rewards(total=scores, raw_total=scores, components={})], [None])
+    split, whole = (make_learner(model_dir, "grpo", micro_batch_size=size, loss_aggregation=aggregation).learn(batch)
+                    for size in (4, 8))  # fmt: skip
+    assert split["grad_norm"] > 0
+    assert split["grad_norm"] == pytest.approx(whole["grad_norm"], rel=1e-5)
+    assert split["pg_loss"] == pytest.approx(whole["pg_loss"], abs=1e-6)
+
+
 @pytest.mark.parametrize("name", ["grpo", "ppo"])
 def test_learner_step_sync_stale_and_save(model_dir, dist_env, tmp_path, monkeypatch, name):
     from rayrlhf.actors.learner import StaleTrajectoryError
@@ -292,10 +309,10 @@ def test_learner_step_sync_stale_and_save(model_dir, dist_env, tmp_path, monkeyp
     assert metrics["kl_coef"] == 0.05 and metrics["grad_norm"] > 0
     if name == "grpo":
         # Group [1,0,0,0]: mean 0.25, unbiased std sqrt((0.75^2 + 3 * 0.25^2) / 3) = 0.5,
-        # advantages [1.5, -0.5, -0.5, -0.5]. At ratio 1, pg_loss = -sum(A_i L_i) / sum(L_i) per
-        # micro-batch (= one group): lengths [2,6,4,3] -> -(3 - 6.5) / 15 = 0.23333;
-        # [5,1,6,2] -> -(7.5 - 4.5) / 14 = -0.21429; mean of the two = 0.0095238.
-        assert metrics["pg_loss"] == pytest.approx(0.0095238, abs=1e-5)
+        # advantages [1.5, -0.5, -0.5, -0.5]. At ratio 1, pg_loss = -sum(A_i L_i) / sum(L_i) over the
+        # step's 29 tokens (token-mean, whatever the micro-batches: one group each): lengths [2,6,4,3]
+        # give sum(A_i L_i) = 3 - 6.5, [5,1,6,2] 7.5 - 4.5; -(-3.5 + 3) / 29 = 0.0172414.
+        assert metrics["pg_loss"] == pytest.approx(0.0172414, abs=1e-5)
         assert metrics["loss"] == pytest.approx(metrics["pg_loss"], abs=1e-6)  # + 0.05 * KL, KL = 0
     else:
         # Zero-init value head: V = 0, and KL = 0, so GAE (gamma 1, lam 0.95) gives returns
@@ -376,7 +393,7 @@ def test_lora_learner_trains_adapters_only_and_syncs_merged_weights(model_dir, d
     for key, value in worker.model.state_dict().items():
         np.testing.assert_array_equal(initial[key], value.numpy())
     metrics = learner.learn(batch)
-    assert metrics["pg_loss"] == pytest.approx(0.0095238, abs=1e-5)  # the full model's hand value
+    assert metrics["pg_loss"] == pytest.approx(0.0172414, abs=1e-5)  # the full model's hand value
 
     sent = learner.get_weights()
     weights = sent.arrays

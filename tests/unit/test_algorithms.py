@@ -27,6 +27,8 @@ from rayrlhf.actors.rl.losses import (
     clipped_value_loss,
     entropy_from_logits,
     kl_penalty,
+    cispo,
+    gspo,
     make_kl_controller,
     ppo_clip,
 )
@@ -257,7 +259,7 @@ def test_the_config_accepts_exactly_the_tables_names_and_every_entry_loads():
         assert get_args(AlgorithmConfig.model_fields[field].annotation) == tuple(table), field
         for entry in table.values():
             assert callable(load(getattr(entry, "function", entry))), entry
-    assert list(ADVANTAGE_ESTIMATORS) == ["grpo", "ppo", "reinforce"]  # old configs and checkpoints name these
+    assert list(ADVANTAGE_ESTIMATORS)[:3] == ["grpo", "ppo", "reinforce"]  # old configs and checkpoints name these
     assert [n for n, e in ADVANTAGE_ESTIMATORS.items() if e.critic] == ["ppo"]
     with pytest.raises(ValidationError, match="policy_loss"):
         AlgorithmConfig(policy_loss="nope")
@@ -345,3 +347,141 @@ def test_each_algorithms_loss_on_a_small_batch(name, pg_loss, value_loss, loss):
         got.backward()
         # -r A / 7 on unclipped tokens (0 on the clipped (0, 1) and (1, 2)), + 0.5 / 7 from the KL on every token
         close(logp.grad * 7, [[0.0, 0.5, -0.5], [0.0, 1.5, 0.5], [0.0, -1.5, 0.0], [0.0, 2.5, 2.5]])
+
+
+# --- loss aggregations (actors/rl/aggregation.py) -------------------------------------------------
+
+# per-token losses of 4 answers: 1, 2 | 3 | 4, 5, 6 | (dropped by the reward: no tokens)
+AGG_LOSS = torch.tensor([[1.0, 2.0, 9.0], [3.0, 9.0, 9.0], [4.0, 5.0, 6.0], [9.0, 9.0, 9.0]])
+AGG_MASK = torch.tensor([[1.0, 1.0, 0.0], [1.0, 0.0, 0.0], [1.0, 1.0, 1.0], [0.0, 0.0, 0.0]])
+
+
+@pytest.mark.parametrize("name, expected", [
+    ("token-mean", 21 / 6),                          # (1 + 2 + 3 + 4 + 5 + 6) / 6 tokens
+    ("seq-mean-token-mean", (1.5 + 3 + 5) / 3),      # the token means 1.5, 3, 5 over the 3 answers with tokens
+    ("seq-mean-token-sum", (3 + 3 + 15) / 3),        # the token sums 3, 3, 15 over 3 answers
+    ("seq-mean-token-sum-norm", 21 / (3 * 4)),       # the sums over loss_scale_tokens = 4, over 3 answers
+])  # fmt: skip
+def test_each_aggregation_against_its_formula(name, expected):
+    algo = AlgorithmConfig(loss_aggregation=name, loss_scale_tokens=4)
+    total, units = load(LOSS_AGGREGATIONS[name])(AGG_LOSS, AGG_MASK, algo)
+    assert (total / units).item() == pytest.approx(expected, abs=1e-6)
+
+
+def uneven_batch() -> TokenBatch:
+    """6 answers of 5, 1, 3, 0 (dropped), 2, 4 response tokens in 5 columns, two groups."""
+    lengths = torch.tensor([5, 1, 3, 0, 2, 4])
+    mask = (torch.arange(5) < lengths[:, None]).float()
+    g = torch.Generator().manual_seed(0)
+    return TokenBatch(input_ids=torch.zeros(6, 5, dtype=torch.long), attention_mask=torch.ones(6, 5, dtype=torch.long),
+                      response_mask=mask, old_logprobs=-torch.rand(6, 5, generator=g),
+                      scores=torch.rand(6, generator=g), group_ids=torch.tensor([0, 0, 0, 1, 1, 1]),
+                      advantages=torch.randn(6, 5, generator=g) * mask)  # fmt: skip
+
+
+@pytest.mark.parametrize("aggregation", list(LOSS_AGGREGATIONS))
+@pytest.mark.parametrize("policy_loss", list(POLICY_LOSSES))
+def test_the_gradient_does_not_depend_on_the_micro_batch_size(aggregation, policy_loss):
+    """Micro-batches of 2 rows, each loss averaged as the engine does (1 / accumulation), give the
+    gradient of one micro-batch of all rows; a token mean per micro-batch would weigh row 1's lone
+    token 5 times more than row 0's tokens."""
+    batch = uneven_batch()
+    algo = AlgorithmConfig(policy_loss=policy_loss, loss_aggregation=aggregation, loss_scale_tokens=5)
+    objective = Objective(algo, "k1", off_policy_cap=None)
+    start = (batch.old_logprobs + 0.3 * torch.randn(6, 5, generator=torch.Generator().manual_seed(1))).detach()
+
+    def gradient(size: int) -> torch.Tensor:
+        logp = start.clone().requires_grad_(True)
+        accumulation = len(batch) // size
+        units = objective.units(batch.response_mask) / accumulation
+        for lo in range(0, len(batch), size):
+            rows, part = batch.rows(lo, lo + size), logp[lo : lo + size]
+            loss, _ = objective(rows, part, torch.zeros_like(part), None, part.detach(), 0.0, units)
+            (loss / accumulation).backward()
+        assert logp.grad is not None
+        return logp.grad
+
+    whole = gradient(6)
+    assert whole.abs().sum() > 0
+    close(gradient(2), whole, tol=1e-6)
+    close(gradient(3), whole, tol=1e-6)
+
+
+def test_dr_grpo_is_the_group_mean_baseline_with_its_unbiased_loss():
+    algo = AlgorithmConfig(name="dr_grpo")  # normalize_std (True) is ignored
+    assert algo.loss_aggregation == "seq-mean-token-sum-norm"
+    assert AlgorithmConfig(name="dr_grpo", loss_aggregation="token-mean").loss_aggregation == "token-mean"
+    assert AlgorithmConfig().loss_aggregation == "token-mean"  # the default run is unchanged
+    advantages, _ = load(ADVANTAGE_ESTIMATORS["dr_grpo"].function)(pin_batch(), 0.0, algo)
+    # scores 1, 0 (group 0, mean 0.5) and 3, 1 (group 1, mean 2): 0.5, -0.5, 1, -1 on each response token
+    close(advantages, [[0.0, 0.5, 0.5], [0.0, -0.5, -0.5], [0.0, 1.0, 0.0], [0.0, -1.0, -1.0]])
+
+
+def test_ppo_clip_with_clip_higher_and_its_config():
+    ratio = torch.tensor([[0.7, 1.25, 1.3, 1.4]])
+    advantages, mask = torch.tensor([[1.0, 1.0, -1.0, 1.0]]), torch.ones(1, 4)
+    algo = AlgorithmConfig(clip_eps_low=0.2, clip_eps_high=0.28)  # DAPO
+    per_token, stats = ppo_clip(ratio.log(), torch.zeros(1, 4), advantages, mask, algo)
+    # -min(r A, clip(r, 0.8, 1.28) A): min(0.7, 0.8) = 0.7; 1.25 is inside [0.8, 1.28] (clip_eps 0.2 would
+    # cut it to 1.2); min(-1.3, -1.28) = -1.3 (pessimistic side: kept); min(1.4, 1.28) = 1.28, clipped
+    close(per_token, [[-0.7, -1.25, 1.3, -1.28]])
+    assert stats["clip_frac"].item() == pytest.approx(1 / 4)
+    symmetric, _ = ppo_clip(ratio.log(), torch.zeros(1, 4), advantages, mask, AlgorithmConfig(clip_eps=0.2))
+    close(symmetric, [[-0.7, -1.2, 1.3, -1.2]])
+    assert (AlgorithmConfig(clip_eps=0.3).eps_low, AlgorithmConfig(clip_eps=0.3).eps_high) == (0.3, 0.3)
+    with pytest.raises(ValidationError, match="clip_eps_high"):
+        AlgorithmConfig(clip_eps_low=0.3, clip_eps_high=0.2)
+    with pytest.raises(ValidationError, match="must be < 1"):
+        AlgorithmConfig(clip_eps_low=1.0, clip_eps_high=2.0)
+
+
+def test_cispo_against_its_formula():
+    logp = torch.tensor([[-1.0, -2.0, -0.5]], requires_grad=True)
+    ratio, advantages = torch.tensor([[1.5, 0.5, 1.1]]), torch.tensor([[1.0, -1.0, 2.0]])
+    algo = AlgorithmConfig(clip_eps_low=0.2, clip_eps_high=0.28)
+    per_token, stats = cispo(logp, logp.detach() - ratio.log(), advantages, torch.ones(1, 3), algo)
+    # w = sg(clip(r, 0.8, 1.28)) = 1.28, 0.8, 1.1; -w A log pi = -1.28 * 1 * -1, -0.8 * -1 * -2, -1.1 * 2 * -0.5
+    close(per_token, [[1.28, -1.6, 1.1]])
+    assert stats["clip_frac"].item() == pytest.approx(2 / 3)
+    per_token.sum().backward()
+    close(logp.grad, [[-1.28, 0.8, -2.2]])  # -w A: the clipped tokens keep their gradient
+
+
+def test_gspo_against_its_sequence_level_formula():
+    # answers of 2, 3, 1 tokens; log ratios 0.1, 0.3 | 0, 0.6, 0.3 | -0.1; advantages 1, 1, -1
+    mask = torch.tensor([[1.0, 1.0, 0.0], [1.0, 1.0, 1.0], [1.0, 0.0, 0.0]])
+    log_ratio = torch.tensor([[0.1, 0.3, 0.0], [0.0, 0.6, 0.3], [-0.1, 0.0, 0.0]])
+    advantages = torch.tensor([[1.0], [1.0], [-1.0]]) * mask
+    anchor = torch.full((3, 3), -1.0)
+    algo = AlgorithmConfig(policy_loss="gspo", clip_eps_low=0.2, clip_eps_high=0.28)
+    assert algo.loss_aggregation == "seq-mean-token-mean"
+    logp = (anchor + log_ratio).requires_grad_(True)
+    per_token, stats = gspo(logp, anchor, advantages, mask, algo)
+    # s_i = exp(mean log ratio) = e^0.2 = 1.2214028 (inside [0.8, 1.28]), e^0.3 = 1.3498588 (A > 0: clipped
+    # to 1.28), e^-0.1 = 0.9048374 (A < 0, inside): -min(s A, clip(s) A) on each token of the answer
+    close(per_token * mask, [[-1.2214028, -1.2214028, 0.0], [-1.28, -1.28, -1.28], [0.9048374, 0.0, 0.0]])
+    assert stats["clip_frac"].item() == pytest.approx(3 / 6)  # the 3 tokens of answer 1
+    total, units = load(LOSS_AGGREGATIONS[algo.loss_aggregation])(per_token, mask, algo)
+    loss = total / units
+    assert loss.item() == pytest.approx((-1.2214028 - 1.28 + 0.9048374) / 3, abs=1e-6)
+    loss.backward()
+    # d/dlogp_t: -s_i A_i / (|y_i| G) where unclipped: -1.2214028 / 6 on answer 0, 0 on 1, 0.9048374 / 3 on 2
+    close(logp.grad, [[-0.2035671, -0.2035671, 0.0], [0.0, 0.0, 0.0], [0.3016125, 0.0, 0.0]])
+    # the same as the paper's sequence objective -1/G sum_i min(s_i A_i, clip(s_i) A_i), by autograd
+    direct = (anchor + log_ratio).requires_grad_(True)
+    s = torch.exp(masked_mean(direct - anchor, mask, dim=-1))
+    a = advantages[:, 0]
+    (-torch.minimum(s * a, s.clamp(0.8, 1.28) * a).mean()).backward()
+    close(direct.grad * mask, logp.grad)
+
+
+def test_reinforce_pp_whitens_the_kl_shaped_returns_over_the_batch():
+    batch = pin_batch()  # scores 1, 0, 3, 1; 7 tokens; k1(old -1, ref -1.2) = 0.2 per token
+    assert ADVANTAGE_ESTIMATORS["reinforce_pp"].kl_in_reward and not ADVANTAGE_ESTIMATORS["reinforce_pp"].critic
+    estimate = load(ADVANTAGE_ESTIMATORS["reinforce_pp"].function)
+    advantages, returns = estimate(batch, 0.5, AlgorithmConfig(name="reinforce_pp"))
+    # rewards: -0.1 per token, + the score on the last; returns to go (gamma 1): 0.8, 0.9 | -0.2, -0.1 | 2.9 |
+    # 0.8, 0.9; over the 7 tokens mean 6/7, population std 0.9424241 (no groups: the batch is the baseline)
+    close(advantages, [[0.0, -0.0606339, 0.0454754], [0.0, -1.1217273, -1.0156179], [0.0, 2.1676621, 0.0],
+                       [0.0, -0.0606339, 0.0454754]])  # fmt: skip
+    assert returns is None

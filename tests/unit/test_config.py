@@ -72,6 +72,22 @@ def test_cross_field_rules():
         load_config("tiny", ["learner.backend=nccl"])
 
 
+def test_a_checkpoint_saved_before_the_loss_fields_resumes_and_the_presets():
+    from rayrlhf.jobs.run.checkpoint import changed_fields
+
+    cfg = load_config("tiny")
+    saved = cfg.model_dump()  # as the version before algorithm.loss_scale_tokens / clip_eps_low / high wrote it
+    for key in ("loss_scale_tokens", "clip_eps_low", "clip_eps_high"):
+        del saved["algorithm"][key]
+    assert changed_fields(saved, cfg.model_dump()) == []
+    assert changed_fields(saved, load_config("tiny", ["algorithm.clip_eps_high=0.28"]).model_dump()) == [
+        "algorithm.clip_eps_high"]
+    dr = load_config("tiny", ["algorithm.name=dr_grpo"])
+    assert dr.algorithm.loss_aggregation == "seq-mean-token-sum-norm" and cfg.algorithm.loss_aggregation == "token-mean"
+    with pytest.raises(ConfigError, match="dr_grpo needs rollout.samples_per_prompt >= 2"):
+        load_config("tiny", ["algorithm.name=dr_grpo", "rollout.samples_per_prompt=1"])
+
+
 def test_missing_and_malformed_files(tmp_path):
     with pytest.raises(ConfigError, match="config file not found"):
         load_config(tmp_path / "nope.yaml")

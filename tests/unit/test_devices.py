@@ -40,6 +40,7 @@ def test_each_role_gets_the_device_and_gpu_share_its_config_names():
     }  # fmt: skip
     assert {name: role.settings(0)["device"] for name, role in table.items()} == dict.fromkeys(table, "cuda")
     assert all(role.settings(0)["model"] == "tiny-gpt2" for name, role in table.items() if name != "reward")
+    assert table["learner"].settings(0)["algorithm"].loss_scale_tokens == cfg.rollout.max_new_tokens  # its default
     cpu = {role.name: role.settings(0)["device"] for role in role_table(load_config("tiny"))}
     assert cpu == dict.fromkeys(cpu, "cpu")
     assert not uses_broadcast(cfg)  # fractional GPUs may share a device: NCCL would refuse
