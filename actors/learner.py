@@ -35,6 +35,7 @@ from rayrlhf.actors.runtime.devices import select_device, set_deepspeed_accelera
 from rayrlhf.actors.runtime.deepspeed_engine import deepspeed_engine, use_plain_engine
 from rayrlhf.actors.runtime.host_memory import keep_freed_memory
 from rayrlhf.actors.rl.logprobs import PolicyOutput, first_response_column, policy_forward
+from rayrlhf.actors.rl.nonfinite import NonFiniteError
 from rayrlhf.actors.rl.losses import make_kl_controller
 from rayrlhf.actors.runtime.models import add_lora, load_policy, merged_state_dict, resolve_policy_here, save_policy
 from rayrlhf.actors.rl.objective import Objective
@@ -176,6 +177,8 @@ class Learner:
             self.engine = deepspeed_engine(module, optimizer, learner, world_size, self.accumulation, device_type)
         self.device = self.engine.device
         self.version = 0
+        self._diverged: str | None = None
+        """Why these weights must never be saved or sent (actors/rl/nonfinite.py), once an applied update diverged."""
         self._weight_group: BroadcastGroup | None = None
 
     # --- weights -------------------------------------------------------------------------
@@ -188,9 +191,14 @@ class Learner:
             return deepspeed.zero.GatheredParameters(list(self.engine.module.parameters()), modifier_rank=None)
         return contextlib.nullcontext()
 
+    def _check_not_diverged(self) -> None:
+        if self._diverged is not None:
+            raise NonFiniteError(f"refusing to save or send diverged weights ({self._diverged})")
+
     def get_weights(self) -> Weights | None:
         """Collective: rank 0 gets the policy's full state dict (HF names, in the dtype it trains in:
         bf16 stays bf16); others None."""
+        self._check_not_diverged()
         with self._gathered():
             if self.rank != 0:
                 return None
@@ -203,6 +211,7 @@ class Learner:
 
     def broadcast_weights(self, dtypes: dict[str, str]) -> None:
         """Collective (under ZeRO-3 every rank gathers): rank 0 broadcasts to the rollout workers, in their dtypes."""
+        self._check_not_diverged()
         with self._gathered():
             if self.rank == 0:
                 self._weight_group.send(self.policy.state_dict(), {k: getattr(torch, v) for k, v in dtypes.items()})
@@ -210,6 +219,7 @@ class Learner:
     def save(self, destination: Destination) -> str | None:
         """Collective: rank 0 writes a Hugging Face directory (safetensors + tokenizer) to `destination`,
         from whatever node it runs on; returns where (a path or a storage URI)."""
+        self._check_not_diverged()
         with self._gathered():
             if self.rank != 0:
                 return None
@@ -223,6 +233,7 @@ class Learner:
         """Collective: every rank writes its DeepSpeed engine state (weights, optimizer, ZeRO
         partitions, LR schedule) to `destination` from its own node (the ranks' files merge there);
         returns what the driver keeps beside it."""
+        self._check_not_diverged()
         with destination.writable_dir() as folder:
             self.engine.save_checkpoint(str(folder), tag="state", save_latest=False)
         return {"version": self.version, "kl_coef": float(self.kl_ctl.value)}
@@ -305,9 +316,11 @@ class Learner:
         micro = batch.micro_batches(self.micro_batch_size)
         # the engine averages the micro-batch losses over micro-batches and ranks (actors/rl/aggregation.py)
         units = self._sum_over_ranks(self.objective.units(batch.response_mask)) / (len(micro) * self.world_size)
+        applied = False  # an optimizer step of this call has changed the weights (actors/rl/nonfinite.py)
         for _ in range(self.algorithm.epochs):
             for i, rows in enumerate(micro):
                 loss, stats, proximal = self._loss(rows, kl_coef, units)
+                self._agree_finite(stats["loss"], f"the loss of micro-batch {i}", applied)
                 if rows.proximal_logprobs is None:  # kept from the first epoch for the later ones
                     micro[i] = replace(rows, proximal_logprobs=proximal)
                 self.engine.backward(loss)
@@ -315,9 +328,12 @@ class Learner:
                 norm_before_step = self.zero_stage == 0 and not self.plain
                 if boundary and norm_before_step:
                     grad_norms.append(self._grad_norm())  # before step() clears the grads
-                self.engine.step()
+                    self._agree_finite(grad_norms[-1], "the gradient norm", applied)
+                self.engine.step()  # the plain engine skips a non-finite gradient itself
                 if boundary and not norm_before_step:
                     grad_norms.append(self._grad_norm())
+                    self._agree_finite(grad_norms[-1], "the gradient norm", applied or not self.plain)
+                applied = applied or boundary
                 for key, value in stats.items():
                     sums[key] = sums.get(key, 0.0) + value
         n = self.algorithm.epochs * len(micro)
@@ -335,6 +351,25 @@ class Learner:
         metrics["version"] = float(self.version)
         metrics["learn_seconds"] = time.perf_counter() - start
         return metrics
+
+    def _agree_finite(self, value: float, what: str, applied: bool) -> None:
+        """Every rank learns whether `value` is finite on all of them (one all-reduce); if not, all raise
+        NonFiniteError naming the step, the ranks and the quantity. `applied`: an update of this step
+        already changed the weights, which are then marked diverged (never saved or sent)."""
+        flags = torch.zeros(self.world_size, dtype=torch.float64, device=self.device)
+        flags[self.rank] = 0.0 if math.isfinite(value) else 1.0
+        if self.world_size > 1:
+            torch.distributed.all_reduce(flags)
+        bad = [rank for rank, flag in enumerate(flags.tolist()) if flag]
+        if not bad:
+            return
+        message = (f"step {self.version + 1}: {what} is not finite on learner rank(s) {bad}; "
+                   + ("an update of this step was applied, so these weights are kept from every checkpoint "
+                      "and rollout worker" if applied else "no update of this step was applied")
+                   + ": lower learner.lr or check the rewards")  # fmt: skip
+        if applied:
+            self._diverged = message
+        raise NonFiniteError(message)
 
     def _sum_over_ranks(self, value: float) -> float:
         if self.world_size == 1:

@@ -12,6 +12,7 @@ import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from rayrlhf.actors.rl.nonfinite import NonFiniteError
 from rayrlhf.cluster.errors import LaunchError
 from rayrlhf.jobs.run.checkpoint import Interrupted
 from rayrlhf.jobs.config.base import ConfigError
@@ -204,6 +205,9 @@ def main(argv: list[str] | None = None) -> int:
     except LaunchError as e:  # the cluster lacks room, or a model is missing on a node: the user's to fix
         print(f"rayrlhf {args.verb}: could not start the run: {e}", file=sys.stderr)
         return 2
+    except NonFiniteError as e:  # the run diverged; the last finite state was saved where it could be
+        print(f"rayrlhf {args.verb}: the run diverged: {e}", file=sys.stderr)
+        return 1
     except Interrupted as e:  # SIGINT/SIGTERM: a checkpoint was written; 130/143 as a shell expects
         print(f"rayrlhf {args.verb}: {e}", file=sys.stderr)
         return e.exit_code

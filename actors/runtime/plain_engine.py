@@ -36,7 +36,8 @@ class PlainEngine:
     def step(self) -> None:
         if self.is_gradient_accumulation_boundary():
             self._grad_norm = float(torch.nn.utils.clip_grad_norm_(self._params, self.grad_clip))
-            self.optimizer.step()
+            if torch.isfinite(torch.tensor(self._grad_norm)):  # a NaN/inf gradient is never applied
+                self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
         self._micro_steps += 1
 

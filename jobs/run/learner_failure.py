@@ -8,6 +8,7 @@ from typing import TypeVar
 
 import ray
 
+from rayrlhf.actors.rl.nonfinite import NonFiniteError
 from rayrlhf.cluster.actor_group import ActorGroup
 
 T = TypeVar("T")
@@ -42,6 +43,17 @@ def learner_get(refs: list[ray.ObjectRef[T]], learner: ActorGroup) -> list[T]:
     try:
         return get_all(refs)
     except ray.exceptions.RayError as e:
-        if is_learner_failure(e, learner):
-            raise LearnerFailure(str(e)) from e
-        raise
+        meaning = learner_error(e, learner)
+        if meaning is e:
+            raise
+        raise meaning from e
+
+
+def learner_error(error: ray.exceptions.RayError, learner: ActorGroup) -> BaseException:
+    """What a learner call's error means to the driver: the run diverged (NonFiniteError: stop, never
+    restart into the same divergence), a rank died (LearnerFailure: restart the group), or neither."""
+    if isinstance(error, ray.exceptions.RayTaskError) and isinstance(error.cause, NonFiniteError):
+        return error.cause
+    if is_learner_failure(error, learner):
+        return LearnerFailure(str(error))
+    return error

@@ -36,7 +36,7 @@ from rayrlhf.jobs.config.run import RunConfig
 from rayrlhf.jobs.run import ahead as ahead_file
 from rayrlhf.jobs.run.recovery import Recovery
 from rayrlhf.jobs.run.roles import Roles
-from rayrlhf.jobs.run.learner_failure import LearnerFailure, get_all, is_learner_failure
+from rayrlhf.jobs.run.learner_failure import get_all, learner_error
 
 T = TypeVar("T")
 
@@ -124,9 +124,10 @@ def learn_and_sync(
         t4 = time.perf_counter()
         rollout_versions = sync_weights(roles, int(learn_metrics[0]["version"]), recovery)
     except ray.exceptions.RayError as e:
-        if is_learner_failure(e, roles.learner):
-            raise LearnerFailure(str(e)) from e
-        raise
+        meaning = learner_error(e, roles.learner)
+        if meaning is e:
+            raise
+        raise meaning from e
     t5 = time.perf_counter()
 
     # every rank returns the same all-reduced metrics ("tokens" is already the total over ranks)

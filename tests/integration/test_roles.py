@@ -424,3 +424,34 @@ def test_plain_engine_steps_like_deepspeed_zero2(model_dir, dist_env, monkeypatc
     ours, theirs = plain.get_weights().arrays, deepspeed.get_weights().arrays
     for key in ours:
         np.testing.assert_allclose(ours[key], theirs[key], atol=1e-6)
+
+
+def test_a_non_finite_loss_stops_the_step_before_any_update_and_diverged_weights_are_never_sent(
+    model_dir, dist_env, tmp_path, monkeypatch
+):
+    """A NaN in the batch makes the loss NaN: the learner raises naming the step and the rank before the
+    backward pass, and still holds (and saves) the weights it had. Once an applied update diverged,
+    it refuses to save or send weights at all."""
+    from rayrlhf.actors.learner import NonFiniteError
+
+    worker = make_worker(model_dir)
+    script_responses(monkeypatch, responses_of_lengths(LENGTHS, 6, worker.tokenizer.eos_token_id))
+    traj = worker.generate(PROMPTS)
+    traj.old_logprobs[0] = np.where(traj.response_mask[0] > 0, np.nan, traj.old_logprobs[0])  # a poisoned row
+    scores = np.array([1, 0, 0, 0] * len(PROMPTS), dtype=np.float32)
+    batch = LearnerBatch.join([traj], [Rewards(total=scores, raw_total=scores, components={})], [None])
+    learner = make_learner(model_dir, "grpo", micro_batch_size=len(PROMPTS) * K)
+    before = {k: v.clone() for k, v in learner.policy.state_dict().items()}
+    with pytest.raises(NonFiniteError, match=r"step 1: the loss of micro-batch 0 is not finite on learner rank\(s\) \[0\]; "
+                                             r"no update of this step was applied"):
+        learner.learn(batch)
+    assert all(torch.equal(before[k], v) for k, v in learner.policy.state_dict().items())
+    assert learner.version == 0 and learner.get_weights() is not None  # the last finite state is still there
+    learner.save_checkpoint(Storage(tmp_path / "ok"))
+
+    with pytest.raises(NonFiniteError, match="an update of this step was applied"):
+        learner._agree_finite(float("inf"), "the gradient norm", applied=True)  # ZeRO 1-3: norm read after step()
+    for send in (learner.get_weights, lambda: learner.save_checkpoint(Storage(tmp_path / "bad"))):
+        with pytest.raises(NonFiniteError, match="refusing to save or send diverged weights"):
+            send()
+    assert not (tmp_path / "bad").exists()
