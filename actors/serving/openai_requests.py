@@ -3,11 +3,14 @@
 Everything between HTTP and the model that needs no server: parsing and limits (token counts
 need the tokenizer, so they are checked here rather than in the schema), the served model's
 name, and turning per-step Updates into one response or into stream chunks. The Ray Serve
-deployment (jobs/serve.py) only moves bytes and Updates between this and the scheduler.
+deployment (jobs/serve.py) only moves bytes and Updates between this and the scheduler, and
+calls `parse` from one worker thread of its own: tokenising a long prompt takes seconds.
 """
 
 from __future__ import annotations
 
+import copy
+import threading
 import time
 import uuid
 from dataclasses import dataclass, field, replace
@@ -90,11 +93,20 @@ class Job:
         return events
 
 
+def own_tokenizer(generator: TextGenerator) -> TextGenerator:
+    """The generator's encode_text / encode_chat on a copy of its tokenizer, under a lock of its own:
+    encoding a long prompt must not hold the lock the decode thread takes to turn tokens into text."""
+    encoder = copy.copy(generator)
+    encoder.tokenizer = copy.deepcopy(generator.tokenizer)
+    encoder._tokenizer_lock = threading.Lock()
+    return encoder
+
+
 class OpenAIEngine:
     """Turns request bodies into Jobs for one served model."""
 
     def __init__(self, generator: TextGenerator, model_name: str, limits: Limits) -> None:
-        self.generator = generator
+        self.generator = own_tokenizer(generator)
         self.model_name = model_name
         self.created = int(time.time())
         context = generator.context_length
