@@ -10,12 +10,11 @@ health checks, and OpenMP keeps one pool of threads.
 
 Hostile traffic: a JSON endpoint takes only `Content-Type: application/json` (415; a web page can
 POST text/plain to 127.0.0.1 without asking), reads at most max_body_bytes (413, at once when
-Content-Length says so), and parses and tokenises the body on a worker thread with a tokenizer of
-its own, so neither the event loop nor the decode thread waits for a long prompt. Serve's proxy
-holds at most max_queued_requests beyond the replicas' max_ongoing_requests and answers the rest
-503 with Retry-After. The API key is read where the app is built and travels as an init argument.
-(No `from __future__ import annotations` here: FastAPI must see the real `Request` annotations
-of the methods that serve.ingress wraps.)
+Content-Length says so), and parses and tokenises the body on worker threads with tokenizers of
+their own, so neither the event loop, nor the decode thread, nor a small request waits for a long
+prompt. Serve's proxy holds at most max_queued_requests beyond the replicas' max_ongoing_requests
+and answers the rest 503 with Retry-After. The API key is read where the app is built and travels
+as an init argument.
 
 Every response carries Serve's `x-request-id` header; an internal error answers 500 with a
 generic message naming that id, and the traceback goes to the replica's log under it. Evidence of
@@ -58,6 +57,10 @@ from rayrlhf.jobs.config.base import ConfigError, validate
 from rayrlhf.jobs.config.serve import ServeConfig
 
 logger = logging.getLogger("ray.serve")
+
+PARSE_THREADS = 2
+"""Threads that parse and tokenise request bodies: with one, a small request would wait for a huge
+prompt's tokenisation; more would take cores from the decode thread when huge prompts arrive together."""
 
 STALL_GRACE_S = 2.0
 """How long past its deadline a request may wait for a step before it gets 504 regardless."""
@@ -121,8 +124,7 @@ class OpenAIServer:
         self.scheduler = ContinuousScheduler(DecodeLoop(generator, cfg.max_batch_size), cfg.join_wait_steps, self.torch)
         self._beam_lock = asyncio.Lock()
         """One beam search at a time on the torch thread, so decode steps get their turns between them."""
-        self._parser = ThreadPoolExecutor(max_workers=1, thread_name_prefix="parse")
-        """Parses and tokenises request bodies, one at a time (the engine's tokenizer is not shared)."""
+        self._parser = ThreadPoolExecutor(max_workers=PARSE_THREADS, thread_name_prefix="parse")
         self.token = api_key.get_secret_value() if api_key else None
 
     def _authorize(self, request: Request) -> None:

@@ -357,7 +357,8 @@ is tokenised (it took seconds on the event loop before)."""
 
 
 def test_a_huge_prompt_stalls_neither_streams_nor_small_requests_nor_health(client):
-    big = json.dumps({"model": "tiny-gpt2", "prompt": "word " * 200_000}).encode()  # ~200k tokens
+    words = " ".join(f"{i * 2654435761 % 2**32:x}" for i in range(110_000))  # distinct words: slow to tokenise
+    big = json.dumps({"model": "tiny-gpt2", "prompt": words}).encode()  # ~700k tokens
     assert len(big) <= ServeConfig().max_body_bytes  # allowed in, refused after tokenising
     finished: dict[str, float] = {}
 

@@ -4,7 +4,7 @@ Everything between HTTP and the model that needs no server: parsing and limits (
 need the tokenizer, so they are checked here rather than in the schema), the served model's
 name, and turning per-step Updates into one response or into stream chunks. The Ray Serve
 deployment (jobs/serve.py) only moves bytes and Updates between this and the scheduler, and
-calls `parse` from one worker thread of its own: tokenising a long prompt takes seconds.
+calls `parse` from worker threads of its own: tokenising a long prompt takes seconds.
 """
 
 from __future__ import annotations
@@ -106,7 +106,9 @@ class OpenAIEngine:
     """Turns request bodies into Jobs for one served model."""
 
     def __init__(self, generator: TextGenerator, model_name: str, limits: Limits) -> None:
-        self.generator = own_tokenizer(generator)
+        self.generator = generator
+        self._encoders = threading.local()
+        """Each parsing thread's own_tokenizer(generator): a Rust tokenizer is not for two threads."""
         self.model_name = model_name
         self.created = int(time.time())
         context = generator.context_length
@@ -121,11 +123,17 @@ class OpenAIEngine:
         if limits.default_max_tokens > limits.max_tokens:
             raise ValueError(f"default_max_tokens ({limits.default_max_tokens}) > max_tokens ({limits.max_tokens})")
 
+    def _encoder(self) -> TextGenerator:
+        encoder = getattr(self._encoders, "encoder", None)
+        if encoder is None:
+            encoder = self._encoders.encoder = own_tokenizer(self.generator)
+        return encoder
+
     def models(self) -> dict[str, Any]:
         return oa.models_list(self.model_name, self.created)
 
     def parse(self, kind: Kind, body: bytes) -> Job:
-        """A validated Job, or OpenAIError (400 bad field, 404 unknown model)."""
+        """A validated Job, or OpenAIError (400 bad field, 404 unknown model). Any thread may call it."""
         schema = oa.CompletionRequest if kind == "completion" else oa.ChatCompletionRequest
         req = oa.parse_request(body, schema)
         if req.model != self.model_name:
@@ -139,11 +147,12 @@ class OpenAIEngine:
             param = "max_completion_tokens" if getattr(req, "max_completion_tokens", None) else "max_tokens"
             raise oa.OpenAIError(400, f"{param}={max_tokens} is above this server's limit of {limits.max_tokens}", param)
         param = "prompt" if kind == "completion" else "messages"
+        encoder = self._encoder()
         try:
             if kind == "completion":
-                prompts = [self.generator.encode_text(p) for p in req.prompts]
+                prompts = [encoder.encode_text(p) for p in req.prompts]
             else:
-                prompts = [self.generator.encode_chat([m.as_template_input() for m in req.messages])]
+                prompts = [encoder.encode_chat([m.as_template_input() for m in req.messages])]
         except ValueError as e:  # no chat template, or the template refused the messages
             raise oa.OpenAIError(400, f"{param}: {e}", param) from None
         except TypeError:  # the Rust tokenizer refuses some strings, e.g. an unpaired surrogate
