@@ -273,6 +273,11 @@ def test_cli_rejects_bad_input_before_ray(tmp_path, capsys, monkeypatch):
     assert cli_main(["serve", "--model", "tiny-gpt2", "--set", "max_tokens=600"]) == 2
     assert "context length of tiny-gpt2 (512)" in capsys.readouterr().err
     monkeypatch.delenv("RAYRLHF_API_KEY", raising=False)
+
+    def must_not_start(*args, **kwargs):
+        raise AssertionError("an open host without a key must be refused before Ray starts")
+
+    monkeypatch.setattr("rayrlhf.jobs.serve.init_ray", must_not_start)  # never listen on 0.0.0.0, even if broken
     assert cli_main(["serve", "--model", "tiny-gpt2", "--set", "host=0.0.0.0"]) == 2
     err = capsys.readouterr().err
     assert "host=0.0.0.0" in err and "allow_open_host" in err
