@@ -7,6 +7,8 @@ One deployment is both the FastAPI ingress and the model: handlers parse and che
 streaming and plain responses share one path. All torch work (loading, decode steps, beam search)
 runs on one torch thread (actors/runtime/torch_thread.py), so the event loop keeps accepting requests and
 health checks, and OpenMP keeps one pool of threads.
+(No `from __future__ import annotations` here: FastAPI must see the real `Request` annotations
+of the methods that serve.ingress wraps.)
 
 Hostile traffic: a JSON endpoint takes only `Content-Type: application/json` (415; a web page can
 POST text/plain to 127.0.0.1 without asking), reads at most max_body_bytes (413, at once when
