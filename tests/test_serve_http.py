@@ -353,7 +353,7 @@ def test_bodies_above_max_body_bytes_get_413_before_they_are_read(client):
 
 STALL_BOUND_S = 1.5
 """Most a health check, a small request or a gap in a running stream may take while a huge prompt
-is tokenised (it took seconds on the event loop before)."""
+is tokenised (before, tokenisation ran on the event loop and held the decode thread's lock)."""
 
 
 def test_a_huge_prompt_stalls_neither_streams_nor_small_requests_nor_health(client):
