@@ -10,6 +10,14 @@ health checks, and OpenMP keeps one pool of threads.
 (No `from __future__ import annotations` here: FastAPI must see the real `Request` annotations
 of the methods that serve.ingress wraps.)
 
+Hostile traffic: a JSON endpoint takes only `Content-Type: application/json` (415; a web page can
+POST text/plain to 127.0.0.1 without asking), reads at most max_body_bytes (413, at once when
+Content-Length says so), and parses and tokenises the body on worker threads with tokenizers of
+their own, so neither the event loop, nor the decode thread, nor a small request waits for a long
+prompt. Serve's proxy holds at most max_queued_requests beyond the replicas' max_ongoing_requests
+and answers the rest 503 with Retry-After. The API key is read where the app is built and travels
+as an init argument.
+
 Every response carries Serve's `x-request-id` header; an internal error answers 500 with a
 generic message naming that id, and the traceback goes to the replica's log under it. Evidence of
 batching: headers x-rayrlhf-batch-requests / -batch-sequences (the most that shared a decode
@@ -18,17 +26,21 @@ step with this request) and GET /stats.
 
 import asyncio
 import hmac
+import ipaddress
 import logging
 import os
 import socket
 import time
 import uuid
 from collections.abc import AsyncGenerator, AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
+from pydantic import SecretStr
 from ray import serve
+from ray.serve.config import BackpressureConfig
 from ray.serve.handle import DeploymentHandle
 from starlette.exceptions import HTTPException
 from transformers import AutoConfig
@@ -48,6 +60,10 @@ from rayrlhf.jobs.config.base import ConfigError, validate
 from rayrlhf.jobs.config.serve import ServeConfig
 
 logger = logging.getLogger("ray.serve")
+
+PARSE_THREADS = 2
+"""Threads that parse and tokenise request bodies: with one, a small request would wait for a huge
+prompt's tokenisation; more would take cores from the decode thread when huge prompts arrive together."""
 
 STALL_GRACE_S = 2.0
 """How long past its deadline a request may wait for a step before it gets 504 regardless."""
@@ -96,7 +112,7 @@ async def _server_error(request: Request, err: Exception) -> JSONResponse:
 @serve.deployment
 @serve.ingress(app)
 class OpenAIServer:
-    def __init__(self, config: dict) -> None:
+    def __init__(self, config: dict, api_key: SecretStr | None = None) -> None:
         self.cfg = cfg = ServeConfig.model_validate(config)
         self.torch = TorchThread(cfg.threads)
         self.generator = generator = self.torch.call(  # resolved on this replica's node, on its device
@@ -111,9 +127,8 @@ class OpenAIServer:
         self.scheduler = ContinuousScheduler(DecodeLoop(generator, cfg.max_batch_size), cfg.join_wait_steps, self.torch)
         self._beam_lock = asyncio.Lock()
         """One beam search at a time on the torch thread, so decode steps get their turns between them."""
-        self.token = os.environ.get(cfg.auth_env) if cfg.auth_env else None
-        if cfg.auth_env and not self.token:
-            logger.warning("auth is off: $%s is not set on this replica", cfg.auth_env)
+        self._parser = ThreadPoolExecutor(max_workers=PARSE_THREADS, thread_name_prefix="parse")
+        self.token = api_key.get_secret_value() if api_key else None
 
     def _authorize(self, request: Request) -> None:
         if self.token is None:
@@ -121,6 +136,26 @@ class OpenAIServer:
         scheme, _, given = request.headers.get("authorization", "").partition(" ")
         if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), self.token.encode()):
             raise OpenAIError(401, "missing or wrong API key: send 'Authorization: Bearer <key>'", code="invalid_api_key")
+
+    async def _json_body(self, request: Request) -> bytes:
+        """The body of a JSON request, 415 / 413 before any of it is parsed: at most max_body_bytes
+        (+1) are read, none when Content-Length is already above it."""
+        media_type = request.headers.get("content-type", "").partition(";")[0].strip().lower()
+        if media_type != "application/json":
+            raise OpenAIError(415, f"Content-Type must be application/json, not {media_type or 'none'!r}",
+                              code="unsupported_media_type")
+        cap = self.cfg.max_body_bytes
+        too_large = OpenAIError(413, f"the request body is larger than this server's max_body_bytes={cap}",
+                                code="request_too_large")
+        declared = request.headers.get("content-length", "")
+        if declared.isdigit() and int(declared) > cap:
+            raise too_large
+        body = bytearray()
+        async for chunk in request.stream():
+            body += chunk
+            if len(body) > cap:
+                raise too_large
+        return bytes(body)
 
     async def _beams(self, generation: GenerationRequest) -> AsyncGenerator[Update, None]:
         async with self._beam_lock:
@@ -154,7 +189,8 @@ class OpenAIServer:
 
     async def _generate(self, kind: Kind, request: Request):
         self._authorize(request)
-        job = self.engine.parse(kind, await request.body())
+        body = await self._json_body(request)
+        job = await asyncio.get_running_loop().run_in_executor(self._parser, self.engine.parse, kind, body)
         updates = self._updates(job, request)
         try:
             first = await anext(updates)  # failures before the first token are a plain 5xx
@@ -221,17 +257,48 @@ class OpenAIServer:
 # --- building and running the application --------------------------------------------------
 
 
+def is_loopback(host: str) -> bool:
+    try:
+        return host == "localhost" or ipaddress.ip_address(host).is_loopback
+    except ValueError:  # a name other than localhost may resolve to anything
+        return False
+
+
+def api_key(cfg: ServeConfig) -> SecretStr | None:
+    """The bearer token from the environment where the app is built (not the replicas'): it travels
+    to them as an init argument, masked in any repr, and is never logged."""
+    key = os.environ.get(cfg.auth_env) if cfg.auth_env else None
+    return SecretStr(key) if key else None
+
+
+def check_open_host(cfg: ServeConfig) -> None:
+    """No endpoint reachable from the network without a key, unless allow_open_host says so."""
+    if is_loopback(cfg.host) or cfg.allow_open_host:
+        return
+    if api_key(cfg) is None:
+        where = f"${cfg.auth_env} is not set" if cfg.auth_env else "auth_env is null"
+        raise ConfigError(
+            f"host={cfg.host} is reachable from the network and no API key is set ({where}): set the key, "
+            "or set allow_open_host: true to serve without one"
+        )
+
+
 def build_app(cfg: ServeConfig) -> serve.Application:
     options: dict = {
         "max_ongoing_requests": cfg.max_ongoing_requests,
+        "max_queued_requests": cfg.max_queued_requests or -1,
+        "backpressure_config": BackpressureConfig(retry_after_s=cfg.retry_after_s),
         "ray_actor_options": {"num_cpus": cfg.num_cpus, "num_gpus": cfg.num_gpus},
     }
     if cfg.autoscaling:
         options["autoscaling_config"] = cfg.autoscaling.model_dump()
     else:
         options["num_replicas"] = cfg.num_replicas
+    key = api_key(cfg)
+    if cfg.auth_env and key is None:
+        logger.warning("auth is off: $%s is not set where the app is built", cfg.auth_env)
     # @serve.deployment made the class a Deployment; Serve's types still call it the class
-    return OpenAIServer.options(**options).bind(cfg.model_dump())  # type: ignore[attr-defined]
+    return OpenAIServer.options(**options).bind(cfg.model_dump(), key)  # type: ignore[attr-defined]
 
 
 def _absolute_model(cfg: ServeConfig) -> ServeConfig:
@@ -248,7 +315,9 @@ def app_builder(args: dict) -> serve.Application:
 
 
 def prepare(cfg: ServeConfig, local: bool) -> ServeConfig:
-    """Checks that need no Ray: the model resolves (built-ins are converted once), the port is free."""
+    """Checks that need no Ray: an open host has a key, the model resolves (built-ins are converted
+    once), the port is free."""
+    check_open_host(cfg)
     cfg = _absolute_model(cfg)
     if local:
         try:
@@ -265,7 +334,7 @@ def prepare(cfg: ServeConfig, local: bool) -> ServeConfig:
                 s.bind((cfg.host, cfg.port))
             except OSError as e:
                 raise ConfigError(f"port: cannot listen on {cfg.host}:{cfg.port}: {e}") from e
-    if cfg.host not in ("127.0.0.1", "localhost", "::1"):
+    if not is_loopback(cfg.host):
         logger.warning("host=%s: the endpoint is reachable from the network", cfg.host)
     return cfg
 

@@ -3,11 +3,14 @@
 Everything between HTTP and the model that needs no server: parsing and limits (token counts
 need the tokenizer, so they are checked here rather than in the schema), the served model's
 name, and turning per-step Updates into one response or into stream chunks. The Ray Serve
-deployment (jobs/serve.py) only moves bytes and Updates between this and the scheduler.
+deployment (jobs/serve.py) only moves bytes and Updates between this and the scheduler, and
+calls `parse` from worker threads of its own: tokenising a long prompt takes seconds.
 """
 
 from __future__ import annotations
 
+import copy
+import threading
 import time
 import uuid
 from dataclasses import dataclass, field, replace
@@ -86,11 +89,22 @@ class Job:
         return events
 
 
+def own_tokenizer(generator: TextGenerator) -> TextGenerator:
+    """The generator's encode_text / encode_chat on a copy of its tokenizer, under a lock of its own:
+    encoding a long prompt must not hold the lock the decode thread takes to turn tokens into text."""
+    encoder = copy.copy(generator)
+    encoder.tokenizer = copy.deepcopy(generator.tokenizer)
+    encoder._tokenizer_lock = threading.Lock()
+    return encoder
+
+
 class OpenAIEngine:
     """Turns request bodies into Jobs for one served model."""
 
     def __init__(self, generator: TextGenerator, model_name: str, limits: Limits) -> None:
         self.generator = generator
+        self._encoders = threading.local()
+        """Each parsing thread's own_tokenizer(generator): a Rust tokenizer is not for two threads."""
         self.model_name = model_name
         self.created = int(time.time())
         context = generator.context_length
@@ -105,11 +119,17 @@ class OpenAIEngine:
         if limits.default_max_tokens > limits.max_tokens:
             raise ValueError(f"default_max_tokens ({limits.default_max_tokens}) > max_tokens ({limits.max_tokens})")
 
+    def _encoder(self) -> TextGenerator:
+        encoder = getattr(self._encoders, "encoder", None)
+        if encoder is None:
+            encoder = self._encoders.encoder = own_tokenizer(self.generator)
+        return encoder
+
     def models(self) -> dict[str, Any]:
         return oa.models_list(self.model_name, self.created)
 
     def parse(self, kind: Kind, body: bytes) -> Job:
-        """A validated Job, or OpenAIError (400 bad field, 404 unknown model)."""
+        """A validated Job, or OpenAIError (400 bad field, 404 unknown model). Any thread may call it."""
         schema = oa.CompletionRequest if kind == "completion" else oa.ChatCompletionRequest
         req = oa.parse_request(body, schema)
         if req.model != self.model_name:
@@ -123,11 +143,12 @@ class OpenAIEngine:
             param = "max_completion_tokens" if getattr(req, "max_completion_tokens", None) else "max_tokens"
             raise oa.OpenAIError(400, f"{param}={max_tokens} is above this server's limit of {limits.max_tokens}", param)
         param = "prompt" if kind == "completion" else "messages"
+        encoder = self._encoder()
         try:
             if kind == "completion":
-                prompts = [self.generator.encode_text(p) for p in req.prompts]
+                prompts = [encoder.encode_text(p) for p in req.prompts]
             else:
-                prompts = [self.generator.encode_chat([m.as_template_input() for m in req.messages])]
+                prompts = [encoder.encode_chat([m.as_template_input() for m in req.messages])]
         except ValueError as e:  # no chat template, or the template refused the messages
             raise oa.OpenAIError(400, f"{param}: {e}", param) from None
         except TypeError:  # the Rust tokenizer refuses some strings, e.g. an unpaired surrogate

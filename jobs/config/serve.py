@@ -81,7 +81,18 @@ class ServeConfig(StrictModel):
     request_timeout_s: float = Field(60.0, gt=0)
     """A request that has not finished by then gets 504 and leaves the batch."""
     auth_env: str | None = "RAYRLHF_API_KEY"
-    """Environment variable holding the bearer token; auth is on when it is set on the replicas."""
+    """Environment variable holding the bearer token, read where the app is built (the driver of
+    `rayrlhf serve`, or wherever Serve runs the app builder) and handed to the replicas with the
+    deployment; auth is on when it is set. None turns auth off."""
+    allow_open_host: bool = False
+    """Serve on a host other than loopback without an API key (auth_env unset or empty): refused unless true."""
+    max_body_bytes: int = Field(1_048_576, ge=1024)
+    """Largest request body read (bytes); a larger one gets 413 before it is parsed or tokenised."""
+    max_queued_requests: int | None = Field(64, ge=1)
+    """Requests each Serve proxy holds back when every replica has max_ongoing_requests; beyond them
+    a request gets 503 with Retry-After at once. None: no bound (Serve's -1)."""
+    retry_after_s: float = Field(1.0, ge=0)
+    """The Retry-After of that 503."""
 
     @model_validator(mode="after")
     def _consistent(self) -> ServeConfig:

@@ -1,10 +1,12 @@
 """The OpenAI endpoint over real HTTP: one local Ray + Serve with four apps for the whole module.
 
 - main (/):           tiny-gpt2, auth off, up to 4 sequences in flight, answers up to 400 tokens
-- guarded (/guarded): auth on, and a request timeout (1 microsecond) that every generation
-                      misses: the 504 path, deterministically
+- guarded (/guarded): auth on (the key is set in this process only after Ray started, so it reaches
+                      the replica with the deployment), and a request timeout (1 microsecond)
+                      that every generation misses: the 504 path, deterministically
 - broken (/broken):   a checkpoint with NaN weights: the internal-error (500) path
-- victim (/victim):   its replica process is killed (kill -9) by the last test
+- victim (/victim):   4 requests at once and 2 queued at the proxy, the rest get 503; its replica
+                      process is killed (kill -9) by the last test
 """
 
 from __future__ import annotations
@@ -47,11 +49,12 @@ def client(tmp_path_factory):
         ServeConfig(**COMMON, app_name="guarded", route_prefix="/guarded", auth_env=KEY_ENV, request_timeout_s=1e-6),
         ServeConfig(**{**COMMON, "model": str(nan_dir)}, served_model_name="broken", app_name="broken",
                     route_prefix="/broken", auth_env=None),
-        ServeConfig(**{**COMMON, "max_tokens": 400}, app_name="victim", route_prefix="/victim", auth_env=None),
+        ServeConfig(**{**COMMON, "max_tokens": 400}, app_name="victim", route_prefix="/victim", auth_env=None,
+                    max_batch_size=4, max_ongoing_requests=4, max_queued_requests=2, retry_after_s=3),
     ]
-    os.environ[KEY_ENV] = KEY  # before Ray starts: the replicas inherit the driver's environment
     port = free_port()
     init_ray(num_cpus=4, object_store_mb=256)
+    os.environ[KEY_ENV] = KEY  # after Ray started: Ray's processes (replicas included) never see it
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": port})
         serve.run_many([RunTarget(build_app(c), name=c.app_name, route_prefix=c.route_prefix) for c in configs])
@@ -282,6 +285,124 @@ def test_timeouts_give_504_not_a_hang(client):
                         json={"model": "tiny-gpt2", "prompt": PROMPT, "max_tokens": 4, "stream": stream})
         assert r.status_code == 504 and "request_timeout_s=1e-06" in r.json()["error"]["message"], r.text
         assert time.monotonic() - start < 10
+
+
+def test_the_key_travels_with_the_deployment_not_the_replicas_environment(client):
+    """The key is only in this process's environment (set after Ray started), yet the replica enforces it."""
+    assert client.get("/guarded/stats").status_code == 401
+    stats = client.get("/guarded/stats", headers={"Authorization": f"Bearer {KEY}"}).json()
+    with open(f"/proc/{stats['pid']}/environ", "rb") as f:
+        assert KEY.encode() not in f.read()
+    assert KEY not in _server_log()
+
+
+def test_json_endpoints_take_only_json_content(client):
+    body = json.dumps({"model": "tiny-gpt2", "prompt": PROMPT, "max_tokens": 2}).encode()
+    for content_type in ("text/plain", "application/x-www-form-urlencoded", "multipart/form-data; boundary=x",
+                         None):
+        headers = {"content-type": content_type} if content_type else {}
+        for path in ("/v1/completions", "/v1/chat/completions"):
+            r = client.post(path, content=body, headers=headers)
+            assert r.status_code == 415, (content_type, path, r.text)
+            assert r.json()["error"]["code"] == "unsupported_media_type" and "application/json" in r.text
+    r = client.post("/v1/completions", content=body, headers={"content-type": "Application/JSON; charset=utf-8"})
+    assert r.status_code == 200, r.text
+
+
+def _raw_post(port: int, head: bytes, body: bytes, timeout_s: float) -> bytes:
+    """Send a request line, headers and (part of) a body; the response as far as it came in."""
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout_s) as s:
+        s.sendall(head + b"\r\n\r\n" + body)
+        out = b""
+        try:
+            while chunk := s.recv(65536):
+                out += chunk
+                if b"\r\n\r\n" in out and b"}}" in out:
+                    break
+        except TimeoutError:
+            pass
+        return out
+
+
+def test_bodies_above_max_body_bytes_get_413_before_they_are_read(client):
+    cap = ServeConfig().max_body_bytes
+    port = client.base_url.port
+    head = (f"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {20 * cap}").encode()
+    start = time.monotonic()
+    response = _raw_post(port, head, b'{"model": "tiny-gpt2", "prompt": "' + b"x" * 1000, timeout_s=10)
+    assert response.startswith(b"HTTP/1.1 413"), response[:200]  # the other 20 MB were never sent
+    assert b"max_body_bytes=%d" % cap in response and time.monotonic() - start < 5
+
+    def chunks():  # no Content-Length: the server stops reading past the cap
+        yield b'{"model": "tiny-gpt2", "prompt": "'
+        for _ in range(cap // 65536 + 1):
+            yield b"word " * 13107
+        yield b'"}'
+
+    r = client.post("/v1/completions", content=chunks(), headers={"content-type": "application/json"})
+    assert r.status_code == 413 and r.json()["error"]["code"] == "request_too_large", r.text
+    assert client.get("/health").status_code == 200
+
+
+STALL_BOUND_S = 0.5
+"""Most a health check, a small request or a gap in a running stream may take while a huge prompt
+is tokenised (before, tokenisation ran on the event loop and held the decode thread's lock)."""
+
+
+def test_a_huge_prompt_stalls_neither_streams_nor_small_requests_nor_health(client):
+    words = " ".join(f"{i * 2654435761 % 2**32:x}" for i in range(110_000))  # distinct words: slow to tokenise
+    big = json.dumps({"model": "tiny-gpt2", "prompt": words}).encode()  # ~700k tokens
+    assert len(big) <= ServeConfig().max_body_bytes  # allowed in, refused after tokenising
+    finished: dict[str, float] = {}
+
+    def send_big() -> None:
+        r = client.post("/v1/completions", content=big, headers={"content-type": "application/json"})
+        assert r.status_code == 400 and r.json()["error"]["param"] == "prompt", r.text
+        finished["big"] = time.monotonic()
+
+    body = {"model": "tiny-gpt2", "prompt": PROMPT, "max_tokens": 400, "temperature": 0, "stream": True}
+    with client.stream("POST", "/v1/completions", json=body) as long:
+        lines = (line for line in long.iter_lines() if line.startswith("data: "))
+        assert next(lines)
+        sender = threading.Thread(target=send_big)
+        sender.start()
+        time.sleep(0.3)  # its body is in; it is being tokenised
+        start = time.monotonic()
+        assert client.get("/health").status_code == 200
+        health_s = time.monotonic() - start
+        start = time.monotonic()
+        assert completion(client, prompt="Hi", max_tokens=2, temperature=0).status_code == 200
+        small_s = time.monotonic() - start
+        finished["small"] = time.monotonic()
+        gaps, last = [], time.monotonic()
+        for _ in lines:  # the stream keeps going while the big one is handled
+            gaps.append(time.monotonic() - last)
+            last = time.monotonic()
+            if "big" in finished:
+                break
+        sender.join(timeout=120)
+    assert not sender.is_alive() and "big" in finished
+    assert finished["big"] > finished["small"], "the big request was over too soon to test anything"
+    print(f"health {health_s:.3f} s, small request {small_s:.3f} s, longest stream gap {max(gaps, default=0):.3f} s")
+    assert health_s < STALL_BOUND_S and small_s < STALL_BOUND_S and max(gaps, default=0) < STALL_BOUND_S
+
+
+def test_a_flood_beyond_the_queue_gets_503_with_retry_after_and_nothing_hangs(client):
+    """victim: 4 ongoing + 2 queued at the proxy; of 16 at once, most are turned away at once (Serve's
+    hand-off to the replica lets a few more than 6 in)."""
+    body = {"model": "tiny-gpt2", "prompt": PROMPT, "max_tokens": 400, "temperature": 0}
+    start = time.monotonic()
+    with ThreadPoolExecutor(16) as pool:
+        responses = list(pool.map(lambda _: completion(client, path="/victim/v1/completions", **body), range(16),
+                                  timeout=120))
+    statuses = sorted(r.status_code for r in responses)
+    rejected = [r for r in responses if r.status_code == 503]
+    assert set(statuses) == {200, 503} and len(rejected) >= 6, statuses
+    assert all(r.headers["retry-after"] == "3" for r in rejected)
+    assert "max_queued_requests" in rejected[0].text
+    assert time.monotonic() - start < 60
+    assert completion(client, path="/victim/v1/completions", prompt=PROMPT, max_tokens=2).status_code == 200
 
 
 def _server_log() -> str:

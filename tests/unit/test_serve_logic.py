@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import threading
 import time
 
 import pytest
@@ -20,7 +21,7 @@ from rayrlhf.actors.serving.openai_schema import (
 from rayrlhf.jobs.cli import main as cli_main
 from rayrlhf.jobs.config.base import CONFIG_DIR, ConfigError, load_yaml
 from rayrlhf.jobs.config.serve import IMPORT_PATH, ServeConfig, load_serve_config
-from rayrlhf.jobs.serve import app_builder
+from rayrlhf.jobs.serve import app_builder, build_app, prepare
 
 
 @pytest.fixture(scope="module")
@@ -141,6 +142,17 @@ def test_engine_prompt_limit_defaults_to_the_rest_of_the_context(gen):
         OpenAIEngine(gen, "m", Limits(16, 256, 300, 4, 30))  # 300 + 256 > 512 positions
 
 
+def test_engine_tokenises_without_the_decode_threads_tokenizer_lock(engine, gen):
+    """A long prompt being encoded must not keep the decode thread from turning tokens into text."""
+    jobs = []
+    with gen._tokenizer_lock:  # held by the decode thread, as in a step
+        parser = threading.Thread(target=lambda: jobs.append(engine.parse("completion", b'{"model": "tiny-gpt2", '
+                                                                                   b'"prompt": "What is 2 plus 3?"}')))
+        parser.start()
+        parser.join(timeout=10)
+    assert jobs and jobs[0].generation.prompts == [gen.tokenizer("What is 2 plus 3?").input_ids]
+
+
 def _job(kind: str, rows: int = 2, include_usage: bool = False) -> Job:
     generation = GenerationRequest([[1, 2, 3]], rows, params(4), time.monotonic() + 5)
     return Job(kind=kind, id="x-1", created=7, model="m", stream=True, include_usage=include_usage,
@@ -201,7 +213,8 @@ def test_replica_torch_threads_follow_its_cpu_reservation_unless_set():
     ("override", "field"),
     [("max_batch_size=0", "max_batch_size"), ("max_tokenz=3", "max_tokenz"),
      ("max_ongoing_requests=2", "max_ongoing_requests"), ("autoscaling.min_replicas=5", "min_replicas"),
-     ("port=70000", "port")],
+     ("port=70000", "port"), ("max_body_bytes=10", "max_body_bytes"),
+     ("max_queued_requests=0", "max_queued_requests"), ("retry_after_s=-1", "retry_after_s")],
 )
 def test_bad_serve_config_names_the_field(override, field):
     with pytest.raises(ConfigError) as err:
@@ -217,13 +230,50 @@ def test_app_builder_options_and_errors():
     assert scaled._deployment_config.autoscaling_config.max_replicas == 3
     with pytest.raises(ConfigError, match="max_batch_size"):
         app_builder({"max_batch_size": "many"})
+    queued = app_builder({"max_queued_requests": 5, "retry_after_s": 2.5})._bound_deployment
+    assert (queued.max_queued_requests, queued.backpressure_config.status_code) == (5, 503)
+    assert queued.backpressure_config.retry_after_s == 2.5
+    assert app_builder({"max_queued_requests": None})._bound_deployment.max_queued_requests == -1
 
 
-def test_cli_rejects_bad_input_before_ray(tmp_path, capsys):
+def test_the_api_key_is_read_where_the_app_is_built_and_never_shown(monkeypatch):
+    monkeypatch.setenv("RAYRLHF_TEST_KEY", "sk-secret-42")
+    app = build_app(ServeConfig(auth_env="RAYRLHF_TEST_KEY"))
+    config, key = app._bound_deployment.init_args
+    assert key.get_secret_value() == "sk-secret-42" and "sk-secret-42" not in repr(key) + json.dumps(config)
+    monkeypatch.delenv("RAYRLHF_TEST_KEY")
+    assert build_app(ServeConfig(auth_env="RAYRLHF_TEST_KEY"))._bound_deployment.init_args[1] is None
+
+
+def test_an_open_host_without_a_key_is_refused_unless_allowed(monkeypatch):
+    monkeypatch.delenv("RAYRLHF_API_KEY", raising=False)
+    for host in ("0.0.0.0", "192.168.1.5", "::", "example.org"):
+        with pytest.raises(ConfigError, match="allow_open_host") as err:
+            prepare(ServeConfig(host=host), local=False)
+        assert f"host={host}" in str(err.value) and "$RAYRLHF_API_KEY" in str(err.value)
+    with pytest.raises(ConfigError, match="auth_env is null"):
+        prepare(ServeConfig(host="0.0.0.0", auth_env=None), local=False)
+    for host in ("127.0.0.1", "127.0.0.2", "localhost", "::1"):  # loopback needs no key
+        assert prepare(ServeConfig(host=host), local=False).host == host
+    assert prepare(ServeConfig(host="0.0.0.0", allow_open_host=True), local=False).allow_open_host
+    monkeypatch.setenv("RAYRLHF_API_KEY", "sk-x")
+    assert prepare(ServeConfig(host="0.0.0.0"), local=False).host == "0.0.0.0"
+
+
+def test_cli_rejects_bad_input_before_ray(tmp_path, capsys, monkeypatch):
     assert cli_main(["serve", "--set", "max_batch_size=0"]) == 2
     assert "max_batch_size" in capsys.readouterr().err
     assert cli_main(["serve", "--model", str(tmp_path / "nothing-here")]) == 2
     assert "model:" in capsys.readouterr().err
     assert cli_main(["serve", "--model", "tiny-gpt2", "--set", "max_tokens=600"]) == 2
     assert "context length of tiny-gpt2 (512)" in capsys.readouterr().err
+    monkeypatch.delenv("RAYRLHF_API_KEY", raising=False)
+
+    def must_not_start(*args, **kwargs):
+        raise AssertionError("an open host without a key must be refused before Ray starts")
+
+    monkeypatch.setattr("rayrlhf.jobs.serve.init_ray", must_not_start)  # never listen on 0.0.0.0, even if broken
+    assert cli_main(["serve", "--model", "tiny-gpt2", "--set", "host=0.0.0.0"]) == 2
+    err = capsys.readouterr().err
+    assert "host=0.0.0.0" in err and "allow_open_host" in err
     assert not ray.is_initialized()
