@@ -206,7 +206,7 @@ def _train(cfg: RunConfig, on_step: Callable[[int, dict[str, float]], None] | No
             while run.step < cfg.steps and not stopped_early:
                 stop.checkpoint_if_asked(run)
                 step = run.step + 1
-                before_step = run.driver_state()  # small: what a checkpoint needs if this step fails
+                before_step = run.driver_state(live=False)  # what a checkpoint needs if this step fails
                 try:
                     metrics = pipeline.step(last=step == cfg.steps)
                     evaluated = cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.steps

@@ -143,14 +143,24 @@ class RunState:
     """A URI output_dir's storage (output_dir is then the driver's local copy): the learner state of
     the run's checkpoints is there (jobs/run/checkpoint.py)."""
 
-    def driver_state(self) -> dict[str, Any]:
-        roles = self.roles
+    def driver_state(self, live: bool = True) -> dict[str, Any]:
+        """What a checkpoint holds besides the learner's state. `live=False`: the stateless roles' state
+        as the recovery read it after their last phase, without calling them: between two steps that is
+        the same, and a role that is stopped or restarting (recovery's to mend in the next phase) is not
+        waited on."""
+        roles, kept = self.roles, self.recovery.states
+        if live:
+            scorers = ray.get([scorer.state_dict.remote() for scorer in roles.scorers])
+            rollout = ray.get([worker.state_dict.remote() for worker in roles.rollout])
+        else:
+            scorers = [kept["reward", rank] for rank in range(len(roles.scorers))]
+            rollout = [kept["rollout", rank] for rank in range(len(roles.rollout))]
         return {
             "step": self.step,
             "before": self.before,
             "sampler": self.sampler.state_dict(),
-            "scorers": ray.get([scorer.state_dict.remote() for scorer in roles.scorers]),
-            "rollout": ray.get([worker.state_dict.remote() for worker in roles.rollout]),
+            "scorers": scorers,
+            "rollout": rollout,
             "tracker": self.tracker.state(),
             "monitor": self.monitor.state_dict(),
             "best": self.best,
