@@ -6,7 +6,6 @@ import time
 
 import pytest
 
-from rayrlhf.cluster.local import init_ray, shutdown_ray
 from rayrlhf.jobs.config.run import load_config
 from rayrlhf.jobs.run import checkpoint
 from rayrlhf.jobs.run.recovery import ScoreError
@@ -26,13 +25,6 @@ def flaky(completions, **_):
         raise RuntimeError("the reward service is down")
     return [0.0 for _ in completions]
 '''
-
-
-@pytest.fixture(scope="module")
-def local_ray():
-    init_ray(num_cpus=4, object_store_mb=512)
-    yield
-    shutdown_ray()
 
 
 def test_a_step_that_fails_leaves_the_last_finished_step_and_the_run_resumes(local_ray, tmp_path):

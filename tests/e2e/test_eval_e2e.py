@@ -5,18 +5,10 @@ import json
 
 import pytest
 
-from rayrlhf.cluster.local import init_ray, shutdown_ray
 from rayrlhf.jobs.cli import main as cli_main
 from rayrlhf.jobs.config.run import load_config
 from rayrlhf.jobs.eval import run_eval
 from rayrlhf.jobs.train import train
-
-
-@pytest.fixture(scope="module")
-def local_ray():
-    init_ray(num_cpus=4, object_store_mb=512)
-    yield
-    shutdown_ray()
 
 
 def math_tiny(tmp_path, *overrides):

@@ -15,7 +15,6 @@ from rayrlhf.actors.rl.offpolicy import admitted
 from rayrlhf.actors.rl.shard import pack, unpack
 from rayrlhf.actors.rl.trajectory import Rewards, Trajectory
 from rayrlhf.cluster.faults import Fault, actor_process
-from rayrlhf.cluster.local import init_ray, shutdown_ray
 from rayrlhf.jobs.run import checkpoint
 from rayrlhf.jobs.run.checkpoint import Interrupted
 from rayrlhf.jobs.config.run import load_config
@@ -92,13 +91,6 @@ def test_the_batch_ahead_is_saved_as_arrays_and_json_and_read_back_whole(tmp_pat
     assert ahead_file.load(tmp_path / "nothing-here") is None
     assert "Trajectory" not in (tmp_path / "ahead.json").read_text()  # no class or module names
     json.loads((tmp_path / "ahead.json").read_text())
-
-
-@pytest.fixture(scope="module")
-def local_ray():
-    init_ray(num_cpus=4, object_store_mb=512)
-    yield
-    shutdown_ray()
 
 
 @pytest.fixture(scope="module")

@@ -12,7 +12,6 @@ import pytest
 from rayrlhf.actors.rollout_worker import RolloutWorker
 from rayrlhf.actors.rl.trajectory import Prompt
 from rayrlhf.cluster.faults import Fault
-from rayrlhf.cluster.local import init_ray, shutdown_ray
 from rayrlhf.jobs.config.run import load_config
 from rayrlhf.jobs.data.prompts import load_task
 from rayrlhf.jobs.run.recovery import RecoveryError, ScoreError
@@ -21,13 +20,6 @@ from rayrlhf.jobs.train import train
 
 STEPS = 3
 SAME_AS_WITHOUT_FAULT = ("reward/total", "reward/raw", "reward/sim", "loss", "kl", "response_length", "grad_norm")
-
-
-@pytest.fixture(scope="module")
-def local_ray():
-    init_ray(num_cpus=4, object_store_mb=512)
-    yield
-    shutdown_ray()
 
 
 def tiny(path, *overrides):

@@ -20,7 +20,6 @@ import pytest
 import yaml
 from safetensors.numpy import load_file
 
-from rayrlhf.cluster.local import init_ray, shutdown_ray
 from rayrlhf.cluster.storage import Storage
 from rayrlhf.jobs.run import checkpoint
 from rayrlhf.jobs.run.checkpoint import Interrupted
@@ -213,13 +212,6 @@ def test_cli_sigint_writes_a_checkpoint_and_a_rerun_finishes(tmp_path, request):
     assert (out / "final" / "model.safetensors").exists()
     assert main(args) == 0  # already finished: says so, trains nothing
     assert [row["step"] for row in metric_rows(out)] == steps
-
-
-@pytest.fixture(scope="module")
-def local_ray():
-    init_ray(num_cpus=4, object_store_mb=512)
-    yield
-    shutdown_ray()
 
 
 GRPO_ZERO2 = ("learner.num_ranks=2", "learner.zero_stage=2", "steps=3", "data.num_train=8")

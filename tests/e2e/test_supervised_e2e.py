@@ -11,20 +11,12 @@ from transformers import AutoModelForCausalLM
 
 from rayrlhf.actors.runtime.models import resolve_policy
 from rayrlhf.actors.rewards.reward_model import RewardModel
-from rayrlhf.cluster.local import init_ray, shutdown_ray
 from rayrlhf.jobs.config.run import load_config
 from rayrlhf.jobs.config.supervised import RMConfig, SFTConfig, load_job_config
 from rayrlhf.jobs.data.supervised import load_rm_data
 from rayrlhf.jobs.sft import sft
 from rayrlhf.jobs.train import train
 from rayrlhf.jobs.train_rm import train_rm
-
-
-@pytest.fixture(scope="module")
-def local_ray():
-    init_ray(num_cpus=4, object_store_mb=512)
-    yield
-    shutdown_ray()
 
 
 def steps_logged(output_dir) -> list[int]:

@@ -10,20 +10,11 @@ from safetensors.numpy import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from rayrlhf.actors.runtime.models import resolve_policy
-from rayrlhf.cluster.local import init_ray, shutdown_ray
 from rayrlhf.jobs.config.run import load_config
 from rayrlhf.jobs.data.prompts import load_task
 from rayrlhf.jobs.run.roles import launch
 from rayrlhf.jobs.run.pipeline import rl_step
 from rayrlhf.jobs.train import train
-
-
-@pytest.fixture(scope="module")
-def local_ray():
-    # 4 logical CPUs on the 2-core machine: the roles take turns, so they may share cores.
-    init_ray(num_cpus=4, object_store_mb=512)
-    yield
-    shutdown_ray()
 
 
 def tiny(tmp_path, *overrides):
