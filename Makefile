@@ -10,7 +10,7 @@ OFFLINE := RAY_USAGE_STATS_ENABLED=0 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_
 	HTTP_PROXY=http://127.0.0.1:9 HTTPS_PROXY=http://127.0.0.1:9 \
 	no_proxy=127.0.0.1,localhost,::1 NO_PROXY=127.0.0.1,localhost,::1
 
-.PHONY: install demo test test-quick typecheck bench clean
+.PHONY: install demo test test-quick typecheck docs bench clean
 
 install: $(VENV)/.installed
 
@@ -27,8 +27,8 @@ $(VENV)/.installed: pyproject.toml
 demo: install
 	$(OFFLINE) $(VENV)/bin/rayrlhf train
 
-# The type check first (mypy, pinned in the dev extra; settings in pyproject.toml), then every test.
-test: typecheck
+# The type check first (mypy, pinned in the dev extra; settings in pyproject.toml), the docs site, then every test.
+test: typecheck docs
 	$(OFFLINE) $(PY) -m pytest -q tests
 
 # The inner loop: the unit tests (a few minutes at most on 2 cores). `-m "not e2e"` adds the
@@ -40,6 +40,10 @@ test-quick: install
 typecheck: install
 	@mkdir -p build/mypy/rayrlhf && for d in actors cluster jobs; do ln -sfn ../../../$$d build/mypy/rayrlhf/$$d; done
 	$(PY) -m mypy
+
+# The documentation site (docs/, mkdocs.yml): a broken link or a page missing from the nav fails it.
+docs: install
+	$(VENV)/bin/mkdocs build --strict -q
 
 bench: install
 	$(OFFLINE) $(PY) benchmarks/step_time.py

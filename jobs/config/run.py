@@ -378,7 +378,7 @@ class PipelineConfig(StrictModel):
 
 
 class FaultToleranceConfig(StrictModel):
-    """How a run survives failures inside the job (README: "Checkpoints, resume and failures")."""
+    """How a run survives failures inside the job (docs/checkpoints.md)."""
 
     max_actor_restarts: int = Field(3, ge=0)
     """Process deaths each rollout worker, reward scorer and the reference policy survives (Ray
