@@ -96,10 +96,10 @@ def runs_on_this_machine(cfg: RunConfig) -> bool:
     return not ray.is_initialized() or sum(node["Alive"] for node in ray.nodes()) == 1
 
 
-def check_episodes(cfg: RunConfig) -> None:
+def check_episodes(cfg: RunConfig, path: str) -> None:
     """data.episodes: readable, every line valid, and a step's share divides into the learner ranks' groups."""
     try:
-        read_episodes(cfg.data.episodes)
+        read_episodes(path)
     except (OSError, ValueError) as e:
         raise ConfigError(f"data.episodes: {e}") from e
     if cfg.prompts_per_step % cfg.learner.num_ranks:
@@ -125,7 +125,7 @@ def prepare(cfg: RunConfig) -> tuple[list[Prompt], list[Prompt]]:
     except (ValueError, RemoteRewardError) as e:
         raise ConfigError(str(e)) from e
     if cfg.data.episodes:
-        check_episodes(cfg)
+        check_episodes(cfg, cfg.data.episodes)
     if len(train_set) < cfg.prompts_per_step:
         raise ConfigError(f"data.train has {len(train_set)} prompts, fewer than prompts_per_step={cfg.prompts_per_step}")
     if runs_on_this_machine(cfg):

@@ -153,7 +153,7 @@ class Job:
         delta: dict[str, Any] = {"role": "assistant"} if first else {}
         calls: list[dict[str, Any]] = []
         if finish and self.tools:
-            content, calls = tool_reply(text, self._call_prefix(index))
+            _, calls = tool_reply(text, self._call_prefix(index))
             if calls:  # the held part's text outside the blocks, then the calls
                 rest = parse_tool_calls(text[shown:]).content
                 delta["content"] = rest

@@ -11,7 +11,7 @@ extensions (token ids, log-probs, episodes) are described in docs/serving_gatewa
 from __future__ import annotations
 
 import json
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
@@ -226,6 +226,8 @@ class EpisodePost(_Strict):
     reward: float
 
 
+Body = TypeVar("Body", bound=_Strict)
+
 _UNION_TAGS = {"str", "int", "float", "bool"}
 
 
@@ -246,7 +248,7 @@ def _refuse_constant(name: str) -> None:
     raise ValueError(f"{name} is not a JSON number")
 
 
-def parse_request(body: bytes, model: type[_Strict]) -> _Strict:
+def parse_request(body: bytes, model: type[Body]) -> Body:
     """Malformed JSON, wrong types and bad values all raise OpenAIError(400) naming the field."""
     try:
         data = json.loads(body, parse_constant=_refuse_constant)

@@ -63,7 +63,9 @@ def from_turns(turns: list[dict[str, Any]], reward: float, policy_version: int, 
     """One episode from the gateway's records of its turns, in order (each {prompt_ids, completion_ids,
     logprobs}). ValueError if a turn's prompt does not extend everything before it token for token."""
     prompt = list(turns[0]["prompt_ids"])
-    ids, logprobs, mask = [], [], []
+    ids: list[int] = []
+    logprobs: list[float] = []
+    mask: list[int] = []
     for k, turn in enumerate(turns):
         if k:
             so_far = prompt + ids

@@ -196,11 +196,11 @@ class Pipeline:
 
     def step(self, last: bool) -> dict[str, float]:
         """One step; `last`: no step follows in this run (so nothing is collected ahead)."""
-        if self.episodes is not None:
+        if (episodes := self.episodes) is not None:
             t0 = time.perf_counter()
             version = self.recovery.version
             experience = self.recovery.run(
-                "the episodes", lambda: episode_experience(self.cfg, self.roles, self.episodes, version)
+                "the episodes", lambda: episode_experience(self.cfg, self.roles, episodes, version)
             )
             return learn_and_sync(self.roles, experience, self.recovery, t0, lambda: None)[0]
         if self.max_staleness == 0:
