@@ -15,7 +15,10 @@ from rayrlhf.actors.generation.tool_calls import describe_tools, format_tool_cal
 from rayrlhf.actors.serving.openai_output import shown_end, tool_reply
 from rayrlhf.actors.serving.openai_requests import Job, Limits, OpenAIEngine
 from rayrlhf.actors.serving.openai_schema import OpenAIError
+from rayrlhf.jobs.config.base import ConfigError
+from rayrlhf.jobs.config.run import load_config
 from rayrlhf.jobs.data.episodes import Episode, append_episode, from_turns, read_episodes, step_episodes, trajectory
+from rayrlhf.jobs.train import check_episodes
 
 CALL = format_tool_call("calc", {"expression": "3 * 4"})
 TOOLS = [{"type": "function", "function": {"name": "calc", "description": "arithmetic",
@@ -192,3 +195,15 @@ def test_episodes_become_a_trajectory_with_groups_and_recorded_logprobs():
     np.testing.assert_allclose(traj.old_logprobs, [[0, 0, -0.1, 0, -0.3], [0, 0, -0.7, 0, 0]])
     assert traj.group_ids.tolist() == [10, 10] and traj.sample_ids.tolist() == [20, 21] and traj.policy_version == 4
     assert rewards.total.tolist() == [1.0, 0.0] and rewards.raw_total.tolist() == [1.0, 0.0]
+
+
+def test_train_checks_the_episodes_file_before_ray_starts(tmp_path):
+    path = tmp_path / "episodes.jsonl"
+    path.write_text(json.dumps({"prompt_ids": [1], "completion_ids": [2], "logprobs": [-1.0], "loss_mask": [0],
+                                "policy_version": 0, "reward": 1.0}) + "\n")  # fmt: skip
+    cfg = load_config("tiny", [f"data.episodes={path}"])
+    with pytest.raises(ConfigError, match=r"data.episodes: .*line 1: loss_mask must be 0/1 with at least one 1"):
+        check_episodes(cfg, str(path))
+    append_episode(path.with_name("good.jsonl"), Episode([1], [2], [-1.0], [1], 0, 1.0))
+    with pytest.raises(ConfigError, match="pipeline.max_staleness: 0"):
+        check_episodes(load_config("tiny", ["pipeline.max_staleness=1"]), str(path.with_name("good.jsonl")))
