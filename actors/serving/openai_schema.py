@@ -156,13 +156,20 @@ class AssistantToolCall(_Strict):
 
 class ChatMessage(_Strict):
     role: Literal["system", "developer", "user", "assistant", "tool"]
-    content: str | list[TextPart] | None = None
-    """None only for an assistant message that makes tool calls."""
+    content: str | list[TextPart] | None
+    """Null (or left out) only in an assistant message that makes tool calls."""
     name: str | None = None
     tool_calls: list[AssistantToolCall] | None = None
     """Assistant messages only: the calls it made (a history replayed by the client)."""
     tool_call_id: str | None = None
     """Tool messages only (required there): the call this is the result of."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _calls_need_no_content(cls, data: Any) -> Any:
+        if isinstance(data, dict) and data.get("tool_calls") and "content" not in data:
+            return {**data, "content": None}
+        return data
 
     @model_validator(mode="after")
     def _tool_fields(self) -> ChatMessage:

@@ -14,7 +14,7 @@ from rayrlhf.actors.generation.requests import ChoiceDelta, GenerationRequest, S
 from rayrlhf.actors.generation.tool_calls import describe_tools, format_tool_call
 from rayrlhf.actors.serving.openai_output import shown_end, tool_reply
 from rayrlhf.actors.serving.openai_requests import Job, Limits, OpenAIEngine
-from rayrlhf.actors.serving.openai_schema import OpenAIError
+from rayrlhf.actors.serving.openai_schema import ChatCompletionRequest, OpenAIError, parse_request
 from rayrlhf.jobs.config.base import ConfigError
 from rayrlhf.jobs.config.run import load_config
 from rayrlhf.jobs.data.episodes import Episode, append_episode, from_turns, read_episodes, step_episodes, trajectory
@@ -207,3 +207,15 @@ def test_train_checks_the_episodes_file_before_ray_starts(tmp_path):
     append_episode(path.with_name("good.jsonl"), Episode([1], [2], [-1.0], [1], 0, 1.0))
     with pytest.raises(ConfigError, match="pipeline.max_staleness: 0"):
         check_episodes(load_config("tiny", ["pipeline.max_staleness=1"]), str(path.with_name("good.jsonl")))
+
+
+def test_message_content_is_required_unless_the_message_makes_calls():
+    call = {"id": "c", "type": "function", "function": {"name": "calc", "arguments": "{}"}}
+    for message, ok in [({"role": "user"}, False), ({"role": "assistant", "tool_calls": [call]}, True),
+                        ({"role": "assistant", "content": None}, False)]:  # fmt: skip
+        body = json.dumps({"model": "m", "messages": [message]}).encode()
+        if ok:
+            assert parse_request(body, ChatCompletionRequest).messages[0].content is None
+        else:
+            with pytest.raises(OpenAIError, match="content"):
+                parse_request(body, ChatCompletionRequest)
