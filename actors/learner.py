@@ -134,6 +134,7 @@ class Learner:
         cache_dir: str | None = None,
         lora: LoraConfig | None = None,
         pipeline: PipelineConfig | None = None,
+        off_policy_data: bool = False,
     ):
         os.environ.update(
             MASTER_ADDR=master_addr, MASTER_PORT=str(master_port), RANK=str(rank),
@@ -156,7 +157,8 @@ class Learner:
         self.max_staleness = pipeline.max_staleness if pipeline else 0
         self.estimator = ADVANTAGE_ESTIMATORS[algorithm.name]
         self.estimate_advantages = load(self.estimator.function)
-        self.objective = Objective(algorithm, kl.estimator, pipeline.is_cap if self.max_staleness else None)
+        off_policy = self.max_staleness or off_policy_data  # recorded episodes: a behaviour policy of their own
+        self.objective = Objective(algorithm, kl.estimator, pipeline.is_cap if pipeline and off_policy else None)
 
         # fp32 master weights; DeepSpeed casts the module to bf16 itself when learner.bf16 is on
         self.policy, self.tokenizer = load_policy(resolve_policy_here(model, cache_dir), "float32", device_type)

@@ -32,8 +32,10 @@ import os
 import socket
 import time
 import uuid
+from collections import OrderedDict
 from collections.abc import AsyncGenerator, AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict
 from pathlib import Path
 
 from fastapi import FastAPI, Request
@@ -51,19 +53,23 @@ from rayrlhf.actors.generation.decode_loop import DecodeLoop
 from rayrlhf.actors.runtime.devices import role_device
 from rayrlhf.actors.runtime.models import resolve_policy, resolve_policy_here
 from rayrlhf.actors.serving.openai_requests import Job, Kind, Limits, OpenAIEngine
-from rayrlhf.actors.serving.openai_schema import OpenAIError, sse
+from rayrlhf.actors.serving.openai_schema import EpisodePost, OpenAIError, parse_request, sse
 from rayrlhf.actors.generation.requests import GenerationRequest, Update
 from rayrlhf.actors.serving.text_generator import TextGenerator, context_length
 from rayrlhf.actors.runtime.torch_thread import TorchThread
 from rayrlhf.cluster.local import init_ray, shutdown_ray
 from rayrlhf.jobs.config.base import ConfigError, validate
 from rayrlhf.jobs.config.serve import ServeConfig
+from rayrlhf.jobs.data.episodes import append_episode, from_turns
 
 logger = logging.getLogger("ray.serve")
 
 PARSE_THREADS = 2
 """Threads that parse and tokenise request bodies: with one, a small request would wait for a huge
 prompt's tokenisation; more would take cores from the decode thread when huge prompts arrive together."""
+
+RECORDED_REQUESTS = 1024
+"""Requests made with logprobs or return_token_ids that a replica keeps for POST /v1/episodes."""
 
 STALL_GRACE_S = 2.0
 """How long past its deadline a request may wait for a step before it gets 504 regardless."""
@@ -129,6 +135,9 @@ class OpenAIServer:
         """One beam search at a time on the torch thread, so decode steps get their turns between them."""
         self._parser = ThreadPoolExecutor(max_workers=PARSE_THREADS, thread_name_prefix="parse")
         self.token = api_key.get_secret_value() if api_key else None
+        self.records: OrderedDict[str, list[dict]] = OrderedDict()
+        """The last RECORDED_REQUESTS requests made with logprobs or return_token_ids: episodes are built from them."""
+        self.policy_version = 0
 
     def _authorize(self, request: Request) -> None:
         if self.token is None:
@@ -211,10 +220,10 @@ class OpenAIServer:
                 job.add(update)
         finally:
             await updates.aclose()
+        self._remember(job)
         return JSONResponse(job.response(), headers=self._headers(job))
 
-    @staticmethod
-    async def _sse(job: Job, first: list[dict], updates: AsyncGenerator[Update, None]) -> AsyncIterator[str]:
+    async def _sse(self, job: Job, first: list[dict], updates: AsyncGenerator[Update, None]) -> AsyncIterator[str]:
         """The events of a stream; if the client goes away, closing this closes `updates` (rows freed)."""
         try:
             for event in first:
@@ -227,7 +236,36 @@ class OpenAIServer:
             return
         finally:
             await updates.aclose()
+        self._remember(job)
         yield sse("[DONE]")
+
+    def _remember(self, job: Job) -> None:
+        if job.generation.logprobs:
+            self.records[job.id] = job.record()
+            while len(self.records) > RECORDED_REQUESTS:
+                self.records.popitem(last=False)
+
+    @app.post("/v1/episodes")
+    async def episodes(self, request: Request) -> dict:
+        """An extension: the caller's reward for the requests (turns, in order) of one episode; the
+        episode (ids, log-probs, loss mask) is built from what this replica returned, appended to
+        episodes_file if set, and returned (docs/serving_gateway.md)."""
+        self._authorize(request)
+        post = parse_request(await self._json_body(request), EpisodePost)
+        missing = [rid for rid in post.requests if rid not in self.records]
+        if missing:
+            raise OpenAIError(404, f"{missing[0]} is not among this replica's last {RECORDED_REQUESTS} requests made with "
+                              "logprobs or return_token_ids", "requests", code="request_not_found")  # fmt: skip
+        turns = [self.records[rid] for rid in post.requests]
+        if any(len(turn) != 1 for turn in turns):
+            raise OpenAIError(400, "an episode's requests must each have one choice (n=1)", "requests")
+        try:
+            episode = from_turns([turn[0] for turn in turns], post.reward, self.policy_version, post.requests)
+        except ValueError as e:
+            raise OpenAIError(400, str(e), "requests") from None
+        if self.cfg.episodes_file:
+            append_episode(self.cfg.episodes_file, episode)
+        return asdict(episode)
 
     @app.post("/v1/completions")
     async def completions(self, request: Request):

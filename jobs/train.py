@@ -34,6 +34,7 @@ from rayrlhf.cluster.storage import Storage
 from rayrlhf.jobs.run import checkpoint
 from rayrlhf.jobs.config.base import ConfigError
 from rayrlhf.jobs.config.run import RunConfig
+from rayrlhf.jobs.data.episodes import read_episodes
 from rayrlhf.jobs.data.prompts import check_prompt_lengths, load_task
 from rayrlhf.jobs.data.sampler import PromptSampler
 from rayrlhf.jobs.run.health import HealthMonitor, weighted_components
@@ -95,6 +96,19 @@ def runs_on_this_machine(cfg: RunConfig) -> bool:
     return not ray.is_initialized() or sum(node["Alive"] for node in ray.nodes()) == 1
 
 
+def check_episodes(cfg: RunConfig, path: str) -> None:
+    """data.episodes: readable, every line valid, and a step's share divides into the learner ranks' groups."""
+    try:
+        read_episodes(path)
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"data.episodes: {e}") from e
+    if cfg.prompts_per_step % cfg.learner.num_ranks:
+        raise ConfigError(f"data.episodes: prompts_per_step ({cfg.prompts_per_step}) must be a multiple of "
+                          f"learner.num_ranks ({cfg.learner.num_ranks}), so each rank trains whole groups")  # fmt: skip
+    if cfg.pipeline.max_staleness:
+        raise ConfigError("data.episodes: recorded episodes are trained synchronously; set pipeline.max_staleness: 0")
+
+
 def prepare(cfg: RunConfig) -> tuple[list[Prompt], list[Prompt]]:
     """Everything that can fail on bad input, done before any cluster resource is claimed.
 
@@ -110,6 +124,8 @@ def prepare(cfg: RunConfig) -> tuple[list[Prompt], list[Prompt]]:
             env_headers(cfg.reward.remote.headers_env)  # set where the run starts, not only on some node
     except (ValueError, RemoteRewardError) as e:
         raise ConfigError(str(e)) from e
+    if cfg.data.episodes:
+        check_episodes(cfg, cfg.data.episodes)
     if len(train_set) < cfg.prompts_per_step:
         raise ConfigError(f"data.train has {len(train_set)} prompts, fewer than prompts_per_step={cfg.prompts_per_step}")
     if runs_on_this_machine(cfg):
@@ -189,7 +205,8 @@ def _train(cfg: RunConfig, on_step: Callable[[int, dict[str, float]], None] | No
     monitor = HealthMonitor(cfg.monitor.model_dump(), weighted_components(cfg.reward), tracker.write)
     recovery = Recovery(roles, cfg.fault_tolerance, log=tracker.write)
     sampler = PromptSampler(train_set, cfg.seed)
-    pipeline = Pipeline(cfg, roles, recovery, lambda: sampler.draw(cfg.prompts_per_step))
+    episodes = read_episodes(cfg.data.episodes) if cfg.data.episodes else None  # checked in prepare()
+    pipeline = Pipeline(cfg, roles, recovery, lambda: sampler.draw(cfg.prompts_per_step), episodes)
     run = RunState(cfg, output_dir, roles, sampler, tracker, recovery, monitor, pipeline, remote=remote)
     try:
         with StopSignal() as stop:

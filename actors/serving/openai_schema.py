@@ -2,30 +2,32 @@
 
 Requests are parsed strictly (a string is not a number, unknown fields are refused, as OpenAI
 does), so a client bug comes back as a 400 naming the field instead of a silently different
-generation. Fields that clients often send with a neutral value (penalties 0, logprobs off) are
-accepted with that value and refused otherwise. Errors use OpenAI's body:
+generation. Fields that clients often send with a neutral value (penalties 0, echo off) are
+accepted with that value and refused otherwise. Tools follow OpenAI's function tools; the gateway's
+extensions (token ids, log-probs, episodes) are described in docs/serving_gateway.md. Errors use OpenAI's body:
 {"error": {"message", "type", "param", "code"}}.
 """
 
 from __future__ import annotations
 
 import json
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from rayrlhf.actors.generation.tool_calls import format_tool_call
 
 MAX_STOP = 4
 
 NEUTRAL = {
     "presence_penalty": (0, 0.0),
     "frequency_penalty": (0, 0.0),
-    "logprobs": (False, 0),
-    "top_logprobs": (0,),
     "echo": (False,),
     "logit_bias": ({},),
     "best_of": (1,),
     "suffix": ("",),
     "user": None,  # any string: it only identifies the caller
+    "parallel_tool_calls": (True,),  # every call the reply makes is returned
 }
 """Fields this server does not implement, with the values that mean "off" (None is always off)."""
 
@@ -42,6 +44,12 @@ class OpenAIError(Exception):
 
     def body(self) -> dict[str, Any]:
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+
+def _only_zero(value: int | None) -> int | None:
+    if value not in (None, 0):
+        raise ValueError("only 0 is supported: each sampled token's own log-prob, no alternatives to it")
+    return value
 
 
 class _Strict(BaseModel):
@@ -64,6 +72,8 @@ class _GenerationFields(_Strict):
     seed: int | None = Field(None, ge=0, le=2**64 - 1)
     num_beams: int = Field(1, ge=1)
     """An extension: beam search with this many beams (n <= num_beams), deterministic."""
+    return_token_ids: bool = False
+    """An extension (vLLM's name): the prompt's and each choice's token ids in the response."""
 
     @field_validator("stop")
     @classmethod
@@ -81,19 +91,26 @@ class _GenerationFields(_Strict):
 
 
 class CompletionRequest(_GenerationFields):
-    prompt: str | list[str]
+    prompt: str | list[str] | list[int] | list[list[int]]
+    """Text, texts, or (as OpenAI allows) token ids: one list of ids, or a list of such lists."""
+    logprobs: int | None = None
+    """0: each sampled token's log-prob (the legacy API's top-k alternatives are not supported)."""
+
+    _zero_logprobs = field_validator("logprobs")(lambda cls, value: _only_zero(value))
 
     @field_validator("prompt")
     @classmethod
-    def _not_empty(cls, value: str | list[str]) -> str | list[str]:
-        items = [value] if isinstance(value, str) else value
+    def _not_empty(cls, value: Any) -> Any:
+        items = [value] if isinstance(value, str) or (value and isinstance(value[0], int)) else value
         if not items or any(not p for p in items):
             raise ValueError("the prompt must not be empty")
         return value
 
     @property
-    def prompts(self) -> list[str]:
-        return [self.prompt] if isinstance(self.prompt, str) else list(self.prompt)
+    def prompts(self) -> list[str] | list[list[int]]:
+        """One entry per prompt: a text or a list of token ids."""
+        prompt = self.prompt
+        return [prompt] if isinstance(prompt, str) or isinstance(prompt[0], int) else list(prompt)
 
 
 class TextPart(_Strict):
@@ -101,21 +118,122 @@ class TextPart(_Strict):
     text: str
 
 
-class ChatMessage(_Strict):
-    role: Literal["system", "developer", "user", "assistant"]
-    content: str | list[TextPart]
-    name: str | None = None
+class FunctionDefinition(_Strict):
+    name: str = Field(pattern=r"^[A-Za-z0-9_-]{1,64}$")
+    description: str | None = None
+    parameters: dict[str, Any] | None = None
+    """A JSON schema of the arguments; shown to the model as it is."""
+    strict: bool | None = None
 
-    def as_template_input(self) -> dict[str, str]:
-        text = self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
-        return {"role": "system" if self.role == "developer" else self.role, "content": text}
+
+class Tool(_Strict):
+    type: Literal["function"]
+    function: FunctionDefinition
+
+
+class FunctionCall(_Strict):
+    name: str = Field(min_length=1)
+    arguments: str
+    """JSON text of an object, as OpenAI sends it."""
+
+    @field_validator("arguments")
+    @classmethod
+    def _json_object(cls, value: str) -> str:
+        try:
+            parsed = json.loads(value)
+        except ValueError:
+            raise ValueError("arguments must be JSON text of an object") from None
+        if not isinstance(parsed, dict):
+            raise ValueError("arguments must be JSON text of an object")
+        return value
+
+
+class AssistantToolCall(_Strict):
+    id: str
+    type: Literal["function"]
+    function: FunctionCall
+
+
+class ChatMessage(_Strict):
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: str | list[TextPart] | None
+    """Null (or left out) only in an assistant message that makes tool calls."""
+    name: str | None = None
+    tool_calls: list[AssistantToolCall] | None = None
+    """Assistant messages only: the calls it made (a history replayed by the client)."""
+    tool_call_id: str | None = None
+    """Tool messages only (required there): the call this is the result of."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _calls_need_no_content(cls, data: Any) -> Any:
+        if isinstance(data, dict) and data.get("tool_calls") and "content" not in data:
+            return {**data, "content": None}
+        return data
+
+    @model_validator(mode="after")
+    def _tool_fields(self) -> ChatMessage:
+        if self.tool_calls is not None and self.role != "assistant":
+            raise ValueError("tool_calls is only for assistant messages")
+        if (self.tool_call_id is not None) != (self.role == "tool"):
+            raise ValueError("a tool message needs tool_call_id, and only a tool message has one")
+        if self.content is None and not self.tool_calls:
+            raise ValueError("content is required (it may be null only in an assistant message with tool_calls)")
+        return self
+
+    def as_template_input(self, native_tools: bool = False) -> dict[str, Any]:
+        """The message for the chat template: tool calls as the template's own `tool_calls` field when it
+        supports tools, else written into the content in the <tool_call> convention."""
+        text = self.content if isinstance(self.content, str) else "".join(p.text for p in self.content or [])
+        message: dict[str, Any] = {"role": "system" if self.role == "developer" else self.role, "content": text}
+        calls = self.tool_calls or []
+        if native_tools and calls:
+            message["tool_calls"] = [
+                {"id": c.id, "type": "function", "function": {"name": c.function.name,
+                                                               "arguments": json.loads(c.function.arguments)}}
+                for c in calls
+            ]
+        elif calls:
+            written = "".join(format_tool_call(c.function.name, json.loads(c.function.arguments)) for c in calls)
+            message["content"] = f"{text}\n{written}" if text else written
+        if native_tools and self.tool_call_id is not None:
+            message["tool_call_id"] = self.tool_call_id
+        return message
 
 
 class ChatCompletionRequest(_GenerationFields):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = Field(None, ge=1)
     """The newer name of max_tokens in the chat API; either may be given."""
+    tools: list[Tool] | None = None
+    tool_choice: str | dict[str, Any] | None = None
+    """"auto" (the default with tools) or "none" (tools shown, no calls parsed)."""
+    logprobs: bool = False
+    top_logprobs: int | None = None
+    """Only 0: alternatives to the sampled token are not returned."""
 
+    _zero_top_logprobs = field_validator("top_logprobs")(lambda cls, value: _only_zero(value))
+
+    @field_validator("tool_choice")
+    @classmethod
+    def _supported_choice(cls, value: str | dict[str, Any] | None) -> str | dict[str, Any] | None:
+        if value not in (None, "auto", "none"):
+            raise ValueError('only "auto" and "none" are supported ("required" and naming a function are not)')
+        return value
+
+    @property
+    def parses_tool_calls(self) -> bool:
+        return bool(self.tools) and self.tool_choice != "none"
+
+
+class EpisodePost(_Strict):
+    """POST /v1/episodes (an extension): the caller's reward for one episode, made of these requests in order."""
+
+    requests: list[str] = Field(min_length=1)
+    reward: float
+
+
+Body = TypeVar("Body", bound=_Strict)
 
 _UNION_TAGS = {"str", "int", "float", "bool"}
 
@@ -137,7 +255,7 @@ def _refuse_constant(name: str) -> None:
     raise ValueError(f"{name} is not a JSON number")
 
 
-def parse_request(body: bytes, model: type[_GenerationFields]) -> _GenerationFields:
+def parse_request(body: bytes, model: type[Body]) -> Body:
     """Malformed JSON, wrong types and bad values all raise OpenAIError(400) naming the field."""
     try:
         data = json.loads(body, parse_constant=_refuse_constant)
@@ -175,7 +293,7 @@ def completion_choice(index: int, text: str, finish_reason: str | None) -> dict[
     return {"index": index, "text": text, "logprobs": None, "finish_reason": finish_reason}
 
 
-def chat_choice(index: int, text: str, finish_reason: str | None) -> dict[str, Any]:
+def chat_choice(index: int, text: str | None, finish_reason: str | None) -> dict[str, Any]:
     return {
         "index": index, "message": {"role": "assistant", "content": text},
         "logprobs": None, "finish_reason": finish_reason,

@@ -40,13 +40,19 @@ class TextGenerator(LocalEngine):
         with self._tokenizer_lock:
             return self.tokenizer(text).input_ids
 
-    def encode_chat(self, messages: list[dict[str, str]]) -> list[int]:
-        """Token ids of the chat template with the assistant turn opened."""
+    @property
+    def template_has_tools(self) -> bool:
+        """Whether the chat template renders `tools` itself (else the gateway describes them in text)."""
+        return "tools" in str(self.tokenizer.chat_template or "")
+
+    def encode_chat(self, messages: list[dict], tools: list[dict] | None = None) -> list[int]:
+        """Token ids of the chat template with the assistant turn opened (`tools` for a template that takes them)."""
         if not self.tokenizer.chat_template:
             raise ValueError("this model has no chat template: use /v1/completions")
         with self._tokenizer_lock:
             try:
-                text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+                text = self.tokenizer.apply_chat_template(messages, tools=tools, add_generation_prompt=True,
+                                                          tokenize=False)  # fmt: skip
             except TemplateError as e:  # templates refuse some conversations (e.g. roles out of order)
                 raise ValueError(f"the chat template refused these messages: {e}") from None
             return self.tokenizer(text, add_special_tokens=False).input_ids  # the template has its own

@@ -70,6 +70,11 @@ class DataConfig(StrictModel):
     overlong_prompts: Literal["error", "truncate"] = "error"
     """A prompt longer than policy.max_prompt_tokens once rendered (chat template, system prompt):
     "error" stops before Ray starts, naming it; "truncate" cuts it from the left and says how many were."""
+    episodes: str | None = None
+    """A JSONL file of episodes recorded through the Serve gateway (jobs/data/episodes.py): the steps train
+    them instead of generating, prompts_per_step x rollout.samples_per_prompt per step in file order (each
+    samples_per_prompt consecutive episodes a group), with the importance correction of pipeline.is_cap.
+    data.train still gives the held-out evaluation."""
 
 
 class RolloutConfig(StrictModel):

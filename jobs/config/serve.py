@@ -93,6 +93,9 @@ class ServeConfig(StrictModel):
     a request gets 503 with Retry-After at once. None: no bound (Serve's -1)."""
     retry_after_s: float = Field(1.0, ge=0)
     """The Retry-After of that 503."""
+    episodes_file: str | None = None
+    """Where POST /v1/episodes appends the episodes it builds (JSONL, on the replica's node; a path
+    `rayrlhf train` takes as data.episodes). None: episodes are only returned to the caller."""
 
     @model_validator(mode="after")
     def _consistent(self) -> ServeConfig:

@@ -33,6 +33,7 @@ from rayrlhf.actors.rl.offpolicy import admitted
 from rayrlhf.actors.rl.shard import pack
 from rayrlhf.actors.rl.trajectory import Prompt, Rewards
 from rayrlhf.jobs.config.run import RunConfig
+from rayrlhf.jobs.data.episodes import Episode, step_episodes, trajectory
 from rayrlhf.jobs.run import ahead as ahead_file
 from rayrlhf.jobs.run.recovery import Recovery
 from rayrlhf.jobs.run.roles import Roles
@@ -93,6 +94,24 @@ def collect(roles: Roles, prompts: list[Prompt], recovery: Recovery) -> Experien
     t3 = time.perf_counter()
     times = {"time/generate": t1 - t0, "time/score": t2 - t1, "time/reference": t3 - t1}
     return Experience(traj_refs, reward_refs, rewards, ref_refs, times)
+
+
+def episode_experience(cfg: RunConfig, roles: Roles, episodes: list[Episode], version: int) -> Experience:
+    """A step's share of recorded episodes (data.episodes) as the learner's experience: their recorded
+    rewards, and the reference's log-probs when the run has a KL term. Nothing is generated or scored."""
+    t0 = time.perf_counter()
+    k, ranks = cfg.rollout.samples_per_prompt, len(roles.learner)
+    batch = step_episodes(episodes, version, cfg.prompts_per_step * k)
+    size = len(batch) // ranks  # whole groups per rank: the learner's rows_per_step
+    parts = [trajectory(batch[i * size:(i + 1) * size], k, version, (version * len(batch) + i * size) // k)
+             for i in range(ranks)]  # fmt: skip
+    traj_refs = [ray.put(traj) for traj, _ in parts]
+    rewards = [reward for _, reward in parts]
+    ref_refs = [roles.reference[0].logprobs.remote(t) for t in traj_refs] if roles.reference else [None] * ranks
+    _wait([ref for ref in ref_refs if ref is not None])
+    t1 = time.perf_counter()
+    times = {"time/generate": 0.0, "time/score": 0.0, "time/reference": t1 - t0}
+    return Experience(traj_refs, [ray.put(r) for r in rewards], rewards, ref_refs, times)
 
 
 def rl_step(cfg: RunConfig, roles: Roles, prompts: list[Prompt], recovery: Recovery | None = None) -> dict[str, float]:
@@ -161,8 +180,12 @@ def sync_weights(roles: Roles, version: int, recovery: Recovery) -> list[int]:
 class Pipeline:
     """The run's steps: synchronous `rl_step`s, or one scored batch ahead of the learner (module docstring)."""
 
-    def __init__(self, cfg: RunConfig, roles: Roles, recovery: Recovery, draw: Callable[[], list[Prompt]]) -> None:
+    def __init__(self, cfg: RunConfig, roles: Roles, recovery: Recovery, draw: Callable[[], list[Prompt]],
+                 episodes: list[Episode] | None = None) -> None:  # fmt: skip
         self.cfg, self.roles, self.recovery, self.draw = cfg, roles, recovery, draw
+        self.episodes = episodes
+        """Recorded episodes (data.episodes): trained instead of generated, the step's share chosen by
+        the policy version, so a resumed run trains what the lost one would have."""
         self.max_staleness = cfg.pipeline.max_staleness
         self.ahead: Experience | None = None
         """The next step's batch, collected (pipelined runs, between steps)."""
@@ -173,6 +196,13 @@ class Pipeline:
 
     def step(self, last: bool) -> dict[str, float]:
         """One step; `last`: no step follows in this run (so nothing is collected ahead)."""
+        if (episodes := self.episodes) is not None:
+            t0 = time.perf_counter()
+            version = self.recovery.version
+            experience = self.recovery.run(
+                "the episodes", lambda: episode_experience(self.cfg, self.roles, episodes, version)
+            )
+            return learn_and_sync(self.roles, experience, self.recovery, t0, lambda: None)[0]
         if self.max_staleness == 0:
             return rl_step(self.cfg, self.roles, self.draw(), self.recovery)
         t0 = time.perf_counter()

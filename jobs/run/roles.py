@@ -91,7 +91,7 @@ def role_table(cfg: RunConfig) -> list[Role]:
         **model, rank=rank, world_size=learner.num_ranks, seed=cfg.seed, temperature=rollout.temperature,
         rows_per_step=cfg.prompts_per_step * rollout.samples_per_prompt // learner.num_ranks,
         algorithm=algorithm, kl=kl, learner=learner, device=role_device(learner.num_gpus),
-        lora=cfg.policy.lora, pipeline=cfg.pipeline,
+        lora=cfg.policy.lora, pipeline=cfg.pipeline, off_policy_data=cfg.data.episodes is not None,
     ), rendezvous=True))
     return roles
 

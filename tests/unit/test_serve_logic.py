@@ -45,7 +45,8 @@ def params(max_tokens: int, temperature: float = 0.0, stop: tuple[str, ...] = ()
         (b'{"prompt": "hi"}', "model"),
         (b'{"model": "m", "prompt": ""}', "prompt"),
         (b'{"model": "m", "prompt": ["a", ""]}', "prompt"),
-        (b'{"model": "m", "prompt": [1, 2]}', "prompt"),
+        (b'{"model": "m", "prompt": [1, "a"]}', "prompt"),  # token ids or texts, not both
+        (b'{"model": "m", "prompt": [[1], []]}', "prompt"),
         (b'{"model": "m", "prompt": "hi", "temperature": "hot"}', "temperature"),
         (b'{"model": "m", "prompt": "hi", "temperature": 2.5}', "temperature"),
         (b'{"model": "m", "prompt": "hi", "n": 1.5}', "n"),
