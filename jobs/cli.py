@@ -69,7 +69,12 @@ def _serve(args: argparse.Namespace) -> object:
     cfg = load_serve_config(args.config, list(args.overrides) + extra)
     from rayrlhf.jobs.serve import run
 
-    run(cfg, args.address)
+    if cfg.versions:
+        from rayrlhf.jobs.serve_router import deploy_versioned
+
+        run(cfg, args.address, deploy_versioned)
+    else:
+        run(cfg, args.address)
     return 0
 
 

@@ -32,7 +32,7 @@ import os
 import socket
 import time
 import uuid
-from collections.abc import AsyncGenerator, AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -367,7 +367,11 @@ def _absolute_model(cfg: ServeConfig) -> ServeConfig:
 
 def app_builder(args: dict) -> serve.Application:
     """For `serve run` / `serve deploy`: import_path rayrlhf.jobs.serve:app_builder, args a ServeConfig."""
-    return build_app(_absolute_model(validate(ServeConfig, dict(args), "serve application args")))
+    cfg = validate(ServeConfig, dict(args), "serve application args")
+    if cfg.versions:
+        raise ConfigError("versions: a versioned endpoint is several Serve applications and a state actor; "
+                          "start it with `rayrlhf serve` (docs/serving_versions.md)")
+    return build_app(_absolute_model(cfg))
 
 
 def prepare(cfg: ServeConfig, local: bool) -> ServeConfig:
@@ -407,23 +411,25 @@ def feedback_storage(cfg: ServeConfig) -> ServeConfig:
     return cfg.model_copy(update={"feedback": cfg.feedback.model_copy(update={"output_dir": Storage(location).location})})
 
 
-def start(cfg: ServeConfig) -> DeploymentHandle:
-    """Start Serve's HTTP proxy on cfg.host:cfg.port and deploy the app (Ray must be up)."""
-    serve.start(http_options={"host": cfg.host, "port": cfg.port})
-    if cfg.versions:
-        from rayrlhf.jobs.serve_router import deploy_versioned
-
-        return deploy_versioned(cfg)
+def deploy_single(cfg: ServeConfig) -> DeploymentHandle:
     return serve.run(build_app(cfg), name=cfg.app_name, route_prefix=cfg.route_prefix)
 
 
-def run(cfg: ServeConfig, address: str | None = None) -> None:
+def start(cfg: ServeConfig, deploy: Callable[[ServeConfig], DeploymentHandle] = deploy_single) -> DeploymentHandle:
+    """Start Serve's HTTP proxy on cfg.host:cfg.port and deploy the app (Ray must be up); a versioned
+    endpoint passes jobs/serve_router.py's deploy_versioned."""
+    serve.start(http_options={"host": cfg.host, "port": cfg.port})
+    return deploy(cfg)
+
+
+def run(cfg: ServeConfig, address: str | None = None,
+        deploy: Callable[[ServeConfig], DeploymentHandle] = deploy_single) -> None:
     """Local Ray: serve until Ctrl-C, then shut down. A given cluster keeps the app running."""
     address = address or os.environ.get("RAY_ADDRESS")
     cfg = prepare(cfg, local=address is None)
     init_ray(address)
     try:
-        start(cfg)
+        start(cfg, deploy)
         host = f"[{cfg.host}]" if ":" in cfg.host else cfg.host
         names = f"{cfg.model_name!r} (versions {', '.join(v.name for v in cfg.versions)})" if cfg.versions else repr(cfg.model_name)
         print(f"serving {names} at http://{host}:{cfg.port}{cfg.route_prefix.rstrip('/')}/v1", flush=True)
@@ -436,8 +442,4 @@ def run(cfg: ServeConfig, address: str | None = None) -> None:
     finally:
         if address is None:
             serve.shutdown()
-            if cfg.versions:
-                from rayrlhf.jobs.serve_state import stop_state
-
-                stop_state(cfg)
-            shutdown_ray()
+            shutdown_ray()  # with it the state actor of a versioned endpoint

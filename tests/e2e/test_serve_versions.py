@@ -18,6 +18,7 @@ from sockets import free_port
 from rayrlhf.jobs.config.serve import FeedbackConfig, ServeConfig, VersionConfig
 from rayrlhf.jobs.config.supervised import RMConfig, load_job_config
 from rayrlhf.jobs.serve import prepare, start
+from rayrlhf.jobs.serve_router import deploy_versioned
 from rayrlhf.jobs.serve_state import stop_state
 from rayrlhf.jobs.train_rm import train_rm
 
@@ -38,7 +39,7 @@ def endpoint(local_ray, tmp_path_factory):
     os.environ[KEY_ENV] = KEY  # after Ray started: its processes never see it
     cfg = prepare(cfg, local=True)
     try:
-        start(cfg)
+        start(cfg, deploy_versioned)
         with httpx.Client(base_url=f"http://127.0.0.1:{cfg.port}", timeout=60, trust_env=False, headers=AUTH) as http:
             yield http, feedback_dir
     finally:
