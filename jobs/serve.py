@@ -22,6 +22,9 @@ Every response carries Serve's `x-request-id` header; an internal error answers 
 generic message naming that id, and the traceback goes to the replica's log under it. Evidence of
 batching: headers x-rayrlhf-batch-requests / -batch-sequences (the most that shared a decode
 step with this request) and GET /stats.
+
+A versioned endpoint (jobs/serve_router.py) runs this server once per version, behind a router that
+calls `respond` through a DeploymentHandle instead of HTTP.
 """
 
 import asyncio

@@ -53,7 +53,8 @@ class VersionConfig(StrictModel):
     @classmethod
     def _name(cls, value: str) -> str:
         if not NAME_PATTERN.match(value):
-            raise ValueError(f"version name {value!r}: use letters, digits and . _ : - (at most 128)")
+            raise ValueError(f"version name {value!r}: use letters, digits and . _ : - (at most 128); "
+                             "--model NAME=MODEL names a version")
         return value
 
 
