@@ -135,12 +135,12 @@ class ServingState:
             return "error", 400, OpenAIError(400, f"version name {name!r}: use letters, digits and . _ : -", "name").body()
         if "/" in model and not Path(model).is_absolute():
             return "error", 400, OpenAIError(400, f"model {model!r}: give an absolute checkpoint path", "model").body()
+        share = {} if traffic is None else {name: traffic}
         with self.lock:
             if name in self.models:
                 return "error", 409, OpenAIError(409, f"version {name!r} is already served", "name").body()
-            explicit = {**self.explicit, **({} if traffic is None else {name: traffic})}
             try:
-                resolve_shares([*self.models, name], explicit)
+                resolve_shares([*self.models, name], {**self.explicit, **share})
             except ValueError as e:
                 return "error", 400, OpenAIError(400, str(e), "traffic").body()
         app = version_app_name(self.cfg, name)
@@ -151,7 +151,7 @@ class ServingState:
             return "error", 400, OpenAIError(400, f"model {model!r} could not be deployed: {e}", "model").body()
         with self.lock:
             self.models[name] = model
-            self.explicit = {**self.explicit, **({} if traffic is None else {name: traffic})}
+            self.explicit = {**self.explicit, **share}
             self.shares = resolve_shares(list(self.models), self.explicit)
             self.stats.setdefault(name, VersionStats())
             self.epoch += 1
