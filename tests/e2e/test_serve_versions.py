@@ -154,3 +154,16 @@ def test_bad_feedback_gets_an_openai_error_naming_the_field(endpoint, body, stat
     assert r.status_code == status and r.json()["error"]["param"] == param, r.text
     assert http.post("/v1/feedback", content=b"{}", headers={"content-type": "text/plain"}).status_code == 415
     assert without_key(http, "POST", "/v1/feedback", json=body).status_code == 401
+
+
+def test_admin_needs_the_key_and_checks_its_input(endpoint):
+    http, _ = endpoint
+    assert without_key(http, "DELETE", "/admin/versions/B").status_code == 401
+    assert without_key(http, "POST", "/admin/traffic", json={"B": 0}).status_code == 401
+    for path, body, param in [("/admin/traffic", {"B": 2}, "traffic"), ("/admin/traffic", {"Z": 0.1}, "traffic"),
+                              ("/admin/versions", {"name": "D", "model": "relative/ckpt"}, "model"),
+                              ("/admin/versions", {"name": "A", "model": "tiny-gpt2"}, "name")]:
+        r = http.post(path, json=body)
+        assert 400 <= r.status_code < 500 and r.json()["error"]["param"] == param, r.text
+    assert {m["id"]: m["traffic"] for m in http.get("/v1/models").json()["data"]} == {
+        "A": pytest.approx(0.8), "B": pytest.approx(0.2)}  # nothing changed
