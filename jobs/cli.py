@@ -8,6 +8,7 @@ imported only once the verb runs. So `rayrlhf --help` and a config error answer 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -54,11 +55,26 @@ def _tune(args: argparse.Namespace) -> object:
 def _serve(args: argparse.Namespace) -> object:
     from rayrlhf.jobs.config.serve import load_serve_config
 
-    extra = [f"{field}={value}" for field, value in (("model", args.model), ("port", args.port)) if value]
+    extra = [f"port={args.port}"] if args.port else []
+    if len(args.model) == 1 and "=" not in args.model[0]:
+        extra.append(f"model={args.model[0]}")
+    elif args.model:  # versions: NAME=MODEL, or MODEL named after itself
+        versions = [dict(zip(("name", "model"), m.split("=", 1) if "=" in m else (m, m))) for m in args.model]
+        extra.append(f"versions={json.dumps(versions)}")
+    for item in args.traffic:
+        name, sep, share = item.partition("=")
+        if not sep:
+            raise ConfigError(f"--traffic {item}: expected NAME=SHARE, e.g. --traffic B=0.1")
+        extra.append(f"traffic.{name}={share}")
     cfg = load_serve_config(args.config, list(args.overrides) + extra)
     from rayrlhf.jobs.serve import run
 
-    run(cfg, args.address)
+    if cfg.versions:
+        from rayrlhf.jobs.serve_router import deploy_versioned
+
+        run(cfg, args.address, deploy_versioned)
+    else:
+        run(cfg, args.address)
     return 0
 
 
@@ -127,7 +143,11 @@ def _tune_options(parser: argparse.ArgumentParser) -> None:
 
 def _serve_options(parser: argparse.ArgumentParser) -> None:
     config_options(parser, "serve.yaml", "max_batch_size=16", what="ServeConfig")
-    parser.add_argument("--model", help="checkpoint directory or built-in name (sets model)")
+    parser.add_argument("--model", action="append", default=[], metavar="[NAME=]MODEL",
+                        help="checkpoint directory or built-in name (sets model); twice or more, or NAME=MODEL: "
+                        "versions behind one endpoint (docs/serving_versions.md)")
+    parser.add_argument("--traffic", action="append", default=[], metavar="NAME=SHARE",
+                        help="a version's traffic share in [0, 1], e.g. --traffic B=0.1 (the others split the rest)")
     parser.add_argument("--port", type=int, help="HTTP port (sets port)")
 
 

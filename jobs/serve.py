@@ -22,6 +22,9 @@ Every response carries Serve's `x-request-id` header; an internal error answers 
 generic message naming that id, and the traceback goes to the replica's log under it. Evidence of
 batching: headers x-rayrlhf-batch-requests / -batch-sequences (the most that shared a decode
 step with this request) and GET /stats.
+
+A versioned endpoint (jobs/serve_router.py) runs this server once per version, behind a router that
+calls `respond` through a DeploymentHandle instead of HTTP.
 """
 
 import asyncio
@@ -33,7 +36,7 @@ import socket
 import time
 import uuid
 from collections import OrderedDict
-from collections.abc import AsyncGenerator, AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict
 from pathlib import Path
@@ -59,7 +62,8 @@ from rayrlhf.actors.serving.text_generator import TextGenerator, context_length
 from rayrlhf.actors.runtime.torch_thread import TorchThread
 from rayrlhf.cluster.local import init_ray, shutdown_ray
 from rayrlhf.jobs.config.base import ConfigError, validate
-from rayrlhf.jobs.config.serve import ServeConfig
+from rayrlhf.cluster.storage import Storage, is_uri
+from rayrlhf.jobs.config.serve import ServeConfig, VersionConfig
 from rayrlhf.jobs.data.episodes import append_episode, from_turns
 
 logger = logging.getLogger("ray.serve")
@@ -92,9 +96,8 @@ def _error(request: Request, err: OpenAIError) -> JSONResponse:
     return JSONResponse(err.body(), status_code=err.status)
 
 
-def internal_error(request: Request, err: BaseException) -> OpenAIError:
+def internal_error(rid: str, err: BaseException) -> OpenAIError:
     """A generic 500 naming the request id; the details go to the server log only."""
-    rid = request_id(request)
     logger.error("request %s failed: %s: %s", rid, type(err).__name__, err, exc_info=err)
     return OpenAIError(500, f"internal server error (request id {rid}; details are in the server log)",
                        type="server_error")
@@ -112,7 +115,36 @@ async def _http_error(request: Request, err: HTTPException) -> JSONResponse:
 
 @app.exception_handler(Exception)
 async def _server_error(request: Request, err: Exception) -> JSONResponse:
-    return _error(request, internal_error(request, err))
+    return _error(request, internal_error(request_id(request), err))
+
+
+def authorize(token: str | None, request: Request) -> None:
+    """401 unless the request carries `Authorization: Bearer <token>` (nothing to check without a token)."""
+    if token is None:
+        return
+    scheme, _, given = request.headers.get("authorization", "").partition(" ")
+    if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), token.encode()):
+        raise OpenAIError(401, "missing or wrong API key: send 'Authorization: Bearer <key>'", code="invalid_api_key")
+
+
+async def json_body(request: Request, cap: int) -> bytes:
+    """The body of a JSON request, 415 / 413 before any of it is parsed: at most cap (+1) bytes are
+    read, none when Content-Length is already above it."""
+    media_type = request.headers.get("content-type", "").partition(";")[0].strip().lower()
+    if media_type != "application/json":
+        raise OpenAIError(415, f"Content-Type must be application/json, not {media_type or 'none'!r}",
+                          code="unsupported_media_type")
+    too_large = OpenAIError(413, f"the request body is larger than this server's max_body_bytes={cap}",
+                            code="request_too_large")
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > cap:
+        raise too_large
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > cap:
+            raise too_large
+    return bytes(body)
 
 
 @serve.deployment
@@ -140,37 +172,13 @@ class OpenAIServer:
         self.policy_version = 0
 
     def _authorize(self, request: Request) -> None:
-        if self.token is None:
-            return
-        scheme, _, given = request.headers.get("authorization", "").partition(" ")
-        if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), self.token.encode()):
-            raise OpenAIError(401, "missing or wrong API key: send 'Authorization: Bearer <key>'", code="invalid_api_key")
-
-    async def _json_body(self, request: Request) -> bytes:
-        """The body of a JSON request, 415 / 413 before any of it is parsed: at most max_body_bytes
-        (+1) are read, none when Content-Length is already above it."""
-        media_type = request.headers.get("content-type", "").partition(";")[0].strip().lower()
-        if media_type != "application/json":
-            raise OpenAIError(415, f"Content-Type must be application/json, not {media_type or 'none'!r}",
-                              code="unsupported_media_type")
-        cap = self.cfg.max_body_bytes
-        too_large = OpenAIError(413, f"the request body is larger than this server's max_body_bytes={cap}",
-                                code="request_too_large")
-        declared = request.headers.get("content-length", "")
-        if declared.isdigit() and int(declared) > cap:
-            raise too_large
-        body = bytearray()
-        async for chunk in request.stream():
-            body += chunk
-            if len(body) > cap:
-                raise too_large
-        return bytes(body)
+        authorize(self.token, request)
 
     async def _beams(self, generation: GenerationRequest) -> AsyncGenerator[Update, None]:
         async with self._beam_lock:
             yield await self.torch.run(beam_update, self.generator, generation)  # decode steps wait meanwhile
 
-    async def _updates(self, job: Job, request: Request) -> AsyncGenerator[Update, None]:
+    async def _updates(self, job: Job, rid: str) -> AsyncGenerator[Update, None]:
         """The job's Updates, with a hard deadline; its rows leave the batch if we stop."""
         generation = job.generation
         stream = self._beams(generation) if generation.num_beams > 1 else self.scheduler.run(generation)
@@ -187,7 +195,7 @@ class OpenAIServer:
                         type="timeout", code="timeout",
                     ) from None
                 except Exception as e:  # e.g. GenerationError: a diverged checkpoint's NaN logits
-                    raise internal_error(request, e) from None
+                    raise internal_error(rid, e) from None
         finally:
             await stream.aclose()  # cancels its rows if they are not done
 
@@ -196,32 +204,62 @@ class OpenAIServer:
         requests, sequences = job.batch
         return {"x-rayrlhf-batch-requests": str(requests), "x-rayrlhf-batch-sequences": str(sequences)}
 
-    async def _generate(self, kind: Kind, request: Request):
-        self._authorize(request)
-        body = await self._json_body(request)
+    async def _start(self, kind: Kind, body: bytes, rid: str) -> tuple[Job, list[dict], AsyncGenerator[Update, None]]:
+        """The parsed job, its first events (a plain response: none, the first Update is taken in),
+        and the rest of its Updates; failures before the first token raise (a plain 4xx / 5xx)."""
         job = await asyncio.get_running_loop().run_in_executor(self._parser, self.engine.parse, kind, body)
-        updates = self._updates(job, request)
+        updates = self._updates(job, rid)
         try:
-            first = await anext(updates)  # failures before the first token are a plain 5xx
+            first = await anext(updates)
+            if not job.stream:
+                job.add(first)
+                return job, [], updates
+            return job, job.chunks(first), updates
         except StopAsyncIteration:
-            raise internal_error(request, RuntimeError("the scheduler ended without output")) from None
-        if job.stream:
-            try:
-                events = job.chunks(first)
-            except OpenAIError:
-                await updates.aclose()
-                raise
-            return StreamingResponse(
-                self._sse(job, events, updates), media_type="text/event-stream", headers=self._headers(job)
-            )
+            raise internal_error(rid, RuntimeError("the scheduler ended without output")) from None
+        except OpenAIError:
+            await updates.aclose()
+            raise
+
+    async def _collect(self, job: Job, updates: AsyncGenerator[Update, None]) -> dict:
         try:
-            job.add(first)
             async for update in updates:
                 job.add(update)
         finally:
             await updates.aclose()
         self._remember(job)
-        return JSONResponse(job.response(), headers=self._headers(job))
+        return job.response()
+
+    async def _generate(self, kind: Kind, request: Request):
+        self._authorize(request)
+        body = await json_body(request, self.cfg.max_body_bytes)
+        job, events, updates = await self._start(kind, body, request_id(request))
+        if job.stream:
+            return StreamingResponse(
+                self._sse(job, events, updates), media_type="text/event-stream", headers=self._headers(job)
+            )
+        return JSONResponse(await self._collect(job, updates), headers=self._headers(job))
+
+    async def respond(self, kind: Kind, body: bytes, rid: str) -> AsyncIterator[tuple]:
+        """The same for a router in front (jobs/serve_router.py), through a streaming DeploymentHandle:
+        ("error", status, body) | ("json", response, headers) | ("stream", headers) then ("sse", event)
+        ..., and after a complete answer ("done", id, the choices' texts)."""
+        try:
+            job, events, updates = await self._start(kind, body, rid)
+            response = None if job.stream else await self._collect(job, updates)
+        except OpenAIError as err:
+            yield "error", err.status, err.body()
+            return
+        if response is not None:
+            yield "json", response, self._headers(job)
+        else:
+            yield "stream", self._headers(job)
+            event = ""
+            async for event in self._sse(job, events, updates):
+                yield "sse", event
+            if event != sse("[DONE]"):
+                return
+        yield "done", job.id, [job.texts.get(i, "") for i in range(job.generation.rows)]
 
     async def _sse(self, job: Job, first: list[dict], updates: AsyncGenerator[Update, None]) -> AsyncIterator[str]:
         """The events of a stream; if the client goes away, closing this closes `updates` (rows freed)."""
@@ -251,7 +289,7 @@ class OpenAIServer:
         episode (ids, log-probs, loss mask) is built from what this replica returned, appended to
         episodes_file if set, and returned (docs/serving_gateway.md)."""
         self._authorize(request)
-        post = parse_request(await self._json_body(request), EpisodePost)
+        post = parse_request(await json_body(request, self.cfg.max_body_bytes), EpisodePost)
         missing = [rid for rid in post.requests if rid not in self.records]
         if missing:
             raise OpenAIError(404, f"{missing[0]} is not among this replica's last {RECORDED_REQUESTS} requests made with "
@@ -321,7 +359,7 @@ def check_open_host(cfg: ServeConfig) -> None:
         )
 
 
-def build_app(cfg: ServeConfig) -> serve.Application:
+def deployment_options(cfg: ServeConfig) -> dict:
     options: dict = {
         "max_ongoing_requests": cfg.max_ongoing_requests,
         "max_queued_requests": cfg.max_queued_requests or -1,
@@ -332,6 +370,11 @@ def build_app(cfg: ServeConfig) -> serve.Application:
         options["autoscaling_config"] = cfg.autoscaling.model_dump()
     else:
         options["num_replicas"] = cfg.num_replicas
+    return options
+
+
+def build_app(cfg: ServeConfig) -> serve.Application:
+    options = deployment_options(cfg)
     key = api_key(cfg)
     if cfg.auth_env and key is None:
         logger.warning("auth is off: $%s is not set where the app is built", cfg.auth_env)
@@ -339,17 +382,36 @@ def build_app(cfg: ServeConfig) -> serve.Application:
     return OpenAIServer.options(**options).bind(cfg.model_dump(), key)  # type: ignore[attr-defined]
 
 
+def version_app(cfg: ServeConfig, version: VersionConfig) -> serve.Application:
+    """One version of a versioned endpoint: this module's server for version.model, answering to
+    version.name, reached only through the router (no HTTP route, so no key of its own). Deleting
+    it (a rollback) lets its replicas finish what they hold, up to the longest a request may take."""
+    single = cfg.model_copy(update={"model": version.model, "served_model_name": version.name, "versions": [], "traffic": {}})
+    options = {**deployment_options(cfg), "graceful_shutdown_timeout_s": cfg.request_timeout_s + STALL_GRACE_S + 1}
+    return OpenAIServer.options(**options).bind(single.model_dump(), None)  # type: ignore[attr-defined]
+
+
+def _absolute_path(model: str) -> str:
+    path = Path(model).expanduser()
+    return str(path.resolve()) if path.is_dir() else model
+
+
 def _absolute_model(cfg: ServeConfig) -> ServeConfig:
-    """A checkpoint path made absolute, so replicas find it whatever their working directory."""
-    path = Path(cfg.model).expanduser()
-    if path.is_dir():
-        return cfg.model_copy(update={"model": str(path.resolve()), "served_model_name": cfg.model_name})
-    return cfg
+    """Checkpoint paths made absolute, so replicas find them whatever their working directory."""
+    versions = [v.model_copy(update={"model": _absolute_path(v.model)}) for v in cfg.versions]
+    update: dict = {"versions": versions}
+    if not cfg.versions and _absolute_path(cfg.model) != cfg.model:
+        update.update(model=_absolute_path(cfg.model), served_model_name=cfg.model_name)
+    return cfg.model_copy(update=update)
 
 
 def app_builder(args: dict) -> serve.Application:
     """For `serve run` / `serve deploy`: import_path rayrlhf.jobs.serve:app_builder, args a ServeConfig."""
-    return build_app(_absolute_model(validate(ServeConfig, dict(args), "serve application args")))
+    cfg = validate(ServeConfig, dict(args), "serve application args")
+    if cfg.versions:
+        raise ConfigError("versions: a versioned endpoint is several Serve applications and a state actor; "
+                          "start it with `rayrlhf serve` (docs/serving_versions.md)")
+    return build_app(_absolute_model(cfg))
 
 
 def prepare(cfg: ServeConfig, local: bool) -> ServeConfig:
@@ -357,16 +419,19 @@ def prepare(cfg: ServeConfig, local: bool) -> ServeConfig:
     once), the port is free."""
     check_open_host(cfg)
     cfg = _absolute_model(cfg)
+    if cfg.versions:
+        cfg = feedback_storage(cfg)
     if local:
-        try:
-            context = context_length(AutoConfig.from_pretrained(resolve_policy(cfg.model, cfg.cache_dir)))
-        except (ValueError, OSError, ModuleNotFoundError) as e:
-            raise ConfigError(f"model: {e}") from e
-        if cfg.max_tokens + (cfg.max_prompt_tokens or 1) > context:
-            raise ConfigError(
-                f"max_tokens ({cfg.max_tokens}) + max_prompt_tokens ({cfg.max_prompt_tokens}) exceed the "
-                f"context length of {cfg.model} ({context})"
-            )
+        for field, model in ([(f"versions.{v.name}.model", v.model) for v in cfg.versions] or [("model", cfg.model)]):
+            try:
+                context = context_length(AutoConfig.from_pretrained(resolve_policy(model, cfg.cache_dir)))
+            except (ValueError, OSError, ModuleNotFoundError) as e:
+                raise ConfigError(f"{field}: {e}") from e
+            if cfg.max_tokens + (cfg.max_prompt_tokens or 1) > context:
+                raise ConfigError(
+                    f"max_tokens ({cfg.max_tokens}) + max_prompt_tokens ({cfg.max_prompt_tokens}) exceed the "
+                    f"context length of {model} ({context})"
+                )
         with socket.socket() as s:
             try:
                 s.bind((cfg.host, cfg.port))
@@ -377,21 +442,37 @@ def prepare(cfg: ServeConfig, local: bool) -> ServeConfig:
     return cfg
 
 
-def start(cfg: ServeConfig) -> DeploymentHandle:
-    """Start Serve's HTTP proxy on cfg.host:cfg.port and deploy the app (Ray must be up)."""
-    serve.start(http_options={"host": cfg.host, "port": cfg.port})
+def feedback_storage(cfg: ServeConfig) -> ServeConfig:
+    """Feedback files are appended to: a path (made absolute here, on the driver) or file://."""
+    location = cfg.feedback.output_dir
+    if is_uri(location) and not location.startswith("file://"):
+        raise ConfigError(f"feedback.output_dir: {location!r} cannot be appended to; give a path, a shared "
+                          "filesystem path or a file:// URI")
+    return cfg.model_copy(update={"feedback": cfg.feedback.model_copy(update={"output_dir": Storage(location).location})})
+
+
+def deploy_single(cfg: ServeConfig) -> DeploymentHandle:
     return serve.run(build_app(cfg), name=cfg.app_name, route_prefix=cfg.route_prefix)
 
 
-def run(cfg: ServeConfig, address: str | None = None) -> None:
+def start(cfg: ServeConfig, deploy: Callable[[ServeConfig], DeploymentHandle] = deploy_single) -> DeploymentHandle:
+    """Start Serve's HTTP proxy on cfg.host:cfg.port and deploy the app (Ray must be up); a versioned
+    endpoint passes jobs/serve_router.py's deploy_versioned."""
+    serve.start(http_options={"host": cfg.host, "port": cfg.port})
+    return deploy(cfg)
+
+
+def run(cfg: ServeConfig, address: str | None = None,
+        deploy: Callable[[ServeConfig], DeploymentHandle] = deploy_single) -> None:
     """Local Ray: serve until Ctrl-C, then shut down. A given cluster keeps the app running."""
     address = address or os.environ.get("RAY_ADDRESS")
     cfg = prepare(cfg, local=address is None)
     init_ray(address)
     try:
-        start(cfg)
+        start(cfg, deploy)
         host = f"[{cfg.host}]" if ":" in cfg.host else cfg.host
-        print(f"serving {cfg.model_name!r} at http://{host}:{cfg.port}{cfg.route_prefix.rstrip('/')}/v1", flush=True)
+        names = f"{cfg.model_name!r} (versions {', '.join(v.name for v in cfg.versions)})" if cfg.versions else repr(cfg.model_name)
+        print(f"serving {names} at http://{host}:{cfg.port}{cfg.route_prefix.rstrip('/')}/v1", flush=True)
         if address is None:
             print("Ctrl-C to stop", flush=True)
             while True:
@@ -401,4 +482,4 @@ def run(cfg: ServeConfig, address: str | None = None) -> None:
     finally:
         if address is None:
             serve.shutdown()
-            shutdown_ray()
+            shutdown_ray()  # with it the state actor of a versioned endpoint

@@ -10,7 +10,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
+
+from rayrlhf.actors.serving.versions import NAME_PATTERN, resolve_shares
 
 from rayrlhf.jobs.config.base import (
     ConfigError,
@@ -37,6 +39,36 @@ class AutoscalingConfig(StrictModel):
         if self.min_replicas > self.max_replicas:
             raise ValueError(f"min_replicas ({self.min_replicas}) > max_replicas ({self.max_replicas})")
         return self
+
+
+class VersionConfig(StrictModel):
+    """One policy version behind a versioned endpoint (docs/serving_versions.md)."""
+
+    name: str
+    """What clients send as `model` to pin this version; letters, digits and . _ : - ."""
+    model: str
+    """A built-in name or a checkpoint directory, as ServeConfig.model."""
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, value: str) -> str:
+        if not NAME_PATTERN.match(value):
+            raise ValueError(f"version name {value!r}: use letters, digits and . _ : - (at most 128); "
+                             "--model NAME=MODEL names a version")
+        return value
+
+
+class FeedbackConfig(StrictModel):
+    """POST /v1/feedback on a versioned endpoint: where ratings and preference pairs go, and how
+    long served answers are kept to be rated."""
+
+    output_dir: str = "outputs/feedback"
+    """A path (relative: to the working directory of `rayrlhf serve`) or a file:// URI: the files
+    ratings.jsonl and preferences.jsonl are appended to (object stores cannot append)."""
+    max_records: int = Field(10_000, ge=1)
+    """Served responses kept for feedback (the oldest leave first)."""
+    max_age_s: float = Field(3600.0, gt=0)
+    """A response older than this can no longer be rated (410)."""
 
 
 class ServeConfig(StrictModel):
@@ -96,6 +128,15 @@ class ServeConfig(StrictModel):
     episodes_file: str | None = None
     """Where POST /v1/episodes appends the episodes it builds (JSONL, on the replica's node; a path
     `rayrlhf train` takes as data.episodes). None: episodes are only returned to the caller."""
+    versions: list[VersionConfig] = []
+    """Several policies behind one endpoint (then `model` is unused): each its own Serve application
+    with the settings above, a router in front (docs/serving_versions.md). Empty: one policy, `model`."""
+    traffic: dict[str, float] = {}
+    """Traffic shares in [0, 1] by version name; versions not named split the rest evenly."""
+    routing_refresh_s: float = Field(1.0, gt=0)
+    """How often a router re-reads the versions and shares; a rollback waits twice this before it
+    deletes the version's application."""
+    feedback: FeedbackConfig = FeedbackConfig()
 
     @model_validator(mode="after")
     def _consistent(self) -> ServeConfig:
@@ -106,6 +147,16 @@ class ServeConfig(StrictModel):
                 f"max_ongoing_requests ({self.max_ongoing_requests}) < max_batch_size ({self.max_batch_size}): "
                 "a batch could never fill"
             )
+        names = [v.name for v in self.versions]
+        if len(set(names)) != len(names):
+            raise ValueError(f"versions: names must be unique, got {names}")
+        if self.traffic and not self.versions:
+            raise ValueError("traffic needs versions (give --model twice, or a versions list)")
+        if self.versions:
+            try:
+                resolve_shares(names, self.traffic)
+            except ValueError as e:
+                raise ValueError(f"traffic: {e}") from None
         if not self.route_prefix.startswith("/"):
             raise ValueError(f"route_prefix must start with '/': {self.route_prefix!r}")
         return self
@@ -117,7 +168,8 @@ class ServeConfig(StrictModel):
 
     @property
     def model_name(self) -> str:
-        return self.served_model_name or self.model
+        """The `model` clients send; on a versioned endpoint the name that lets the router pick."""
+        return self.served_model_name or (self.app_name if self.versions else self.model)
 
 
 def _application(data: dict[str, Any], source: str) -> dict[str, Any]:

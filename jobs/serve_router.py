@@ -1,0 +1,248 @@
+"""A versioned endpoint: several policy versions behind one OpenAI-compatible route, with canary
+traffic shares, rollout and rollback while it serves, and feedback for the reward model.
+
+Layout: one Serve application per version (jobs/serve.py's OpenAIServer for that checkpoint, no
+HTTP route) and in front one router application (this module's VersionRouter, the HTTP ingress),
+which calls the versions through DeploymentHandles, plus the endpoint's state actor
+(jobs/serve_state.py). Why not Serve's model multiplexing: a multiplexed replica loads a model
+on its first request and evicts by LRU, so a canary's first requests wait for a load, versions
+share one replica's batch and resources, and an evicted model would reload under traffic; here
+every version keeps its own continuous-batching replicas, sized like a single-model endpoint.
+Why not one application with all the versions in it, redeployed with `serve.run` on each change:
+an update of an application redeploys the deployments whose code or arguments changed, the
+router among them (its arguments name the versions), which replaces its replicas under traffic.
+Separate applications make a rollout `serve.run` of a new application that nothing routes to
+until its replicas are up, and a rollback `serve.delete` of one that nothing routes to any more
+(Serve lets the deleted replicas finish the requests they hold, up to graceful_shutdown_timeout_s,
+set to the longest a request may take); the router's application is never touched.
+
+Routing: `model` = a version's name pins it; `model` = the endpoint's name (served_model_name,
+default the app name) lets the router pick by the shares with a smooth weighted round-robin
+(actors/serving/versions.py), per router replica. The admin endpoint (same API key):
+  POST   /admin/versions         {"name": "B", "model": "/abs/ckpt", "traffic": 0.1}   rollout
+  POST   /admin/traffic          {"B": 0.5}                                              shares
+  DELETE /admin/versions/{name}                                                          rollback
+"""
+
+import json
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+import ray
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, StreamingResponse
+from pydantic import SecretStr
+from ray import serve
+from ray.serve import RunTarget, metrics
+from ray.serve.exceptions import BackPressureError
+from ray.serve.handle import DeploymentHandle
+
+from rayrlhf.actors.serving.feedback import Served
+from rayrlhf.actors.serving.openai_requests import Kind
+from rayrlhf.actors.serving.openai_schema import OpenAIError
+from rayrlhf.actors.serving.versions import WeightedRoundRobin
+from rayrlhf.jobs.config.serve import ServeConfig
+from rayrlhf.jobs.serve import api_key, app, authorize, deployment_options, internal_error, json_body, request_id, version_app
+from rayrlhf.jobs.serve_state import NAMESPACE, start_state, state_name, version_app_name
+
+router_app = FastAPI(title="rayrlhf versions", docs_url=None, redoc_url=None)
+for _exc, _handler in app.exception_handlers.items():  # the single-model server's error bodies
+    router_app.add_exception_handler(_exc, _handler)
+
+LATENCY_BOUNDARIES_S = [0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60]
+
+
+def _answered(reply: tuple) -> Any:
+    """The value of a state actor's ("ok", value), or its ("error", status, body) raised."""
+    if reply[0] == "ok":
+        return reply[1]
+    error = reply[2]["error"]
+    raise OpenAIError(reply[1], error["message"], error["param"], error["type"], error["code"])
+
+
+def choice_prompts(kind: Kind, data: dict) -> list:
+    """The prompt each choice answers (choice i: prompt i // n), as train-rm reads a prompt."""
+    n = data.get("n", 1)
+    if kind == "chat":
+        messages = [{"role": m.get("role", ""), "content": m.get("content") if isinstance(m.get("content"), str)
+                     else "".join(p.get("text", "") for p in m.get("content") or [])} for m in data["messages"]]
+        return [messages] * n
+    prompts = [data["prompt"]] if isinstance(data["prompt"], str) else data["prompt"]
+    return [p for p in prompts for _ in range(n)]
+
+
+@serve.deployment
+@serve.ingress(router_app)
+class VersionRouter:
+    def __init__(self, config: dict, api_key: SecretStr | None = None) -> None:
+        self.cfg = ServeConfig.model_validate(config)
+        self.token = api_key.get_secret_value() if api_key else None
+        self.state = ray.get_actor(state_name(self.cfg), namespace=NAMESPACE)
+        self.table: dict[str, Any] = {"epoch": -1}
+        self.fetched = 0.0
+        self.picker: WeightedRoundRobin | None = None
+        self.handles: dict[str, DeploymentHandle] = {}
+        self.requests = metrics.Counter("rayrlhf_version_requests", "requests answered, by version and outcome",
+                                        tag_keys=("version", "outcome"))
+        self.latency = metrics.Histogram("rayrlhf_version_latency_s", "seconds to a complete answer, by version",
+                                         boundaries=LATENCY_BOUNDARIES_S, tag_keys=("version",))
+
+    async def _table(self) -> dict[str, Any]:
+        if time.monotonic() - self.fetched > self.cfg.routing_refresh_s:
+            table = await self.state.table.remote()
+            if table["epoch"] != self.table["epoch"]:
+                self.table, self.picker = table, WeightedRoundRobin(table["shares"])
+            self.fetched = time.monotonic()
+        return self.table
+
+    async def _route(self, body: bytes) -> tuple[str, bytes, dict | None]:
+        """(version, body for it, the parsed request if it is a JSON object)."""
+        table = await self._table()
+        try:
+            data = json.loads(body)
+        except ValueError:
+            data = None
+        requested = data.get("model") if isinstance(data, dict) else None
+        if requested in table["models"]:
+            return requested, body, data
+        if isinstance(requested, str) and requested != self.cfg.model_name:
+            names = ", ".join([self.cfg.model_name, *table["models"]])
+            raise OpenAIError(404, f"the model {requested!r} does not exist; this server serves {names}",
+                              param="model", code="model_not_found")
+        version = self.picker.pick()
+        if isinstance(data, dict) and requested is not None:
+            body = json.dumps({**data, "model": version}).encode()
+        return version, body, data if isinstance(data, dict) else None
+
+    def _handle(self, version: str) -> DeploymentHandle:
+        if version not in self.handles:
+            self.handles[version] = serve.get_app_handle(version_app_name(self.cfg, version)).options(stream=True)
+        return self.handles[version]
+
+    async def _finish(self, version: str, started: float, outcome: str, answer: Served | None = None) -> None:
+        """Count the request: outcome ok, refused (4xx) or failed (5xx, or a stream cut short)."""
+        self.requests.inc(1, tags={"version": version, "outcome": outcome})
+        if outcome == "ok":
+            self.latency.observe(time.monotonic() - started, tags={"version": version})
+        await self.state.served.remote(version, time.monotonic() - started, outcome, answer)
+
+    async def _generate(self, kind: Kind, request: Request):
+        authorize(self.token, request)
+        body = await json_body(request, self.cfg.max_body_bytes)
+        rid = request_id(request)
+        version, body, data = await self._route(body)
+        started = time.monotonic()
+        replies = self._handle(version).respond.remote(kind, body, rid)
+        try:
+            head = await anext(replies)
+        except BackPressureError:
+            await self._finish(version, started, "failed")
+            raise OpenAIError(503, f"version {version!r} is at capacity; retry later", type="server_error",
+                              code="overloaded") from None
+        except Exception as e:
+            await self._finish(version, started, "failed")
+            raise internal_error(rid, e) from None
+        if head[0] == "error":
+            await self._finish(version, started, "refused" if head[1] < 500 else "failed")
+            return JSONResponse(head[2], status_code=head[1])
+        if head[0] == "json":
+            done = await anext(replies)
+            await self._finish(version, started, "ok", self._served(kind, data, version, done))
+            return JSONResponse(head[1], headers=head[2])
+        return StreamingResponse(self._stream(kind, data, version, started, replies),
+                                 media_type="text/event-stream", headers=head[1])
+
+    async def _stream(self, kind: Kind, data: dict | None, version: str, started: float, replies) -> AsyncIterator[str]:
+        done = None
+        try:
+            async for reply in replies:
+                if reply[0] == "sse":
+                    yield reply[1]
+                else:
+                    done = reply
+        finally:
+            replies.cancel()  # a client that left: the version's generator closes, its rows leave the batch
+            await self._finish(version, started, "ok" if done else "failed", self._served(kind, data, version, done))
+
+    @staticmethod
+    def _served(kind: Kind, data: dict | None, version: str, done: tuple | None) -> Served | None:
+        if done is None or data is None:
+            return None
+        return Served(done[1], version, choice_prompts(kind, data), done[2])
+
+    @router_app.post("/v1/completions")
+    async def completions(self, request: Request):
+        return await self._generate("completion", request)
+
+    @router_app.post("/v1/chat/completions")
+    async def chat_completions(self, request: Request):
+        return await self._generate("chat", request)
+
+    @router_app.get("/v1/models")
+    async def models(self, request: Request) -> dict:
+        """The versions, each with its traffic share and model; `router` names the model that routes."""
+        authorize(self.token, request)
+        table = await self.state.table.remote()
+        data = [{"id": name, "object": "model", "owned_by": "rayrlhf", "root": model, "traffic": table["shares"][name]}
+                for name, model in table["models"].items()]
+        return {"object": "list", "data": data, "router": self.cfg.model_name}
+
+    @router_app.post("/v1/feedback")
+    async def feedback(self, request: Request) -> dict:
+        authorize(self.token, request)
+        return _answered(await self.state.feedback.remote(await json_body(request, self.cfg.max_body_bytes)))
+
+    @router_app.get("/stats")
+    async def stats(self, request: Request) -> dict:
+        authorize(self.token, request)
+        return await self.state.report.remote()
+
+    @router_app.get("/health")
+    async def health(self) -> dict:
+        return {"status": "ok", "model": self.cfg.model_name}
+
+    # --- admin: rollout and rollback --------------------------------------------------------
+
+    async def _admin_body(self, request: Request) -> dict:
+        authorize(self.token, request)
+        data = json.loads(await json_body(request, self.cfg.max_body_bytes) or b"null")
+        if not isinstance(data, dict):
+            raise OpenAIError(400, "the request body must be a JSON object")
+        return data
+
+    @router_app.post("/admin/versions")
+    async def rollout(self, request: Request) -> dict:
+        data = await self._admin_body(request)
+        for field, types in (("name", str), ("model", str)):
+            if not isinstance(data.get(field), types):
+                raise OpenAIError(400, f"{field}: a string is required", field)
+        traffic = data.get("traffic")
+        if traffic is not None and (isinstance(traffic, bool) or not isinstance(traffic, (int, float))):
+            raise OpenAIError(400, "traffic: a number in [0, 1] is required", "traffic")
+        if set(data) - {"name", "model", "traffic"}:
+            raise OpenAIError(400, f"unknown field(s): {', '.join(sorted(set(data) - {'name', 'model', 'traffic'}))}")
+        return _answered(await self.state.rollout.remote(data["name"], data["model"], traffic))
+
+    @router_app.post("/admin/traffic")
+    async def traffic(self, request: Request) -> dict:
+        data = await self._admin_body(request)
+        for name, share in data.items():
+            if isinstance(share, bool) or not isinstance(share, (int, float)):
+                raise OpenAIError(400, f"{name}: a share in [0, 1] is required", name)
+        return _answered(await self.state.set_traffic.remote(data))
+
+    @router_app.delete("/admin/versions/{name}")
+    async def rollback(self, name: str, request: Request) -> dict:
+        authorize(self.token, request)
+        return _answered(await self.state.rollback.remote(name))
+
+
+def deploy_versioned(cfg: ServeConfig) -> DeploymentHandle:
+    """The state actor, every version's application, then the router's (Ray and Serve must be up)."""
+    start_state(cfg)
+    targets = [RunTarget(version_app(cfg, v), name=version_app_name(cfg, v.name), route_prefix=None) for v in cfg.versions]
+    options = {**deployment_options(cfg), "ray_actor_options": {"num_cpus": 0},  # it only forwards
+               "max_ongoing_requests": cfg.max_ongoing_requests * len(cfg.versions)}
+    router = VersionRouter.options(**options).bind(cfg.model_dump(), api_key(cfg))  # type: ignore[attr-defined]
+    return serve.run_many([*targets, RunTarget(router, name=cfg.app_name, route_prefix=cfg.route_prefix)])[-1]
