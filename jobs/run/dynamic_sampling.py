@@ -27,7 +27,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import fields, replace
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol, TypeVar
 
 import numpy as np
 import ray
@@ -36,9 +36,23 @@ from rayrlhf.actors.rl.trajectory import Rewards, Trajectory, concat, loss_rows
 
 if TYPE_CHECKING:
     from rayrlhf.jobs.config.run import RunConfig
-    from rayrlhf.jobs.run.pipeline import Experience
 
 T = TypeVar("T", Trajectory, Rewards)
+
+
+class Draw(Protocol):
+    """What one draw's `collect` returns (jobs/run/pipeline.py's Experience, a dataclass): refs, one entry
+    per shard."""
+
+    __dataclass_fields__: ClassVar[dict[str, Any]]
+    trajectories: list[Any]
+    reward_refs: list[Any]
+    rewards: list[Rewards]
+    ref_logprobs: list[Any]
+    times: dict[str, float]
+
+
+E = TypeVar("E", bound=Draw)
 
 
 def varied_groups(scores: np.ndarray, group_size: int) -> np.ndarray:
@@ -76,15 +90,15 @@ def take(batch: T, rows: np.ndarray) -> T:
     return replace(batch, **{f.name: _take(getattr(batch, f.name), rows, n) for f in fields(batch)})
 
 
-def join_rewards(parts: list[Rewards]) -> Rewards:
-    """Several batches' rewards as one (the loss mask always an array)."""
+def join_rewards(parts: list[Rewards], loss_mask: np.ndarray) -> Rewards:
+    """Several batches' rewards as one, with the loss mask given."""
 
     def joined(name: str) -> dict[str, np.ndarray]:
         return {key: np.concatenate([getattr(p, name)[key] for p in parts]) for key in getattr(parts[0], name)}
 
     total = np.concatenate([p.total for p in parts])
     return Rewards(total=total, raw_total=np.concatenate([p.raw_total for p in parts]), components=joined("components"),
-                   loss_mask=loss_rows(parts, len(total)), info=joined("info"))  # fmt: skip
+                   loss_mask=loss_mask, info=joined("info"))  # fmt: skip
 
 
 def regroup(
@@ -93,28 +107,29 @@ def regroup(
 ) -> list[tuple[Trajectory, Rewards, np.ndarray | None]]:
     """The chosen groups of the draws' parts (given in order) as `shards` equal shards; the groups out
     of the loss get loss mask 0."""
-    trajectory, reward = concat(trajectories), join_rewards(rewards)
-    width = trajectory.input_ids.shape[1]
-    ref = None
-    if ref_logprobs[0] is not None:  # padded to the joined width, as LearnerBatch.join does
-        ref = np.concatenate([np.pad(r, ((0, 0), (0, width - r.shape[1]))) for r in ref_logprobs])
+    trajectory = concat(trajectories)
     rows = (groups[:, None] * group_size + np.arange(group_size)).ravel()
-    out_of_loss = rows[~np.repeat(in_loss, group_size)]
-    reward.loss_mask[out_of_loss] = 0.0
+    loss_mask = loss_rows(rewards, len(trajectory))
+    loss_mask[rows[~np.repeat(in_loss, group_size)]] = 0.0
+    reward = join_rewards(rewards, loss_mask)
+    width, arrays = trajectory.input_ids.shape[1], [r for r in ref_logprobs if r is not None]
+    ref = None  # padded to the joined width, as LearnerBatch.join does
+    if arrays:
+        ref = np.concatenate([np.pad(r, ((0, 0), (0, width - r.shape[1]))) for r in arrays])
     return [(take(trajectory, part), take(reward, part), None if ref is None else ref[part])
             for part in np.split(rows, shards)]  # fmt: skip
 
 
 def refill(
-    collect_draw: Callable[[], Experience], cfg: RunConfig, ranks: int, log: Callable[[str], None]
-) -> Experience:
+    collect_draw: Callable[[], E], cfg: RunConfig, ranks: int, log: Callable[[str], None]
+) -> E:
     """The step's experience: draws (`collect_draw()`: prompts from the sampler, collected) until
     prompts_per_step groups with differing rewards are in hand or max_draws were made; the batch as
     `choose` says, one shard per learner rank. Its times hold the draws' summed timings and
     dynamic_sampling/{draws, prompts_drawn, kept_frac, groups_kept}."""
     needed, k = cfg.prompts_per_step, cfg.rollout.samples_per_prompt
     max_draws = cfg.algorithm.dynamic_sampling.max_draws
-    draws: list[Experience] = []
+    draws: list[E] = []
     varied = np.zeros(0, dtype=bool)
     while not draws or (varied.sum() < needed and len(draws) < max_draws):
         draws.append(collect_draw())

@@ -125,3 +125,17 @@ def test_config_checks():
         RunConfig(rollout={"samples_per_prompt": 1}, algorithm={"name": "reinforce", "dynamic_sampling": {"enabled": True}})
     with pytest.raises(ValidationError):
         RunConfig(algorithm={"dynamic_sampling": {"enabled": True, "max_draws": 0}})
+
+
+def test_math_dapo_is_math_plus_dapos_three_changes():
+    from rayrlhf.jobs.config.run import load_config
+
+    math, dapo = load_config("math").model_dump(), load_config("math_dapo").model_dump()
+    assert dapo["algorithm"]["dynamic_sampling"] == {"enabled": True, "max_draws": 3}
+    assert (dapo["algorithm"]["clip_eps_low"], dapo["algorithm"]["clip_eps_high"]) == (0.2, 0.28)
+    assert dapo["algorithm"]["loss_aggregation"] == "token-mean"
+    for cfg in (math, dapo):
+        for key in ("dynamic_sampling", "clip_eps_low", "clip_eps_high", "loss_aggregation"):
+            del cfg["algorithm"][key]
+        del cfg["name"], cfg["output_dir"]
+    assert math == dapo
