@@ -472,7 +472,9 @@ class RunConfig(StrictModel):
         if self.algorithm.name in ("grpo", "dr_grpo") and self.rollout.samples_per_prompt < 2:
             raise ValueError(f"algorithm.name={self.algorithm.name} needs rollout.samples_per_prompt >= 2")
         if self.algorithm.dynamic_sampling.enabled and self.rollout.samples_per_prompt < 2:
-            raise ValueError("algorithm.dynamic_sampling needs rollout.samples_per_prompt >= 2 (a group of one is constant)")
+            raise ValueError(
+                "algorithm.dynamic_sampling needs rollout.samples_per_prompt >= 2: a group of one is constant"
+            )
         remote = self.reward.remote
         if remote is not None and (remote.retries + 1) * remote.timeout_s >= self.fault_tolerance.score_timeout_s:
             raise ValueError(

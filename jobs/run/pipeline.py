@@ -74,6 +74,7 @@ class Experience:
     ref_logprobs: list[ray.ObjectRef | None]
     """None without a reference policy."""
     times: dict[str, float]
+    """The collect's timings (and algorithm.dynamic_sampling's counts), logged with the step that trains it."""
 
 
 def collect(roles: Roles, prompts: list[Prompt], recovery: Recovery) -> Experience:

@@ -24,6 +24,7 @@ def test_constant_groups_are_dropped_and_refilled(local_ray, tmp_path):
     (tmp_path / "rewards.py").write_text(REWARD)
     cfg = load_config("math_tiny", [
         f"output_dir={tmp_path / 'run'}", "steps=3", "kl.coef=0", "learner.zero_stage=0", "reward.beta=0",
+        "reward.overlong_penalty=0", "reward.truncation=keep",  # length must not make an odd-answer group vary
         f"reward.functions=[{{path: '{tmp_path / 'rewards.py'}:parity', weight: 1.0}}]",
         "algorithm.dynamic_sampling={enabled: true, max_draws: 4}", "pipeline.max_staleness=1", "checkpoint.every=1",
     ])  # fmt: skip

@@ -51,7 +51,8 @@ def draw(first_prompt: int, width: int, scores: list[float], k: int = 2) -> tupl
     traj = Trajectory(input_ids=np.arange(b * width).reshape(b, width), attention_mask=np.ones((b, width), np.int64),
                       response_mask=mask, old_logprobs=-mask, group_ids=group_ids,
                       sample_ids=group_ids * k + np.tile(np.arange(k), b // k), policy_version=3,
-                      responses=[f"r{i}" for i in group_ids], truncated=np.zeros(b, bool), max_new_tokens=width)  # fmt: skip
+                      responses=[f"r{i}" for i in group_ids], truncated=np.zeros(b, bool),
+                      max_new_tokens=width)  # fmt: skip
     total = np.array(scores, np.float32)
     rewards = Rewards(total, total + 10, {"match": total}, info={"length_ratio": total * 2})
     return traj, rewards, np.full((b, width), -2.0, np.float32)
@@ -96,8 +97,9 @@ def test_refill_draws_until_the_batch_is_full(monkeypatch):
     experience, made, lines = run_refill(monkeypatch, [[1, 1, 0, 1], [0, 1, 1, 0], [0, 1, 0, 1]], max_draws=3, ranks=2)
     assert len(made) == 2 and not lines
     assert [t.group_ids.tolist() for t in experience.trajectories] == [[1, 1], [2, 2]]
-    assert experience.times == {"time/generate": 2.0, "dynamic_sampling/draws": 2.0, "dynamic_sampling/prompts_drawn": 4.0,
-                                "dynamic_sampling/kept_frac": 0.75, "dynamic_sampling/groups_kept": 2.0}  # fmt: skip
+    assert experience.times == {"time/generate": 2.0, "dynamic_sampling/draws": 2.0,
+                                "dynamic_sampling/prompts_drawn": 4.0, "dynamic_sampling/kept_frac": 0.75,
+                                "dynamic_sampling/groups_kept": 2.0}  # fmt: skip
     assert experience.rewards is not None and experience.reward_refs == experience.rewards
 
 
@@ -122,7 +124,8 @@ def test_config_checks():
     with pytest.raises(ValidationError, match="group-relative"):
         RunConfig(algorithm={"name": "ppo", "dynamic_sampling": {"enabled": True}})
     with pytest.raises(ValidationError, match="samples_per_prompt >= 2"):
-        RunConfig(rollout={"samples_per_prompt": 1}, algorithm={"name": "reinforce", "dynamic_sampling": {"enabled": True}})
+        RunConfig(rollout={"samples_per_prompt": 1},
+                  algorithm={"name": "reinforce", "dynamic_sampling": {"enabled": True}})
     with pytest.raises(ValidationError):
         RunConfig(algorithm={"dynamic_sampling": {"enabled": True, "max_draws": 0}})
 
