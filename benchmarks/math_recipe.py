@@ -70,7 +70,8 @@ def main() -> None:
             "delta_mean": statistics.mean(deltas), "delta_std": statistics.stdev(deltas) if len(deltas) > 1 else 0.0,
             "deltas": deltas, "median_step_s": statistics.median(r["median_step_s"] for r in mine),
             "wall_s_mean": statistics.mean(r["wall_s"] for r in mine),
-            "kept_frac_mean": mine[0]["kept_frac_mean"] and statistics.mean(r["kept_frac_mean"] for r in mine),
+            "kept_frac_mean": None if mine[0]["kept_frac_mean"] is None  # no dynamic sampling
+            else statistics.mean(r["kept_frac_mean"] for r in mine),
         }  # fmt: skip
     report = {"configs": args.configs, "seeds": args.seeds, "metric": args.metric, "overrides": args.overrides,
               "summary": summary, "runs": runs}  # fmt: skip
