@@ -1,10 +1,11 @@
 """The loss aggregations of algorithm.loss_aggregation (named as verl's loss_agg_mode).
 
-Each returns (total, units) for the rows it is given; the step's policy loss is total / units
-summed over the whole step: the rank's batch and every data-parallel rank. The learner takes the
-step's units once, before its micro-batch loop (`Learner.learn`), and each micro-batch divides its
-own total by them (objective.py), so the loss and its gradient do not depend on how the step is cut
-into micro-batches (a micro-batch token-mean would weigh the tokens of a short micro-batch more).
+Each returns (total, units) for the rows it is given; each term of the step's loss (the policy loss,
+the KL, the entropy bonus, the value loss) is its total over the units summed over the whole step:
+the rank's batch and every data-parallel rank. The learner takes the step's units once, before its
+micro-batch loop (`Learner.learn`), and each micro-batch divides its own totals by them
+(objective.py), so the loss and its gradient do not depend on how the step is cut into
+micro-batches (a micro-batch token-mean would weigh the tokens of a short micro-batch more).
 """
 
 from __future__ import annotations

@@ -34,13 +34,16 @@ class Estimator:
     """It needs a value head: the learner computes the pre-update values and adds the value loss."""
     kl_in_reward: bool = False
     """The KL to the reference is taken off the per-token reward, not added to the loss."""
+    group_relative: bool = False
+    """Advantages come from each prompt's group alone: a group whose rewards are all equal gets zero
+    advantages (what algorithm.dynamic_sampling drops)."""
 
 
 ADVANTAGE_ESTIMATORS = {
-    "grpo": Estimator("rayrlhf.actors.rl.estimators:grpo"),
+    "grpo": Estimator("rayrlhf.actors.rl.estimators:grpo", group_relative=True),
     "ppo": Estimator("rayrlhf.actors.rl.estimators:ppo_gae", critic=True, kl_in_reward=True),
-    "reinforce": Estimator("rayrlhf.actors.rl.estimators:rloo"),
-    "dr_grpo": Estimator("rayrlhf.actors.rl.estimators:dr_grpo"),
+    "reinforce": Estimator("rayrlhf.actors.rl.estimators:rloo", group_relative=True),
+    "dr_grpo": Estimator("rayrlhf.actors.rl.estimators:dr_grpo", group_relative=True),
     "reinforce_pp": Estimator("rayrlhf.actors.rl.estimators:reinforce_pp", kl_in_reward=True),
 }
 """algorithm.name: the advantage estimator (and with it the value head and where the KL goes)."""

@@ -90,12 +90,12 @@ def gspo(
     return -torch.minimum(unclipped, clipped), {"clip_frac": clip_frac}
 
 
-def clipped_value_loss(values: Tensor, old_values: Tensor, returns: Tensor, mask: Tensor, clip: float) -> Tensor:
-    """PPO value loss: the worse of the plain and the clipped squared error, so the value head
-    cannot move further than `clip` from the rollout-time value in one update to fit the return."""
+def clipped_value_loss(values: Tensor, old_values: Tensor, returns: Tensor, clip: float) -> Tensor:
+    """PPO value loss, per token: half the worse of the plain and the clipped squared error, so the value
+    head cannot move further than `clip` from the rollout-time value in one update to fit the return.
+    The objective aggregates it as it does the policy loss."""
     clipped = old_values + (values - old_values).clamp(-clip, clip)
-    worst = torch.maximum((values - returns) ** 2, (clipped - returns) ** 2)
-    return 0.5 * masked_mean(worst, mask)
+    return 0.5 * torch.maximum((values - returns) ** 2, (clipped - returns) ** 2)
 
 
 def entropy_from_logits(logits: Tensor) -> Tensor:

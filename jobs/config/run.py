@@ -221,6 +221,18 @@ else:
 """The names the algorithm tables hold (actors/rl/algorithms.py: torch-free, so validation stays light)."""
 
 
+class DynamicSamplingConfig(StrictModel):
+    """DAPO's dynamic sampling (Yu et al. 2025; verl: algorithm.filter_groups): drop the prompt groups
+    whose rewards are all equal (zero advantages: they teach nothing) and refill the step's batch from
+    further prompts (jobs/run/dynamic_sampling.py, docs/verifiable_rewards.md)."""
+
+    enabled: bool = False
+    max_draws: int = Field(3, ge=1)
+    """Batches of prompts_per_step prompts generated at most per step (verl: max_num_gen_batches). At the
+    limit the step trains the groups kept, the batch filled with constant groups left out of the loss;
+    none kept: the last draw, as it is."""
+
+
 class AlgorithmConfig(StrictModel):
     name: EstimatorName = "grpo"
     """The advantage estimator: grpo, dr_grpo (group mean baseline, no std; it defaults loss_aggregation to
@@ -251,6 +263,7 @@ class AlgorithmConfig(StrictModel):
     entropy_coef: float = Field(0.0, ge=0)
     normalize_std: bool = True
     """GRPO: divide group-centred rewards by the group std."""
+    dynamic_sampling: DynamicSamplingConfig = DynamicSamplingConfig()
 
     @model_validator(mode="before")
     @classmethod
@@ -266,11 +279,15 @@ class AlgorithmConfig(StrictModel):
         return data
 
     @model_validator(mode="after")
-    def _clip_range(self) -> AlgorithmConfig:
+    def _consistent(self) -> AlgorithmConfig:
         if self.eps_high < self.eps_low:
             raise ValueError(f"algorithm.clip_eps_high ({self.eps_high}) must be >= clip_eps_low ({self.eps_low})")
         if self.eps_low >= 1:
             raise ValueError(f"algorithm.clip_eps_low ({self.eps_low}) must be < 1: the ratio's lower clip is 1 - it")
+        if self.dynamic_sampling.enabled and not ADVANTAGE_ESTIMATORS[self.name].group_relative:
+            relative = [name for name, e in ADVANTAGE_ESTIMATORS.items() if e.group_relative]
+            raise ValueError(f"algorithm.dynamic_sampling needs a group-relative estimator {relative}: under "
+                             f"{self.name} a group of equal rewards still has non-zero advantages")  # fmt: skip
         return self
 
     @property
@@ -459,6 +476,10 @@ class RunConfig(StrictModel):
             )
         if self.algorithm.name in ("grpo", "dr_grpo") and self.rollout.samples_per_prompt < 2:
             raise ValueError(f"algorithm.name={self.algorithm.name} needs rollout.samples_per_prompt >= 2")
+        if self.algorithm.dynamic_sampling.enabled and self.rollout.samples_per_prompt < 2:
+            raise ValueError(
+                "algorithm.dynamic_sampling needs rollout.samples_per_prompt >= 2: a group of one is constant"
+            )
         remote = self.reward.remote
         if remote is not None and (remote.retries + 1) * remote.timeout_s >= self.fault_tolerance.score_timeout_s:
             raise ValueError(

@@ -35,6 +35,7 @@ from rayrlhf.actors.rl.trajectory import Prompt, Rewards
 from rayrlhf.jobs.config.run import RunConfig
 from rayrlhf.jobs.data.episodes import Episode, step_episodes, trajectory
 from rayrlhf.jobs.run import ahead as ahead_file
+from rayrlhf.jobs.run.dynamic_sampling import refill
 from rayrlhf.jobs.run.recovery import Recovery
 from rayrlhf.jobs.run.roles import Roles
 from rayrlhf.jobs.run.learner_failure import get_all, learner_error
@@ -74,6 +75,7 @@ class Experience:
     ref_logprobs: list[ray.ObjectRef | None]
     """None without a reference policy."""
     times: dict[str, float]
+    """The collect's timings (and algorithm.dynamic_sampling's counts), logged with the step that trains it."""
 
 
 def collect(roles: Roles, prompts: list[Prompt], recovery: Recovery) -> Experience:
@@ -178,7 +180,8 @@ def sync_weights(roles: Roles, version: int, recovery: Recovery) -> list[int]:
 
 
 class Pipeline:
-    """The run's steps: synchronous `rl_step`s, or one scored batch ahead of the learner (module docstring)."""
+    """The run's steps: synchronous ones (collect, learn, sync, as `rl_step`), or one scored batch ahead of
+    the learner (module docstring)."""
 
     def __init__(self, cfg: RunConfig, roles: Roles, recovery: Recovery, draw: Callable[[], list[Prompt]],
                  episodes: list[Episode] | None = None) -> None:  # fmt: skip
@@ -191,6 +194,11 @@ class Pipeline:
         """The next step's batch, collected (pipelined runs, between steps)."""
 
     def _collect(self) -> Experience:
+        if self.cfg.algorithm.dynamic_sampling.enabled:  # draws until the batch has groups that teach
+            return refill(self._draw_and_collect, self.cfg, len(self.roles.learner), self.recovery.log)
+        return self._draw_and_collect()
+
+    def _draw_and_collect(self) -> Experience:
         prompts = self.draw()
         return self.recovery.run("the rollout", lambda: collect(self.roles, prompts, self.recovery))
 
@@ -203,9 +211,9 @@ class Pipeline:
                 "the episodes", lambda: episode_experience(self.cfg, self.roles, episodes, version)
             )
             return learn_and_sync(self.roles, experience, self.recovery, t0, lambda: None)[0]
-        if self.max_staleness == 0:
-            return rl_step(self.cfg, self.roles, self.draw(), self.recovery)
         t0 = time.perf_counter()
+        if self.max_staleness == 0:
+            return learn_and_sync(self.roles, self._collect(), self.recovery, t0, lambda: None)[0]
         experience, self.ahead = self.ahead or self._collect(), None
         # the learner trains one batch per step and every step ends with a sync: it trains the next
         # batch at the version the rollout workers will hold after this step's sync

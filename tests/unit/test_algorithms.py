@@ -192,7 +192,7 @@ def test_clipped_value_loss():
     # clip 0.2: v_clipped = old + clamp(v - old, -0.2, 0.2) = 0.7, 0.6, 0.3, 0.7
     # max((v-R)^2, (vc-R)^2): max(0, 0.09) = 0.09; max(0.16, 0.16) = 0.16; max(0, 0.09) = 0.09; max(4, 0.49) = 4
     # 0.5 * (0.09 + 0.16 + 0.09 + 4) / 4 = 0.5 * 1.085 = 0.5425
-    close(clipped_value_loss(values, old, returns, mask, clip=0.2), 0.5425)
+    close(masked_mean(clipped_value_loss(values, old, returns, clip=0.2), mask), 0.5425)
 
 
 def test_kl_estimators():
@@ -384,27 +384,69 @@ def uneven_batch() -> TokenBatch:
 def test_the_gradient_does_not_depend_on_the_micro_batch_size(aggregation, policy_loss):
     """Micro-batches of 2 rows, each loss averaged as the engine does (1 / accumulation), give the
     gradient of one micro-batch of all rows; a token mean per micro-batch would weigh row 1's lone
-    token 5 times more than row 0's tokens."""
+    token 5 times more than row 0's tokens. The KL and entropy terms are aggregated alike."""
     batch = uneven_batch()
-    algo = AlgorithmConfig(policy_loss=policy_loss, loss_aggregation=aggregation, loss_scale_tokens=5)
-    objective = Objective(algo, "k1", off_policy_cap=None)
-    start = (batch.old_logprobs + 0.3 * torch.randn(6, 5, generator=torch.Generator().manual_seed(1))).detach()
+    batch = replace(batch, ref_logprobs=batch.old_logprobs - 0.1)
+    algo = AlgorithmConfig(policy_loss=policy_loss, loss_aggregation=aggregation, loss_scale_tokens=5, entropy_coef=0.1)
+    objective = Objective(algo, "k3", off_policy_cap=None)
+    noise = torch.randn(2, 6, 5, generator=torch.Generator().manual_seed(1))
+    start, entropy_start = (batch.old_logprobs + 0.3 * noise[0]).detach(), noise[1].abs()
 
     def gradient(size: int) -> torch.Tensor:
-        logp = start.clone().requires_grad_(True)
+        logp, entropy = start.clone().requires_grad_(True), entropy_start.clone().requires_grad_(True)
         accumulation = len(batch) // size
         units = objective.units(batch.response_mask) / accumulation
         for lo in range(0, len(batch), size):
             rows, part = batch.rows(lo, lo + size), logp[lo : lo + size]
-            loss, _ = objective(rows, part, torch.zeros_like(part), None, part.detach(), 0.0, units)
+            loss, _ = objective(rows, part, entropy[lo : lo + size], None, part.detach(), 0.5, units)
             (loss / accumulation).backward()
-        assert logp.grad is not None
-        return logp.grad
+        assert logp.grad is not None and entropy.grad is not None
+        return torch.cat([logp.grad, entropy.grad])
 
     whole = gradient(6)
-    assert whole.abs().sum() > 0
+    assert whole[:6].abs().sum() > 0 and whole[6:].abs().sum() > 0
     close(gradient(2), whole, tol=1e-6)
     close(gradient(3), whole, tol=1e-6)
+
+
+@pytest.mark.parametrize("name", ["grpo", "ppo"])
+def test_kl_entropy_and_value_terms_are_step_token_means_whatever_the_micro_batching(name):
+    """Two answers of 2 and 1 tokens, zero advantages (so no policy-loss term), token-mean. grpo: KL k1 =
+    logp - ref = 0.3, 0.6 | 0.9, entropy 1, 2 | 4: loss = (0.3 + 0.6 + 0.9) / 3 - 0.5 * 7 / 3 = -0.5666667,
+    the gradient 1/3 on each logp and -0.5/3 on each entropy. A micro-batch mean would give row 1's
+    token the weight of row 0's two (KL (0.45 + 0.9) / 2 = 0.675). ppo (KL in the reward): values - returns
+    = 1, 2 | 3 (unclipped): value loss 0.5 * (1 + 4 + 9) / 3 = 7/3, loss = 0.5 * 7/3 - 0.5 * 7/3 = 0,
+    the gradient 0.5 * (v - R) / 3 on each value."""
+    mask = torch.tensor([[1.0, 1.0], [1.0, 0.0]])
+    zeros = torch.zeros(2, 2)
+    rows = TokenBatch(input_ids=torch.zeros(2, 2, dtype=torch.long), attention_mask=torch.ones(2, 2, dtype=torch.long),
+                      response_mask=mask, old_logprobs=zeros - 1, scores=torch.zeros(2), group_ids=torch.zeros(2),
+                      ref_logprobs=torch.tensor([[-1.3, -1.6], [-1.9, 5.0]]), advantages=zeros,
+                      old_values=zeros, returns=torch.tensor([[-1.0, -2.0], [-3.0, 7.0]]))  # fmt: skip
+    algo = AlgorithmConfig(name=name, entropy_coef=0.5, value_clip=100.0)
+    objective = Objective(algo, "k1", off_policy_cap=None)
+
+    def run(size: int) -> tuple[float, torch.Tensor]:
+        logp = (zeros - 1).requires_grad_(True)
+        entropy = torch.tensor([[1.0, 2.0], [4.0, 9.0]], requires_grad=True)
+        values = zeros.clone().requires_grad_(True)
+        accumulation, total = 2 // size, 0.0
+        for lo in range(0, 2, size):
+            part = slice(lo, lo + size)
+            loss, _ = objective(rows.rows(lo, lo + size), logp[part], entropy[part], values[part], logp[part].detach(),
+                                1.0, objective.units(mask) / accumulation)  # fmt: skip
+            (loss / accumulation).backward()
+            total += loss.item() / accumulation
+        return total, torch.stack([logp.grad, entropy.grad, zeros if values.grad is None else values.grad])
+
+    expected_loss = -0.5666667 if name == "grpo" else 0.0
+    third = mask / 3
+    expected_grad = torch.stack([third if name == "grpo" else zeros, -0.5 * third,
+                                 zeros if name == "grpo" else 0.5 * torch.tensor([[1.0, 2.0], [3.0, 0.0]]) / 3])  # fmt: skip
+    for size in (2, 1):
+        loss, grad = run(size)
+        assert loss == pytest.approx(expected_loss, abs=1e-6)
+        close(grad, expected_grad, tol=1e-6)
 
 
 def test_dr_grpo_is_the_group_mean_baseline_with_its_unbiased_loss():
