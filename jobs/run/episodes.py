@@ -22,18 +22,21 @@ replies; an environment that reads the clock or the network replays only as far 
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
 import ray
 
 from rayrlhf.actors.environments.episode import Episode, to_trajectory
 from rayrlhf.actors.generation.sampler import mix_seed
 from rayrlhf.actors.rl.trajectory import Prompt, Trajectory
+from rayrlhf.cluster.actor_group import ActorGroup
 
 if TYPE_CHECKING:
     from rayrlhf.jobs.config.run import RunConfig
-    from rayrlhf.jobs.run.recovery import Recovery
-    from rayrlhf.jobs.run.roles import Roles
+
+Answers = Callable[[dict[int, ray.ObjectRef], float], dict[int, Any]]
+"""Recovery.environment: the environment workers' answers by rank, within a timeout."""
 
 
 class Episodes:
@@ -46,17 +49,18 @@ class Episodes:
         self.pad_id: int | None = None
 
     def play(
-        self, roles: Roles, shards: list[list[Prompt]], recovery: Recovery, *, samples: int | None = None,
+        self, rollout: ActorGroup, envs: ActorGroup, shards: list[list[Prompt]], version: int, answers: Answers, *,
+        samples: int | None = None,
         greedy: bool = False, seed: int | None = None, max_new_tokens: int | None = None,
     ) -> list[ray.ObjectRef[Trajectory]]:
         """One trajectory batch per shard of prompts (k episodes per prompt, rows prompt by prompt).
         Training: no `seed` (the rollout workers' own streams). Evaluation: `seed` alone draws the
         samples (or greedy), leaving the workers' counters untouched, and the episodes' seeds omit the version."""
         k = 1 if greedy else samples or self.samples
-        identity = (self.seed,) if seed is not None or greedy else (self.seed, recovery.version)
+        identity = (self.seed,) if seed is not None or greedy else (self.seed, version)
         episodes = [[Episode(p, j, mix_seed(*identity, p.id)) for p in shard for j in range(k)] for shard in shards]
         flat = [(s, e) for s, shard in enumerate(episodes) for e in shard]
-        messages = self._env_call(roles, recovery, "reset", [e for _, e in flat],
+        messages = self._env_call(envs, answers, "reset", [e for _, e in flat],
                                   lambda e: (e.row(), e.seed))  # fmt: skip
         contexts: dict[int, list[int] | None] = {id(e): None for _, e in flat}
         for turn in range(self.env.max_turns):
@@ -67,7 +71,7 @@ class Episodes:
             for s in sorted({s for s, _ in going}):
                 mine = [e for t, e in going if t == s]
                 turn_seed = None if seed is None and not greedy else mix_seed(seed or 0, turn, s)
-                calls[s] = (mine, roles.rollout[s % len(roles.rollout)].turn.remote(
+                calls[s] = (mine, rollout[s % len(rollout)].turn.remote(
                     [contexts[id(e)] for e in mine], [messages[id(e)] for e in mine],
                     [self.env.max_tokens - len(e.ids) for e in mine], max_new_tokens or self.max_new_tokens,
                     greedy=greedy, seed=turn_seed))  # fmt: skip
@@ -76,7 +80,7 @@ class Episodes:
                     e.add_turn(t)
                     contexts[id(e)] = e.prompt_ids + e.ids
             stepping = [e for _, e in going if not e.over]
-            results = self._env_call(roles, recovery, "step", stepping, lambda e: (e.replies[-1],))
+            results = self._env_call(envs, answers, "step", stepping, lambda e: (e.replies[-1],))
             for e in stepping:
                 new, reward, done, tool_calls, invalid = results[id(e)]
                 e.rewards.append(reward)
@@ -84,12 +88,13 @@ class Episodes:
                 e.done = e.over = done
                 messages[id(e)] = new
         if self.pad_id is None:
-            self.pad_id = ray.get(roles.rollout[0].__ray_call__.remote(lambda worker: worker.pad_id))
-        return [ray.put(to_trajectory(shard, k, recovery.version, self.pad_id, self.env.max_tokens)) for shard in episodes]
+            self.pad_id = ray.get(rollout[0].__ray_call__.remote(lambda worker: worker.pad_id))
+        return [ray.put(to_trajectory(shard, k, version, self.pad_id, self.env.max_tokens)) for shard in episodes]
 
-    def _env_call(self, roles: Roles, recovery: Recovery, method: str, episodes: list[Episode], args) -> dict:
+    def _env_call(
+        self, workers: ActorGroup, answers: Answers, method: str, episodes: list[Episode], args: Callable[[Episode], tuple]
+    ) -> dict[int, Any]:
         """`method` on each episode's environment worker, batched per worker; answers by id(episode)."""
-        workers = roles.envs
         mine: dict[int, list[Episode]] = {}
         for e in episodes:
             mine.setdefault(self._worker(e, len(workers)), []).append(e)
@@ -98,8 +103,8 @@ class Episodes:
             keys = [(e.prompt.id, e.sample) for e in batch]
             columns = list(zip(*[args(e) for e in batch]))
             refs[rank] = getattr(workers[rank], method).remote(keys, *[list(c) for c in columns])
-        answers = recovery.environment(refs, self.env.timeout_s) if refs else {}
-        return {id(e): answer for rank, batch in mine.items() for e, answer in zip(batch, answers[rank])}
+        got = answers(refs, self.env.timeout_s) if refs else {}
+        return {id(e): answer for rank, batch in mine.items() for e, answer in zip(batch, got[rank])}
 
     @staticmethod
     def _worker(e: Episode, n: int) -> int:

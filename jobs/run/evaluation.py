@@ -28,8 +28,8 @@ def _generate(cfg: RunConfig, roles: Roles, prompts: list[Prompt], samples: int,
     max_new = cfg.eval_max_new_tokens or cfg.rollout.max_new_tokens
     if roles.episodes is not None:  # multi-turn: greedy (or seeded) episodes, beam search has no meaning there
         parts = shards(prompts, len(roles.rollout))
-        return roles.episodes.play(roles, parts, recovery, samples=samples, greedy=samples == 0, seed=cfg.seed,
-                                   max_new_tokens=max_new)  # fmt: skip
+        return roles.episodes.play(roles.rollout, roles.envs, parts, recovery.version, recovery.environment,
+                                   samples=samples, greedy=samples == 0, seed=cfg.seed, max_new_tokens=max_new)
     if samples == 0:
         options = dict(greedy=True, num_beams=cfg.eval.num_beams)
     else:  # drawn from the run's seed alone: the same weights give the same answers in train and in eval

@@ -81,7 +81,7 @@ def collect(roles: Roles, prompts: list[Prompt], recovery: Recovery) -> Experien
     t0 = time.perf_counter()
     parts = shards(prompts, n_shards)
     if roles.episodes is not None:  # multi-turn, with an environment (jobs/run/episodes.py)
-        traj_refs = roles.episodes.play(roles, parts, recovery)
+        traj_refs = roles.episodes.play(roles.rollout, roles.envs, parts, recovery.version, recovery.environment)
     else:
         traj_refs = [roles.rollout[i % len(roles.rollout)].generate.remote(ray.put(shard)) for i, shard in enumerate(parts)]
     _wait(traj_refs)
