@@ -48,3 +48,57 @@ def test_a_hung_then_a_dead_environment_is_restarted_and_its_rollout_redone(loca
     step = result.history[0]
     assert step["faults/restarts/env"] == 2.0 and step["faults/redone"] == 2.0
     assert len(result.trained_samples[0]) == 4 and step["reward/env_turns"] <= 2.0
+
+
+SCRIPTED = '''
+class Scripted:
+    def reset(self, row, seed):
+        self.turn = 0
+        return [{"role": "user", "content": "Say a number."}]
+
+    def step(self, assistant):
+        self.turn += 1
+        return ([{"role": "tool", "content": "7"}], 0.25, False) if self.turn == 1 else ([], 1.0, True)
+'''
+
+
+def test_episodes_alternate_rollout_workers_and_environment_actors(local_ray, tmp_path):
+    """The driver's turn loop on Ray: two turns per episode, the environment's ids between the two
+    replies exactly as the template renders them, masked out, and the per-turn rewards summed."""
+    import numpy as np
+    import ray
+    from transformers import AutoTokenizer
+
+    from rayrlhf.actors.runtime.models import resolve_policy
+    from rayrlhf.jobs.data.prompts import load_task
+    from rayrlhf.jobs.run.pipeline import shards
+    from rayrlhf.jobs.run.recovery import Recovery
+    from rayrlhf.jobs.run.roles import launch
+
+    (tmp_path / "scripted.py").write_text(SCRIPTED)
+    cfg = load_config("guess_number_tiny", [f"env.path={tmp_path / 'scripted.py'}:Scripted", "rollout.max_new_tokens=8"])
+    tok = AutoTokenizer.from_pretrained(resolve_policy("tiny-gpt2"))
+    roles = launch(cfg, only=("rollout", "env"))
+    try:
+        newline = tok("\n", add_special_tokens=False).input_ids  # what ChatML writes after <|im_end|>
+        ends = [i for i in range(600) if i not in newline]  # a random model: a third of its ids end a reply
+        ray.get(roles.rollout[0].__ray_call__.remote(lambda worker: setattr(worker, "eos_ids", ends)))
+        recovery = Recovery(roles, cfg.fault_tolerance)
+        prompts = load_task(cfg.data.train, None, cfg.data.num_train, cfg.data.num_eval, cfg.seed)[0][:2]
+        refs = roles.episodes.play(roles.rollout, roles.envs, shards(prompts, 1), recovery.version, recovery.environment)
+        traj = ray.get(refs[0])
+    finally:
+        roles.shutdown()
+    tool = tok("\n<|im_start|>tool\n7<|im_end|>\n<|im_start|>assistant\n", add_special_tokens=False).input_ids
+    assert len(traj) == 4 and list(traj.sample_ids) == [0, 1, 2, 3]
+    for i in range(len(traj)):
+        if traj.extras[i]["env_turns"] < 2:  # a first reply cut at its budget ends the episode
+            assert traj.truncated[i] and traj.extras[i]["env_reward"] == 0.0
+            continue
+        assert traj.extras[i]["env_reward"] == 1.25 and not traj.truncated[i]
+        real = traj.attention_mask[i] == 1
+        ids, mask = traj.input_ids[i][real], traj.response_mask[i][real]
+        first = int(np.argmax(mask))  # the first sampled id
+        masked_after = ids[first:][mask[first:] == 0].tolist()
+        assert masked_after == tool  # the environment's ids: masked, exactly the template's
+    assert any(e["env_turns"] == 2 for e in traj.extras)
