@@ -215,6 +215,7 @@ class RolloutWorker:
         for i, tokens, logprobs in zip(rows, out.tokens.tolist(), out.logprobs.tolist()):
             ends = [j for j, t in enumerate(tokens[:budgets[i]]) if t in self.eos_ids]
             n = ends[0] + 1 if ends else budgets[i]
-            turns[i] = Turn(observations[i], tokens[:n], logprobs[:n], self.tokenizer.decode(tokens[:n], skip_special_tokens=True),
-                            bool(ends), self.tokenizer.decode(observations[i]) if contexts[i] is None else "")  # fmt: skip
+            text = self.tokenizer.decode(tokens[:n], skip_special_tokens=True)
+            prompt_text = self.tokenizer.decode(observations[i]) if contexts[i] is None else ""
+            turns[i] = Turn(observations[i], tokens[:n], logprobs[:n], text, bool(ends), prompt_text)
         return turns

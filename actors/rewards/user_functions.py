@@ -62,7 +62,8 @@ def load_function(path: str) -> Callable[..., Any]:
         )
     fn = load_attribute(path)
     if not callable(fn):
-        raise RewardFunctionError(f"{path!r}: {path.rsplit(':', 1)[1].strip()} is a {type(fn).__name__}, not a function")
+        name = path.rsplit(":", 1)[1].strip()
+        raise RewardFunctionError(f"{path!r}: {name} is a {type(fn).__name__}, not a function")
     return fn
 
 

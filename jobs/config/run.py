@@ -60,8 +60,8 @@ BUILTIN_NUM_TRAIN = 512
 class DataConfig(StrictModel):
     train: str = "builtin"
     """"builtin" (short factual questions), "builtin_math" (arithmetic word problems in GSM8K's
-    format), "builtin_guess_number" (games for env.path=guess_number), or a JSONL/Parquet file with `prompt` and optional `reference` fields (or GSM8K's
-    `question` and `answer`)."""
+    format), "builtin_guess_number" (games for env.path=guess_number), or a JSONL/Parquet file with
+    `prompt` and optional `reference` fields (or GSM8K's `question` and `answer`)."""
     eval: str | None = None
     """Held-out file; with a built-in train task its own held-out split is used."""
     num_train: int | None = Field(None, ge=1)
@@ -479,7 +479,7 @@ class RunConfig(StrictModel):
                 f"fault_tolerance.score_timeout_s={self.fault_tolerance.score_timeout_s:g}: lower them or raise it"
             )
         if self.env is not None and not self.data.use_chat_template:
-            raise ValueError("env needs data.use_chat_template=true: environment messages are rendered by the chat template")
+            raise ValueError("env needs data.use_chat_template=true: the chat template renders environment messages")
         if self.env is not None and self.eval.num_beams > 1:
             raise ValueError("env: eval.num_beams must be 1 (beam search does not play multi-turn episodes)")
         if self.learner.backend == "nccl" and self.learner.num_gpus <= 0:

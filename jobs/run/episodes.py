@@ -15,7 +15,8 @@ assembled here (actors/environments/episode.py: token in, token out) and put in 
 
 Seeds: an episode's environment seed is mix_seed(run seed, policy version, prompt id) in training and
 mix_seed(run seed, prompt id) in evaluation (the same held-out episodes every time). The k samples of
-a prompt share it, so a group plays the same game and its rewards compare like with like. The rollout workers' sampling follows their own (seed, version, call) scheme. A redone or
+a prompt share it, so a group plays the same game and its rewards compare like with like. The rollout
+workers' sampling follows their own (seed, version, call) scheme. A redone or
 resumed rollout therefore replays exactly when the environment is a function of its seed and the
 replies; an environment that reads the clock or the network replays only as far as it does.
 """
@@ -92,7 +93,8 @@ class Episodes:
         return [ray.put(to_trajectory(shard, k, version, self.pad_id, self.env.max_tokens)) for shard in episodes]
 
     def _env_call(
-        self, workers: ActorGroup, answers: Answers, method: str, episodes: list[Episode], args: Callable[[Episode], tuple]
+        self, workers: ActorGroup, answers: Answers, method: str, episodes: list[Episode],
+        args: Callable[[Episode], tuple],
     ) -> dict[int, Any]:
         """`method` on each episode's environment worker, batched per worker; answers by id(episode)."""
         mine: dict[int, list[Episode]] = {}

@@ -76,7 +76,8 @@ def test_episodes_alternate_rollout_workers_and_environment_actors(local_ray, tm
     from rayrlhf.jobs.run.roles import launch
 
     (tmp_path / "scripted.py").write_text(SCRIPTED)
-    cfg = load_config("guess_number_tiny", [f"env.path={tmp_path / 'scripted.py'}:Scripted", "rollout.max_new_tokens=8"])
+    scripted = f"env.path={tmp_path / 'scripted.py'}:Scripted"
+    cfg = load_config("guess_number_tiny", [scripted, "rollout.max_new_tokens=8"])
     tok = AutoTokenizer.from_pretrained(resolve_policy("tiny-gpt2"))
     roles = launch(cfg, only=("rollout", "env"))
     try:
@@ -85,7 +86,8 @@ def test_episodes_alternate_rollout_workers_and_environment_actors(local_ray, tm
         ray.get(roles.rollout[0].__ray_call__.remote(lambda worker: setattr(worker, "eos_ids", ends)))
         recovery = Recovery(roles, cfg.fault_tolerance)
         prompts = load_task(cfg.data.train, None, cfg.data.num_train, cfg.data.num_eval, cfg.seed)[0][:2]
-        refs = roles.episodes.play(roles.rollout, roles.envs, shards(prompts, 1), recovery.version, recovery.environment)
+        refs = roles.episodes.play(roles.rollout, roles.envs, shards(prompts, 1), recovery.version,
+                                   recovery.environment)
         traj = ray.get(refs[0])
     finally:
         roles.shutdown()

@@ -32,11 +32,13 @@ def test_calculator_episode_tool_results_then_exact_match_reward():
     env = Calculator()
     first = env.reset({"prompt": "Sam has 3 bags of 4 apples. How many?", "reference": "3 * 4 = 12\n#### 12"}, seed=0)
     assert first[0]["role"] == "system" and "calculator" in first[0]["content"] and first[1]["role"] == "user"
-    reply = "Let me compute. " + format_tool_call("calculator", {"expression": "3 * 4"}) + "<tool_call>{oops</tool_call>"
+    call = format_tool_call("calculator", {"expression": "3 * 4"})
+    reply = "Let me compute. " + call + "<tool_call>{oops</tool_call>"
     message, calls, invalid = assistant_message(reply)
     assert (calls, invalid) == (1, 1)
     messages, reward, done = env.step(message)
-    assert [m["content"] for m in messages] == ["invalid tool call: not JSON (Expecting property name enclosed in double quotes at character 1)", "12"]
+    not_json = "invalid tool call: not JSON (Expecting property name enclosed in double quotes at character 1)"
+    assert [m["content"] for m in messages] == [not_json, "12"]
     assert (reward, done) == (0.0, False)
     assert env.step(assistant_message("The answer is 12.")[0])[1:] == (1.0, True)
     assert env.step(assistant_message("The answer is 13.")[0])[1:] == (0.0, True)
@@ -89,7 +91,7 @@ def test_a_scripted_episode_holds_exactly_the_sampled_ids_and_masks_the_environm
                            samples_per_prompt=1, max_new_tokens=8, temperature=1.0, top_p=1.0, torch_threads=1,
                            seed=3)  # fmt: skip
     tok = worker.tokenizer
-    worker.eos_ids = [tok.convert_tokens_to_ids("<|im_end|>"), tok.convert_tokens_to_ids("!")]  # a random model: end early
+    worker.eos_ids = [tok.convert_tokens_to_ids(t) for t in ("<|im_end|>", "!")]  # a random model: end early
     env, episode = Scripted(), Episode(Prompt(id=4, text="unused"), sample=0, seed=11)
     first = env.reset(episode.row(), episode.seed)
     t1 = worker.turn([None], [first], [48], 8)[0]
@@ -104,7 +106,7 @@ def test_a_scripted_episode_holds_exactly_the_sampled_ids_and_masks_the_environm
     def ids(text):
         return tok(text, add_special_tokens=False).input_ids
 
-    # by hand: ChatML renders the prompt, then after the sampled <|im_end|> its newline, the tool turn and the generation prompt
+    # by hand: ChatML renders the prompt; after a sampled <|im_end|>, its newline, the tool turn, the generation prompt
     prompt = ids("<|im_start|>user\nSay a number.<|im_end|>\n<|im_start|>assistant\n")
     tool = ids("\n") + ids("<|im_start|>tool\n7<|im_end|>\n<|im_start|>assistant\n")
     assert t1.observation == prompt and t2.observation == tool
