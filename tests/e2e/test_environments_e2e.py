@@ -2,6 +2,8 @@
 episode metrics logged; an environment that hangs past env.timeout_s, then dies, is restarted twice,
 the interrupted work redone, and every planned sample trained once."""
 
+from pathlib import Path
+
 from rayrlhf.jobs.config.run import load_config
 from rayrlhf.jobs.train import train
 
@@ -50,19 +52,10 @@ def test_a_hung_then_a_dead_environment_is_restarted_and_its_rollout_redone(loca
     assert len(result.trained_samples[0]) == 4 and step["reward/env_turns"] <= 2.0
 
 
-SCRIPTED = '''
-class Scripted:
-    def reset(self, row, seed):
-        self.turn = 0
-        return [{"role": "user", "content": "Say a number."}]
-
-    def step(self, assistant):
-        self.turn += 1
-        return ([{"role": "tool", "content": "7"}], 0.25, False) if self.turn == 1 else ([], 1.0, True)
-'''
+SCRIPTED = Path(__file__).parents[1] / "scripted_env.py"
 
 
-def test_episodes_alternate_rollout_workers_and_environment_actors(local_ray, tmp_path):
+def test_episodes_alternate_rollout_workers_and_environment_actors(local_ray):
     """The driver's turn loop on Ray: two turns per episode, the environment's ids between the two
     replies exactly as the template renders them, masked out, and the per-turn rewards summed."""
     import numpy as np
@@ -75,9 +68,7 @@ def test_episodes_alternate_rollout_workers_and_environment_actors(local_ray, tm
     from rayrlhf.jobs.run.recovery import Recovery
     from rayrlhf.jobs.run.roles import launch
 
-    (tmp_path / "scripted.py").write_text(SCRIPTED)
-    scripted = f"env.path={tmp_path / 'scripted.py'}:Scripted"
-    cfg = load_config("guess_number_tiny", [scripted, "rollout.max_new_tokens=8"])
+    cfg = load_config("guess_number_tiny", [f"env.path={SCRIPTED}:Scripted", "rollout.max_new_tokens=8"])
     tok = AutoTokenizer.from_pretrained(resolve_policy("tiny-gpt2"))
     roles = launch(cfg, only=("rollout", "env"))
     try:

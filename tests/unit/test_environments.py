@@ -16,6 +16,7 @@ from rayrlhf.actors.rl.losses import ppo_clip
 from rayrlhf.actors.rl.trajectory import Prompt
 from rayrlhf.actors.rollout_worker import RolloutWorker
 from rayrlhf.jobs.config.run import AlgorithmConfig
+from scripted_env import Scripted
 
 
 def test_the_calculator_evaluates_arithmetic_exactly_and_runs_no_code():
@@ -70,20 +71,6 @@ def test_environment_paths_are_checked_with_a_message_naming_env_path(tmp_path):
                       ("nonsense", "built-in: calculator, guess_number")]:  # fmt: skip
         with pytest.raises(EnvironmentLoadError, match=f"env.path: .*{why}"):
             load_environment(path)
-
-
-class Scripted:
-    """Two turns: whatever the reply, a tool message "7" (reward 0.25), then done with reward 1."""
-
-    def reset(self, row, seed):
-        self.turn = 0
-        return [{"role": "user", "content": "Say a number."}]
-
-    def step(self, assistant):
-        self.turn += 1
-        if self.turn == 1:
-            return [{"role": "tool", "content": "7"}], 0.25, False
-        return [], 1.0, True
 
 
 def test_a_scripted_episode_holds_exactly_the_sampled_ids_and_masks_the_environments(tiny_dir):
