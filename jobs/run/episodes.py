@@ -51,8 +51,7 @@ class Episodes:
 
     def play(
         self, rollout: ActorGroup, envs: ActorGroup, shards: list[list[Prompt]], version: int, answers: Answers, *,
-        samples: int | None = None,
-        greedy: bool = False, seed: int | None = None, max_new_tokens: int | None = None,
+        samples: int | None = None, greedy: bool = False, seed: int | None = None, max_new_tokens: int | None = None,
     ) -> list[ray.ObjectRef[Trajectory]]:
         """One trajectory batch per shard of prompts (k episodes per prompt, rows prompt by prompt).
         Training: no `seed` (the rollout workers' own streams). Evaluation: `seed` alone draws the
