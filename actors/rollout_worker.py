@@ -21,6 +21,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from rayrlhf.actors.environments.episode import MessageRenderer, Turn
 from rayrlhf.actors.generation.engine import GenerationEngine, LocalEngine
 from rayrlhf.actors.generation.requests import SamplingParams
 from rayrlhf.actors.generation.sampler import mix_seed
@@ -69,6 +70,7 @@ class RolloutWorker:
         self.version = 0
         self._calls = 0
         self._weight_group: BroadcastGroup | None = None
+        self._renderer: MessageRenderer | None = None
 
     def _check_version(self, version: int) -> None:
         if version < self.version:
@@ -180,3 +182,40 @@ class RolloutWorker:
             truncated=(~is_eos.any(dim=1)).numpy(),
             max_new_tokens=budget,
         )
+
+    @torch.no_grad()
+    def turn(
+        self, contexts: list[list[int] | None], messages: list[list[dict]], rooms: list[int], max_new_tokens: int,
+        greedy: bool = False, seed: int | None = None,
+    ) -> list[Turn]:
+        """One reply for each episode of a multi-turn rollout (jobs/run/episodes.py), from its ids so
+        far (None on the first turn) and the environment's new messages, rendered as the chat template
+        adds them (the first turn: the prompt; later: only the new messages' ids, after the sampled ones).
+        A reply takes at most max_new_tokens ids and, with the new messages, at most rooms[i]; an episode
+        without room gets a Turn without tokens. Seeded as generate() is: one call counter step per turn."""
+        if self._renderer is None:
+            self._renderer = MessageRenderer(self.tokenizer, self.eos_ids)
+        observations = [
+            self._prompt_ids(Prompt(-1, new)) if ids is None else self._renderer.delta(new)
+            for ids, new in zip(contexts, messages)
+        ]
+        budgets = [min(max_new_tokens, room - (0 if ids is None else len(obs)))
+                   for ids, obs, room in zip(contexts, observations, rooms)]  # fmt: skip
+        rows = [i for i, budget in enumerate(budgets) if budget > 0]
+        if seed is None:
+            seed = mix_seed(self.seed, self.version, self._calls)
+            self._calls += 1
+        turns = [Turn(obs, [], [], "", False) for obs in observations]
+        if not rows:
+            return turns
+        params = SamplingParams(max_tokens=max(budgets[i] for i in rows), stop=(), seed=seed,
+                                temperature=0.0 if greedy else self.temperature, top_p=self.top_p)  # fmt: skip
+        # each row draws from its own generator, so cutting a row at its own budget is exact
+        out = self.engine.generate([(contexts[i] or []) + observations[i] for i in rows], 1, params)
+        for i, tokens, logprobs in zip(rows, out.tokens.tolist(), out.logprobs.tolist()):
+            ends = [j for j, t in enumerate(tokens[:budgets[i]]) if t in self.eos_ids]
+            n = ends[0] + 1 if ends else budgets[i]
+            text = self.tokenizer.decode(tokens[:n], skip_special_tokens=True)
+            prompt_text = self.tokenizer.decode(observations[i]) if contexts[i] is None else ""
+            turns[i] = Turn(observations[i], tokens[:n], logprobs[:n], text, bool(ends), prompt_text)
+        return turns

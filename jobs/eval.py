@@ -25,7 +25,7 @@ from rayrlhf.jobs.run.evaluation import evaluate
 from rayrlhf.jobs.run.roles import launch
 from rayrlhf.jobs.train import prepare
 
-EVALUATION_ROLES = ("rollout", "reward")
+EVALUATION_ROLES = ("rollout", "reward", "env")
 
 
 @dataclass

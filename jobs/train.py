@@ -26,6 +26,7 @@ from transformers import AutoTokenizer
 from rayrlhf.actors.rewards.embeddings import resolve_embedding_model
 from rayrlhf.actors.runtime.models import missing_lora_targets, resolve_policy
 from rayrlhf.actors.rewards.remote import RemoteRewardError, env_headers
+from rayrlhf.actors.environments.base import load_environment
 from rayrlhf.actors.rewards.user_functions import check_functions
 from rayrlhf.actors.rewards.reward_model import check_reward_model_dir
 from rayrlhf.actors.rl.trajectory import Prompt
@@ -120,6 +121,8 @@ def prepare(cfg: RunConfig) -> tuple[list[Prompt], list[Prompt]]:
             cfg.data.train, cfg.data.eval, cfg.data.num_train, cfg.data.num_eval, cfg.seed
         )
         check_functions(cfg.reward.model_dump()["functions"], {k for p in train_set + eval_set for k in p.extra})
+        if cfg.env is not None:
+            load_environment(cfg.env.path)  # file, class and methods, before Ray starts
         if cfg.reward.remote is not None:
             env_headers(cfg.reward.remote.headers_env)  # set where the run starts, not only on some node
     except (ValueError, RemoteRewardError) as e:

@@ -27,9 +27,24 @@ from typing import Any
 
 import numpy as np
 
+from rayrlhf.actors.environments.episode import EPISODE_FIELDS
 from rayrlhf.actors.rewards.math_answers import math_exact_match
 
-BUILTINS: dict[str, Callable[..., Sequence[float | None]]] = {"math_exact_match": math_exact_match}
+
+
+def _episode_field(name: str) -> Callable[..., Sequence[float | None]]:
+    """The built-in function that returns a multi-turn episode's field (None for rows without one)."""
+
+    def episode_field(completions: list[str], **fields: Any) -> Sequence[float | None]:
+        return fields.get(name) or [None] * len(completions)
+
+    return episode_field
+
+
+BUILTINS: dict[str, Callable[..., Sequence[float | None]]] = {
+    "math_exact_match": math_exact_match,
+    **{name: _episode_field(name) for name in EPISODE_FIELDS},  # actors/environments/episode.py
+}
 BATCH_ARGS = ("prompts", "completions", "references")
 
 
@@ -45,6 +60,17 @@ def load_function(path: str) -> Callable[..., Any]:
         raise RewardFunctionError(
             f"{path!r}: expected FILE.py:FUNCTION, MODULE:FUNCTION or a built-in ({', '.join(BUILTINS)})"
         )
+    fn = load_attribute(path)
+    if not callable(fn):
+        name = path.rsplit(":", 1)[1].strip()
+        raise RewardFunctionError(f"{path!r}: {name} is a {type(fn).__name__}, not a function")
+    return fn
+
+
+def load_attribute(path: str, kind: str = "function") -> Any:
+    """What FILE.py:NAME or MODULE:NAME names (reward functions, environment classes)."""
+    if ":" not in path:
+        raise RewardFunctionError(f"{path!r}: expected FILE.py:NAME or MODULE:NAME")
     where, name = (part.strip() for part in path.rsplit(":", 1))
     if where.endswith(".py"):
         file = Path(where)
@@ -65,12 +91,10 @@ def load_function(path: str) -> Callable[..., Any]:
             module = importlib.import_module(where)
         except ImportError as e:
             raise RewardFunctionError(f"{path!r}: cannot import module {where} ({e})") from e
-    fn = getattr(module, name, None)
-    if fn is None:
-        raise RewardFunctionError(f"{path!r}: {where} has no function {name!r}")
-    if not callable(fn):
-        raise RewardFunctionError(f"{path!r}: {name} is a {type(fn).__name__}, not a function")
-    return fn
+    found = getattr(module, name, None)
+    if found is None:
+        raise RewardFunctionError(f"{path!r}: {where} has no {kind} {name!r}")
+    return found
 
 
 def check_signature(fn: Callable[..., Any], path: str, extra_fields: set[str]) -> None:

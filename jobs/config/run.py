@@ -16,6 +16,8 @@ from pydantic import Field, model_validator
 
 from rayrlhf.actors.rewards.names import RESERVED
 from rayrlhf.actors.rl.algorithms import ADVANTAGE_ESTIMATORS, LOSS_AGGREGATIONS, POLICY_LOSSES
+from rayrlhf.actors.environments.episode import EPISODE_FIELDS
+from rayrlhf.jobs.config.env import EnvConfig
 from rayrlhf.jobs.config.base import (
     StrictModel,
     load_yaml,
@@ -58,8 +60,8 @@ BUILTIN_NUM_TRAIN = 512
 class DataConfig(StrictModel):
     train: str = "builtin"
     """"builtin" (short factual questions), "builtin_math" (arithmetic word problems in GSM8K's
-    format), or a JSONL/Parquet file with `prompt` and optional `reference` fields (or GSM8K's
-    `question` and `answer`)."""
+    format), "builtin_guess_number" (games for env.path=guess_number), or a JSONL/Parquet file with
+    `prompt` and optional `reference` fields (or GSM8K's `question` and `answer`)."""
     eval: str | None = None
     """Held-out file; with a built-in train task its own held-out split is used."""
     num_train: int | None = Field(None, ge=1)
@@ -443,6 +445,22 @@ class RunConfig(StrictModel):
     checkpoint: CheckpointConfig = CheckpointConfig()
     fault_tolerance: FaultToleranceConfig = FaultToleranceConfig()
     pipeline: PipelineConfig = PipelineConfig()
+    env: EnvConfig | None = None
+    """A multi-turn environment (docs/environments.md); None: one prompt, one answer."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _episode_components(cls, data: object) -> object:
+        """With an environment, the episode's fields are reward components: env_reward (weight 1 unless
+        listed) trains, env_success / env_turns / env_tool_calls / env_invalid_calls (weight 0) are logged."""
+        if not isinstance(data, dict) or not data.get("env"):
+            return data
+        reward = dict(data.get("reward") or {})
+        functions = list(reward.get("functions") or [])
+        listed = {f.get("path") for f in functions if isinstance(f, dict)}
+        functions += [{"path": name, "weight": 1.0 if name == "env_reward" else 0.0}
+                      for name in EPISODE_FIELDS if name not in listed]  # fmt: skip
+        return {**data, "reward": {**reward, "functions": functions}}
 
     @model_validator(mode="before")
     @classmethod
@@ -486,6 +504,10 @@ class RunConfig(StrictModel):
                 f"reward.remote: {remote.retries + 1} tries of timeout_s={remote.timeout_s:g} do not fit in "
                 f"fault_tolerance.score_timeout_s={self.fault_tolerance.score_timeout_s:g}: lower them or raise it"
             )
+        if self.env is not None and not self.data.use_chat_template:
+            raise ValueError("env needs data.use_chat_template=true: the chat template renders environment messages")
+        if self.env is not None and self.eval.num_beams > 1:
+            raise ValueError("env: eval.num_beams must be 1 (beam search does not play multi-turn episodes)")
         if self.learner.backend == "nccl" and self.learner.num_gpus <= 0:
             raise ValueError("learner.backend=nccl needs learner.num_gpus > 0")
         return self

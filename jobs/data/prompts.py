@@ -18,6 +18,7 @@ from typing import Any, TypeVar
 from rayrlhf.actors.rl.trajectory import Prompt
 from rayrlhf.jobs.config.run import BUILTIN_NUM_TRAIN, DataConfig
 from rayrlhf.jobs.data.math_task import math_task
+from rayrlhf.jobs.data.guess_task import guess_number_task
 from rayrlhf.jobs.data.task import builtin_task
 
 JSONL_SUFFIXES = (".jsonl", ".json")
@@ -149,7 +150,7 @@ def _renumber(prompts: list[Prompt], start: int) -> list[Prompt]:
     return [Prompt(id=start + i, text=p.text, reference=p.reference, extra=p.extra) for i, p in enumerate(prompts)]
 
 
-BUILTIN_TASKS = {"builtin": builtin_task, "builtin_math": math_task}
+BUILTIN_TASKS = {"builtin": builtin_task, "builtin_math": math_task, "builtin_guess_number": guess_number_task}
 """data.train names that code generates instead of a file."""
 
 

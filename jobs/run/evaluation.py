@@ -24,8 +24,12 @@ def evaluate(
     return recovery.run("the evaluation", lambda: _evaluate(cfg, roles, prompts, recovery))
 
 
-def _generate(cfg: RunConfig, roles: Roles, prompts: list[Prompt], samples: int) -> list:
+def _generate(cfg: RunConfig, roles: Roles, prompts: list[Prompt], samples: int, recovery: Recovery) -> list:
     max_new = cfg.eval_max_new_tokens or cfg.rollout.max_new_tokens
+    if roles.episodes is not None:  # multi-turn: greedy (or seeded) episodes, beam search has no meaning there
+        parts = shards(prompts, len(roles.rollout))
+        return roles.episodes.play(roles.rollout, roles.envs, parts, recovery.version, recovery.environment,
+                                   samples=samples, greedy=samples == 0, seed=cfg.seed, max_new_tokens=max_new)
     if samples == 0:
         options = dict(greedy=True, num_beams=cfg.eval.num_beams)
     else:  # drawn from the run's seed alone: the same weights give the same answers in train and in eval
@@ -37,7 +41,7 @@ def _generate(cfg: RunConfig, roles: Roles, prompts: list[Prompt], samples: int)
 
 
 def _evaluate(cfg: RunConfig, roles: Roles, prompts: list[Prompt], recovery: Recovery) -> tuple[dict[str, float], list[dict]]:
-    traj_refs = _generate(cfg, roles, prompts, samples=0)
+    traj_refs = _generate(cfg, roles, prompts, 0, recovery)
     _, rewards = recovery.score(traj_refs, update_stats=False)
     trajectories = ray.get(traj_refs)
     metrics = reward_metrics(rewards, "eval")
@@ -48,7 +52,7 @@ def _evaluate(cfg: RunConfig, roles: Roles, prompts: list[Prompt], recovery: Rec
     metrics["eval/empty_frac"] = float(np.mean([not r.strip() for r in responses]))
     if cfg.eval.samples_per_prompt:
         n = cfg.eval.samples_per_prompt
-        _, sampled = recovery.score(_generate(cfg, roles, prompts, samples=n), update_stats=False)
+        _, sampled = recovery.score(_generate(cfg, roles, prompts, n, recovery), update_stats=False)
         metrics.update(sampled_metrics(_joined(sampled), n))
     examples = [
         {"prompt": p, "response": r, "reference": ref}

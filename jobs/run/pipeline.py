@@ -82,10 +82,12 @@ def collect(roles: Roles, prompts: list[Prompt], recovery: Recovery) -> Experien
     """Generate, score and take reference log-probs; returns once every part exists."""
     n_shards = max(len(roles.rollout), len(roles.learner))
     t0 = time.perf_counter()
-    traj_refs = [
-        roles.rollout[i % len(roles.rollout)].generate.remote(ray.put(shard))
-        for i, shard in enumerate(shards(prompts, n_shards))
-    ]
+    parts = shards(prompts, n_shards)
+    if roles.episodes is not None:  # multi-turn, with an environment (jobs/run/episodes.py)
+        traj_refs = roles.episodes.play(roles.rollout, roles.envs, parts, recovery.version, recovery.environment)
+    else:
+        workers = roles.rollout
+        traj_refs = [workers[i % len(workers)].generate.remote(ray.put(shard)) for i, shard in enumerate(parts)]
     _wait(traj_refs)
     t1 = time.perf_counter()
     ref_refs = [roles.reference[0].logprobs.remote(t) for t in traj_refs] if roles.reference else [None] * len(traj_refs)

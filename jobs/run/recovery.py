@@ -39,9 +39,12 @@ from rayrlhf.jobs.config.run import FaultToleranceConfig
 from rayrlhf.jobs.run.roles import Roles
 
 T = TypeVar("T")
-NAMES = {"rollout": "rollout worker", "reward": "reward scorer", "reference": "reference policy"}
+NAMES = {"rollout": "rollout worker", "reward": "reward scorer", "reference": "reference policy",
+         "env": "environment worker"}  # fmt: skip
 STATEFUL = ("rollout", "reward")
 """Roles whose replicas hold state the driver restores (state_dict / load_state_dict)."""
+REDO = (*STATEFUL, "env")
+"""Roles whose restart during a phase means the phase is redone (environments lose their episodes)."""
 
 
 class RecoveryError(RuntimeError):
@@ -77,8 +80,8 @@ class Recovery:
         """The weights of `version` (None: the initial ones, which a restarted worker loads by itself)."""
 
     def run(self, phase: str, work: Callable[[], T]) -> T:
-        """`work()`, redone from its start (after a restore) until no replica that holds state was
-        replaced while it ran (the reference policy's answers are the same from any process)."""
+        """`work()`, redone from its start (after a restore) until no replica that holds state (or
+        episodes) was replaced while it ran (the reference policy's answers are the same from any process)."""
         restore = False
         while True:
             try:
@@ -90,7 +93,7 @@ class Recovery:
                 if not self._note_restarts(self._wait_alive(), phase):
                     raise  # an actor error without a death: nothing this can mend
             else:
-                if not any(name in STATEFUL for name, _ in self._note_restarts(pids, phase)):
+                if not any(name in REDO for name, _ in self._note_restarts(pids, phase)):
                     self.states = states
                     return result
             restore = True
@@ -144,6 +147,18 @@ class Recovery:
             f"reward scoring failed {self.ft.score_retries + 1} times (fault_tolerance.score_retries="
             f"{self.ft.score_retries}), last: {failure}; the step is not trained"
         )
+
+    def environment(self, refs: dict[int, ray.ObjectRef[T]], timeout_s: float) -> dict[int, T]:
+        """The answers of environment workers (rank: ref). A worker past `timeout_s` is killed and
+        restarted: its ref then raises RayActorError, and run() redoes the rollout, as for a dead one.
+        An exception the environment raises fails the step (RayTaskError, with its traceback)."""
+        _, pending = ray.wait(list(refs.values()), num_returns=len(refs), timeout=timeout_s, fetch_local=False)
+        for rank, ref in refs.items():
+            if ref in pending:
+                self.log(f"recovery: environment worker {rank} gave no answer within env.timeout_s={timeout_s:g}; "
+                         "restarting it")  # fmt: skip
+                ray.kill(self.roles.groups["env"][rank], no_restart=False)
+        return dict(zip(refs, ray.get(list(refs.values()))))
 
     def metrics(self) -> dict[str, float]:
         """Counts since the run began: restarts per role, phases redone, scoring retries."""

@@ -15,12 +15,14 @@ from typing import Any
 import ray
 
 from rayrlhf.actors.runtime.devices import role_device
+from rayrlhf.actors.environment_worker import EnvironmentWorker
 from rayrlhf.actors.learner import Learner
 from rayrlhf.actors.reference_policy import ReferencePolicy
 from rayrlhf.actors.reward_scorer import RewardScorer
 from rayrlhf.actors.rollout_worker import RolloutWorker
 from rayrlhf.cluster.actor_group import ActorGroup, check_fits
 from rayrlhf.jobs.config.run import RewardConfig, RolloutConfig, RunConfig
+from rayrlhf.jobs.run.episodes import Episodes
 
 LAUNCH_FIELDS = {"num_workers", "num_scorers", "num_ranks", "num_cpus", "num_gpus"}
 """Fields of a config section that say where a role runs, not how: the launch reads them, the actor does not."""
@@ -31,7 +33,7 @@ def actor_settings(section: RolloutConfig | RewardConfig) -> dict[str, Any]:
     return dict(section.model_dump(exclude=LAUNCH_FIELDS), device=role_device(section.num_gpus))
 
 
-Replica = RolloutWorker | RewardScorer | ReferencePolicy | Learner
+Replica = RolloutWorker | RewardScorer | ReferencePolicy | Learner | EnvironmentWorker
 """An instance of a role's class (in an actor, or plain in this process)."""
 
 
@@ -84,6 +86,9 @@ def role_table(cfg: RunConfig) -> list[Role]:
             **model, dtype=cfg.policy.dtype, temperature=rollout.temperature, torch_threads=kl.torch_threads,
             device=role_device(kl.num_gpus),
         ), max_restarts=restarts))
+    if cfg.env is not None:
+        roles.append(Role("env", EnvironmentWorker, cfg.env.num_workers, cfg.env.num_cpus, 0.0,
+                          lambda rank: dict(path=cfg.env.path), max_restarts=restarts))  # fmt: skip
     algorithm = cfg.algorithm  # seq-mean-token-sum-norm's constant defaults to the longest answer
     if algorithm.loss_scale_tokens is None:
         algorithm = algorithm.model_copy(update={"loss_scale_tokens": rollout.max_new_tokens})
@@ -123,6 +128,8 @@ class Roles:
     """Set when the weights travel by NCCL broadcast (GPU learner and rollout): the receivers' dtypes."""
     broadcast_backend: str = "nccl"
     """The broadcast group's backend (gloo runs the same code on CPUs, in tests)."""
+    episodes: Episodes | None = None
+    """The multi-turn rollout (jobs/run/episodes.py) when the run has an environment (env:)."""
 
     @property
     def rollout(self) -> ActorGroup:
@@ -135,6 +142,10 @@ class Roles:
     @property
     def reference(self) -> ActorGroup | None:
         return self.groups.get("reference")
+
+    @property
+    def envs(self) -> ActorGroup:
+        return self.groups["env"]
 
     @property
     def learner(self) -> ActorGroup:
@@ -174,7 +185,7 @@ def launch(cfg: RunConfig, only: tuple[str, ...] | None = None) -> Roles:
             groups[role.name] = _start(cfg, role)
         for group in groups.values():
             group.wait_started()
-        roles = Roles(groups)
+        roles = Roles(groups, episodes=Episodes(cfg) if "env" in groups else None)
         if uses_broadcast(cfg):
             roles.broadcast_dtypes = connect_weight_broadcast(roles)
     except BaseException:

@@ -1,0 +1,13 @@
+"""A scripted two-turn environment for the multi-turn tests (unit and e2e, by env.path to this file)."""
+
+
+class Scripted:
+    """Whatever the reply: first a tool message "7" (reward 0.25), then done (reward 1)."""
+
+    def reset(self, row, seed):
+        self.turn = 0
+        return [{"role": "user", "content": "Say a number."}]
+
+    def step(self, assistant):
+        self.turn += 1
+        return ([{"role": "tool", "content": "7"}], 0.25, False) if self.turn == 1 else ([], 1.0, True)
