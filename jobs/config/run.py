@@ -297,6 +297,15 @@ class LearnerConfig(StrictModel):
     num_gpus: float = Field(0.0, ge=0)
     torch_threads: int = Field(2, ge=1)
     gradient_checkpointing: bool = False
+    packing: bool = True
+    """The learner and the reference run the model on the step's real tokens packed into rows of at
+    most pack_tokens, not on rows padded to the longest prompt + longest response: the same
+    log-probs, loss and gradients, without compute on padding (docs/performance_packing.md)."""
+    pack_tokens: int = Field(512, ge=1)
+    """Tokens per packed row (a longer sequence gets a row of its own); attention is quadratic in it."""
+    logits_chunk: int = Field(1024, ge=1)
+    """Positions per LM-head chunk: full-vocabulary logits exist for this many positions at a time
+    (recomputed in the backward pass when a micro-batch has more), so memory stays flat as responses grow."""
 
 
 class ClusterConfig(StrictModel):
