@@ -1,8 +1,8 @@
 """Padding-free forward passes: a batch's real tokens packed into a few rows, and back.
 
 A step's rows are padded to its longest prompt plus its longest response, so a padded forward pass
-spends compute on padding. Packing concatenates the sequences' real tokens into rows of at most
-`budget` tokens (first-fit, longest first), with position ids that restart at 0 for each sequence
+spends compute on padding. Packing concatenates the sequences' real tokens into rows of about
+`budget` tokens, with position ids that restart at 0 for each sequence
 and no attention mask: transformers 5 then infers each sequence's bounds from the position ids and
 builds a block-diagonal causal mask (masking_utils.find_packed_sequence_indices; the "padding-free
 training" page of its docs), so no token attends across sequences and every token sees the positions
@@ -12,6 +12,7 @@ of its own that nothing reads. A budget keeps each row's attention (quadratic in
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -40,23 +41,21 @@ def padded_layout(input_ids: Tensor, attention_mask: Tensor, positions: Tensor) 
 
 
 def bins(lengths: list[int], budget: int) -> list[list[int]]:
-    """Row indices grouped so each group's lengths sum to at most `budget` (a longer sequence gets a
-    group of its own): first-fit over the sequences, longest first."""
-    groups: list[list[int]] = []
-    room: list[int] = []
+    """Row indices in ceil(total / budget) groups of near-equal token sums (each packed row is padded
+    to the longest): longest first, each into the group with the fewest tokens so far. A group then
+    holds at most `budget` tokens plus its last sequence."""
+    count = max(1, math.ceil(sum(lengths) / budget))
+    groups: list[list[int]] = [[] for _ in range(count)]
+    load = [0] * count
     for row in sorted(range(len(lengths)), key=lambda r: -lengths[r]):
-        slot = next((g for g, free in enumerate(room) if free >= lengths[row]), None)
-        if slot is None:
-            groups.append([])
-            room.append(budget)
-            slot = len(groups) - 1
-        groups[slot].append(row)
-        room[slot] -= lengths[row]
-    return groups
+        emptiest = load.index(min(load))
+        groups[emptiest].append(row)
+        load[emptiest] += lengths[row]
+    return [group for group in groups if group]
 
 
 def packed_layout(input_ids: Tensor, attention_mask: Tensor, budget: int) -> Layout:
-    """The real tokens of each row (wherever its padding is), packed into rows of <= `budget`."""
+    """The real tokens of each row (wherever its padding is), packed into rows of about `budget`."""
     batch, width = input_ids.shape
     real = attention_mask.bool()
     lengths = real.sum(-1).tolist()

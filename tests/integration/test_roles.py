@@ -235,7 +235,7 @@ def free_port() -> int:
 
 
 def make_learner(model_dir: str, name: str, lora: LoraConfig | None = None, pipeline: PipelineConfig | None = None,
-                 micro_batch_size: int = 4, packing: bool = True, pack_tokens: int = 512, logits_chunk: int = 1024,
+                 micro_batch_size: int = 4, packing: bool = True, pack_tokens: int = 256, logits_chunk: int = 1024,
                  **algorithm_fields: Any):
     from rayrlhf.actors.learner import Learner
 

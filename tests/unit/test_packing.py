@@ -31,14 +31,15 @@ MASK = (torch.arange(8) >= torch.tensor([[2], [0], [1]])) & (torch.arange(8) < t
 RESPONSE = MASK & (torch.arange(8) >= 4)
 
 
-def test_bins_first_fit_longest_first():
+def test_bins_balance_ceil_total_over_budget_rows_longest_first():
     assert bins([3, 5, 2, 4], budget=7) == [[1, 2], [3, 0]]
-    assert bins([9, 1], budget=4) == [[0], [1]]  # longer than the budget: a row of its own
+    assert bins([9, 1], budget=4) == [[0], [1]]  # 3 rows by the budget, but only 2 sequences
+    assert bins([4, 4, 4, 4, 4], budget=8) == [[0, 3], [1, 4], [2]]
 
 
 def test_packed_layout_restarts_positions_and_maps_every_token_back():
     layout = packed_layout(IDS, MASK.long(), budget=10)
-    # lengths 5, 8, 4: [row 1] then [row 0 + row 2] (5 + 4 <= 10), each padded to 9 tokens
+    # lengths 5, 8, 4 in 2 rows: [row 1] then [row 0 + row 2] (5 < 8), each padded to 9 tokens
     assert layout.attention_mask is None
     assert layout.input_ids.tolist() == [[11, 12, 13, 14, 15, 16, 17, 18, 0], [5, 6, 7, 8, 9, 21, 22, 23, 24]]
     assert layout.position_ids.tolist() == [[0, 1, 2, 3, 4, 5, 6, 7, 0], [0, 1, 2, 3, 4, 0, 1, 2, 3]]
