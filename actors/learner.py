@@ -169,7 +169,7 @@ class Learner:
         if lora is not None:  # only the adapters train; get_weights and save merge them in
             self.policy = add_lora(self.policy, lora.rank, lora.alpha, lora.target_modules)
         module = PolicyWithValue(self.policy, with_value=self.estimator.critic,
-                                 pack_tokens=learner.pack_tokens if learner.packing else None,
+                                 pack_tokens=learner.packed_row_tokens,
                                  logits_chunk=learner.logits_chunk).train()  # fmt: skip
         trainable = [p for p in module.parameters() if p.requires_grad]
         # fused: one kernel per tensor instead of ~10 passes over it (the default on CPU); the same

@@ -125,7 +125,7 @@ def policy_forward(
     [N, vocab] softmax alive for backward.
     first_scored: columns before it (the prompt) get 0 and the LM head skips them; with a
     49k vocabulary that head is a fifth of the model's compute.
-    pack_tokens: run the model on the real tokens packed into rows of at most this many
+    pack_tokens: run the model on the real tokens packed into rows of about this many
     (actors/rl/packing.py) instead of on the padded rows; None: padded. The values are the same.
     logits_chunk: positions per LM-head chunk (head_logprobs).
     """

@@ -298,8 +298,8 @@ class LearnerConfig(StrictModel):
     torch_threads: int = Field(2, ge=1)
     gradient_checkpointing: bool = False
     packing: bool = True
-    """The learner and the reference run the model on the step's real tokens packed into rows of at
-    most pack_tokens, not on rows padded to the longest prompt + longest response: the same
+    """The learner and the reference run the model on the step's real tokens packed into rows of
+    about pack_tokens, not on rows padded to the longest prompt + longest response: the same
     log-probs, loss and gradients, without compute on padding (docs/performance_packing.md)."""
     pack_tokens: int = Field(256, ge=1)
     """About this many tokens per packed row (ceil(step tokens / pack_tokens) rows of near-equal
@@ -307,6 +307,11 @@ class LearnerConfig(StrictModel):
     logits_chunk: int = Field(1024, ge=1)
     """Positions per LM-head chunk: full-vocabulary logits exist for this many positions at a time
     (recomputed in the backward pass when a micro-batch has more), so memory stays flat as responses grow."""
+
+    @property
+    def packed_row_tokens(self) -> int | None:
+        """What the forward passes take: pack_tokens when packing, None for padded rows."""
+        return self.pack_tokens if self.packing else None
 
 
 class ClusterConfig(StrictModel):
