@@ -56,8 +56,9 @@ def measure(config: str, overrides: list[str], repeats: int) -> dict:
             t0 = time.perf_counter()
             ref = reference.logprobs(traj)
             ref_s = time.perf_counter() - t0
-            batch = batch or LearnerBatch.join([traj], [Rewards(rewards.total, rewards.raw_total, rewards.components)],
-                                               [ref])  # fmt: skip
+            if batch is None:
+                scores = Rewards(rewards.total, rewards.raw_total, rewards.components)
+                batch = LearnerBatch.join([traj], [scores], [ref])
             learn_s = learner_times(learner, batch, 1, False)[0]
             if i >= 2:
                 times[f"reference_{side}"].append(ref_s)
