@@ -73,9 +73,10 @@ class PolicyWithValue(nn.Module):
     """The policy plus an optional zero-initialised value head on its last hidden state;
     one module so that DeepSpeed shards and steps both."""
 
-    def __init__(self, policy: nn.Module, with_value: bool):
+    def __init__(self, policy: nn.Module, with_value: bool, pack_tokens: int | None, logits_chunk: int):
         super().__init__()
         self.policy = policy
+        self.pack_tokens, self.logits_chunk = pack_tokens, logits_chunk
         self.value_head = None
         if with_value:
             self.value_head = nn.Linear(policy.config.hidden_size, 1, dtype=policy.dtype)
@@ -99,6 +100,8 @@ class PolicyWithValue(nn.Module):
             entropy_grad=entropy_grad,
             with_hidden=self.value_head is not None,
             first_scored=first_scored,
+            pack_tokens=self.pack_tokens,
+            logits_chunk=self.logits_chunk,
         )
         values = None
         if self.value_head is not None:  # values[:, t] = V(state in which token t is chosen)
@@ -167,7 +170,9 @@ class Learner:
             self.policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         if lora is not None:  # only the adapters train; get_weights and save merge them in
             self.policy = add_lora(self.policy, lora.rank, lora.alpha, lora.target_modules)
-        module = PolicyWithValue(self.policy, with_value=self.estimator.critic).train()
+        module = PolicyWithValue(self.policy, with_value=self.estimator.critic,
+                                 pack_tokens=learner.packed_row_tokens,
+                                 logits_chunk=learner.logits_chunk).train()  # fmt: skip
         trainable = [p for p in module.parameters() if p.requires_grad]
         # fused: one kernel per tensor instead of ~10 passes over it (the default on CPU); the same
         # update up to float rounding, and a quarter of the learn phase less on this CPU.

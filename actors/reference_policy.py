@@ -14,14 +14,17 @@ from rayrlhf.actors.rl.trajectory import Trajectory
 
 class ReferencePolicy:
     def __init__(self, *, model: str, temperature: float, torch_threads: int, dtype: str = "auto",
-                 device: str = "cpu", cache_dir: str | None = None):  # fmt: skip
+                 device: str = "cpu", cache_dir: str | None = None, pack_tokens: int | None = None,
+                 logits_chunk: int = 1024):  # fmt: skip
+        """pack_tokens, logits_chunk: as the learner's (learner.packing, learner.pack_tokens and
+        learner.logits_chunk), so both compute the same way."""
         torch.set_num_threads(torch_threads)
         self.device = select_device(device)
         keep_freed_memory(self.device)
         path = resolve_policy_here(model, cache_dir)
         self.model, _ = load_policy(path, select_dtype(dtype, self.device), self.device)
         self.model.eval().requires_grad_(False)
-        self.temperature = temperature
+        self.temperature, self.pack_tokens, self.logits_chunk = temperature, pack_tokens, logits_chunk
 
     def logprobs(self, traj: Trajectory) -> np.ndarray:
         """[B, T] float32, same convention as Trajectory.old_logprobs; 0 outside the response."""
@@ -32,5 +35,7 @@ class ReferencePolicy:
             from_numpy(traj.attention_mask).to(self.device),
             self.temperature,
             first_scored=first_response_column(response_mask),
+            pack_tokens=self.pack_tokens,
+            logits_chunk=self.logits_chunk,
         )
         return (logp * response_mask).float().cpu().numpy()

@@ -18,8 +18,10 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from rayrlhf.actors.rl.losses import entropy_from_logits
+from rayrlhf.actors.rl.packing import packed_layout, padded_layout
 
 
 def from_numpy(array: np.ndarray) -> torch.Tensor:
@@ -65,7 +67,43 @@ class PolicyOutput:
     entropy: torch.Tensor | None = None
     """Entropy of the (temperature-scaled) distribution that predicted token t; 0 where unscored."""
     hidden: torch.Tensor | None = None
-    """[B, T, H] the last hidden state that predicted token t (zeros at t=0); for a value head."""
+    """[B, T, H] the last hidden state that predicted token t (zeros where unscored); for a value head."""
+
+
+def _chunk_logprobs(
+    head: nn.Module, hidden: torch.Tensor, tokens: torch.Tensor, temperature: float, with_entropy: bool,
+    entropy_grad: bool,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    logits = head(hidden).float()  # the float() is a no-op on fp32 models
+    if temperature != 1.0:  # [N, vocab]: skip the copy when it changes nothing
+        logits = logits / temperature
+    lse = torch.logsumexp(logits, dim=-1)
+    logp = logits.gather(-1, tokens.unsqueeze(-1)).squeeze(-1) - lse
+    if not with_entropy:
+        return logp, None
+    if torch.is_grad_enabled() and entropy_grad:
+        return logp, entropy_from_logits(logits)
+    with torch.no_grad():
+        return logp, entropy_metric(logits, lse)
+
+
+def head_logprobs(
+    head: nn.Module, hidden: torch.Tensor, tokens: torch.Tensor, temperature: float, chunk: int, *,
+    with_entropy: bool = False, entropy_grad: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """[N] log p(tokens[i] | hidden[i]) (and the entropy) through the LM head, `chunk` positions at a
+    time, so only one chunk's [chunk, vocab] logits exist at once. With gradients and more than one
+    chunk, each chunk's logits are recomputed in the backward pass (activation checkpointing)
+    instead of kept: the memory stays flat as responses grow, for one more LM-head forward."""
+    pieces = list(zip(hidden.split(chunk), tokens.split(chunk)))
+    recompute = torch.is_grad_enabled() and len(pieces) > 1
+    outs = [
+        checkpoint(_chunk_logprobs, head, h, t, temperature, with_entropy, entropy_grad, use_reentrant=False)
+        if recompute else _chunk_logprobs(head, h, t, temperature, with_entropy, entropy_grad)
+        for h, t in pieces
+    ]  # fmt: skip
+    logp = torch.cat([o[0] for o in outs])
+    return logp, torch.cat([o[1] for o in outs]) if with_entropy else None
 
 
 def policy_forward(
@@ -78,49 +116,52 @@ def policy_forward(
     entropy_grad: bool = True,
     with_hidden: bool = False,
     first_scored: int = 1,
+    pack_tokens: int | None = None,
+    logits_chunk: int = 1024,
 ) -> PolicyOutput:
     """One forward pass; gradients flow if the caller has them enabled.
 
     entropy_grad=False computes the entropy as a metric only, without keeping the
-    [B, T, vocab] softmax alive for backward.
+    [N, vocab] softmax alive for backward.
     first_scored: columns before it (the prompt) get 0 and the LM head skips them; with a
     49k vocabulary that head is a fifth of the model's compute.
+    pack_tokens: run the model on the real tokens packed into rows of about this many
+    (actors/rl/packing.py) instead of on the padded rows; None: padded. The values are the same.
+    logits_chunk: positions per LM-head chunk (head_logprobs).
     """
-    width = input_ids.shape[1]
+    batch, width = input_ids.shape
     if not 1 <= first_scored <= width:
         raise ValueError(f"first_scored={first_scored} is outside the {width} columns")
-    # logits[t] predicts token t+1: keep positions first_scored-1 .. width-2.
-    keep = {"logits_to_keep": width - first_scored + 1} if first_scored > 1 else {}
-    out = model(
-        input_ids=input_ids,
-        attention_mask=attention_mask,
-        position_ids=position_ids(attention_mask),
-        output_hidden_states=with_hidden,
+    if pack_tokens is None:
+        layout = padded_layout(input_ids, attention_mask, position_ids(attention_mask))
+    else:
+        layout = packed_layout(input_ids, attention_mask, pack_tokens)
+    # the decoder and the LM head called apart, so the head sees only the scored positions
+    hidden = model.get_decoder()(
+        input_ids=layout.input_ids, attention_mask=layout.attention_mask, position_ids=layout.position_ids,
         use_cache=False,
-        **keep,
-    )
-    logits = out.logits[:, :-1].float()  # a no-op on fp32 models
-    if temperature != 1.0:  # [B, T, vocab]: skip the copy when it changes nothing
-        logits = logits / temperature
-    targets = input_ids[:, first_scored:].unsqueeze(-1)
-    lse = torch.logsumexp(logits, dim=-1)
-    token_logp = logits.gather(-1, targets).squeeze(-1) - lse
+    ).last_hidden_state  # fmt: skip
     scored = scored_positions(attention_mask)
-    skipped = token_logp.new_zeros(token_logp.shape[0], first_scored)
-    logprobs = torch.where(scored, torch.cat([skipped, token_logp], dim=1), 0.0)
-    entropy = None
-    if with_entropy:
-        if torch.is_grad_enabled() and entropy_grad:
-            token_entropy = entropy_from_logits(logits)
-        else:
-            with torch.no_grad():
-                token_entropy = entropy_metric(logits, lse)
-        entropy = torch.where(scored, torch.cat([skipped, token_entropy], dim=1), 0.0)
-    hidden = None
-    if with_hidden:  # shift so that hidden[:, t] is the state in which token t is chosen
-        last = out.hidden_states[-1]
-        hidden = torch.cat([torch.zeros_like(last[:, :1]), last[:, :-1]], dim=1)
-    return PolicyOutput(logprobs=logprobs, entropy=entropy, hidden=hidden)
+    scored[:, :first_scored] = False
+    keep = scored.reshape(-1)[layout.source]
+    source, target = layout.source[keep], layout.target[keep]
+    # a scored token's predecessor sits just before it in the model's rows, padded or packed
+    predicting = hidden.reshape(-1, hidden.shape[-1])[target - 1]
+    tokens = input_ids.reshape(-1)[source]
+    logp, entropy = head_logprobs(
+        model.get_output_embeddings(), predicting, tokens, temperature, logits_chunk,
+        with_entropy=with_entropy, entropy_grad=entropy_grad,
+    )  # fmt: skip
+
+    def scatter(values: torch.Tensor) -> torch.Tensor:
+        out = values.new_zeros(batch * width, *values.shape[1:]).index_copy(0, source, values)
+        return out.reshape(batch, width, *values.shape[1:])
+
+    return PolicyOutput(
+        logprobs=scatter(logp),
+        entropy=None if entropy is None else scatter(entropy),
+        hidden=scatter(predicting) if with_hidden else None,
+    )
 
 
 @torch.no_grad()
@@ -131,14 +172,17 @@ def token_logprobs(
     temperature: float,
     chunk_size: int = 8,
     first_scored: int = 1,
+    pack_tokens: int | None = None,
+    logits_chunk: int = 1024,
 ) -> torch.Tensor:
-    """[B, T] float32 log-probs without gradients, `chunk_size` rows at a time to bound the
-    [rows, T, vocab] logits tensor (49k vocab x 300 tokens x 8 rows is ~470 MB in fp32)."""
+    """[B, T] float32 log-probs without gradients. Padded (pack_tokens None): `chunk_size` rows at a
+    time, to bound the activations of the padded rows; packed: the whole batch in one pass."""
+    step = input_ids.shape[0] if pack_tokens is not None else chunk_size
     parts = [
         policy_forward(
-            model, input_ids[i : i + chunk_size], attention_mask[i : i + chunk_size], temperature,
-            first_scored=first_scored,
+            model, input_ids[i : i + step], attention_mask[i : i + step], temperature,
+            first_scored=first_scored, pack_tokens=pack_tokens, logits_chunk=logits_chunk,
         ).logprobs
-        for i in range(0, input_ids.shape[0], chunk_size)
-    ]
+        for i in range(0, input_ids.shape[0], step)
+    ]  # fmt: skip
     return torch.cat(parts, dim=0)

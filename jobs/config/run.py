@@ -321,6 +321,21 @@ class LearnerConfig(StrictModel):
     num_gpus: float = Field(0.0, ge=0)
     torch_threads: int = Field(2, ge=1)
     gradient_checkpointing: bool = False
+    packing: bool = True
+    """The learner and the reference run the model on the step's real tokens packed into rows of
+    about pack_tokens, not on rows padded to the longest prompt + longest response: the same
+    log-probs, loss and gradients, without compute on padding (docs/performance_packing.md)."""
+    pack_tokens: int = Field(256, ge=1)
+    """About this many tokens per packed row (ceil(step tokens / pack_tokens) rows of near-equal
+    length): attention is quadratic in a row's length, so short rows keep it a small share."""
+    logits_chunk: int = Field(1024, ge=1)
+    """Positions per LM-head chunk: full-vocabulary logits exist for this many positions at a time
+    (recomputed in the backward pass when a micro-batch has more), so memory stays flat as responses grow."""
+
+    @property
+    def packed_row_tokens(self) -> int | None:
+        """What the forward passes take: pack_tokens when packing, None for padded rows."""
+        return self.pack_tokens if self.packing else None
 
 
 class ClusterConfig(StrictModel):

@@ -84,7 +84,8 @@ def role_table(cfg: RunConfig) -> list[Role]:
     if uses_reference(cfg):
         roles.append(Role("reference", ReferencePolicy, 1, kl.num_cpus, kl.num_gpus, lambda rank: dict(
             **model, dtype=cfg.policy.dtype, temperature=rollout.temperature, torch_threads=kl.torch_threads,
-            device=role_device(kl.num_gpus),
+            device=role_device(kl.num_gpus), pack_tokens=learner.packed_row_tokens,
+            logits_chunk=learner.logits_chunk,
         ), max_restarts=restarts))
     if cfg.env is not None:
         roles.append(Role("env", EnvironmentWorker, cfg.env.num_workers, cfg.env.num_cpus, 0.0,
