@@ -47,6 +47,7 @@ class RolloutWorker:
         top_p: float,
         torch_threads: int,
         seed: int,
+        max_batch_rows: int | None = None,
         dtype: str = "auto",
         device: str = "cpu",
         cache_dir: str | None = None,
@@ -63,6 +64,7 @@ class RolloutWorker:
         self.use_chat_template = use_chat_template
         self.system_prompt = system_prompt
         self.samples_per_prompt = samples_per_prompt
+        self.max_batch_rows = max_batch_rows
         self.max_new_tokens = max_new_tokens
         self.temperature = temperature
         self.top_p = top_p
@@ -149,7 +151,7 @@ class RolloutWorker:
         else:
             params = SamplingParams(max_tokens=budget, temperature=0.0 if greedy else self.temperature,
                                     top_p=self.top_p, stop=(), seed=seed)  # fmt: skip
-            out = self.engine.generate(ids, k, params)
+            out = self.engine.generate(ids, k, params, max_rows=self.max_batch_rows)
         response, recorded = out.tokens, out.logprobs
         prompt_ids, prompt_mask = prompt_ids.repeat_interleave(k, dim=0), prompt_mask.repeat_interleave(k, dim=0)
         is_eos = torch.isin(response, torch.tensor(self.eos_ids))

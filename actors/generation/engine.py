@@ -11,7 +11,8 @@ Face's `generate` with num_beams, called here only.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from collections import deque
+from dataclasses import dataclass, replace
 from typing import Protocol
 
 import torch
@@ -19,6 +20,7 @@ import torch
 from rayrlhf.actors.generation.decode_loop import DecodeLoop
 from rayrlhf.actors.generation.model_runner import ModelRunner
 from rayrlhf.actors.generation.requests import GenerationRequest, SamplingParams
+from rayrlhf.actors.generation.sampler import mix_seed
 from rayrlhf.actors.generation.tokens import left_pad
 
 
@@ -34,9 +36,11 @@ class Generation:
 
 
 class GenerationEngine(Protocol):
-    def generate(self, prompts: list[list[int]], n: int, params: SamplingParams) -> Generation:
+    def generate(self, prompts: list[list[int]], n: int, params: SamplingParams, max_rows: int | None = None) -> Generation:
         """n samples of each prompt (token ids), with params.seed as the seed of the RNG scheme
-        (actors/generation/sampler.py). No stop strings: they are text, which a batch does not make."""
+        (actors/generation/sampler.py). No stop strings: they are text, which a batch does not make.
+        `max_rows`: at most this many rows (whole prompts' n samples) decode at once, which bounds the
+        KV cache of a large call (an evaluation with many samples); None: all of them."""
         ...
 
     def beam_search(
@@ -49,13 +53,15 @@ class GenerationEngine(Protocol):
 class LocalEngine(ModelRunner):
     """GenerationEngine on our own KV-cached decode loop, on this process's device."""
 
-    def generate(self, prompts: list[list[int]], n: int, params: SamplingParams) -> Generation:
+    def generate(self, prompts: list[list[int]], n: int, params: SamplingParams, max_rows: int | None = None) -> Generation:
         if params.stop:
             raise ValueError("generate() takes no stop strings: they need the streamed text of a Serve request")
-        request = GenerationRequest(prompts, n, params, deadline=math.inf, text=False, logprobs=True)
-        loop = DecodeLoop(self, max_rows=request.rows)
-        rows = loop.admit(request)
-        while loop.requests:
+        parts = self._parts(prompts, n, params, max_rows)
+        loop = DecodeLoop(self, max_rows=max(p.rows for p in parts) if max_rows is None else max(max_rows, n))
+        pending, rows = deque(parts), []
+        while pending or loop.requests:  # a part joins the running batch as soon as its rows fit
+            while pending and pending[0].rows <= loop.free_rows:
+                rows += loop.admit(pending.popleft())
             loop.step()
         width = max(len(row.tokens) for row in rows)
         tokens = torch.full((len(rows), width), self.pad_id, dtype=torch.long)
@@ -64,6 +70,20 @@ class LocalEngine(ModelRunner):
             tokens[i, :len(row.tokens)] = torch.tensor(row.tokens)
             logprobs[i, :len(row.logprobs)] = torch.tensor(row.logprobs)
         return Generation(tokens, logprobs)
+
+    @staticmethod
+    def _parts(prompts: list[list[int]], n: int, params: SamplingParams, max_rows: int | None) -> list[GenerationRequest]:
+        """The call as requests of whole prompts, at most max_rows rows each. One part keeps the call's
+        seed (the rollout's steps); part i of several draws from mix_seed(seed, i), so its samples
+        depend on the call's seed and its place in the call only, not on when it joined the batch."""
+        per = len(prompts) if max_rows is None else max(1, max_rows // n)
+        chunks = [prompts[i:i + per] for i in range(0, len(prompts), per)]
+
+        def seeded(i: int) -> SamplingParams:
+            return params if len(chunks) == 1 or params.seed is None else replace(params, seed=mix_seed(params.seed, i))
+
+        return [GenerationRequest(chunk, n, seeded(i), deadline=math.inf, text=False, logprobs=True)
+                for i, chunk in enumerate(chunks)]  # fmt: skip
 
     @torch.no_grad()
     def beam_search(

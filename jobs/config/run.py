@@ -90,6 +90,10 @@ class RolloutConfig(StrictModel):
     num_gpus: float = Field(0.0, ge=0)
     """>0 puts the rollout model on the GPU Ray assigns; a fraction lets roles share one GPU."""
     torch_threads: int = Field(2, ge=1)
+    max_batch_rows: int = Field(256, ge=1)
+    """Rows (prompts x samples) one rollout worker decodes at once; a larger call, such as an
+    evaluation with eval.samples_per_prompt, runs its prompts through the batch as rows free up, so
+    its KV cache stays bounded (800 rows of SmolLM2 held ~10 GB)."""
 
 
 _NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")

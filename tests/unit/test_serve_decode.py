@@ -6,6 +6,7 @@ import asyncio
 import threading
 import time
 import warnings
+from dataclasses import replace
 
 import pytest
 import torch
@@ -15,7 +16,7 @@ from rayrlhf.actors.generation.decode_loop import PAD_SPLIT_TOKENS, DecodeLoop, 
 from rayrlhf.actors.generation.kv_batch import ROOM, KVBatch
 from rayrlhf.actors.generation.model_runner import GenerationError
 from rayrlhf.actors.generation.requests import ChoiceDelta, GenerationRequest, SamplingParams, Update
-from rayrlhf.actors.generation.sampler import row_generator, sample_tokens, scaled_logprobs
+from rayrlhf.actors.generation.sampler import mix_seed, row_generator, sample_tokens, scaled_logprobs
 from rayrlhf.actors.generation.text_stream import find_stop, held_back
 from rayrlhf.actors.runtime import models
 from rayrlhf.actors.runtime.models import load_policy, transpose_output_head
@@ -509,3 +510,29 @@ def test_generator_on_the_gpu_decodes_what_the_cpu_decodes(tiny_dir, gen):
     cpu_texts, _ = run(gen, {0: [cpu_req]})
     gpu_texts, _ = run(on_gpu, {0: [gpu_req]})
     assert gpu_texts[gpu_req] == cpu_texts[cpu_req]
+
+
+def test_a_large_call_decodes_at_most_max_rows_at_once_with_seeds_by_part(gen, monkeypatch):
+    ids = [gen.encode_text(p) for p in PROMPTS * 3]  # 6 prompts x 2 samples = 12 rows
+    seeded = params(6, temperature=1.0, seed=11)
+    whole = gen.generate(ids, 2, seeded)  # no cap: one request, the call's own seed
+    assert gen.generate(ids, 2, seeded, max_rows=12).tokens.tolist() == whole.tokens.tolist()  # fits: the same
+
+    in_flight: list[int] = []
+    step = DecodeLoop.step
+
+    def counted(loop):
+        out = step(loop)
+        in_flight.append(loop.step_rows)
+        return out
+
+    monkeypatch.setattr(DecodeLoop, "step", counted)
+    capped = gen.generate(ids, 2, seeded, max_rows=5)  # parts of 2 prompts (4 rows): at most 5 rows at once
+    monkeypatch.undo()
+    assert max(in_flight) <= 5 and len(capped.tokens) == 12
+    # part i draws from mix_seed(seed, i): the same tokens as that part asked for alone with that seed
+    for i in range(3):
+        alone = gen.generate(ids[2 * i:2 * i + 2], 2, replace(seeded, seed=mix_seed(11, i)))
+        width = alone.tokens.shape[1]
+        assert capped.tokens[4 * i:4 * i + 4, :width].tolist() == alone.tokens.tolist()
+        assert (capped.tokens[4 * i:4 * i + 4, width:] == gen.pad_id).all()
