@@ -97,10 +97,6 @@ def _not_auth_enabled(record: logging.LogRecord) -> bool:
     return "Token authentication is enabled for this Ray cluster" not in record.getMessage()
 
 
-def _not_auth_enabled(record: logging.LogRecord) -> bool:
-    return "Token authentication is enabled for this Ray cluster" not in record.getMessage()
-
-
 def write_to(path: Path) -> None:
     """The run's log file for its workers' output (a no-op with --verbose, where Ray prints it)."""
     if not verbose():

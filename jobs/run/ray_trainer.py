@@ -33,8 +33,8 @@ import yaml
 
 from rayrlhf.actors.runtime.deepspeed_engine import deepspeed_config
 from rayrlhf.actors.runtime.host_memory import keep_freed_memory
-from rayrlhf.cluster.actor_group import check_fits
 from rayrlhf.cluster import worker_logs
+from rayrlhf.cluster.actor_group import check_fits
 from rayrlhf.cluster.local import init_ray, shutdown_ray
 from rayrlhf.cluster.storage import Storage
 from rayrlhf.jobs.config.run import ClusterConfig

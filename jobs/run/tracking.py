@@ -10,6 +10,7 @@ the same wandb run continued (its id).
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -125,7 +126,7 @@ def format_table(before: dict[str, float], after: dict[str, float]) -> str:
     return "\n".join(rows)
 
 
-def what_you_have(places: dict[str, object], policy: object | None) -> str:
+def what_you_have(places: Mapping[str, object], policy: object | None) -> str:
     """The block that ends a run: where its results are, and the commands that open them."""
     width = max(map(len, places)) + 2
     rows = ["what you have:"] + [f"  {name:<{width}}{where}" for name, where in places.items()]

@@ -68,5 +68,5 @@ def test_math_rewards_remote_mask_beams_and_monitor_stop(tmp_path, monkeypatch, 
     out = result.output_dir
     lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [line["step"] for line in lines] == [0, 1, 1]  # before, the one step, after
-    assert lines[1]["health/length"] == 1.0
+    assert lines[1]["health/truncation"] == 1.0  # the flag that stopped it reaches metrics.jsonl
     assert matplotlib.image.imread(out / "training.png").shape[0] > 400
