@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
+import traceback
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -211,27 +213,38 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="rayrlhf", description="Distributed RLHF on Ray.")
     verbs = parser.add_subparsers(dest="verb", required=True)
     for name, verb in VERBS.items():
-        verb.options(verbs.add_parser(name, help=verb.help))
+        sub = verbs.add_parser(name, help=verb.help)
+        verb.options(sub)
+        sub.add_argument("--verbose", action="store_true", help="print Ray workers' output and library "
+                         "messages on the console (default: in the run's workers.log) and errors' tracebacks")
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.verbose:  # read where Ray starts (cluster/worker_logs.py)
+        os.environ["RAYRLHF_VERBOSE"] = "1"
     try:
         result = VERBS[args.verb].run(args)
-    except ConfigError as e:
-        print(f"rayrlhf {args.verb}: {e}", file=sys.stderr)
-        return 2
-    except LaunchError as e:  # the cluster lacks room, or a model is missing on a node: the user's to fix
-        print(f"rayrlhf {args.verb}: could not start the run: {e}", file=sys.stderr)
-        return 2
-    except NonFiniteError as e:  # the run diverged; the last finite state was saved where it could be
-        print(f"rayrlhf {args.verb}: the run diverged: {e}", file=sys.stderr)
-        return 1
-    except Interrupted as e:  # SIGINT/SIGTERM: a checkpoint was written; 130/143 as a shell expects
-        print(f"rayrlhf {args.verb}: {e}", file=sys.stderr)
-        return e.exit_code
+    except (ConfigError, LaunchError, NonFiniteError, Interrupted) as e:
+        if args.verbose:
+            traceback.print_exc()
+        return _exit_status(args.verb, e)
     return result if isinstance(result, int) else 0  # submit/jobs return an exit status
+
+
+def _exit_status(verb: str, error: Exception) -> int:
+    """One line naming the cause (the error's message names the fix), and the exit status a shell expects."""
+    if isinstance(error, Interrupted):  # SIGINT/SIGTERM: a checkpoint was written; 130/143
+        message, status = str(error), error.exit_code
+    elif isinstance(error, NonFiniteError):  # the last finite state was saved where it could be
+        message, status = f"the run diverged: {error}", 1
+    elif isinstance(error, LaunchError):  # the cluster lacks room, or a model is missing on a node
+        message, status = f"could not start the run: {error}", 2
+    else:
+        message, status = str(error), 2
+    print(f"rayrlhf {verb}: {message}", file=sys.stderr)
+    return status
 
 
 if __name__ == "__main__":

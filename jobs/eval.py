@@ -11,13 +11,14 @@ any prompt file (--data); the rewards are the config's. The metrics go to a JSON
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
 import ray
 
 from rayrlhf.cluster.local import init_ray, shutdown_ray
-from rayrlhf.cluster.storage import Storage
+from rayrlhf.cluster.storage import Storage, is_uri
 from rayrlhf.jobs.config.base import ConfigError
 from rayrlhf.jobs.config.run import RunConfig
 from rayrlhf.jobs.run.checkpoint import MANIFEST
@@ -50,10 +51,25 @@ def check_policy(model: str) -> None:
         )
 
 
+def check_output(output: str) -> None:
+    """A folder the metrics cannot be written to fails now, not after the evaluation (a URI is not probed)."""
+    folder = output.rsplit("/", 1)[0] if "/" in output else "."
+    if is_uri(folder):
+        return
+    try:
+        Path(folder).mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ConfigError(f"--output: cannot create the folder of {output} ({e.strerror}); give a path in a "
+                          "writable folder") from e  # fmt: skip
+    if not os.access(folder, os.W_OK):
+        raise ConfigError(f"--output: the folder of {output} is not writable; give a path in a writable folder")
+
+
 def run_eval(cfg: RunConfig, output: str | None = None) -> EvalResult:
     check_policy(cfg.policy.model)
     _, eval_set = prepare(cfg)
     output = output or default_output(cfg)
+    check_output(output)
     started_ray = not ray.is_initialized()
     init_ray(cfg.cluster.address, cfg.cluster.num_cpus, cfg.cluster.object_store_mb)
     try:

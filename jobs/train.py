@@ -30,6 +30,7 @@ from rayrlhf.actors.environments.base import load_environment
 from rayrlhf.actors.rewards.user_functions import check_functions
 from rayrlhf.actors.rewards.reward_model import check_reward_model_dir
 from rayrlhf.actors.rl.trajectory import Prompt
+from rayrlhf.cluster import worker_logs
 from rayrlhf.cluster.local import init_ray, shutdown_ray
 from rayrlhf.cluster.storage import Storage
 from rayrlhf.jobs.run import checkpoint
@@ -46,7 +47,7 @@ from rayrlhf.jobs.run.recovery import Recovery
 from rayrlhf.jobs.run.roles import Roles, launch
 from rayrlhf.jobs.run.run_lock import RunLock
 from rayrlhf.jobs.run.state import RunState, StopSignal, plan
-from rayrlhf.jobs.run.tracking import Tracker, format_table
+from rayrlhf.jobs.run.tracking import Tracker, format_table, what_you_have
 
 
 @dataclass
@@ -205,6 +206,7 @@ def _train(cfg: RunConfig, on_step: Callable[[int, dict[str, float]], None] | No
         tensorboard=cfg.logging.tensorboard, progress_bar=cfg.logging.progress_bar,
         resume=saved_state["tracker"] if saved_state else None,
     )
+    worker_logs.write_to(output_dir / "workers.log")
     monitor = HealthMonitor(cfg.monitor.model_dump(), weighted_components(cfg.reward), tracker.write)
     recovery = Recovery(roles, cfg.fault_tolerance, log=tracker.write)
     sampler = PromptSampler(train_set, cfg.seed)
@@ -260,10 +262,9 @@ def _train(cfg: RunConfig, on_step: Callable[[int, dict[str, float]], None] | No
         (output_dir / "eval.json").write_text(json.dumps({"before": run.before, "after": after}, indent=2))
         (output_dir / "examples.jsonl").write_text("".join(json.dumps(e) + "\n" for e in examples))
         checkpoint.mark_finished(output_dir, cfg.steps, cfg.model_dump())  # also after a monitor stop: a rerun trains no further
-        best = f"\nbest policy ({cfg.eval.best_metric} at step {run.best['step']}): {storage.shown('best')}" if run.best else ""
-        tracker.write("\n" + format_table(run.before, after) + f"\n\nfinal policy: {final_dir}{best}")
         if cfg.monitor.plot:
             monitor.plot(output_dir / "training.png")
+        tracker.summary("\n" + format_table(run.before, after) + "\n\n" + what_you_have(run_places(cfg, storage, run.best), final_dir))
     finally:
         tracker.close()
         roles.shutdown()
@@ -273,6 +274,21 @@ def _train(cfg: RunConfig, on_step: Callable[[int, dict[str, float]], None] | No
             storage.upload(output_dir)
             shutil.rmtree(output_dir, ignore_errors=True)
     return TrainResult(storage.shown(), storage.shown("final"), run.before, after, run.history, recovery.trained)
+
+
+def run_places(cfg: RunConfig, storage: Storage, best: dict | None) -> dict[str, object]:
+    """A finished run's files and the commands that open them, for the console's closing block."""
+    places: dict[str, object] = {"final policy": storage.shown("final")}
+    if best:
+        places["best policy"] = f"{storage.shown('best')} ({cfg.eval.best_metric} at step {best['step']})"
+    places["checkpoints"] = storage.shown("checkpoints")
+    places["metrics"] = storage.shown("metrics.jsonl")
+    if cfg.monitor.plot:
+        places["plot"] = storage.shown("training.png")
+    places["worker logs"] = storage.shown("workers.log")
+    if cfg.logging.tensorboard:
+        places["TensorBoard"] = f"tensorboard --logdir {storage.shown('tensorboard')}"
+    return places
 
 
 def finished_result(output_dir: Path, storage: Storage) -> TrainResult:

@@ -375,9 +375,13 @@ class MonitorConfig(StrictModel):
     A warning is printed when a check starts failing (once per crossing), and its flag health/<check>
     (0/1) is logged with the step's metrics."""
 
-    max_length_ratio: float | None = Field(2.0, gt=0)
-    """length: sampled answers longer than this many times their reference (words, batch mean)."""
-    max_truncated_frac: float | None = Field(0.5, ge=0, le=1)
+    window: int = Field(3, ge=1)
+    """The per-step checks read the mean of the last `window` steps (one batch is noisy); the run's
+    first `window` steps are the length check's baseline."""
+    max_length_growth: float | None = Field(1.5, gt=0)
+    """length: sampled answers' length against their references (words, reward/length_ratio) grew to
+    more than this many times the same ratio over the run's first `window` steps."""
+    max_truncated_frac: float | None = Field(0.6, ge=0, le=1)
     """truncation: more than this fraction of sampled answers cut at rollout.max_new_tokens."""
     min_entropy: float | None = Field(0.1, ge=0)
     """entropy: the policy's mean token entropy (nats) fell below this (collapse)."""

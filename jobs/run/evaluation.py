@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import numpy as np
 import ray
+from tqdm import tqdm
 
 from rayrlhf.actors.rl.trajectory import Prompt, Rewards
 from rayrlhf.jobs.config.run import RunConfig
@@ -40,8 +41,21 @@ def _generate(cfg: RunConfig, roles: Roles, prompts: list[Prompt], samples: int,
     ]
 
 
+def _shown(cfg: RunConfig, refs: list, sizes: list[int]) -> list:
+    """The refs, once each shard's answers are in: a progress bar (cleared when done) counts prompts."""
+    size_of = dict(zip(refs, sizes))
+    with tqdm(total=sum(sizes), desc="held-out eval", unit="prompt", leave=False,
+              disable=not cfg.logging.progress_bar) as bar:  # fmt: skip
+        pending = list(refs)
+        while pending:
+            done, pending = ray.wait(pending, num_returns=1, fetch_local=False)
+            bar.update(size_of[done[0]])
+    return refs
+
+
 def _evaluate(cfg: RunConfig, roles: Roles, prompts: list[Prompt], recovery: Recovery) -> tuple[dict[str, float], list[dict]]:
-    traj_refs = _generate(cfg, roles, prompts, 0, recovery)
+    sizes = [len(shard) for shard in shards(prompts, len(roles.rollout))]  # as _generate cuts them
+    traj_refs = _shown(cfg, _generate(cfg, roles, prompts, 0, recovery), sizes)
     _, rewards = recovery.score(traj_refs, update_stats=False)
     trajectories = ray.get(traj_refs)
     metrics = reward_metrics(rewards, "eval")

@@ -7,9 +7,13 @@ failing (once per crossing, again only after it has recovered), and returns True
 `monitor.stop_on` fails. `plot` writes training.png at the end. No Ray here: plain dicts in, plain
 dicts out.
 
-Checks: length (answers vs their reference, in words), truncation (answers cut at the token cap),
-entropy (collapse), kl (drift from the reference policy) and hacking: a weighted reward component
-rose over the training steps between two evaluations while the held-out metric fell.
+Checks compare like with like, over the mean of the last `window` steps (one step's batch is noisy):
+length (sampled answers' length against their references, relative to the same ratio over the run's
+own first `window` steps: a base model's samples run long, a healthy run shortens them, a gaming one
+lengthens them), truncation (sampled answers cut at the token cap), entropy (collapse), kl (drift
+from the reference policy) and hacking: a weighted reward component rose over the training steps
+between two evaluations while the held-out metric fell. Thresholds are calibrated on the default's
+per-step metrics (benchmarks/health_calibration.py): healthy runs do not warn.
 """
 
 from __future__ import annotations
@@ -84,24 +88,47 @@ class HealthMonitor:
             self.failing[check] = problem is not None
         return stop
 
+    def _recent(self, key: str) -> list[float]:
+        """This metric's training-step values so far, oldest first (evaluations log other keys)."""
+        return [m[key] for _, m in self.history if key in m]
+
     def _problems(self, step: int, m: dict[str, float]) -> dict[str, str | None]:
         """What is wrong, per check evaluated on these metrics (checks whose inputs are absent are skipped)."""
         c, out = self.cfg, dict[str, str | None]()
+        window = c["window"]
+        over = f" (mean of the last {window} steps)" if window > 1 else ""
         limits = [  # check, metric, limit, +1: fails above the limit / -1: below it, message
-            ("length", "reward/length_ratio", c["max_length_ratio"], 1,
-             "answers are {v:.2f}x as long as their references (limit {t})"),
+            ("length", "reward/length_ratio", c["max_length_growth"], 1,
+             "sampled answers, against their references, are {v:.2f}x as long as in the run's first "
+             f"{window} step(s){over}, limit {{t}}: the policy may be padding answers for reward; look at "
+             "examples.jsonl, raise reward.overlong_penalty or lower rollout.max_new_tokens"),
             ("truncation", "reward/truncated_frac", c["max_truncated_frac"], 1,
-             "{v:.0%} of sampled answers were cut at max_new_tokens (limit {t:.0%})"),
-            ("entropy", "entropy", c["min_entropy"], -1, "policy entropy {v:.4f} < {t}: it is collapsing"),
-            ("kl", "kl", c["max_kl"], 1, "KL to the reference {v:.4f} > {t}"),
+             f"{{v:.0%}} of sampled answers were cut at rollout.max_new_tokens{over}, limit {{t:.0%}}: raise "
+             "rollout.max_new_tokens, or keep reward.truncation=penalize so cut answers lose reward"),
+            ("entropy", "entropy", c["min_entropy"], -1,
+             f"policy entropy {{v:.4f}} < {{t}}{over}: it is collapsing onto a few answers; raise kl.coef "
+             "or lower learner.lr"),
+            ("kl", "kl", c["max_kl"], 1,
+             f"KL to the reference {{v:.4f}} > {{t}}{over}: the policy is drifting far from where it started; "
+             "raise kl.coef or lower learner.lr"),
         ]  # fmt: skip
         for check, key, limit, side, message in limits:
             if limit is None or key not in m:
                 continue
+            values = self._recent(key)
+            value = float(np.mean(values[-window:]))
+            if check == "length":  # against the run's own start; nothing to compare with until it is known
+                baseline = float(np.nanmean(values[:window])) if np.isfinite(values[:window]).any() else 0.0
+                value = value / baseline if len(values) > window and baseline > 0 else float(np.nan)
+                if np.isfinite(m[key]) and not np.isfinite(value):
+                    out[check] = None
+                    continue
             if not np.isfinite(m[key]):  # NaN compares false with any limit: it must fail, not pass
                 out[check] = f"{key} is {m[key]} (the run is diverging)"
+            elif not np.isfinite(value):
+                out[check] = f"{key} was not finite within the last {window} steps (the run is diverging)"
             else:
-                out[check] = message.format(v=m[key], t=limit) if side * (m[key] - limit) > 0 else None
+                out[check] = message.format(v=value, t=limit) if side * (value - limit) > 0 else None
         if c["held_out"] in m:
             out["hacking"] = self._hacking(step, m[c["held_out"]])
         return out
@@ -125,7 +152,8 @@ class HealthMonitor:
         if not rising:
             return None
         return (f"{', '.join(rising)} rose from step {since} to {step} while {self.cfg['held_out']} fell "
-                f"{change:+.4f}: the policy may be gaming the reward")  # fmt: skip
+                f"{change:+.4f}: the policy may be gaming the reward; look at examples.jsonl and lower the weight "
+                "of the rising component")  # fmt: skip
 
     def plot(self, path: Path) -> Path:
         """training.png: reward components, length, KL and entropy, held-out metrics over steps."""

@@ -33,13 +33,14 @@ import yaml
 
 from rayrlhf.actors.runtime.deepspeed_engine import deepspeed_config
 from rayrlhf.actors.runtime.host_memory import keep_freed_memory
+from rayrlhf.cluster import worker_logs
 from rayrlhf.cluster.actor_group import check_fits
 from rayrlhf.cluster.local import init_ray, shutdown_ray
 from rayrlhf.cluster.storage import Storage
 from rayrlhf.jobs.config.run import ClusterConfig
 from rayrlhf.jobs.config.supervised import RMConfig, SFTConfig, TrainerConfig
 from rayrlhf.jobs.run.run_lock import RunLock
-from rayrlhf.jobs.run.tracking import format_table
+from rayrlhf.jobs.run.tracking import format_table, what_you_have
 
 if TYPE_CHECKING:  # deepspeed probes accelerators at import: imported where a worker needs it
     from deepspeed import DeepSpeedEngine
@@ -68,6 +69,8 @@ def fit(
         storage.remove(f"ray_train/{name}")
     started_ray = not ray.is_initialized()
     init_ray(cluster.address, cluster.num_cpus, cluster.object_store_mb)
+    if storage.local_path is not None:
+        worker_logs.write_to(storage.local_path / "workers.log")
     try:
         per_worker = {"CPU": trainer.cpus_per_worker, **({"GPU": 1.0} if trainer.use_gpu else {})}
         check_fits({k: v * trainer.num_workers for k, v in per_worker.items()})
@@ -270,7 +273,11 @@ def run_job(
         loop_config = {"cfg": cfg.model_dump(), "output_dir": storage.location, **inputs}
         fit(loop, loop_config, cfg.trainer, cfg.cluster, storage, cfg.name, cfg.resume)
     result = json.loads(storage.read_text("eval.json"))
-    print("\n" + format_table(result["before"], result["after"]) + f"\n\n{final_label}: {storage.shown('final')}")
+    places = {final_label: storage.shown("final"), "metrics": storage.shown("metrics.jsonl")}
+    if storage.local_path is not None:  # fit() writes it there
+        places["worker logs"] = storage.shown("workers.log")
+    served = storage.shown("final") if final_label == "final policy" else None  # a reward model is not served
+    print("\n" + format_table(result["before"], result["after"]) + "\n\n" + what_you_have(places, served))
     return storage.shown(), storage.shown("final"), result
 
 

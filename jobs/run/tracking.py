@@ -10,6 +10,7 @@ the same wandb run continued (its id).
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -101,6 +102,11 @@ class Tracker:
         """Print above the progress bar without breaking it."""
         self._bar.write(message)
 
+    def summary(self, text: str) -> None:
+        """The run's closing text, below the finished progress bar."""
+        self._bar.close()
+        print(text, flush=True)
+
     def close(self) -> None:
         self._bar.close()
         self._jsonl.close()
@@ -117,4 +123,13 @@ def format_table(before: dict[str, float], after: dict[str, float]) -> str:
     for key in before:
         name = key.removeprefix("eval/")
         rows.append(f"{name:<{width}}{before[key]:>10.4f}{after[key]:>10.4f}{after[key] - before[key]:>+10.4f}")
+    return "\n".join(rows)
+
+
+def what_you_have(places: Mapping[str, object], policy: object | None) -> str:
+    """The block that ends a run: where its results are, and the commands that open them."""
+    width = max(map(len, places)) + 2
+    rows = ["what you have:"] + [f"  {name:<{width}}{where}" for name, where in places.items()]
+    if policy is not None:
+        rows.append(f"  {'serve it':<{width}}rayrlhf serve --model {policy}")
     return "\n".join(rows)

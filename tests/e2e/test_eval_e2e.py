@@ -43,7 +43,7 @@ def test_eval_reproduces_the_runs_final_figures_and_best_is_kept(local_ray, tmp_
     assert report["metrics"] == again.metrics and len(report["examples"]) == report["prompts"]
 
 
-def test_eval_refuses_a_run_checkpoint_and_a_missing_model_before_ray(tmp_path, capsys):
+def test_eval_refuses_a_run_checkpoint_and_a_missing_model_before_ray(tmp_path, capsys, monkeypatch):
     step = tmp_path / "checkpoints" / "step_000002"
     step.mkdir(parents=True)
     (step / "manifest.json").write_text("{}")
@@ -51,3 +51,16 @@ def test_eval_refuses_a_run_checkpoint_and_a_missing_model_before_ray(tmp_path, 
     assert "is a run checkpoint" in capsys.readouterr().err
     assert cli_main(["eval", "--config", "math_tiny", "--model", str(tmp_path / "nope")]) == 2
     assert "policy.model" in capsys.readouterr().err
+    # data and output paths: one line naming the cause and the fix, exit 2; the traceback only with --verbose
+    assert cli_main(["eval", "--config", "math_tiny", "--model", "tiny-gpt2", "--data", str(tmp_path / "x.jsonl")]) == 2
+    err = capsys.readouterr().err
+    assert err.strip() == f"rayrlhf eval: {tmp_path / 'x.jsonl'}: file not found"
+    (tmp_path / "afile").write_text("")
+    output = ["--output", str(tmp_path / "afile" / "m.json")]  # a folder that cannot be made
+    assert cli_main(["eval", "--config", "math_tiny", "--model", "tiny-gpt2", *output]) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and "--output: cannot create the folder" in err
+    assert "writable folder" in err and "Traceback" not in err
+    monkeypatch.setenv("RAYRLHF_VERBOSE", "0")  # --verbose sets it; restored after the test
+    assert cli_main(["eval", "--config", "math_tiny", "--model", "tiny-gpt2", *output, "--verbose"]) == 2
+    assert "Traceback" in capsys.readouterr().err

@@ -8,6 +8,7 @@ SIGINT with a checkpoint and a rerun finishes the run.
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -181,7 +182,9 @@ def _wait_for(predicate, proc, timeout: float) -> None:
         time.sleep(0.2)
 
 
-def test_cli_sigint_writes_a_checkpoint_and_a_rerun_finishes(tmp_path, request):
+def test_cli_sigint_writes_a_checkpoint_and_a_rerun_finishes(tmp_path, request, capsys):
+    """Also the quiet console: the workers' output goes to the run's workers.log, not the console, and
+    the finished run ends with where its results are."""
     # first in the file: its own Ray in a subprocess, before the module's Ray starts
     out = tmp_path / "run"
     args = ["train", "--config", "tiny", "--set", f"output_dir={out}", "--set", "steps=5",
@@ -203,10 +206,18 @@ def test_cli_sigint_writes_a_checkpoint_and_a_rerun_finishes(tmp_path, request):
     saved = checkpoint.latest(out)
     assert saved is not None and 1 <= checkpoint.step_of(saved) < 5, log.read_text()[-3000:]
     assert not (out / "final").exists()
+    worker_line = re.compile(r"^\((RolloutWorker|ReferencePolicy|RewardScorer|Learner) pid=\d+\) ", re.M)
+    assert worker_line.search((out / "workers.log").read_text())  # e.g. their model loading
+    assert not worker_line.search(log.read_text()) and "pid=" not in log.read_text(), log.read_text()[-3000:]
 
     request.getfixturevalue("local_ray")  # the module's Ray from here on, for the reruns in this process
     assert main([*args, "--set", "learner.lr=0.5"]) == 2  # a changed field is refused, by name
+    capsys.readouterr()
     assert main(args) == 0
+    console = capsys.readouterr().out
+    assert "held-out metric" in console and "what you have:" in console
+    for place in (out / "final", out / "metrics.jsonl", out / "workers.log", f"rayrlhf serve --model {out / 'final'}"):
+        assert str(place) in console.split("what you have:")[1], console[-2000:]
     steps = [row["step"] for row in metric_rows(out)]
     assert steps == [0, 1, 2, 3, 4, 5, 5]  # the eval before, five steps, the eval after
     assert (out / "final" / "model.safetensors").exists()

@@ -35,7 +35,7 @@ def test_math_rewards_remote_mask_beams_and_monitor_stop(tmp_path, monkeypatch, 
         f"output_dir={tmp_path / 'run'}", "steps=3", "kl.coef=0", "learner.zero_stage=0",
         f"reward.remote={{url: '{server.url}', timeout_s: 10, retries: 2, weight: 0.1}}",
         "reward.truncation=mask", "eval.num_beams=2",
-        "monitor.max_length_ratio=0.01", "monitor.stop_on=[length]",  # any answer is too long: stop at step 1
+        "monitor.max_truncated_frac=0.5", "monitor.stop_on=[truncation]",  # every answer is cut: stop at step 1
     ])  # fmt: skip
     init_ray(num_cpus=4, object_store_mb=512)
     try:
@@ -44,7 +44,8 @@ def test_math_rewards_remote_mask_beams_and_monitor_stop(tmp_path, monkeypatch, 
         shutdown_ray()
 
     (step,) = result.history  # stopped by the monitor after step 1 of 3
-    assert step["health/length"] == 1.0 and step["reward/length_ratio"] > 0.01
+    assert step["health/truncation"] == 1.0 and step["reward/truncated_frac"] > 0.5
+    assert step["health/length"] == 0.0 and "reward/length_ratio" in step  # step 1 is the length baseline
     for key in ("reward/math_exact_match", "reward/mentioned", "reward/remote", "reward/truncated_frac"):
         assert np.isfinite(step[key]), key
     assert 0.0 <= step["reward/math_exact_match"] <= 1.0
@@ -67,5 +68,5 @@ def test_math_rewards_remote_mask_beams_and_monitor_stop(tmp_path, monkeypatch, 
     out = result.output_dir
     lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [line["step"] for line in lines] == [0, 1, 1]  # before, the one step, after
-    assert lines[1]["health/length"] == 1.0
+    assert lines[1]["health/truncation"] == 1.0  # the flag that stopped it reaches metrics.jsonl
     assert matplotlib.image.imread(out / "training.png").shape[0] > 400

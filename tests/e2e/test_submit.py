@@ -199,7 +199,7 @@ def test_tiny_training_job_through_the_api_and_through_ray_job_submit(head, tmp_
                              "train", "--config", "tiny", "--set", f"output_dir={tmp_path / 'api'}", *TINY_RUN)
     api_id = out.splitlines()[0]
     assert code == 0, err
-    assert "held-out metric" in out and f"final policy: {tmp_path / 'api' / 'final'}" in out  # followed logs
+    assert "held-out metric" in out and f"rayrlhf serve --model {tmp_path / 'api' / 'final'}" in out  # followed logs
     assert secret not in out + err
     client = connect(head.address)
     info = client.get_job_info(api_id)
@@ -219,7 +219,7 @@ def test_tiny_training_job_through_the_api_and_through_ray_job_submit(head, tmp_
     code, out, _ = rayrlhf(capsys, "jobs", "status", api_id, "--address", head.address)
     assert code == 0 and out.splitlines()[0] == f"{api_id} SUCCEEDED"
     code, out, _ = rayrlhf(capsys, "jobs", "logs", cli_id, "--address", head.address)
-    assert code == 0 and f"final policy: {tmp_path / 'cli' / 'final'}" in out
+    assert code == 0 and f"rayrlhf serve --model {tmp_path / 'cli' / 'final'}" in out
 
 
 def test_a_failing_job_reports_failed_with_its_error(head, tmp_path, capsys):

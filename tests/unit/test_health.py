@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 import matplotlib.image
 import pytest
@@ -11,8 +12,9 @@ import pytest
 from rayrlhf.jobs.config.run import load_config
 from rayrlhf.jobs.run.health import HealthMonitor, trend, weighted_components
 
-CFG = dict(max_length_ratio=2.0, max_truncated_frac=0.5, min_entropy=0.1, max_kl=1.0, held_out="eval/rouge_l",
-           hacking_tolerance=0.01, stop_on=[], plot=True)  # fmt: skip
+CFG = dict(window=1, max_length_growth=1.5, max_truncated_frac=0.5, min_entropy=0.1, max_kl=1.0,
+           held_out="eval/rouge_l", hacking_tolerance=0.01, stop_on=[], plot=True)  # fmt: skip
+DEFAULT_RUNS = Path(__file__).resolve().parents[2] / "benchmarks" / "results" / "health_default_steps.json"
 
 
 def monitor(**overrides) -> tuple[HealthMonitor, list[str]]:
@@ -31,15 +33,53 @@ def test_trend_is_the_fitted_change_over_the_span():
 def test_a_warning_per_threshold_crossing_and_flags_every_step():
     mon, printed = monitor()
     flags = []
-    for step, ratio in enumerate([1.5, 2.5, 2.6, 1.0, 3.0], start=1):
+    # window 1: step 1 is the length baseline (ratio 1.0); growth 1.2, 1.6, 1.7, 1.0, 2.0 after it
+    for step, ratio in enumerate([1.0, 1.2, 1.6, 1.7, 1.0, 2.0], start=1):
         metrics = {"reward/length_ratio": ratio, "kl": 0.01, "entropy": 2.0}
         assert mon.observe(step, metrics) is False  # nothing in stop_on
         flags.append(metrics["health/length"])
         assert metrics["health/kl"] == 0.0 and metrics["health/entropy"] == 0.0
-    assert flags == [0.0, 1.0, 1.0, 0.0, 1.0]
+    assert flags == [0.0, 0.0, 1.0, 1.0, 0.0, 1.0]
     warned = [line for line in printed if "length" in line]
-    assert len(warned) == 2 and "step 2" in warned[0] and "step 5" in warned[1]  # not again at step 3
-    assert "3.00x as long" in warned[1]
+    assert len(warned) == 2 and "step 3" in warned[0] and "step 6" in warned[1]  # not again at step 4
+    assert "2.00x as long as in the run's first 1 step(s)" in warned[1] and "reward.overlong_penalty" in warned[1]
+
+
+def test_checks_read_the_mean_of_the_window_and_length_its_own_start():
+    """A base model's samples run long (2.5x their references here): that is the baseline, not a warning.
+    One long batch is noise; the mean of three that grew half again over the start is a warning."""
+    mon, printed = monitor(window=3)
+    ratios = [2.5, 2.4, 2.6, 2.0, 4.0, 2.2, 3.5, 4.2, 4.5]  # baseline 2.5; step 5 alone is 1.6x of it
+    flags = []
+    for step, ratio in enumerate(ratios, start=1):
+        metrics = {"reward/length_ratio": ratio, "kl": [0.1, 2.5][step == 5]}  # one KL spike
+        mon.observe(step, metrics)
+        flags.append((metrics["health/length"], metrics["health/kl"]))
+    # length means over steps 3-5: 2.87 -> 1.15x; 7-9: 4.07 -> 1.63x (> 1.5); kl at step 5: (0.1+0.1+2.5)/3 = 0.9
+    assert [f[0] for f in flags] == [0.0] * 8 + [1.0] and not any(f[1] for f in flags)
+    (line,) = printed
+    assert "step 9, length" in line and "1.63x" in line and "mean of the last 3 steps" in line
+
+
+def test_the_default_thresholds_do_not_warn_on_the_defaults_healthy_runs():
+    """The default run's three seeds, step by step (benchmarks/health_calibration.py wrote them): the
+    previous thresholds warned in every one of them; these warn in none."""
+    from rayrlhf.jobs.config.run import MonitorConfig
+
+    runs = json.loads(DEFAULT_RUNS.read_text())
+    assert len(runs) == 3
+    for name, steps in runs.items():
+        printed: list[str] = []
+        mon = HealthMonitor(MonitorConfig().model_dump(), ["freq", "sim"], printed.append)
+        for row in steps:
+            mon.observe(row["step"], {k: v for k, v in row.items() if k != "step"})
+        assert printed == [], name
+        # the same run with its answers padded a little more every step (a policy gaming a reward that
+        # grows with length: 5x the healthy run's length by step 24) does warn
+        mon = HealthMonitor(MonitorConfig().model_dump(), ["freq", "sim"], printed.append)
+        for row in steps:
+            mon.observe(row["step"], {**row, "reward/length_ratio": row["reward/length_ratio"] * (1 + row["step"] / 6)})
+        assert printed and all(", length)" in line for line in printed), name
 
 
 def test_stop_on_stops_at_the_first_crossing_of_a_listed_check():
