@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import fnmatch
 import json
+import math
 from pathlib import Path
 from typing import Any
 
@@ -101,18 +102,15 @@ def read_events(trial_dir: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in path.read_text().splitlines()] if path.is_file() else []
 
 
-def schedule(events: dict[str, list[dict[str, Any]]], trial: str) -> list[dict[str, Any]]:
-    """The settings that trained `trial`'s final policy, as [{"step", "trial", **settings}] from step 0:
-    its own segments after its last exploit, and before that its donor's schedule up to that step
-    (recursively). `events`: trial -> its events, a "start" event (step 0) first."""
-    own = sorted(events.get(trial, []), key=lambda e: e["step"])
+def schedule(events: dict[str, list[dict[str, Any]]], trial: str, until: float = math.inf) -> list[dict[str, Any]]:
+    """The settings that trained `trial`'s policy up to step `until` (its final one by default), as
+    [{"step", "trial", **settings}] from step 0: its own segments after its last exploit, and before that
+    its donor's schedule up to that step (recursively). `events`: trial -> its events, "start" first."""
+    own = sorted((e for e in events.get(trial, []) if e["step"] < until), key=lambda e: e["step"])
     exploits = [e for e in own if e["kind"] == "exploit"]
+    lineage: list[dict[str, Any]] = []
     if exploits:
         last = exploits[-1]
-        earlier = [s for s in schedule(events, last["donor"]) if s["step"] < last["step"]]
-        start = [*earlier, {"step": last["step"], "trial": trial, **last["after"]}]
-        after = [e for e in own if e["step"] > last["step"]]
-    else:
-        start = [{"step": e["step"], "trial": trial, **e["after"]} for e in own if e["kind"] == "start"][:1]
-        after = [e for e in own if e["kind"] == "perturb"]
-    return start + [{"step": e["step"], "trial": trial, **e["after"]} for e in after]
+        lineage = schedule(events, last["donor"], last["step"])
+        own = own[own.index(last):]
+    return lineage + [{"step": e["step"], "trial": trial, **e["after"]} for e in own]
