@@ -124,8 +124,9 @@ def run_trial(config: dict[str, Any], setup: TuneSetup, workdir: str) -> None:
     if last and not on_uri:  # the run's own earlier checkpoints predate Tune's (after a PBT exploit, another trial's)
         checkpoint.clear(Path(cfg.output_dir))
     with last.as_directory() if last else contextlib.nullcontext("never") as resume:
-        if retune:
-            record_start(Path(trial_dir), fields, Path(resume) if last else None, Path(last.path).parent.name if last else None)
+        if retune:  # the donor: the trial whose folder holds the checkpoint
+            donor = Path(last.path).parent.name if last else None
+            record_start(Path(trial_dir), fields, Path(resume) if last else None, donor)
         reporter.final(train(cfg, on_step=reporter.on_step, resume=resume, retune=retune))
 
 
@@ -139,7 +140,8 @@ def record_start(trial_dir: Path, fields: dict[str, float], resume: Path | None,
         manifest, saved, _ = checkpoint.read(resume)
         event = pbt.change_event(manifest["step"], trial, donor or trial, pbt.settings_of(saved, list(fields)), fields)
     if event is not None and pbt.append_event(trial_dir, event) and event["kind"] != "start":
-        changes = ", ".join(f"{k} {event['before'][k]:.4g} -> {v:.4g}" for k, v in fields.items() if event["before"][k] != v)
+        before = event["before"]
+        changes = ", ".join(f"{k} {before[k]:.4g} -> {v:.4g}" for k, v in fields.items() if before[k] != v)
         print(f"PBT {event['kind']} at step {event['step']}: from {event['donor']}'s checkpoint, {changes}", flush=True)
 
 
@@ -163,12 +165,11 @@ def make_tuner(setup: TuneSetup, trainable: type[tune.Trainable]) -> tune.Tuner:
         from ray.tune.search.optuna import OptunaSearch
 
         searcher = OptunaSearch(sampler=TPESampler(seed=cfg.search.seed))
-    elif cfg.search.algorithm == "random":
+    elif cfg.search.algorithm in ("random", "pbt"):  # pbt: the initial population
         searcher = BasicVariantGenerator(random_state=cfg.search.seed)
     scheduler: TrialScheduler | None = None
     keep = first.checkpoint.keep
     if cfg.search.algorithm == "pbt":
-        searcher = BasicVariantGenerator(random_state=cfg.search.seed)  # the initial population
         scheduler = pbt_scheduler(cfg.search)
         keep = max(keep, 3)  # a donor's checkpoint must outlive its next one or two until the weak trial took it
     elif cfg.asha.enabled:

@@ -65,7 +65,9 @@ def plan(
             raise ConfigError(f"--resume: {e}") from None
     else:
         done = checkpoint.finished(output_dir)
-        if done is not None and done["step"] >= cfg.steps and not checkpoint.changed_fields(done["config"], current, free=free):
+        if done is not None and done["step"] >= cfg.steps and not checkpoint.changed_fields(
+            done["config"], current, free=free
+        ):
             return Start(finished_step=done["step"])
         latest = checkpoint.latest(output_dir)
         if latest is None:
@@ -222,7 +224,7 @@ class RunState:
         else:
             _, saved, state = checkpoint.read(path)
             source = Storage(checkpoint.learner_location(path, self.output_dir, self.remote))
-            overrides = pbt.learner_overrides(saved, self.cfg.model_dump())  # a PBT trial's perturbed lr, KL coefficient
+            overrides = pbt.learner_overrides(saved, self.cfg.model_dump())  # a PBT trial's perturbed lr, KL coef
             get_all([rank.load_checkpoint.remote(source.only(checkpoint.RankFiles(i)), state["learner"], overrides)
                      for i, rank in enumerate(self.roles.learner)])  # from a bucket, each rank downloads its own files
         roles = self.roles

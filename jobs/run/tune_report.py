@@ -191,7 +191,8 @@ def summarize(setup: TuneSetup, grid: ResultGrid, storage: Storage) -> TuneSumma
                 r["exploits"] = sum(e["kind"] == "exploit" for e in events[r["trial"]])
             schedule = pbt.schedule(events, best["trial"]) if best else None
             if schedule:
-                plot_schedule(schedule, weights, setup.run_config(weights_of(best, weights)).steps, folder / "schedule.png")
+                steps = setup.run_config(weights_of(best, weights)).steps
+                plot_schedule(schedule, weights, steps, folder / "schedule.png")
         columns = list(dict.fromkeys(k for r in rows for k in r))
         with open(folder / names[0], "w", newline="") as f:
             writer = csv.DictWriter(f, fieldnames=columns)

@@ -58,7 +58,8 @@ def test_events_are_recorded_once_and_the_schedule_follows_the_lineage(tmp_path)
     for trial, start, later in (("a", a0, exploit_a), ("b", b0, exploit_b)):
         folder = tmp_path / trial
         folder.mkdir()
-        assert pbt.append_event(folder, {"step": 0, "kind": "start", "trial": trial, "donor": trial, "before": {}, "after": start})
+        first = {"step": 0, "kind": "start", "trial": trial, "donor": trial, "before": {}, "after": start}
+        assert pbt.append_event(folder, first)
         assert pbt.append_event(folder, later)
         assert not pbt.append_event(folder, later)  # a retried trial records its exploit once
     events = {t: pbt.read_events(tmp_path / t) for t in "ab"}
@@ -67,12 +68,14 @@ def test_events_are_recorded_once_and_the_schedule_follows_the_lineage(tmp_path)
     assert pbt.schedule(events, "a") == [
         {"step": 0, "trial": "a", "learner.lr": 1.0}, {"step": 2, "trial": "b", "learner.lr": 0.8},
         {"step": 4, "trial": "a", "learner.lr": 0.96}]
-    assert pbt.schedule(events, "b") == [{"step": 0, "trial": "a", "learner.lr": 1.0}, {"step": 2, "trial": "b", "learner.lr": 0.8}]
+    assert pbt.schedule(events, "b") == [
+        {"step": 0, "trial": "a", "learner.lr": 1.0}, {"step": 2, "trial": "b", "learner.lr": 0.8}]
 
 
 def test_pbt_config_checks(tmp_path):
     setup = load_tune_config("tune_pbt_tiny")
-    assert setup.run_config(setup.cfg.search.field_values({"simplex_share_1": 0.5, "learner.lr": 1e-3, "kl.coef": 0.05})).eval_every == 2
+    point = {"simplex_share_1": 0.5, "learner.lr": 1e-3, "kl.coef": 0.05}
+    assert setup.run_config(setup.cfg.search.field_values(point)).eval_every == 2  # the interval
     cases = {
         "search.space.learner.micro_batch_size={values: [4, 8]}": "can change only",
         "search.space.kl.coef={low: 0, high: 0.1}": "kl.coef must stay above 0",
