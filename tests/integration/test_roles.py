@@ -427,7 +427,9 @@ def test_plain_engine_steps_like_deepspeed_zero2(model_dir, dist_env, monkeypatc
 
 
 @pytest.mark.parametrize("engine", ["plain", "deepspeed"])
-def test_a_pbt_perturbation_wins_over_the_restored_lr_and_kl_coefficient(model_dir, dist_env, tmp_path, monkeypatch, engine):
+def test_a_pbt_perturbation_wins_over_the_restored_lr_and_kl_coefficient(
+    model_dir, dist_env, tmp_path, monkeypatch, engine
+):
     """A checkpoint trained with lr=1e-2, restored by a learner configured with lr=3e-3: the optimizer's
     lr is the checkpoint's (1e-2) on a plain resume, 3e-3 under a PBT override; so is the KL value."""
     import rayrlhf.actors.learner as learner_module
@@ -438,9 +440,9 @@ def test_a_pbt_perturbation_wins_over_the_restored_lr_and_kl_coefficient(model_d
     trained = make_learner(model_dir, "grpo", lr=1e-2)
     assert trained.learn(batch)["lr"] == 1e-2
     state = trained.save_checkpoint(Storage(tmp_path / "ckpt")) | {"kl_coef": 0.07}  # an adaptive value that moved
+    restored = make_learner(model_dir, "grpo", lr=3e-3)
+    assert isinstance(restored.engine, learner_module.PlainEngine) == (engine == "plain")
     for overrides, lr, kl_coef in [(None, 1e-2, 0.07), ({"lr": 3e-3, "kl_coef": 0.2}, 3e-3, 0.2)]:
-        restored = make_learner(model_dir, "grpo", lr=3e-3)
-        assert isinstance(restored.engine, learner_module.PlainEngine) == (engine == "plain")
         restored.load_checkpoint(Storage(tmp_path / "ckpt"), state, overrides)
         assert [g["lr"] for g in restored.engine.optimizer.param_groups] == [lr]
         assert restored.kl_ctl.value == kl_coef
