@@ -134,6 +134,7 @@ def record_start(trial_dir: Path, fields: dict[str, float], resume: Path | None,
     """A PBT trial's start in its events file: the first one, or one from `donor`'s checkpoint under
     other settings (an exploit, with its step); a pause, a retry or a restored search records nothing."""
     trial = trial_dir.name
+    event: dict[str, Any] | None
     if resume is None:
         event = {"step": 0, "kind": "start", "trial": trial, "donor": trial, "before": {}, "after": fields}
     else:
@@ -196,7 +197,7 @@ def pbt_scheduler(search: SearchConfig) -> PopulationBasedTraining:
     """PBT over the search space, on the trials' run steps: each report with a checkpoint is a chance
     to perturb; perturbed values are kept inside their ranges."""
     dims = search.dimensions()
-    ranges = {name: (spec.low, spec.high) for name, spec in dims.items() if spec.values is None}
+    ranges = {name: spec.bounds() for name, spec in dims.items() if spec.values is None}
     return PopulationBasedTraining(
         time_attr="checkpoint_step", perturbation_interval=search.pbt.interval,
         hyperparam_mutations=param_space(dims, "pbt"), quantile_fraction=search.pbt.quantile_fraction,

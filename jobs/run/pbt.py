@@ -67,7 +67,7 @@ def get_field(tree: dict[str, Any], dotted: str) -> Any:
     return node
 
 
-def clip(point: dict[str, Any], bounds: dict[str, tuple[float, float]]) -> dict[str, Any]:
+def clip(point: dict[str, Any], bounds: dict[str, list[float]]) -> dict[str, Any]:
     """A perturbed point back inside its ranges (PBT multiplies by 0.8 or 1.2, which can leave them)."""
     return {k: min(max(v, bounds[k][0]), bounds[k][1]) if k in bounds else v for k, v in point.items()}
 

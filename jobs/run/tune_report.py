@@ -190,7 +190,7 @@ def summarize(setup: TuneSetup, grid: ResultGrid, storage: Storage) -> TuneSumma
             for r in rows:
                 r["exploits"] = sum(e["kind"] == "exploit" for e in events[r["trial"]])
             schedule = pbt.schedule(events, best["trial"]) if best else None
-            if schedule:
+            if best and schedule:  # empty: the best trial recorded no start (its events file is gone)
                 steps = setup.run_config(weights_of(best, weights)).steps
                 plot_schedule(schedule, weights, steps, folder / "schedule.png")
         columns = list(dict.fromkeys(k for r in rows for k in r))

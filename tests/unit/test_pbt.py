@@ -44,7 +44,7 @@ def test_learner_overrides_are_the_changed_learner_settings():
 
 
 def test_clip_keeps_perturbed_values_in_their_ranges():
-    bounds = {"simplex_share_1": (0.2, 0.8), "learner.lr": (1e-4, 1e-2)}
+    bounds = {"simplex_share_1": [0.2, 0.8], "learner.lr": [1e-4, 1e-2]}
     assert pbt.clip({"simplex_share_1": 0.96, "learner.lr": 5e-5, "reward.bleu": 3.0}, bounds) == {
         "simplex_share_1": 0.8, "learner.lr": 1e-4, "reward.bleu": 3.0}
 
