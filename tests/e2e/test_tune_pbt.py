@@ -91,5 +91,6 @@ def test_pbt_exploits_perturbs_survives_a_killed_trial_and_reports_the_schedule(
         assert {k: entry[k] for k in event["after"]} == event["after"]
     assert schedule[-1]["trial"] == summary.best["trial"]
     assert schedule[-1]["learner.lr"] == pytest.approx(summary.best["learner.lr"])
-    assert json.loads(summary.json_path.read_text())["schedule"] == schedule
+    # the restored search rewrote the summary (with tied objectives its best may be the other trial)
+    assert json.loads(summary.json_path.read_text())["schedule"] == again.summary.schedule
     assert matplotlib.image.imread(summary.schedule_path).shape[1] == 600  # 6 inches at 100 dpi
