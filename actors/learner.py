@@ -245,15 +245,20 @@ class Learner:
             self.engine.save_checkpoint(str(folder), tag="state", save_latest=False)
         return {"version": self.version, "kl_coef": float(self.kl_ctl.value)}
 
-    def load_checkpoint(self, source: Source, state: dict[str, Any]) -> int:
+    def load_checkpoint(self, source: Source, state: dict[str, Any], overrides: dict[str, float] | None = None) -> int:
         """Collective: the inverse of save_checkpoint, on a group of the same size and ZeRO stage
-        (each rank reads the saved state on its own node)."""
+        (each rank reads the saved state on its own node). `overrides` ({"lr", "kl_coef"}, a PBT
+        perturbation) win over the restored optimizer's learning rate and KL controller's value."""
         with source.readable_dir() as folder:
             path, _ = self.engine.load_checkpoint(str(folder), tag="state")
         if path is None:
             raise FileNotFoundError(f"no DeepSpeed checkpoint under {source}")
         self.version = int(state["version"])
-        self.kl_ctl.value = float(state["kl_coef"])
+        overrides = overrides or {}
+        self.kl_ctl.value = float(overrides.get("kl_coef", state["kl_coef"]))
+        if "lr" in overrides:
+            for group in self.engine.optimizer.param_groups:  # DeepSpeed's ZeRO optimizer shares its inner groups
+                group["lr"] = overrides["lr"]
         return self.version
 
     # --- training ------------------------------------------------------------------------
@@ -352,6 +357,7 @@ class Learner:
         metrics = self._mean_over_ranks(metrics)
         metrics["tokens"] *= self.world_size  # the total over ranks
         metrics["kl_coef"] = kl_coef
+        metrics["lr"] = float(self.engine.optimizer.param_groups[0]["lr"])  # in force: PBT may have changed it
         metrics["pipeline/staleness"] = float(staleness)
         self.kl_ctl.update(metrics["kl"], len(traj) * self.world_size)
         self.version += 1

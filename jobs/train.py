@@ -162,15 +162,19 @@ def prepare(cfg: RunConfig) -> tuple[list[Prompt], list[Prompt]]:
 
 def train(
     cfg: RunConfig, on_step: Callable[[int, dict[str, float]], None] | None = None, resume: str | Path = "auto",
+    retune: bool = False,
 ) -> TrainResult:
     """Run the RL loop; `on_step(step, metrics)` (optional) sees each step's metrics, eval ones included,
     after that step's checkpoint (if any) is written. `resume`: "auto" (continue from the latest
-    complete checkpoint in output_dir, if any), "never" (start over) or a checkpoint path."""
+    complete checkpoint in output_dir, if any), "never" (start over) or a checkpoint path. `retune`:
+    the config may differ from the checkpoint's in the fields PBT changes (jobs/run/pbt.py)."""
     with RunLock(Storage(cfg.output_dir), cfg.name):  # one driver per output_dir: a second is refused here
-        return _train(cfg, on_step, resume)
+        return _train(cfg, on_step, resume, retune)
 
 
-def _train(cfg: RunConfig, on_step: Callable[[int, dict[str, float]], None] | None, resume: str | Path) -> TrainResult:
+def _train(
+    cfg: RunConfig, on_step: Callable[[int, dict[str, float]], None] | None, resume: str | Path, retune: bool
+) -> TrainResult:
     train_set, eval_set = prepare(cfg)
     storage = Storage(cfg.output_dir)
     # the driver's own files: written in place for a path; for a URI, a local copy of the stored run's
@@ -180,7 +184,7 @@ def _train(cfg: RunConfig, on_step: Callable[[int, dict[str, float]], None] | No
     try:
         if remote is not None:
             checkpoint.mirror(remote, output_dir)
-        start = plan(cfg, output_dir, str(resume), remote)
+        start = plan(cfg, output_dir, str(resume), remote, retune)
     except BaseException:  # e.g. a config that differs from the checkpoint's: no local copy left behind
         if remote is not None:
             shutil.rmtree(output_dir, ignore_errors=True)

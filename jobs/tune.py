@@ -19,16 +19,17 @@ from typing import Any
 
 import ray
 from ray import tune
-from ray.tune.schedulers import ASHAScheduler
+from ray.tune.schedulers import ASHAScheduler, PopulationBasedTraining, TrialScheduler
 from ray.tune.search import BasicVariantGenerator, SearchAlgorithm, Searcher
 
 from rayrlhf.cluster.local import init_ray, shutdown_ray
 from rayrlhf.cluster.storage import Storage, is_uri
-from rayrlhf.jobs.run import checkpoint
+from rayrlhf.jobs.run import checkpoint, pbt
 from rayrlhf.jobs.config.run import RunConfig
 from rayrlhf.jobs.config.tune import (
     ObjectiveConfig,
     ParamSpec,
+    SearchConfig,
     TuneSetup,
 )
 from rayrlhf.jobs.run.roles import bundles
@@ -81,7 +82,9 @@ class ObjectiveReporter:
         if any(k.startswith("eval/") for k in metrics):
             saved = checkpoint.at_step(self.run_dir, step) if self.run_dir else None
             report = tune.Checkpoint.from_directory(str(saved)) if saved else None
-            tune.report({**self.metrics(metrics), "step": step, "final": 0.0}, checkpoint=report)
+            # checkpoint_step: PBT's clock (a report without a checkpoint, the final one, never perturbs)
+            at = {"checkpoint_step": step} if saved else {}
+            tune.report({**self.metrics(metrics), "step": step, "final": 0.0, **at}, checkpoint=report)
             if saved:
                 checkpoint.remove(saved)
 
@@ -117,8 +120,30 @@ def run_trial(config: dict[str, Any], setup: TuneSetup, workdir: str) -> None:
         cfg.checkpoint.every = cfg.eval_every
     reporter = ObjectiveReporter(setup.cfg.objective, fields, None if on_uri else Path(cfg.output_dir))
     last = tune.get_checkpoint()
+    retune = setup.cfg.search.algorithm == "pbt"
+    if last and not on_uri:  # the run's own earlier checkpoints predate Tune's (after a PBT exploit, another trial's)
+        checkpoint.clear(Path(cfg.output_dir))
     with last.as_directory() if last else contextlib.nullcontext("never") as resume:
-        reporter.final(train(cfg, on_step=reporter.on_step, resume=resume))
+        if retune:  # the donor: the trial whose folder holds the checkpoint
+            donor = Path(last.path).parent.name if last else None
+            record_start(Path(trial_dir), fields, Path(resume) if last else None, donor)
+        reporter.final(train(cfg, on_step=reporter.on_step, resume=resume, retune=retune))
+
+
+def record_start(trial_dir: Path, fields: dict[str, float], resume: Path | None, donor: str | None) -> None:
+    """A PBT trial's start in its events file: the first one, or one from `donor`'s checkpoint under
+    other settings (an exploit, with its step); a pause, a retry or a restored search records nothing."""
+    trial = trial_dir.name
+    event: dict[str, Any] | None
+    if resume is None:
+        event = {"step": 0, "kind": "start", "trial": trial, "donor": trial, "before": {}, "after": fields}
+    else:
+        manifest, saved, _ = checkpoint.read(resume)
+        event = pbt.change_event(manifest["step"], trial, donor or trial, pbt.settings_of(saved, list(fields)), fields)
+    if event is not None and pbt.append_event(trial_dir, event) and event["kind"] != "start":
+        before = event["before"]
+        changes = ", ".join(f"{k} {before[k]:.4g} -> {v:.4g}" for k, v in fields.items() if before[k] != v)
+        print(f"PBT {event['kind']} at step {event['step']}: from {event['donor']}'s checkpoint, {changes}", flush=True)
 
 
 def param_space(spec: dict[str, ParamSpec], algorithm: str) -> dict[str, Any]:
@@ -141,10 +166,14 @@ def make_tuner(setup: TuneSetup, trainable: type[tune.Trainable]) -> tune.Tuner:
         from ray.tune.search.optuna import OptunaSearch
 
         searcher = OptunaSearch(sampler=TPESampler(seed=cfg.search.seed))
-    elif cfg.search.algorithm == "random":
+    elif cfg.search.algorithm in ("random", "pbt"):  # pbt: the initial population
         searcher = BasicVariantGenerator(random_state=cfg.search.seed)
-    scheduler = None
-    if cfg.asha.enabled:
+    scheduler: TrialScheduler | None = None
+    keep = first.checkpoint.keep
+    if cfg.search.algorithm == "pbt":
+        scheduler = pbt_scheduler(cfg.search)
+        keep = max(keep, 3)  # a donor's checkpoint must outlive its next one or two until the weak trial took it
+    elif cfg.asha.enabled:
         scheduler = ASHAScheduler(
             time_attr="training_iteration", max_t=max(reports_per_trial(first), cfg.asha.grace_period),
             grace_period=cfg.asha.grace_period, reduction_factor=cfg.asha.reduction_factor, stop_last_trials=False,
@@ -159,8 +188,21 @@ def make_tuner(setup: TuneSetup, trainable: type[tune.Trainable]) -> tune.Tuner:
         run_config=tune.RunConfig(
             name=cfg.name, storage_path=cfg.storage_location(),
             failure_config=tune.FailureConfig(max_failures=cfg.max_failures), verbose=1,
-            checkpoint_config=tune.CheckpointConfig(num_to_keep=first.checkpoint.keep),
+            checkpoint_config=tune.CheckpointConfig(num_to_keep=keep),
         ),
+    )
+
+
+def pbt_scheduler(search: SearchConfig) -> PopulationBasedTraining:
+    """PBT over the search space, on the trials' run steps: each report with a checkpoint is a chance
+    to perturb; perturbed values are kept inside their ranges."""
+    dims = search.dimensions()
+    ranges = {name: spec.bounds() for name, spec in dims.items() if spec.values is None}
+    return PopulationBasedTraining(
+        time_attr="checkpoint_step", perturbation_interval=search.pbt.interval,
+        hyperparam_mutations=param_space(dims, "pbt"), quantile_fraction=search.pbt.quantile_fraction,
+        resample_probability=search.pbt.resample_probability, synch=search.pbt.synch,
+        custom_explore_fn=functools.partial(pbt.clip, bounds=ranges), require_attrs=False,
     )
 
 

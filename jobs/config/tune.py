@@ -25,6 +25,7 @@ from rayrlhf.jobs.config.base import (
     validate,
 )
 from rayrlhf.jobs.config.run import RunConfig, function_name
+from rayrlhf.jobs.run import pbt
 
 CIRCULAR_METRICS = {"eval/raw", "eval/total"}
 """The tuned reward itself: its scale moves with the weights, so it cannot rank them."""
@@ -86,8 +87,23 @@ class SimplexSpec(StrictModel):
         return out
 
 
+class PBTConfig(StrictModel):
+    """Population-based training (search.algorithm=pbt): every `interval` steps the weakest trials take
+    over a strong trial's run checkpoint and continue with its settings, perturbed (docs/tuning_pbt.md)."""
+
+    interval: int = Field(2, ge=1)
+    """Steps between perturbations; each trial is evaluated and checkpointed at these steps."""
+    quantile_fraction: float = Field(0.25, gt=0, le=0.5)
+    """The bottom fraction of trials takes over from the top fraction (at least one each)."""
+    resample_probability: float = Field(0.25, ge=0, le=1)
+    """Chance that a perturbed value is drawn afresh from its range instead of multiplied by 0.8 or 1.2."""
+    synch: bool = True
+    """Wait for every trial at each interval (all take part in every exploit; each trial is paused and
+    resumed from its checkpoint there); false: a trial perturbs when it arrives, against the others' last scores."""
+
+
 class SearchConfig(StrictModel):
-    algorithm: Literal["grid", "random", "optuna"] = "random"
+    algorithm: Literal["grid", "random", "optuna", "pbt"] = "random"
     space: dict[str, ParamSpec] = {}
     """Independent dimensions: a dotted run-config field (reward.alpha, learner.lr, ...) -> its range.
     A user reward function's weight is reward.functions.<its name>.weight."""
@@ -97,6 +113,8 @@ class SearchConfig(StrictModel):
     max_concurrent: int | None = Field(None, ge=1)
     """Cap on trials at once; None: as many as the cluster's resources hold."""
     seed: int = 0
+    pbt: PBTConfig = PBTConfig()
+    """Used when algorithm=pbt: num_samples is then the population (the initial points, drawn at random)."""
 
     @field_validator("space", mode="before")
     @classmethod
@@ -124,6 +142,13 @@ class SearchConfig(StrictModel):
             ranged = [name for name, spec in self.dimensions().items() if spec.values is None]
             if ranged:
                 raise ValueError(f"algorithm=grid needs values for every dimension, {ranged} give low/high")
+        if self.algorithm == "pbt":
+            bounds = {name: spec.bounds() for name, spec in self.space.items()}
+            if self.simplex is not None:
+                bounds |= {name: [0.0, 1.0] for name in self.simplex.weights}
+            pbt.check_space(bounds)
+            if self.samples() < 2:
+                raise ValueError("algorithm=pbt needs a population: num_samples >= 2")
         return self
 
     def samples(self) -> int:
@@ -193,6 +218,13 @@ class TuneConfig(StrictModel):
     """Where results go: a path (relative to the working directory; never the home directory by default)
     or a pyarrow.fs URI (`s3://bucket/tune`, `file:///shared/tune`), as Ray Tune's storage_path."""
 
+    @model_validator(mode="after")
+    def _pbt_on_a_path(self) -> TuneConfig:
+        if self.search.algorithm == "pbt" and "://" in self.storage_path:
+            raise ValueError("search.algorithm=pbt needs storage_path to be a path (a shared filesystem on a "
+                             "cluster): its exploits hand run checkpoints between trials through Tune")
+        return self
+
     def storage_location(self) -> str:
         """storage_path as Tune gets it: a URI as written, a path made absolute here."""
         if "://" in self.storage_path:  # a URI (no pyarrow here: the CLI validates without it)
@@ -242,6 +274,8 @@ class TuneSetup:
 
     def run_config(self, fields: dict[str, float], **extra: Any) -> RunConfig:
         data = merge(merge(self.export_data(fields), self.cfg.trial), extra)
+        if self.cfg.search.algorithm == "pbt":  # PBT ranks (and checkpoints) the trials at every interval
+            data["eval_every"] = self.cfg.search.pbt.interval
         where = f"{self.source} (base {self.base_path.name}, point {fields})"
         return validate(RunConfig, data, where)
 
@@ -255,6 +289,9 @@ class TuneSetup:
             first = first or cfg
             if self.cfg.objective.kl_budget is not None and not (cfg.kl.coef > 0 or cfg.kl.adaptive):
                 raise ConfigError(f"{self.source}: objective.kl_budget needs the KL term on (kl.coef > 0 or kl.adaptive)")
+            if self.cfg.search.algorithm == "pbt" and cfg.steps <= cfg.eval_every:
+                raise ConfigError(f"{self.source}: a PBT trial of {cfg.steps} steps is never perturbed "
+                                  f"(search.pbt.interval={cfg.eval_every}): give trial.steps > interval")
         validate(RunConfig, self.base_data, f"{self.source} (base {self.base_path.name} + overrides)")
         assert first is not None  # product() yields at least one corner, the empty one without dimensions
         return first

@@ -265,19 +265,37 @@ def clear(output_dir: Path, remote: Storage | None = None) -> None:
         remote.remove("checkpoints")
 
 
-def changed_fields(saved: dict[str, Any], current: dict[str, Any], prefix: str = "") -> list[str]:
-    """Dotted names of the fields that differ and would make a resume wrong (FREE_FIELDS may differ)."""
+def changed_fields(
+    saved: dict[str, Any], current: dict[str, Any], prefix: str = "", free: Callable[[str], bool] = lambda _: False
+) -> list[str]:
+    """Dotted names of the fields that differ and would make a resume wrong (FREE_FIELDS, and those
+    `free` accepts, may differ). Lists of named entries of the same names (reward.functions) are
+    compared entry by entry: reward.functions.<name>.weight."""
     out = []
     for key in sorted(set(saved) | set(current)):
         name = prefix + key
-        if name in FREE_FIELDS:
+        if name in FREE_FIELDS or free(name):
             continue
         a, b = saved.get(key), current.get(key)
+        if isinstance(a, list) and isinstance(b, list) and a != b:
+            named_a, named_b = _by_name(a), _by_name(b)
+            if named_a and named_a.keys() == named_b.keys():
+                a, b = named_a, named_b
         if isinstance(a, dict) and isinstance(b, dict):
-            out += changed_fields(a, b, f"{name}.")
+            out += changed_fields(a, b, f"{name}.", free)
         elif a != b:
             out.append(name)
     return out
+
+
+def _by_name(entries: list[Any]) -> dict[str, Any]:
+    """Entries with a `name` (empty: their function's) by name; {} unless every entry has its own."""
+    from rayrlhf.jobs.config.run import function_name
+
+    if not all(isinstance(e, dict) and "path" in e for e in entries):
+        return {}
+    named = {e.get("name") or function_name(str(e["path"])): e for e in entries}
+    return named if len(named) == len(entries) else {}
 
 
 def _write_json(path: Path, data: dict[str, Any]) -> None:

@@ -24,7 +24,7 @@ from typing import Any
 import ray
 
 from rayrlhf.cluster.storage import Storage
-from rayrlhf.jobs.run import checkpoint
+from rayrlhf.jobs.run import checkpoint, pbt
 from rayrlhf.jobs.config.base import ConfigError
 from rayrlhf.jobs.config.run import RunConfig
 from rayrlhf.jobs.data.sampler import PromptSampler
@@ -46,10 +46,14 @@ class Start:
     finished_step: int | None = None
 
 
-def plan(cfg: RunConfig, output_dir: Path, resume: str, remote: Storage | None = None) -> Start:
+def plan(
+    cfg: RunConfig, output_dir: Path, resume: str, remote: Storage | None = None, retune: bool = False
+) -> Start:
     """`resume`: "auto" (the latest complete checkpoint of output_dir, if any), "never" (start over,
     forgetting earlier checkpoints, in `remote` too: a URI output_dir's storage) or a checkpoint path.
-    Refuses a config that changed in a field that would make the resume wrong, naming the fields."""
+    Refuses a config that changed in a field that would make the resume wrong, naming the fields;
+    `retune` (a PBT trial taking over a checkpoint) lets the fields of jobs/run/pbt.py differ."""
+    free = pbt.perturbable if retune else (lambda _: False)
     current = cfg.model_dump()
     if resume == "never":
         checkpoint.clear(output_dir, remote)
@@ -61,14 +65,16 @@ def plan(cfg: RunConfig, output_dir: Path, resume: str, remote: Storage | None =
             raise ConfigError(f"--resume: {e}") from None
     else:
         done = checkpoint.finished(output_dir)
-        if done is not None and done["step"] >= cfg.steps and not checkpoint.changed_fields(done["config"], current):
+        if done is not None and done["step"] >= cfg.steps and not checkpoint.changed_fields(
+            done["config"], current, free=free
+        ):
             return Start(finished_step=done["step"])
         latest = checkpoint.latest(output_dir)
         if latest is None:
             return Start()
         path = latest
     _, saved, _ = checkpoint.read(path)
-    changed = checkpoint.changed_fields(saved, current)
+    changed = checkpoint.changed_fields(saved, current, free=free)
     if changed:
         raise ConfigError(
             f"cannot resume from {path}: the config differs from the checkpoint's in {', '.join(changed)} "
@@ -216,9 +222,10 @@ class RunState:
             state = self.initial
             assert state is not None, "no step-0 state to restore"
         else:
-            _, _, state = checkpoint.read(path)
+            _, saved, state = checkpoint.read(path)
             source = Storage(checkpoint.learner_location(path, self.output_dir, self.remote))
-            get_all([rank.load_checkpoint.remote(source.only(checkpoint.RankFiles(i)), state["learner"])
+            overrides = pbt.learner_overrides(saved, self.cfg.model_dump())  # a PBT trial's perturbed lr, KL coef
+            get_all([rank.load_checkpoint.remote(source.only(checkpoint.RankFiles(i)), state["learner"], overrides)
                      for i, rank in enumerate(self.roles.learner)])  # from a bucket, each rank downloads its own files
         roles = self.roles
         ray.get([scorer.load_state_dict.remote(s) for scorer, s in zip(roles.scorers, state["scorers"], strict=True)])

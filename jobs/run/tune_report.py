@@ -2,6 +2,7 @@
 
 results.csv / results.json: every trial's weights, objective, reward components, KL and status;
 objective.png: the objective over the first two weights (matplotlib, Agg);
+schedule.png (PBT): the settings that trained the best trial's policy, step by step, exploits marked;
 best_config.yaml: the best weights as a run config for `rayrlhf train` (without the trial budget);
 and the best trial's checkpoint path (the final policy, a Hugging Face directory).
 """
@@ -19,6 +20,7 @@ import yaml
 
 from rayrlhf.cluster.storage import Storage
 from rayrlhf.jobs.config.tune import TuneSetup
+from rayrlhf.jobs.run import pbt
 
 if TYPE_CHECKING:
     from ray.tune import Result, ResultGrid
@@ -38,6 +40,9 @@ class TuneSummary:
     json_path: Path | str
     plot_path: Path | str
     best_config_path: Path | str | None
+    schedule: list[dict[str, Any]] | None = None
+    """PBT: the best trial's settings from step 0 (jobs/run/pbt.py schedule), else None."""
+    schedule_path: Path | str | None = None
 
 
 def _status(result: Result) -> str:
@@ -129,10 +134,37 @@ def plot_objective(
     plt.close(fig)
 
 
+def plot_schedule(schedule: list[dict[str, Any]], fields: list[str], last_step: int, path: Path) -> None:
+    """One panel per field: its value over the steps that trained the best policy; a dotted line where
+    the lineage took over another trial's checkpoint."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(len(fields), 1, figsize=(6, 1.2 + 1.6 * len(fields)), sharex=True, squeeze=False)
+    steps = [s["step"] for s in schedule] + [max(last_step, schedule[-1]["step"])]
+    for ax, field in zip(axes[:, 0], fields):
+        values = [s[field] for s in schedule]
+        ax.step(steps, values + values[-1:], where="post", marker="o")
+        ax.set_ylabel(field, fontsize=8)
+        for before, after in zip(schedule, schedule[1:]):
+            if after["trial"] != before["trial"]:
+                ax.axvline(after["step"], ls=":", c="grey")
+    axes[0, 0].set_title(f"best trial's schedule ({schedule[-1]['trial']})", fontsize=9)
+    axes[-1, 0].set_xlabel("step")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def weights_of(row: dict[str, Any], weights: list[str]) -> dict[str, float]:
+    return {name: row[name] for name in weights}
+
+
 def export_best(setup: TuneSetup, best: dict[str, Any], folder: Path, exp_dir: str, metric: str) -> Path:
     """The base run config + overrides + the best weights, ready for `rayrlhf train --config`."""
-    fields = {name: best[name] for name in setup.cfg.search.weight_fields()}
-    data = setup.export_data(fields)
+    data = setup.export_data(weights_of(best, setup.cfg.search.weight_fields()))
     data["name"] = f"{data.get('name', 'rayrlhf')}-tuned"
     data["output_dir"] = f"{exp_dir}/best_run"
     header = (
@@ -151,7 +183,16 @@ def summarize(setup: TuneSetup, grid: ResultGrid, storage: Storage) -> TuneSumma
     weights = setup.cfg.search.weight_fields()
     best = best_row(rows, mode)
     names = ("results.csv", "results.json", "objective.png", "best_config.yaml")
+    schedule = None
     with storage.writable_dir() as folder:
+        if setup.cfg.search.algorithm == "pbt":  # a path: PBT refuses a URI storage_path
+            events = {r["trial"]: pbt.read_events(folder / r["trial"]) for r in rows}
+            for r in rows:
+                r["exploits"] = sum(e["kind"] == "exploit" for e in events[r["trial"]])
+            schedule = pbt.schedule(events, best["trial"]) if best else None
+            if best and schedule:  # empty: the best trial recorded no start (its events file is gone)
+                steps = setup.run_config(weights_of(best, weights)).steps
+                plot_schedule(schedule, weights, steps, folder / "schedule.png")
         columns = list(dict.fromkeys(k for r in rows for k in r))
         with open(folder / names[0], "w", newline="") as f:
             writer = csv.DictWriter(f, fieldnames=columns)
@@ -166,18 +207,21 @@ def summarize(setup: TuneSetup, grid: ResultGrid, storage: Storage) -> TuneSumma
             "best": {k: _finite(v) for k, v in best.items()} if best else None,
             "best_checkpoint": best["checkpoint"] if best else None,
             "best_config": storage.join(names[3]) if best else None,
+            "schedule": schedule,
         }, indent=2))
     # where a user finds them: paths for a path, locations in the bucket for a URI
     table_path, json_path, plot_path, best_config = (storage.shown(n) for n in names)
     summary = TuneSummary(
         rows, best, best["checkpoint"] if best else None, metric, table_path, json_path, plot_path,
-        best_config if best else None,
+        best_config if best else None, schedule, storage.shown("schedule.png") if schedule else None,
     )
     print(format_table(rows, weights))
     print(f"\nresults: {table_path}\nplot: {plot_path}")
     if best:
         print(f"best: {', '.join(f'{w}={best[w]:.4g}' for w in weights)} -> {metric} = {best['objective']:.4f}")
         print(f"best config: {best_config}\nbest checkpoint: {summary.best_checkpoint}")
+        if schedule:
+            print(f"best trial's schedule: {summary.schedule_path}")
     else:
         print("no trial finished: no best config")
     return summary

@@ -236,13 +236,13 @@ def free_port() -> int:
 
 def make_learner(model_dir: str, name: str, lora: LoraConfig | None = None, pipeline: PipelineConfig | None = None,
                  micro_batch_size: int = 4, packing: bool = True, pack_tokens: int = 256, logits_chunk: int = 1024,
-                 **algorithm_fields: Any):
+                 lr: float = 1e-2, **algorithm_fields: Any):
     from rayrlhf.actors.learner import Learner
 
     algorithm = AlgorithmConfig(name=name, clip_eps=0.2, epochs=1, gamma=1.0, lam=0.95, value_clip=0.2, vf_coef=0.5,
                                 entropy_coef=0.0, normalize_std=True, **algorithm_fields)  # fmt: skip
     kl = KLConfig(coef=0.05, estimator="k3", adaptive=False, target=0.1, horizon=1000)
-    learner = LearnerConfig(num_ranks=1, zero_stage=2, offload=False, backend="auto", lr=1e-2, weight_decay=0.0,
+    learner = LearnerConfig(num_ranks=1, zero_stage=2, offload=False, backend="auto", lr=lr, weight_decay=0.0,
                             grad_clip=1.0, micro_batch_size=micro_batch_size, bf16=False, num_cpus=1, num_gpus=0,
                             torch_threads=1, gradient_checkpointing=False, packing=packing, pack_tokens=pack_tokens,
                             logits_chunk=logits_chunk)  # fmt: skip
@@ -434,6 +434,28 @@ def test_plain_engine_steps_like_deepspeed_zero2(model_dir, dist_env, monkeypatc
     ours, theirs = plain.get_weights().arrays, deepspeed.get_weights().arrays
     for key in ours:
         np.testing.assert_allclose(ours[key], theirs[key], atol=1e-6)
+
+
+@pytest.mark.parametrize("engine", ["plain", "deepspeed"])
+def test_a_pbt_perturbation_wins_over_the_restored_lr_and_kl_coefficient(
+    model_dir, dist_env, tmp_path, monkeypatch, engine
+):
+    """A checkpoint trained with lr=1e-2, restored by a learner configured with lr=3e-3: the optimizer's
+    lr is the checkpoint's (1e-2) on a plain resume, 3e-3 under a PBT override; so is the KL value."""
+    import rayrlhf.actors.learner as learner_module
+
+    _, batch = scripted_batch(model_dir, monkeypatch)
+    if engine == "deepspeed":
+        monkeypatch.setattr(learner_module, "use_plain_engine", lambda world_size, learner: False)
+    trained = make_learner(model_dir, "grpo", lr=1e-2)
+    assert trained.learn(batch)["lr"] == 1e-2
+    state = trained.save_checkpoint(Storage(tmp_path / "ckpt")) | {"kl_coef": 0.07}  # an adaptive value that moved
+    restored = make_learner(model_dir, "grpo", lr=3e-3)
+    assert isinstance(restored.engine, learner_module.PlainEngine) == (engine == "plain")
+    for overrides, lr, kl_coef in [(None, 1e-2, 0.07), ({"lr": 3e-3, "kl_coef": 0.2}, 3e-3, 0.2)]:
+        restored.load_checkpoint(Storage(tmp_path / "ckpt"), state, overrides)
+        assert [g["lr"] for g in restored.engine.optimizer.param_groups] == [lr]
+        assert restored.kl_ctl.value == kl_coef
 
 
 def test_a_non_finite_loss_stops_the_step_before_any_update_and_diverged_weights_are_never_sent(
