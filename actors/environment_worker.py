@@ -23,14 +23,14 @@ class EnvironmentWorker:
 
     def reset(self, keys: list[Key], rows: list[dict[str, Any]], seeds: list[int]) -> list[list[dict[str, Any]]]:
         """New episodes (the previous rollout's are dropped); returns each one's first messages."""
-        self.episodes = {tuple(key): self.cls() for key in keys}
-        return [self.episodes[tuple(key)].reset(row, seed) for key, row, seed in zip(keys, rows, seeds)]
+        self.episodes = {(key[0], key[1]): self.cls() for key in keys}
+        return [self.episodes[(key[0], key[1])].reset(row, seed) for key, row, seed in zip(keys, rows, seeds)]
 
     def step(self, keys: list[Key], replies: list[str]) -> list[tuple[list[dict[str, Any]], float, bool, int, int]]:
         """Each episode's step on its reply: (messages, reward, done, tool calls, invalid calls)."""
         out = []
         for key, reply in zip(keys, replies):
             message, calls, invalid = assistant_message(reply)
-            messages, reward, done = self.episodes[tuple(key)].step(message)
+            messages, reward, done = self.episodes[(key[0], key[1])].step(message)
             out.append((list(messages), float(reward), bool(done), calls, invalid))
         return out

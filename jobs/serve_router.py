@@ -84,7 +84,7 @@ class VersionRouter:
         self.picker: WeightedRoundRobin | None = None
         self.handles: dict[str, DeploymentHandle] = {}
         self.requests = metrics.Counter("rayrlhf_version_requests", "requests answered, by version and outcome",
-                                        tag_keys=("version", "outcome"))
+                                        tag_keys=("version", "outcome"))  # type: ignore[arg-type]  # Ray's stub says tuple[str]
         self.latency = metrics.Histogram("rayrlhf_version_latency_s", "seconds to a complete answer, by version",
                                          boundaries=LATENCY_BOUNDARIES_S, tag_keys=("version",))
 
@@ -104,12 +104,13 @@ class VersionRouter:
         except ValueError:
             data = None
         requested = data.get("model") if isinstance(data, dict) else None
-        if requested in table["models"]:
+        if isinstance(requested, str) and requested in table["models"]:
             return requested, body, data
         if isinstance(requested, str) and requested != self.cfg.model_name:
             names = ", ".join([self.cfg.model_name, *table["models"]])
             raise OpenAIError(404, f"the model {requested!r} does not exist; this server serves {names}",
                               param="model", code="model_not_found")
+        assert self.picker is not None  # set by _table above
         version = self.picker.pick()
         if isinstance(data, dict) and requested is not None:
             body = json.dumps({**data, "model": version}).encode()
@@ -133,7 +134,7 @@ class VersionRouter:
         rid = request_id(request)
         version, body, data = await self._route(body)
         started = time.monotonic()
-        replies = self._handle(version).respond.remote(kind, body, rid)
+        replies: Any = self._handle(version).respond.remote(kind, body, rid)  # a streaming handle: a generator
         try:
             head = await anext(replies)
         except BackPressureError:

@@ -191,7 +191,7 @@ def start_state(cfg: ServeConfig) -> ray.actor.ActorHandle:
     """The endpoint's state actor (a fresh one), detached so it outlives the driver of a cluster
     deployment."""
     stop_state(cfg)
-    actor = ray.remote(ServingState).options(
+    actor: Any = ray.remote(ServingState).options(
         name=state_name(cfg), namespace=NAMESPACE, lifetime="detached", num_cpus=0, max_concurrency=16,
     ).remote(cfg.model_dump())
     ray.get(actor.table.remote())

@@ -13,6 +13,7 @@ row never changes its values.
 from __future__ import annotations
 
 import warnings
+from typing import Any
 from dataclasses import dataclass
 
 import numpy as np
@@ -97,7 +98,7 @@ def head_logprobs(
     instead of kept: the memory stays flat as responses grow, for one more LM-head forward."""
     pieces = list(zip(hidden.split(chunk), tokens.split(chunk)))
     recompute = torch.is_grad_enabled() and len(pieces) > 1
-    outs = [
+    outs: list[Any] = [
         checkpoint(_chunk_logprobs, head, h, t, temperature, with_entropy, entropy_grad, use_reentrant=False)
         if recompute else _chunk_logprobs(head, h, t, temperature, with_entropy, entropy_grad)
         for h, t in pieces
@@ -137,7 +138,10 @@ def policy_forward(
     else:
         layout = packed_layout(input_ids, attention_mask, pack_tokens)
     # the decoder and the LM head called apart, so the head sees only the scored positions
-    hidden = model.get_decoder()(
+    # nn.Module.__getattr__ hides PreTrainedModel's methods from the type checker
+    decoder: Any = model.get_decoder()  # type: ignore[operator]
+    head: Any = model.get_output_embeddings()  # type: ignore[operator]
+    hidden = decoder(
         input_ids=layout.input_ids, attention_mask=layout.attention_mask, position_ids=layout.position_ids,
         use_cache=False,
     ).last_hidden_state  # fmt: skip
@@ -149,7 +153,7 @@ def policy_forward(
     predicting = hidden.reshape(-1, hidden.shape[-1])[target - 1]
     tokens = input_ids.reshape(-1)[source]
     logp, entropy = head_logprobs(
-        model.get_output_embeddings(), predicting, tokens, temperature, logits_chunk,
+        head, predicting, tokens, temperature, logits_chunk,
         with_entropy=with_entropy, entropy_grad=entropy_grad,
     )  # fmt: skip
 

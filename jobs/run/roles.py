@@ -87,9 +87,9 @@ def role_table(cfg: RunConfig) -> list[Role]:
             device=role_device(kl.num_gpus), pack_tokens=learner.packed_row_tokens,
             logits_chunk=learner.logits_chunk,
         ), max_restarts=restarts))
-    if cfg.env is not None:
-        roles.append(Role("env", EnvironmentWorker, cfg.env.num_workers, cfg.env.num_cpus, 0.0,
-                          lambda rank: dict(path=cfg.env.path), max_restarts=restarts))  # fmt: skip
+    if (env := cfg.env) is not None:
+        roles.append(Role("env", EnvironmentWorker, env.num_workers, env.num_cpus, 0.0,
+                          lambda rank: dict(path=env.path), max_restarts=restarts))  # fmt: skip
     algorithm = cfg.algorithm  # seq-mean-token-sum-norm's constant defaults to the longest answer
     if algorithm.loss_scale_tokens is None:
         algorithm = algorithm.model_copy(update={"loss_scale_tokens": rollout.max_new_tokens})
