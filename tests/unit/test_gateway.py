@@ -1,5 +1,5 @@
 """The agent gateway without a server: tool calls in responses and streams, log-prob and token-id
-fields, tools in the prompt, and the recorded-episode file (the HTTP path: tests/e2e/test_gateway.py)."""
+fields, tools in the prompt, and the recorded-episode file (the HTTP path: tests/e2e/test_gateway_e2e.py)."""
 
 from __future__ import annotations
 
