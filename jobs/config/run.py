@@ -325,10 +325,12 @@ class LearnerConfig(StrictModel):
     num_gpus: float = Field(0.0, ge=0)
     torch_threads: int = Field(2, ge=1)
     gradient_checkpointing: bool = False
-    packing: bool = True
+    packing: bool = False
     """The learner and the reference run the model on the step's real tokens packed into rows of
     about pack_tokens, not on rows padded to the longest prompt + longest response: the same
-    log-probs, loss and gradients, without compute on padding (docs/performance_packing.md)."""
+    log-probs, loss and gradients, without compute on padding (docs/performance_packing.md). Off by
+    default: on the default's short, evenly sized rows (85% real tokens) packed took 1.07x the
+    time (benchmarks/README.md); it pays where lengths vary widely."""
     pack_tokens: int = Field(256, ge=1)
     """About this many tokens per packed row (ceil(step tokens / pack_tokens) rows of near-equal
     length): attention is quadratic in a row's length, so short rows keep it a small share."""
