@@ -63,7 +63,7 @@ def test_grpo_two_rank_zero2(local_ray, tmp_path):
 def test_ppo_two_rank_zero3_adaptive_kl(local_ray, tmp_path):
     # packed rows of ~32 tokens and the LM head 8 positions at a time (recomputed in backward under ZeRO-3)
     cfg = tiny(tmp_path, "learner.num_ranks=2", "learner.zero_stage=3", "algorithm.name=ppo", "kl.adaptive=true",
-               "learner.pack_tokens=32", "learner.logits_chunk=8")  # fmt: skip
+               "learner.packing=true", "learner.pack_tokens=32", "learner.logits_chunk=8")  # fmt: skip
     result = train(cfg)
     assert changed_fraction(result.final_dir) > 0.5
     first, last = result.history
