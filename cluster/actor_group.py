@@ -20,6 +20,7 @@ from ray.util.placement_group import (
     PlacementGroup,
     get_current_placement_group,
     placement_group,
+    placement_group_table,
     remove_placement_group,
 )
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
@@ -57,9 +58,13 @@ def _free_port() -> tuple[str, int]:
 
 
 class ActorGroup:
-    """Reserve `size` bundles at construction; `start` then places one actor per bundle."""
+    """Reserve `size` bundles at construction (waiting up to `timeout_s` for room); `start` then places
+    one actor per bundle."""
 
-    def __init__(self, size: int, *, name: str, resources: dict[str, float], strategy: str = "PACK") -> None:
+    def __init__(
+        self, size: int, *, name: str, resources: dict[str, float], strategy: str = "PACK",
+        timeout_s: float = PLACEMENT_TIMEOUT_S,
+    ) -> None:  # fmt: skip
         self.name = name
         self.size = size
         self.resources = dict(resources)
@@ -69,13 +74,24 @@ class ActorGroup:
         if enclosing is not None:
             self.placement = enclosing
             self.bundles = _take_bundles(enclosing, size, self.resources, name)
-            return
-        self.bundles = list(range(size))
-        self.placement = placement_group([dict(self.resources) for _ in range(size)], strategy=strategy, name=name)
-        ready, _ = ray.wait([self.placement.ready()], timeout=PLACEMENT_TIMEOUT_S)
-        if not ready:
-            remove_placement_group(self.placement)
-            raise PlacementError(f"{name}: {size} x {self.resources} could not be placed within {PLACEMENT_TIMEOUT_S}s")
+        else:
+            self.bundles = list(range(size))
+            self.placement = placement_group([dict(self.resources) for _ in range(size)], strategy=strategy, name=name)
+            ready, _ = ray.wait([self.placement.ready()], timeout=timeout_s)
+            if not ready:
+                remove_placement_group(self.placement)
+                raise PlacementError(f"{name}: {size} x {self.resources} could not be placed within {timeout_s:g}s")
+        self.homes: list[str] = [""] * size
+        """The node each replica's bundle was last seen on (a dead one, while Ray looks for room elsewhere)."""
+        self.nodes()
+
+    def nodes(self) -> list[str | None]:
+        """The node each replica's bundle is on now (Ray node ids); None while it has none: its node died
+        and no other has room yet (Ray places the bundle once one has, and restarts the replica there)."""
+        placed = placement_group_table(self.placement).get("bundles_to_node_id", {})  # none once removed
+        now = [placed.get(bundle) or None for bundle in self.bundles]
+        self.homes = [node or home for node, home in zip(now, self.homes)]
+        return now
 
     def start(self, role: type[T], kwargs_for: Callable[[int], dict[str, Any]], max_restarts: int = 0) -> ActorGroup:
         """`max_restarts`: process deaths Ray restarts a replica after (in its bundle, constructor rerun).

@@ -441,6 +441,9 @@ class FaultToleranceConfig(StrictModel):
     """Further attempts after a failed or timed-out scoring; then the step fails (never a reward of 0)."""
     max_learner_restarts: int = Field(1, ge=0)
     """A dead learner rank restarts the learner group from the latest checkpoint (or the start), at most N times."""
+    node_wait_s: float = Field(600.0, gt=0)
+    """How long replicas whose node died wait for a node with room for them (a replacement joining, as an
+    autoscaler or a spot pool brings one); then the run ends naming the node and what lived there."""
 
 
 class RunConfig(StrictModel):

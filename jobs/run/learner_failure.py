@@ -51,9 +51,10 @@ def learner_get(refs: list[ray.ObjectRef[T]], learner: ActorGroup) -> list[T]:
 
 def learner_error(error: ray.exceptions.RayError, learner: ActorGroup) -> BaseException:
     """What a learner call's error means to the driver: the run diverged (NonFiniteError: stop, never
-    restart into the same divergence), a rank died (LearnerFailure: restart the group), or neither."""
+    restart into the same divergence), a rank died or an input was lost with its node (LearnerFailure:
+    restart the group, as the other ranks may wait in a collective for the one that failed), or neither."""
     if isinstance(error, ray.exceptions.RayTaskError) and isinstance(error.cause, NonFiniteError):
         return error.cause
-    if is_learner_failure(error, learner):
+    if is_learner_failure(error, learner) or isinstance(error, ray.exceptions.ObjectLostError):
         return LearnerFailure(str(error))
     return error

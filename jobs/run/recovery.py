@@ -27,7 +27,14 @@ from collections.abc import Callable
 from typing import Any, TypeVar
 
 import ray
-from ray.exceptions import ActorDiedError, ActorUnavailableError, GetTimeoutError, RayActorError, RayTaskError
+from ray.exceptions import (
+    ActorDiedError,
+    ActorUnavailableError,
+    GetTimeoutError,
+    ObjectLostError,
+    RayActorError,
+    RayTaskError,
+)
 
 from rayrlhf.actors.reference_policy import ReferencePolicy
 from rayrlhf.actors.reward_scorer import RewardScorer
@@ -36,11 +43,13 @@ from rayrlhf.actors.rollout_worker import RolloutWorker
 from rayrlhf.actors.runtime.weight_sync import Weights
 from rayrlhf.cluster.actor_group import Actor
 from rayrlhf.jobs.config.run import FaultToleranceConfig
+from rayrlhf.jobs.run.learner_failure import LearnerFailure
+from rayrlhf.jobs.run.nodes import REPLICAS, node_lost
 from rayrlhf.jobs.run.roles import Roles
 
 T = TypeVar("T")
-NAMES = {"rollout": "rollout worker", "reward": "reward scorer", "reference": "reference policy",
-         "env": "environment worker"}  # fmt: skip
+NAMES = {name: REPLICAS[name] for name in ("rollout", "reward", "reference", "env")}
+"""The roles recovered here, in the order they are probed."""
 STATEFUL = ("rollout", "reward")
 """Roles whose replicas hold state the driver restores (state_dict / load_state_dict)."""
 REDO = (*STATEFUL, "env")
@@ -89,7 +98,10 @@ class Recovery:
                     self._restore()
                 result = work()
                 pids, states = self._probe()
-            except RayActorError:  # a replica died, or a task's input came from one that did
+            except (RayActorError, ObjectLostError) as error:  # a replica died, or an input with its node
+                if isinstance(error, ObjectLostError) and self.weights is not None \
+                        and error.object_ref_hex == self.weights.hex():  # fmt: skip
+                    raise LearnerFailure("the published weights were lost with learner rank 0's node") from error
                 if not self._note_restarts(self._wait_alive(), phase):
                     raise  # an actor error without a death: nothing this can mend
             else:
@@ -137,7 +149,7 @@ class Recovery:
             else:
                 try:
                     return refs, ray.get(refs)
-                except RayActorError:
+                except (RayActorError, ObjectLostError):  # a death (a batch lost with its node): run() redoes
                     raise
                 except RayTaskError as error:
                     failure = f"{type(error.cause).__name__}: {error.cause}"
@@ -169,9 +181,21 @@ class Recovery:
         return out
 
     def rebind(self) -> None:
-        """Follow the driver's own restart of a role's group (new actors, not a fault to redo work for)."""
+        """Follow the driver's own restart of a role's group (new actors, not a fault to redo work for).
+        Only the new actors are asked: another replica may be restarting meanwhile (its node died too)."""
+        before = {(name, rank): actor for name, rank, actor in self.replicas}
         self.replicas = self._replicas()
-        self.pids, self.states = self._probe()
+        pids, states = self._probe([r for r in self.replicas if before.get((r[0], r[1])) is not r[2]])
+        self.pids.update(pids)
+        self.states.update(states)
+
+    def restore(self, states: dict[tuple[str, int], dict[str, Any]]) -> None:
+        """Put the replicas that hold state back to `states` (a checkpoint's), as a phase: one that dies
+        meanwhile is mended. The weights come with the next sync (the ref held now may have died with
+        the learner, whose restart brought the run here)."""
+        self.states.update(states)
+        self.weights = None
+        self.run("the restore", self._restore)
 
     # --- replicas --------------------------------------------------------------------------
 
@@ -182,34 +206,49 @@ class Recovery:
     def _selected(self, only: str | None) -> list[tuple[str, int, Actor]]:
         return [r for r in self.replicas if only is None or r[0] == only]
 
-    def _probe(self) -> tuple[dict[tuple[str, int], int], dict[tuple[str, int], dict[str, Any]]]:
-        """Every replica's process id, and the state of those that hold one."""
-        answers = ray.get([
-            actor.__ray_call__.remote(_pid_and_state, name in STATEFUL) for name, _, actor in self.replicas
-        ])
-        keys = [(name, rank) for name, rank, _ in self.replicas]
+    def _probe(
+        self, replicas: list[tuple[str, int, Actor]] | None = None
+    ) -> tuple[dict[tuple[str, int], int], dict[tuple[str, int], dict[str, Any]]]:
+        """Every replica's (or these replicas') process id, and the state of those that hold one."""
+        replicas = self.replicas if replicas is None else replicas
+        answers = ray.get([actor.__ray_call__.remote(_pid_and_state, name in STATEFUL) for name, _, actor in replicas])
+        keys = [(name, rank) for name, rank, _ in replicas]
         return dict(zip(keys, (pid for pid, _ in answers))), {k: s for k, (_, s) in zip(keys, answers) if s is not None}
 
     def _wait_alive(self, only: str | None = None) -> dict[tuple[str, int], int]:
-        """Process ids once every (selected) replica answers again; a call waits while Ray restarts it."""
-        deadline = time.monotonic() + self.ft.restart_timeout_s
+        """Process ids once every (selected) replica answers again. Ray restarts a dead replica in its
+        bundle: at once, or, when its node died, once a node with room for the bundle joins, which is
+        awaited up to fault_tolerance.node_wait_s; restart_timeout_s bounds the rest (its reload)."""
+        ft = self.ft
+        deadline, unplaced_since = time.monotonic() + ft.restart_timeout_s, None
         pids = {}
         for name, rank, actor in self._selected(only):
-            who = f"{NAMES[name]} {rank}"
+            call = None
             while (name, rank) not in pids:
+                if call is None:
+                    call = actor.__ray_call__.remote(_pid_and_state, False)
                 try:
-                    left = max(deadline - time.monotonic(), 0.01)
-                    pids[name, rank] = ray.get(actor.__ray_call__.remote(_pid_and_state, False), timeout=left)[0]
+                    pids[name, rank] = ray.get(call, timeout=1.0)[0]
+                    continue
                 except ActorDiedError as error:
                     raise RecoveryError(
-                        f"{who} died and was not restarted (fault_tolerance.max_actor_restarts="
-                        f"{self.ft.max_actor_restarts} used up, or its constructor failed)"
+                        f"{NAMES[name]} {rank} died and was not restarted (fault_tolerance.max_actor_restarts="
+                        f"{ft.max_actor_restarts} used up, or its constructor failed)"
                     ) from error
-                except (ActorUnavailableError, GetTimeoutError) as error:  # its death not yet known, or restarting
-                    if time.monotonic() >= deadline:
-                        raise RecoveryError(f"{who} did not answer within fault_tolerance.restart_timeout_s="
-                                            f"{self.ft.restart_timeout_s:g}") from error
+                except ActorUnavailableError:  # its death not yet known to Ray, or restarting: ask again
+                    call = None
                     time.sleep(0.1)
+                except GetTimeoutError:  # busy, or not placed yet
+                    pass
+                now = time.monotonic()
+                if self.roles.groups[name].nodes()[rank] is None:  # its node died, and no other has room yet
+                    unplaced_since = now if unplaced_since is None else unplaced_since
+                    if now - unplaced_since >= ft.node_wait_s:
+                        raise node_lost(self.roles.groups, ft.node_wait_s)
+                    deadline = now + ft.restart_timeout_s  # its reload counts from its placement
+                elif now >= deadline:
+                    raise RecoveryError(f"{NAMES[name]} {rank} did not answer within "
+                                        f"fault_tolerance.restart_timeout_s={ft.restart_timeout_s:g}")  # fmt: skip
         return pids
 
     def _note_restarts(self, pids: dict[tuple[str, int], int], phase: str) -> list[tuple[str, int]]:

@@ -20,7 +20,7 @@ from rayrlhf.actors.learner import Learner
 from rayrlhf.actors.reference_policy import ReferencePolicy
 from rayrlhf.actors.reward_scorer import RewardScorer
 from rayrlhf.actors.rollout_worker import RolloutWorker
-from rayrlhf.cluster.actor_group import ActorGroup, check_fits
+from rayrlhf.cluster.actor_group import PLACEMENT_TIMEOUT_S, ActorGroup, check_fits
 from rayrlhf.jobs.config.run import RewardConfig, RolloutConfig, RunConfig
 from rayrlhf.jobs.run.episodes import Episodes
 
@@ -160,8 +160,10 @@ class Roles:
             group.shutdown()
 
 
-def _start(cfg: RunConfig, role: Role) -> ActorGroup:
-    group = ActorGroup(role.count, name=role.name, resources=role.resources, strategy=cfg.cluster.placement_strategy)
+def _start(cfg: RunConfig, role: Role, timeout_s: float = PLACEMENT_TIMEOUT_S) -> ActorGroup:
+    """`timeout_s`: how long the group's placement waits for room."""
+    group = ActorGroup(role.count, name=role.name, resources=role.resources, strategy=cfg.cluster.placement_strategy,
+                       timeout_s=timeout_s)  # fmt: skip
     try:
         settings: Callable[[int], dict[str, Any]] = role.settings
         if role.rendezvous:
@@ -196,10 +198,11 @@ def launch(cfg: RunConfig, only: tuple[str, ...] | None = None) -> Roles:
 
 
 def restart(roles: Roles, cfg: RunConfig, name: str) -> ActorGroup:
-    """Stop every replica of one role (a dead one included) and start the group anew, in place."""
+    """Stop every replica of one role (a dead one included) and start the group anew, in place; its
+    placement waits up to fault_tolerance.node_wait_s for room (its node may have died)."""
     roles.groups[name].shutdown()
     role = next(r for r in role_table(cfg) if r.name == name)
-    group = roles.groups[name] = _start(cfg, role)
+    group = roles.groups[name] = _start(cfg, role, timeout_s=cfg.fault_tolerance.node_wait_s)
     group.wait_started()
     return group
 

@@ -23,6 +23,7 @@ from typing import Any
 
 import ray
 
+from rayrlhf.cluster.errors import PlacementError
 from rayrlhf.cluster.storage import Storage
 from rayrlhf.jobs.run import checkpoint, pbt
 from rayrlhf.jobs.config.base import ConfigError
@@ -30,6 +31,7 @@ from rayrlhf.jobs.config.run import RunConfig
 from rayrlhf.jobs.data.sampler import PromptSampler
 from rayrlhf.jobs.run.health import HealthMonitor
 from rayrlhf.jobs.run.learner_failure import get_all, learner_get
+from rayrlhf.jobs.run.nodes import node_lost
 from rayrlhf.jobs.run.pipeline import Pipeline
 from rayrlhf.jobs.run.recovery import Recovery
 from rayrlhf.jobs.run.roles import Roles, restart_learner
@@ -228,8 +230,10 @@ class RunState:
             get_all([rank.load_checkpoint.remote(source.only(checkpoint.RankFiles(i)), state["learner"], overrides)
                      for i, rank in enumerate(self.roles.learner)])  # from a bucket, each rank downloads its own files
         roles = self.roles
-        ray.get([scorer.load_state_dict.remote(s) for scorer, s in zip(roles.scorers, state["scorers"], strict=True)])
-        ray.get([worker.load_state_dict.remote(s) for worker, s in zip(roles.rollout, state["rollout"], strict=True)])
+        self.recovery.restore({
+            **{("reward", rank): s for rank, s in enumerate(state["scorers"])},
+            **{("rollout", rank): s for rank, s in enumerate(state["rollout"])},
+        })  # fmt: skip
         # the checkpoint's policy to every rollout worker, through the recovery (it keeps the ref for
         # workers that restart later); get_weights is a collective: rank 0 returns them
         version = min(s["version"] for s in state["rollout"])
@@ -256,7 +260,11 @@ class RunState:
             f"learner failure at step {self.step + 1} ({type(error.__cause__ or error).__name__}): restart "
             f"{self.learner_restarts}/{limit}, from {path or 'the start (no checkpoint yet)'}"
         )
-        restart_learner(self.roles, self.cfg)  # on the NCCL broadcast path, the rollout workers too
+        groups = dict(self.roles.groups)  # where the replicas were, for the error if no node has room
+        try:
+            restart_learner(self.roles, self.cfg)  # on the NCCL broadcast path, the rollout workers too
+        except PlacementError as failure:  # no room for the group now: a node died, and none joined in time
+            raise node_lost(groups, self.cfg.fault_tolerance.node_wait_s) from failure
         self.recovery.rebind()
         self.restore(path)
 
