@@ -14,7 +14,10 @@ samples are seeded by (seed, version, call count), so the redone phase produces 
 lost one would have, and nothing reaches the learner before its phase has finished cleanly: no
 sample is lost or trained twice. A restart is noticed by the replica's process id changing.
 
-The learner is not handled here (its state is a checkpoint's business).
+A replica whose whole node died is restarted by Ray once a node with room for it is there, awaited up to
+fault_tolerance.node_wait_s (jobs/run/nodes.py). An input of the phase lost with that node's object store
+is made again with the phase. The learner is not handled here (its state is a checkpoint's business): the
+published weights lost with learner rank 0's node raise a LearnerFailure, whose restart publishes them anew.
 """
 
 from __future__ import annotations
