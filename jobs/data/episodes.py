@@ -3,7 +3,7 @@
 One JSON object per line:
 
     {"prompt_ids": [...], "completion_ids": [...], "logprobs": [...], "loss_mask": [...],
-     "policy_version": 0, "reward": 1.0, "requests": ["cmpl-..."]}
+     "policy_version": 0, "reward": 1.0, "requests": ["cmpl-..."], "model": "B"}
 
 `completion_ids` is everything after the first prompt: the policy's sampled tokens (loss_mask 1,
 with the log-prob the serving policy gave each) and, in a multi-turn episode, the tokens the agent
