@@ -9,11 +9,13 @@ from __future__ import annotations
 import json
 import os
 import threading
+import time
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import pytest
+import ray
 from ray import serve
 from sockets import free_port
 
@@ -210,6 +212,16 @@ def test_stats_count_each_versions_requests_and_latencies(endpoint):
     assert {k: after["B"][k] - before["B"][k] for k in counts} == {"requests": 5, "ok": 4, "refused": 1, "failed": 0}
     assert after["A"] == before["A"]
     assert 0 < after["B"]["latency_p50_s"] <= after["B"]["latency_p95_s"] and after["B"]["latency_mean_s"] > 0
+    # Ray's metrics on this node's Prometheus export (after the earlier tests' traffic: at the first look)
+    wanted = [("ray_rayrlhf_version_requests_total{", 'outcome="ok"'), ("ray_rayrlhf_version_latency_s_count{", "")]
+    deadline = time.monotonic() + 60
+    while True:
+        scrape = httpx.get(f"http://127.0.0.1:{ray.nodes()[0]['MetricsExportPort']}/metrics", trust_env=False, timeout=30)
+        exported = [line for line in scrape.text.splitlines() if 'version="B"' in line]
+        if all(any(line.startswith(name) and tag in line for line in exported) for name, tag in wanted):
+            break
+        assert time.monotonic() < deadline, exported[:5]
+        time.sleep(1)
 
 
 def test_an_episode_goes_to_the_version_that_served_its_turns(endpoint):
