@@ -23,8 +23,10 @@ generic message naming that id, and the traceback goes to the replica's log unde
 batching: headers x-rayrlhf-batch-requests / -batch-sequences (the most that shared a decode
 step with this request) and GET /stats.
 
-A versioned endpoint (jobs/serve_router.py) runs this server once per version, behind a router that
-calls `respond` through a DeploymentHandle instead of HTTP.
+Every complete answer is recorded in the endpoint's state actor (jobs/serve_feedback.py) before it is
+returned, so `POST /v1/feedback` can rate it on whichever replica the rating arrives. A versioned
+endpoint (jobs/serve_router.py) runs this server once per version, behind a router that calls
+`respond` and `episode` through DeploymentHandles instead of HTTP.
 """
 
 import asyncio
@@ -40,6 +42,7 @@ from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict
 from pathlib import Path
+from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
@@ -65,6 +68,7 @@ from rayrlhf.jobs.config.base import ConfigError, validate
 from rayrlhf.cluster.storage import Storage, is_uri
 from rayrlhf.jobs.config.serve import ServeConfig, VersionConfig
 from rayrlhf.jobs.data.episodes import append_episode, from_turns
+from rayrlhf.jobs.serve_feedback import start_state, state_actor
 
 logger = logging.getLogger("ray.serve")
 
@@ -118,6 +122,14 @@ async def _server_error(request: Request, err: Exception) -> JSONResponse:
     return _error(request, internal_error(request_id(request), err))
 
 
+def answered(reply: tuple) -> Any:
+    """The value of a ("ok", value) reply (the state actor's, a version's), or its ("error", status, body) raised."""
+    if reply[0] == "ok":
+        return reply[1]
+    error = reply[2]["error"]
+    raise OpenAIError(reply[1], error["message"], error["param"], error["type"], error["code"])
+
+
 def authorize(token: str | None, request: Request) -> None:
     """401 unless the request carries `Authorization: Bearer <token>` (nothing to check without a token)."""
     if token is None:
@@ -150,7 +162,9 @@ async def json_body(request: Request, cap: int) -> bytes:
 @serve.deployment
 @serve.ingress(app)
 class OpenAIServer:
-    def __init__(self, config: dict, api_key: SecretStr | None = None) -> None:
+    def __init__(self, config: dict, api_key: SecretStr | None = None, endpoint: str | None = None) -> None:
+        """endpoint: the Serve application whose state actor keeps this server's answers for feedback
+        (a versioned endpoint's router); None: this server's own application."""
         self.cfg = cfg = ServeConfig.model_validate(config)
         self.torch = TorchThread(cfg.threads)
         self.generator = generator = self.torch.call(  # resolved on this replica's node, on its device
@@ -170,6 +184,7 @@ class OpenAIServer:
         self.records: OrderedDict[str, list[dict]] = OrderedDict()
         """The last RECORDED_REQUESTS requests made with logprobs or return_token_ids: episodes are built from them."""
         self.policy_version = 0
+        self.state = state_actor(cfg, endpoint or serve.get_replica_context().app_name)
 
     def _authorize(self, request: Request) -> None:
         authorize(self.token, request)
@@ -227,7 +242,7 @@ class OpenAIServer:
                 job.add(update)
         finally:
             await updates.aclose()
-        self._remember(job)
+        await self._remember(job)
         return job.response()
 
     async def _generate(self, kind: Kind, request: Request):
@@ -243,7 +258,7 @@ class OpenAIServer:
     async def respond(self, kind: Kind, body: bytes, rid: str) -> AsyncIterator[tuple]:
         """The same for a router in front (jobs/serve_router.py), through a streaming DeploymentHandle:
         ("error", status, body) | ("json", response, headers) | ("stream", headers) then ("sse", event)
-        ..., and after a complete answer ("done", id, the choices' texts)."""
+        ..., and after a complete answer ("done", id)."""
         try:
             job, events, updates = await self._start(kind, body, rid)
             response = None if job.stream else await self._collect(job, updates)
@@ -259,7 +274,7 @@ class OpenAIServer:
                 yield "sse", event
             if event != sse("[DONE]"):
                 return
-        yield "done", job.id, [job.texts.get(i, "") for i in range(job.generation.rows)]
+        yield "done", job.id
 
     async def _sse(self, job: Job, first: list[dict], updates: AsyncGenerator[Update, None]) -> AsyncIterator[str]:
         """The events of a stream; if the client goes away, closing this closes `updates` (rows freed)."""
@@ -274,14 +289,26 @@ class OpenAIServer:
             return
         finally:
             await updates.aclose()
-        self._remember(job)
+        await self._remember(job)
         yield sse("[DONE]")
 
-    def _remember(self, job: Job) -> None:
+    async def _remember(self, job: Job) -> None:
+        """Keep a complete answer: for episodes (made with logprobs or token ids) here, for feedback in
+        the endpoint's state actor, before the client has it."""
         if job.generation.logprobs:
             self.records[job.id] = job.record()
             while len(self.records) > RECORDED_REQUESTS:
                 self.records.popitem(last=False)
+        try:
+            await self.state.record.remote(job.served())
+        except Exception as e:  # the answer stands; only feedback on it will be refused (404)
+            logger.warning("response %s is not kept for feedback: %s: %s", job.id, type(e).__name__, e)
+
+    @app.post("/v1/feedback")
+    async def feedback(self, request: Request) -> dict:
+        """A rating or a preference on answers this endpoint served (docs/serving_versions.md)."""
+        self._authorize(request)
+        return answered(await self.state.feedback.remote(await json_body(request, self.cfg.max_body_bytes)))
 
     @app.post("/v1/episodes")
     async def episodes(self, request: Request) -> dict:
@@ -289,7 +316,17 @@ class OpenAIServer:
         episode (ids, log-probs, loss mask) is built from what this replica returned, appended to
         episodes_file if set, and returned (docs/serving_gateway.md)."""
         self._authorize(request)
-        post = parse_request(await json_body(request, self.cfg.max_body_bytes), EpisodePost)
+        return self._episode(await json_body(request, self.cfg.max_body_bytes))
+
+    async def episode(self, body: bytes) -> tuple:
+        """POST /v1/episodes for a router in front: ("ok", episode) or ("error", status, body)."""
+        try:
+            return "ok", self._episode(body)
+        except OpenAIError as err:
+            return "error", err.status, err.body()
+
+    def _episode(self, body: bytes) -> dict:
+        post = parse_request(body, EpisodePost)
         missing = [rid for rid in post.requests if rid not in self.records]
         if missing:
             raise OpenAIError(404, f"{missing[0]} is not among this replica's last {RECORDED_REQUESTS} requests made with "
@@ -298,7 +335,8 @@ class OpenAIServer:
         if any(len(turn) != 1 for turn in turns):
             raise OpenAIError(400, "an episode's requests must each have one choice (n=1)", "requests")
         try:
-            episode = from_turns([turn[0] for turn in turns], post.reward, self.policy_version, post.requests)
+            episode = from_turns([turn[0] for turn in turns], post.reward, self.policy_version, post.requests,
+                                 self.engine.model_name)
         except ValueError as e:
             raise OpenAIError(400, str(e), "requests") from None
         if self.cfg.episodes_file:
@@ -323,7 +361,7 @@ class OpenAIServer:
         self._authorize(request)
         replica = serve.get_replica_context().replica_id.unique_id
         return {"replica": replica, "pid": os.getpid(), "max_batch_size": self.cfg.max_batch_size,
-                **self.scheduler.stats.as_dict()}
+                **self.scheduler.stats.as_dict(), **await self.state.report.remote()}
 
     @app.get("/health")
     async def health(self) -> dict:
@@ -388,7 +426,7 @@ def version_app(cfg: ServeConfig, version: VersionConfig) -> serve.Application:
     it (a rollback) lets its replicas finish what they hold, up to the longest a request may take."""
     single = cfg.model_copy(update={"model": version.model, "served_model_name": version.name, "versions": [], "traffic": {}})
     options = {**deployment_options(cfg), "graceful_shutdown_timeout_s": cfg.request_timeout_s + STALL_GRACE_S + 1}
-    return OpenAIServer.options(**options).bind(single.model_dump(), None)  # type: ignore[attr-defined]
+    return OpenAIServer.options(**options).bind(single.model_dump(), None, cfg.app_name)  # type: ignore[attr-defined]
 
 
 def _absolute_path(model: str) -> str:
@@ -411,16 +449,14 @@ def app_builder(args: dict) -> serve.Application:
     if cfg.versions:
         raise ConfigError("versions: a versioned endpoint is several Serve applications and a state actor; "
                           "start it with `rayrlhf serve` (docs/serving_versions.md)")
-    return build_app(_absolute_model(cfg))
+    return build_app(feedback_storage(_absolute_model(cfg)))
 
 
 def prepare(cfg: ServeConfig, local: bool) -> ServeConfig:
     """Checks that need no Ray: an open host has a key, the model resolves (built-ins are converted
     once), the port is free."""
     check_open_host(cfg)
-    cfg = _absolute_model(cfg)
-    if cfg.versions:
-        cfg = feedback_storage(cfg)
+    cfg = feedback_storage(_absolute_model(cfg))
     if local:
         for field, model in ([(f"versions.{v.name}.model", v.model) for v in cfg.versions] or [("model", cfg.model)]):
             try:
@@ -452,6 +488,8 @@ def feedback_storage(cfg: ServeConfig) -> ServeConfig:
 
 
 def deploy_single(cfg: ServeConfig) -> DeploymentHandle:
+    """The endpoint's state actor (a fresh one: the feedback window starts empty), then the app."""
+    start_state(cfg)
     return serve.run(build_app(cfg), name=cfg.app_name, route_prefix=cfg.route_prefix)
 
 

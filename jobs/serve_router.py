@@ -22,6 +22,8 @@ default the app name) lets the router pick by the shares with a smooth weighted 
   POST   /admin/versions         {"name": "B", "model": "/abs/ckpt", "traffic": 0.1}   rollout
   POST   /admin/traffic          {"B": 0.5}                                              shares
   DELETE /admin/versions/{name}                                                          rollback
+Feedback goes to the state actor, where every version's replicas recorded what they served; an
+episode (POST /v1/episodes) goes to the version that served its requests, which recorded their tokens.
 """
 
 import json
@@ -38,13 +40,14 @@ from ray.serve import RunTarget, metrics
 from ray.serve.exceptions import BackPressureError
 from ray.serve.handle import DeploymentHandle
 
-from rayrlhf.actors.serving.feedback import Served
 from rayrlhf.actors.serving.openai_requests import Kind
-from rayrlhf.actors.serving.openai_schema import OpenAIError
+from rayrlhf.actors.serving.openai_schema import EpisodePost, OpenAIError, parse_request
 from rayrlhf.actors.serving.versions import WeightedRoundRobin
 from rayrlhf.jobs.config.serve import ServeConfig
-from rayrlhf.jobs.serve import api_key, app, authorize, deployment_options, internal_error, json_body, request_id, version_app
-from rayrlhf.jobs.serve_state import NAMESPACE, start_state, state_name, version_app_name
+from rayrlhf.jobs.serve import (api_key, answered, app, authorize, deployment_options, internal_error, json_body,
+                                request_id, version_app)
+from rayrlhf.jobs.serve_feedback import NAMESPACE, start_state, state_name
+from rayrlhf.jobs.serve_state import ServingState, version_app_name
 
 router_app = FastAPI(title="rayrlhf versions", docs_url=None, redoc_url=None)
 for _exc, _handler in app.exception_handlers.items():  # the single-model server's error bodies
@@ -53,36 +56,17 @@ for _exc, _handler in app.exception_handlers.items():  # the single-model server
 LATENCY_BOUNDARIES_S = [0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60]
 
 
-def _answered(reply: tuple) -> Any:
-    """The value of a state actor's ("ok", value), or its ("error", status, body) raised."""
-    if reply[0] == "ok":
-        return reply[1]
-    error = reply[2]["error"]
-    raise OpenAIError(reply[1], error["message"], error["param"], error["type"], error["code"])
-
-
-def choice_prompts(kind: Kind, data: dict) -> list:
-    """The prompt each choice answers (choice i: prompt i // n), as train-rm reads a prompt."""
-    n = data.get("n", 1)
-    if kind == "chat":
-        messages = [{"role": m.get("role", ""), "content": m.get("content") if isinstance(m.get("content"), str)
-                     else "".join(p.get("text", "") for p in m.get("content") or [])} for m in data["messages"]]
-        return [messages] * n
-    prompts = [data["prompt"]] if isinstance(data["prompt"], str) else data["prompt"]
-    return [p for p in prompts for _ in range(n)]
-
-
 @serve.deployment
 @serve.ingress(router_app)
 class VersionRouter:
     def __init__(self, config: dict, api_key: SecretStr | None = None) -> None:
         self.cfg = ServeConfig.model_validate(config)
         self.token = api_key.get_secret_value() if api_key else None
-        self.state = ray.get_actor(state_name(self.cfg), namespace=NAMESPACE)
+        self.state = ray.get_actor(state_name(self.cfg.app_name), namespace=NAMESPACE)
         self.table: dict[str, Any] = {"epoch": -1}
         self.fetched = 0.0
         self.picker: WeightedRoundRobin | None = None
-        self.handles: dict[str, DeploymentHandle] = {}
+        self.handles: dict[tuple[str, bool], DeploymentHandle] = {}
         self.requests = metrics.Counter("rayrlhf_version_requests", "requests answered, by version and outcome",
                                         tag_keys=("version", "outcome"))  # type: ignore[arg-type]  # Ray's stub says tuple[str]
         self.latency = metrics.Histogram("rayrlhf_version_latency_s", "seconds to a complete answer, by version",
@@ -96,8 +80,8 @@ class VersionRouter:
             self.fetched = time.monotonic()
         return self.table
 
-    async def _route(self, body: bytes) -> tuple[str, bytes, dict | None]:
-        """(version, body for it, the parsed request if it is a JSON object)."""
+    async def _route(self, body: bytes) -> tuple[str, bytes]:
+        """(version, body for it)."""
         table = await self._table()
         try:
             data = json.loads(body)
@@ -105,7 +89,7 @@ class VersionRouter:
             data = None
         requested = data.get("model") if isinstance(data, dict) else None
         if isinstance(requested, str) and requested in table["models"]:
-            return requested, body, data
+            return requested, body
         if isinstance(requested, str) and requested != self.cfg.model_name:
             names = ", ".join([self.cfg.model_name, *table["models"]])
             raise OpenAIError(404, f"the model {requested!r} does not exist; this server serves {names}",
@@ -114,25 +98,26 @@ class VersionRouter:
         version = self.picker.pick()
         if isinstance(data, dict) and requested is not None:
             body = json.dumps({**data, "model": version}).encode()
-        return version, body, data if isinstance(data, dict) else None
+        return version, body
 
-    def _handle(self, version: str) -> DeploymentHandle:
-        if version not in self.handles:
-            self.handles[version] = serve.get_app_handle(version_app_name(self.cfg, version)).options(stream=True)
-        return self.handles[version]
+    def _handle(self, version: str, stream: bool = True) -> DeploymentHandle:
+        if (version, stream) not in self.handles:
+            handle = serve.get_app_handle(version_app_name(self.cfg, version))
+            self.handles[version, stream] = handle.options(stream=stream)
+        return self.handles[version, stream]
 
-    async def _finish(self, version: str, started: float, outcome: str, answer: Served | None = None) -> None:
+    async def _finish(self, version: str, started: float, outcome: str) -> None:
         """Count the request: outcome ok, refused (4xx) or failed (5xx, or a stream cut short)."""
         self.requests.inc(1, tags={"version": version, "outcome": outcome})
         if outcome == "ok":
             self.latency.observe(time.monotonic() - started, tags={"version": version})
-        await self.state.served.remote(version, time.monotonic() - started, outcome, answer)
+        await self.state.served.remote(version, time.monotonic() - started, outcome)
 
     async def _generate(self, kind: Kind, request: Request):
         authorize(self.token, request)
         body = await json_body(request, self.cfg.max_body_bytes)
         rid = request_id(request)
-        version, body, data = await self._route(body)
+        version, body = await self._route(body)
         started = time.monotonic()
         replies: Any = self._handle(version).respond.remote(kind, body, rid)  # a streaming handle: a generator
         try:
@@ -148,13 +133,13 @@ class VersionRouter:
             await self._finish(version, started, "refused" if head[1] < 500 else "failed")
             return JSONResponse(head[2], status_code=head[1])
         if head[0] == "json":
-            done = await anext(replies)
-            await self._finish(version, started, "ok", self._served(kind, data, version, done))
+            await anext(replies)  # ("done", id): recorded for feedback
+            await self._finish(version, started, "ok")
             return JSONResponse(head[1], headers=head[2])
-        return StreamingResponse(self._stream(kind, data, version, started, replies),
-                                 media_type="text/event-stream", headers=head[1])
+        return StreamingResponse(self._stream(version, started, replies), media_type="text/event-stream",
+                                 headers=head[1])
 
-    async def _stream(self, kind: Kind, data: dict | None, version: str, started: float, replies) -> AsyncIterator[str]:
+    async def _stream(self, version: str, started: float, replies) -> AsyncIterator[str]:
         done = None
         try:
             async for reply in replies:
@@ -164,13 +149,7 @@ class VersionRouter:
                     done = reply
         finally:
             replies.cancel()  # a client that left: the version's generator closes, its rows leave the batch
-            await self._finish(version, started, "ok" if done else "failed", self._served(kind, data, version, done))
-
-    @staticmethod
-    def _served(kind: Kind, data: dict | None, version: str, done: tuple | None) -> Served | None:
-        if done is None or data is None:
-            return None
-        return Served(done[1], version, choice_prompts(kind, data), done[2])
+            await self._finish(version, started, "ok" if done else "failed")
 
     @router_app.post("/v1/completions")
     async def completions(self, request: Request):
@@ -192,7 +171,27 @@ class VersionRouter:
     @router_app.post("/v1/feedback")
     async def feedback(self, request: Request) -> dict:
         authorize(self.token, request)
-        return _answered(await self.state.feedback.remote(await json_body(request, self.cfg.max_body_bytes)))
+        return answered(await self.state.feedback.remote(await json_body(request, self.cfg.max_body_bytes)))
+
+    @router_app.post("/v1/episodes")
+    async def episodes(self, request: Request) -> dict:
+        """An episode is built by the version that served its requests (they hold its tokens): every
+        request must have been served by the same one (pin it with `model` for every turn)."""
+        authorize(self.token, request)
+        body = await json_body(request, self.cfg.max_body_bytes)
+        served = await self.state.served_by.remote(parse_request(body, EpisodePost).requests)
+        missing = [rid for rid, version in served.items() if version is None]
+        if missing:
+            raise OpenAIError(404, f"{missing[0]} is not among the responses this endpoint keeps", "requests",
+                              code="request_not_found")
+        versions = sorted(set(served.values()))
+        if len(versions) > 1:
+            raise OpenAIError(400, f"an episode's requests were answered by versions {', '.join(versions)}: "
+                              "send every turn to one version (its name as `model`)", "requests")
+        if versions[0] not in (await self._table())["models"]:
+            raise OpenAIError(410, f"version {versions[0]!r}, which answered these requests, is no longer served",
+                              "requests", code="expired")
+        return answered(await self._handle(versions[0], stream=False).episode.remote(body))
 
     @router_app.get("/stats")
     async def stats(self, request: Request) -> dict:
@@ -223,7 +222,7 @@ class VersionRouter:
             raise OpenAIError(400, "traffic: a number in [0, 1] is required", "traffic")
         if set(data) - {"name", "model", "traffic"}:
             raise OpenAIError(400, f"unknown field(s): {', '.join(sorted(set(data) - {'name', 'model', 'traffic'}))}")
-        return _answered(await self.state.rollout.remote(data["name"], data["model"], traffic))
+        return answered(await self.state.rollout.remote(data["name"], data["model"], traffic))
 
     @router_app.post("/admin/traffic")
     async def traffic(self, request: Request) -> dict:
@@ -231,17 +230,17 @@ class VersionRouter:
         for name, share in data.items():
             if isinstance(share, bool) or not isinstance(share, (int, float)):
                 raise OpenAIError(400, f"{name}: a share in [0, 1] is required", name)
-        return _answered(await self.state.set_traffic.remote(data))
+        return answered(await self.state.set_traffic.remote(data))
 
     @router_app.delete("/admin/versions/{name}")
     async def rollback(self, name: str, request: Request) -> dict:
         authorize(self.token, request)
-        return _answered(await self.state.rollback.remote(name))
+        return answered(await self.state.rollback.remote(name))
 
 
 def deploy_versioned(cfg: ServeConfig) -> DeploymentHandle:
     """The state actor, every version's application, then the router's (Ray and Serve must be up)."""
-    start_state(cfg)
+    start_state(cfg, ServingState)
     targets = [RunTarget(version_app(cfg, v), name=version_app_name(cfg, v.name), route_prefix=None) for v in cfg.versions]
     options = {**deployment_options(cfg), "ray_actor_options": {"num_cpus": 0},  # it only forwards
                "max_ongoing_requests": cfg.max_ongoing_requests * len(cfg.versions)}

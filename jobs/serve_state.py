@@ -1,54 +1,33 @@
-"""The shared state of a versioned endpoint: one detached Ray actor per Serve application.
+"""A versioned endpoint's state actor: its versions, their traffic shares and request counts.
 
-It holds what every router replica must agree on and no replica's memory may own: the versions and
-their traffic shares (routers re-read them every routing_refresh_s), the window of served answers
-that feedback refers to (any router replica may serve the answer, another one take its rating),
-the feedback files, and per-version request counts and latencies. It also deploys and deletes the
+The endpoint's FeedbackStore (jobs/serve_feedback.py) with what every router replica must agree on
+and no replica's memory may own: the versions and their traffic shares (routers re-read them every
+routing_refresh_s) and per-version request counts and latencies. It also deploys and deletes the
 versions' Serve applications, so a rollout or rollback is one call from the admin endpoint.
 Threaded (max_concurrency): recording answers goes on while a rollout waits for its replicas.
 """
 
 from __future__ import annotations
 
-import json
 import statistics
-import threading
 import time
 from collections import deque
 from pathlib import Path
 from typing import Any
 
-import ray
 from ray import serve
 
-from rayrlhf.actors.serving.feedback import FeedbackBook, Served, parse_feedback
 from rayrlhf.actors.serving.openai_schema import OpenAIError
 from rayrlhf.actors.serving.versions import NAME_PATTERN, resolve_shares
-from rayrlhf.cluster.storage import Storage
 from rayrlhf.jobs.config.serve import ServeConfig, VersionConfig
+from rayrlhf.jobs.serve_feedback import FeedbackStore
 
-NAMESPACE = "rayrlhf"
 LATENCY_WINDOW = 1000
 """Latencies kept per version for the percentiles in /stats."""
-RATINGS_FILE, PAIRS_FILE = "ratings.jsonl", "preferences.jsonl"
-
-
-def state_name(cfg: ServeConfig) -> str:
-    return f"serving-state-{cfg.app_name}"
 
 
 def version_app_name(cfg: ServeConfig, version: str) -> str:
     return f"{cfg.app_name}--{version}"
-
-
-def append_rows(storage: Storage, name: str, rows: list[dict[str, Any]]) -> None:
-    """Append JSON lines to a file of the storage (created if missing)."""
-    if not rows:
-        return
-    path = f"{storage.root}/{name}"
-    storage.filesystem.create_dir(storage.root, recursive=True)
-    with storage.filesystem.open_append_stream(path) as out:
-        out.write("".join(json.dumps(r) + "\n" for r in rows).encode())
 
 
 class VersionStats:
@@ -65,53 +44,34 @@ class VersionStats:
                 "latency_p50_s": pick(0.5), "latency_p95_s": pick(0.95)}
 
 
-class ServingState:
+class ServingState(FeedbackStore):
+    """A versioned endpoint's state: its feedback, versions, shares and per-version counts."""
+
     def __init__(self, config: dict) -> None:
-        self.cfg = cfg = ServeConfig.model_validate(config)
-        self.lock = threading.Lock()
-        self.models = {v.name: v.model for v in cfg.versions}
-        self.explicit = dict(cfg.traffic)
+        super().__init__(config)
+        self.models = {v.name: v.model for v in self.cfg.versions}
+        self.explicit = dict(self.cfg.traffic)
         self.shares = resolve_shares(list(self.models), self.explicit)
         self.epoch = 0
         self.stats = {name: VersionStats() for name in self.models}
-        self.book = FeedbackBook(cfg.feedback.max_records, cfg.feedback.max_age_s)
-        self.storage = Storage(cfg.feedback.output_dir)
-        self.counts = {"ratings": 0, "pairs": 0}
 
     def table(self) -> dict[str, Any]:
         """The routing table: epoch (changes with every change), shares and models by version."""
         with self.lock:
             return {"epoch": self.epoch, "shares": dict(self.shares), "models": dict(self.models)}
 
-    def served(self, version: str, latency_s: float, outcome: str, answer: Served | None) -> None:
+    def served(self, version: str, latency_s: float, outcome: str) -> None:
         with self.lock:
             stats = self.stats.setdefault(version, VersionStats())
             stats.outcomes[outcome] += 1
             if outcome == "ok":
                 stats.latencies.append(latency_s)
-            if answer is not None:
-                self.book.record(answer)
-
-    def feedback(self, body: bytes) -> tuple:
-        """("ok", result) or ("error", status, OpenAI error body)."""
-        try:
-            request = parse_feedback(body)
-            with self.lock:
-                ratings, pairs = self.book.feedback(request)
-                append_rows(self.storage, RATINGS_FILE, ratings)
-                append_rows(self.storage, PAIRS_FILE, pairs)
-                self.counts["ratings"] += len(ratings)
-                self.counts["pairs"] += len(pairs)
-        except OpenAIError as err:
-            return "error", err.status, err.body()
-        return "ok", {"object": "feedback", "ratings": len(ratings), "pairs": len(pairs)}
 
     def report(self) -> dict[str, Any]:
         with self.lock:
             versions = {name: {"traffic": self.shares.get(name, 0.0), "model": self.models.get(name),
                                **stats.as_dict()} for name, stats in self.stats.items()}
-            return {"versions": versions, "feedback": {"kept": len(self.book), **self.counts,
-                                                       "output_dir": self.storage.location}}
+        return {"versions": versions, **super().report()}
 
     # --- rollout and rollback ---------------------------------------------------------------
 
@@ -174,25 +134,3 @@ class ServingState:
         time.sleep(2 * self.cfg.routing_refresh_s)
         serve.delete(version_app_name(self.cfg, name))
         return "ok", self.table()
-
-
-def stop_state(cfg: ServeConfig) -> None:
-    """Kill the endpoint's state actor, if one runs, and wait until its name is free."""
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        try:
-            ray.kill(ray.get_actor(state_name(cfg), namespace=NAMESPACE))
-        except ValueError:  # none (any more)
-            return
-        time.sleep(0.2)
-
-
-def start_state(cfg: ServeConfig) -> ray.actor.ActorHandle:
-    """The endpoint's state actor (a fresh one), detached so it outlives the driver of a cluster
-    deployment."""
-    stop_state(cfg)
-    actor: Any = ray.remote(ServingState).options(
-        name=state_name(cfg), namespace=NAMESPACE, lifetime="detached", num_cpus=0, max_concurrency=16,
-    ).remote(cfg.model_dump())
-    ray.get(actor.table.remote())
-    return actor

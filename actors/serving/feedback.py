@@ -1,6 +1,6 @@
 """Feedback on served answers: what was served (a bounded window) and the rows feedback turns into.
 
-No Ray, no files: the serving state actor (jobs/serve_state.py) holds one FeedbackBook for the
+No Ray, no files: an endpoint's state actor (jobs/serve_feedback.py) holds one FeedbackBook for the
 whole endpoint and writes the rows it returns. Requests (`POST /v1/feedback`):
 - a rating: `{"id": "cmpl-...", "index": 0, "rating": 1}`; rating in [0, 1] (thumbs up 1, down 0);
 - a preference: `{"chosen": "cmpl-a", "rejected": {"id": "cmpl-b", "index": 1}}` (a plain id means

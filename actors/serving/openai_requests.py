@@ -20,6 +20,7 @@ from typing import Any, Literal
 from rayrlhf.actors.generation.requests import GenerationRequest, SamplingParams, Update
 from rayrlhf.actors.generation.tool_calls import parse_tool_calls, with_tools
 from rayrlhf.actors.serving import openai_schema as oa
+from rayrlhf.actors.serving.feedback import Prompt, Served
 from rayrlhf.actors.serving.openai_output import chat_logprobs, completion_logprobs, shown_end, tool_reply
 from rayrlhf.actors.serving.text_generator import TextGenerator
 
@@ -58,6 +59,8 @@ class Job:
     """Read tool calls from the replies (tools given, tool_choice not "none")."""
     token_text: Callable[[int], str] = str
     """One token's text, for log-prob entries."""
+    prompt_texts: list[Prompt] = field(default_factory=list)
+    """Each prompt as feedback stores it (train-rm's `prompt`): the text (token ids decoded) or the chat messages."""
     texts: dict[int, str] = field(default_factory=dict)
     finish: dict[int, str] = field(default_factory=dict)
     ids: dict[int, list[int]] = field(default_factory=dict)
@@ -163,6 +166,12 @@ class Job:
         self.shown[index] = end
         return delta
 
+    def served(self) -> Served:
+        """The complete response as the feedback window keeps it (choice i answers prompt i // n)."""
+        rows = range(self.generation.rows)
+        return Served(self.id, self.model, [self.prompt_texts[i // self.generation.n] for i in rows],
+                      [self.texts.get(i, "") for i in rows])
+
     def record(self) -> list[dict[str, Any]]:
         """Each choice's prompt ids, completion ids and log-probs: what an episode is made of."""
         return [
@@ -232,8 +241,10 @@ class OpenAIEngine:
         try:
             if kind == "completion":
                 prompts = [self._token_ids(p) if isinstance(p, list) else encoder.encode_text(p) for p in req.prompts]
+                texts: list[Prompt] = [p if isinstance(p, str) else encoder.tokenizer.decode(p) for p in req.prompts]
             else:
                 prompts = [self._encode_chat(encoder, req)]
+                texts = [[m.as_template_input() for m in req.messages]]
         except ValueError as e:  # no chat template, or the template refused the messages
             raise oa.OpenAIError(400, f"{param}: {e}", param) from None
         except TypeError:  # the Rust tokenizer refuses some strings, e.g. an unpaired surrogate
@@ -273,6 +284,7 @@ class OpenAIEngine:
             stream=req.stream, include_usage=bool(req.stream_options and req.stream_options.include_usage),
             timeout_s=limits.request_timeout_s, generation=generation, logprobs=logprobs,
             token_ids=req.return_token_ids, tools=getattr(req, "parses_tool_calls", False), token_text=self.token_text,
+            prompt_texts=texts,
         )
 
     def _token_ids(self, ids: list[int]) -> list[int]:

@@ -3,7 +3,7 @@
 One JSON object per line:
 
     {"prompt_ids": [...], "completion_ids": [...], "logprobs": [...], "loss_mask": [...],
-     "policy_version": 0, "reward": 1.0, "requests": ["cmpl-..."]}
+     "policy_version": 0, "reward": 1.0, "requests": ["cmpl-..."], "model": "B"}
 
 `completion_ids` is everything after the first prompt: the policy's sampled tokens (loss_mask 1,
 with the log-prob the serving policy gave each) and, in a multi-turn episode, the tokens the agent
@@ -37,6 +37,8 @@ class Episode:
     reward: float
     requests: list[str] = field(default_factory=list)
     """The gateway requests it was made of (for the record; training ignores them)."""
+    model: str | None = None
+    """The served model that answered them (on a versioned endpoint, the version's name); for the record."""
 
     def check(self) -> None:
         """ValueError naming what is wrong."""
@@ -57,9 +59,12 @@ class Episode:
             raise ValueError("policy_version must be an integer >= 0")
         if isinstance(self.reward, bool) or not isinstance(self.reward, (int, float)) or not math.isfinite(self.reward):
             raise ValueError("reward must be a finite number")
+        if self.model is not None and not isinstance(self.model, str):
+            raise ValueError("model must be a string (the served model's name) or null")
 
 
-def from_turns(turns: list[dict[str, Any]], reward: float, policy_version: int, requests: list[str]) -> Episode:
+def from_turns(turns: list[dict[str, Any]], reward: float, policy_version: int, requests: list[str],
+               model: str | None = None) -> Episode:
     """One episode from the gateway's records of its turns, in order (each {prompt_ids, completion_ids,
     logprobs}). ValueError if a turn's prompt does not extend everything before it token for token."""
     prompt = list(turns[0]["prompt_ids"])
@@ -81,7 +86,7 @@ def from_turns(turns: list[dict[str, Any]], reward: float, policy_version: int, 
         ids += turn["completion_ids"]
         logprobs += turn["logprobs"]
         mask += [1] * len(turn["completion_ids"])
-    episode = Episode(prompt, ids, logprobs, mask, policy_version, float(reward), list(requests))
+    episode = Episode(prompt, ids, logprobs, mask, policy_version, float(reward), list(requests), model)
     episode.check()
     return episode
 

@@ -154,6 +154,23 @@ def test_engine_tokenises_without_the_decode_threads_tokenizer_lock(engine, gen)
     assert jobs and jobs[0].generation.prompts == [gen.tokenizer("What is 2 plus 3?").input_ids]
 
 
+def test_an_answer_is_kept_for_feedback_with_its_prompts_as_train_rm_reads_them(engine, gen):
+    def parse(kind, **body):
+        return engine.parse(kind, json.dumps({"model": "tiny-gpt2", **body}).encode())
+
+    job = parse("completion", prompt=["a b", "c"], n=2)
+    job.texts = {0: "x", 3: "y"}
+    served = job.served()
+    assert (served.id, served.version) == (job.id, "tiny-gpt2")
+    assert served.prompts == ["a b", "a b", "c", "c"] and served.texts == ["x", "", "", "y"]
+    ids = gen.tokenizer("What is 2 plus 3?").input_ids
+    assert parse("completion", prompt=ids).served().prompts == ["What is 2 plus 3?"]  # token ids decoded
+    chat = parse("chat", messages=[{"role": "developer", "content": [{"type": "text", "text": "Be brief."}]},
+                                   {"role": "user", "content": "Hi"}], n=2)
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}]
+    assert chat.served().prompts == [messages, messages]
+
+
 def _job(kind: str, rows: int = 2, include_usage: bool = False) -> Job:
     generation = GenerationRequest([[1, 2, 3]], rows, params(4), time.monotonic() + 5)
     return Job(kind=kind, id="x-1", created=7, model="m", stream=True, include_usage=include_usage,

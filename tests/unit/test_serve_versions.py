@@ -12,8 +12,9 @@ from rayrlhf.actors.serving.openai_schema import OpenAIError
 from rayrlhf.actors.serving.versions import WeightedRoundRobin, resolve_shares
 from rayrlhf.jobs.cli import build_parser
 from rayrlhf.jobs.config.base import ConfigError
-from rayrlhf.jobs.config.serve import load_serve_config
+from rayrlhf.jobs.config.serve import FeedbackConfig, ServeConfig, VersionConfig, load_serve_config
 from rayrlhf.jobs.data.supervised import load_rm_data
+from rayrlhf.jobs.serve_state import ServingState
 
 AB = ["A", "B"]
 
@@ -145,3 +146,26 @@ def test_window_forgets_by_age_and_count_with_410():
     with pytest.raises(OpenAIError) as err:
         book.feedback(Rating(id="r4", rating=1))
     assert err.value.status == 410 and len(book) == 0
+
+
+def test_state_counts_each_versions_requests_and_latencies_and_keeps_answers_for_feedback(tmp_path):
+    cfg = ServeConfig(versions=[VersionConfig(name="A", model="a"), VersionConfig(name="B", model="b")],
+                      traffic={"B": 0.2}, feedback=FeedbackConfig(output_dir=str(tmp_path)))
+    state = ServingState(cfg.model_dump())
+    for latency in (0.4, 0.1, 0.3, 0.2):
+        state.served("B", latency, "ok")
+    state.served("B", 9.0, "refused")
+    state.served("B", 9.0, "failed")
+    report = state.report()
+    assert report["versions"]["B"] == {
+        "traffic": 0.2, "model": "b", "requests": 6, "ok": 4, "refused": 1, "failed": 1,
+        "latency_mean_s": pytest.approx(0.25), "latency_p50_s": 0.3, "latency_p95_s": 0.4}  # of the ok ones only
+    assert report["versions"]["A"]["requests"] == 0 and report["versions"]["A"]["latency_p50_s"] is None
+    state.record(Served("cmpl-1", "B", ["2+3?", "2+3?"], ["5", "six"]))
+    assert state.served_by(["cmpl-1", "cmpl-2"]) == {"cmpl-1": "B", "cmpl-2": None}
+    assert state.feedback(b'{"id": "cmpl-1", "rating": 1}')[0] == "ok"
+    assert state.feedback(b'{"id": "cmpl-1", "index": 1, "rating": 0}') == (
+        "ok", {"object": "feedback", "ratings": 1, "pairs": 1})
+    assert state.feedback(b'{"id": "cmpl-2", "rating": 1}')[:2] == ("error", 404)
+    assert state.report()["feedback"] == {"kept": 1, "ratings": 2, "pairs": 1, "output_dir": str(tmp_path)}
+    assert [json.loads(line)["chosen"] for line in (tmp_path / "preferences.jsonl").read_text().splitlines()] == ["5"]
