@@ -3,6 +3,7 @@
 the integration tests."""
 
 import os
+import sys
 from pathlib import Path
 
 import pytest
@@ -26,6 +27,28 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
         if folder not in FOLDERS:
             raise pytest.UsageError(f"{item.nodeid}: a test lives in one of tests/{{{','.join(FOLDERS)}}}/")
         item.add_marker(folder)
+
+
+def stop_ray() -> None:
+    """Shut down this process's Ray, if it has one (a module that never imported Ray has none)."""
+    if "ray" in sys.modules and sys.modules["ray"].is_initialized():
+        sys.modules["ray"].shutdown()
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _ray_only_where_asked(request: pytest.FixtureRequest):
+    """Consecutive modules that use `local_ray` (tests/e2e/conftest.py) share one Ray; a module none of
+    whose tests uses it runs without: some start a cluster of their own, others check that none runs."""
+    here = request.node.path
+    if not any("local_ray" in item.fixturenames for item in request.session.items if item.path == here):
+        stop_ray()
+    yield
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _no_ray_after_the_session():
+    yield
+    stop_ray()
 
 
 @pytest.fixture(scope="module")

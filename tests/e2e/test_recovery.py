@@ -1,7 +1,7 @@
 """In-job recovery, tested by killing real processes (kill -9 by PID, found among this test's own Ray
 processes by their title): the rollout worker, the reward scorer and the reference policy die in the
-middle of a step. Each run ends normally with every planned sample trained exactly once, the restart
-counted, and the same per-step metrics as the run without the fault."""
+middle of a step, and a stopped scorer hangs one. The run ends normally with every planned sample
+trained exactly once, each restart counted, and the same per-step metrics as the run without faults."""
 
 import signal
 
@@ -18,7 +18,7 @@ from rayrlhf.jobs.run.recovery import RecoveryError, ScoreError
 from rayrlhf.jobs.data.sampler import PromptSampler
 from rayrlhf.jobs.train import train
 
-STEPS = 3
+STEPS = 5
 SAME_AS_WITHOUT_FAULT = ("reward/total", "reward/raw", "reward/sim", "loss", "kl", "response_length", "grad_norm")
 
 
@@ -58,44 +58,52 @@ def test_a_fresh_worker_given_the_counter_samples_what_the_lost_one_would_have()
     assert np.array_equal(again.old_logprobs, second.old_logprobs)
 
 
-def assert_recovered(result, cfg, baseline, role: str) -> None:
-    assert len(result.history) == STEPS
+ROLES = ("rollout", "reward", "reference")
+
+
+def test_a_hung_scorer_and_roles_killed_mid_step_restart_and_the_run_ends_as_without_faults(baseline, tmp_path, capsys):
+    """One run, one fault per step after the first, each landing inside the step that follows it: the
+    reward scorer stopped (SIGSTOP), so step 2's scoring times out; then kill -9 of the rollout worker
+    in step 3's generation, of the reward scorer in step 4's scoring, of the reference policy in step
+    5's log-probs. Each fault restarts its own role only, and every step ends as without faults."""
+    cfg = tiny(tmp_path, "fault_tolerance.score_timeout_s=5")  # waited out once: short, yet far above a scoring call
+    hang = Fault("RewardScorer", None, sig=signal.SIGSTOP, after=1)
+    kills = {  # role: (its fault, its name in the log)
+        "rollout": (Fault("RolloutWorker", "generate", after=2), "rollout worker 0"),
+        "reward": (Fault("RewardScorer", "score", after=3), "reward scorer 0"),
+        "reference": (Fault("ReferencePolicy", "logprobs", after=4), "reference policy 0"),
+    }
+    faults = [hang, *(fault for fault, _ in kills.values())]
+    result = train(cfg, on_step=lambda step, metrics: [fault.on_step(step, metrics) for fault in faults])
+
+    history = result.history
+    assert len(history) == STEPS
     assert [sorted(ids) for ids in result.trained_samples] == planned(cfg)  # each planned sample, once
-    last = result.history[-1]
-    restarts = {name: last[f"faults/restarts/{name}"] for name in ("rollout", "reward", "reference")}
-    assert restarts == {name: float(name == role) for name in restarts}
-    for got, want in zip(result.history, baseline.history):
+    restarts = [{name: h[f"faults/restarts/{name}"] for name in ROLES} for h in history]
+    assert restarts == [  # after each step: the one role its fault hit, restarted once more
+        dict(rollout=0, reward=0, reference=0),
+        dict(rollout=0, reward=1, reference=0),  # the hung scorer
+        dict(rollout=1, reward=1, reference=0),
+        dict(rollout=1, reward=2, reference=0),
+        dict(rollout=1, reward=2, reference=1),
+    ]
+    for got, want in zip(history, baseline.history):
         for key in SAME_AS_WITHOUT_FAULT:
             assert got[key] == pytest.approx(want[key], rel=1e-6, abs=1e-7), (got["step"], key)
-
-
-@pytest.mark.parametrize(("cls", "method", "role", "who"), [
-    ("RolloutWorker", "generate", "rollout", "rollout worker 0"),
-    ("RewardScorer", "score", "reward", "reward scorer 0"),
-    ("ReferencePolicy", "logprobs", "reference", "reference policy 0"),
-])
-def test_a_role_killed_mid_step_restarts_and_the_step_is_redone(baseline, tmp_path, capsys, cls, method, role, who):
-    cfg = tiny(tmp_path)
-    fault = Fault(cls, method)
-    result = train(cfg, on_step=fault.on_step)
-    assert fault.pid is not None and not psutil.pid_exists(fault.pid)
-    assert fault.in_call, f"the kill missed {cls}.{method}"
-    assert_recovered(result, cfg, baseline, role)
-    assert result.history[-1]["faults/redone"] >= 1
-    assert result.history[0]["faults/redone"] == 0
     out = capsys.readouterr().out
-    assert out.count(f"recovery: {who} restarted (pid {fault.pid} -> ") == 1, out
 
+    # the hung scorer: timed out once, restarted, its samples kept (only their scoring redone)
+    assert [h["faults/score_retries"] for h in history[:2]] == [0, 1]
+    assert [h["faults/redone"] for h in history[:2]] == [0, 0]
+    assert "scoring attempt 1 failed (no answer within fault_tolerance.score_timeout_s=5)" in out
 
-def test_a_hung_scorer_times_out_is_restarted_and_scores_again(baseline, tmp_path, capsys):
-    cfg = tiny(tmp_path, "fault_tolerance.score_timeout_s=10")
-    fault = Fault("RewardScorer", None, sig=signal.SIGSTOP)  # stopped between steps 1 and 2
-    result = train(cfg, on_step=fault.on_step)
-    assert_recovered(result, cfg, baseline, "reward")
-    assert result.history[-1]["faults/score_retries"] == 1
-    assert result.history[-1]["faults/redone"] == 0  # the samples were kept, only their scoring redone
-    out = capsys.readouterr().out
-    assert "scoring attempt 1 failed (no answer within fault_tolerance.score_timeout_s=10)" in out
+    # each kill: inside the call, the process gone, its phase redone in that step, one restart logged
+    redone = [h["faults/redone"] for h in history]
+    assert redone[1] < redone[2] < redone[3] < redone[4], redone
+    for role, (fault, who) in kills.items():
+        assert fault.pid is not None and not psutil.pid_exists(fault.pid), role
+        assert fault.in_call, f"the kill missed {fault.cls}.{fault.method}"
+        assert out.count(f"recovery: {who} restarted (pid {fault.pid} -> ") == 1, out
 
 
 def test_scoring_that_never_answers_in_time_fails_the_run_clearly(local_ray, tmp_path):

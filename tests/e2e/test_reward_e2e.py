@@ -14,7 +14,6 @@ from safetensors.numpy import load_file
 from score_server import ScoreServer
 
 from rayrlhf.actors.runtime.models import resolve_policy
-from rayrlhf.cluster.local import init_ray, shutdown_ray
 from rayrlhf.jobs.config.base import CONFIG_DIR
 from rayrlhf.jobs.config.run import load_config
 from rayrlhf.jobs.train import train
@@ -29,7 +28,7 @@ def server():
     srv.close()
 
 
-def test_math_rewards_remote_mask_beams_and_monitor_stop(tmp_path, monkeypatch, server):
+def test_math_rewards_remote_mask_beams_and_monitor_stop(local_ray, tmp_path, monkeypatch, server):
     monkeypatch.chdir(REPO)  # the example config's paths are relative to the repo root
     cfg = load_config("math_tiny", [
         f"output_dir={tmp_path / 'run'}", "steps=3", "kl.coef=0", "learner.zero_stage=0",
@@ -37,11 +36,7 @@ def test_math_rewards_remote_mask_beams_and_monitor_stop(tmp_path, monkeypatch, 
         "reward.truncation=mask", "eval.num_beams=2",
         "monitor.max_truncated_frac=0.5", "monitor.stop_on=[truncation]",  # every answer is cut: stop at step 1
     ])  # fmt: skip
-    init_ray(num_cpus=4, object_store_mb=512)
-    try:
-        result = train(cfg)
-    finally:
-        shutdown_ray()
+    result = train(cfg)
 
     (step,) = result.history  # stopped by the monitor after step 1 of 3
     assert step["health/truncation"] == 1.0 and step["reward/truncated_frac"] > 0.5

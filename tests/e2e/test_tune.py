@@ -19,7 +19,7 @@ import yaml
 from ray import tune
 from ray.util.placement_group import placement_group_table
 
-from rayrlhf.cluster.local import init_ray, shutdown_ray
+from rayrlhf.cluster.local import shutdown_ray
 from rayrlhf.jobs.config.base import CONFIG_DIR, ConfigError
 from rayrlhf.jobs.config.run import load_config
 from rayrlhf.jobs.config.tune import SearchConfig, SimplexSpec, load_tune_config
@@ -58,6 +58,7 @@ def test_shipped_tune_config_validates():
 
 
 def test_simplex_and_bad_input_fail_before_ray(tmp_path):
+    shutdown_ray()  # none at all, not even the Ray an earlier module shares (tests/conftest.py)
     # stick-breaking: w1 = s1 = 0.5, w2 = (1 - 0.5) * 0.5 = 0.25, w3 = what is left = 0.25
     three = SearchConfig(simplex=SimplexSpec(weights=["reward.alpha", "reward.beta", "reward.rouge_l"]))
     assert three.field_values({"simplex_share_1": 0.5, "simplex_share_2": 0.5}) == {
@@ -101,7 +102,7 @@ def _finished_trials(exp_dir: Path) -> list[Path]:
     return done
 
 
-def test_search_interrupted_resumed_and_exported(tmp_path):
+def test_search_interrupted_resumed_and_exported(local_ray, tmp_path):
     path = tiny_search(tmp_path)
     exp_dir = tmp_path / "store" / "tiny_search"
     log = tmp_path / "first_run.log"
@@ -127,24 +128,21 @@ def test_search_interrupted_resumed_and_exported(tmp_path):
     before = {d.name: (d / "result.json").read_text() for d in first}
     assert tune.Tuner.can_restore(str(exp_dir))
 
-    init_ray(num_cpus=2, object_store_mb=512)
-    try:
-        # a trial that fails at run time (64 training prompts < 128 per step) is retried, then reported
-        failing = tiny_search(
-            tmp_path, name="failing", trial={"prompts_per_step": 128},
-            search={"algorithm": "grid", "simplex": {"share": {"values": [0.5]}}},
-        )
-        failed = tune_weights(load_tune_config(failing)).summary
-        assert [r["status"] for r in failed.rows] == ["error"] and "prompts_per_step" in failed.rows[0]["error"]
-        assert failed.best is None and failed.best_config_path is None
-        error_log = next((tmp_path / "store" / "failing").glob("run_trial_*/error.txt")).read_text()
-        assert error_log.count("Failure # ") == 2  # max_failures = 1: one retry
+    # a trial that fails at run time (64 training prompts < 128 per step) is retried, then reported
+    failing = tiny_search(
+        tmp_path, name="failing", trial={"prompts_per_step": 128},
+        search={"algorithm": "grid", "simplex": {"share": {"values": [0.5]}}},
+    )
+    failed = tune_weights(load_tune_config(failing)).summary
+    assert [r["status"] for r in failed.rows] == ["error"] and "prompts_per_step" in failed.rows[0]["error"]
+    assert failed.best is None and failed.best_config_path is None
+    error_log = next((tmp_path / "store" / "failing").glob("run_trial_*/error.txt")).read_text()
+    assert error_log.count("Failure # ") == 2  # max_failures = 1: one retry
 
-        outcome = tune_weights(load_tune_config(path))
-        # the trials' role actors went into the trials' placement groups: no group of their own
-        assert not ROLE_GROUP_NAMES & {pg["name"] for pg in placement_group_table().values()}
-    finally:
-        shutdown_ray()
+    earlier = set(placement_group_table())  # the shared Ray's groups of earlier runs
+    outcome = tune_weights(load_tune_config(path))
+    # the trials' role actors went into the trials' placement groups: no group of their own
+    assert not ROLE_GROUP_NAMES & {pg["name"] for key, pg in placement_group_table().items() if key not in earlier}
     assert outcome.resumed and not outcome.interrupted
     # the trials finished before the interruption were not run again
     assert {d.name: (d / "result.json").read_text() for d in first} == before
@@ -175,11 +173,7 @@ def test_search_interrupted_resumed_and_exported(tmp_path):
     assert (exported.reward.alpha, exported.reward.beta) == (best["reward.alpha"], best["reward.beta"])
     assert exported.kl.coef == 0 and exported.learner.zero_stage == 0  # the search's overrides
     assert exported.data.num_eval == load_config("tiny").data.num_eval  # not the trial budget (4)
-    init_ray(num_cpus=4, object_store_mb=512)
-    try:
-        result = train(exported)
-    finally:
-        shutdown_ray()
+    result = train(exported)
     assert result.final_dir == exp_dir / "best_run" / "final"
     assert (result.final_dir / "model.safetensors").exists()
 
@@ -192,7 +186,7 @@ def _trial_driver_pids() -> list[int]:
     return [p.pid for p in mine if p.is_running() and " ".join(p.cmdline()).startswith("ray::ImplicitFunc")]
 
 
-def test_killed_trial_continues_from_its_checkpoint(tmp_path):
+def test_killed_trial_continues_from_its_checkpoint(local_ray, tmp_path):
     """kill -9 a trial's process after its first reported checkpoint: Tune retries the trial
     (max_failures=1), and the retry continues from that checkpoint instead of step 0."""
     import threading
@@ -218,13 +212,9 @@ def test_killed_trial_continues_from_its_checkpoint(tmp_path):
             killed.append(pids[0])
 
     killer = threading.Thread(target=kill_after_first_checkpoint, daemon=True)
-    init_ray(num_cpus=4, object_store_mb=256)
-    try:
-        killer.start()
-        outcome = tune_weights(load_tune_config(path))
-        killer.join(timeout=5)
-    finally:
-        shutdown_ray()
+    killer.start()
+    outcome = tune_weights(load_tune_config(path))
+    killer.join(timeout=5)
     assert killed, "the trial's process was not found"
     assert [r["status"] for r in outcome.summary.rows] == ["done"]
     trial = next(exp_dir.glob("run_trial_*"))
@@ -235,7 +225,7 @@ def test_killed_trial_continues_from_its_checkpoint(tmp_path):
         0, 1, 2, 3, 4, 5, 6, 6]
 
 
-def test_search_on_a_uri_storage_path_writes_and_restores_there(tmp_path):
+def test_search_on_a_uri_storage_path_writes_and_restores_there(local_ray, tmp_path):
     """storage_path as a pyarrow.fs URI (file:// takes the same road as s3://): Tune, the trial's run
     and the summary all write into the bucket, and a second run restores the search from it."""
     bucket = tmp_path / "bucket"
@@ -243,12 +233,8 @@ def test_search_on_a_uri_storage_path_writes_and_restores_there(tmp_path):
                        search={"algorithm": "grid", "simplex": {"share": {"values": [0.5]}}},
                        trial={"steps": 1, "data": {"num_eval": 4}, "eval_max_new_tokens": 4})
     exp_dir = bucket / "tune" / "on_uri"
-    init_ray(num_cpus=4, object_store_mb=256)
-    try:
-        first = tune_weights(load_tune_config(path))
-        again = tune_weights(load_tune_config(path))  # finished: restored from the URI, nothing run again
-    finally:
-        shutdown_ray()
+    first = tune_weights(load_tune_config(path))
+    again = tune_weights(load_tune_config(path))  # finished: restored from the URI, nothing run again
     assert not first.resumed and again.resumed and not again.interrupted
     summary = first.summary
     assert [r["status"] for r in summary.rows] == ["done"]

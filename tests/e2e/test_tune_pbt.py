@@ -13,7 +13,6 @@ from pathlib import Path
 import matplotlib.image
 import pytest
 
-from rayrlhf.cluster.local import init_ray, shutdown_ray
 from rayrlhf.jobs.config.tune import load_tune_config
 from rayrlhf.jobs.run import pbt
 from rayrlhf.jobs.tune import tune_weights
@@ -41,19 +40,15 @@ def _kill_after_first_exploit(exp_dir: Path, killed: list[int]) -> None:
         time.sleep(0.2)
 
 
-def test_pbt_exploits_perturbs_survives_a_killed_trial_and_reports_the_schedule(tmp_path):
+def test_pbt_exploits_perturbs_survives_a_killed_trial_and_reports_the_schedule(local_ray, tmp_path):
     setup = load_tune_config("tune_pbt_tiny", [f"storage_path={tmp_path}", "max_failures=1"])
     exp_dir = tmp_path / "tune_pbt_tiny"
     killed: list[int] = []
     killer = threading.Thread(target=_kill_after_first_exploit, args=(exp_dir, killed), daemon=True)
-    init_ray(num_cpus=4, object_store_mb=512)
-    try:
-        killer.start()
-        outcome = tune_weights(setup)
-        killer.join(timeout=5)
-        again = tune_weights(setup)  # a finished search is restored, nothing runs again
-    finally:
-        shutdown_ray()
+    killer.start()
+    outcome = tune_weights(setup)
+    killer.join(timeout=5)
+    again = tune_weights(setup)  # a finished search is restored, nothing runs again
     assert killed, "no trial process was killed"
     assert again.resumed and not again.interrupted
 
