@@ -14,6 +14,8 @@ apply_offline_defaults()
 os.environ.update(DEAD_END_PROXY)  # tests never need the network: block it for the whole session
 os.environ.setdefault("WANDB_MODE", "disabled")
 os.environ.setdefault("DS_ACCELERATOR", "cpu")  # the machine has no GPU; DeepSpeed's probe stays quiet
+# Ray Train's controller sees a finished sft/train-rm run at its next poll of the workers (every 2 s by default)
+os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
 
 FOLDERS = ("unit", "integration", "e2e")
 """The markers registered in pyproject.toml, one per folder under tests/."""

@@ -1,6 +1,6 @@
 """`rayrlhf tune`: the schema, trial placement, and a real Ray Tune search of real trials.
 
-The search (3 grid points, tiny model) is started through the CLI in a subprocess, interrupted
+The search (2 grid points, tiny model) is started through the CLI in a subprocess, interrupted
 with SIGINT once its first trial has finished, and resumed in-process with Tuner.restore.
 """
 
@@ -39,7 +39,7 @@ def tiny_search(tmp_path: Path, name: str = "tiny_search", **extra) -> Path:
         "overrides": {"kl": {"coef": 0}, "learner": {"zero_stage": 0}, "logging": {"tensorboard": False}},
         # each trial's budget: 2 steps, evaluated after each, on 4 held-out prompts
         "trial": {"steps": 2, "eval_every": 1, "data": {"num_eval": 4}, "eval_max_new_tokens": 4},
-        "search": {"algorithm": "grid", "max_concurrent": 1, "simplex": {"share": {"values": [0.2, 0.5, 0.8]}}},
+        "search": {"algorithm": "grid", "max_concurrent": 1, "simplex": {"share": {"values": [0.2, 0.8]}}},
         "asha": {"enabled": False},
         "objective": {"metric": "eval/sim"},
         **extra,
@@ -124,7 +124,7 @@ def test_search_interrupted_resumed_and_exported(local_ray, tmp_path):
     out = log.read_text()
     assert "search interrupted" in out, out[-3000:]
     first = _finished_trials(exp_dir)
-    assert 1 <= len(first) < 3
+    assert len(first) == 1  # the second was cut short
     before = {d.name: (d / "result.json").read_text() for d in first}
     assert tune.Tuner.can_restore(str(exp_dir))
 
@@ -149,8 +149,8 @@ def test_search_interrupted_resumed_and_exported(local_ray, tmp_path):
 
     summary = outcome.summary
     rows = summary.rows
-    assert len(rows) == 3 and {r["status"] for r in rows} == {"done"}
-    assert sorted(r["reward.alpha"] for r in rows) == [0.2, 0.5, 0.8]
+    assert len(rows) == 2 and {r["status"] for r in rows} == {"done"}
+    assert sorted(r["reward.alpha"] for r in rows) == [0.2, 0.8]
     for r in rows:
         assert r["reward.alpha"] + r["reward.beta"] == pytest.approx(1.0)
         assert r["objective"] == r["eval/sim"] and r["kl"] == 0.0
@@ -162,7 +162,7 @@ def test_search_interrupted_resumed_and_exported(local_ray, tmp_path):
     assert Path(summary.best_checkpoint, "model.safetensors").exists()
 
     table = summary.table_path.read_text().splitlines()
-    assert len(table) == 4 and "reward.alpha" in table[0] and "objective" in table[0]
+    assert len(table) == 3 and "reward.alpha" in table[0] and "objective" in table[0]
     saved = json.loads(summary.json_path.read_text())
     assert saved["best"]["objective"] == best["objective"]
 
