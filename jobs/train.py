@@ -215,7 +215,7 @@ def _train(
     recovery = Recovery(roles, cfg.fault_tolerance, log=tracker.write)
     sampler = PromptSampler(train_set, cfg.seed)
     episodes = read_episodes(cfg.data.episodes) if cfg.data.episodes else None  # checked in prepare()
-    pipeline = Pipeline(cfg, roles, recovery, lambda: sampler.draw(cfg.prompts_per_step), episodes)
+    pipeline = Pipeline(cfg, roles, recovery, sampler, episodes)
     run = RunState(cfg, output_dir, roles, sampler, tracker, recovery, monitor, pipeline, remote=remote)
     try:
         with StopSignal() as stop:
@@ -239,6 +239,10 @@ def _train(
                     if evaluated:
                         metrics.update(evaluate(cfg, roles, eval_set, recovery)[0])
                     metrics["restarts/learner"] = float(run.learner_restarts)
+                    if metrics.get("skipped_updates"):
+                        tracker.write(f"step {step}: {metrics['skipped_updates']:.0f} update(s) skipped, with a "
+                                      "non-finite loss or gradient norm (learner.on_nonfinite: skip; workers.log "
+                                      "names the rank and the quantity)")
                     stopped_early = monitor.observe(step, metrics)  # adds health/*; True: a monitor.stop_on check failed
                     run.step = step
                     if evaluated:

@@ -154,7 +154,10 @@ class RunState:
         as the recovery read it after their last phase, without calling them: between two steps that is
         the same, and a role that is stopped or restarting (recovery's to mend in the next phase) is not
         waited on."""
-        roles, kept = self.roles, self.recovery.states
+        roles, kept, sampler = self.roles, self.recovery.states, self.sampler.state_dict()
+        owed = self.pipeline.owed
+        if owed is not None and owed.states is not None:  # a pipelined batch whose collect failed: from before it
+            live, kept, sampler = False, owed.states, owed.sampler
         if live:
             scorers = ray.get([scorer.state_dict.remote() for scorer in roles.scorers])
             rollout = ray.get([worker.state_dict.remote() for worker in roles.rollout])
@@ -164,7 +167,7 @@ class RunState:
         return {
             "step": self.step,
             "before": self.before,
-            "sampler": self.sampler.state_dict(),
+            "sampler": sampler,
             "scorers": scorers,
             "rollout": rollout,
             "tracker": self.tracker.state(),
@@ -194,10 +197,11 @@ class RunState:
     def save_after_error(self, before: dict[str, Any], error: BaseException) -> Path | None:
         """After `error` inside step self.step + 1: a checkpoint of the last finished step, with the
         driver state taken before the failed step, so that nothing done since the last checkpoint is
-        lost. None where that state cannot be had: the learner already trained the failed step (its
-        version is past the step), or the run is pipelined (the batch ahead belongs to the failed step)."""
-        if self.saved_step == self.step or self.cfg.pipeline.max_staleness > 0:
-            return checkpoint.at_step(self.output_dir, self.step) if self.saved_step == self.step else None
+        lost (a pipelined run's failed collect of its batch ahead ends the step before, which owes
+        that batch: jobs/run/pipeline.py). None where that state cannot be had: the learner already
+        trained the failed step (its version is past the step)."""
+        if self.saved_step == self.step:
+            return checkpoint.at_step(self.output_dir, self.step)
         try:
             path = self.save(before)
             version = checkpoint.read(path)[2]["learner"]["version"]
@@ -231,11 +235,13 @@ class RunState:
         ray.get([scorer.load_state_dict.remote(s) for scorer, s in zip(roles.scorers, state["scorers"], strict=True)])
         ray.get([worker.load_state_dict.remote(s) for worker, s in zip(roles.rollout, state["rollout"], strict=True)])
         # the checkpoint's policy to every rollout worker, through the recovery (it keeps the ref for
-        # workers that restart later); get_weights is a collective: rank 0 returns them
+        # workers that restart later): the learner's (get_weights is a collective: rank 0 returns them),
+        # or those that are to sample a pipelined batch the checkpoint owes
+        owed = self.pipeline.load_ahead(path)
         version = min(s["version"] for s in state["rollout"])
-        self.recovery.sync(version, lambda: [rank.get_weights.remote() for rank in roles.learner][0])
+        learner_weights = lambda: [rank.get_weights.remote() for rank in roles.learner][0]  # noqa: E731
+        self.recovery.sync(version, (lambda: owed) if owed is not None else learner_weights)
         self.sampler.load_state_dict(state["sampler"])
-        self.pipeline.load_ahead(path)
         self.step, self.before = state["step"], state["before"]
         self.monitor.load_state_dict(state["monitor"])
         self.best = state.get("best")  # absent in checkpoints written before eval.best_metric existed
