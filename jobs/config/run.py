@@ -422,6 +422,11 @@ class CheckpointConfig(StrictModel):
     death loses at most that much work. A stop (SIGINT/SIGTERM) or an error always writes one."""
     keep: int = Field(2, ge=1)
     """The last N checkpoints are kept; older ones are deleted once a newer one is complete."""
+    stop_grace_s: float | None = Field(None, gt=0)
+    """Seconds between a SIGTERM and the SIGKILL after it (a scheduler's grace period). With it, a step
+    whose rest and a checkpoint would not fit in that time is abandoned before its learner starts,
+    and the state before it saved (jobs/run/stop.py). None: the job's RAY_JOB_STOP_WAIT_TIME_S, which
+    `rayrlhf submit` sets (`--stop-wait`), else unknown: the step always finishes first."""
 
 
 class PipelineConfig(StrictModel):

@@ -29,7 +29,9 @@ what the run without the error would have.
 from __future__ import annotations
 
 import time
+import contextlib
 from collections.abc import Callable
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
@@ -242,19 +244,23 @@ class Pipeline:
             self.owed = Owed(weights, error, sampler, states)
             return None
 
-    def _collect_owed(self) -> None:
+    def _collect_owed(self, collecting: Callable[[], AbstractContextManager[None]]) -> None:
         """A step after a failed collect: that error. In a resumed run: collect the owed batch with the
         weights the rollout workers hold (those it was to be sampled with), then sync the learner's,
         one version newer."""
         assert self.owed is not None
         if self.owed.error is not None:
             raise self.owed.error
-        ahead = self._collect()
+        with collecting():
+            ahead = self._collect()
         sync_weights(self.roles, self.recovery.version + 1, self.recovery)
         self.ahead, self.owed = ahead, None
 
-    def step(self, last: bool) -> dict[str, float]:
-        """One step; `last`: no step follows in this run (so nothing is collected ahead)."""
+    def step(
+        self, last: bool, collecting: Callable[[], AbstractContextManager[None]] = contextlib.nullcontext
+    ) -> dict[str, float]:
+        """One step; `last`: no step follows in this run (so nothing is collected ahead). `collecting()`
+        is around each collect the learner waits for (jobs/run/stop.py may abandon the step there)."""
         if (episodes := self.episodes) is not None:
             t0 = time.perf_counter()
             version = self.recovery.version
@@ -264,10 +270,15 @@ class Pipeline:
             return learn_and_sync(self.roles, experience, self.recovery, t0, lambda: None)[0]
         t0 = time.perf_counter()
         if self.max_staleness == 0:
-            return learn_and_sync(self.roles, self._collect(), self.recovery, t0, lambda: None)[0]
+            with collecting():
+                experience = self._collect()
+            return learn_and_sync(self.roles, experience, self.recovery, t0, lambda: None)[0]
         if self.owed is not None:
-            self._collect_owed()
-        experience, self.ahead = self.ahead or self._collect(), None
+            self._collect_owed(collecting)
+        if self.ahead is None:
+            with collecting():
+                self.ahead = self._collect()
+        experience, self.ahead = self.ahead, None
         # the learner trains one batch per step and every step ends with a sync: it trains the next
         # batch at the version the rollout workers will hold after this step's sync
         overlap = not last and admitted(self.recovery.version + 1, self.recovery.version, self.max_staleness)

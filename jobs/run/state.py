@@ -11,14 +11,9 @@ rank died) in a running one; `plan` decides at start-up whether and from where a
 from __future__ import annotations
 
 import json
-import signal
-import sys
-import threading
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import FrameType
 from typing import Any
 
 import ray
@@ -34,8 +29,6 @@ from rayrlhf.jobs.run.pipeline import Pipeline
 from rayrlhf.jobs.run.recovery import Recovery
 from rayrlhf.jobs.run.roles import Roles, restart_learner
 from rayrlhf.jobs.run.tracking import Tracker
-
-SignalHandler = Callable[[int, FrameType | None], object] | int | None
 
 
 @dataclass
@@ -83,40 +76,6 @@ def plan(
     return Start(checkpoint=path)
 
 
-class StopSignal:
-    """SIGINT/SIGTERM ask the driver to stop after the current step, with a checkpoint; a second
-    one stops at once. Installed only in the main thread (a Tune trial runs train() in another)."""
-
-    def __init__(self) -> None:
-        self.signum: int | None = None
-        self._previous: dict[int, SignalHandler] = {}
-
-    def __enter__(self) -> StopSignal:
-        if threading.current_thread() is threading.main_thread():
-            for sig in (signal.SIGINT, signal.SIGTERM):
-                self._previous[sig] = signal.signal(sig, self._handle)
-        return self
-
-    def _handle(self, signum: int, frame: FrameType | None) -> None:
-        if self.signum is not None:
-            raise KeyboardInterrupt
-        self.signum = signum
-        print(f"got {signal.Signals(signum).name}: finishing this step, then writing a checkpoint "
-              "(send it again to stop at once)", file=sys.stderr, flush=True)
-
-    def checkpoint_if_asked(self, run: RunState) -> None:
-        """After a signal: the last finished step's checkpoint (written now unless it exists), then Interrupted."""
-        if self.signum is None:
-            return
-        path = checkpoint.at_step(run.output_dir, run.step) if run.saved_step == run.step else run.save()
-        run.tracker.write(f"stopped after step {run.step}; checkpoint: {path} (run the same command to resume)")
-        raise checkpoint.Interrupted(self.signum, path)
-
-    def __exit__(self, *exc: object) -> None:
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
-
-
 @dataclass
 class RunState:
     cfg: RunConfig
@@ -137,6 +96,8 @@ class RunState:
     saved_step: int | None = None
     saved_at: float = field(default_factory=time.monotonic)
     """time.monotonic() of the last checkpoint written (or of the start): checkpoint.every_minutes counts from it."""
+    save_seconds: float | None = None
+    """How long the last checkpoint of this job took to write (jobs/run/stop.py plans with it)."""
     initial: dict[str, Any] | None = None
     """The driver state at step 0, for a learner restart before the first checkpoint."""
     resumed_from: Path | None = None
@@ -178,6 +139,7 @@ class RunState:
     def save(self, state: dict[str, Any] | None = None) -> Path:
         """A complete checkpoint of this step (a collective of the learner ranks); `state`: the driver
         state to store instead of the current one (taken before a step that then failed)."""
+        start = time.monotonic()
         state = dict(state) if state is not None else self.driver_state()
 
         def write_learner(location: str) -> None:
@@ -192,6 +154,7 @@ class RunState:
             self.remote, write_extra=self.pipeline.save_ahead,
         )
         self.saved_step, self.saved_at = self.step, time.monotonic()
+        self.save_seconds = self.saved_at - start
         return path
 
     def save_after_error(self, before: dict[str, Any], error: BaseException) -> Path | None:

@@ -184,4 +184,4 @@ def test_a_failed_collect_of_the_batch_ahead_ends_the_run_with_a_checkpoint_that
     result = train(cfg)
     assert result.trained_samples == ref_result.trained_samples[2:]  # none lost, none trained twice
     assert [h["step"] for h in result.history] == [1, 2, 3]
-    assert_same_run(ref_out, out, skip=("reward/flaky", "eval/flaky", "faults/score_retries"))  # the failed attempt counts
+    assert_same_run(ref_out, out, skip=("reward/flaky", "eval/flaky", "faults/score_retries"))  # the failed try counts
