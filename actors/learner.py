@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import math
 import os
+import sys
 import time
 import warnings
 from contextlib import AbstractContextManager
@@ -157,6 +158,7 @@ class Learner:
         self.accumulation = math.ceil(rows_per_step / learner.micro_batch_size)
         self.micro_batch_size = learner.micro_batch_size
         self.plain = use_plain_engine(world_size, learner)
+        self.skip_nonfinite, self.bf16 = learner.on_nonfinite == "skip", learner.bf16
         self.max_staleness = pipeline.max_staleness if pipeline else 0
         self.estimator = ADVANTAGE_ESTIMATORS[algorithm.name]
         self.estimate_advantages = load(self.estimator.function)
@@ -324,33 +326,37 @@ class Learner:
         batch = self._with_advantages(TokenBatch.from_shard(shard, self.device), kl_coef)
 
         sums: dict[str, float] = {}
-        grad_norms = []
+        grad_norms, finite_losses, skipped = [], 0, 0
         micro = batch.micro_batches(self.micro_batch_size)
         # the engine averages the micro-batch losses over micro-batches and ranks (actors/rl/aggregation.py)
         units = self._sum_over_ranks(self.objective.units(batch.response_mask)) / (len(micro) * self.world_size)
         applied = False  # an optimizer step of this call has changed the weights (actors/rl/nonfinite.py)
+        poisoned = False  # a loss of this accumulation window was not finite (learner.on_nonfinite: skip)
         for _ in range(self.algorithm.epochs):
             for i, rows in enumerate(micro):
                 loss, stats, proximal = self._loss(rows, kl_coef, units)
-                self._agree_finite(stats["loss"], f"the loss of micro-batch {i}", applied)
+                if self._finite(stats["loss"], f"the loss of micro-batch {i}", applied):
+                    finite_losses += 1
+                    for key, value in stats.items():
+                        sums[key] = sums.get(key, 0.0) + value
+                else:  # skip: NaN gradients, so the window's update is dropped at its boundary
+                    loss, poisoned = loss * float("nan"), True
                 if rows.proximal_logprobs is None:  # kept from the first epoch for the later ones
                     micro[i] = replace(rows, proximal_logprobs=proximal)
                 self.engine.backward(loss)
-                boundary = self.engine.is_gradient_accumulation_boundary()
-                norm_before_step = self.zero_stage == 0 and not self.plain
-                if boundary and norm_before_step:
-                    grad_norms.append(self._grad_norm())  # before step() clears the grads
-                    self._agree_finite(grad_norms[-1], "the gradient norm", applied)
-                self.engine.step()  # the plain engine skips a non-finite gradient itself
-                if boundary and not norm_before_step:
-                    grad_norms.append(self._grad_norm())
-                    self._agree_finite(grad_norms[-1], "the gradient norm", applied or not self.plain)
-                applied = applied or boundary
-                for key, value in stats.items():
-                    sums[key] = sums.get(key, 0.0) + value
-        n = self.algorithm.epochs * len(micro)
-        metrics = {key: value / n for key, value in sums.items()}
-        metrics["grad_norm"] = float(np.mean(grad_norms))
+                if not self.engine.is_gradient_accumulation_boundary():
+                    self.engine.step()
+                    continue
+                norm, took = self._optimizer_step(applied, quiet=poisoned)
+                if took:
+                    grad_norms.append(norm)
+                    applied = True
+                else:
+                    skipped += 1
+                poisoned = False
+        metrics = {key: value / finite_losses if finite_losses else math.nan for key, value in sums.items()}
+        metrics["grad_norm"] = float(np.mean(grad_norms)) if grad_norms else math.nan  # of the updates applied
+        metrics["skipped_updates"] = float(skipped)
         metrics["reward_mean"] = float(shard.raw_scores.mean())  # unnormalised: comparable across steps
         metrics["response_length"] = float(traj.response_lengths.mean())
         metrics["tokens"] = float(traj.response_mask.sum())
@@ -359,27 +365,55 @@ class Learner:
         metrics["kl_coef"] = kl_coef
         metrics["lr"] = float(self.engine.optimizer.param_groups[0]["lr"])  # in force: PBT may have changed it
         metrics["pipeline/staleness"] = float(staleness)
-        self.kl_ctl.update(metrics["kl"], len(traj) * self.world_size)
+        if math.isfinite(metrics["kl"]):  # not when every loss of a skipping step was non-finite
+            self.kl_ctl.update(metrics["kl"], len(traj) * self.world_size)
         self.version += 1
         metrics["version"] = float(self.version)
         metrics["learn_seconds"] = time.perf_counter() - start
         return metrics
 
-    def _agree_finite(self, value: float, what: str, applied: bool) -> None:
-        """Every rank learns whether `value` is finite on all of them (one all-reduce); if not, all raise
-        NonFiniteError naming the step, the ranks and the quantity. `applied`: an update of this step
-        already changed the weights, which are then marked diverged (never saved or sent)."""
+    def _optimizer_step(self, applied: bool, quiet: bool) -> tuple[float, bool]:
+        """The accumulation boundary's update; returns the gradient norm and whether the update was applied.
+        A non-finite norm stops the step, or (learner.on_nonfinite: skip) drops the update: the plain
+        engine, DeepSpeed's ZeRO 1-3 and its bf16 optimizer drop it themselves (DeepSpeed 0.19 treats a
+        non-finite norm as an overflow) and count it in `skipped_steps`. DeepSpeed's ZeRO-0 in fp32
+        applies any gradient: its norm is read first, to stop before the update. `applied`, `quiet`:
+        see _finite."""
+        if self.zero_stage == 0 and not self.plain and not self.bf16:
+            norm = self._grad_norm()  # before step() clears the gradients
+            self._finite(norm, "the gradient norm", applied, stop=True)  # skip is refused here (jobs/config/run.py)
+            self.engine.step()
+            return norm, True
+        skipped_before = self.engine.skipped_steps
+        self.engine.step()
+        norm = self._grad_norm()
+        took = self.engine.skipped_steps == skipped_before
+        if not math.isfinite(norm) or not took:  # one all-reduce less on the usual path: norms agree across ranks
+            self._finite(norm, "the gradient norm", applied or took, quiet=quiet, stop=took)
+        return norm, took
+
+    def _finite(self, value: float, what: str, applied: bool, quiet: bool = False, stop: bool = False) -> bool:
+        """Whether `value` is finite on every rank (one all-reduce, so the ranks act alike). If not, it stops
+        the step: NonFiniteError naming the step, the ranks and the quantity; or, with learner.on_nonfinite:
+        skip and unless `stop`, returns False (the update is to be dropped), logging it on rank 0 unless
+        `quiet` (already logged for its loss). `applied`: an update of this step already changed the
+        weights, which are then marked diverged (never saved or sent)."""
         flags = torch.zeros(self.world_size, dtype=torch.float64, device=self.device)
         flags[self.rank] = 0.0 if math.isfinite(value) else 1.0
         if self.world_size > 1:
             torch.distributed.all_reduce(flags)
         bad = [rank for rank, flag in enumerate(flags.tolist()) if flag]
         if not bad:
-            return
-        message = (f"step {self.version + 1}: {what} is not finite on learner rank(s) {bad}; "
-                   + ("an update of this step was applied, so these weights are kept from every checkpoint "
-                      "and rollout worker" if applied else "no update of this step was applied")
-                   + ": lower learner.lr or check the rewards")  # fmt: skip
+            return True
+        where = f"step {self.version + 1}: {what} is not finite on learner rank(s) {bad}"
+        if self.skip_nonfinite and not stop:
+            if self.rank == 0 and not quiet:
+                print(f"WARNING {where}; its update is skipped (learner.on_nonfinite: skip)", file=sys.stderr,
+                      flush=True)  # fmt: skip
+            return False
+        message = (f"{where}; " + ("an update of this step was applied, so these weights are kept from every "
+                                   "checkpoint and rollout worker" if applied else "no update of this step was applied")
+                   + ": lower learner.lr, check the rewards, or set learner.on_nonfinite: skip")  # fmt: skip
         if applied:
             self._diverged = message
         raise NonFiniteError(message)

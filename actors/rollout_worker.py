@@ -86,6 +86,11 @@ class RolloutWorker:
         self.version = int(version)
         return self.version
 
+    def get_weights(self) -> Weights:
+        """The weights this worker samples with (a pipelined run keeps them when a batch they were to
+        sample is owed: jobs/run/pipeline.py)."""
+        return Weights.from_state_dict(self.model.state_dict())
+
     def weight_dtypes(self) -> dict[str, str]:
         """The dtype of each tensor of this worker's state dict: what a broadcast must send."""
         return {name: str(t.dtype).removeprefix("torch.") for name, t in self.model.state_dict().items()}

@@ -52,7 +52,7 @@ def measure(name: str, saves: int, overrides: list[str], uri: bool = False) -> d
                           wandb_project="", tensorboard=False, progress_bar=False)
         monitor = HealthMonitor(cfg.monitor.model_dump(), weighted_components(cfg.reward))
         sampler, recovery = PromptSampler(train_set, cfg.seed), Recovery(roles, cfg.fault_tolerance)
-        pipeline = Pipeline(cfg, roles, recovery, lambda: sampler.draw(cfg.prompts_per_step))
+        pipeline = Pipeline(cfg, roles, recovery, sampler)
         run = RunState(cfg, driver, roles, sampler, tracker, recovery, monitor, pipeline,
                        remote=Storage(location) if uri else None)
         try:

@@ -165,5 +165,16 @@ class Storage:
         if isinstance(self.filesystem, pafs.LocalFileSystem) and place.exists():
             fsync_tree(place)
 
+    def copy(self, source: str, destination: str, keep: Callable[[str], bool] | None = None) -> None:
+        """Copy the files of a folder here (those whose path inside it `keep` accepts) to another folder
+        here, one by one: an object store copies them itself, nothing passes through this process."""
+        selector = pafs.FileSelector(f"{self.root}/{source}", allow_not_found=True, recursive=True)
+        for info in self.filesystem.get_file_info(selector):
+            relative = info.path.removeprefix(f"{self.root}/{source}/")
+            if info.type == pafs.FileType.File and (keep is None or keep(relative)):
+                target = f"{self.root}/{destination}/{relative}"
+                self.filesystem.create_dir(target.rsplit("/", 1)[0], recursive=True)
+                self.filesystem.copy_file(info.path, target)
+
     def exists(self, name: str) -> bool:
         return self.filesystem.get_file_info(f"{self.root}/{name}").type != pafs.FileType.NotFound

@@ -46,7 +46,8 @@ from rayrlhf.jobs.run.pipeline import Pipeline
 from rayrlhf.jobs.run.recovery import Recovery
 from rayrlhf.jobs.run.roles import Roles, launch
 from rayrlhf.jobs.run.run_lock import RunLock
-from rayrlhf.jobs.run.state import RunState, StopSignal, plan
+from rayrlhf.jobs.run.state import RunState, plan
+from rayrlhf.jobs.run.stop import StopSignal, grace_period
 from rayrlhf.jobs.run.tracking import Tracker, format_table, what_you_have
 
 
@@ -215,10 +216,10 @@ def _train(
     recovery = Recovery(roles, cfg.fault_tolerance, log=tracker.write)
     sampler = PromptSampler(train_set, cfg.seed)
     episodes = read_episodes(cfg.data.episodes) if cfg.data.episodes else None  # checked in prepare()
-    pipeline = Pipeline(cfg, roles, recovery, lambda: sampler.draw(cfg.prompts_per_step), episodes)
+    pipeline = Pipeline(cfg, roles, recovery, sampler, episodes)
     run = RunState(cfg, output_dir, roles, sampler, tracker, recovery, monitor, pipeline, remote=remote)
     try:
-        with StopSignal() as stop:
+        with StopSignal(grace_period(cfg.checkpoint.stop_grace_s)) as stop:
             if start.checkpoint:
                 run.resume(start.checkpoint)
                 tracker.write(f"resuming from {start.checkpoint} (step {run.step} of {cfg.steps})")
@@ -234,11 +235,15 @@ def _train(
                 step = run.step + 1
                 before_step = run.driver_state(live=False)  # what a checkpoint needs if this step fails
                 try:
-                    metrics = pipeline.step(last=step == cfg.steps)
+                    metrics = pipeline.step(last=step == cfg.steps, collecting=lambda: stop.collecting(run))
                     evaluated = cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.steps
                     if evaluated:
                         metrics.update(evaluate(cfg, roles, eval_set, recovery)[0])
                     metrics["restarts/learner"] = float(run.learner_restarts)
+                    if metrics.get("skipped_updates"):
+                        tracker.write(f"step {step}: {metrics['skipped_updates']:.0f} update(s) skipped, with a "
+                                      "non-finite loss or gradient norm (learner.on_nonfinite: skip; workers.log "
+                                      "names the rank and the quantity)")
                     stopped_early = monitor.observe(step, metrics)  # adds health/*; True: a monitor.stop_on check failed
                     run.step = step
                     if evaluated:
@@ -251,6 +256,10 @@ def _train(
                 except LearnerFailure as e:
                     run.recover_learner(e)
                     continue
+                except KeyboardInterrupt:
+                    if stop.abandoned is None:
+                        raise  # a second signal: at once
+                    stop.save_abandoned(run, before_step)  # a SIGTERM whose grace cannot cover this step
                 except Exception as e:  # bad data, a reward failing every retry, recovery giving up, ...
                     run.save_after_error(before_step, e)
                     raise

@@ -1,12 +1,16 @@
 """A diverging update, caught: a loss or gradient norm that is NaN or infinite on some learner rank.
 
 The learner checks each micro-batch's loss before its backward pass and each gradient norm at the
-accumulation boundary, and the ranks agree (one all-reduce of a flag per rank), so they all stop at
-the same call. Where the check comes before the optimizer step (the loss; the gradient norm on the
-plain engine and on ZeRO-0) the update is never applied and the learner still holds the last finite
-state, which the driver saves. Where DeepSpeed applied the step before its norm can be read (ZeRO
-1-3), the learner marks itself diverged and refuses to save or send its weights from then on: no
-non-finite weights reach a checkpoint or a rollout worker.
+accumulation boundary, and the ranks agree (one all-reduce of a flag per rank), so they all act at
+the same call. A non-finite gradient is never applied: the plain engine and DeepSpeed 0.19's ZeRO 1-3
+and bf16 optimizers drop such an update themselves (as an overflow, counted in `skipped_steps`), and
+DeepSpeed's ZeRO-0 in fp32 has its norm checked before its step. learner.on_nonfinite then either
+stops the step (`stop`, NonFiniteError: the learner still holds the last finite state, which the
+driver saves) or goes on without that update (`skip`; a non-finite loss makes its window's gradients
+NaN, so the engine drops that window). Where weights changed anyway (an earlier update of the same
+step, or an engine that applied a non-finite gradient), the learner marks itself diverged and
+refuses to save or send its weights from then on: no non-finite weights reach a checkpoint or a
+rollout worker.
 """
 
 from __future__ import annotations

@@ -22,6 +22,8 @@ class PlainEngine:
         self.device = next(module.parameters()).device
         self._micro_steps = 0
         self._grad_norm: float | None = None
+        self.skipped_steps = 0
+        """Updates not applied because the gradient norm was not finite (DeepSpeed's engine counts them too)."""
         self._params = [p for p in module.parameters() if p.requires_grad]
 
     def __call__(self, *args, **kwargs):
@@ -38,6 +40,8 @@ class PlainEngine:
             self._grad_norm = float(torch.nn.utils.clip_grad_norm_(self._params, self.grad_clip))
             if torch.isfinite(torch.tensor(self._grad_norm)):  # a NaN/inf gradient is never applied
                 self.optimizer.step()
+            else:
+                self.skipped_steps += 1
             self.optimizer.zero_grad(set_to_none=True)
         self._micro_steps += 1
 

@@ -321,6 +321,11 @@ class LearnerConfig(StrictModel):
     """Rows per forward/backward: the default's 16 rows per step in one pass (faster on CPU than two
     passes of 8: benchmarks/README.md)."""
     bf16: bool = False
+    on_nonfinite: Literal["stop", "skip"] = "stop"
+    """A loss or gradient norm that is NaN or infinite on some rank (the ranks agree): `stop` the run
+    at that step (the last finite state is saved) or `skip` that optimizer update, logging each one
+    and counting them in the metric skipped_updates. Either way non-finite weights are never saved or sent.
+    A resumed run may change it (e.g. to skip past the step a run stopped at)."""
     num_cpus: float = Field(0.5, gt=0)
     num_gpus: float = Field(0.0, ge=0)
     torch_threads: int = Field(2, ge=1)
@@ -337,6 +342,14 @@ class LearnerConfig(StrictModel):
     logits_chunk: int = Field(1024, ge=1)
     """Positions per LM-head chunk: full-vocabulary logits exist for this many positions at a time
     (recomputed in the backward pass when a micro-batch has more), so memory stays flat as responses grow."""
+
+    @model_validator(mode="after")
+    def _skip_needs_an_engine_that_drops(self) -> LearnerConfig:
+        if self.on_nonfinite == "skip" and self.zero_stage == 0 and self.num_ranks > 1 and not self.bf16:
+            raise ValueError("learner.on_nonfinite: skip needs learner.zero_stage >= 1 with several ranks: "
+                             "DeepSpeed's ZeRO-0 in fp32 applies a non-finite gradient rather than drop it "
+                             "(ZeRO 1-3 and bf16 drop it; zero_stage 1 costs nothing more)")
+        return self
 
     @property
     def packed_row_tokens(self) -> int | None:
@@ -409,6 +422,11 @@ class CheckpointConfig(StrictModel):
     death loses at most that much work. A stop (SIGINT/SIGTERM) or an error always writes one."""
     keep: int = Field(2, ge=1)
     """The last N checkpoints are kept; older ones are deleted once a newer one is complete."""
+    stop_grace_s: float | None = Field(None, gt=0)
+    """Seconds between a SIGTERM and the SIGKILL after it (a scheduler's grace period). With it, a step
+    whose rest and a checkpoint would not fit in that time is abandoned before its learner starts,
+    and the state before it saved (jobs/run/stop.py). None: the job's RAY_JOB_STOP_WAIT_TIME_S, which
+    `rayrlhf submit` sets (`--stop-wait`), else unknown: the step always finishes first."""
 
 
 class PipelineConfig(StrictModel):

@@ -2,6 +2,8 @@
 
 Two files in the checkpoint's folder: ahead.npz holds every array (written and read with
 allow_pickle=False), ahead.json the rest (texts, ids, versions, timings) and which array is which.
+A batch owed instead (its collect failed, jobs/run/pipeline.py) is the weights that are to sample it:
+ahead_weights.safetensors, with each tensor's dtype in its metadata.
 A checkpoint is data that a later rayrlhf reads: nothing in it names a Python class or module, so
 moving code cannot break it and reading it runs no code.
 """
@@ -15,11 +17,15 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from safetensors import safe_open
+from safetensors.numpy import load_file, save_file
 
 from rayrlhf.actors.rl.trajectory import Rewards, Trajectory
+from rayrlhf.actors.runtime.weight_sync import Weights
 
 ARRAYS = "ahead.npz"
 META = "ahead.json"
+WEIGHTS = "ahead_weights.safetensors"
 
 
 @dataclass
@@ -63,6 +69,20 @@ def load(folder: Path) -> Ahead | None:
                   for i, s in enumerate(meta["shards"])]  # fmt: skip
     trajectories, rewards, ref_logprobs = (list(column) for column in zip(*shards)) if shards else ([], [], [])
     return Ahead(trajectories, rewards, ref_logprobs, meta["times"])
+
+
+def save_weights(folder: Path, weights: Weights) -> None:
+    save_file(weights.arrays, str(folder / WEIGHTS), metadata={"dtypes": json.dumps(weights.dtypes)})
+
+
+def load_weights(folder: Path) -> Weights | None:
+    """The weights of the checkpoint's owed batch; None when it owes none."""
+    path = folder / WEIGHTS
+    if not path.is_file():
+        return None
+    with safe_open(str(path), "np") as f:
+        dtypes = json.loads(f.metadata()["dtypes"])
+    return Weights(load_file(str(path)), dtypes)
 
 
 def _split(obj: Any, prefix: str, arrays: dict[str, np.ndarray]) -> dict[str, Any]:

@@ -10,6 +10,7 @@ DeepSpeed state into the folder `write` hands them). Layout under the run's outp
         learner/state/            every learner rank's DeepSpeed engine state (engine.save_checkpoint)
     checkpoints/.tmp-step_000004/ a checkpoint being written: renamed to step_000004 when whole
     checkpoints/.old-step_000004/ the previous copy of a step written again, until the new one is in place
+    checkpoints/.new-step_000004/ in a bucket: the new copy of a step written again, until it is in place
     checkpoints/finished.json     written when the run finished: its step and config
 
 Durable on a path: every file and folder of a new checkpoint (the learner ranks' included, as the
@@ -23,7 +24,10 @@ run's driver files (`mirror`: logs and checkpoints without their learner state),
 here reads local files; `write` then has the learner ranks upload their state straight to
 `checkpoints/step_N/learner/` in the bucket from their own nodes, and puts the driver's files beside
 it, the manifest last: an object store has no rename, so there a checkpoint is complete when its
-manifest exists, and one without it (a crash while saving) is never taken and is removed later.
+manifest exists, and one without it (a crash while saving) is never taken and is removed later. A
+step written again there goes to `.new-step_N` first, whole; then the old copy goes (its manifest
+first), the new one is copied into its place (the store copies it, the manifest last) and the `.new-`
+one goes: a crash at any moment leaves a complete copy of the step, which a lookup takes.
 
 Light to import (no Ray, no torch, no pyarrow): the CLI uses `Interrupted` and the lookups; a URI's
 `Storage` is handed in by the caller.
@@ -54,13 +58,16 @@ MANIFEST = "manifest.json"
 DRIVER_STATE = "driver.json"
 LEARNER_DIR = "learner"
 FINISHED = "finished.json"
+OTHER_COPY = (".old-", ".new-")
+"""Prefixes of a step's second copy while it is written again: locally the old one, moved aside; in a
+bucket the new one, written beside the old (module docstring). Either is taken when it is the only one."""
 
 FREE_FIELDS = (
     "name", "steps", "output_dir", "eval_every", "eval_max_new_tokens", "eval", "monitor", "checkpoint",
     "fault_tolerance", "cluster", "logging", "data.eval", "data.num_eval", "reward.rm_batch_size",
     "rollout.num_cpus", "rollout.num_gpus", "rollout.torch_threads", "reward.num_cpus", "reward.torch_threads",
     "kl.num_cpus", "kl.torch_threads", "learner.num_cpus", "learner.num_gpus", "learner.torch_threads",
-    "learner.backend", "data.overlong_prompts",
+    "learner.backend", "data.overlong_prompts", "learner.on_nonfinite",
 )
 """Config fields a resumed run may change: where and how it runs, how long, what it logs and
 evaluates; not what the training steps compute. Every other field must match the checkpoint's."""
@@ -84,12 +91,13 @@ def step_of(path: Path) -> int:
 
 
 def complete(output_dir: Path) -> list[Path]:
-    """Complete checkpoints, oldest first: a folder named step_N with its manifest, or its aside copy
-    `.old-step_N` when a crash during a rewrite of step N left only that one."""
+    """Complete checkpoints, oldest first: a folder named step_N with its manifest, or its other copy
+    (OTHER_COPY) when a crash during a rewrite of step N left only that one."""
     folder = root(output_dir)
     if not folder.is_dir():
         return []
-    found = {step_of(p): p for p in folder.glob(".old-step_*") if p.name[10:].isdigit() and (p / MANIFEST).is_file()}
+    found = {step_of(p): p for prefix in OTHER_COPY for p in folder.glob(f"{prefix}step_*")
+             if p.name[10:].isdigit() and (p / MANIFEST).is_file()}  # fmt: skip
     found |= {step_of(p): p for p in folder.glob("step_*") if p.name[5:].isdigit() and (p / MANIFEST).is_file()}
     return [found[step] for step in sorted(found)]
 
@@ -125,20 +133,22 @@ def write(
     a folder inside the temporary one, or with `remote` (the Storage of a URI output_dir) the
     checkpoint's learner folder in the bucket. `write_extra(folder)` adds the driver's other files
     (the pipeline's batch ahead). A crash at any point leaves either the previous
-    checkpoints or the new one whole, never half of one (in the bucket, a step written again is
-    the exception: its old copy goes before the new one is written, see `_publish`).
+    checkpoints or the new one whole, never half of one, and always a complete copy of a step
+    written again (module docstring).
     """
     folder = root(output_dir)
     name = f"step_{step:06d}"
     final = folder / name
     tmp = folder / f".tmp-{name}"
     for stale in folder.glob(".*-step_*"):  # left by a crash while saving: not a copy lookups take
-        if stale.name.startswith(".tmp-") or (folder / stale.name.removeprefix(".old-") / MANIFEST).is_file():
+        if stale.name.startswith(".tmp-") or (folder / stale.name.split("-", 1)[1] / MANIFEST).is_file():
             shutil.rmtree(stale, ignore_errors=True)
     tmp.mkdir(parents=True)
+    target = name  # where the bucket's copy is written: beside a complete one of the same step
     if remote is not None:
-        remote.remove(f"checkpoints/{name}")  # the same step written again: its old manifest goes first
-        write_learner(remote.join("checkpoints", name, LEARNER_DIR))
+        target = f".new-{name}" if remote.exists(f"checkpoints/{name}/{MANIFEST}") else name
+        remote.remove(f"checkpoints/{target}")  # an incomplete copy a crash left there
+        write_learner(remote.join("checkpoints", target, LEARNER_DIR))
     else:
         write_learner(str(tmp / LEARNER_DIR))
     (tmp / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
@@ -154,7 +164,7 @@ def write(
     for old in complete(output_dir)[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
     if remote is not None:
-        _publish(final, remote, {f"step_{step_of(p):06d}" for p in complete(output_dir)})
+        _publish(final, remote, target, {step_of(p) for p in complete(output_dir)})
     return final
 
 
@@ -166,24 +176,39 @@ def _move_in(tmp: Path, final: Path) -> None:
         shutil.rmtree(aside, ignore_errors=True)  # a crash's leftover: `final` is the complete copy
         os.replace(final, aside)
         fsync_path(final.parent)
+    else:  # one without its manifest, mirrored from a bucket where a crash cut it off: no copy at all
+        shutil.rmtree(final, ignore_errors=True)
     os.replace(tmp, final)
     fsync_path(final.parent)
     shutil.rmtree(aside, ignore_errors=True)
 
 
-def _publish(final: Path, remote: Storage, kept: set[str]) -> None:
-    """The driver's files of a checkpoint whose learner state is in the bucket, the manifest last;
-    then every other step folder there goes (older ones past `keep`, any never completed, and a
-    `.tmp-` folder the driver's logs carried up after a crash while saving). On a file:// URI
-    everything is fsynced before the manifest is written, and the manifest after."""
+def _publish(final: Path, remote: Storage, target: str, kept: set[int]) -> None:
+    """The driver's files of a checkpoint whose learner state is in the bucket's folder `target`, the
+    manifest last; for a step written again (target `.new-step_N`), then the swap of the module
+    docstring. Then every other folder there goes: steps not `kept` (older ones past `keep`, any never
+    completed), a `.new-` copy whose step is complete, and a `.tmp-` folder the driver's logs carried
+    up after a crash while saving. On a file:// URI everything is fsynced before a manifest is
+    written, and the manifest after."""
     files = sorted(p.name for p in final.iterdir() if p.is_file() and p.name != MANIFEST)
     for file in files:
-        remote.write_bytes(f"checkpoints/{final.name}/{file}", (final / file).read_bytes())
-    remote.sync(f"checkpoints/{final.name}")
-    remote.write_bytes(f"checkpoints/{final.name}/{MANIFEST}", (final / MANIFEST).read_bytes())
-    remote.sync(f"checkpoints/{final.name}/{MANIFEST}")
+        remote.write_bytes(f"checkpoints/{target}/{file}", (final / file).read_bytes())
+    remote.sync(f"checkpoints/{target}")
+    remote.write_bytes(f"checkpoints/{target}/{MANIFEST}", (final / MANIFEST).read_bytes())
+    remote.sync(f"checkpoints/{target}/{MANIFEST}")
+    if target != final.name:  # the new copy is whole: the old one goes, the new one takes its place
+        remote.remove(f"checkpoints/{final.name}/{MANIFEST}")
+        remote.remove(f"checkpoints/{final.name}")
+        remote.copy(f"checkpoints/{target}", f"checkpoints/{final.name}", keep=lambda file: file != MANIFEST)
+        remote.sync(f"checkpoints/{final.name}")
+        remote.copy(f"checkpoints/{target}", f"checkpoints/{final.name}", keep=lambda file: file == MANIFEST)
+        remote.sync(f"checkpoints/{final.name}/{MANIFEST}")
     for other in remote.list_dir("checkpoints"):
-        if (other.startswith("step_") and other not in kept) or other.startswith(".tmp-"):
+        step = other.rsplit("step_", 1)[-1]
+        kept_step = step.isdigit() and int(step) in kept
+        if other.startswith(".tmp-") or (other.startswith("step_") and not kept_step):
+            remote.remove(f"checkpoints/{other}")
+        elif other.startswith(".new-") and (not kept_step or remote.exists(f"checkpoints/{other[5:]}/{MANIFEST}")):
             remote.remove(f"checkpoints/{other}")
 
 

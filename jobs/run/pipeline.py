@@ -16,15 +16,25 @@ The batch ahead is part of the run's state: a checkpoint holds it whole (jobs/ru
 rewards, reference log-probs as arrays and JSON, a few hundred KB), beside the sampler, scorer
 statistics and rollout counters that already account for it, so a resumed run trains it next: no
 batch in flight is lost or trained twice. A learner restart rewinds it with the rest of the checkpoint.
+
+When collecting the batch ahead fails (a reward failing every retry, a bad data row, recovery giving
+up), the learner is already making the step's update: the step ends as usual and the batch is owed
+(`Owed`). The error is raised when the next step begins, and a checkpoint then holds the state from
+before the failed collect (sampler, rollout counters, scorer statistics) and the weights that were to
+sample it (the rollout workers', one version behind the learner's). A resumed run collects the owed
+batch first with those weights, then gives the rollout workers the learner's and goes on: it trains
+what the run without the error would have.
 """
 
 from __future__ import annotations
 
 import time
+import contextlib
 from collections.abc import Callable
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import numpy as np
 import ray
@@ -32,8 +42,10 @@ import ray
 from rayrlhf.actors.rl.offpolicy import admitted
 from rayrlhf.actors.rl.shard import pack
 from rayrlhf.actors.rl.trajectory import Prompt, Rewards
+from rayrlhf.actors.runtime.weight_sync import Weights
 from rayrlhf.jobs.config.run import RunConfig
 from rayrlhf.jobs.data.episodes import Episode, step_episodes, trajectory
+from rayrlhf.jobs.data.sampler import PromptSampler
 from rayrlhf.jobs.run import ahead as ahead_file
 from rayrlhf.jobs.run.dynamic_sampling import refill
 from rayrlhf.jobs.run.recovery import Recovery
@@ -181,19 +193,35 @@ def sync_weights(roles: Roles, version: int, recovery: Recovery) -> list[int]:
     return recovery.sync(version, lambda: [learner.get_weights.remote() for learner in roles.learner][0])
 
 
+@dataclass
+class Owed:
+    """A pipelined run's batch ahead whose collect failed (module docstring): what collecting it again needs."""
+
+    weights: ray.ObjectRef[Weights]
+    """The weights the rollout workers held to sample it."""
+    error: Exception | None = None
+    """Why the collect failed; None in a resumed run, which collects the batch first."""
+    sampler: dict[str, Any] | None = None
+    states: dict[tuple[str, int], dict[str, Any]] | None = None
+    """The sampler's and the stateless roles' state (Recovery.states) before the failed collect, for
+    a checkpoint written before the next step; None in a resumed run (its live state is that one)."""
+
+
 class Pipeline:
     """The run's steps: synchronous ones (collect, learn, sync, as `rl_step`), or one scored batch ahead of
     the learner (module docstring)."""
 
-    def __init__(self, cfg: RunConfig, roles: Roles, recovery: Recovery, draw: Callable[[], list[Prompt]],
+    def __init__(self, cfg: RunConfig, roles: Roles, recovery: Recovery, sampler: PromptSampler,
                  episodes: list[Episode] | None = None) -> None:  # fmt: skip
-        self.cfg, self.roles, self.recovery, self.draw = cfg, roles, recovery, draw
+        self.cfg, self.roles, self.recovery, self.sampler = cfg, roles, recovery, sampler
         self.episodes = episodes
         """Recorded episodes (data.episodes): trained instead of generated, the step's share chosen by
         the policy version, so a resumed run trains what the lost one would have."""
         self.max_staleness = cfg.pipeline.max_staleness
         self.ahead: Experience | None = None
         """The next step's batch, collected (pipelined runs, between steps)."""
+        self.owed: Owed | None = None
+        """The next step's batch, not collected: its collect failed, or the checkpoint resumed from owes it."""
 
     def _collect(self) -> Experience:
         if self.cfg.algorithm.dynamic_sampling.enabled:  # draws until the batch has groups that teach
@@ -201,11 +229,38 @@ class Pipeline:
         return self._draw_and_collect()
 
     def _draw_and_collect(self) -> Experience:
-        prompts = self.draw()
+        prompts = self.sampler.draw(self.cfg.prompts_per_step)
         return self.recovery.run("the rollout", lambda: collect(self.roles, prompts, self.recovery))
 
-    def step(self, last: bool) -> dict[str, float]:
-        """One step; `last`: no step follows in this run (so nothing is collected ahead)."""
+    def _collect_ahead(self) -> Experience | None:
+        """The next step's batch, while the learner makes this step's update. If that fails, the step
+        still ends, and the batch is owed: None, and the error waits in self.owed."""
+        weights, sampler, states = self.recovery.weights, self.sampler.state_dict(), dict(self.recovery.states)
+        try:
+            return self._collect()
+        except Exception as error:
+            if weights is None:  # the initial ones (on the NCCL path, all): ask a worker, before this
+                weights = self.roles.rollout[0].get_weights.remote()  # step's sync replaces them (calls run in order)
+            self.owed = Owed(weights, error, sampler, states)
+            return None
+
+    def _collect_owed(self, collecting: Callable[[], AbstractContextManager[None]]) -> None:
+        """A step after a failed collect: that error. In a resumed run: collect the owed batch with the
+        weights the rollout workers hold (those it was to be sampled with), then sync the learner's,
+        one version newer."""
+        assert self.owed is not None
+        if self.owed.error is not None:
+            raise self.owed.error
+        with collecting():
+            ahead = self._collect()
+        sync_weights(self.roles, self.recovery.version + 1, self.recovery)
+        self.ahead, self.owed = ahead, None
+
+    def step(
+        self, last: bool, collecting: Callable[[], AbstractContextManager[None]] = contextlib.nullcontext
+    ) -> dict[str, float]:
+        """One step; `last`: no step follows in this run (so nothing is collected ahead). `collecting()`
+        is around each collect the learner waits for (jobs/run/stop.py may abandon the step there)."""
         if (episodes := self.episodes) is not None:
             t0 = time.perf_counter()
             version = self.recovery.version
@@ -215,13 +270,20 @@ class Pipeline:
             return learn_and_sync(self.roles, experience, self.recovery, t0, lambda: None)[0]
         t0 = time.perf_counter()
         if self.max_staleness == 0:
-            return learn_and_sync(self.roles, self._collect(), self.recovery, t0, lambda: None)[0]
-        experience, self.ahead = self.ahead or self._collect(), None
+            with collecting():
+                experience = self._collect()
+            return learn_and_sync(self.roles, experience, self.recovery, t0, lambda: None)[0]
+        if self.owed is not None:
+            self._collect_owed(collecting)
+        if self.ahead is None:
+            with collecting():
+                self.ahead = self._collect()
+        experience, self.ahead = self.ahead, None
         # the learner trains one batch per step and every step ends with a sync: it trains the next
         # batch at the version the rollout workers will hold after this step's sync
         overlap = not last and admitted(self.recovery.version + 1, self.recovery.version, self.max_staleness)
         metrics, ahead = learn_and_sync(
-            self.roles, experience, self.recovery, t0, self._collect if overlap else lambda: None
+            self.roles, experience, self.recovery, t0, self._collect_ahead if overlap else lambda: None
         )
         if not last and not overlap:  # too stale if started now: after the update instead
             ahead = self._collect()
@@ -229,18 +291,24 @@ class Pipeline:
         return metrics
 
     def save_ahead(self, folder: Path) -> None:
-        """The batch ahead, whole, into a checkpoint folder being written."""
+        """The batch ahead, whole, into a checkpoint folder being written; an owed one as its weights."""
         if self.ahead is not None:
             refs = self.ahead.ref_logprobs
             ref_logprobs = [ray.get(ref) if ref is not None else None for ref in refs]
             saved = ahead_file.Ahead(ray.get(self.ahead.trajectories), self.ahead.rewards, ref_logprobs, self.ahead.times)
             ahead_file.save(folder, saved)
+        if self.owed is not None:
+            ahead_file.save_weights(folder, ray.get(self.owed.weights))
 
-    def load_ahead(self, folder: Path | None) -> None:
-        """The checkpoint's batch ahead, if it has one (None: a run's start)."""
+    def load_ahead(self, folder: Path | None) -> ray.ObjectRef[Weights] | None:
+        """The checkpoint's batch ahead, if it has one (None: a run's start). Returns the weights of an
+        owed batch: the rollout workers must hold them, not the learner's."""
         saved = ahead_file.load(folder) if folder is not None else None
         self.ahead = None
         if saved is not None:
             refs = [ray.put(x) if x is not None else None for x in saved.ref_logprobs]
             self.ahead = Experience([ray.put(t) for t in saved.trajectories], [ray.put(r) for r in saved.rewards],
                                     saved.rewards, refs, saved.times)  # fmt: skip
+        weights = ahead_file.load_weights(folder) if folder is not None else None
+        self.owed = Owed(ray.put(weights)) if weights is not None else None
+        return self.owed.weights if self.owed is not None else None

@@ -11,14 +11,9 @@ rank died) in a running one; `plan` decides at start-up whether and from where a
 from __future__ import annotations
 
 import json
-import signal
-import sys
-import threading
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import FrameType
 from typing import Any
 
 import ray
@@ -36,8 +31,6 @@ from rayrlhf.jobs.run.pipeline import Pipeline
 from rayrlhf.jobs.run.recovery import Recovery
 from rayrlhf.jobs.run.roles import Roles, restart_learner
 from rayrlhf.jobs.run.tracking import Tracker
-
-SignalHandler = Callable[[int, FrameType | None], object] | int | None
 
 
 @dataclass
@@ -85,40 +78,6 @@ def plan(
     return Start(checkpoint=path)
 
 
-class StopSignal:
-    """SIGINT/SIGTERM ask the driver to stop after the current step, with a checkpoint; a second
-    one stops at once. Installed only in the main thread (a Tune trial runs train() in another)."""
-
-    def __init__(self) -> None:
-        self.signum: int | None = None
-        self._previous: dict[int, SignalHandler] = {}
-
-    def __enter__(self) -> StopSignal:
-        if threading.current_thread() is threading.main_thread():
-            for sig in (signal.SIGINT, signal.SIGTERM):
-                self._previous[sig] = signal.signal(sig, self._handle)
-        return self
-
-    def _handle(self, signum: int, frame: FrameType | None) -> None:
-        if self.signum is not None:
-            raise KeyboardInterrupt
-        self.signum = signum
-        print(f"got {signal.Signals(signum).name}: finishing this step, then writing a checkpoint "
-              "(send it again to stop at once)", file=sys.stderr, flush=True)
-
-    def checkpoint_if_asked(self, run: RunState) -> None:
-        """After a signal: the last finished step's checkpoint (written now unless it exists), then Interrupted."""
-        if self.signum is None:
-            return
-        path = checkpoint.at_step(run.output_dir, run.step) if run.saved_step == run.step else run.save()
-        run.tracker.write(f"stopped after step {run.step}; checkpoint: {path} (run the same command to resume)")
-        raise checkpoint.Interrupted(self.signum, path)
-
-    def __exit__(self, *exc: object) -> None:
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
-
-
 @dataclass
 class RunState:
     cfg: RunConfig
@@ -139,6 +98,8 @@ class RunState:
     saved_step: int | None = None
     saved_at: float = field(default_factory=time.monotonic)
     """time.monotonic() of the last checkpoint written (or of the start): checkpoint.every_minutes counts from it."""
+    save_seconds: float | None = None
+    """How long the last checkpoint of this job took to write (jobs/run/stop.py plans with it)."""
     initial: dict[str, Any] | None = None
     """The driver state at step 0, for a learner restart before the first checkpoint."""
     resumed_from: Path | None = None
@@ -156,7 +117,10 @@ class RunState:
         as the recovery read it after their last phase, without calling them: between two steps that is
         the same, and a role that is stopped or restarting (recovery's to mend in the next phase) is not
         waited on."""
-        roles, kept = self.roles, self.recovery.states
+        roles, kept, sampler = self.roles, self.recovery.states, self.sampler.state_dict()
+        owed = self.pipeline.owed
+        if owed is not None and owed.states is not None:  # a pipelined batch whose collect failed: from before it
+            live, kept, sampler = False, owed.states, owed.sampler
         if live:
             scorers = ray.get([scorer.state_dict.remote() for scorer in roles.scorers])
             rollout = ray.get([worker.state_dict.remote() for worker in roles.rollout])
@@ -166,7 +130,7 @@ class RunState:
         return {
             "step": self.step,
             "before": self.before,
-            "sampler": self.sampler.state_dict(),
+            "sampler": sampler,
             "scorers": scorers,
             "rollout": rollout,
             "tracker": self.tracker.state(),
@@ -177,6 +141,7 @@ class RunState:
     def save(self, state: dict[str, Any] | None = None) -> Path:
         """A complete checkpoint of this step (a collective of the learner ranks); `state`: the driver
         state to store instead of the current one (taken before a step that then failed)."""
+        start = time.monotonic()
         state = dict(state) if state is not None else self.driver_state()
 
         def write_learner(location: str) -> None:
@@ -191,15 +156,17 @@ class RunState:
             self.remote, write_extra=self.pipeline.save_ahead,
         )
         self.saved_step, self.saved_at = self.step, time.monotonic()
+        self.save_seconds = self.saved_at - start
         return path
 
     def save_after_error(self, before: dict[str, Any], error: BaseException) -> Path | None:
         """After `error` inside step self.step + 1: a checkpoint of the last finished step, with the
         driver state taken before the failed step, so that nothing done since the last checkpoint is
-        lost. None where that state cannot be had: the learner already trained the failed step (its
-        version is past the step), or the run is pipelined (the batch ahead belongs to the failed step)."""
-        if self.saved_step == self.step or self.cfg.pipeline.max_staleness > 0:
-            return checkpoint.at_step(self.output_dir, self.step) if self.saved_step == self.step else None
+        lost (a pipelined run's failed collect of its batch ahead ends the step before, which owes
+        that batch: jobs/run/pipeline.py). None where that state cannot be had: the learner already
+        trained the failed step (its version is past the step)."""
+        if self.saved_step == self.step:
+            return checkpoint.at_step(self.output_dir, self.step)
         try:
             path = self.save(before)
             version = checkpoint.read(path)[2]["learner"]["version"]
@@ -235,11 +202,13 @@ class RunState:
             **{("rollout", rank): s for rank, s in enumerate(state["rollout"])},
         })  # fmt: skip
         # the checkpoint's policy to every rollout worker, through the recovery (it keeps the ref for
-        # workers that restart later); get_weights is a collective: rank 0 returns them
+        # workers that restart later): the learner's (get_weights is a collective: rank 0 returns them),
+        # or those that are to sample a pipelined batch the checkpoint owes
+        owed = self.pipeline.load_ahead(path)
         version = min(s["version"] for s in state["rollout"])
-        self.recovery.sync(version, lambda: [rank.get_weights.remote() for rank in roles.learner][0])
+        learner_weights = lambda: [rank.get_weights.remote() for rank in roles.learner][0]  # noqa: E731
+        self.recovery.sync(version, (lambda: owed) if owed is not None else learner_weights)
         self.sampler.load_state_dict(state["sampler"])
-        self.pipeline.load_ahead(path)
         self.step, self.before = state["step"], state["before"]
         self.monitor.load_state_dict(state["monitor"])
         self.best = state.get("best")  # absent in checkpoints written before eval.best_metric existed

@@ -1,6 +1,6 @@
-"""Runs that survive outside the test bench: durable checkpoints (jobs/run/checkpoint.py) and one
-driver per output_dir (jobs/run/run_lock.py), tested with real processes: killed writers, a second
-driver, a lock left by a SIGKILLed one."""
+"""Runs that survive outside the test bench: durable checkpoints (jobs/run/checkpoint.py), on a path and
+in a bucket, and one driver per output_dir (jobs/run/run_lock.py), tested with real processes: killed
+writers, a second driver, a lock left by a SIGKILLed one."""
 
 import json
 import os
@@ -101,6 +101,66 @@ def test_a_rewrite_of_a_step_killed_at_any_stage_leaves_a_complete_copy(tmp_path
     write_copy(tmp_path, 4, 1)
     write_copy(tmp_path, 6, 1)  # keep=2
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step_000004", "step_000006"]
+
+
+def write_copy_to_bucket(driver: Path, bucket: Path, step: int, copy: int) -> Path:
+    """write_copy for a URI output_dir: the rank uploads its file to the bucket, the driver keeps its copy."""
+    def learner(location: str) -> None:
+        with Storage(location).writable_dir() as folder:
+            (folder / "state").mkdir()
+            (folder / "state" / "zero_pp_rank_0_mp_rank_00_optim_states.pt").write_text(f"copy {copy}")
+
+    return checkpoint.write(driver, step, {"seed": 0}, {"copy": copy}, learner, {}, keep=2,
+                            remote=Storage(f"file://{bucket}"))
+
+
+KILLED_BUCKET_WRITER = """
+import os, signal, sys
+from pathlib import Path
+sys.path.insert(0, {tests!r})
+from rayrlhf.cluster.storage import Storage
+from test_durability import write_copy_to_bucket
+driver, bucket, kill_at = Path(sys.argv[1]), Path(sys.argv[2]), int(sys.argv[3])
+calls = []
+for name in ("remove", "write_bytes", "copy", "upload"):  # every change to the bucket
+    def counted(self, *args, _real=getattr(Storage, name), **kwargs):
+        calls.append(1)
+        if len(calls) == kill_at:  # SIGKILL before the kill_at-th change
+            os.kill(os.getpid(), signal.SIGKILL)
+        return _real(self, *args, **kwargs)
+    setattr(Storage, name, counted)
+write_copy_to_bucket(driver, bucket, 2, 2)
+"""
+
+
+def test_a_rewrite_of_a_step_in_a_bucket_killed_at_any_change_leaves_a_complete_copy(tmp_path):
+    """Rewriting step 2 in a file:// bucket (copy 1 -> copy 2), the writer SIGKILLed before each of its
+    changes to the bucket in turn: a rerun's copy of the bucket always finds step 2 whole (its driver
+    state and its learner file from one copy), and its next write leaves one clean copy."""
+    script = KILLED_BUCKET_WRITER.format(tests=str(REPO / "tests" / "e2e"))
+    for kill_at in range(1, 30):
+        out = tmp_path / str(kill_at)
+        bucket = out / "bucket"
+        write_copy_to_bucket(out / "driver", bucket, 2, 1)
+        proc = python(script, str(out / "driver"), str(bucket), str(kill_at))
+        _, err = proc.communicate(timeout=120)
+        assert proc.returncode in (0, -signal.SIGKILL), err
+        rerun = out / "rerun"
+        remote = Storage(f"file://{bucket}")
+        checkpoint.mirror(remote, rerun)
+        found = checkpoint.latest(rerun)
+        assert found is not None and checkpoint.step_of(found) == 2, (kill_at, os.listdir(bucket / "checkpoints"))
+        copy = checkpoint.read(found)[2]["copy"]
+        shard = Path(checkpoint.learner_location(found, rerun, remote).removeprefix("file://"))
+        assert (shard / "state" / "zero_pp_rank_0_mp_rank_00_optim_states.pt").read_text() == f"copy {copy}"
+        write_copy_to_bucket(rerun, bucket, 2, 3)  # the rerun writes it again: what the kill left goes
+        assert sorted(os.listdir(bucket / "checkpoints")) == ["step_000002"], kill_at
+        assert json.loads((bucket / "checkpoints" / "step_000002" / "driver.json").read_text())["copy"] == 3
+        if proc.returncode == 0:  # killed before none of its changes: every one was tried
+            assert copy == 2 and kill_at > 5
+            break
+    else:
+        pytest.fail("the writer was killed at every change it made")
 
 
 def test_a_lone_aside_copy_is_found_then_pruned_by_keep(tmp_path):

@@ -1,15 +1,99 @@
 """An error inside a step (here a reward function that fails every retry) ends the run with a checkpoint
-of the last finished step, and the same command resumes from it once the cause is fixed."""
+of the last finished step, and the same command resumes from it once the cause is fixed; so does a
+SIGTERM whose grace period cannot cover the step it comes in (here one that hangs in scoring)."""
 
 import json
+import math
+import os
+import signal
+import subprocess
+import sys
 import time
+from pathlib import Path
 
 import pytest
 
 from rayrlhf.jobs.config.run import load_config
 from rayrlhf.jobs.run import checkpoint
 from rayrlhf.jobs.run.recovery import ScoreError
+from rayrlhf.jobs.run.stop import grace_period, last_moment
 from rayrlhf.jobs.train import checkpoint_due, train
+from tests.e2e.test_recovery import planned
+
+REPO = Path(__file__).resolve().parents[2]
+
+HANGS = '''
+import pathlib, time
+
+FLAG = pathlib.Path(__file__).with_name("hang")
+COUNT = pathlib.Path(__file__).with_name("calls")
+
+
+def hangs(completions, **_):
+    calls = int(COUNT.read_text()) + 1 if COUNT.exists() else 1
+    COUNT.write_text(str(calls))
+    if FLAG.exists() and calls == 3:  # the evaluation before and step 1 score; step 2 hangs
+        FLAG.with_name("hanging").touch()
+        time.sleep(600)
+    return [0.0 for _ in completions]
+'''
+
+
+def test_a_sigterm_whose_grace_cannot_cover_the_step_abandons_it_and_saves_the_one_before(tmp_path, request):
+    """As Ray's job supervisor stops a job: SIGTERM, then SIGKILL after the job's RAY_JOB_STOP_WAIT_TIME_S.
+    Step 2 hangs in scoring (as a slow step would): the driver abandons it in time, saves step 1 with
+    the learner untouched and exits 143; the same command then trains steps 2 and 3, each sample once."""
+    # first in the file: its own Ray in a subprocess, before the module's Ray starts
+    grace = 30
+    (tmp_path / "hangs.py").write_text(HANGS)
+    (tmp_path / "hang").touch()
+    out = tmp_path / "run"
+    overrides = [f"output_dir={out}", "steps=3", "logging.tensorboard=false",
+                 f"reward.functions=[{{path: '{tmp_path / 'hangs.py'}:hangs', weight: 0.0}}]"]
+    cli = [sys.executable, "-m", "rayrlhf.jobs.cli", "train", "--config", "tiny",
+           *(arg for override in overrides for arg in ("--set", override))]
+    log = tmp_path / "driver.log"
+    with open(log, "w") as sink:
+        proc = subprocess.Popen(cli, cwd=REPO, env={**os.environ, "RAY_JOB_STOP_WAIT_TIME_S": str(grace)},
+                                stdout=sink, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        deadline = time.time() + 300
+        while not (tmp_path / "hanging").exists() and proc.poll() is None and time.time() < deadline:
+            time.sleep(0.2)
+        assert (tmp_path / "hanging").exists(), log.read_text()[-3000:]
+        proc.send_signal(signal.SIGTERM)
+        try:
+            code = proc.wait(timeout=grace)
+        except subprocess.TimeoutExpired:
+            code = None  # the SIGKILL of the finally block, as the supervisor sends it
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    assert code == 143, log.read_text()[-3000:]
+    saved = checkpoint.latest(out)
+    assert saved is not None and checkpoint.step_of(saved) == 1
+    assert checkpoint.read(saved)[2]["learner"]["version"] == 1  # the learner never started step 2
+    assert "step 2 could not end and be saved within the 30 s a SIGTERM leaves, so it was abandoned" in \
+        log.read_text()
+
+    (tmp_path / "hang").unlink()
+    request.getfixturevalue("local_ray")  # the module's Ray from here on
+    cfg = load_config("tiny", overrides)
+    result = train(cfg)
+    assert [h["step"] for h in result.history] == [1, 2, 3]
+    assert [sorted(ids) for ids in result.trained_samples] == planned(cfg)[1:]  # none lost, none twice
+    assert [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()] == [0, 1, 2, 3, 3]
+
+
+def test_the_grace_period_and_the_last_moment_to_abandon_a_step():
+    assert grace_period(12.0, {"RAY_JOB_STOP_WAIT_TIME_S": "300"}) == 12.0  # checkpoint.stop_grace_s first
+    assert grace_period(None, {"RAY_JOB_STOP_WAIT_TIME_S": "300"}) == 300.0  # the job's, as submit sets it
+    assert grace_period(None, {}) is None and grace_period(None, {"RAY_JOB_STOP_WAIT_TIME_S": "x"}) is None
+    step = {"time/step": 10.0, "time/learn": 4.0, "time/sync": 1.0}
+    assert last_moment(100.0, 30.0, step, save_s=6.0) == 100.0 - 5.0 - 6.0 - 3.0  # learn, sync, save, 10% margin
+    assert last_moment(100.0, 30.0, step, save_s=None) == 100.0 - 5.0 - 10.0 - 3.0  # an untimed save: a step
+    assert last_moment(100.0, 30.0, None, save_s=6.0) == -math.inf  # nothing to go by: at once
 
 FLAKY = '''
 import pathlib

@@ -2,7 +2,8 @@
 batches are trained one version after the one that sampled them, every planned sample once and in
 order; a run interrupted with a batch in flight resumes exactly, also through a learner restart; a
 rollout worker killed while it generates the batch ahead (during learning) is restarted and the run
-ends as without the fault."""
+ends as without the fault; a reward failing while the batch ahead is collected ends the run with a
+checkpoint that resumes exactly."""
 
 import json
 import os
@@ -19,7 +20,9 @@ from rayrlhf.jobs.run import checkpoint
 from rayrlhf.jobs.run.checkpoint import Interrupted
 from rayrlhf.jobs.config.run import load_config
 from rayrlhf.jobs.run import ahead as ahead_file
+from rayrlhf.jobs.run.recovery import ScoreError
 from rayrlhf.jobs.train import train
+from tests.e2e.test_errors_keep_work import FLAKY
 from tests.e2e.test_recovery import SAME_AS_WITHOUT_FAULT, planned
 from tests.e2e.test_resume import assert_same_run, interrupt_at
 
@@ -155,3 +158,30 @@ def test_a_rollout_worker_killed_during_learning_is_restarted_and_the_batch_redo
         for key in (*SAME_AS_WITHOUT_FAULT, "pipeline/mismatch_kl"):
             assert got[key] == pytest.approx(want[key], rel=1e-6, abs=1e-7), (got["step"], key)
     assert "recovery: rollout worker 0 restarted" in capsys.readouterr().out
+
+
+def test_a_failed_collect_of_the_batch_ahead_ends_the_run_with_a_checkpoint_that_resumes_exactly(reference, tmp_path):
+    """A reward fails every retry while step 2 collects step 3's batch (the learner making step 2's
+    update): step 2 ends, and the error stops the run with a checkpoint of step 2 that owes step 3's
+    batch, with the weights that are to sample it (version 1). Once fixed, the same command trains
+    step 3 as the run without the error did."""
+    ref_out, ref_result = reference
+    (tmp_path / "flaky.py").write_text(FLAKY)  # fails from its 4th call: eval, batch 1, 2, then 3
+    (tmp_path / "broken").touch()
+    out = tmp_path / "run"
+    cfg = cfg_in(out, "fault_tolerance.score_retries=0",
+                 f"reward.functions=[{{path: '{tmp_path / 'flaky.py'}:flaky', weight: 0.0}}]")
+    with pytest.raises(ScoreError, match="the reward service is down"):
+        train(cfg)
+    saved = checkpoint.latest(out)
+    assert saved is not None and checkpoint.step_of(saved) == 2  # none on schedule (every: 0)
+    state = checkpoint.read(saved)[2]
+    assert state["learner"]["version"] == 2 and [s["version"] for s in state["rollout"]] == [1]
+    assert ahead_file.load(saved) is None and ahead_file.load_weights(saved) is not None
+    assert [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()] == [0, 1, 2]
+
+    (tmp_path / "broken").unlink()
+    result = train(cfg)
+    assert result.trained_samples == ref_result.trained_samples[2:]  # none lost, none trained twice
+    assert [h["step"] for h in result.history] == [1, 2, 3]
+    assert_same_run(ref_out, out, skip=("reward/flaky", "eval/flaky", "faults/score_retries"))  # the failed try counts

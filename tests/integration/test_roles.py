@@ -236,16 +236,16 @@ def free_port() -> int:
 
 def make_learner(model_dir: str, name: str, lora: LoraConfig | None = None, pipeline: PipelineConfig | None = None,
                  micro_batch_size: int = 4, packing: bool = True, pack_tokens: int = 256, logits_chunk: int = 1024,
-                 lr: float = 1e-2, **algorithm_fields: Any):
+                 lr: float = 1e-2, zero_stage: int = 2, on_nonfinite: str = "stop", **algorithm_fields: Any):
     from rayrlhf.actors.learner import Learner
 
     algorithm = AlgorithmConfig(name=name, clip_eps=0.2, epochs=1, gamma=1.0, lam=0.95, value_clip=0.2, vf_coef=0.5,
                                 entropy_coef=0.0, normalize_std=True, **algorithm_fields)  # fmt: skip
     kl = KLConfig(coef=0.05, estimator="k3", adaptive=False, target=0.1, horizon=1000)
-    learner = LearnerConfig(num_ranks=1, zero_stage=2, offload=False, backend="auto", lr=lr, weight_decay=0.0,
+    learner = LearnerConfig(num_ranks=1, zero_stage=zero_stage, offload=False, backend="auto", lr=lr, weight_decay=0.0,
                             grad_clip=1.0, micro_batch_size=micro_batch_size, bf16=False, num_cpus=1, num_gpus=0,
                             torch_threads=1, gradient_checkpointing=False, packing=packing, pack_tokens=pack_tokens,
-                            logits_chunk=logits_chunk)  # fmt: skip
+                            logits_chunk=logits_chunk, on_nonfinite=on_nonfinite)  # fmt: skip
     return Learner(
         rank=0, world_size=1, master_addr="127.0.0.1", master_port=free_port(), model=model_dir, seed=0,
         temperature=1.0, rows_per_step=len(PROMPTS) * K, algorithm=algorithm, kl=kl, learner=learner, lora=lora,
@@ -461,6 +461,19 @@ def test_a_pbt_perturbation_wins_over_the_restored_lr_and_kl_coefficient(
         assert restored.kl_ctl.value == kl_coef
 
 
+def poisoned_batch(model_dir: str, monkeypatch, poisoned: bool = True, version: int = 0) -> LearnerBatch:
+    """The scripted batch (sampled at policy `version`) with NaN old log-probs in its first row (a NaN
+    loss for its micro-batch)."""
+    worker = make_worker(model_dir)
+    worker.load_state_dict({"version": version, "calls": 0})
+    script_responses(monkeypatch, responses_of_lengths(LENGTHS, 6, worker.tokenizer.eos_token_id))
+    traj = worker.generate(PROMPTS)
+    if poisoned:
+        traj.old_logprobs[0] = np.where(traj.response_mask[0] > 0, np.nan, traj.old_logprobs[0])
+    scores = np.array([1, 0, 0, 0] * len(PROMPTS), dtype=np.float32)
+    return LearnerBatch.join([traj], [Rewards(total=scores, raw_total=scores, components={})], [None])
+
+
 def test_a_non_finite_loss_stops_the_step_before_any_update_and_diverged_weights_are_never_sent(
     model_dir, dist_env, tmp_path, monkeypatch
 ):
@@ -469,12 +482,7 @@ def test_a_non_finite_loss_stops_the_step_before_any_update_and_diverged_weights
     it refuses to save or send weights at all."""
     from rayrlhf.actors.learner import NonFiniteError
 
-    worker = make_worker(model_dir)
-    script_responses(monkeypatch, responses_of_lengths(LENGTHS, 6, worker.tokenizer.eos_token_id))
-    traj = worker.generate(PROMPTS)
-    traj.old_logprobs[0] = np.where(traj.response_mask[0] > 0, np.nan, traj.old_logprobs[0])  # a poisoned row
-    scores = np.array([1, 0, 0, 0] * len(PROMPTS), dtype=np.float32)
-    batch = LearnerBatch.join([traj], [Rewards(total=scores, raw_total=scores, components={})], [None])
+    batch = poisoned_batch(model_dir, monkeypatch)
     learner = make_learner(model_dir, "grpo", micro_batch_size=len(PROMPTS) * K)
     before = {k: v.clone() for k, v in learner.policy.state_dict().items()}
     with pytest.raises(NonFiniteError, match=r"step 1: the loss of micro-batch 0 is not finite on learner rank\(s\) \[0\]; "
@@ -485,8 +493,36 @@ def test_a_non_finite_loss_stops_the_step_before_any_update_and_diverged_weights
     learner.save_checkpoint(Storage(tmp_path / "ok"))
 
     with pytest.raises(NonFiniteError, match="an update of this step was applied"):
-        learner._agree_finite(float("inf"), "the gradient norm", applied=True)  # ZeRO 1-3: norm read after step()
+        learner._finite(float("inf"), "the gradient norm", applied=True)  # an update of the step was applied
     for send in (learner.get_weights, lambda: learner.save_checkpoint(Storage(tmp_path / "bad"))):
         with pytest.raises(NonFiniteError, match="refusing to save or send diverged weights"):
             send()
     assert not (tmp_path / "bad").exists()
+
+
+@pytest.mark.parametrize("engine", ["plain", "zero2"])
+def test_on_nonfinite_skip_drops_the_update_and_the_run_trains_on(model_dir, dist_env, monkeypatch, capsys, engine):
+    """learner.on_nonfinite: skip. The NaN row is in the first of the step's 2 micro-batches (one
+    accumulation window): the whole window's update is dropped (the plain engine and DeepSpeed 0.19's
+    ZeRO-2 drop a non-finite gradient themselves), counted and logged once; the step's loss is the
+    finite micro-batch's. The next, clean step trains as usual. DeepSpeed's ZeRO-0 in fp32, which
+    would apply it, is refused by the config."""
+    import rayrlhf.actors.learner as learner_module
+
+    with pytest.raises(ValueError, match="on_nonfinite: skip needs learner.zero_stage >= 1 with several ranks"):
+        LearnerConfig(num_ranks=2, zero_stage=0, on_nonfinite="skip")
+    if engine != "plain":
+        monkeypatch.setattr(learner_module, "use_plain_engine", lambda world_size, learner: False)
+    learner = make_learner(model_dir, "grpo", on_nonfinite="skip")
+    assert isinstance(learner.engine, learner_module.PlainEngine) == (engine == "plain")
+    before = {k: v.clone() for k, v in learner.policy.state_dict().items()}
+    metrics = learner.learn(poisoned_batch(model_dir, monkeypatch))
+    assert metrics["skipped_updates"] == 1.0 and np.isnan(metrics["grad_norm"]) and np.isfinite(metrics["loss"])
+    assert all(torch.equal(before[k], v) for k, v in learner.policy.state_dict().items())
+    assert learner.version == 1 and learner.get_weights() is not None  # the step happened; its weights are sendable
+    logged = [line for line in capsys.readouterr().err.splitlines() if "skipped" in line]
+    assert logged == ["WARNING step 1: the loss of micro-batch 0 is not finite on learner rank(s) [0]; its update "
+                      "is skipped (learner.on_nonfinite: skip)"]
+    metrics = learner.learn(poisoned_batch(model_dir, monkeypatch, poisoned=False, version=1))
+    assert metrics["skipped_updates"] == 0.0 and np.isfinite(metrics["grad_norm"]) and learner.version == 2
+    assert any(not torch.equal(before[k], v) for k, v in learner.policy.state_dict().items())
