@@ -13,9 +13,9 @@ fixed sequence spread over 8..64 tokens. "batched" serves with max_batch_size = 
 (continuous batching: a request joins the running decode batch at the next step), "unbatched"
 with max_batch_size 1 (one request at a time). Time to first token is measured to the first
 streamed text; latency to the end of the stream. The client runs in this process (asyncio,
-light) on the same cores as the server: the figures include that. The replica reserves both cores
-of the local Ray (num_cpus 2, hence 2 torch threads); `--set FIELD=VALUE` changes any ServeConfig
-field for both modes (e.g. `--set num_cpus=1`).
+light) on the same cores as the server: the figures include that. The replica has Serve's defaults
+(on this 2-CPU local Ray: both CPUs, hence 2 torch threads); `--set FIELD=VALUE` changes any
+ServeConfig field for both modes (e.g. `--set num_cpus=1`).
 
 Writes benchmarks/results/serve_load.json (one entry per model and workload, merged with earlier
 runs) and prints a table. Not a test: figures only, on an idle machine. Traffic stays on 127.0.0.1.
@@ -39,7 +39,7 @@ from ray import serve
 from rayrlhf.cluster.local import init_ray, shutdown_ray
 from rayrlhf.jobs.config.base import merge, parse_overrides, validate
 from rayrlhf.jobs.config.serve import ServeConfig
-from rayrlhf.jobs.serve import build_app, prepare
+from rayrlhf.jobs.serve import build_app, prepare, with_replica_cpus
 
 PROMPTS = [
     "Write a short story about a robot who learns to paint.",
@@ -172,9 +172,10 @@ def main(argv: list[str] | None = None) -> None:
     load_before = os.getloadavg()
     most = max(args.clients)
     fields = {"model": args.model, "port": port, "auth_env": None, "max_ongoing_requests": max(32, most),
-              "max_tokens": max(64, args.max_tokens), "num_cpus": 2, "request_timeout_s": args.time_limit}
+              "max_tokens": max(64, args.max_tokens), "request_timeout_s": args.time_limit}
     base = prepare(validate(ServeConfig, merge(fields, parse_overrides(args.set)), "--set"), local=True)
     init_ray(num_cpus=2, object_store_mb=256)
+    base = with_replica_cpus(base)  # what build_app gives the replica
     runs = {}
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": port})

@@ -44,6 +44,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+import ray
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import SecretStr
@@ -397,6 +398,17 @@ def check_open_host(cfg: ServeConfig) -> None:
         )
 
 
+def with_replica_cpus(cfg: ServeConfig) -> ServeConfig:
+    """cfg with num_cpus decided: as given, or on a Ray of one node (a local machine, where Serve's own
+    actors reserve no CPU) that node's CPUs shared by cfg.replicas; on a larger cluster, or before
+    Ray is up (`serve run` of an import path builds the app first), 1."""
+    if cfg.num_cpus is not None:
+        return cfg
+    nodes = [node for node in ray.nodes() if node["Alive"]] if ray.is_initialized() else []
+    cpus = nodes[0]["Resources"].get("CPU", 1.0) / cfg.replicas if len(nodes) == 1 else 1.0
+    return cfg.model_copy(update={"num_cpus": cpus})
+
+
 def deployment_options(cfg: ServeConfig) -> dict:
     options: dict = {
         "max_ongoing_requests": cfg.max_ongoing_requests,
@@ -412,6 +424,7 @@ def deployment_options(cfg: ServeConfig) -> dict:
 
 
 def build_app(cfg: ServeConfig) -> serve.Application:
+    cfg = with_replica_cpus(cfg)
     options = deployment_options(cfg)
     key = api_key(cfg)
     if cfg.auth_env and key is None:
@@ -424,7 +437,9 @@ def version_app(cfg: ServeConfig, version: VersionConfig) -> serve.Application:
     """One version of a versioned endpoint: this module's server for version.model, answering to
     version.name, reached only through the router (no HTTP route, so no key of its own). Deleting
     it (a rollback) lets its replicas finish what they hold, up to the longest a request may take."""
-    single = cfg.model_copy(update={"model": version.model, "served_model_name": version.name, "versions": [], "traffic": {}})
+    single = with_replica_cpus(cfg).model_copy(
+        update={"model": version.model, "served_model_name": version.name, "versions": [], "traffic": {}}
+    )
     options = {**deployment_options(cfg), "graceful_shutdown_timeout_s": cfg.request_timeout_s + STALL_GRACE_S + 1}
     return OpenAIServer.options(**options).bind(single.model_dump(), None, cfg.app_name)  # type: ignore[attr-defined]
 

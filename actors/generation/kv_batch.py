@@ -9,7 +9,9 @@ same positions whatever it is batched with.
 
 The keys and values live in buffers with spare columns on the right (`RoomyLayer`): a decode step
 writes its token in place, where transformers' DynamicLayer copies the whole cache (torch.cat) at
-every step. The batch is copied only when rows join or leave, or every ROOM steps.
+every step. The batch is copied only when rows join, or every ROOM steps; rows that leave are
+compacted inside the same buffers (and trimmed columns are only skipped), so no buffer is
+allocated or zeroed then.
 """
 
 from __future__ import annotations
@@ -34,36 +36,53 @@ def _left_pad(t: torch.Tensor, width: int, dim: int) -> torch.Tensor:
 
 def _stacked(parts: list[torch.Tensor], width: int) -> torch.Tensor:
     """parts [rows_i, heads, length_i, dim] stacked on rows, each right-aligned (zeros on the left, masked)
-    in a buffer of width + ROOM columns: one copy of each part."""
+    in a buffer of width + ROOM columns: one copy of each part. The spare columns are left as they are
+    (uninitialised): a step writes each before any view covers it."""
     rows = sum(p.shape[0] for p in parts)
     heads, _, dim = parts[0].shape[1:]
-    out = parts[0].new_zeros(rows, heads, width + ROOM, dim)
+    out = parts[0].new_empty(rows, heads, width + ROOM, dim)
     start = 0
     for p in parts:
-        out[start:start + p.shape[0], :, width - p.shape[2]:width] = p
+        pad = width - p.shape[2]
+        out[start:start + p.shape[0], :, :pad] = 0  # finite, for the masked attention to weigh by 0
+        out[start:start + p.shape[0], :, pad:width] = p
         start += p.shape[0]
     return out
 
 
 class RoomyLayer(DynamicLayer):
-    """A DynamicLayer whose keys and values are views of the first `length` columns of larger buffers:
-    `update` writes new tokens into the spare columns (re-allocating ROOM more when they run out)."""
+    """A DynamicLayer whose keys and values are views of columns [start, end) of the first rows of larger
+    buffers: `update` writes new tokens into the spare columns (re-allocating ROOM more when they run
+    out), `keep` compacts the rows that stay in place."""
 
     def __init__(self, keys: torch.Tensor, values: torch.Tensor, length: int) -> None:
         super().__init__()
         self._keys, self._values = keys, values
-        self.keys, self.values = keys[:, :, :length], values[:, :, :length]
+        self.start = 0
+        self._view(keys.shape[0], length)
         self.device, self.is_initialized = keys.device, True
 
+    def _view(self, rows: int, end: int) -> None:
+        self.keys, self.values = self._keys[:rows, :, self.start:end], self._values[:rows, :, self.start:end]
+        self._viewed = self.keys.data_ptr()
+
     def update(self, key_states, value_states, *args, **kwargs):
-        start = self.keys.shape[-2]
-        end = start + key_states.shape[-2]
-        if end > self._keys.shape[-2] or self.keys.data_ptr() != self._keys.data_ptr():  # full, or replaced
-            self.__init__(_stacked([self.keys], start), _stacked([self.values], start), start)
-        self._keys[:, :, start:end] = key_states
-        self._values[:, :, start:end] = value_states
-        self.keys, self.values = self._keys[:, :, :end], self._values[:, :, :end]
+        rows, length, new = self.keys.shape[0], self.keys.shape[-2], key_states.shape[-2]
+        if self.start + length + new > self._keys.shape[-2] or self.keys.data_ptr() != self._viewed:  # full, or replaced
+            self.__init__(_stacked([self.keys], length), _stacked([self.values], length), length)
+        end = self.start + length
+        self._keys[:rows, :, end:end + new] = key_states
+        self._values[:rows, :, end:end + new] = value_states
+        self._view(rows, end + new)
         return self.keys, self.values
+
+    def keep(self, index: torch.Tensor, first: int) -> None:
+        """Keep the rows `index` (in that order) as the first rows, and drop the first `first` columns."""
+        end = self.start + self.keys.shape[-2]
+        self._keys[:len(index), :, self.start:end] = self.keys[index]  # gathered into a new tensor first
+        self._values[:len(index), :, self.start:end] = self.values[index]
+        self.start += first
+        self._view(len(index), end)
 
 
 def _roomy_cache(layers: list[tuple[torch.Tensor, torch.Tensor]], length: int) -> DynamicCache:
@@ -110,11 +129,8 @@ class KVBatch:
         self.mask, self.positions, self.next_ids = self.mask[index], self.positions[index], self.next_ids[index]
         first = int(self.mask.any(dim=0).int().argmax())  # the first column some row attends to
         self.mask = self.mask[:, first:]
-        width = self.mask.shape[1]
-        self.cache = _roomy_cache(
-            [(_stacked([k[index, :, first:]], width), _stacked([v[index, :, first:]], width)) for k, v, *_ in self.cache],
-            width,
-        )
+        for layer in self.cache.layers:
+            layer.keep(index, first)
 
     def inputs(self) -> dict[str, torch.Tensor | DynamicCache]:
         """The next decode step's model inputs: one token per row, the mask grown by one column."""

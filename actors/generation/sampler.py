@@ -33,6 +33,8 @@ def row_generator(seed: int, row: int) -> torch.Generator:
 def scaled_logprobs(logits: torch.Tensor, temperature: torch.Tensor) -> torch.Tensor:
     """[n, V] log softmax(logits / T) of each row; greedy rows (T = 0) at T = 1."""
     temperature = torch.where(temperature > 0, temperature, 1.0)
+    if bool((temperature == 1).all()):  # x / 1 == x: the same scores without a pass over the vocabulary
+        return torch.log_softmax(logits, dim=-1)
     return torch.log_softmax(logits / temperature[:, None], dim=-1)
 
 
@@ -52,11 +54,15 @@ def sample_tokens(
     else a draw from exp(scores) cut to top_p, with the row's own generator. scores: scaled_logprobs of
     the logits (a batch of greedy rows needs only their argmax: the raw logits do). A row's draw
     depends on its own scores and generator only."""
-    tokens = scores.argmax(dim=-1)
-    sampled = torch.nonzero((temperature > 0) & (top_p > 0)).flatten()
-    if len(sampled) == 0:
-        return tokens
-    probs, top_p = scores[sampled].exp(), top_p[sampled]
+    drawn = (temperature > 0) & (top_p > 0)
+    if not bool(drawn.any()):
+        return scores.argmax(dim=-1)
+    sampled = torch.nonzero(drawn).flatten()
+    tokens = scores.new_zeros(len(scores), dtype=torch.long)
+    if not bool(drawn.all()):  # an argmax over the vocabulary only for the greedy rows
+        tokens[~drawn] = scores[~drawn].argmax(dim=-1)
+        scores, top_p = scores[sampled], top_p[sampled]
+    probs = scores.exp()
     cut = torch.nonzero(top_p < 1).flatten()
     if len(cut):  # a sort of the vocabulary per row is not free: only the rows that cut
         probs[cut] = nucleus(probs[cut], top_p[cut])

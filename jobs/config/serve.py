@@ -88,8 +88,10 @@ class ServeConfig(StrictModel):
     the application builder ignores them (Serve takes them from the config file)."""
     num_replicas: int = Field(1, ge=1)
     autoscaling: AutoscalingConfig | None = None
-    num_cpus: float = Field(1.0, gt=0)
-    """CPUs reserved per replica."""
+    num_cpus: float | None = Field(None, gt=0)
+    """CPUs reserved per replica; default: on a Ray of one node (a local machine) that node's CPUs
+    shared evenly by the replicas the config can start (num_replicas or autoscaling.max_replicas,
+    times the versions), so one replica uses every core; on a cluster of several nodes, 1."""
     num_gpus: float = Field(0.0, ge=0)
     """GPUs reserved per replica (fractions share one GPU between replicas); > 0 puts the model on it."""
     torch_threads: int | None = Field(None, ge=1)
@@ -162,9 +164,14 @@ class ServeConfig(StrictModel):
         return self
 
     @property
+    def replicas(self) -> int:
+        """The most replicas the config can start, every version's together."""
+        return (self.autoscaling.max_replicas if self.autoscaling else self.num_replicas) * max(1, len(self.versions))
+
+    @property
     def threads(self) -> int:
-        """torch_threads, or the replica's CPU reservation."""
-        return self.torch_threads or max(1, int(self.num_cpus))
+        """torch_threads, or the replica's CPU reservation (1 while num_cpus is left to the cluster)."""
+        return self.torch_threads or max(1, int(self.num_cpus or 1))
 
     @property
     def model_name(self) -> str:

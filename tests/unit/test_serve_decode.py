@@ -150,7 +150,9 @@ def test_kv_batch_pads_joiners_and_trims_what_no_row_needs():
     keys = batch.cache.layers[0].keys[:, 0, :, 0]
     assert keys.tolist() == [[0, 1, 2, 3, 4], [0, 0, 0, 1, 2], [0, 0, 3, 4, 5]]  # joiners padded on the left
     assert batch.next_ids.tolist() == [7, 8, 9] and batch.positions.tolist() == [5, 2, 3]
+    buffer = batch.cache.layers[0]._keys
     batch.keep([2, 1])  # the long row leaves: two padding columns are no longer needed
+    assert batch.cache.layers[0]._keys is buffer  # rows compacted in place: nothing allocated
     assert batch.mask.tolist() == [[1, 1, 1], [0, 1, 1]]
     assert batch.cache.layers[0].keys[:, 0, :, 0].tolist() == [[3, 4, 5], [0, 1, 2]]
     assert batch.cache.layers[0].values[:, 0, :, 0].tolist() == [[-3, -4, -5], [-0, -1, -2]]

@@ -21,7 +21,7 @@ from rayrlhf.actors.serving.openai_schema import (
 from rayrlhf.jobs.cli import main as cli_main
 from rayrlhf.jobs.config.base import CONFIG_DIR, ConfigError, load_yaml
 from rayrlhf.jobs.config.serve import IMPORT_PATH, ServeConfig, load_serve_config
-from rayrlhf.jobs.serve import app_builder, build_app, prepare
+from rayrlhf.jobs.serve import app_builder, build_app, prepare, with_replica_cpus
 
 
 @pytest.fixture(scope="module")
@@ -225,6 +225,25 @@ def test_replica_torch_threads_follow_its_cpu_reservation_unless_set():
     assert ServeConfig().threads == 1
     assert ServeConfig(num_cpus=2).threads == 2 and ServeConfig(num_cpus=0.5).threads == 1
     assert ServeConfig(num_cpus=2, torch_threads=1).threads == 1
+
+
+def test_replicas_share_a_local_machines_cores_by_default(monkeypatch):
+    nodes = [{"Alive": True, "Resources": {"CPU": 2.0}}, {"Alive": False, "Resources": {"CPU": 8.0}}]
+    monkeypatch.setattr(ray, "is_initialized", lambda: True)
+    monkeypatch.setattr(ray, "nodes", lambda: nodes)
+    one = with_replica_cpus(ServeConfig())
+    assert (one.num_cpus, one.threads) == (2.0, 2)  # one replica on a 2-core machine: both cores
+    assert with_replica_cpus(ServeConfig(num_replicas=4)).num_cpus == 0.5
+    assert with_replica_cpus(ServeConfig(autoscaling={"max_replicas": 2}, num_replicas=1)).num_cpus == 1.0
+    versions = [{"name": "A", "model": "tiny-gpt2"}, {"name": "B", "model": "tiny-gpt2"}]
+    assert with_replica_cpus(ServeConfig(versions=versions)).num_cpus == 1.0  # two versions, a replica each
+    assert with_replica_cpus(ServeConfig(num_cpus=0.5)).num_cpus == 0.5  # given: kept
+    d = app_builder({"model": "tiny-gpt2"})._bound_deployment
+    assert d.ray_actor_options["num_cpus"] == 2.0
+    nodes[1]["Alive"] = True  # a cluster of several nodes: 1 each
+    assert with_replica_cpus(ServeConfig()).num_cpus == 1.0
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)  # before Ray is up (serve run of an import path)
+    assert with_replica_cpus(ServeConfig()).num_cpus == 1.0
 
 
 @pytest.mark.parametrize(
