@@ -25,12 +25,12 @@ from pathlib import Path
 import common  # first: the offline defaults, before Ray, torch and transformers load
 
 
-def run(config: str, seed: int, output_dir: Path, overrides: list[str]) -> dict:
+def run(config: str, seed: int, output_dir: Path, overrides: list[str], step_metrics: list[str]) -> dict:
     """One training run in its own process; its figures from the files it wrote."""
     command = [sys.executable, "-m", "rayrlhf.jobs.cli", "train", "--config", config, "--resume", "never",
                "--set", f"seed={seed}", "--set", f"output_dir={output_dir}", "--set", "logging.wandb=disabled",
                "--set", "logging.progress_bar=false", *(x for o in overrides for x in ("--set", o))]  # fmt: skip
-    start = time.perf_counter()
+    load_at_start, start = os.getloadavg(), time.perf_counter()
     subprocess.run(command, check=True, env=os.environ)
     wall = time.perf_counter() - start
     evaluated = json.loads((output_dir / "eval.json").read_text())
@@ -41,6 +41,7 @@ def run(config: str, seed: int, output_dir: Path, overrides: list[str]) -> dict:
         return statistics.mean(values) if values else None
 
     return {"config": config, "seed": seed, "wall_s": wall, "load_average_1_5_15": os.getloadavg(),
+            "load_average_at_start": load_at_start, "step_means": {k: mean(k) for k in step_metrics},
             "median_step_s": statistics.median(s["time/step"] for s in steps), "steps": len(steps),
             "kept_frac_mean": mean("dynamic_sampling/kept_frac"), "draws_mean": mean("dynamic_sampling/draws"),
             "prompts_drawn": sum(s.get("dynamic_sampling/prompts_drawn", 0) for s in steps) or None,
@@ -54,10 +55,12 @@ def main() -> None:
     parser.add_argument("--metric", default="eval/math_exact_match", help="the held-out accuracy to compare")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="FIELD=VALUE",
                         help="applied to every run (e.g. steps=2 for a quick check)")
+    parser.add_argument("--step-metrics", nargs="*", default=[], metavar="KEY",
+                        help="metrics.jsonl keys whose mean over the steps is reported per run (e.g. reward/env_turns)")
     parser.add_argument("--out", default="math_recipe.json", help="file name under benchmarks/results/")
     parser.add_argument("--outputs", default="outputs/math_recipe", help="where the runs write")
     args = parser.parse_args()
-    runs = [run(config, seed, Path(args.outputs) / f"{config}_seed{seed}", args.overrides)
+    runs = [run(config, seed, Path(args.outputs) / f"{config}_seed{seed}", args.overrides, args.step_metrics)
             for config in args.configs for seed in args.seeds]  # fmt: skip
 
     summary = {}
@@ -72,6 +75,7 @@ def main() -> None:
             "wall_s_mean": statistics.mean(r["wall_s"] for r in mine),
             "kept_frac_mean": None if mine[0]["kept_frac_mean"] is None  # no dynamic sampling
             else statistics.mean(r["kept_frac_mean"] for r in mine),
+            "step_means": {k: statistics.mean(r["step_means"][k] for r in mine) for k in args.step_metrics},
         }  # fmt: skip
     report = {"configs": args.configs, "seeds": args.seeds, "metric": args.metric, "overrides": args.overrides,
               "summary": summary, "runs": runs}  # fmt: skip

@@ -3,7 +3,8 @@
 The model may call `calculator` ({"expression": "3 * (4 + 5)"}) with the text convention of
 actors/generation/tool_calls.py; each call's result (or error) comes back as a `tool` message.
 A reply without a tool call is the final answer: reward 1 if its final number equals the
-reference's (math_exact_match), else 0, and the episode ends. The expression is parsed, never
+reference's (math_exact_match), else 0, and the episode ends. One worked exchange (EXAMPLE) comes
+before the question: from the tool description alone SmolLM2-135M never writes a call. The expression is parsed, never
 eval'd: numbers, + - * / // % **, unary signs and parentheses, in exact fractions, with bounded
 exponents and length, so no input can run code or exhaust memory.
 """
@@ -16,7 +17,7 @@ import operator
 from fractions import Fraction
 from typing import Any
 
-from rayrlhf.actors.generation.tool_calls import with_tools
+from rayrlhf.actors.generation.tool_calls import format_tool_call, with_tools
 from rayrlhf.actors.rewards.math_answers import math_exact_match
 
 TOOLS = [{"type": "function", "function": {
@@ -25,6 +26,14 @@ TOOLS = [{"type": "function", "function": {
     "parameters": {"type": "object", "properties": {"expression": {"type": "string"}}, "required": ["expression"]},
 }}]  # fmt: skip
 INSTRUCTION = " Use the calculator tool for the arithmetic. Then answer with the final number."
+EXAMPLE = [
+    {"role": "user", "content": "Ana has 3 bags with 4 apples in each. How many apples does Ana have?"},
+    {"role": "assistant", "content": format_tool_call("calculator", {"expression": "3 * 4"})},
+    {"role": "tool", "content": "12"},
+    {"role": "assistant", "content": "Ana has 12 apples. The answer is 12."},
+]
+"""A demonstration before the question (one-shot): SmolLM2-135M sampled no call in 80 replies to the tool
+description alone, and well-formed ones after it (figures: benchmarks/README.md, the calculator section)."""
 MAX_CHARS, MAX_EXPONENT, MAX_DIGITS = 200, 64, 100
 _BINARY = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul, ast.Div: operator.truediv,
            ast.FloorDiv: operator.floordiv, ast.Mod: operator.mod, ast.Pow: operator.pow}  # fmt: skip
@@ -73,7 +82,7 @@ class Calculator:
 
     def reset(self, row: dict[str, Any], seed: int) -> list[dict[str, Any]]:
         self.reference = row["reference"]
-        return with_tools([{"role": "user", "content": str(row["prompt"]) + INSTRUCTION}], TOOLS)
+        return with_tools([*EXAMPLE, {"role": "user", "content": str(row["prompt"]) + INSTRUCTION}], TOOLS)
 
     def step(self, assistant: dict[str, Any]) -> tuple[list[dict[str, Any]], float, bool]:
         calls, invalid = assistant.get("tool_calls") or [], assistant.get("invalid_tool_calls") or []

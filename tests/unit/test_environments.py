@@ -7,10 +7,10 @@ import pytest
 import torch
 
 from rayrlhf.actors.environments.base import EnvironmentLoadError, load_environment
-from rayrlhf.actors.environments.calculator import Calculator, CalculatorError, calculate
+from rayrlhf.actors.environments.calculator import EXAMPLE, Calculator, CalculatorError, calculate
 from rayrlhf.actors.environments.episode import Episode, MessageRenderer, assistant_message, to_trajectory
 from rayrlhf.actors.environments.guess_number import GuessNumber
-from rayrlhf.actors.generation.tool_calls import format_tool_call
+from rayrlhf.actors.generation.tool_calls import format_tool_call, parse_tool_calls
 from rayrlhf.actors.rl.aggregation import token_mean
 from rayrlhf.actors.rl.losses import ppo_clip
 from rayrlhf.actors.rl.trajectory import Prompt
@@ -32,7 +32,10 @@ def test_the_calculator_evaluates_arithmetic_exactly_and_runs_no_code():
 def test_calculator_episode_tool_results_then_exact_match_reward():
     env = Calculator()
     first = env.reset({"prompt": "Sam has 3 bags of 4 apples. How many?", "reference": "3 * 4 = 12\n#### 12"}, seed=0)
-    assert first[0]["role"] == "system" and "calculator" in first[0]["content"] and first[1]["role"] == "user"
+    assert first[0]["role"] == "system" and "calculator" in first[0]["content"] and first[1:-1] == EXAMPLE
+    assert first[-1]["role"] == "user" and first[-1]["content"].startswith("Sam has 3 bags")
+    assert parse_tool_calls(EXAMPLE[1]["content"]).calls[0].parsed_arguments() == {"expression": "3 * 4"}
+    assert calculate("3 * 4") == EXAMPLE[2]["content"]
     call = format_tool_call("calculator", {"expression": "3 * 4"})
     reply = "Let me compute. " + call + "<tool_call>{oops</tool_call>"
     message, calls, invalid = assistant_message(reply)
