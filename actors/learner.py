@@ -386,9 +386,9 @@ class Learner:
             return norm, True
         skipped_before = self.engine.skipped_steps
         self.engine.step()
-        norm = self._grad_norm()
         took = self.engine.skipped_steps == skipped_before
-        if not math.isfinite(norm) or not took:  # one all-reduce less on the usual path: norms agree across ranks
+        norm = self._grad_norm() if took else math.inf  # a dropped one's (ZeRO-3 keeps the last norm it applied)
+        if not math.isfinite(norm):  # the norm and the skip are global: every rank comes here, or none
             self._finite(norm, "the gradient norm", applied or took, quiet=quiet, stop=took)
         return norm, took
 

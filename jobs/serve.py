@@ -179,7 +179,9 @@ class OpenAIServer:
         self.engine = OpenAIEngine(generator, cfg.model_name, limits)
         self.scheduler = ContinuousScheduler(DecodeLoop(generator, cfg.max_batch_size), cfg.join_wait_steps, self.torch)
         self._beam_lock = asyncio.Lock()
-        """One beam search at a time on the torch thread, so decode steps get their turns between them."""
+        """One beam search at a time on the torch thread; decode steps run between its tokens."""
+        self.beam_searches = 0
+        """Running or waiting for their turn (GET /stats)."""
         self._parser = ThreadPoolExecutor(max_workers=PARSE_THREADS, thread_name_prefix="parse")
         self.token = api_key.get_secret_value() if api_key else None
         self.records: OrderedDict[str, list[dict]] = OrderedDict()
@@ -191,8 +193,17 @@ class OpenAIServer:
         authorize(self.token, request)
 
     async def _beams(self, generation: GenerationRequest) -> AsyncGenerator[Update, None]:
-        async with self._beam_lock:
-            yield await self.torch.run(beam_update, self.generator, generation)  # decode steps wait meanwhile
+        self.beam_searches += 1
+        done = False
+        try:
+            async with self._beam_lock:  # the decode steps queued meanwhile run between its tokens
+                update = await self.torch.run(beam_update, self.generator, generation, self.torch.yield_turn)
+                done = True
+            yield update
+        finally:
+            self.beam_searches -= 1
+            if not done:  # its caller left: the search ends at its next token
+                generation.cancelled = True
 
     async def _updates(self, job: Job, rid: str) -> AsyncGenerator[Update, None]:
         """The job's Updates, with a hard deadline; its rows leave the batch if we stop."""
@@ -362,7 +373,8 @@ class OpenAIServer:
         self._authorize(request)
         replica = serve.get_replica_context().replica_id.unique_id
         return {"replica": replica, "pid": os.getpid(), "max_batch_size": self.cfg.max_batch_size,
-                **self.scheduler.stats.as_dict(), **await self.state.report.remote()}
+                "beam_searches": self.beam_searches, **self.scheduler.stats.as_dict(),
+                **await self.state.report.remote()}
 
     @app.get("/health")
     async def health(self) -> dict:

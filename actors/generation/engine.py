@@ -12,10 +12,12 @@ from __future__ import annotations
 
 import math
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, replace
-from typing import Protocol
+from typing import Protocol, cast
 
 import torch
+from transformers import StoppingCriteria, StoppingCriteriaList
 
 from rayrlhf.actors.generation.decode_loop import DecodeLoop
 from rayrlhf.actors.generation.model_runner import ModelRunner
@@ -44,10 +46,23 @@ class GenerationEngine(Protocol):
         ...
 
     def beam_search(
-        self, prompts: list[list[int]], n: int, num_beams: int, max_tokens: int, max_time: float | None = None
+        self, prompts: list[list[int]], n: int, num_beams: int, max_tokens: int, max_time: float | None = None,
+        between_tokens: Callable[[], bool] | None = None,
     ) -> Generation:
-        """The best n of num_beams beams of each prompt (deterministic), within max_time seconds if given."""
+        """The best n of num_beams beams of each prompt (deterministic), within max_time seconds if given.
+        `between_tokens()` runs after each token (a server decodes other requests there); True ends the search."""
         ...
+
+
+class _BetweenTokens(StoppingCriteria):
+    """Hugging Face's hook after each token of `generate`: a call that may do other work and end the search."""
+
+    def __init__(self, call: Callable[[], bool]) -> None:
+        self.call = call
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor, **kwargs) -> torch.BoolTensor:
+        ends = torch.full((input_ids.shape[0],), self.call(), dtype=torch.bool, device=input_ids.device)
+        return cast(torch.BoolTensor, ends)
 
 
 class LocalEngine(ModelRunner):
@@ -87,12 +102,15 @@ class LocalEngine(ModelRunner):
 
     @torch.no_grad()
     def beam_search(
-        self, prompts: list[list[int]], n: int, num_beams: int, max_tokens: int, max_time: float | None = None
+        self, prompts: list[list[int]], n: int, num_beams: int, max_tokens: int, max_time: float | None = None,
+        between_tokens: Callable[[], bool] | None = None,
     ) -> Generation:
         ids, mask = left_pad(prompts, self.pad_id)
+        hook = StoppingCriteriaList([_BetweenTokens(between_tokens)] if between_tokens is not None else [])
         out = self.model.generate(  # type: ignore[operator]  # nn.Module.__getattr__ hides GenerationMixin; the neutral generation_config of ModelRunner
             input_ids=ids.to(self.device), attention_mask=mask.to(self.device), do_sample=False, num_beams=num_beams,
             num_return_sequences=n, max_new_tokens=max_tokens, early_stopping=True, max_time=max_time,
+            stopping_criteria=hook,
         )
         tokens = out[:, ids.shape[1]:].cpu()
         return Generation(tokens, torch.zeros(tokens.shape, dtype=torch.float32))

@@ -28,8 +28,8 @@ what the run without the error would have.
 
 from __future__ import annotations
 
-import time
 import contextlib
+import time
 from collections.abc import Callable
 from contextlib import AbstractContextManager
 from dataclasses import dataclass

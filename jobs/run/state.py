@@ -119,8 +119,8 @@ class RunState:
         waited on."""
         roles, kept, sampler = self.roles, self.recovery.states, self.sampler.state_dict()
         owed = self.pipeline.owed
-        if owed is not None and owed.states is not None and owed.sampler is not None:  # a pipelined batch whose collect failed: from before it
-            live, kept, sampler = False, owed.states, owed.sampler
+        if owed is not None and owed.states is not None and owed.sampler is not None:  # a pipelined batch
+            live, kept, sampler = False, owed.states, owed.sampler  # whose collect failed: from before it
         if live:
             scorers = ray.get([scorer.state_dict.remote() for scorer in roles.scorers])
             rollout = ray.get([worker.state_dict.remote() for worker in roles.rollout])

@@ -100,7 +100,9 @@ class StopSignal:
         self.signum = signum
         if signum == signal.SIGTERM and self.grace_s is not None:
             self.deadline = time.monotonic() + self.grace_s
-        finishing = "this step" if self.deadline is None else f"this step if it ends in time for a save ({self.grace_s:g} s)"
+        finishing = "this step"
+        if self.deadline is not None:
+            finishing += f" if it can end and be saved in {self.grace_s:g} s"
         print(f"got {signal.Signals(signum).name}: finishing {finishing}, then writing a checkpoint "
               "(send it again to stop at once)", file=sys.stderr, flush=True)  # fmt: skip
         self._abandon_if_late(expected_end=True)
@@ -117,7 +119,7 @@ class StopSignal:
         last = run.history[-1] if run.history else None
         latest, now = last_moment(self.deadline, self.grace_s, last, run.save_seconds), time.monotonic()
         if now >= latest or (expected_end and self._collect_start + collect_seconds(last) > latest):
-            self._run = None  # once
+            self._run = None  # no second StepAbandoned for this step
             self.abandoned = (f"step {run.step + 1} could not end and be saved within the {self.grace_s:g} s "
                               "a SIGTERM leaves")  # fmt: skip
             raise StepAbandoned(self.abandoned)

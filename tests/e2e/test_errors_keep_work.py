@@ -22,19 +22,23 @@ from tests.e2e.test_recovery import planned
 
 REPO = Path(__file__).resolve().parents[2]
 
-HANGS = '''
-import pathlib, time
+FLAKY = '''
+import pathlib
+import time
 
-FLAG = pathlib.Path(__file__).with_name("hang")
-COUNT = pathlib.Path(__file__).with_name("calls")
+HERE = pathlib.Path(__file__).parent
 
 
-def hangs(completions, **_):
-    calls = int(COUNT.read_text()) + 1 if COUNT.exists() else 1
-    COUNT.write_text(str(calls))
-    if FLAG.exists() and calls == 3:  # the evaluation before and step 1 score; step 2 hangs
-        FLAG.with_name("hanging").touch()
+def flaky(completions, **_):
+    """Fails from its 4th call while a file `broken` is beside it, hangs at its 3rd while `hang` is."""
+    count = HERE / "calls"
+    calls = int(count.read_text()) + 1 if count.exists() else 1
+    count.write_text(str(calls))
+    if (HERE / "hang").exists() and calls == 3:  # the evaluation before and step 1 score; step 2 hangs
+        (HERE / "hanging").touch()
         time.sleep(600)
+    if (HERE / "broken").exists() and calls >= 4:  # the evaluation before, steps 1 and 2 score; step 3 fails
+        raise RuntimeError("the reward service is down")
     return [0.0 for _ in completions]
 '''
 
@@ -45,11 +49,11 @@ def test_a_sigterm_whose_grace_cannot_cover_the_step_abandons_it_and_saves_the_o
     the learner untouched and exits 143; the same command then trains steps 2 and 3, each sample once."""
     # first in the file: its own Ray in a subprocess, before the module's Ray starts
     grace = 30
-    (tmp_path / "hangs.py").write_text(HANGS)
+    (tmp_path / "flaky.py").write_text(FLAKY)
     (tmp_path / "hang").touch()
     out = tmp_path / "run"
     overrides = [f"output_dir={out}", "steps=3", "logging.tensorboard=false",
-                 f"reward.functions=[{{path: '{tmp_path / 'hangs.py'}:hangs', weight: 0.0}}]"]
+                 f"reward.functions=[{{path: '{tmp_path / 'flaky.py'}:flaky', weight: 0.0}}]"]
     cli = [sys.executable, "-m", "rayrlhf.jobs.cli", "train", "--config", "tiny",
            *(arg for override in overrides for arg in ("--set", override))]
     log = tmp_path / "driver.log"
@@ -95,20 +99,6 @@ def test_the_grace_period_and_the_last_moment_to_abandon_a_step():
     assert last_moment(100.0, 30.0, step, save_s=None) == 100.0 - 5.0 - 10.0 - 3.0  # an untimed save: a step
     assert last_moment(100.0, 30.0, None, save_s=6.0) == -math.inf  # nothing to go by: at once
 
-FLAKY = '''
-import pathlib
-
-FLAG = pathlib.Path(__file__).with_name("broken")
-COUNT = pathlib.Path(__file__).with_name("calls")
-
-
-def flaky(completions, **_):
-    calls = int(COUNT.read_text()) + 1 if COUNT.exists() else 1
-    COUNT.write_text(str(calls))
-    if FLAG.exists() and calls >= 4:  # the evaluation before, steps 1 and 2 score; step 3 fails
-        raise RuntimeError("the reward service is down")
-    return [0.0 for _ in completions]
-'''
 
 
 def test_a_step_that_fails_leaves_the_last_finished_step_and_the_run_resumes(local_ray, tmp_path):

@@ -178,6 +178,34 @@ def test_beam_search_is_hf_generate_with_num_beams(client, local):
         assert r.status_code == 400 and r.json()["error"]["param"] == param, (bad, r.text)
 
 
+def test_sampled_requests_finish_while_a_long_beam_search_runs(client):
+    """Decode steps run between a beam search's tokens: short sampled requests sent while a 400-token
+    beam search decodes finish before it (they used to wait for its end)."""
+    finished: dict[str, float] = {}
+
+    def beams() -> httpx.Response:
+        r = completion(client, prompt=PROMPT, max_tokens=400, num_beams=2)
+        finished["beams"] = time.monotonic()
+        return r
+
+    def short(i: int) -> httpx.Response:
+        r = completion(client, prompt=f"Hi {i}", max_tokens=3, temperature=1.0, seed=i)
+        finished[f"short {i}"] = time.monotonic()
+        return r
+
+    with ThreadPoolExecutor(4) as pool:
+        long = pool.submit(beams)
+        deadline = time.monotonic() + 10
+        while not client.get("/stats").json().get("beam_searches") and time.monotonic() < deadline:
+            time.sleep(0.02)
+        shorts = list(pool.map(short, range(3)))
+        assert long.result().status_code == 200, long.result().text
+    assert all(r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 3 for r in shorts)
+    assert long.result().json()["usage"]["completion_tokens"] > 100  # it was long
+    assert max(finished[f"short {i}"] for i in range(3)) < finished["beams"], finished
+    assert client.get("/stats").json()["beam_searches"] == 0
+
+
 def test_concurrent_requests_share_decode_steps(client):
     before = client.get("/stats").json()
     bodies = [dict(prompt=f"{PROMPT} {i}", max_tokens=8, temperature=0) for i in range(6)]

@@ -400,6 +400,28 @@ def test_torch_thread_runs_every_call_on_one_thread_with_its_torch_threads():
     assert {n for _, n in seen} == {3}
 
 
+def test_a_long_call_on_the_torch_thread_lets_the_calls_queued_behind_it_run_between_its_steps():
+    thread = TorchThread(torch_threads=1)
+    order, started, go = [], threading.Event(), threading.Event()
+
+    def long() -> int:
+        started.set()
+        go.wait()
+        for i in range(3):
+            order.append(f"long {i}")
+            thread.yield_turn()  # a beam search does this after each token
+        return threading.get_ident()
+
+    first = thread.submit(long)
+    started.wait()
+    short = thread.submit(lambda: order.append("short") or threading.get_ident())
+    go.set()
+    assert first.result(timeout=30) == short.result(timeout=30)  # one thread for both
+    assert order == ["long 0", "short", "long 1", "long 2"]
+    with pytest.raises(AssertionError, match="for calls running on the torch thread"):
+        thread.yield_turn()
+
+
 def test_scheduler_runs_every_step_on_the_torch_thread(tiny_dir):
     """The generator is built and every decode step runs on one thread (actors/runtime/torch_thread.py)."""
     thread = TorchThread(torch_threads=1)
