@@ -27,11 +27,23 @@ def deepspeed_engine(
     backend = learner.backend
     if backend == "auto":
         backend = "nccl" if device.type == "cuda" else "gloo"
+    skip_shared_memory_op()
     deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, verbose=False)
     engine, *_ = deepspeed.initialize(
         model=module, optimizer=optimizer, config=deepspeed_config(learner.model_dump(), world_size, accumulation)
     )
     return engine
+
+
+def skip_shared_memory_op() -> None:
+    """DeepSpeed's CPU backend JIT-builds a shared-memory all-reduce op at its first init (about 34 s
+    on a fresh machine) that only tensor-parallel inference uses, never a ZeRO step. Its build lock
+    is a plain file: a rank killed mid-build (a fault test, a preemption) leaves it behind, and every
+    later init on that machine waits for it forever (a clean-clone CI run hung there, 2026-12-05)."""
+    import importlib
+
+    # by module path: the attribute `deepspeed.comm.torch` is torch itself
+    importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None
 
 
 def deepspeed_config(learner: dict[str, Any], world_size: int, accumulation: int) -> dict[str, Any]:
