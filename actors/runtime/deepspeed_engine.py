@@ -43,7 +43,7 @@ def skip_shared_memory_op() -> None:
     import importlib
 
     # by module path: the attribute `deepspeed.comm.torch` is torch itself
-    importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None
+    setattr(importlib.import_module("deepspeed.comm.torch"), "build_shm_op", lambda: None)
 
 
 def deepspeed_config(learner: dict[str, Any], world_size: int, accumulation: int) -> dict[str, Any]:
