@@ -381,7 +381,7 @@ class Learner:
         see _finite."""
         if self.zero_stage == 0 and not self.plain and not self.bf16:
             norm = self._grad_norm()  # before step() clears the gradients
-            self._finite(norm, "the gradient norm", applied, stop=True)  # skip is refused here (jobs/config/run.py)
+            self._finite(norm, "the gradient norm", applied, stop=True)  # skip is refused here (jobs/config/training.py)
             self.engine.step()
             return norm, True
         skipped_before = self.engine.skipped_steps

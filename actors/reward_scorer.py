@@ -7,7 +7,7 @@ A plain class; the driver makes it a Ray actor with `ray.remote(RewardScorer)`. 
 components (actors/rewards/components.py) once from its settings; scoring them, the normalisation
 and the length control are actors/rewards/scoring.py. The constructor's defaults only switch the
 later additions off (for hand-made scorers in tests and benchmarks); a run gets every value from
-jobs/config/run.py.
+jobs/config/reward.py.
 """
 
 from __future__ import annotations

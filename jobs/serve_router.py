@@ -1,7 +1,7 @@
 """A versioned endpoint: several policy versions behind one OpenAI-compatible route, with canary
 traffic shares, rollout and rollback while it serves, and feedback for the reward model.
 
-Layout: one Serve application per version (jobs/serve.py's OpenAIServer for that checkpoint, no
+Layout: one Serve application per version (jobs/serve_server.py's OpenAIServer for that checkpoint, no
 HTTP route) and in front one router application (this module's VersionRouter, the HTTP ingress),
 which calls the versions through DeploymentHandles, plus the endpoint's state actor
 (jobs/serve_state.py). Why not Serve's model multiplexing: a multiplexed replica loads a model
@@ -32,7 +32,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import ray
-from fastapi import FastAPI, Request
+from fastapi import Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import SecretStr
 from ray import serve
@@ -44,14 +44,12 @@ from rayrlhf.actors.serving.openai_requests import Kind
 from rayrlhf.actors.serving.openai_schema import EpisodePost, OpenAIError, parse_request
 from rayrlhf.actors.serving.versions import WeightedRoundRobin
 from rayrlhf.jobs.config.serve import ServeConfig
-from rayrlhf.jobs.serve import (api_key, answered, app, authorize, deployment_options, internal_error, json_body,
-                                request_id, version_app)
+from rayrlhf.jobs.serve import api_key, deployment_options, version_app
 from rayrlhf.jobs.serve_feedback import NAMESPACE, start_state, state_name
+from rayrlhf.jobs.serve_http import answered, authorize, internal_error, json_body, openai_app, request_id
 from rayrlhf.jobs.serve_state import ServingState, version_app_name
 
-router_app = FastAPI(title="rayrlhf versions", docs_url=None, redoc_url=None)
-for _exc, _handler in app.exception_handlers.items():  # the single-model server's error bodies
-    router_app.add_exception_handler(_exc, _handler)
+router_app = openai_app("rayrlhf versions")  # the same error bodies as the model server
 
 LATENCY_BOUNDARIES_S = [0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60]
 

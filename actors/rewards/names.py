@@ -1,7 +1,7 @@
 """The reward's reserved names, declared once: the built-in components are named with them and a user
 reward function may not take one (the config refuses it before Ray starts, the scorer again).
 
-Pure Python with no imports: jobs/config/run.py reads it, and the CLI must not load torch.
+Pure Python with no imports: jobs/config/reward.py reads it, and the CLI must not load torch.
 """
 
 FREQ, SIM, BLEU, ROUGE_L = "freq", "sim", "bleu", "rouge_l"

@@ -1,7 +1,7 @@
 """The algorithm tables: advantage estimators, policy losses and loss aggregations, by name.
 
 A table maps each name the config accepts to the "module:function" that implements it, not to the
-function itself: the config (jobs/config/run.py) builds its `Literal`s from these keys, and
+function itself: the config (jobs/config/training.py) builds its `Literal`s from these keys, and
 `rayrlhf --help` and config validation must import no torch (tests/test_package.py), while every
 implementation is torch code. The learner imports the functions when it starts (`load`), and
 tests/test_algorithms.py imports every entry. So a new policy loss is one function (in losses.py)

@@ -3,7 +3,7 @@
 Everything between HTTP and the model that needs no server: parsing and limits (token counts
 need the tokenizer, so they are checked here rather than in the schema), the served model's
 name, and turning per-step Updates into one response or into stream chunks. The Ray Serve
-deployment (jobs/serve.py) only moves bytes and Updates between this and the scheduler, and
+deployment (jobs/serve_server.py) only moves bytes and Updates between this and the scheduler, and
 calls `parse` from worker threads of its own: tokenising a long prompt takes seconds.
 """
 

@@ -9,6 +9,7 @@ from what this module writes: it cannot drift. Regenerate with
 
 from __future__ import annotations
 
+import re
 import sys
 import typing
 from pathlib import Path
@@ -41,10 +42,7 @@ def _models_in(annotation: Any) -> list[type[BaseModel]]:
 def _type(annotation: Any) -> str:
     text = getattr(annotation, "__name__", None) if isinstance(annotation, type) else None
     text = text or str(annotation).replace("typing.", "")
-    for module in ("rayrlhf.jobs.config.run.", "rayrlhf.jobs.config.tune.", "rayrlhf.jobs.config.serve.",
-                   "rayrlhf.jobs.config.supervised.", "pydantic.types."):  # fmt: skip
-        text = text.replace(module, "")
-    return text
+    return re.sub(r"\brayrlhf\.jobs\.config\.\w+\.|\bpydantic\.types\.", "", text)  # a schema's bare name
 
 
 def _default(info: Any) -> str:
