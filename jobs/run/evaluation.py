@@ -41,10 +41,10 @@ def _generate(cfg: RunConfig, roles: Roles, prompts: list[Prompt], samples: int,
     ]
 
 
-def _shown(cfg: RunConfig, refs: list, sizes: list[int]) -> list:
+def _shown(cfg: RunConfig, refs: list, sizes: list[int], desc: str = "held-out eval") -> list:
     """The refs, once each shard's answers are in: a progress bar (cleared when done) counts prompts."""
     size_of = dict(zip(refs, sizes))
-    with tqdm(total=sum(sizes), desc="held-out eval", unit="prompt", leave=False,
+    with tqdm(total=sum(sizes), desc=desc, unit="prompt", leave=False,
               disable=not cfg.logging.progress_bar) as bar:  # fmt: skip
         pending = list(refs)
         while pending:
@@ -66,7 +66,9 @@ def _evaluate(cfg: RunConfig, roles: Roles, prompts: list[Prompt], recovery: Rec
     metrics["eval/empty_frac"] = float(np.mean([not r.strip() for r in responses]))
     if cfg.eval.samples_per_prompt:
         n = cfg.eval.samples_per_prompt
-        _, sampled = recovery.score(_generate(cfg, roles, prompts, n, recovery), update_stats=False)
+        # answers first, then scoring: score_timeout_s bounds the scorer, not the generation before it
+        sampled_refs = _shown(cfg, _generate(cfg, roles, prompts, n, recovery), sizes, f"held-out eval, {n} samples")
+        _, sampled = recovery.score(sampled_refs, update_stats=False)
         metrics.update(sampled_metrics(_joined(sampled), n))
     examples = [
         {"prompt": p, "response": r, "reference": ref}
