@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 
 import numpy as np
 import pytest
@@ -12,7 +13,7 @@ import wordfreq
 
 from rayrlhf.actors.rewards import components
 from rayrlhf.actors.rewards.components import RewardBatch
-from rayrlhf.actors.rewards.embeddings import Embedder, resolve_embedding_model
+from rayrlhf.actors.rewards.embeddings import Embedder, PooledEncoder, resolve_embedding_model
 from rayrlhf.actors.rewards.length_control import LengthControl
 from rayrlhf.actors.rewards.normalizer import RunningNormalizer
 from rayrlhf.actors.rewards.metrics import bleu, freq_reward, rouge_l, words
@@ -122,6 +123,31 @@ def test_resolve_embedding_model(tmp_path) -> None:
     assert resolve_embedding_model(str(tmp_path)) == str(tmp_path)
     with pytest.raises(ValueError, match=r"reward\.embedding_model='no-such-model'"):
         resolve_embedding_model("no-such-model")
+
+
+def test_the_pooled_encoder_matches_sentence_transformers_and_other_layouts_fall_back(tmp_path, shared_embedder):
+    """The built-in MiniLM runs without sentence_transformers (PooledEncoder); its embeddings are the
+    library's, truncation at max_seq_length included. A layout it does not reproduce (max pooling
+    here) goes through the library."""
+    from sentence_transformers import SentenceTransformer
+
+    builtin = resolve_embedding_model("all-minilm-l6-v2")
+    assert isinstance(shared_embedder.encode_batch, PooledEncoder)
+    texts = ["", "Paris is the capital of France.", "word " * 400, "The stock market crashed in 1929."] * 20
+    library = SentenceTransformer(builtin, device="cpu").encode(texts, normalize_embeddings=True)
+    np.testing.assert_allclose(shared_embedder.encode(texts), library, atol=1e-5)
+
+    copy = tmp_path / "max_pooled"
+    shutil.copytree(builtin, copy)
+    pooling = json.loads((copy / "1_Pooling" / "config.json").read_text())
+    pooling.update(pooling_mode_mean_tokens=False, pooling_mode_max_tokens=True)
+    (copy / "1_Pooling" / "config.json").write_text(json.dumps(pooling))
+    assert PooledEncoder.load(copy, "cpu") is None
+    max_pooled = Embedder(str(copy), torch_threads=1)
+    np.testing.assert_allclose(max_pooled.encode(texts[:4]),
+                               SentenceTransformer(str(copy), device="cpu").encode(texts[:4], normalize_embeddings=True),
+                               atol=1e-5)  # fmt: skip
+    assert not np.allclose(max_pooled.encode(texts[1:2]), library[1:2], atol=1e-2)  # max pooling really ran
 
 
 # ---------------------------------------------------------------- scorer
