@@ -71,11 +71,11 @@ def test_reinforce_without_reference_zero0(local_ray, tmp_path):
     assert result.history[0]["kl"] == 0.0
 
 
-@pytest.mark.parametrize("overrides", [
-    ("algorithm.name=dr_grpo", "learner.num_ranks=2", "rollout.num_workers=2"),  # the step's normaliser over ranks
-    ("algorithm.policy_loss=cispo", "algorithm.clip_eps_high=0.28"),
-    ("algorithm.policy_loss=gspo", "algorithm.clip_eps_low=3e-4", "algorithm.clip_eps_high=4e-4"),
-    ("algorithm.name=reinforce_pp",),
+@pytest.mark.parametrize("overrides", [  # no reference actor (kl.coef=0) where the KL term is not the loss's own
+    ("algorithm.name=dr_grpo", "learner.num_ranks=2", "rollout.num_workers=2", "kl.coef=0"),  # the normaliser over ranks
+    ("algorithm.policy_loss=cispo", "algorithm.clip_eps_high=0.28", "kl.coef=0"),
+    ("algorithm.policy_loss=gspo", "algorithm.clip_eps_low=3e-4", "algorithm.clip_eps_high=4e-4", "kl.coef=0"),
+    ("algorithm.name=reinforce_pp",),  # its KL term is in the per-token reward it whitens
 ])  # fmt: skip
 def test_each_new_loss_trains(local_ray, tmp_path, overrides):
     result = train(tiny(tmp_path, *overrides, "steps=1"))
