@@ -78,6 +78,9 @@ class RewardConfig(StrictModel):
     empty_reward: float = -1.0
     """Total reward of an answer with no words (empty, blank, punctuation): the degenerate optimum."""
     embedding_model: str = "all-minilm-l6-v2"
+    """r_sim's sentence embeddings: all-minilm-l6-v2 (built in) or a sentence-transformers directory. The
+    usual layout (a Transformer, mean or CLS pooling, Normalize) runs on transformers alone; others
+    load through sentence-transformers."""
     normalize: Literal["none", "total", "components"] = "components"
     """Running mean/std z-score of the total, or of each component before weighting."""
     num_scorers: int = Field(1, ge=1)
