@@ -1,7 +1,8 @@
 """`rayrlhf tune`: the schema, trial placement, and a real Ray Tune search of real trials.
 
-The search (2 grid points, tiny model) is started through the CLI in a subprocess, interrupted
-with SIGINT once its first trial has finished, and resumed in-process with Tuner.restore.
+The search (2 grid points, tiny model) is started through the CLI in a subprocess attached to the
+module's Ray (RAY_ADDRESS, as inside a Ray Job), interrupted with SIGINT once its first trial has
+finished, and resumed in-process with Tuner.restore.
 """
 
 import json
@@ -106,10 +107,11 @@ def test_search_interrupted_resumed_and_exported(local_ray, tmp_path):
     path = tiny_search(tmp_path)
     exp_dir = tmp_path / "store" / "tiny_search"
     log = tmp_path / "first_run.log"
+    attached = {**os.environ, "RAY_ADDRESS": ray.get_runtime_context().gcs_address}  # no Ray of its own to start
     with open(log, "w") as sink:
         proc = subprocess.Popen(
             [sys.executable, "-m", "rayrlhf.jobs.cli", "tune", "--config", str(path)], cwd=REPO,
-            stdout=sink, stderr=subprocess.STDOUT, start_new_session=True,
+            stdout=sink, stderr=subprocess.STDOUT, start_new_session=True, env=attached,
         )
     try:
         deadline = time.time() + 600  # a guard for a loaded machine; ~30 s when idle
@@ -191,9 +193,9 @@ def test_killed_trial_continues_from_its_checkpoint(local_ray, tmp_path):
     (max_failures=1), and the retry continues from that checkpoint instead of step 0."""
     import threading
 
-    # six steps: the kill after the first report lands while the trial still has five to go
+    # four steps: the kill after the first report lands while the trial still has three to go
     path = tiny_search(tmp_path, name="killed", search={"algorithm": "grid", "simplex": {"share": {"values": [0.5]}}},
-                       trial={"steps": 6, "eval_every": 1, "data": {"num_eval": 4}, "eval_max_new_tokens": 4})
+                       trial={"steps": 4, "eval_every": 1, "data": {"num_eval": 4}, "eval_max_new_tokens": 4})
     exp_dir = tmp_path / "store" / "killed"
     killed: list[int] = []
 
@@ -220,9 +222,9 @@ def test_killed_trial_continues_from_its_checkpoint(local_ray, tmp_path):
     trial = next(exp_dir.glob("run_trial_*"))
     assert (trial / "error.txt").read_text().count("Failure # ") == 1
     reported = [json.loads(line)["step"] for line in (trial / "result.json").read_text().splitlines()]
-    assert reported == [1, 2, 3, 4, 5, 6]  # step 1 was reported once: the retry resumed after it
+    assert reported == [1, 2, 3, 4]  # step 1 was reported once: the retry resumed after it
     assert [json.loads(line)["step"] for line in (trial / "run" / "metrics.jsonl").read_text().splitlines()] == [
-        0, 1, 2, 3, 4, 5, 6, 6]
+        0, 1, 2, 3, 4, 4]
 
 
 def test_search_on_a_uri_storage_path_writes_and_restores_there(local_ray, tmp_path):
