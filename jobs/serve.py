@@ -79,6 +79,7 @@ def deployment_options(cfg: ServeConfig) -> dict:
         "max_ongoing_requests": cfg.max_ongoing_requests,
         "max_queued_requests": cfg.max_queued_requests or -1,
         "backpressure_config": BackpressureConfig(retry_after_s=cfg.retry_after_s),
+        "health_check_period_s": cfg.health_check_period_s,
         "ray_actor_options": {"num_cpus": cfg.num_cpus, "num_gpus": cfg.num_gpus},
     }
     if cfg.autoscaling:

@@ -127,6 +127,9 @@ class ServeConfig(StrictModel):
     a request gets 503 with Retry-After at once. None: no bound (Serve's -1)."""
     retry_after_s: float = Field(1.0, ge=0)
     """The Retry-After of that 503."""
+    health_check_period_s: float = Field(10.0, gt=0)
+    """Seconds between Serve's health checks of a replica: a replica that died (killed, out of memory)
+    is noticed, and a new one started, at the next check (Serve's default: 10)."""
     episodes_file: str | None = None
     """Where POST /v1/episodes appends the episodes it builds (JSONL, on the replica's node; a path
     `rayrlhf train` takes as data.episodes). None: episodes are only returned to the caller."""

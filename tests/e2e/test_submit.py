@@ -33,8 +33,10 @@ from rayrlhf.jobs.submit import EXCLUDES, connect, wait_until_done
 
 VENV_BIN = Path(sys.executable).parent
 PROJECT_DIR = Path(__file__).resolve().parents[2]
-TINY_RUN = ["--set", "steps=1", "--set", "data.num_eval=4", "--set", "eval_max_new_tokens=4", "--set", "kl.coef=0"]
-"""One step, a small eval, no reference actor (kl.coef=0): the cheapest real training job."""
+SMALL_RUN = ["--set", "data.num_eval=4", "--set", "eval_max_new_tokens=4", "--set", "kl.coef=0"]
+"""A small eval and no reference actor (kl.coef=0): what no test of a job needs."""
+TINY_RUN = ["--set", "steps=1", *SMALL_RUN]
+"""One step of SMALL_RUN: the cheapest real training job."""
 SECRET_NAME = "RAYRLHF_TEST_SECRET"
 
 
@@ -246,7 +248,7 @@ def test_a_stopped_job_checkpoints_and_a_resubmitted_one_continues_exactly(head,
     marker = f"stopme-{uuid.uuid4().hex[:6]}"
     output_dir = tmp_path / marker
     # 12 steps: the stop lands during step 2 or 3 with room to spare, and the resubmitted job trains the rest
-    command = ["--", "train", "--config", "tiny", "--set", "steps=12", "--set", f"output_dir={output_dir}"]
+    command = ["--", "train", "--config", "tiny", "--set", "steps=12", "--set", f"output_dir={output_dir}", *SMALL_RUN]
     code, out, _ = rayrlhf(capsys, "submit", "--address", head.address, *command)
     job_id = out.strip()
     assert code == 0

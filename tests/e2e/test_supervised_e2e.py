@@ -1,5 +1,6 @@
 """train-rm and sft end to end on real Ray Train workers with real DeepSpeed engines, then both
-results in a tiny RL run: the SFT policy as its start, the reward model as a weighted component."""
+results in a tiny RL run: the SFT policy as its start, the reward model as a weighted component.
+Each job runs once for the module and is resumed once (sft's on a pyarrow.fs URI)."""
 
 import json
 
@@ -32,9 +33,11 @@ def rm_run(local_ray, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def sft_run(local_ray, tmp_path_factory):
-    """sft_tiny: 2 workers, ZeRO-3, 2 steps."""
-    cfg = load_job_config(SFTConfig, "sft_tiny", [f"output_dir={tmp_path_factory.mktemp('sft')}"], "sft_tiny")
-    return cfg, sft(cfg)
+    """sft_tiny: 2 workers, ZeRO-3, 2 steps; output_dir a pyarrow.fs URI (file:// takes the road s3://
+    takes), and the bucket's folder on this disk."""
+    bucket = tmp_path_factory.mktemp("bucket") / "sft"
+    cfg = load_job_config(SFTConfig, "sft_tiny", [f"output_dir=file://{bucket}"], "sft_tiny")
+    return cfg, sft(cfg), bucket
 
 
 def test_reward_model_learns_and_is_saved_as_trained(rm_run):
@@ -64,21 +67,22 @@ def test_reward_model_resumes_from_its_ray_train_checkpoint(rm_run):
 
 
 def test_sft_lowers_held_out_nll_and_writes_a_policy(sft_run):
-    _, result = sft_run
+    _, result, bucket = sft_run
     assert result.after["eval/nll"] < result.before["eval/nll"]
     start = load_file(str(resolve_policy("tiny-gpt2") / "model.safetensors"))
-    end = load_file(str(result.final_dir / "model.safetensors"))
+    end = load_file(str(bucket / "final" / "model.safetensors"))
     assert start.keys() == end.keys()
     assert np.mean([not np.array_equal(start[k], end[k]) for k in start]) > 0.5  # ZeRO-3 weights gathered
-    model = AutoModelForCausalLM.from_pretrained(result.final_dir)
+    model = AutoModelForCausalLM.from_pretrained(bucket / "final")
     assert isinstance(model, torch.nn.Module)
 
 
 def test_rl_starts_from_sft_policy_with_learned_reward(rm_run, sft_run, tmp_path):
     _, rm = rm_run
-    _, policy = sft_run
+    _, _, sft_bucket = sft_run
     cfg = load_config("tiny", [
-        f"output_dir={tmp_path / 'rl'}", "steps=1", f"policy.model={policy.final_dir}",
+        f"output_dir={tmp_path / 'rl'}", "steps=1", f"policy.model={sft_bucket / 'final'}",
+        "kl.coef=0", "data.num_eval=4", "eval_max_new_tokens=4",  # no reference actor, a small eval
         "reward.rm_weight=0.5", f"reward.rm_model={rm.final_dir}",
     ])
     result = train(cfg)
@@ -88,20 +92,18 @@ def test_rl_starts_from_sft_policy_with_learned_reward(rm_run, sft_run, tmp_path
     assert (result.final_dir / "model.safetensors").is_file()
 
 
-def test_sft_on_a_uri_output_dir_writes_and_resumes_there(local_ray, tmp_path):
-    """output_dir as a pyarrow.fs URI (file:// takes the road s3:// takes): Ray Train's checkpoints,
-    rank 0's metrics, eval.json and final/ land in the bucket; a rerun with more steps continues the
-    bucket's checkpoint and log."""
-    bucket = tmp_path / "bucket" / "sft"
-    overrides = [f"output_dir=file://{bucket}", "trainer.num_workers=1", "trainer.zero_stage=0"]
-    cfg = load_job_config(SFTConfig, "sft_tiny", overrides, "sft_tiny")
-    first = sft(cfg)
+def test_sft_on_a_uri_output_dir_writes_and_resumes_there(sft_run):
+    """output_dir as a pyarrow.fs URI: Ray Train's checkpoints, rank 0's metrics, eval.json and final/
+    land in the bucket; a rerun with more steps continues the bucket's checkpoint and log."""
+    cfg, first, bucket = sft_run
     assert first.output_dir == f"file://{bucket}" and first.final_dir == f"file://{bucket}/final"
     assert (bucket / "final" / "model.safetensors").is_file() and (bucket / "config.yaml").is_file()
     assert steps_logged(bucket) == [1, 2, 2]
-    more = cfg.model_copy(update={"trainer": cfg.trainer.model_copy(update={"max_steps": 3})})
+    # 2 workers x 8 rows: 2 steps per epoch of the 32 rows, so a third step needs a second epoch
+    more = cfg.model_copy(update={"trainer": cfg.trainer.model_copy(update={"epochs": 2, "max_steps": 3})})
     second = sft(more)
     assert steps_logged(bucket) == [1, 2, 2, 3, 3]  # went on from the step-2 checkpoint in the bucket
     assert second.before == first.before
     assert json.loads((bucket / "eval.json").read_text())["after"] == second.after
-    assert list((bucket / "ray_train" / cfg.name).glob("checkpoint_*/engine/mp_rank_00_model_states.pt"))
+    states = (bucket / "ray_train" / cfg.name).glob("checkpoint_*/engine/*_model_states.pt")
+    assert sorted(p.name for p in states) == [f"zero_pp_rank_{r}_mp_rank_00_model_states.pt" for r in (0, 1)]  # ZeRO-3

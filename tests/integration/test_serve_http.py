@@ -6,7 +6,8 @@
                       that every generation misses: the 504 path, deterministically
 - broken (/broken):   a checkpoint with NaN weights: the internal-error (500) path
 - victim (/victim):   4 requests at once and 2 queued at the proxy, the rest get 503; its replica
-                      process is killed (kill -9) by the last test
+                      process is killed (kill -9) by the last test, noticed at the next health
+                      check (every second here)
 """
 
 from __future__ import annotations
@@ -51,7 +52,8 @@ def client(tmp_path_factory):
         ServeConfig(**{**COMMON, "model": str(nan_dir)}, served_model_name="broken", app_name="broken",
                     route_prefix="/broken", auth_env=None),
         ServeConfig(**{**COMMON, "max_tokens": 400}, app_name="victim", route_prefix="/victim", auth_env=None,
-                    max_batch_size=4, max_ongoing_requests=4, max_queued_requests=2, retry_after_s=3),
+                    max_batch_size=4, max_ongoing_requests=4, max_queued_requests=2, retry_after_s=3,
+                    health_check_period_s=1),
     ]
     port = free_port()
     init_ray(num_cpus=4, object_store_mb=256)
