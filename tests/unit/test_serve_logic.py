@@ -263,6 +263,8 @@ def test_app_builder_options_and_errors():
     app = app_builder({"model": "tiny-gpt2", "num_replicas": 2, "max_ongoing_requests": 12, "num_cpus": 0.5})
     d = app._bound_deployment
     assert (d.num_replicas, d.max_ongoing_requests, d.ray_actor_options["num_cpus"]) == (2, 12, 0.5)
+    assert d._deployment_config.health_check_period_s == 10.0  # Serve's own default
+    assert app_builder({"health_check_period_s": 1})._bound_deployment._deployment_config.health_check_period_s == 1
     scaled = app_builder({"autoscaling": {"min_replicas": 1, "max_replicas": 3}})._bound_deployment
     assert scaled._deployment_config.autoscaling_config.max_replicas == 3
     with pytest.raises(ConfigError, match="max_batch_size"):
