@@ -30,6 +30,10 @@ def _train(args: argparse.Namespace) -> object:
     from rayrlhf.jobs.config.run import load_config
 
     cfg = load_config(args.config, _overrides(args, "cluster.address"))
+    from rayrlhf.cluster.storage import Storage
+    from rayrlhf.jobs.run.run_lock import RunLock
+
+    RunLock(Storage(cfg.output_dir), cfg.name).refuse_if_held()  # a second driver: refused before the imports
     from rayrlhf.jobs.train import train
 
     return train(cfg, resume=args.resume)

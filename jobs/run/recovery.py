@@ -148,7 +148,8 @@ class Recovery:
                 failure = f"no answer within fault_tolerance.score_timeout_s={self.ft.score_timeout_s:g}"
                 for rank in sorted({i % len(scorers) for i, ref in enumerate(refs) if ref in pending}):
                     ray.kill(scorers[rank], no_restart=False)
-                self._note_restarts(self._wait_alive(only="reward"), "scoring")
+                if attempt < self.ft.score_retries:  # after the last attempt the step fails: no restart to await
+                    self._note_restarts(self._wait_alive(only="reward"), "scoring")
             else:
                 try:
                     return refs, ray.get(refs)

@@ -120,16 +120,26 @@ class RunLock:
                 continue
             reason = stale_reason(holder, time.time())
             if reason is None:
-                raise OutputDirInUse(
-                    f"{self.storage} is in use by {describe(holder)}: wait for it to end, stop it, or use another "
-                    f"output_dir (if that driver is gone, its lock {self.shown} expires at {utc(holder['lease_until'])})"
-                )
+                raise self._in_use(holder)
             print(f"taking over the lock {self.shown} of {describe(holder)}: {reason}", file=sys.stderr, flush=True)
             self._take_over(holder)
         else:
             raise OutputDirInUse(f"{self.storage}: another driver keeps taking its lock {self.shown}; try again")
         self._renewer = threading.Thread(target=self._keep_renewing, name="rayrlhf-run-lock", daemon=True)
         self._renewer.start()
+
+    def refuse_if_held(self) -> None:
+        """Raise OutputDirInUse if a live driver holds the lock: a look only, acquire() still decides.
+        The CLI looks before it imports the job's heavy modules, so a second driver is refused at once."""
+        holder = self._read()
+        if holder is not None and stale_reason(holder, time.time()) is None:
+            raise self._in_use(holder)
+
+    def _in_use(self, holder: dict[str, Any]) -> OutputDirInUse:
+        return OutputDirInUse(
+            f"{self.storage} is in use by {describe(holder)}: wait for it to end, stop it, or use another "
+            f"output_dir (if that driver is gone, its lock {self.shown} expires at {utc(holder['lease_until'])})"
+        )
 
     def release(self) -> None:
         """Stop renewing and delete the lock if it is still ours."""

@@ -237,7 +237,11 @@ def test_a_lease_expires_and_a_live_one_is_renewed(tmp_path, capsys):
     write_lock(out, lease_until=time.time() + 2.0)  # another machine: its pid cannot be checked here
     with pytest.raises(OutputDirInUse, match=r"in use by run 'remote' \(host elsewhere, pid 4242, started 2026-01-01"):
         RunLock(Storage(out), "mine").acquire()
+    with pytest.raises(OutputDirInUse, match=r"in use by run 'remote' \(host elsewhere, pid 4242"):
+        RunLock(Storage(out), "mine").refuse_if_held()  # the CLI's look before its imports: the same refusal
     time.sleep(2.2)
+    RunLock(Storage(out), "mine").refuse_if_held()  # expired: a look refuses nothing and takes nothing
+    assert holder_of(out)["run"] == "remote"
     lock = RunLock(Storage(out), "mine", lease=2.0, renew=0.1)
     with lock:
         assert "its lease expired at" in capsys.readouterr().err
@@ -289,7 +293,7 @@ def test_two_real_drivers_on_one_output_dir(tmp_path):
     touching nothing; the first runs on, and stopped by SIGINT its metrics and checkpoint agree."""
     out = tmp_path / "run"
     cli = [sys.executable, "-m", "rayrlhf.jobs.cli", "train", "--config", "tiny", "--set", f"output_dir={out}",
-           "--set", "steps=200", "--set", "logging.tensorboard=false"]
+           "--set", "steps=200", "--set", "logging.tensorboard=false", "--set", "kl.coef=0"]  # no reference actor
     log = tmp_path / "first.log"
     with open(log, "w") as sink:
         first = subprocess.Popen(cli, cwd=REPO, stdout=sink, stderr=subprocess.STDOUT, start_new_session=True)

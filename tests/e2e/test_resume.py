@@ -46,8 +46,10 @@ def metric_rows(out: Path) -> list[dict]:
     return [{k: v for k, v in row.items() if not k.startswith(VARYING)} for row in rows]
 
 
-def assert_same_run(a: Path, b: Path, skip: tuple[str, ...] = ()) -> None:
-    rows_a, rows_b = metric_rows(a), metric_rows(b)
+def assert_same_run(a: Path, b: Path, skip: tuple[str, ...] = (), from_step: int = 0) -> None:
+    """Run b logged the same metrics as run a (from `from_step` on: b resumed a's checkpoint elsewhere) and ended
+    with the same weights."""
+    rows_a, rows_b = ([row for row in metric_rows(run) if row["step"] >= from_step] for run in (a, b))
     assert [r["step"] for r in rows_a] == [r["step"] for r in rows_b]
     for ra, rb in zip(rows_a, rows_b):
         keys = {k for k in ra if k not in skip}
@@ -189,7 +191,7 @@ def test_cli_sigint_writes_a_checkpoint_and_a_rerun_finishes(tmp_path, request, 
     # first in the file: its own Ray in a subprocess, before the module's Ray starts
     out = tmp_path / "run"
     args = ["train", "--config", "tiny", "--set", f"output_dir={out}", "--set", "steps=5",
-            "--set", "logging.tensorboard=false"]
+            "--set", "logging.tensorboard=false", "--set", "kl.coef=0"]  # no reference actor to start
     log = tmp_path / "first.log"
     with open(log, "w") as sink:
         proc = subprocess.Popen([sys.executable, "-m", "rayrlhf.jobs.cli", *args], cwd=REPO,
@@ -226,8 +228,9 @@ def test_cli_sigint_writes_a_checkpoint_and_a_rerun_finishes(tmp_path, request, 
     assert [row["step"] for row in metric_rows(out)] == steps
 
 
-GRPO_ZERO2 = ("learner.num_ranks=2", "learner.zero_stage=2", "steps=3", "data.num_train=8")
-"""8 prompts, 4 per step: the sampler's first epoch ends exactly at step 2."""
+GRPO_ZERO2 = ("learner.num_ranks=2", "learner.zero_stage=2", "steps=3", "data.num_train=8", "kl.coef=0")
+"""8 prompts, 4 per step: the sampler's first epoch ends exactly at step 2. No KL term (no reference
+actor to start in each run): the PPO test below resumes one."""
 
 
 @pytest.fixture(scope="module")
@@ -235,22 +238,6 @@ def grpo_reference(local_ray, tmp_path_factory):
     out = tmp_path_factory.mktemp("grpo") / "uninterrupted"
     train(tiny(out, *GRPO_ZERO2))
     return out
-
-
-def test_grpo_zero2_resume_at_epoch_boundary_is_exact(grpo_reference, tmp_path):
-    out = tmp_path / "run"
-    cfg = tiny(out, *GRPO_ZERO2)
-    with pytest.raises(Interrupted) as stopped:
-        train(cfg, on_step=interrupt_at(2))
-    assert stopped.value.exit_code == 130
-    assert checkpoint.step_of(stopped.value.checkpoint) == 2
-    _, _, state = checkpoint.read(stopped.value.checkpoint)
-    assert state["sampler"]["order"] == []  # the epoch ended exactly here
-    assert len(list((stopped.value.checkpoint / "learner" / "state").glob("*optim_states.pt"))) == 2  # per rank
-
-    result = train(cfg)
-    assert [h["step"] for h in result.history] == [1, 2, 3]  # the resumed run trained step 3, not 0 steps
-    assert_same_run(grpo_reference, out)
 
 
 def _learner_pids() -> list[int]:
@@ -279,10 +266,12 @@ def test_killed_learner_rank_restarts_from_checkpoint(grpo_reference, tmp_path):
 
 def test_ppo_two_rank_zero3_adaptive_kl_trains_and_resumes_exactly(local_ray, tmp_path):
     """The PPO job itself (the uninterrupted run: its value head, the KL controller, a policy that
-    generates), and a run interrupted after step 1 and resumed that ends the same."""
+    generates), and a run resumed from the checkpoint it wrote after step 1 that ends the same. (The
+    signal that writes such a checkpoint is the GRPO and CLI tests' own: the save is the same.)"""
     # packed rows of ~32 tokens and the LM head 8 positions at a time (recomputed in backward under ZeRO-3)
     setting = ("learner.num_ranks=2", "learner.zero_stage=3", "algorithm.name=ppo", "kl.adaptive=true",
-               "kl.horizon=10", "steps=2", "learner.packing=true", "learner.pack_tokens=32", "learner.logits_chunk=8")
+               "kl.horizon=10", "steps=2", "learner.packing=true", "learner.pack_tokens=32", "learner.logits_chunk=8",
+               "checkpoint.every=1")
     reference, out = tmp_path / "uninterrupted", tmp_path / "run"
     cfg = tiny(reference, *setting)
     result = train(cfg)
@@ -292,26 +281,30 @@ def test_ppo_two_rank_zero3_adaptive_kl_trains_and_resumes_exactly(local_ray, tm
     assert first["kl_coef"] != cfg.kl.coef or last["kl_coef"] != first["kl_coef"]  # the controller moved
     generates(result.final_dir)
 
-    with pytest.raises(Interrupted) as stopped:
-        train(tiny(out, *setting), on_step=interrupt_at(1))
-    _, _, state = checkpoint.read(stopped.value.checkpoint)
+    saved = checkpoint.at_step(reference, 1)
+    _, _, state = checkpoint.read(saved)
     assert state["learner"]["kl_coef"] != 0.05  # the adaptive coefficient moved and was saved
-    assert yaml.safe_load((stopped.value.checkpoint / "config.yaml").read_text())["algorithm"]["name"] == "ppo"
-    train(tiny(out, *setting))
-    assert_same_run(reference, out)
+    assert yaml.safe_load((saved / "config.yaml").read_text())["algorithm"]["name"] == "ppo"
+    resumed = train(tiny(out, *setting), resume=saved)
+    assert [h["step"] for h in resumed.history] == [2]  # this output_dir's: step 1 is in the other's metrics
+    assert_same_run(reference, out, from_step=2)
 
 
-def test_grpo_zero2_resume_from_a_uri_output_dir_is_exact(grpo_reference, tmp_path):
-    """output_dir as a URI: each rank uploads its DeepSpeed state to the bucket, the rerun (a fresh
+def test_grpo_zero2_resume_at_epoch_boundary_from_a_uri_output_dir_is_exact(grpo_reference, tmp_path):
+    """Interrupted where the sampler's epoch ends (step 2), the resumed run trains step 3, not 0 steps.
+    output_dir as a URI: each rank uploads its DeepSpeed state to the bucket, the rerun (a fresh
     driver copy) finds the checkpoint there, each rank downloads it, and the run ends exactly as the
-    uninterrupted one on a local path."""
+    uninterrupted one on a local path. (A local checkpoint of the same run is reloaded by
+    test_killed_learner_rank_restarts_from_checkpoint, and rerun by the CLI and PPO tests.)"""
     bucket = tmp_path / "bucket" / "run"
     cfg = tiny(f"file://{bucket}", *GRPO_ZERO2)
     with pytest.raises(Interrupted) as stopped:
         train(cfg, on_step=interrupt_at(2))
+    assert stopped.value.exit_code == 130
     assert checkpoint.step_of(stopped.value.checkpoint) == 2
     saved = bucket / "checkpoints" / "step_000002"
     assert (saved / "manifest.json").is_file()
+    assert checkpoint.read(saved)[2]["sampler"]["order"] == []  # the epoch ended exactly here
     assert len(list((saved / "learner" / "state").glob("*optim_states.pt"))) == 2  # one per rank
     assert not (bucket / "final").exists()
 
