@@ -27,12 +27,19 @@ def deepspeed_engine(
     backend = learner.backend
     if backend == "auto":
         backend = "nccl" if device.type == "cuda" else "gloo"
-    skip_shared_memory_op()
-    deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, verbose=False)
+    init_distributed(backend)
     engine, *_ = deepspeed.initialize(
         model=module, optimizer=optimizer, config=deepspeed_config(learner.model_dump(), world_size, accumulation)
     )
     return engine
+
+
+def init_distributed(backend: str) -> None:
+    """DeepSpeed's process group (gloo or nccl), for the RL learner and the Ray Train workers alike."""
+    import deepspeed
+
+    skip_shared_memory_op()
+    deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, verbose=False)
 
 
 def skip_shared_memory_op() -> None:

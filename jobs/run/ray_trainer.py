@@ -31,7 +31,7 @@ import ray
 import torch
 import yaml
 
-from rayrlhf.actors.runtime.deepspeed_engine import deepspeed_config
+from rayrlhf.actors.runtime.deepspeed_engine import deepspeed_config, init_distributed
 from rayrlhf.actors.runtime.host_memory import keep_freed_memory
 from rayrlhf.cluster import worker_logs
 from rayrlhf.cluster.actor_group import check_fits
@@ -116,11 +116,7 @@ class Worker:
             import ray.train.torch
 
             torch.cuda.set_device(ray.train.torch.get_device())
-        import deepspeed  # imported here: it probes accelerators at import time
-
-        deepspeed.init_distributed(
-            dist_backend="nccl" if trainer["use_gpu"] else "gloo", auto_mpi_discovery=False, verbose=False
-        )
+        init_distributed("nccl" if trainer["use_gpu"] else "gloo")  # imports deepspeed: it probes accelerators
         self.engine: DeepSpeedEngine  # set by engine_for
 
     def engine_for(self, module: torch.nn.Module) -> DeepSpeedEngine:
