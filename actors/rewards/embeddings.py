@@ -99,12 +99,13 @@ class PooledEncoder:
         except (OSError, IndexError, KeyError, ValueError):
             return None
         kinds = [module["type"].rsplit(".", 1)[-1] for module in modules]
-        modes = [mode for mode in ("cls_token", "mean_tokens") if pooling.get(f"pooling_mode_{mode}")]
-        other_modes = any(value for key, value in pooling.items() if key.startswith("pooling_mode_")
-                          and key.removeprefix("pooling_mode_") not in modes)  # fmt: skip
+        modes = [key.removeprefix("pooling_mode_") for key, on in pooling.items()
+                 if key.startswith("pooling_mode_") and on]  # fmt: skip
         if kinds[:2] != ["Transformer", "Pooling"] or set(kinds[2:]) - {"Normalize"} or modules[0]["path"]:
             return None
-        if len(modes) != 1 or other_modes or settings.get("do_lower_case") or "max_seq_length" not in settings:
+        if modes not in (["cls_token"], ["mean_tokens"]) or settings.get("do_lower_case"):
+            return None
+        if "max_seq_length" not in settings:
             return None
         return cls(path, device, modes[0], int(settings["max_seq_length"]))
 

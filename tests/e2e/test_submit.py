@@ -34,7 +34,7 @@ from rayrlhf.jobs.submit import EXCLUDES, connect, wait_until_done
 VENV_BIN = Path(sys.executable).parent
 PROJECT_DIR = Path(__file__).resolve().parents[2]
 SMALL_RUN = ["--set", "data.num_eval=4", "--set", "eval_max_new_tokens=4", "--set", "kl.coef=0"]
-"""A small eval and no reference actor (kl.coef=0): what no test of a job needs."""
+"""A small eval and no reference actor (kl.coef=0): parts of a run that no test of a job checks."""
 TINY_RUN = ["--set", "steps=1", *SMALL_RUN]
 """One step of SMALL_RUN: the cheapest real training job."""
 SECRET_NAME = "RAYRLHF_TEST_SECRET"
