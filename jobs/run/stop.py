@@ -34,6 +34,9 @@ if TYPE_CHECKING:
 SignalHandler = Callable[[int, FrameType | None], object] | int | None
 MARGIN = 0.1
 """Of the grace period, kept free besides the estimates (a step or a save may take longer than the last)."""
+MARGIN_MIN_S = 5.0
+"""The margin's floor: abandoning a step, a save's round trip to the learner and the exit take seconds on
+a loaded host even when a step takes a fraction of one (a 0.17 s step, 15 s grace: 1.5 s was too little)."""
 
 
 class StepAbandoned(KeyboardInterrupt):
@@ -61,7 +64,8 @@ def last_moment(deadline: float, grace: float, last_step: dict[str, float] | Non
     if not last_step:
         return -math.inf
     after_collect = last_step["time/learn"] + last_step["time/sync"]
-    return deadline - after_collect - (save_s if save_s is not None else last_step["time/step"]) - MARGIN * grace
+    margin = max(MARGIN * grace, MARGIN_MIN_S)
+    return deadline - after_collect - (save_s if save_s is not None else last_step["time/step"]) - margin
 
 
 def collect_seconds(last_step: dict[str, float] | None) -> float:

@@ -48,7 +48,7 @@ def test_a_sigterm_whose_grace_cannot_cover_the_step_abandons_it_and_saves_the_o
     Step 2 hangs in scoring (as a slow step would): the driver abandons it in time, saves step 1 with
     the learner untouched and exits 143; the same command then trains steps 2 and 3, each sample once."""
     # first in the file: its own Ray in a subprocess, before the module's Ray starts
-    grace = 15  # mostly waited out before the hung step is abandoned: short, yet longer than a step and a save
+    grace = 15  # mostly waited out (less the 5 s margin) before the hung step is abandoned
     (tmp_path / "flaky.py").write_text(FLAKY)
     (tmp_path / "hang").touch()
     out = tmp_path / "run"
@@ -97,8 +97,9 @@ def test_the_grace_period_and_the_last_moment_to_abandon_a_step():
     assert grace_period(None, {"RAY_JOB_STOP_WAIT_TIME_S": "300"}) == 300.0  # the job's, as submit sets it
     assert grace_period(None, {}) is None and grace_period(None, {"RAY_JOB_STOP_WAIT_TIME_S": "x"}) is None
     step = {"time/step": 10.0, "time/learn": 4.0, "time/sync": 1.0}
-    assert last_moment(100.0, 30.0, step, save_s=6.0) == 100.0 - 5.0 - 6.0 - 3.0  # learn, sync, save, 10% margin
-    assert last_moment(100.0, 30.0, step, save_s=None) == 100.0 - 5.0 - 10.0 - 3.0  # an untimed save: a step
+    assert last_moment(100.0, 80.0, step, save_s=6.0) == 100.0 - 5.0 - 6.0 - 8.0  # learn, sync, save, 10% margin
+    assert last_moment(100.0, 80.0, step, save_s=None) == 100.0 - 5.0 - 10.0 - 8.0  # an untimed save: a step
+    assert last_moment(100.0, 30.0, step, save_s=6.0) == 100.0 - 5.0 - 6.0 - 5.0  # the margin's 5 s floor
     assert last_moment(100.0, 30.0, None, save_s=6.0) == -math.inf  # nothing to go by: at once
 
 
