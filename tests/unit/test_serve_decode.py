@@ -196,7 +196,8 @@ def test_a_request_joins_the_running_batch_and_its_text_does_not_depend_on_it(ge
     greedy, seeded = params(12), params(12, temperature=1.0, top_p=0.9, seed=5)
     alone_g, alone_s = request(ids[0], greedy), request(ids[0], seeded, n=2)
     texts_alone = {**run(gen, {0: [alone_g]})[0], **run(gen, {0: [alone_s]})[0]}
-    busy = [request(ids[1] * 3, params(30)), request(ids[1], params(25, temperature=0.8)),
+    # busy[1] is seeded: unseeded, it once sampled an EOS before step 3 and left the batch early
+    busy = [request(ids[1] * 3, params(30)), request(ids[1], params(25, temperature=0.8, seed=3)),
             request(gen.encode_text("x"), params(4))]
     late_g, late_s = request(ids[0], greedy), request(ids[0], seeded, n=2)
     texts, steps = run(gen, {0: busy[:2], 3: [late_g, busy[2]], 6: [late_s]})
