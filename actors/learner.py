@@ -74,10 +74,13 @@ class PolicyWithValue(nn.Module):
     """The policy plus an optional zero-initialised value head on its last hidden state;
     one module so that DeepSpeed shards and steps both."""
 
-    def __init__(self, policy: nn.Module, with_value: bool, pack_tokens: int | None, logits_chunk: int):
+    def __init__(
+        self, policy: nn.Module, with_value: bool, pack_tokens: int | None, logits_chunk: int,
+        share_prompts: bool = False,
+    ) -> None:
         super().__init__()
         self.policy = policy
-        self.pack_tokens, self.logits_chunk = pack_tokens, logits_chunk
+        self.pack_tokens, self.logits_chunk, self.share_prompts = pack_tokens, logits_chunk, share_prompts
         self.value_head = None
         if with_value:
             self.value_head = nn.Linear(policy.config.hidden_size, 1, dtype=policy.dtype)
@@ -102,6 +105,7 @@ class PolicyWithValue(nn.Module):
             with_hidden=self.value_head is not None,
             first_scored=first_scored,
             pack_tokens=self.pack_tokens,
+            share_prompts=self.share_prompts,
             logits_chunk=self.logits_chunk,
         )
         values = None
@@ -173,7 +177,7 @@ class Learner:
         if lora is not None:  # only the adapters train; get_weights and save merge them in
             self.policy = add_lora(self.policy, lora.rank, lora.alpha, lora.target_modules)
         module = PolicyWithValue(self.policy, with_value=self.estimator.critic,
-                                 pack_tokens=learner.packed_row_tokens,
+                                 pack_tokens=learner.packed_row_tokens, share_prompts=learner.share_prompts,
                                  logits_chunk=learner.logits_chunk).train()  # fmt: skip
         trainable = [p for p in module.parameters() if p.requires_grad]
         # fused: one kernel per tensor instead of ~10 passes over it (the default on CPU); the same

@@ -15,9 +15,9 @@ from rayrlhf.actors.rl.trajectory import Trajectory
 class ReferencePolicy:
     def __init__(self, *, model: str, temperature: float, torch_threads: int, dtype: str = "auto",
                  device: str = "cpu", cache_dir: str | None = None, pack_tokens: int | None = None,
-                 logits_chunk: int = 1024):  # fmt: skip
-        """pack_tokens, logits_chunk: as the learner's (learner.packing, learner.pack_tokens and
-        learner.logits_chunk), so both compute the same way."""
+                 share_prompts: bool = False, logits_chunk: int = 1024):  # fmt: skip
+        """pack_tokens, share_prompts, logits_chunk: as the learner's (learner.packed_row_tokens,
+        learner.share_prompts and learner.logits_chunk), so both compute the same way."""
         torch.set_num_threads(torch_threads)
         self.device = select_device(device)
         keep_freed_memory(self.device)
@@ -25,6 +25,7 @@ class ReferencePolicy:
         self.model, _ = load_policy(path, select_dtype(dtype, self.device), self.device)
         self.model.eval().requires_grad_(False)
         self.temperature, self.pack_tokens, self.logits_chunk = temperature, pack_tokens, logits_chunk
+        self.share_prompts = share_prompts
 
     def logprobs(self, traj: Trajectory) -> np.ndarray:
         """[B, T] float32, same convention as Trajectory.old_logprobs; 0 outside the response."""
@@ -36,6 +37,7 @@ class ReferencePolicy:
             self.temperature,
             first_scored=first_response_column(response_mask),
             pack_tokens=self.pack_tokens,
+            share_prompts=self.share_prompts,
             logits_chunk=self.logits_chunk,
         )
         return (logp * response_mask).float().cpu().numpy()

@@ -1,11 +1,12 @@
-"""Packed vs padded: the learner's step and the reference's log-probs on one real rollout batch.
+"""Packed and shared-prompt vs padded: the learner's step and the reference's log-probs on one real rollout batch.
 
     python benchmarks/packing.py --configs default math --repeats 5
     python benchmarks/packing.py --configs default learner.pack_tokens=256   # another row budget
 
-One learner and one reference per config; each timed call switches them between padded rows and
-the step's real tokens packed into rows of learner.pack_tokens (docs/performance_packing.md), the
-two sides interleaved so that load drifts hit both alike. Also reports the tokens each side runs the
+One learner and one reference per config; each timed call switches them between padded rows, the
+step's real tokens packed into rows of learner.pack_tokens, and packed with each group's prompt run
+once (learner.share_prompts; docs/performance_packing.md), the sides interleaved so that load drifts
+hit all alike. Also reports the tokens each side runs the
 model on. Writes benchmarks/results/packing.json. Not a test: figures only, on an idle machine.
 """
 
@@ -21,7 +22,8 @@ import numpy as np
 import torch
 from lean import learner_times
 
-from rayrlhf.actors.rl.packing import packed_layout
+from rayrlhf.actors.rl.logprobs import first_response_column
+from rayrlhf.actors.rl.packing import packed_layout, shared_prompt_layout
 from rayrlhf.actors.rl.trajectory import LearnerBatch, Rewards
 from rayrlhf.jobs.config.run import load_config
 from rayrlhf.jobs.data.sampler import PromptSampler
@@ -43,16 +45,17 @@ def measure(config: str, overrides: list[str], repeats: int) -> dict:
     learner = roles["learner"].instantiate(master_addr="127.0.0.1", master_port=common.free_port())
     torch.set_num_threads(cfg.learner.torch_threads)
     budget = cfg.learner.pack_tokens
-    sides = {"padded": None, "packed": budget}
+    sides = {"padded": (None, False), "packed": (budget, False), "shared": (budget, True)}
 
-    def switch(pack_tokens):
+    def switch(pack_tokens, share_prompts):
         reference.pack_tokens = learner.engine.module.pack_tokens = pack_tokens
+        reference.share_prompts = learner.engine.module.share_prompts = share_prompts
 
     batch = None
     times = {f"{part}_{side}": [] for part in ("reference", "learn") for side in sides}
     for i in range(repeats + 2):  # two warm-up rounds: the heap settles (actors/runtime/host_memory.py)
-        for side, pack_tokens in sides.items():
-            switch(pack_tokens)
+        for side, setting in sides.items():
+            switch(*setting)
             t0 = time.perf_counter()
             ref = reference.logprobs(traj)
             ref_s = time.perf_counter() - t0
@@ -65,14 +68,18 @@ def measure(config: str, overrides: list[str], repeats: int) -> dict:
                 times[f"learn_{side}"].append(learn_s)
     medians = {f"{name}_s": statistics.median(t) for name, t in times.items()}
     mask = torch.from_numpy(traj.attention_mask)
-    packed_ids = packed_layout(torch.from_numpy(traj.input_ids), mask, budget).input_ids
+    ids = torch.from_numpy(traj.input_ids)
+    packed_ids = packed_layout(ids, mask, budget).input_ids
+    start = first_response_column(torch.from_numpy(traj.response_mask))
+    shared_ids = shared_prompt_layout(ids, mask, start, budget).input_ids
     return medians | {
         "rows": len(traj), "padded_tokens": mask.numel(), "real_tokens": int(mask.sum()),
         "packed_rows": packed_ids.shape[0], "packed_tokens": packed_ids.numel(), "pack_tokens": budget,
+        "shared_rows": shared_ids.shape[0], "shared_tokens": shared_ids.numel(),
         "response_tokens": int(np.sum(traj.response_mask)),
-        "learn_speedup": medians["learn_padded_s"] / medians["learn_packed_s"],
-        "reference_speedup": medians["reference_padded_s"] / medians["reference_packed_s"],
-    }
+        **{f"{part}_speedup_{side}": medians[f"{part}_padded_s"] / medians[f"{part}_{side}_s"]
+           for part in ("learn", "reference") for side in ("packed", "shared")},
+    }  # fmt: skip
 
 
 def main() -> None:
@@ -85,11 +92,12 @@ def main() -> None:
     for config in args.configs:
         r = report[config] = measure(config, args.overrides, args.repeats)
         print(f"{config}: {r['rows']} rows, {r['real_tokens']} real tokens in {r['padded_tokens']} padded / "
-              f"{r['packed_tokens']} packed ({r['packed_rows']} rows of <= {r['pack_tokens']})\n"
-              f"  learn     padded {r['learn_padded_s']:.3f} s   packed {r['learn_packed_s']:.3f} s   "
-              f"{r['learn_speedup']:.2f}x\n"
-              f"  reference padded {r['reference_padded_s']:.3f} s   packed {r['reference_packed_s']:.3f} s   "
-              f"{r['reference_speedup']:.2f}x")  # fmt: skip
+              f"{r['packed_tokens']} packed ({r['packed_rows']} rows of <= {r['pack_tokens']}) / "
+              f"{r['shared_tokens']} with shared prompts ({r['shared_rows']} rows)")
+        for part in ("learn", "reference"):
+            print(f"  {part:9} padded {r[f'{part}_padded_s']:.3f} s   packed {r[f'{part}_packed_s']:.3f} s "
+                  f"({r[f'{part}_speedup_packed']:.2f}x)   shared {r[f'{part}_shared_s']:.3f} s "
+                  f"({r[f'{part}_speedup_shared']:.2f}x)")  # fmt: skip
     common.write_results("packing.json", {"overrides": args.overrides, **report})
 
 

@@ -22,7 +22,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from rayrlhf.actors.rl.losses import entropy_from_logits
-from rayrlhf.actors.rl.packing import packed_layout, padded_layout
+from rayrlhf.actors.rl.packing import Layout, packed_layout, padded_layout, shared_prompt_layout
 
 
 def from_numpy(array: np.ndarray) -> torch.Tensor:
@@ -118,6 +118,7 @@ def policy_forward(
     with_hidden: bool = False,
     first_scored: int = 1,
     pack_tokens: int | None = None,
+    share_prompts: bool = False,
     logits_chunk: int = 1024,
 ) -> PolicyOutput:
     """One forward pass; gradients flow if the caller has them enabled.
@@ -128,13 +129,19 @@ def policy_forward(
     49k vocabulary that head is a fifth of the model's compute.
     pack_tokens: run the model on the real tokens packed into rows of about this many
     (actors/rl/packing.py) instead of on the padded rows; None: padded. The values are the same.
+    share_prompts: with pack_tokens, rows that repeat the tokens before first_scored (a group's
+    prompt) run them once (packing.shared_prompt_layout). The values are the same.
     logits_chunk: positions per LM-head chunk (head_logprobs).
     """
     batch, width = input_ids.shape
     if not 1 <= first_scored <= width:
         raise ValueError(f"first_scored={first_scored} is outside the {width} columns")
     if pack_tokens is None:
+        if share_prompts:
+            raise ValueError("share_prompts runs packed rows: it needs pack_tokens")
         layout = padded_layout(input_ids, attention_mask, position_ids(attention_mask))
+    elif share_prompts:
+        layout = shared_prompt_layout(input_ids, attention_mask, first_scored, pack_tokens)
     else:
         layout = packed_layout(input_ids, attention_mask, pack_tokens)
     # the decoder and the LM head called apart, so the head sees only the scored positions
@@ -142,15 +149,18 @@ def policy_forward(
     decoder: Any = model.get_decoder()  # type: ignore[operator]
     head: Any = model.get_output_embeddings()  # type: ignore[operator]
     hidden = decoder(
-        input_ids=layout.input_ids, attention_mask=layout.attention_mask, position_ids=layout.position_ids,
+        input_ids=layout.input_ids, attention_mask=model_mask(model, layout), position_ids=layout.position_ids,
         use_cache=False,
     ).last_hidden_state  # fmt: skip
     scored = scored_positions(attention_mask)
     scored[:, :first_scored] = False
     keep = scored.reshape(-1)[layout.source]
-    source, target = layout.source[keep], layout.target[keep]
-    # a scored token's predecessor sits just before it in the model's rows, padded or packed
-    predicting = hidden.reshape(-1, hidden.shape[-1])[target - 1]
+    source = layout.source[keep]
+    # where each real token of the padded batch sits in the model's rows; a scored token's predecessor
+    # (the one before it in its padded row) gives the hidden state that predicts it
+    placed = torch.full((batch * width,), -1, dtype=torch.long, device=input_ids.device)
+    placed[layout.source] = layout.target
+    predicting = hidden.reshape(-1, hidden.shape[-1])[placed[source - 1]]
     tokens = input_ids.reshape(-1)[source]
     logp, entropy = head_logprobs(
         head, predicting, tokens, temperature, logits_chunk,
@@ -168,6 +178,21 @@ def policy_forward(
     )
 
 
+def model_mask(model: nn.Module, layout: Layout) -> torch.Tensor | None:
+    """The layout's attention mask as the model's attention takes it: SDPA a boolean one, eager an
+    additive one (a boolean there would be added as 0/1); other kernels take no 4D mask."""
+    mask = layout.attention_mask
+    if mask is None or mask.dim() != 4:
+        return mask
+    kind = getattr(model.config, "_attn_implementation", None)
+    if kind == "sdpa":
+        return mask
+    if kind == "eager":
+        dtype = next(model.parameters()).dtype
+        return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(~mask, torch.finfo(dtype).min)
+    raise ValueError(f"learner.share_prompts needs SDPA or eager attention; the model runs {kind}")
+
+
 @torch.no_grad()
 def token_logprobs(
     model: nn.Module,
@@ -177,6 +202,7 @@ def token_logprobs(
     chunk_size: int = 8,
     first_scored: int = 1,
     pack_tokens: int | None = None,
+    share_prompts: bool = False,
     logits_chunk: int = 1024,
 ) -> torch.Tensor:
     """[B, T] float32 log-probs without gradients. Padded (pack_tokens None): `chunk_size` rows at a
@@ -185,7 +211,8 @@ def token_logprobs(
     parts = [
         policy_forward(
             model, input_ids[i : i + step], attention_mask[i : i + step], temperature,
-            first_scored=first_scored, pack_tokens=pack_tokens, logits_chunk=logits_chunk,
+            first_scored=first_scored, pack_tokens=pack_tokens, share_prompts=share_prompts,
+            logits_chunk=logits_chunk,
         ).logprobs
         for i in range(0, input_ids.shape[0], step)
     ]  # fmt: skip

@@ -145,6 +145,11 @@ class LearnerConfig(StrictModel):
     log-probs, loss and gradients, without compute on padding (docs/performance_packing.md). Off by
     default: on the default's short, evenly sized rows (85% real tokens) packed took 1.07x the
     time (benchmarks/README.md); it pays where lengths vary widely."""
+    share_prompts: bool = False
+    """The samples of a group repeat one prompt: the learner and the reference run each distinct prompt
+    once in packed rows, its samples' tokens after it, each attending to the prompt and to itself
+    (docs/performance_packing.md). The same log-probs, loss and gradients; with long prompts (the math
+    config's worked example) most of a step's tokens are prompt. Implies packed rows of pack_tokens."""
     pack_tokens: int = Field(256, ge=1)
     """About this many tokens per packed row (ceil(step tokens / pack_tokens) rows of near-equal
     length): attention is quadratic in a row's length, so short rows keep it a small share."""
@@ -162,5 +167,5 @@ class LearnerConfig(StrictModel):
 
     @property
     def packed_row_tokens(self) -> int | None:
-        """What the forward passes take: pack_tokens when packing, None for padded rows."""
-        return self.pack_tokens if self.packing else None
+        """What the forward passes take: pack_tokens when packing or sharing prompts, None for padded rows."""
+        return self.pack_tokens if self.packing or self.share_prompts else None

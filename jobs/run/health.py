@@ -28,6 +28,17 @@ from rayrlhf.jobs.config.run import RewardConfig
 
 CHECKS = ("length", "truncation", "entropy", "kl", "hacking")
 
+# What to do about answers cut at the token cap, by reward.truncation: the one advice that fits every
+# reward was wrong for 0/1 rewards (a penalty on a sparse reward became its only signal: math.yaml).
+TRUNCATION_ADVICE = {
+    "penalize": "raise rollout.max_new_tokens (each cut answer already loses reward.truncation_penalty)",
+    "keep": "raise rollout.max_new_tokens; cut answers are scored as written (reward.truncation=keep): a "
+            "checked 0/1 answer cut before its final answer already scores 0, but with a graded reward "
+            "(similarity, a reward model) set reward.truncation=penalize so cut answers lose reward",
+    "mask": "raise rollout.max_new_tokens: cut answers are left out of the loss (reward.truncation=mask), "
+            "so this share of each batch teaches nothing",
+}  # fmt: skip
+
 
 def weighted_components(reward: RewardConfig) -> list[str]:
     """The reward components the policy is trained on (weight != 0), by their logged names."""
@@ -52,11 +63,15 @@ def trend(points: list[tuple[int, float]]) -> float | None:
 
 
 class HealthMonitor:
-    def __init__(self, cfg: dict[str, Any], components: list[str], write: Callable[[str], None] = print) -> None:
+    def __init__(
+        self, cfg: dict[str, Any], components: list[str], write: Callable[[str], None] = print,
+        truncation: str = "penalize",
+    ) -> None:
         unknown = set(cfg["stop_on"]) - set(CHECKS)
         if unknown:
             raise ValueError(f"monitor.stop_on: unknown checks {sorted(unknown)}; expected some of {CHECKS}")
         self.cfg, self.components, self.write = cfg, components, write
+        self.truncation_advice = TRUNCATION_ADVICE[truncation]
         self.history: list[tuple[int, dict[str, float]]] = []
         self.failing = dict.fromkeys(CHECKS, False)
         self.last_eval: tuple[int, float] | None = None
@@ -103,8 +118,8 @@ class HealthMonitor:
              f"{window} step(s){over}, limit {{t}}: the policy may be padding answers for reward; look at "
              "examples.jsonl, raise reward.overlong_penalty or lower rollout.max_new_tokens"),
             ("truncation", "reward/truncated_frac", c["max_truncated_frac"], 1,
-             f"{{v:.0%}} of sampled answers were cut at rollout.max_new_tokens{over}, limit {{t:.0%}}: raise "
-             "rollout.max_new_tokens, or keep reward.truncation=penalize so cut answers lose reward"),
+             f"{{v:.0%}} of sampled answers were cut at rollout.max_new_tokens{over}, limit {{t:.0%}}: "
+             + self.truncation_advice),
             ("entropy", "entropy", c["min_entropy"], -1,
              f"policy entropy {{v:.4f}} < {{t}}{over}: it is collapsing onto a few answers; raise kl.coef "
              "or lower learner.lr"),

@@ -85,7 +85,7 @@ def role_table(cfg: RunConfig) -> list[Role]:
         roles.append(Role("reference", ReferencePolicy, 1, kl.num_cpus, kl.num_gpus, lambda rank: dict(
             **model, dtype=cfg.policy.dtype, temperature=rollout.temperature, torch_threads=kl.torch_threads,
             device=role_device(kl.num_gpus), pack_tokens=learner.packed_row_tokens,
-            logits_chunk=learner.logits_chunk,
+            share_prompts=learner.share_prompts, logits_chunk=learner.logits_chunk,
         ), max_restarts=restarts))
     if (env := cfg.env) is not None:
         roles.append(Role("env", EnvironmentWorker, env.num_workers, env.num_cpus, 0.0,

@@ -212,6 +212,9 @@ def test_reference_equals_worker_old_logprobs_for_same_weights(model_dir):
     # packed into rows of <= 16 tokens (several sequences per row), the LM head 5 positions at a time
     packed = ReferencePolicy(model=model_dir, temperature=1.0, torch_threads=1, pack_tokens=16, logits_chunk=5)
     np.testing.assert_allclose(packed.logprobs(traj), ref, atol=1e-5)
+    # each group's prompt run once, its samples after it
+    shared = ReferencePolicy(model=model_dir, temperature=1.0, torch_threads=1, pack_tokens=16, share_prompts=True)
+    np.testing.assert_allclose(shared.logprobs(traj), ref, atol=1e-5)
 
 
 # --- learner (one rank, ZeRO-2, in this process) -------------------------------------------
@@ -236,7 +239,8 @@ def free_port() -> int:
 
 def make_learner(model_dir: str, name: str, lora: LoraConfig | None = None, pipeline: PipelineConfig | None = None,
                  micro_batch_size: int = 4, packing: bool = True, pack_tokens: int = 256, logits_chunk: int = 1024,
-                 lr: float = 1e-2, zero_stage: int = 2, on_nonfinite: str = "stop", **algorithm_fields: Any):
+                 lr: float = 1e-2, zero_stage: int = 2, on_nonfinite: str = "stop", share_prompts: bool = False,
+                 **algorithm_fields: Any):
     from rayrlhf.actors.learner import Learner
 
     algorithm = AlgorithmConfig(name=name, clip_eps=0.2, epochs=1, gamma=1.0, lam=0.95, value_clip=0.2, vf_coef=0.5,
@@ -245,7 +249,8 @@ def make_learner(model_dir: str, name: str, lora: LoraConfig | None = None, pipe
     learner = LearnerConfig(num_ranks=1, zero_stage=zero_stage, offload=False, backend="auto", lr=lr, weight_decay=0.0,
                             grad_clip=1.0, micro_batch_size=micro_batch_size, bf16=False, num_cpus=1, num_gpus=0,
                             torch_threads=1, gradient_checkpointing=False, packing=packing, pack_tokens=pack_tokens,
-                            logits_chunk=logits_chunk, on_nonfinite=on_nonfinite)  # fmt: skip
+                            logits_chunk=logits_chunk, on_nonfinite=on_nonfinite,
+                            share_prompts=share_prompts)  # fmt: skip
     return Learner(
         rank=0, world_size=1, master_addr="127.0.0.1", master_port=free_port(), model=model_dir, seed=0,
         temperature=1.0, rows_per_step=len(PROMPTS) * K, algorithm=algorithm, kl=kl, learner=learner, lora=lora,
@@ -278,19 +283,21 @@ def test_learner_trains_a_batch_within_max_staleness_with_the_off_policy_loss(mo
 @pytest.mark.parametrize("aggregation", ["token-mean", "seq-mean-token-mean"])
 def test_learner_step_does_not_depend_on_the_micro_batch_size(model_dir, dist_env, monkeypatch, aggregation):
     """Uneven lengths (2..6 tokens): 2 micro-batches of 4 rows and 1 of 8 give the same loss and gradient;
-    and so do padded rows, and packed rows of 8 tokens with the LM head 3 positions at a time."""
+    and so do padded rows, packed rows of 8 tokens with the LM head 3 positions at a time, and each
+    group's prompt run once (share_prompts)."""
     worker = make_worker(model_dir)
     script_responses(monkeypatch, responses_of_lengths(LENGTHS, 6, worker.tokenizer.eos_token_id))
     traj = worker.generate(PROMPTS)
     scores = np.array([1, 0, 0, 0] * len(PROMPTS), dtype=np.float32)
     batch = LearnerBatch.join([traj], [Rewards(total=scores, raw_total=scores, components={})], [None])
-    split, whole, padded, chunked = (
+    split, whole, padded, chunked, shared = (
         make_learner(model_dir, "grpo", loss_aggregation=aggregation, **settings).learn(batch)
         for settings in (dict(micro_batch_size=4), dict(micro_batch_size=8), dict(micro_batch_size=8, packing=False),
-                         dict(micro_batch_size=4, pack_tokens=8, logits_chunk=3))
+                         dict(micro_batch_size=4, pack_tokens=8, logits_chunk=3),
+                         dict(micro_batch_size=4, packing=False, share_prompts=True, pack_tokens=8))
     )  # fmt: skip
     assert split["grad_norm"] > 0
-    for other in (split, padded, chunked):
+    for other in (split, padded, chunked, shared):
         assert other["grad_norm"] == pytest.approx(whole["grad_norm"], rel=1e-5)
         assert other["pg_loss"] == pytest.approx(whole["pg_loss"], abs=1e-6)
 

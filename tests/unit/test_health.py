@@ -90,6 +90,25 @@ def test_stop_on_stops_at_the_first_crossing_of_a_listed_check():
     assert mon.stop_reason.startswith("kl at step 2: KL to the reference 1.5000 > 1.0")
 
 
+def test_the_truncation_warning_advises_by_the_runs_truncation_mode():
+    """A penalty advice on a 0/1 reward made cut answers' penalty its only signal (math.yaml): each mode
+    gets its own advice, and `keep` says which rewards it fits."""
+    advice = {}
+    for mode in ("penalize", "keep", "mask"):
+        printed: list[str] = []
+        mon = HealthMonitor(CFG, ["math_exact_match"], printed.append, truncation=mode)
+        mon.observe(1, {"reward/truncated_frac": 0.75})
+        (line,) = printed
+        assert line.startswith("health warning (step 1, truncation): 75% of sampled answers were cut"), line
+        advice[mode] = line.split("limit 50%: ")[1]
+    assert advice["penalize"].startswith("raise rollout.max_new_tokens (each cut answer already loses")
+    assert "a checked 0/1 answer cut before its final answer already scores 0" in advice["keep"]
+    assert "set reward.truncation=penalize" in advice["keep"]
+    assert "left out of the loss (reward.truncation=mask)" in advice["mask"]
+    with pytest.raises(KeyError):
+        HealthMonitor(CFG, [], truncation="drop")
+
+
 def test_hacking_a_weighted_component_rises_while_held_out_falls():
     mon, printed = monitor()
     mon.observe(0, {"eval/rouge_l": 0.50})
