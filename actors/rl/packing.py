@@ -104,13 +104,13 @@ def shared_prompt_layout(input_ids: Tensor, attention_mask: Tensor, prefix_end: 
     tail = [columns[prefix_end:][real[row, prefix_end:]] for row in range(batch)]
     lengths = [len(head[rows[0]]) + sum(len(tail[r]) for r in rows) for rows in segments]
     packed = bins(lengths, budget)
-    packed_width = max(sum(lengths[s] for s in row) for row in packed)
+    packed_width = max(sum(lengths[s] for s in members) for members in packed)
     ids = input_ids.new_zeros(len(packed), packed_width)
     positions, segment, branch = torch.zeros_like(ids), torch.full_like(ids, -1), torch.zeros_like(ids)
     source, target = [], []
-    for r, row in enumerate(packed):
+    for r, members in enumerate(packed):
         start = 0
-        for s in row:
+        for s in members:
             rows = segments[s]
             n = len(head[rows[0]])
             span = torch.arange(start, start + n, device=ids.device)
