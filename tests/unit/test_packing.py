@@ -28,7 +28,6 @@ IDS = torch.tensor([
     [0, 21, 22, 23, 24, 0, 0, 0],
 ])  # fmt: skip
 MASK = (torch.arange(8) >= torch.tensor([[2], [0], [1]])) & (torch.arange(8) < torch.tensor([[7], [8], [5]]))
-RESPONSE = MASK & (torch.arange(8) >= 4)
 # Four rows whose responses start at column 4: rows 0, 1 and 3 share the prompt 5 6 7, row 2 has its own.
 SHARED_IDS = torch.tensor([
     [0, 5, 6, 7, 8, 9, 10, 0],
@@ -125,14 +124,15 @@ def test_shared_prompt_forward_equals_the_stock_padded_one(model, pack_tokens):
         policy_forward(model, SHARED_IDS, SHARED_MASK.long(), 0.7, first_scored=4, share_prompts=True)
 
 
-def token_batch() -> TokenBatch:
-    scores, groups = torch.tensor([1.0, 0.0, 0.5]), torch.tensor([0, 0, 0])
-    response = RESPONSE.float()
-    g = torch.Generator().manual_seed(1)
+def token_batch(ids=IDS, mask=MASK, scores=(1.0, 0.0, 0.5), groups=(0, 0, 0), seed=1) -> TokenBatch:
+    """The rows as a learner step sees them, responses from column 4 on."""
+    scores, groups = torch.tensor(scores), torch.tensor(groups)
+    response = (mask & (torch.arange(8) >= 4)).float()
+    g = torch.Generator().manual_seed(seed)
     return TokenBatch(
-        input_ids=IDS, attention_mask=MASK.long(), response_mask=response,
-        old_logprobs=-4 - torch.rand(3, 8, generator=g), scores=scores, group_ids=groups,
-        ref_logprobs=-4 - torch.rand(3, 8, generator=g),
+        input_ids=ids, attention_mask=mask.long(), response_mask=response,
+        old_logprobs=-4 - torch.rand(len(ids), 8, generator=g), scores=scores, group_ids=groups,
+        ref_logprobs=-4 - torch.rand(len(ids), 8, generator=g),
         advantages=expand_to_tokens(grpo_advantages(scores, groups, True), response),
     )  # fmt: skip
 
@@ -143,48 +143,26 @@ def gradients(model, loss: torch.Tensor) -> dict[str, torch.Tensor]:
     return {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
 
 
-def shared_token_batch() -> TokenBatch:
-    scores, groups = torch.tensor([1.0, 0.0, 0.3, 0.5]), torch.tensor([0, 0, 1, 0])
-    response = (SHARED_MASK & (torch.arange(8) >= 4)).float()
-    g = torch.Generator().manual_seed(2)
-    return TokenBatch(
-        input_ids=SHARED_IDS, attention_mask=SHARED_MASK.long(), response_mask=response,
-        old_logprobs=-4 - torch.rand(4, 8, generator=g), scores=scores, group_ids=groups,
-        ref_logprobs=-4 - torch.rand(4, 8, generator=g),
-        advantages=expand_to_tokens(grpo_advantages(scores, groups, True), response),
-    )  # fmt: skip
+LAYOUTS = {  # batch, and how policy_forward lays it out
+    # several sequences per packed row, the LM head 2 positions at a time (so the recomputation runs)
+    "packed": (token_batch(), dict(pack_tokens=9, logits_chunk=2)),
+    # the prompt's one copy gets the gradient of all three rows that read it, as their padded copies do
+    "shared": (token_batch(SHARED_IDS, SHARED_MASK, (1.0, 0.0, 0.3, 0.5), (0, 0, 1, 0), seed=2),
+               dict(pack_tokens=10, share_prompts=True, logits_chunk=3)),
+}  # fmt: skip
 
 
+@pytest.mark.parametrize("layout", sorted(LAYOUTS))
 @pytest.mark.parametrize("aggregation", sorted(LOSS_AGGREGATIONS))
-def test_shared_prompt_loss_and_gradients_equal_the_padded_ones(model, aggregation):
-    """The prompt's one copy gets the gradient of all three rows that read it, as their padded copies do."""
-    batch = shared_token_batch()
-    objective = Objective(AlgorithmConfig(loss_aggregation=aggregation, loss_scale_tokens=8, entropy_coef=0.01),
-                          "k3", None)  # fmt: skip
-    logp, entropy = stock_forward(model, 0.7, SHARED_IDS, SHARED_MASK)
-    want_loss, _ = objective(batch, logp, entropy, None, logp.detach(), kl_coef=0.1)
-    want = gradients(model, want_loss)
-    out = policy_forward(model, SHARED_IDS, SHARED_MASK.long(), 0.7, with_entropy=True, first_scored=4,
-                         pack_tokens=10, share_prompts=True, logits_chunk=3)  # fmt: skip
-    loss, _ = objective(batch, out.logprobs, out.entropy, None, out.logprobs.detach(), kl_coef=0.1)
-    got = gradients(model, loss)
-    torch.testing.assert_close(loss, want_loss, atol=1e-5, rtol=0)
-    assert got.keys() == want.keys() and len(got) > 0
-    for name in want:
-        torch.testing.assert_close(got[name], want[name], atol=1e-5, rtol=0, msg=name)
-    assert any(g.abs().sum() > 0 for g in got.values())
-
-
-@pytest.mark.parametrize("aggregation", sorted(LOSS_AGGREGATIONS))
-def test_packed_chunked_loss_and_gradients_equal_the_padded_ones(model, aggregation):
-    batch = token_batch()
+def test_packed_and_shared_loss_and_gradients_equal_the_padded_ones(model, aggregation, layout):
+    batch, options = LAYOUTS[layout]
     algo = AlgorithmConfig(loss_aggregation=aggregation, loss_scale_tokens=8, entropy_coef=0.01)
     objective = Objective(algo, "k3", None)
-    logp, entropy = stock_forward(model, 0.7)
+    logp, entropy = stock_forward(model, 0.7, batch.input_ids, batch.attention_mask.bool())
     want_loss, _ = objective(batch, logp, entropy, None, logp.detach(), kl_coef=0.1)
     want = gradients(model, want_loss)
-    out = policy_forward(model, IDS, MASK.long(), 0.7, with_entropy=True, first_scored=4, pack_tokens=9,
-                         logits_chunk=2)  # fmt: skip
+    out = policy_forward(model, batch.input_ids, batch.attention_mask, 0.7, with_entropy=True, first_scored=4,
+                         **options)  # fmt: skip
     loss, _ = objective(batch, out.logprobs, out.entropy, None, out.logprobs.detach(), kl_coef=0.1)
     got = gradients(model, loss)
     torch.testing.assert_close(loss, want_loss, atol=1e-5, rtol=0)
