@@ -17,13 +17,14 @@ Key = tuple[int, int]
 
 
 class EnvironmentWorker:
-    def __init__(self, *, path: str) -> None:
-        self.cls = load_environment(path)
+    def __init__(self, *, path: str, options: dict[str, Any] | None = None) -> None:
+        self.cls = load_environment(path, options)
+        self.options = options or {}
         self.episodes: dict[Key, Any] = {}
 
     def reset(self, keys: list[Key], rows: list[dict[str, Any]], seeds: list[int]) -> list[list[dict[str, Any]]]:
         """New episodes (the previous rollout's are dropped); returns each one's first messages."""
-        self.episodes = {(key[0], key[1]): self.cls() for key in keys}
+        self.episodes = {(key[0], key[1]): self.cls(**self.options) for key in keys}
         return [self.episodes[(key[0], key[1])].reset(row, seed) for key, row, seed in zip(keys, rows, seeds)]
 
     def step(self, keys: list[Key], replies: list[str]) -> list[tuple[list[dict[str, Any]], float, bool, int, int]]:

@@ -124,7 +124,7 @@ def prepare(cfg: RunConfig) -> tuple[list[Prompt], list[Prompt]]:
         )
         check_functions(cfg.reward.model_dump()["functions"], {k for p in train_set + eval_set for k in p.extra})
         if cfg.env is not None:
-            load_environment(cfg.env.path)  # file, class and methods, before Ray starts
+            load_environment(cfg.env.path, cfg.env.options)  # file, class, methods, options, before Ray starts
         if cfg.reward.remote is not None:
             env_headers(cfg.reward.remote.headers_env)  # set where the run starts, not only on some node
     except (ValueError, RemoteRewardError) as e:

@@ -1,6 +1,7 @@
 """The environment interface, how a config names an environment, and its check before Ray starts.
 
-An environment is a plain class with a no-argument constructor; one instance plays one episode:
+An environment is a plain class, constructed with `env.options` as keyword arguments (none by
+default); one instance plays one episode:
 
     reset(row: dict, seed: int) -> list[message]
         row: the data row ({"id", "prompt", "reference", **its other fields}); seed: the episode's
@@ -40,8 +41,8 @@ class EnvironmentLoadError(ValueError):
     """An environment class that cannot be loaded or lacks the interface (names env.path)."""
 
 
-def load_environment(path: str) -> type:
-    """The class `path` names, checked: a class with callable reset and step, constructible without arguments."""
+def load_environment(path: str, options: dict[str, Any] | None = None) -> type:
+    """The class `path` names, checked: a class with callable reset and step, constructible with `options`."""
     where = BUILTINS.get(path, path)
     try:
         if path in BUILTINS:
@@ -56,4 +57,8 @@ def load_environment(path: str) -> type:
     missing = [m for m in ("reset", "step") if not callable(getattr(cls, m, None))]
     if missing:
         raise EnvironmentLoadError(f"env.path: class {cls.__name__} of {path!r} has no method {' or '.join(missing)}")
+    try:  # one instance per episode, so a constructor is cheap: build one to check the options' names and values
+        cls(**(options or {}))
+    except Exception as e:
+        raise EnvironmentLoadError(f"env.options: {cls.__name__}(**{options or {}}) failed: {e}") from None
     return cls

@@ -76,9 +76,19 @@ def calculate(expression: str) -> str:
 
 
 class Calculator:
-    """One episode of a word problem (a row with a `reference` ending in its number, as the math task's)."""
+    """One episode of a word problem (a row with a `reference` ending in its number, as the math task's).
+
+    `call_reward`: paid once per episode, on the first call that returns a number. It makes the tool
+    worth trying before it has been seen to pay (seed 2 of the 3-seed figures never called it again
+    after its first calls failed); below 1, so only a right answer makes an episode a success.
+    """
 
     tools = TOOLS
+
+    def __init__(self, call_reward: float = 0.0) -> None:
+        if not 0.0 <= call_reward < 1.0:
+            raise ValueError(f"call_reward must be in [0, 1) (a right answer pays 1), got {call_reward}")
+        self.call_reward, self.paid = call_reward, False
 
     def reset(self, row: dict[str, Any], seed: int) -> list[dict[str, Any]]:
         self.reference = row["reference"]
@@ -89,10 +99,11 @@ class Calculator:
         if not calls and not invalid:
             right = math_exact_match([None], [assistant["content"]], [self.reference])[0]
             return [], float(right or 0.0), True
-        results = [{"role": "tool", "content": f"invalid tool call: {why}"} for why in invalid]
-        for call in calls:
-            results.append({"role": "tool", "content": self._run(call["function"])})
-        return results, 0.0, False
+        answers = [f"invalid tool call: {why}" for why in invalid] + [self._run(c["function"]) for c in calls]
+        worked = any(not a.startswith(("error", "invalid")) for a in answers)
+        reward = self.call_reward if worked and not self.paid else 0.0
+        self.paid = self.paid or worked
+        return [{"role": "tool", "content": a} for a in answers], reward, False
 
     @staticmethod
     def _run(function: dict[str, Any]) -> str:

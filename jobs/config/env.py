@@ -16,6 +16,9 @@ class EnvConfig(StrictModel):
     path: str = Field(min_length=1)
     """FILE.py:CLASS (relative to the config file or the working directory), MODULE:CLASS or a built-in
     (calculator, guess_number)."""
+    options: dict[str, Any] = {}
+    """Keyword arguments of the environment's constructor (one instance per episode), checked against
+    its signature before Ray starts: e.g. {call_reward: 0.1} for the built-in calculator."""
     num_workers: int = Field(1, ge=1)
     """Environment actors; episode i plays on actor i % num_workers."""
     num_cpus: float = Field(0.25, gt=0)

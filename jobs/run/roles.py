@@ -89,7 +89,7 @@ def role_table(cfg: RunConfig) -> list[Role]:
         ), max_restarts=restarts))
     if (env := cfg.env) is not None:
         roles.append(Role("env", EnvironmentWorker, env.num_workers, env.num_cpus, 0.0,
-                          lambda rank: dict(path=env.path), max_restarts=restarts))  # fmt: skip
+                          lambda rank: dict(path=env.path, options=env.options), max_restarts=restarts))  # fmt: skip
     algorithm = cfg.algorithm  # seq-mean-token-sum-norm's constant defaults to the longest answer
     if algorithm.loss_scale_tokens is None:
         algorithm = algorithm.model_copy(update={"loss_scale_tokens": rollout.max_new_tokens})

@@ -6,9 +6,11 @@ import numpy as np
 import pytest
 import torch
 
+from rayrlhf.actors.environment_worker import EnvironmentWorker
 from rayrlhf.actors.environments.base import EnvironmentLoadError, load_environment
 from rayrlhf.actors.environments.calculator import EXAMPLE, Calculator, CalculatorError, calculate
 from rayrlhf.actors.environments.episode import Episode, MessageRenderer, assistant_message, to_trajectory
+from rayrlhf.actors.environments.guess_number import EXAMPLE as GUESS_EXAMPLE
 from rayrlhf.actors.environments.guess_number import GuessNumber
 from rayrlhf.actors.generation.tool_calls import format_tool_call, parse_tool_calls
 from rayrlhf.actors.rl.aggregation import token_mean
@@ -48,6 +50,20 @@ def test_calculator_episode_tool_results_then_exact_match_reward():
     assert env.step(assistant_message("The answer is 13.")[0])[1:] == (0.0, True)
 
 
+def test_calculator_call_reward_is_paid_once_for_a_call_that_returns_a_number():
+    env = Calculator(call_reward=0.1)
+    env.reset({"prompt": "Sam has 3 bags of 4 apples. How many?", "reference": "#### 12"}, seed=0)
+    bad = assistant_message(format_tool_call("calculator", {"expression": "import os"}))[0]
+    good = assistant_message(format_tool_call("calculator", {"expression": "3 * 4"}))[0]
+    assert env.step(bad)[1] == 0.0  # an error earns nothing
+    assert env.step(good)[1:] == (0.1, False)
+    assert env.step(good)[1:] == (0.0, False)  # once per episode
+    assert env.step(assistant_message("The answer is 13.")[0])[1:] == (0.0, True)
+    for wrong in (1.0, -0.1):
+        with pytest.raises(ValueError, match="call_reward must be in"):
+            Calculator(call_reward=wrong)
+
+
 def test_guess_number_is_a_function_of_its_seed_and_hints_the_way():
     secrets = set()
     for seed in range(20):
@@ -59,7 +75,9 @@ def test_guess_number_is_a_function_of_its_seed_and_hints_the_way():
         assert again.secret == env.secret
     assert secrets <= set(range(1, 9)) and len(secrets) > 3
     env = GuessNumber()
-    env.reset({"low": 1, "high": 20}, 7)
+    first = env.reset({"low": 1, "high": 20}, 7)
+    assert first[:-1] == GUESS_EXAMPLE and first[-1]["content"].endswith("a whole number from 1 to 20. Guess it: "
+                                                                         "reply with one number. After each guess I say higher or lower.")
     low, high = env.step({"content": "0"}), env.step({"content": "21"})
     assert low == ([{"role": "user", "content": "Higher."}], 0.0, False)
     assert high == ([{"role": "user", "content": "Lower."}], 0.0, False)
@@ -74,6 +92,12 @@ def test_environment_paths_are_checked_with_a_message_naming_env_path(tmp_path):
                       ("nonsense", "built-in: calculator, guess_number")]:  # fmt: skip
         with pytest.raises(EnvironmentLoadError, match=f"env.path: .*{why}"):
             load_environment(path)
+    for options, why in [({"call_rewrd": 0.1}, "unexpected keyword argument 'call_rewrd'"), ({"call_reward": 2}, "in \\[0, 1\\)")]:
+        with pytest.raises(EnvironmentLoadError, match=f"env.options: Calculator.*{why}"):
+            load_environment("calculator", options)
+    worker = EnvironmentWorker(path="calculator", options={"call_reward": 0.25})  # each episode built with them
+    worker.reset([(0, 0)], [{"prompt": "3 bags of 4 apples?", "reference": "#### 12"}], [0])
+    assert worker.step([(0, 0)], [format_tool_call("calculator", {"expression": "3 * 4"})])[0][1:3] == (0.25, False)
 
 
 def test_a_scripted_episode_holds_exactly_the_sampled_ids_and_masks_the_environments(tiny_dir):
