@@ -213,7 +213,7 @@ def _train(
     )
     worker_logs.write_to(output_dir / "workers.log")
     monitor = HealthMonitor(cfg.monitor.model_dump(), weighted_components(cfg.reward), tracker.write,
-                            truncation=cfg.reward.truncation)  # fmt: skip
+                            truncation=cfg.reward.truncation, episodes=cfg.env is not None)  # fmt: skip
     recovery = Recovery(roles, cfg.fault_tolerance, log=tracker.write)
     sampler = PromptSampler(train_set, cfg.seed)
     episodes = read_episodes(cfg.data.episodes) if cfg.data.episodes else None  # checked in prepare()

@@ -12,6 +12,9 @@ Rewards: each step's reward is summed into the episode's (`Episode.reward`), whi
 learner as the `env_reward` reward component, one scalar per row like every reward: group-relative
 estimators (GRPO, RLOO) need one number per sample, and a per-turn credit split would need a value
 model across environment tokens. `success`: the episode ended (done) with a positive last reward.
+`cut`: the episode hit a token cap: a reply stopped at rollout.max_new_tokens or env.max_tokens without
+its EOS, or no room was left for the next reply. An episode that ran out of turns is not cut (a game
+lost on turns is a loss, not a token-cap problem).
 """
 
 from __future__ import annotations
@@ -27,7 +30,7 @@ from rayrlhf.actors.rl.trajectory import Prompt, Trajectory
 _BASE = [{"role": "user", "content": "x"}, {"role": "assistant", "content": "y"}]
 """A fixed conversation ending in an assistant message: the new messages are rendered after it."""
 
-EPISODE_FIELDS = ("env_reward", "env_success", "env_turns", "env_tool_calls", "env_invalid_calls")
+EPISODE_FIELDS = ("env_reward", "env_success", "env_turns", "env_tool_calls", "env_invalid_calls", "env_cut")
 """Per-row fields an episode adds to its row's extras: the built-in reward functions of the same
 names return them, so they are logged as reward/<name> and eval/<name> (env_reward weighted)."""
 
@@ -94,6 +97,8 @@ class Episode:
     replies: list[str] = field(default_factory=list)
     tool_calls: int = 0
     invalid_calls: int = 0
+    cut: bool = False
+    """It hit a token cap: a reply stopped without its EOS, or no room for the next one."""
     done: bool = False
     """The environment ended it."""
     over: bool = False
@@ -107,7 +112,7 @@ class Episode:
     def add_turn(self, turn: Turn) -> None:
         """A reply and the ids before it; a turn without tokens (no room left) ends the episode unchanged."""
         if not turn.tokens:
-            self.over = True
+            self.over = self.cut = True
             return
         if not self.replies:
             self.prompt_ids, self.prompt_text = list(turn.observation), turn.prompt_text
@@ -115,7 +120,8 @@ class Episode:
             self.add_ids(turn.observation, sampled=False)
         self.add_ids(turn.tokens, sampled=True, logprobs=turn.logprobs)
         self.replies.append(turn.text)
-        self.over = self.over or not turn.ended
+        self.cut = not turn.ended
+        self.over = self.over or self.cut
 
     def add_ids(self, ids: list[int], sampled: bool, logprobs: list[float] | None = None) -> None:
         self.ids += ids
@@ -132,7 +138,7 @@ class Episode:
 
     def fields(self) -> dict[str, float]:
         values = (self.reward, float(self.success), float(len(self.replies)), float(self.tool_calls),
-                  float(self.invalid_calls))  # fmt: skip
+                  float(self.invalid_calls), float(self.cut))  # fmt: skip
         return dict(zip(EPISODE_FIELDS, values))
 
 

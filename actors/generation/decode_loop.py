@@ -145,10 +145,14 @@ class DecodeLoop:
         self, group: list[tuple[GenerationRequest, int]], deltas: dict[GenerationRequest, list[ChoiceDelta]]
     ) -> None:
         """(request, prompt index) pairs through the model in one left-padded forward, each prompt once
-        whatever its n (its cache is then repeated per sample); first tokens sampled, live rows joined."""
-        ids, mask = left_pad([r.prompts[p] for r, p in group], self.runner.pad_id)
-        positions = (mask.cumsum(-1) - 1).clamp(min=0)
-        logits, cache = self.runner.forward(ids, mask, positions, DynamicCache())
+        whatever its n (its cache is then repeated per sample); first tokens sampled, live rows joined.
+        The tokens every prompt of the group starts with go through the model once (_shared_prefill)."""
+        prompts = [r.prompts[p] for r, p in group]
+        shared, cache = self._shared_prefill(prompts)
+        ids, mask = left_pad([q[shared:] for q in prompts], self.runner.pad_id)
+        mask = torch.cat([torch.ones((len(prompts), shared), dtype=mask.dtype), mask], dim=1)
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)[:, shared:]
+        logits, cache = self.runner.forward(ids, mask, positions, cache)
         prompt_of_row = torch.arange(len(group)).repeat_interleave(torch.tensor([r.n for r, _ in group]))
         rows = [row for r, p in group for row in self.requests[r][p * r.n:(p + 1) * r.n]]  # choice = p * n + sample
         tokens = self._sample(rows, logits[prompt_of_row], deltas)
@@ -159,6 +163,21 @@ class DecodeLoop:
             mask = mask[index]
             self.batch.join(cache, mask, mask.sum(-1), tokens[live])
             self.running += [rows[i] for i in live]
+
+    def _shared_prefill(self, prompts: list[list[int]]) -> tuple[int, DynamicCache]:
+        """The prompts' common first tokens through the model once, their cache repeated per prompt: a
+        system prompt, a tool description, a worked example, the question a group's episodes share.
+        Returns how many (0 when that would not save the cost of one more forward: PAD_SPLIT_TOKENS)
+        and the cache to go on from."""
+        shared = min(len(q) for q in prompts) - 1  # each prompt keeps one token, whose logits sample
+        for q in prompts[1:]:
+            shared = next((i for i, (a, b) in enumerate(zip(prompts[0][:shared], q)) if a != b), shared)
+        if (len(prompts) - 1) * shared < PAD_SPLIT_TOKENS:
+            return 0, DynamicCache()
+        head = torch.tensor([prompts[0][:shared]])
+        _, cache = self.runner.forward(head, torch.ones_like(head), torch.arange(shared)[None], DynamicCache())
+        cache.batch_repeat_interleave(len(prompts))
+        return shared, cache
 
     def _sample(self, rows: list[_Row], logits: torch.Tensor, deltas: dict[GenerationRequest, list[ChoiceDelta]]
                 ) -> torch.Tensor:

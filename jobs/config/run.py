@@ -75,7 +75,7 @@ class RunConfig(StrictModel):
     @classmethod
     def _episode_components(cls, data: object) -> object:
         """With an environment, the episode's fields are reward components: env_reward (weight 1 unless
-        listed) trains, env_success / env_turns / env_tool_calls / env_invalid_calls (weight 0) are logged."""
+        listed) trains, env_success / env_turns / env_tool_calls / env_invalid_calls / env_cut (weight 0) are logged."""
         if not isinstance(data, dict) or not data.get("env"):
             return data
         reward = dict(data.get("reward") or {})

@@ -10,7 +10,9 @@ dicts out.
 Checks compare like with like, over the mean of the last `window` steps (one step's batch is noisy):
 length (sampled answers' length against their references, relative to the same ratio over the run's
 own first `window` steps: a base model's samples run long, a healthy run shortens them, a gaming one
-lengthens them), truncation (sampled answers cut at the token cap), entropy (collapse), kl (drift
+lengthens them), truncation (sampled answers cut at the token cap; in a multi-turn run, episodes with
+a reply cut or no room left: reward/env_cut, since an episode lost on turns is not a token-cap
+problem), entropy (collapse), kl (drift
 from the reference policy) and hacking: a weighted reward component rose over the training steps
 between two evaluations while the held-out metric fell. Thresholds are calibrated on the default's
 per-step metrics (benchmarks/health_calibration.py): healthy runs do not warn.
@@ -65,13 +67,15 @@ def trend(points: list[tuple[int, float]]) -> float | None:
 class HealthMonitor:
     def __init__(
         self, cfg: dict[str, Any], components: list[str], write: Callable[[str], None] = print,
-        truncation: str = "penalize",
+        truncation: str = "penalize", episodes: bool = False,
     ) -> None:
         unknown = set(cfg["stop_on"]) - set(CHECKS)
         if unknown:
             raise ValueError(f"monitor.stop_on: unknown checks {sorted(unknown)}; expected some of {CHECKS}")
         self.cfg, self.components, self.write = cfg, components, write
         self.truncation_advice = TRUNCATION_ADVICE[truncation]
+        self.episodes = episodes
+        """A multi-turn run (env): the truncation check reads reward/env_cut."""
         self.history: list[tuple[int, dict[str, float]]] = []
         self.failing = dict.fromkeys(CHECKS, False)
         self.last_eval: tuple[int, float] | None = None
@@ -117,6 +121,10 @@ class HealthMonitor:
              "sampled answers, against their references, are {v:.2f}x as long as in the run's first "
              f"{window} step(s){over}, limit {{t}}: the policy may be padding answers for reward; look at "
              "examples.jsonl, raise reward.overlong_penalty or lower rollout.max_new_tokens"),
+            ("truncation", "reward/env_cut", c["max_truncated_frac"], 1,
+             f"{{v:.0%}} of sampled episodes hit a token cap (a reply cut at rollout.max_new_tokens, or "
+             f"env.max_tokens used up){over}, limit {{t:.0%}}: raise rollout.max_new_tokens or env.max_tokens")
+            if self.episodes else
             ("truncation", "reward/truncated_frac", c["max_truncated_frac"], 1,
              f"{{v:.0%}} of sampled answers were cut at rollout.max_new_tokens{over}, limit {{t:.0%}}: "
              + self.truncation_advice),

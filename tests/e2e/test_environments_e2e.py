@@ -32,7 +32,7 @@ def test_calculator_tiny_trains_with_episode_metrics_in_steps_and_evaluations(lo
     cfg = load_config("calculator_tiny", [f"output_dir={tmp_path / 'run'}", "steps=1"])
     result = train(cfg)
     step = result.history[0]
-    for name in ("env_reward", "env_success", "env_turns", "env_tool_calls", "env_invalid_calls"):
+    for name in ("env_reward", "env_success", "env_turns", "env_tool_calls", "env_invalid_calls", "env_cut"):
         assert f"reward/{name}" in step and f"eval/{name}" in result.after
     assert 1.0 <= step["reward/env_turns"] <= cfg.env.max_turns
     assert 0.0 <= result.after["eval/env_success"] <= 1.0

@@ -9,7 +9,7 @@ import torch
 from rayrlhf.actors.environment_worker import EnvironmentWorker
 from rayrlhf.actors.environments.base import EnvironmentLoadError, load_environment
 from rayrlhf.actors.environments.calculator import EXAMPLE, Calculator, CalculatorError, calculate
-from rayrlhf.actors.environments.episode import Episode, MessageRenderer, assistant_message, to_trajectory
+from rayrlhf.actors.environments.episode import Episode, MessageRenderer, Turn, assistant_message, to_trajectory
 from rayrlhf.actors.environments.guess_number import EXAMPLE as GUESS_EXAMPLE
 from rayrlhf.actors.environments.guess_number import GuessNumber
 from rayrlhf.actors.generation.tool_calls import format_tool_call, parse_tool_calls
@@ -62,6 +62,20 @@ def test_calculator_call_reward_is_paid_once_for_a_call_that_returns_a_number():
     for wrong in (1.0, -0.1):
         with pytest.raises(ValueError, match="call_reward must be in"):
             Calculator(call_reward=wrong)
+
+
+def test_an_episode_is_cut_by_a_token_cap_not_by_running_out_of_turns():
+    def played(*ended: bool, room: bool = True) -> tuple[float, bool]:
+        episode = Episode(Prompt(0, "q", "r"), sample=0, seed=0)
+        for e in ended:
+            episode.add_turn(Turn([1], [2], [-0.5], "x", e))
+        if not room:
+            episode.add_turn(Turn([3], [], [], "", False))
+        return episode.fields()["env_cut"], episode.over
+
+    assert played(True, True) == (0.0, False)  # out of turns next: the driver ends it, not a token cap
+    assert played(True, False) == (1.0, True)  # a reply without its EOS
+    assert played(True, room=False) == (1.0, True)  # env.max_tokens used up
 
 
 def test_guess_number_is_a_function_of_its_seed_and_hints_the_way():
@@ -137,7 +151,7 @@ def test_a_scripted_episode_holds_exactly_the_sampled_ids_and_masks_the_environm
     assert np.allclose(logprobs[start:start + len(t1.tokens)], t1.logprobs)
     assert np.allclose(logprobs[-len(t2.tokens):], t2.logprobs) and (logprobs[np.array(expected) == 0] == 0).all()
     assert traj.extras[0] == {"env_reward": 1.25, "env_success": 1.0, "env_turns": 2.0, "env_tool_calls": 0.0,
-                              "env_invalid_calls": 0.0}  # fmt: skip
+                              "env_invalid_calls": 0.0, "env_cut": float(not t2.ended)}  # fmt: skip
     assert traj.responses == [t2.text] and not traj.truncated[0]
 
     # the environment's ids carry no loss: the policy loss's gradient is zero on them

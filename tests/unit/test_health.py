@@ -109,6 +109,18 @@ def test_the_truncation_warning_advises_by_the_runs_truncation_mode():
         HealthMonitor(CFG, [], truncation="drop")
 
 
+def test_a_multi_turn_run_counts_episodes_cut_at_a_token_cap_not_games_lost_on_turns():
+    """guess_number's lost games all ran out of turns (truncated_frac 0.84 at step 1 of seed 0, no reply
+    cut): that is a loss, not a token-cap problem, so an episode run's check reads reward/env_cut."""
+    printed: list[str] = []
+    mon = HealthMonitor(CFG, ["env_reward"], printed.append, truncation="keep", episodes=True)
+    assert mon.observe(1, {"reward/truncated_frac": 0.84, "reward/env_cut": 0.0}) is False and printed == []
+    mon.observe(2, {"reward/truncated_frac": 0.84, "reward/env_cut": 0.75})
+    assert printed == ["health warning (step 2, truncation): 75% of sampled episodes hit a token cap (a reply cut "
+                       "at rollout.max_new_tokens, or env.max_tokens used up), limit 50%: raise "
+                       "rollout.max_new_tokens or env.max_tokens"]  # fmt: skip
+
+
 def test_hacking_a_weighted_component_rises_while_held_out_falls():
     mon, printed = monitor()
     mon.observe(0, {"eval/rouge_l": 0.50})

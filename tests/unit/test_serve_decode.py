@@ -278,12 +278,38 @@ def test_a_long_prompt_is_prefilled_apart_from_short_ones(gen, monkeypatch):
     assert groups == [[(joiners[0], 0), (both, 1)], [(joiners[2], 0), (both, 0)]]  # by length; 1 token apart
     forwards = count_forwards(gen, monkeypatch, dim=1)  # columns per forward
     texts, _ = run(gen, {0: joiners})
-    assert forwards[:2] == [len(short), len(long)]  # two prefills, neither padded to the other's length
+    # two prefills, neither padded to the other's length; the long pair's common start goes first, once
+    assert forwards[:3] == [len(short), len(long) - 2, 2]
     monkeypatch.undo()
     alone = {name: list(run(gen, {0: [request(ids, params(5))]})[0].values())[0][0]
              for name, ids in (("s", short), ("l", long))}
     assert texts[both] == {0: alone["l"], 1: alone["l"], 2: alone["s"], 3: alone["s"]}
     assert texts[joiners[0]] == {0: alone["s"]}
+
+
+def test_the_tokens_every_prompt_starts_with_are_prefilled_once(gen, tiny_dir, monkeypatch):
+    system = gen.encode_text(PROMPTS[1] * 5)  # a system prompt or worked example the prompts share
+    qa, qb = gen.encode_text(" What is 2 plus 3?"), gen.encode_text(" Name a big box, then count the items in it.")
+    assert len(system) >= PAD_SPLIT_TOKENS and qa[0] != qb[0] and len(qa) < len(qb)
+    shapes: list[tuple[int, int, int]] = []  # (rows, new columns, mask columns) of each forward
+    real = gen.forward
+
+    def recorded(input_ids, attention_mask, position_ids, cache):
+        shapes.append((*input_ids.shape, attention_mask.shape[1]))
+        return real(input_ids, attention_mask, position_ids, cache)
+
+    monkeypatch.setattr(gen, "forward", recorded)
+    out = gen.generate([system + qa, system + qb], 1, params(5))
+    n = len(system)
+    assert shapes[:2] == [(1, n, n), (2, len(qb), n + len(qb))]  # the shared start once, then each prompt's own
+    monkeypatch.undo()
+    for row, q in enumerate((qa, qb)):  # what each prompt decodes alone, with the same log-probs
+        ids, tokens = system + q, out.tokens[row].tolist()
+        assert gen.decode(tokens) == hf_greedy(tiny_dir, ids, 5)
+        with torch.no_grad():
+            logits = gen.model(torch.tensor([ids + tokens])).logits[0, len(ids) - 1:-1]
+        expected = torch.log_softmax(logits, -1).gather(-1, torch.tensor(tokens)[:, None]).squeeze(-1)
+        assert torch.allclose(out.logprobs[row], expected, atol=1e-5)
 
 
 def test_finished_rows_free_their_slots_for_waiting_requests(gen):
