@@ -2,7 +2,10 @@
 
 
 class Scripted:
-    """Whatever the reply: first a tool message "7" (reward 0.25), then done (reward 1)."""
+    """Whatever the reply: first a tool message "7" (reward tool_reward, an env.options key), then done (reward 1)."""
+
+    def __init__(self, tool_reward: float = 0.25) -> None:
+        self.tool_reward = tool_reward
 
     def reset(self, row, seed):
         self.turn = 0
@@ -10,4 +13,4 @@ class Scripted:
 
     def step(self, assistant):
         self.turn += 1
-        return ([{"role": "tool", "content": "7"}], 0.25, False) if self.turn == 1 else ([], 1.0, True)
+        return ([{"role": "tool", "content": "7"}], self.tool_reward, False) if self.turn == 1 else ([], 1.0, True)

@@ -4,7 +4,8 @@ Each `step` ends the rows whose caller gave up or whose deadline passed, decodes
 every running row, prefills the requests admitted since the last step (together, in left-padded
 forwards of similar lengths: the padding is masked and positions are counted per row, so a prompt's
 first token does not depend on its neighbours) and moves their live rows into the batch. Each
-prompt is prefilled once and its cache repeated for its n samples. A row that finishes (EOS,
+prompt is prefilled once and its cache repeated for its n samples, and the tokens all prompts of a
+group start with (a system prompt, a worked example: every episode of a multi-turn step) once for all. A row that finishes (EOS,
 max_tokens, a stop string) leaves at once and frees its slot. Sampling is per row with the row's
 own seeded generator (actors/generation/sampler.py), so a row's tokens do not depend on the batch.
 

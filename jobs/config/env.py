@@ -18,7 +18,7 @@ class EnvConfig(StrictModel):
     (calculator, guess_number)."""
     options: dict[str, Any] = {}
     """Keyword arguments of the environment's constructor (one instance per episode), checked against
-    its signature before Ray starts: e.g. {call_reward: 0.1} for the built-in calculator."""
+    it before Ray starts (one instance is built): e.g. a tool server's address, a game's difficulty."""
     num_workers: int = Field(1, ge=1)
     """Environment actors; episode i plays on actor i % num_workers."""
     num_cpus: float = Field(0.25, gt=0)

@@ -2,6 +2,8 @@
 scripted episode through a real RolloutWorker whose token sequence, masks, log-probs and rewards are
 checked against ids computed by hand from the tokenizer (token in, token out)."""
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -19,6 +21,8 @@ from rayrlhf.actors.rl.trajectory import Prompt
 from rayrlhf.actors.rollout_worker import RolloutWorker
 from rayrlhf.jobs.config.run import AlgorithmConfig
 from scripted_env import Scripted
+
+SCRIPTED = f"{Path(__file__).parents[1] / 'scripted_env.py'}:Scripted"
 
 
 def test_the_calculator_evaluates_arithmetic_exactly_and_runs_no_code():
@@ -106,12 +110,15 @@ def test_environment_paths_are_checked_with_a_message_naming_env_path(tmp_path):
                       ("nonsense", "built-in: calculator, guess_number")]:  # fmt: skip
         with pytest.raises(EnvironmentLoadError, match=f"env.path: .*{why}"):
             load_environment(path)
-    for options, why in [({"call_rewrd": 0.1}, "unexpected keyword argument 'call_rewrd'"), ({"call_reward": 2}, "in \\[0, 1\\)")]:
-        with pytest.raises(EnvironmentLoadError, match=f"env.options: Calculator.*{why}"):
-            load_environment("calculator", options)
-    worker = EnvironmentWorker(path="calculator", options={"call_reward": 0.25})  # each episode built with them
-    worker.reset([(0, 0)], [{"prompt": "3 bags of 4 apples?", "reference": "#### 12"}], [0])
-    assert worker.step([(0, 0)], [format_tool_call("calculator", {"expression": "3 * 4"})])[0][1:3] == (0.25, False)
+    (tmp_path / "picky.py").write_text("class Picky:\n    def __init__(self, level=1):\n        if level > 3: raise "
+                                       "ValueError('level must be at most 3')\n    reset = step = print\n")
+    for path, options, why in [(SCRIPTED, {"tool_rewrd": 0.5}, "Scripted.*unexpected keyword argument 'tool_rewrd'"),
+                               (f"{tmp_path}/picky.py:Picky", {"level": 4}, "Picky.*level must be at most 3")]:  # fmt: skip
+        with pytest.raises(EnvironmentLoadError, match=f"env.options: {why}"):
+            load_environment(path, options)
+    worker = EnvironmentWorker(path=SCRIPTED, options={"tool_reward": 0.5})  # each episode built with them
+    worker.reset([(0, 0)], [{"prompt": "p", "reference": None}], [0])
+    assert worker.step([(0, 0)], ["7?"])[0][1:3] == (0.5, False)
 
 
 def test_a_scripted_episode_holds_exactly_the_sampled_ids_and_masks_the_environments(tiny_dir):
