@@ -15,15 +15,16 @@ from typing import Any
 from rayrlhf.actors.rewards.math_answers import final_number
 
 
-RULES = "I am thinking of a whole number from {low} to {high}. Guess it: reply with one number. After each guess I say higher or lower."
+RULES = ("I am thinking of a whole number from {low} to {high}. Guess it: reply with one number. "
+         "After each guess I say higher or lower.")
 EXAMPLE = [
     {"role": "user", "content": RULES.format(low=1, high=20)}, {"role": "assistant", "content": "10"},
     {"role": "user", "content": "Lower."}, {"role": "assistant", "content": "5"},
     {"role": "user", "content": "Higher."}, {"role": "assistant", "content": "7"},
 ]
 """A game before the game (one-shot): with it, SmolLM2-135M replies with a number (2-3 tokens) and wins
-4 of 10 greedy games at 1..20 in 6 turns; without it, its greedy reply asks which number to guess and 7 of
-8 sampled replies (temperature 1) hold no number (benchmarks/README.md, guess_number)."""
+35-46% of the held-out games greedily before training; without it, its greedy reply asks which number
+to guess and 7 of 8 sampled replies hold no number (benchmarks/README.md, guess_number)."""
 
 
 class GuessNumber:

@@ -5,9 +5,10 @@ every running row, prefills the requests admitted since the last step (together,
 forwards of similar lengths: the padding is masked and positions are counted per row, so a prompt's
 first token does not depend on its neighbours) and moves their live rows into the batch. Each
 prompt is prefilled once and its cache repeated for its n samples, and the tokens all prompts of a
-group start with (a system prompt, a worked example: every episode of a multi-turn step) once for all. A row that finishes (EOS,
-max_tokens, a stop string) leaves at once and frees its slot. Sampling is per row with the row's
-own seeded generator (actors/generation/sampler.py), so a row's tokens do not depend on the batch.
+group start with (a system prompt, a worked example: every episode of a multi-turn step) once for
+all. A row that finishes (EOS, max_tokens, a stop string) leaves at once and frees its slot.
+Sampling is per row with the row's own seeded generator (actors/generation/sampler.py), so a row's
+tokens do not depend on the batch.
 
 Serve admits requests and steps this loop as they come (actors/serving/scheduler.py); the rollout
 submits one request and steps it to the end (LocalEngine.generate). A request asks for what it
