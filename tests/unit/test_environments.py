@@ -94,8 +94,8 @@ def test_guess_number_is_a_function_of_its_seed_and_hints_the_way():
     assert secrets <= set(range(1, 9)) and len(secrets) > 3
     env = GuessNumber()
     first = env.reset({"low": 1, "high": 20}, 7)
-    assert first[:-1] == GUESS_EXAMPLE and first[-1]["content"].endswith("a whole number from 1 to 20. Guess it: "
-                                                                         "reply with one number. After each guess I say higher or lower.")
+    rules = "a whole number from 1 to 20. Guess it: reply with one number. After each guess I say higher or lower."
+    assert first[:-1] == GUESS_EXAMPLE and first[-1]["content"].endswith(rules)
     low, high = env.step({"content": "0"}), env.step({"content": "21"})
     assert low == ([{"role": "user", "content": "Higher."}], 0.0, False)
     assert high == ([{"role": "user", "content": "Lower."}], 0.0, False)
@@ -112,8 +112,10 @@ def test_environment_paths_are_checked_with_a_message_naming_env_path(tmp_path):
             load_environment(path)
     (tmp_path / "picky.py").write_text("class Picky:\n    def __init__(self, level=1):\n        if level > 3: raise "
                                        "ValueError('level must be at most 3')\n    reset = step = print\n")
-    for path, options, why in [(SCRIPTED, {"tool_rewrd": 0.5}, "Scripted.*unexpected keyword argument 'tool_rewrd'"),
-                               (f"{tmp_path}/picky.py:Picky", {"level": 4}, "Picky.*level must be at most 3")]:  # fmt: skip
+    for path, options, why in [
+        (SCRIPTED, {"tool_rewrd": 0.5}, "Scripted.*unexpected keyword argument 'tool_rewrd'"),
+        (f"{tmp_path}/picky.py:Picky", {"level": 4}, "Picky.*level must be at most 3"),
+    ]:
         with pytest.raises(EnvironmentLoadError, match=f"env.options: {why}"):
             load_environment(path, options)
     worker = EnvironmentWorker(path=SCRIPTED, options={"tool_reward": 0.5})  # each episode built with them
