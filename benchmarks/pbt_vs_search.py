@@ -6,9 +6,9 @@ during training, the random search keeps each trial's draw (no ASHA: nothing sto
 search's best policy is then scored on the held-out prompts neither search ranked on (benchmarks/
 tune_default.py's `score_on_unseen`), next to the untrained policy.
 
-    .venv/bin/python benchmarks/pbt_vs_search.py --seeds 0 1 2 [--config tune_pbt] [--set trial.steps=8 ...]
+    .venv/bin/python benchmarks/pbt_vs_search.py --seeds 0 1 2 [--config tune_pbt] [--set trial.steps=8 ...] [--out F]
 
-Writes benchmarks/results/pbt_vs_search.json. Not a test: figures only. Fresh experiment names per run.
+Writes benchmarks/results/pbt_vs_search.json (or --out). Not a test: figures only. Fresh experiment names per run.
 """
 
 from __future__ import annotations
@@ -66,6 +66,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0], help="search seeds (initial population draws)")
     parser.add_argument("--config", default="tune_pbt", help="a PBT tune config (tune_pbt_tiny: a quick check)")
     parser.add_argument("--set", dest="overrides", action="append", default=[])
+    parser.add_argument("--out", default="pbt_vs_search.json", help="file name under benchmarks/results/")
     parser.add_argument("--dry-run", action="store_true", help="validate both searches of every seed, run nothing")
     args = parser.parse_args(argv)
     if args.dry_run:
@@ -92,7 +93,7 @@ def main(argv: list[str] | None = None) -> None:
                                       if "pbt_best" in u and "random_best" in u],
         "runs": runs,
     }
-    common.write_results("pbt_vs_search.json", figures)
+    common.write_results(args.out, figures)
     shown = ("metric", "mean_unseen_held_out", "pbt_beats_random_per_seed")
     print(json.dumps({k: figures[k] for k in shown}, indent=2))
 
