@@ -4,7 +4,8 @@
 
 The bound of a phase is its work at the machine's measured rates, measured first in this process
 with the roles' thread count: a matmul rate (fp32 GFLOP/s, the model's own shapes) and a memory
-bandwidth (GB/s, a large copy). The work counts only real tokens (no padding):
+bandwidth (GB/s, a large copy). The work counts only the tokens a step needs (no padding; with learner.share_prompts each
+group's prompt once):
 - forward FLOPs per token: 2 x (the weights of every matmul, the LM head included) + the attention
   over the positions before it (4 x layers x width x position);
 - generate: each prompt's prefill, then every decode step costs max(reading the weights once,
@@ -79,11 +80,12 @@ class Model:
         self.layers = config.num_hidden_layers
         self.width = config.hidden_size
 
-    def forward_flops(self, lengths: np.ndarray) -> float:
-        """One forward over sequences of these lengths (every position attends to those before it)."""
+    def forward_flops(self, lengths: np.ndarray, starts: np.ndarray | int = 0) -> float:
+        """One forward over runs of tokens at positions start .. start + length - 1 (each attends to
+        every position before it): whole sequences, or answers after a prompt already in the cache."""
         tokens = float(lengths.sum())
-        attention = 4 * self.layers * self.width * float((lengths * (lengths - 1) / 2).sum())
-        return 2 * self.matmul * tokens + attention
+        positions = lengths * starts + lengths * (lengths - 1) / 2
+        return 2 * self.matmul * tokens + 4 * self.layers * self.width * float(positions.sum())
 
 
 def decode_seconds(model: Model, prompt_lens: np.ndarray, answer_lens: np.ndarray, k: int, flops: float, bw: float) -> float:
@@ -100,7 +102,12 @@ def bounds(cfg: RunConfig, model: Model, traj, flops: float, bw: float) -> dict[
     answer_lens = answer.sum(axis=1)
     prompt_lens = mask.sum(axis=1) - answer_lens
     real = mask.sum(axis=1)
-    forward = model.forward_flops(real)
+    if cfg.learner.share_prompts:  # each group's prompt once, its answers after it (the shared layout)
+        k = cfg.rollout.samples_per_prompt
+        forward = model.forward_flops(prompt_lens[::k]) + model.forward_flops(answer_lens, prompt_lens)
+        needed = prompt_lens[::k].sum() + answer_lens.sum()
+    else:
+        forward, needed = model.forward_flops(real), real.sum()
     score_tokens = 2 * answer_lens.sum()  # answers and references of about the same length
     return {
         "generate": decode_seconds(model, prompt_lens, answer_lens, cfg.rollout.samples_per_prompt, flops, bw),
@@ -109,6 +116,7 @@ def bounds(cfg: RunConfig, model: Model, traj, flops: float, bw: float) -> dict[
         "learn": 3 * forward / flops + 28 * model.params / bw,
         "sync": 2 * model.params * 4 / bw,
         "real_tokens": float(real.sum()),
+        "needed_tokens": float(needed),
         "padded_tokens": float(mask.size),
     }
 
@@ -156,8 +164,8 @@ def main() -> None:
         median = {k: statistics.median(r[k] for r in rows) for k in rows[0]}
         report[name] = {"median": median, "steps": rows}
         print(f"\n== {name} ({cfg.policy.model}): medians of {args.steps} steps; matmul {median['matmul_gflops']:.0f} "
-              f"GFLOP/s, copy {median['bandwidth_gbs']:.1f} GB/s; {median['bound/real_tokens']:.0f} real of "
-              f"{median['bound/padded_tokens']:.0f} padded tokens")  # fmt: skip
+              f"GFLOP/s, copy {median['bandwidth_gbs']:.1f} GB/s; {median['bound/needed_tokens']:.0f} needed, "
+              f"{median['bound/real_tokens']:.0f} real, {median['bound/padded_tokens']:.0f} padded tokens")  # fmt: skip
         print(f"{'phase':<11}{'measured s':>11}{'bound s':>10}{'ratio':>8}")
         for phase in (*PHASES, "step"):
             m, b = median[phase], median[f"bound/{phase}"]

@@ -44,9 +44,11 @@ def flaky(completions, **_):
 
 
 def test_a_sigterm_whose_grace_cannot_cover_the_step_abandons_it_and_saves_the_one_before(tmp_path, request):
-    """As Ray's job supervisor stops a job: SIGTERM, then SIGKILL after the job's RAY_JOB_STOP_WAIT_TIME_S.
-    Step 2 hangs in scoring (as a slow step would): the driver abandons it in time, saves step 1 with
-    the learner untouched and exits 143; the same command then trains steps 2 and 3, each sample once."""
+    """As Ray's job supervisor stops a job: SIGTERM, then SIGKILL after the job's RAY_JOB_STOP_WAIT_TIME_S;
+    the SIGTERM goes to the driver's whole process group, as a scheduler signals a job (the local Ray's
+    processes started by the driver are outside it: cluster/local.py). Step 2 hangs in scoring (as a
+    slow step would): the driver abandons it in time, saves step 1 with the learner untouched and exits
+    143; the same command then trains steps 2 and 3, each sample once."""
     # first in the file: its own Ray in a subprocess, before the module's Ray starts
     grace = 15  # mostly waited out (less the 5 s margin) before the hung step is abandoned
     (tmp_path / "flaky.py").write_text(FLAKY)
@@ -65,7 +67,7 @@ def test_a_sigterm_whose_grace_cannot_cover_the_step_abandons_it_and_saves_the_o
         while not (tmp_path / "hanging").exists() and proc.poll() is None and time.time() < deadline:
             time.sleep(0.2)
         assert (tmp_path / "hanging").exists(), log.read_text()[-3000:]
-        proc.send_signal(signal.SIGTERM)
+        os.killpg(proc.pid, signal.SIGTERM)  # its own session: the group is the driver's
         try:
             code = proc.wait(timeout=grace)
         except subprocess.TimeoutExpired:
@@ -90,6 +92,16 @@ def test_a_sigterm_whose_grace_cannot_cover_the_step_abandons_it_and_saves_the_o
     assert [h["step"] for h in result.history] == [1, 2, 3]
     assert [sorted(ids) for ids in result.trained_samples] == planned(cfg)[1:]  # none lost, none twice
     assert [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()] == [0, 1, 2, 3, 3]
+
+
+def test_the_local_rays_processes_are_outside_the_drivers_process_group(local_ray):
+    """What lets the driver above save after a SIGTERM to its group: none of the processes its Ray
+    started (GCS, raylet, workers) shares its process group."""
+    import psutil
+
+    started = [p for p in psutil.Process().children(recursive=True) if p.name() in ("gcs_server", "raylet")]
+    assert {p.name() for p in started} == {"gcs_server", "raylet"}
+    assert os.getpgid(0) not in {os.getpgid(p.pid) for p in psutil.Process().children(recursive=True)}
 
 
 def test_the_grace_period_and_the_last_moment_to_abandon_a_step():
