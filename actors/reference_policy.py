@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from rayrlhf.actors.runtime.cpu_linear import pack_linears
 from rayrlhf.actors.runtime.devices import select_device, select_dtype
 from rayrlhf.actors.runtime.host_memory import keep_freed_memory
 from rayrlhf.actors.rl.logprobs import first_response_column, from_numpy, token_logprobs
@@ -24,6 +25,7 @@ class ReferencePolicy:
         path = resolve_policy_here(model, cache_dir)
         self.model, _ = load_policy(path, select_dtype(dtype, self.device), self.device)
         self.model.eval().requires_grad_(False)
+        pack_linears(self.model)
         self.temperature, self.pack_tokens, self.logits_chunk = temperature, pack_tokens, logits_chunk
         self.share_prompts = share_prompts
 

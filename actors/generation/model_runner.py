@@ -1,9 +1,10 @@
 """A loaded policy made ready for decoding: the model side of the generation engine.
 
 Both roles that generate (the rollout worker, a Serve replica) load their policy their own way and
-hand it here, so they decode the same model the same way: gradients off, the LM head transposed on
-the CPU (actors/runtime/models.py), every id that ends a response, and a neutral generation_config
-(the model's own top_k, repetition penalty, ... play no part, in our loop or in HF's beam search).
+hand it here, so they decode the same model the same way: gradients off, linear layers on oneDNN's
+packed GEMM on the CPU (actors/runtime/cpu_linear.py), every id that ends a response, and a neutral
+generation_config (the model's own top_k, repetition penalty, ... play no part, in our loop or in HF's
+beam search).
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import torch
 from transformers import GenerationConfig, PreTrainedModel
 
 from rayrlhf.actors.generation.tokens import eos_token_ids
-from rayrlhf.actors.runtime.models import transpose_output_head
+from rayrlhf.actors.runtime.cpu_linear import pack_linears
 
 
 class GenerationError(RuntimeError):
@@ -27,7 +28,7 @@ class ModelRunner:
 
     def __init__(self, model: PreTrainedModel, tokenizer) -> None:
         model.requires_grad_(False)
-        transpose_output_head(model)  # decode steps run few rows against a big head
+        pack_linears(model)  # MKL's sgemm is the slow path on the CPUs we measured (cpu_linear.py)
         self.model, self.tokenizer = model, tokenizer
         self.device = model.device
         self.eos_ids = eos_token_ids(model, tokenizer)

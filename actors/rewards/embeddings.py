@@ -85,8 +85,11 @@ class PooledEncoder:
     def __init__(self, path: Path, device: str, pooling: str, max_length: int) -> None:
         from transformers import AutoModel, AutoTokenizer
 
+        from rayrlhf.actors.runtime.cpu_linear import pack_linears
+
         self.tokenizer = AutoTokenizer.from_pretrained(path)
         self.model = AutoModel.from_pretrained(path).to(device).eval()
+        pack_linears(self.model)
         self.device, self.pooling, self.max_length = device, pooling, max_length
 
     @classmethod

@@ -119,30 +119,6 @@ def load_policy(
     return model, tokenizer
 
 
-TRANSPOSE_MIN_WIDTH = 256
-"""Hidden sizes from which the transposed LM head pays (a toy width of 2 got slower with it)."""
-
-
-def transpose_output_head(model: torch.nn.Module) -> None:
-    """The LM head of a model on the CPU computes logits as (W @ h^T)^T. For a few rows against a big
-    vocabulary, MKL's x @ W^T takes a path that grows with the rows, which the transposed product
-    avoids (SmolLM2's 49k x 576 head: benchmarks/README.md). Not for toy widths: tiny-gpt2's (2)
-    served fewer batched requests/s with it."""
-    head = model.get_output_embeddings()
-    on_cpu = head is not None and head.weight.device.type == "cpu"  # a GPU's GEMMs have no such path
-    if not on_cpu or type(head) is not torch.nn.Linear or head.in_features < TRANSPOSE_MIN_WIDTH:
-        return
-
-    def forward(hidden: torch.Tensor) -> torch.Tensor:
-        rows = hidden.reshape(-1, hidden.shape[-1])
-        logits = (head.weight @ rows.T).T
-        if head.bias is not None:
-            logits = logits + head.bias
-        return logits.reshape(*hidden.shape[:-1], -1)
-
-    head.forward = forward
-
-
 def save_policy(
     model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, path: str | Path
 ) -> Path:

@@ -18,8 +18,7 @@ from rayrlhf.actors.generation.model_runner import GenerationError
 from rayrlhf.actors.generation.requests import ChoiceDelta, GenerationRequest, SamplingParams, Update
 from rayrlhf.actors.generation.sampler import mix_seed, row_generator, sample_tokens, scaled_logprobs
 from rayrlhf.actors.generation.text_stream import find_stop, held_back
-from rayrlhf.actors.runtime import models
-from rayrlhf.actors.runtime.models import load_policy, transpose_output_head
+from rayrlhf.actors.runtime.models import load_policy
 from rayrlhf.actors.runtime.torch_thread import TorchThread
 from rayrlhf.actors.serving.scheduler import ContinuousScheduler
 from rayrlhf.actors.serving.text_generator import TextGenerator
@@ -74,21 +73,6 @@ def test_consecutive_updates_merge_into_one():
                               ChoiceDelta(1, "AB", "length")]
     assert (merged.prompt_tokens, merged.completion_tokens, merged.done) == (5, 5, True)
     assert (merged.batch_requests, merged.batch_rows) == (3, 4)  # the busiest step, as Job.add keeps it
-
-
-def test_transposed_output_head_gives_the_same_logits(tiny_dir, monkeypatch):
-    model, _ = load_policy(tiny_dir, torch.float32, "cpu")
-    ids = torch.randint(0, model.config.vocab_size, (5, 7))
-    with torch.no_grad():
-        before = model(input_ids=ids).logits
-        transpose_output_head(model)  # tiny-gpt2's width (2) is below the threshold: left alone
-        assert "forward" not in vars(model.get_output_embeddings())
-        monkeypatch.setattr(models, "TRANSPOSE_MIN_WIDTH", 1)
-        transpose_output_head(model)
-        assert "forward" in vars(model.get_output_embeddings())
-        after = model(input_ids=ids).logits
-    assert after.shape == before.shape and torch.allclose(after, before, atol=1e-5)
-    assert model.get_output_embeddings().weight is model.get_input_embeddings().weight  # still tied
 
 
 def test_stop_helpers():
