@@ -3,9 +3,9 @@
     python benchmarks/phase_bound.py --configs default math --steps 6
 
 The bound of a phase is its work at the machine's measured rates, measured first in this process
-with the roles' thread count: a matmul rate (fp32 GFLOP/s, the model's own shapes) and a memory
-bandwidth (GB/s, a large copy). The work counts only the tokens a step needs (no padding; with learner.share_prompts each
-group's prompt once):
+with the roles' thread count: a matmul rate (fp32 GFLOP/s, the model's own shapes, the faster of MKL
+and oneDNN) and a memory bandwidth (GB/s, a large copy). The work counts only the tokens a step needs
+(no padding; with learner.share_prompts each group's prompt once):
 - forward FLOPs per token: 2 x (the weights of every matmul, the LM head included) + the attention
   over the positions before it (4 x layers x width x position);
 - generate: each prompt's prefill, then every decode step costs max(reading the weights once,
@@ -45,14 +45,19 @@ EMBEDDER_PARAMS = 22.7e6  # all-MiniLM-L6-v2's matmul weights (6 layers of width
 
 
 def matmul_gflops(threads: int, width: int, repeats: int = 20) -> float:
-    """fp32 GFLOP/s of [512, width] x [width, 4 width], the shape of a decoder's MLP on a batch."""
+    """fp32 GFLOP/s of [512, width] x [width, 4 width], the shape of a decoder's MLP on a batch: the faster
+    of MKL's sgemm (what F.linear calls) and oneDNN's packed GEMM (actors/runtime/cpu_linear.py)."""
     torch.set_num_threads(threads)
     a, b = torch.randn(512, width), torch.randn(width, 4 * width)
-    a @ b
-    t0 = time.perf_counter()
-    for _ in range(repeats):
-        a @ b
-    return 2 * 512 * width * 4 * width * repeats / (time.perf_counter() - t0) / 1e9
+    packed = torch.ops.mkldnn._reorder_linear_weight(b.T.contiguous(), 512)
+    rates = []
+    for product in (lambda: a @ b, lambda: torch.ops.mkldnn._linear_pointwise(a, packed, None, "none", [], "")):
+        product()
+        t0 = time.perf_counter()
+        for _ in range(repeats):
+            product()
+        rates.append(2 * 512 * width * 4 * width * repeats / (time.perf_counter() - t0) / 1e9)
+    return max(rates)
 
 
 def bandwidth_gbs(threads: int, mb: int = 512, repeats: int = 5) -> float:
