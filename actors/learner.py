@@ -38,6 +38,7 @@ from rayrlhf.actors.runtime.host_memory import keep_freed_memory
 from rayrlhf.actors.rl.logprobs import PolicyOutput, first_response_column, policy_forward
 from rayrlhf.actors.rl.nonfinite import NonFiniteError
 from rayrlhf.actors.rl.losses import make_kl_controller
+from rayrlhf.actors.runtime.cpu_linear import pack_linears
 from rayrlhf.actors.runtime.models import add_lora, load_policy, merged_state_dict, resolve_policy_here, save_policy
 from rayrlhf.actors.rl.objective import Objective
 from rayrlhf.actors.rl.offpolicy import admitted
@@ -176,6 +177,8 @@ class Learner:
             self.policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         if lora is not None:  # only the adapters train; get_weights and save merge them in
             self.policy = add_lora(self.policy, lora.rank, lora.alpha, lora.target_modules)
+        if self.plain:  # one fp32 rank (ZeRO's hooks around packed layers are not tested)
+            pack_linears(self.policy)
         module = PolicyWithValue(self.policy, with_value=self.estimator.critic,
                                  pack_tokens=learner.packed_row_tokens, share_prompts=learner.share_prompts,
                                  logits_chunk=learner.logits_chunk).train()  # fmt: skip

@@ -7,8 +7,10 @@ step, while oneDNN's inner product, with the weight reordered once into its own 
 in another order: outputs agree to float rounding.
 
 Each layer keeps its packed copy beside its weight (its weights' memory doubles) and packs again when
-the weight changes: a weight sync or a checkpoint load writes in place, which moves the tensor's
-version. While autograd records through a layer (a learner), the layer takes the plain path.
+the weight changes: a weight sync, a checkpoint load or an optimizer step writes in place, which moves
+the tensor's version. Under autograd (the one-rank learner) the forward and the input's gradient run
+packed (the latter on a packed transpose, made once per weight version) and the weight's gradient on
+torch's matmul, where oneDNN gains little.
 """
 
 from __future__ import annotations
@@ -24,15 +26,23 @@ PACK_ROWS_HINT = 64
 
 
 class _Pack:
-    """One layer's packed weight and the (pointer, version) of the weight it was packed from. A copy or
-    pickle of the model starts empty: a packed (opaque) tensor has no storage to copy."""
+    """A packed copy of a weight (or of its transpose), made again when the weight's pointer or version
+    moves. A copy or pickle of the model starts empty: a packed (opaque) tensor has no storage to copy."""
 
-    def __init__(self) -> None:
+    def __init__(self, transpose: bool = False) -> None:
+        self.transpose = transpose
         self.key: tuple[int, int] | None = None
         self.weight: torch.Tensor | None = None
 
     def __reduce__(self):
-        return _Pack, ()
+        return _Pack, (self.transpose,)
+
+    def of(self, weight: torch.Tensor) -> torch.Tensor:
+        key = (weight.data_ptr(), weight._version)
+        if self.key != key:
+            source = weight.detach().T.contiguous() if self.transpose else weight.detach()
+            self.key, self.weight = key, torch.ops.mkldnn._reorder_linear_weight(source, PACK_ROWS_HINT)
+        return self.weight
 
 
 def onednn_available() -> bool:
@@ -52,24 +62,51 @@ def pack_linears(model: torch.nn.Module) -> int:
         if weight.dtype != torch.float32 or layer.in_features < PACK_MIN_WIDTH:
             continue
         layer.__class__ = PackedLinear
-        layer._pack = _Pack()
+        layer._pack, layer._pack_t = _Pack(), _Pack(transpose=True)
         count += 1
     return count
 
 
+def _packed_product(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """x @ W^T (+ bias) over x's last dimension, W packed."""
+    rows = x.reshape(-1, x.shape[-1]).contiguous()
+    out = torch.ops.mkldnn._linear_pointwise(rows, packed, bias, "none", [], "")
+    return out.reshape(*x.shape[:-1], out.shape[-1])
+
+
 class PackedLinear(torch.nn.Linear):
-    """An nn.Linear (same parameters, state dict and isinstance) whose inference runs on the packed weight."""
+    """An nn.Linear (same parameters, state dict and isinstance) whose products run on packed weights."""
 
     _pack: _Pack
+    _pack_t: _Pack
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        weight = self.weight
-        recording = torch.is_grad_enabled() and (weight.requires_grad or x.requires_grad)
-        if recording or x.dtype != weight.dtype or x.device != weight.device:
-            return F.linear(x, weight, self.bias)
-        pack, key = self._pack, (weight.data_ptr(), weight._version)
-        if pack.key != key:
-            pack.key, pack.weight = key, torch.ops.mkldnn._reorder_linear_weight(weight.detach(), PACK_ROWS_HINT)
-        rows = x.reshape(-1, x.shape[-1]).contiguous()
-        out = torch.ops.mkldnn._linear_pointwise(rows, pack.weight, self.bias, "none", [], "")
-        return out.reshape(*x.shape[:-1], out.shape[-1])
+        weight, bias = self.weight, self.bias
+        if x.dtype != weight.dtype or x.device != weight.device:  # autocast, a moved input: torch's way
+            return F.linear(x, weight, bias)
+        if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias)):
+            return _PackedFunction.apply(x, weight, bias, self)
+        return _packed_product(x, self._pack.of(weight), bias)
+
+
+class _PackedFunction(torch.autograd.Function):
+    """F.linear's forward and backward, the products on packed weights (the weight's gradient excepted)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, layer):
+        ctx.save_for_backward(x, weight)
+        ctx.layer, ctx.has_bias = layer, bias is not None
+        return _packed_product(x, layer._pack.of(weight), bias)
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, weight = ctx.saved_tensors
+        grad_x = grad_w = grad_b = None
+        if ctx.needs_input_grad[0]:
+            grad_x = _packed_product(grad, ctx.layer._pack_t.of(weight), None)
+        rows = grad.reshape(-1, grad.shape[-1])
+        if ctx.needs_input_grad[1]:
+            grad_w = rows.T @ x.reshape(-1, x.shape[-1])
+        if ctx.has_bias and ctx.needs_input_grad[2]:
+            grad_b = rows.sum(0)
+        return grad_x, grad_w, grad_b, None

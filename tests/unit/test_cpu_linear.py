@@ -59,12 +59,29 @@ def test_a_weight_written_in_place_is_packed_again(wide_enough):
     assert torch.allclose(after, logits(other), atol=1e-5)
 
 
-def test_autograd_takes_the_plain_path(wide_enough):
-    model = llama()
-    pack_linears(model)
-    model(input_ids=IDS).logits.sum().backward()
-    assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
-    assert model.model.layers[0].mlp.down_proj._pack.weight is None  # never packed: every call recorded
+def test_gradients_equal_the_plain_ones(wide_enough):
+    plain, packed = llama(), llama()
+    pack_linears(packed)
+    for model in (plain, packed):
+        model.model.embed_tokens.weight.requires_grad_(False)  # the input's gradient then starts at a packed layer
+        model(input_ids=IDS).logits.square().mean().backward()
+    for (name, a), b in zip(plain.named_parameters(), packed.parameters()):
+        assert (a.grad is None) == (b.grad is None) and (a.grad is None or torch.allclose(a.grad, b.grad, atol=1e-6)), name
+    assert plain.model.layers[0].self_attn.q_proj.weight.grad.abs().max() > 1e-4  # not all zero
+    assert packed.model.layers[0].mlp.down_proj._pack_t.weight is not None  # the packed backward ran
+
+
+def test_frozen_weights_pass_the_inputs_gradient(wide_enough):
+    """LoRA's base layers: the weight takes no gradient, the input does."""
+    layer = torch.nn.Linear(8, 5)
+    reference = copy.deepcopy(layer).requires_grad_(False)
+    pack_linears(layer)
+    layer.requires_grad_(False)
+    x = torch.randn(2, 3, 8, requires_grad=True)
+    x2 = x.detach().clone().requires_grad_(True)
+    (layer(x) * torch.arange(5.0)).sum().backward()
+    (reference(x2) * torch.arange(5.0)).sum().backward()
+    assert layer.weight.grad is None and torch.allclose(x.grad, x2.grad, atol=1e-6)
 
 
 def test_a_deep_copy_computes_with_its_own_weights(wide_enough):
