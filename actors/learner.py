@@ -177,8 +177,6 @@ class Learner:
             self.policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         if lora is not None:  # only the adapters train; get_weights and save merge them in
             self.policy = add_lora(self.policy, lora.rank, lora.alpha, lora.target_modules)
-        if self.plain:  # one fp32 rank (ZeRO's hooks around packed layers are not tested)
-            pack_linears(self.policy)
         module = PolicyWithValue(self.policy, with_value=self.estimator.critic,
                                  pack_tokens=learner.packed_row_tokens, share_prompts=learner.share_prompts,
                                  logits_chunk=learner.logits_chunk).train()  # fmt: skip
@@ -186,6 +184,8 @@ class Learner:
         # fused: one kernel per tensor instead of ~10 passes over it (the default on CPU); the same
         # update up to float rounding, and a quarter of the learn phase less on this CPU.
         optimizer = torch.optim.AdamW(trainable, lr=learner.lr, weight_decay=learner.weight_decay, fused=True)
+        if self.plain:  # one fp32 rank (ZeRO's hooks around packed layers are not tested)
+            pack_linears(self.policy, optimizer)
         if self.plain:
             module.to(device_type)
             self.engine = PlainEngine(module, optimizer, self.accumulation, learner.grad_clip)

@@ -7,8 +7,9 @@ step, while oneDNN's inner product, with the weight reordered once into its own 
 in another order: outputs agree to float rounding.
 
 Each layer keeps its packed copy beside its weight (its weights' memory doubles) and packs again when
-the weight changes: a weight sync, a checkpoint load or an optimizer step writes in place, which moves
-the tensor's version. Under autograd (the one-rank learner) the forward and the input's gradient run
+the weight changes: a weight sync or a checkpoint load writes in place, which moves the tensor's
+version. A fused optimizer step writes without moving it (torch 2.13's fused AdamW), so the optimizer
+of a packed model that trains is named, and each of its steps drops the packs. Under autograd (the one-rank learner) the forward and the input's gradient run
 packed (the latter on a packed transpose, made once per weight version) and the weight's gradient on
 torch's matmul, where oneDNN gains little.
 """
@@ -49,11 +50,14 @@ def onednn_available() -> bool:
     return torch.backends.mkldnn.enabled and torch.backends.mkldnn.is_available()
 
 
-def pack_linears(model: torch.nn.Module) -> int:
+def pack_linears(model: torch.nn.Module, optimizer: torch.optim.Optimizer | None = None) -> int:
     """Route every CPU fp32 nn.Linear of `model` at least PACK_MIN_WIDTH wide through a packed oneDNN
-    weight; returns how many. Leaves the model as it is on a GPU or without oneDNN."""
+    weight; returns how many. Leaves the model as it is on a GPU or without oneDNN. `optimizer`: the
+    one that trains the model, whose steps then drop the packs."""
     if not onednn_available():
         return 0
+    if optimizer is not None:
+        optimizer.register_step_post_hook(lambda *_: drop_packs(model))
     count = 0
     for layer in model.modules():
         weight = getattr(layer, "weight", None)
@@ -65,6 +69,13 @@ def pack_linears(model: torch.nn.Module) -> int:
         layer._pack, layer._pack_t = _Pack(), _Pack(transpose=True)
         count += 1
     return count
+
+
+def drop_packs(model: torch.nn.Module) -> None:
+    """Forget every packed weight of the model: the next products pack the weights as they are now."""
+    for layer in model.modules():
+        if isinstance(layer, PackedLinear):
+            layer._pack.key = layer._pack_t.key = None
 
 
 def _packed_product(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:

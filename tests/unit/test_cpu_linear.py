@@ -59,6 +59,19 @@ def test_a_weight_written_in_place_is_packed_again(wide_enough):
     assert torch.allclose(after, logits(other), atol=1e-5)
 
 
+def test_an_optimizer_step_is_seen(wide_enough):
+    """Fused AdamW writes the weights without moving their versions: the named optimizer's steps drop the packs."""
+    plain, packed = llama(), llama()
+    optimizers = [torch.optim.AdamW(m.parameters(), lr=1e-2, fused=True) for m in (plain, packed)]
+    pack_linears(packed, optimizers[1])
+    for _ in range(2):
+        for model, optimizer in zip((plain, packed), optimizers):
+            model(input_ids=IDS).logits.square().mean().backward()
+            optimizer.step()
+            optimizer.zero_grad()
+        assert torch.allclose(logits(packed), logits(plain), atol=1e-4)
+
+
 def test_gradients_equal_the_plain_ones(wide_enough):
     plain, packed = llama(), llama()
     pack_linears(packed)
