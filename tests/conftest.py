@@ -29,6 +29,11 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
         if folder not in FOLDERS:
             raise pytest.UsageError(f"{item.nodeid}: a test lives in one of tests/{{{','.join(FOLDERS)}}}/")
         item.add_marker(folder)
+    # Within a folder, the modules that share the local Ray (tests/e2e/conftest.py) run first, one after
+    # the other: one Ray start for all of them instead of one after each module that starts its own.
+    sharing = {item.path for item in items if "local_ray" in item.fixturenames}
+    order = {id(item): i for i, item in enumerate(items)}
+    items.sort(key=lambda item: (item.path.parent, item.path not in sharing, order[id(item)]))
 
 
 def stop_ray() -> None:

@@ -16,6 +16,8 @@ torch's matmul, where oneDNN gains little.
 
 from __future__ import annotations
 
+from typing import cast
+
 import torch
 import torch.nn.functional as F
 
@@ -40,14 +42,14 @@ class _Pack:
 
     def of(self, weight: torch.Tensor) -> torch.Tensor:
         key = (weight.data_ptr(), weight._version)
-        if self.key != key:
+        if self.weight is None or self.key != key:
             source = weight.detach().T.contiguous() if self.transpose else weight.detach()
             self.key, self.weight = key, torch.ops.mkldnn._reorder_linear_weight(source, PACK_ROWS_HINT)
         return self.weight
 
 
 def onednn_available() -> bool:
-    return torch.backends.mkldnn.enabled and torch.backends.mkldnn.is_available()
+    return bool(torch.backends.mkldnn.enabled) and torch.backends.mkldnn.is_available()
 
 
 def pack_linears(model: torch.nn.Module, optimizer: torch.optim.Optimizer | None = None) -> int:
@@ -66,7 +68,7 @@ def pack_linears(model: torch.nn.Module, optimizer: torch.optim.Optimizer | None
         if weight.dtype != torch.float32 or layer.in_features < PACK_MIN_WIDTH:
             continue
         layer.__class__ = PackedLinear
-        layer._pack, layer._pack_t = _Pack(), _Pack(transpose=True)
+        cast(PackedLinear, layer)._pack, cast(PackedLinear, layer)._pack_t = _Pack(), _Pack(transpose=True)
         count += 1
     return count
 
