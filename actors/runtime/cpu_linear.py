@@ -9,9 +9,9 @@ in another order: outputs agree to float rounding.
 Each layer keeps its packed copy beside its weight (its weights' memory doubles) and packs again when
 the weight changes: a weight sync or a checkpoint load writes in place, which moves the tensor's
 version. A fused optimizer step writes without moving it (torch 2.13's fused AdamW), so the optimizer
-of a packed model that trains is named, and each of its steps drops the packs. Under autograd (the one-rank learner) the forward and the input's gradient run
-packed (the latter on a packed transpose, made once per weight version) and the weight's gradient on
-torch's matmul, where oneDNN gains little.
+of a packed model that trains is named, and each of its steps drops the packs. Under autograd (the
+one-rank learner) the forward runs packed and the backward on torch's matmul: packing the transpose
+for the input's gradient cost about what it saved (benchmarks/README.md).
 """
 
 from __future__ import annotations
@@ -29,22 +29,20 @@ PACK_ROWS_HINT = 64
 
 
 class _Pack:
-    """A packed copy of a weight (or of its transpose), made again when the weight's pointer or version
-    moves. A copy or pickle of the model starts empty: a packed (opaque) tensor has no storage to copy."""
+    """A packed copy of a weight, made again when the weight's pointer or version moves. A copy or
+    pickle of the model starts empty: a packed (opaque) tensor has no storage to copy."""
 
-    def __init__(self, transpose: bool = False) -> None:
-        self.transpose = transpose
+    def __init__(self) -> None:
         self.key: tuple[int, int] | None = None
         self.weight: torch.Tensor | None = None
 
     def __reduce__(self):
-        return _Pack, (self.transpose,)
+        return _Pack, ()
 
     def of(self, weight: torch.Tensor) -> torch.Tensor:
         key = (weight.data_ptr(), weight._version)
         if self.weight is None or self.key != key:
-            source = weight.detach().T.contiguous() if self.transpose else weight.detach()
-            self.key, self.weight = key, torch.ops.mkldnn._reorder_linear_weight(source, PACK_ROWS_HINT)
+            self.key, self.weight = key, torch.ops.mkldnn._reorder_linear_weight(weight.detach(), PACK_ROWS_HINT)
         return self.weight
 
 
@@ -68,7 +66,7 @@ def pack_linears(model: torch.nn.Module, optimizer: torch.optim.Optimizer | None
         if weight.dtype != torch.float32 or layer.in_features < PACK_MIN_WIDTH:
             continue
         layer.__class__ = PackedLinear
-        cast(PackedLinear, layer)._pack, cast(PackedLinear, layer)._pack_t = _Pack(), _Pack(transpose=True)
+        cast(PackedLinear, layer)._pack = _Pack()
         count += 1
     return count
 
@@ -77,7 +75,7 @@ def drop_packs(model: torch.nn.Module) -> None:
     """Forget every packed weight of the model: the next products pack the weights as they are now."""
     for layer in model.modules():
         if isinstance(layer, PackedLinear):
-            layer._pack.key = layer._pack_t.key = None
+            layer._pack.key = None
 
 
 def _packed_product(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
@@ -91,32 +89,31 @@ class PackedLinear(torch.nn.Linear):
     """An nn.Linear (same parameters, state dict and isinstance) whose products run on packed weights."""
 
     _pack: _Pack
-    _pack_t: _Pack
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         weight, bias = self.weight, self.bias
         if x.dtype != weight.dtype or x.device != weight.device:  # autocast, a moved input: torch's way
             return F.linear(x, weight, bias)
         if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias)):
-            return _PackedFunction.apply(x, weight, bias, self)
+            return _PackedFunction.apply(x, weight, bias, self._pack.of(weight))
         return _packed_product(x, self._pack.of(weight), bias)
 
 
 class _PackedFunction(torch.autograd.Function):
-    """F.linear's forward and backward, the products on packed weights (the weight's gradient excepted)."""
+    """F.linear's forward on the packed weight, its backward as torch computes it."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, layer):
+    def forward(ctx, x, weight, bias, packed):
         ctx.save_for_backward(x, weight)
-        ctx.layer, ctx.has_bias = layer, bias is not None
-        return _packed_product(x, layer._pack.of(weight), bias)
+        ctx.has_bias = bias is not None
+        return _packed_product(x, packed, bias)
 
     @staticmethod
     def backward(ctx, grad):
         x, weight = ctx.saved_tensors
         grad_x = grad_w = grad_b = None
         if ctx.needs_input_grad[0]:
-            grad_x = _packed_product(grad, ctx.layer._pack_t.of(weight), None)
+            grad_x = grad @ weight
         rows = grad.reshape(-1, grad.shape[-1])
         if ctx.needs_input_grad[1]:
             grad_w = rows.T @ x.reshape(-1, x.shape[-1])

@@ -81,7 +81,7 @@ def test_gradients_equal_the_plain_ones(wide_enough):
     for (name, a), b in zip(plain.named_parameters(), packed.parameters()):
         assert (a.grad is None) == (b.grad is None) and (a.grad is None or torch.allclose(a.grad, b.grad, atol=1e-6)), name
     assert plain.model.layers[0].self_attn.q_proj.weight.grad.abs().max() > 1e-4  # not all zero
-    assert packed.model.layers[0].mlp.down_proj._pack_t.weight is not None  # the packed backward ran
+    assert packed.model.layers[0].mlp.down_proj._pack.weight is not None  # the packed forward ran
 
 
 def test_frozen_weights_pass_the_inputs_gradient(wide_enough):
