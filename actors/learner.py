@@ -184,9 +184,8 @@ class Learner:
         # fused: one kernel per tensor instead of ~10 passes over it (the default on CPU); the same
         # update up to float rounding, and a quarter of the learn phase less on this CPU.
         optimizer = torch.optim.AdamW(trainable, lr=learner.lr, weight_decay=learner.weight_decay, fused=True)
-        if self.plain:  # one fp32 rank (ZeRO's hooks around packed layers are not tested)
-            pack_linears(self.policy, optimizer)
         if self.plain:
+            pack_linears(self.policy, optimizer)  # one fp32 rank (ZeRO's hooks around packed layers are not tested)
             module.to(device_type)
             self.engine = PlainEngine(module, optimizer, self.accumulation, learner.grad_clip)
         else:

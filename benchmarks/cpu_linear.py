@@ -62,7 +62,7 @@ def layers(model: torch.nn.Module, repeats: int) -> list[dict]:
     return out
 
 
-def policy(path, threads: int, repeats: int) -> dict:
+def policy(path, repeats: int) -> dict:
     engines = {}
     for side in ("mkl", "onednn"):
         engine = LocalEngine(*load_policy(path))
@@ -72,7 +72,8 @@ def policy(path, threads: int, repeats: int) -> dict:
                     m.__class__ = torch.nn.Linear
         engines[side] = engine
     tok = engines["mkl"].tokenizer
-    prompts = [tok(f"Explain briefly why the sky is blue, and what makes sunsets red ({i}).")["input_ids"] for i in range(4)]
+    questions = [f"Explain briefly why the sky is blue, and what makes sunsets red ({i})." for i in range(4)]
+    prompts = [tok(q)["input_ids"] for q in questions]
     params = SamplingParams(max_tokens=32, temperature=1.0, top_p=1.0, stop=(), seed=0)
     ids = torch.randint(100, 10000, (16, 96), generator=torch.Generator().manual_seed(0))
     times: dict[str, list[float]] = {f"{k}_{s}": [] for k in ("generate", "forward") for s in engines}
@@ -102,7 +103,7 @@ def main() -> None:
     path = resolve_policy(SMOLLM2)
     model, _ = load_policy(path)
     report = {"threads": args.threads, "cpu": cpu_name(),
-              "layers": layers(model, args.repeats), "policy": policy(path, args.threads, args.repeats)}  # fmt: skip
+              "layers": layers(model, args.repeats), "policy": policy(path, args.repeats)}  # fmt: skip
     common.write_results("cpu_linear.json", report)
 
 

@@ -1,9 +1,9 @@
-"""The linear layers of a model that only infers, on oneDNN's GEMM with each weight packed once (CPU).
+"""A model's linear layers on oneDNN's GEMM with each weight packed once (CPU, fp32).
 
 On the CPU, `F.linear` calls MKL's sgemm. On the AMD EPYC hosts we measure on (torch 2.13, MKL 2024.2)
 it runs at ~200 GFLOP/s with 2 threads on 1,024 rows and slower still on the few rows of a decode
 step, while oneDNN's inner product, with the weight reordered once into its own blocked layout, runs
-1.6-2.4x faster from 1 row to 1,024 (`python benchmarks/cpu_linear.py`). Same fp32 arithmetic summed
+2-3.2x faster from 1 row to 1,024 (`python benchmarks/cpu_linear.py`). Same fp32 arithmetic summed
 in another order: outputs agree to float rounding.
 
 Each layer keeps its packed copy beside its weight (its weights' memory doubles) and packs again when
@@ -75,7 +75,7 @@ def drop_packs(model: torch.nn.Module) -> None:
     """Forget every packed weight of the model: the next products pack the weights as they are now."""
     for layer in model.modules():
         if isinstance(layer, PackedLinear):
-            layer._pack.key = None
+            layer._pack = _Pack()
 
 
 def _packed_product(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
@@ -94,9 +94,10 @@ class PackedLinear(torch.nn.Linear):
         weight, bias = self.weight, self.bias
         if x.dtype != weight.dtype or x.device != weight.device:  # autocast, a moved input: torch's way
             return F.linear(x, weight, bias)
+        packed = self._pack.of(weight)
         if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias)):
-            return _PackedFunction.apply(x, weight, bias, self._pack.of(weight))
-        return _packed_product(x, self._pack.of(weight), bias)
+            return _PackedFunction.apply(x, weight, bias, packed)
+        return _packed_product(x, packed, bias)
 
 
 class _PackedFunction(torch.autograd.Function):
